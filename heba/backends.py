@@ -139,8 +139,8 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
                     return name, _LOADED[(name, op)]
         return "reference", _LOADED[("reference", op)]
     fn = _LOADED.get((backend, op))
-    if fn is not None and (device.type == "cuda" or (backend == "triton" and device.type == "cpu"
-                                                     and _INTERPRET)):
+    if fn is not None and (backend == "reference" or device.type == "cuda"
+                           or (backend == "triton" and device.type == "cpu" and _INTERPRET)):
         return backend, fn
     return backend, _unavailable(op, backend, device)
 

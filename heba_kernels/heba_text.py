@@ -254,7 +254,7 @@ def _config(H, op_dtype, max_tile):
     BLOCK_M = max(16, min(64, max_tile // BLOCK_H))
     # Weight tiles [BLOCK_H, BLOCK_N] of at most 32 KiB keep the two-stage
     # pipelined loops well inside shared memory.
-    esize = torch.empty((), dtype=op_dtype).element_size()
+    esize = op_dtype.itemsize
     BLOCK_N = max(16, min(64, triton.next_power_of_2(32768 // (BLOCK_H * esize) + 1) // 2))
     num_warps = 4 if BLOCK_M * BLOCK_H <= 4096 else 8
     return BLOCK_M, BLOCK_N, BLOCK_H, num_warps

@@ -172,7 +172,7 @@ def _config(R, op_dtype, tile_bytes=32768):
     BLOCK_M = 64 if BLOCK_R <= 128 else 32
     # Weight tiles [BLOCK_R, BLOCK_N] of at most tile_bytes keep the two-stage pipelined
     # loops well inside shared memory (the backward loop loads two such tiles).
-    esize = torch.empty((), dtype=op_dtype).element_size()
+    esize = op_dtype.itemsize
     BLOCK_N = max(16, min(64, triton.next_power_of_2(tile_bytes // (BLOCK_R * esize) + 1) // 2))
     num_warps = 4 if BLOCK_M * BLOCK_R <= 4096 else 8
     return BLOCK_M, BLOCK_N, BLOCK_R, num_warps
