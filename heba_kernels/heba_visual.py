@@ -56,7 +56,7 @@ interpreter; matmul operands are then upcast to float32, since the interpreter's
 buffers with NaN so a tile a kernel forgets to write fails loudly in tests).
 """
 
-import math
+import functools
 import os
 from typing import Tuple
 
@@ -461,10 +461,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.compiler.disable
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
