@@ -34,15 +34,19 @@ Kernels (one image per program along the batch axis; tokens in blocks of
 ``BLOCK_T``; ``D`` and ``h`` in chunks, masked, so any width works):
 
 * ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B, HW, h]`` buffer in
-  the weights' dtype. The 3x3 stencil needs each token's neighbours, so ``u`` is
-  materialised once and then read (mostly from L2) by every block that needs it.
-* ``_heba_visual_fwd_kernel``: per token block, ``v`` (stencil of ``u``), GELU, the
-  up-projection, the residual, LayerNorm (Welford merge over D chunks, then a
-  second sweep that recomputes ``z`` and writes ``out``), prefix copy.
+  the weights' dtype (saved for backward).
+* ``_heba_visual_kernel_dwconv``: the 3x3 stencil needs each token's neighbours,
+  which live in other token blocks, so it runs as its own pass over the
+  bottleneck: ``s = gelu(dwconv(u))`` forward (and again in backward), and
+  ``du = dwconv^T(dv)`` (taps mirrored) backward.
+* ``_heba_visual_fwd_kernel``: per token block, the up-projection ``Wu s``, the
+  residual, LayerNorm (Welford merge over D chunks, then a second sweep that
+  recomputes ``z = Wu s`` rather than storing ``y``), ``t + scale * a``, and the
+  prefix copy.
 * backward: ``_dy`` (LayerNorm backward, dgamma/dbeta partials; writes ``dy``
   into the ``dx`` buffer), ``_dv`` (``Wu^T dy``, GELU', ``dv`` to a float32
   buffer, dWm partials), ``_dwu`` and ``_dwd`` (split-K over token tiles into
-  float32 partials), ``_dx`` (``dx = g + xs (dy + Wd^T du)`` in place).
+  float32 partials), ``_dx`` (``dx = g + xs (dy + Wd^T du)``, in place).
 
 Saved for backward: ``x`` itself (by reference), ``u`` (``h`` values per grid
 token in the weights' dtype: ``D/2`` bytes in bf16) and ``mean``, ``rstd``
@@ -113,16 +117,17 @@ def _stencil(src_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexp
 
 
 @triton.jit
-def _up_tile(u_img_ptr, wm_ptr, wu_ptr, p, p_mask, d, d_mask, H, W, h,
+def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
              DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``z[p, d] = (Wu gelu(stencil(u)_p))[d]`` for a block of tokens and columns: [BT, BD] fp32."""
+    """``z[p, d] = (Wu s_p)[d]`` for a block of tokens and columns, ``s [HW, h]``: [BT, BD] fp32."""
     z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    s_rows = s_img_ptr + p.to(tl.int64) * h                                        # [BT]
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
-        s = _gelu(_stencil(u_img_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, False,
-                           BLOCK_T, BLOCK_H))                                      # [BT, BH]
+        s = tl.load(s_rows[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+                    other=0.0)                                                     # [BT, BH]
         wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + c[:, None],
                        mask=c_mask[:, None] & d_mask[None, :], other=0.0)          # [BH, BD] = Wu^T
         z = tl.dot(s.to(DOT_DTYPE), wu_t.to(DOT_DTYPE), z, input_precision=DOT_PREC)
@@ -159,10 +164,37 @@ def _heba_visual_fwd_kernel_down(
 
 
 @triton.jit
+def _heba_visual_kernel_dwconv(
+    src_ptr, wm_ptr, dst_ptr,             # src, dst [B, HW, h]; Wm [h, 9]
+    H, W, HW, h,
+    MIRROR: tl.constexpr, GELU: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``dst = gelu(dwconv3x3(src))`` (forward: ``s`` from ``u``) or ``dst = dwconv3x3^T(src)``
+    (backward: ``du`` from ``dv``). Shared by both directions: materialising the stencil's
+    result once costs one [B, HW, h] round trip, where recomputing it inside the D loops
+    of the kernels that consume it would cost nine neighbour loads per D chunk."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    img = b * HW * h
+    acc = _stencil(src_ptr + img, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR,
+                   BLOCK_T, BLOCK_H)                                               # [BT, BH]
+    if GELU:
+        acc = _gelu(acc)
+    tl.store(dst_ptr + img + p[:, None].to(tl.int64) * h + c[None, :],
+             acc.to(dst_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
 def _heba_visual_fwd_kernel(
-    x_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,
+    x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,   # s = gelu(v) [B, HW, h]
     stride_xb, stride_xn, stride_ob, stride_on,
-    H, W, HW, D, h, P, scale, eps,
+    HW, D, h, P, scale, eps,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -173,7 +205,7 @@ def _heba_visual_fwd_kernel(
     n = (P + p).to(tl.int64)
     x_rows = x_ptr + b * stride_xb + n * stride_xn                                 # [BT]
     o_rows = out_ptr + b * stride_ob + n * stride_on
-    u_img = u_ptr + b * HW * h
+    s_img = s_ptr + b * HW * h
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
     # so y never has to be held for the whole row nor stored.
@@ -183,7 +215,7 @@ def _heba_visual_fwd_kernel(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(u_img, wm_ptr, wu_ptr, p, p_mask, d, d_mask, H, W, h,
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
@@ -204,7 +236,7 @@ def _heba_visual_fwd_kernel(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(u_img, wm_ptr, wu_ptr, p, p_mask, d, d_mask, H, W, h,
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
@@ -227,10 +259,10 @@ def _heba_visual_fwd_kernel(
 
 @triton.jit
 def _heba_visual_bwd_kernel_dy(
-    x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
+    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
     dy_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; partials [B*nT, D] fp32
     stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    H, W, HW, D, h, P, gs,
+    HW, D, h, P, gs,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -242,7 +274,7 @@ def _heba_visual_bwd_kernel_dy(
     x_rows = x_ptr + b * stride_xb + n * stride_xn
     g_rows = g_ptr + b * stride_gb + n * stride_gn
     dy_rows = dy_ptr + b * stride_db + n * stride_dn
-    u_img = u_ptr + b * HW * h
+    s_img = s_ptr + b * HW * h
     mean = tl.load(mean_ptr + b * HW + p, mask=p_mask, other=0.0)
     rstd = tl.load(rstd_ptr + b * HW + p, mask=p_mask, other=0.0)
     part = (b * tl.num_programs(0) + pid_t) * D
@@ -254,7 +286,7 @@ def _heba_visual_bwd_kernel_dy(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(u_img, wm_ptr, wu_ptr, p, p_mask, d, d_mask, H, W, h,
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         yhat = (t + z - mean[:, None]) * rstd[:, None]
@@ -273,7 +305,7 @@ def _heba_visual_bwd_kernel_dy(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(u_img, wm_ptr, wu_ptr, p, p_mask, d, d_mask, H, W, h,
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         yhat = (t + z - mean[:, None]) * rstd[:, None]
@@ -322,9 +354,9 @@ def _heba_visual_bwd_kernel_dv(
 
 @triton.jit
 def _heba_visual_bwd_kernel_dwu(
-    dy_ptr, u_ptr, wm_ptr, dwu_part_ptr,  # dWu part [SPLIT, D, h] fp32
+    dy_ptr, s_ptr, dwu_part_ptr,          # s [B, HW, h]; dWu part [SPLIT, D, h] fp32
     stride_db, stride_dn,
-    H, W, HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
+    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -343,8 +375,8 @@ def _heba_visual_bwd_kernel_dwu(
         p_mask = (p < HW) & (it < n_tiles)
         dy_t = tl.load(dy_ptr + b * stride_db + (P + p)[None, :].to(tl.int64) * stride_dn
                        + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)  # [BD, BT]
-        s = _gelu(_stencil(u_ptr + b * HW * h, wm_ptr, p, p_mask, c, c_mask, H, W, h, False,
-                           BLOCK_T, BLOCK_H))                                      # [BT, BH]
+        s = tl.load(s_ptr + (b * HW + p[:, None]) * h + c[None, :],
+                    mask=p_mask[:, None] & c_mask[None, :], other=0.0)             # [BT, BH]
         acc = tl.dot(dy_t.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
     out = dwu_part_ptr + pid_s.to(tl.int64) * D * h
     tl.store(out + d[:, None] * h + c[None, :], acc, mask=d_mask[:, None] & c_mask[None, :])
@@ -352,9 +384,9 @@ def _heba_visual_bwd_kernel_dwu(
 
 @triton.jit
 def _heba_visual_bwd_kernel_dx(
-    g_ptr, dv_ptr, wm_ptr, wd_ptr, dx_ptr,   # dx holds dy on entry (grid tokens)
+    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B, HW, h]; dx holds dy on entry (grid tokens)
     stride_gb, stride_gn, stride_db, stride_dn,
-    H, W, HW, D, h, P, xs,
+    HW, D, h, P, xs,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -366,12 +398,13 @@ def _heba_visual_bwd_kernel_dx(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     mask = p_mask[:, None] & d_mask[None, :]
-    dv_img = dv_ptr + b * HW * h
+    du_rows = du_ptr + (b * HW + p) * h                                            # [BT]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)                           # Wd^T du
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
-        du = _stencil(dv_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, True, BLOCK_T, BLOCK_H)
+        du = tl.load(du_rows[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+                     other=0.0)                                                    # [BT, BH]
         wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
                      mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
         acc = tl.dot(du.to(DOT_DTYPE), wd.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
@@ -391,9 +424,9 @@ def _heba_visual_bwd_kernel_dx(
 
 @triton.jit
 def _heba_visual_bwd_kernel_dwd(
-    x_ptr, dv_ptr, wm_ptr, dwd_part_ptr,  # dWd part [SPLIT, h, D] fp32
+    x_ptr, du_ptr, dwd_part_ptr,          # du [B, HW, h]; dWd part [SPLIT, h, D] fp32
     stride_xb, stride_xn,
-    H, W, HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
+    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -412,8 +445,8 @@ def _heba_visual_bwd_kernel_dwd(
         p_mask = (p < HW) & (it < n_tiles)
         t_t = tl.load(x_ptr + b * stride_xb + (P + p)[None, :].to(tl.int64) * stride_xn
                       + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)   # [BD, BT]
-        du = _stencil(dv_ptr + b * HW * h, wm_ptr, p, p_mask, c, c_mask, H, W, h, True,
-                      BLOCK_T, BLOCK_H)                                            # [BT, BH]
+        du = tl.load(du_ptr + (b * HW + p[:, None]) * h + c[None, :],
+                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)            # [BT, BH]
         acc = tl.dot(t_t.to(DOT_DTYPE), du.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
     out = dwd_part_ptr + pid_s.to(tl.int64) * h * D
     tl.store(out + c[None, :] * D + d[:, None], acc, mask=d_mask[:, None] & c_mask[None, :])
@@ -491,12 +524,15 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     cfg = _config(D, h, down_weight.dtype)
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
-    n_t = triton.cdiv(HW, cfg["BLOCK_T"])
-    _heba_visual_fwd_kernel_down[(n_t, triton.cdiv(h, cfg["BLOCK_H"]), B)](
-        x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
+    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
+    _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
+    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), not saved
+    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
+        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"])
     _heba_visual_fwd_kernel[(n_t, B)](
-        x, u, wm, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
-        H, W, HW, D, h, P, float(scale), float(eps), **cfg)
+        x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
+        HW, D, h, P, float(scale), float(eps), **cfg)
     return out, u, mean, rstd
 
 
@@ -530,11 +566,14 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     sgb, sgn = _token_strides(g, batch_first)
     sdb, sdn = _token_strides(dx, batch_first)
 
+    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
+    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
+        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH)
     dnw_part = _new((B * n_t, D), torch.float32, dev)
     dnb_part = _new((B * n_t, D), torch.float32, dev)
     _heba_visual_bwd_kernel_dy[(n_t, B)](
-        x, g, u, wm, wu, nw, mean, rstd, dx, dnw_part, dnb_part,
-        sxb, sxn, sgb, sgn, sdb, sdn, H, W, HW, D, h, P, gs, **cfg)
+        x, g, s, wu, nw, mean, rstd, dx, dnw_part, dnb_part,
+        sxb, sxn, sgb, sgn, sdb, sdn, HW, D, h, P, gs, **cfg)
 
     dv = _new((B, HW, h), torch.float32, dev)
     dwm_part = _new((B * n_t, h, 9), torch.float32, dev)
@@ -552,13 +591,16 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     split = triton.cdiv(n_tiles, per_split)
     dwu_part = _new((split, D, h), torch.float32, dev)
     _heba_visual_bwd_kernel_dwu[(n_d, n_h, split)](
-        dx, u, wm, dwu_part, sdb, sdn, H, W, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+        dx, s, dwu_part, sdb, sdn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+    du = _new((B, HW, h), down_weight.dtype, dev)                     # dwconv^T(dv)
+    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
+        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH)
     dwd_part = _new((split, h, D), torch.float32, dev)
     _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
-        x, dv, wm, dwd_part, sxb, sxn, H, W, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+        x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
     # Last: turns dy (still read by the kernels above) into dx, in place.
     _heba_visual_bwd_kernel_dx[(n_t, n_d, B)](
-        g, dv, wm, wd, dx, sgb, sgn, sdb, sdn, H, W, HW, D, h, P, xs, **cfg)
+        g, du, wd, dx, sgb, sgn, sdb, sdn, HW, D, h, P, xs, **cfg)
 
     return (dx,
             dwd_part.sum(0).reshape(down_weight.shape).to(down_weight.dtype),
