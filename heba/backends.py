@@ -24,6 +24,7 @@ _IMPLS: dict[tuple[str, str], str] = {
     ("reference", "heba_visual"): "heba_kernels.reference:heba_visual",
     ("reference", "heba_text"): "heba_kernels.reference:heba_text",
     ("reference", "low_rank"): "heba_kernels.reference:low_rank",
+    ("triton", "heba_visual"): "heba_kernels.heba_visual:heba_visual",
     ("triton", "heba_text"): "heba_kernels.heba_text:heba_text",
     ("triton", "low_rank"): "heba_kernels.low_rank:low_rank",
 }
