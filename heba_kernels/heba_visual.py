@@ -482,6 +482,9 @@ def _config(D: int, h: int, weight_dtype: torch.dtype) -> dict:
         BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
         DOT_DTYPE=dot_dtype,
         DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
+        # 8 warps: at these tiles 4 warps need 255 registers and spill in the _dy and _dv
+        # kernels (cuobjdump -res-usage of the sm_90 cubins); 8 warps fit without spills.
+        num_warps=4 if interpret else 8,
     )
 
 
@@ -529,7 +532,7 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), not saved
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
         u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"])
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
     _heba_visual_fwd_kernel[(n_t, B)](
         x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
         HW, D, h, P, float(scale), float(eps), **cfg)
@@ -568,7 +571,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
 
     s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH)
+        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
+        num_warps=cfg["num_warps"])
     dnw_part = _new((B * n_t, D), torch.float32, dev)
     dnb_part = _new((B * n_t, D), torch.float32, dev)
     _heba_visual_bwd_kernel_dy[(n_t, B)](
@@ -594,7 +598,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
         dx, s, dwu_part, sdb, sdn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
     du = _new((B, HW, h), down_weight.dtype, dev)                     # dwconv^T(dv)
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH)
+        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH,
+        num_warps=cfg["num_warps"])
     dwd_part = _new((split, h, D), torch.float32, dev)
     _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
         x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
