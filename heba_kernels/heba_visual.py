@@ -50,9 +50,12 @@ Kernels (one image per program along the batch axis; tokens in blocks of
 
 Saved for backward: ``x`` itself (by reference), ``u`` (``h`` values per grid
 token in the weights' dtype: ``D/2`` bytes in bf16) and ``mean``, ``rstd``
-(8 bytes per grid token). Everything else is recomputed. Parameter gradients
-are per-program float32 partials summed by ``torch.sum``: deterministic, no
-atomics.
+(8 bytes per grid token): ``D/2 + 8`` bytes per token in bf16/fp16 (392 at
+D=768), ``D + 8`` in fp32. Everything else is recomputed. Transient buffers:
+``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
+dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
+buffer. Parameter gradients are per-program float32 partials summed by
+``torch.sum``: deterministic, no atomics.
 
 Environment variables: ``TRITON_INTERPRET=1`` (run on the CPU through Triton's
 interpreter; matmul operands are then upcast to float32, since the interpreter's
@@ -491,6 +494,7 @@ def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
     return dict(
         BLOCK_T=block_t,
         BLOCK_H=min(64, max(16, triton.next_power_of_2(h))),
+        # (the interpreter's cost is per program: bigger D chunks run faster there)
         BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
         DOT_DTYPE=dot_dtype,
         DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
