@@ -50,9 +50,12 @@ Kernels (one image per program along the batch axis; tokens in blocks of
 
 Saved for backward: ``x`` itself (by reference), ``u`` (``h`` values per grid
 token in the weights' dtype: ``D/2`` bytes in bf16) and ``mean``, ``rstd``
-(8 bytes per grid token). Everything else is recomputed. Parameter gradients
-are per-program float32 partials summed by ``torch.sum``: deterministic, no
-atomics.
+(8 bytes per grid token): ``D/2 + 8`` bytes per token in bf16/fp16 (392 at
+D=768), ``D + 8`` in fp32. Everything else is recomputed. Transient buffers:
+``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
+dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
+buffer. Parameter gradients are per-program float32 partials summed by
+``torch.sum``: deterministic, no atomics.
 
 Environment variables: ``TRITON_INTERPRET=1`` (run on the CPU through Triton's
 interpreter; matmul operands are then upcast to float32, since the interpreter's
@@ -466,22 +469,38 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _config(D: int, h: int, weight_dtype: torch.dtype) -> dict:
+def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
+            device: torch.device) -> dict:
     """Block sizes and matmul operand dtype. ``tl.dot`` needs every dimension >= 16."""
     interpret = _interpreting()
+    if interpret or device.type != "cuda":
+        block_t = 16
+    else:
+        # The row kernels run one program per (image, token block): halve the block when
+        # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
+        block_t = 32 if B * triton.cdiv(HW, 32) >= _num_sms(device) else 16
     # 16-bit weights: tensor-core operands in that dtype, float32 accumulation. Float32
     # weights: IEEE float32 products, so float32 meets SPEC's 1e-4 rather than tf32's 1e-3.
     # The interpreter's tl.dot is wrong on 16-bit operands: upcast there.
     dot_dtype = tl.float32 if interpret else _TL_DTYPES.get(weight_dtype, tl.float32)
     return dict(
-        BLOCK_T=16 if interpret else 32,
+        BLOCK_T=block_t,
         BLOCK_H=min(64, max(16, triton.next_power_of_2(h))),
+        # (the interpreter's cost is per program: bigger D chunks run faster there)
         BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
         DOT_DTYPE=dot_dtype,
         DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
+        # 8 warps: at these tiles 4 warps need 255 registers and spill in the _dy and _dv
+        # kernels (cuobjdump -res-usage of the sm_90 cubins); 8 warps fit without spills.
+        num_warps=4 if interpret else 8,
     )
 
 
@@ -492,11 +511,6 @@ def _token_strides(t: torch.Tensor, batch_first: bool) -> Tuple[int, int]:
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
@@ -521,7 +535,7 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    cfg = _config(D, h, down_weight.dtype)
+    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
     n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
@@ -529,7 +543,7 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), not saved
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
         u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"])
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
     _heba_visual_fwd_kernel[(n_t, B)](
         x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
         HW, D, h, P, float(scale), float(eps), **cfg)
@@ -559,7 +573,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw = norm_weight.contiguous()
-    cfg = _config(D, h, down_weight.dtype)
+    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
     BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
     n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
     sxb, sxn = _token_strides(x, batch_first)
@@ -568,7 +582,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
 
     s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH)
+        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
+        num_warps=cfg["num_warps"])
     dnw_part = _new((B * n_t, D), torch.float32, dev)
     dnb_part = _new((B * n_t, D), torch.float32, dev)
     _heba_visual_bwd_kernel_dy[(n_t, B)](
@@ -594,7 +609,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
         dx, s, dwu_part, sdb, sdn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
     du = _new((B, HW, h), down_weight.dtype, dev)                     # dwconv^T(dv)
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH)
+        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH,
+        num_warps=cfg["num_warps"])
     dwd_part = _new((split, h, D), torch.float32, dev)
     _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
         x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)

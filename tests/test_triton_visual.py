@@ -56,6 +56,7 @@ CASES = [
     _case(1, 6, 6, 16, 1, torch.float32),
     _case(5, 2, 5, 64, 1, torch.float16),
     _case(3, 5, 5, 24, 5, torch.bfloat16, batch_first=False),
+    _case(2, 1, 1, 32, 1, torch.float32),
 ]
 
 
@@ -71,6 +72,15 @@ def test_square_grid_inferred():
     x = _x(2, 4, 4, 32, 1, torch.float32, True)
     check_against_reference("heba_visual", "triton", x, visual_params(32, device=DEVICE),
                             scale=0.3)
+
+
+def test_float64_computes_in_float32():
+    # heba.ops accepts float64; the kernels accumulate in float32 whatever the input
+    # dtype (SPEC.md 3), so float64 gets float32 accuracy, not the reference's.
+    x = _x(2, 3, 4, 40, 1, torch.float64, True)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(40, device=DEVICE, dtype=torch.float64),
+                            tol=TOL[torch.float32], scale=0.7, grid=(3, 4))
 
 
 def test_dim_768():
@@ -280,3 +290,70 @@ def test_int64_offsets_gpu():
     tol = TOL[torch.bfloat16]
     assert_rel_close("out (last image)", out.detach()[:, -1:], ref, tol)
     assert_rel_close("grad x (last image)", x.grad[:, -1:], x_last.grad, tol)
+
+
+# --------------------------------------------------------------------------- compiled mode, no GPU
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+import triton.language as tl
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as err:
+    print("SKIP: no ASTSource/GPUTarget in triton", triton.__version__, err); sys.exit(0)
+import heba_kernels.heba_visual as hv
+
+F32_BUFFERS = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
+               "dwu_part_ptr", "dwd_part_ptr"}
+TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
+x_ty, w_ty = sys.argv[1], sys.argv[2]
+dot = (tl.bfloat16, "tf32") if w_ty == "*bf16" else (tl.float32, "ieee")
+blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, DOT_DTYPE=dot[0], DOT_PREC=dot[1])
+jobs = [(fn, blocks, ()) for fn in (
+    hv._heba_visual_fwd_kernel_down, hv._heba_visual_fwd_kernel,
+    hv._heba_visual_bwd_kernel_dy, hv._heba_visual_bwd_kernel_dv,
+    hv._heba_visual_bwd_kernel_dwu, hv._heba_visual_bwd_kernel_dx,
+    hv._heba_visual_bwd_kernel_dwd)]
+jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64),
+          ("src_ptr",) if m else ()) for m in (False, True)]
+for fn, consts, f32_extra in jobs:
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ("*fp32" if name in F32_BUFFERS or name in f32_extra
+                         else x_ty if name in TOKEN_BUFFERS else w_ty)
+        elif name in ("scale", "eps", "gs", "xs"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    try:
+        src = ASTSource(fn, sig, constexprs=consts)
+    except TypeError as err:
+        print("SKIP: another ASTSource API in triton", triton.__version__, err); sys.exit(0)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm.get("cubin"), fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("x_ty,w_ty", [("*fp32", "*bf16")], ids=["x-fp32-w-bf16"])
+def test_kernels_compile_for_sm90(x_ty, w_ty):
+    # The interpreter never runs Triton's compiler: lower every kernel to an sm_90 cubin
+    # (no GPU needed, ptxas ships with Triton) to catch compiled-mode-only errors. In a
+    # subprocess, since TRITON_INTERPRET=1 makes @triton.jit return interpreted functions.
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, x_ty, w_ty], env=env,
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
+    if res.stdout.startswith("SKIP:"):
+        pytest.skip(res.stdout.strip())
+    assert res.stdout.count("compiled") == 9, res.stdout
