@@ -24,6 +24,9 @@ _IMPLS: dict[tuple[str, str], str] = {
     ("reference", "heba_visual"): "heba_kernels.reference:heba_visual",
     ("reference", "heba_text"): "heba_kernels.reference:heba_text",
     ("reference", "low_rank"): "heba_kernels.reference:low_rank",
+    ("cuda", "heba_visual"): "heba_kernels.cuda_ops:heba_visual",
+    ("cuda", "heba_text"): "heba_kernels.cuda_ops:heba_text",
+    ("cuda", "low_rank"): "heba_kernels.cuda_ops:low_rank",
 }
 
 # Preference of "auto" on a CUDA device, per op, fastest first. The reference
