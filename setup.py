@@ -27,8 +27,14 @@ FORCE = MODE in ("1", "force")
 SKIP = MODE in ("0", "skip")
 
 
+# pip runs this file more than once per install (metadata first, then the
+# build); only the build pass speaks, so each message is printed once.
+_METADATA_ONLY = any(arg in ("egg_info", "dist_info") for arg in sys.argv[1:])
+
+
 def _say(msg):
-    print(f"heba setup: {msg}", file=sys.stderr, flush=True)
+    if not _METADATA_ONLY:
+        print(f"heba setup: {msg}", file=sys.stderr, flush=True)
 
 
 def _cuda_extension():
