@@ -27,13 +27,14 @@ FORCE = MODE in ("1", "force")
 SKIP = MODE in ("0", "skip")
 
 
-# pip runs this file more than once per install (metadata first, then the
-# build); only the build pass speaks, so each message is printed once.
-_METADATA_ONLY = any(arg in ("egg_info", "dist_info") for arg in sys.argv[1:])
+# setup.py runs several times per pip install (metadata, then the build); speak
+# only in the run that builds, so the message appears once.
+_BUILDING = any(cmd in sys.argv for cmd in
+                ("bdist_wheel", "build_ext", "build", "install", "develop", "editable_wheel"))
 
 
 def _say(msg):
-    if not _METADATA_ONLY:
+    if _BUILDING:
         print(f"heba setup: {msg}", file=sys.stderr, flush=True)
 
 
