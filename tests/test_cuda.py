@@ -79,6 +79,186 @@ def test_fake_implementations_on_meta_tensors():
     assert [t.shape for t in dl] == [xt.shape] + [v.shape for v in lp.values()]
 
 
+# The autograd/fake glue of cuda_ops.py, on the CPU: stand-in CPU kernels for the
+# heba::cuda_* ops (the reference for the forward, the reference's autograd for
+# the backward, intermediates of the real shapes) let the glue run end to end:
+# values and gradients, torch.library.opcheck (fake vs real metadata, autograd
+# registration, AOT dispatch) and torch.compile(fullgraph=True).
+
+def _rows(t):
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.transpose(0, 1).reshape(-1, t.shape[-1])
+
+
+def _intermediates(x, h, wt):
+    rows, D = _rows(x).shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (torch.zeros(rows, h, dtype=wt), torch.zeros(rows, h, dtype=wt),
+            torch.zeros(rows, D, dtype=wt), torch.zeros(rows, dtype=acc),
+            torch.zeros(rows, dtype=acc))
+
+
+def _grads_by_autograd(fn, grad_out, tensors):
+    # The dispatcher switches autograd off inside an op's kernel; switch it
+    # back on to differentiate the reference there.
+    keys = (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.ADInplaceOrView)
+    was = [torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in keys]
+    for k in keys:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(k, False)
+    try:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in tensors]
+            return list(torch.autograd.grad(fn(*leaves), leaves, grad_out))
+    finally:
+        for k, w in zip(keys, was):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, w)
+
+
+def _stand_in_visual_fwd(x, dw, mw, uw, nw, nb, scale, P, H, W, bf, eps, rescale):
+    from heba_kernels import reference
+    out = reference.heba_visual(x, dw, mw, uw, nw, nb, scale=scale, num_prefix_tokens=P,
+                                grid=(H, W), batch_first=bf, eps=eps, rescale_param_grad=rescale)
+    return (torch.empty_like(x).copy_(out),) + _intermediates(x, dw.shape[0], dw.dtype)
+
+
+def _stand_in_visual_bwd(grad, x, dw, mw, uw, nw, u, g, z, mean, rstd, scale, P, H, W, bf,
+                         rescale):
+    from heba_kernels import reference
+    nb = torch.zeros_like(nw)
+
+    def fn(x, dw, mw, uw, nw, nb):
+        return reference.heba_visual(x, dw, mw, uw, nw, nb, scale=scale, num_prefix_tokens=P,
+                                     grid=(H, W), batch_first=bf, eps=1e-5,
+                                     rescale_param_grad=rescale)
+    dx, *rest = _grads_by_autograd(fn, grad, [x, dw, mw, uw, nw, nb])
+    return (torch.empty_like(x).copy_(dx), *rest)
+
+
+def _stand_in_text_fwd(x, dw, uw, nw, nb, scale, eps, rescale):
+    from heba_kernels import reference
+    out = reference.heba_text(x, dw, uw, nw, nb, scale=scale, eps=eps, rescale_param_grad=rescale)
+    return (torch.empty_like(x).copy_(out),) + _intermediates(x, dw.shape[0], dw.dtype)
+
+
+def _stand_in_text_bwd(grad, x, dw, uw, nw, u, g, z, mean, rstd, scale, rescale):
+    from heba_kernels import reference
+    nb = torch.zeros_like(nw)
+
+    def fn(x, dw, uw, nw, nb):
+        return reference.heba_text(x, dw, uw, nw, nb, scale=scale, eps=1e-5,
+                                   rescale_param_grad=rescale)
+    dx, *rest = _grads_by_autograd(fn, grad, [x, dw, uw, nw, nb])
+    return (torch.empty_like(x).copy_(dx), *rest)
+
+
+def _stand_in_low_rank_fwd(x, dw, db, uw, ub, alpha):
+    from heba_kernels import reference
+    return torch.empty_like(x).copy_(reference.low_rank(x, dw, db, uw, ub, alpha=alpha))
+
+
+def _stand_in_low_rank_bwd(grad, x, dw, db, uw, ub, alpha):
+    from heba_kernels import reference
+    r, D = dw.shape
+    db = torch.zeros(r, dtype=dw.dtype) if db is None else db
+    ub = torch.zeros(D, dtype=dw.dtype) if ub is None else ub
+
+    def fn(x, dw, db, uw, ub):
+        return reference.low_rank(x, dw, db, uw, ub, alpha=alpha)
+    dx, *rest = _grads_by_autograd(fn, grad, [x, dw, db, uw, ub])
+    return (torch.empty_like(x).copy_(dx), *rest)
+
+
+@pytest.fixture
+def cpu_stand_ins():
+    import heba_kernels.cuda_ops  # noqa: F401  (the glue under test)
+    lib = torch.library.Library("heba", "IMPL")
+    for name, fn in (("cuda_visual_fwd", _stand_in_visual_fwd),
+                     ("cuda_visual_bwd", _stand_in_visual_bwd),
+                     ("cuda_text_fwd", _stand_in_text_fwd), ("cuda_text_bwd", _stand_in_text_bwd),
+                     ("cuda_low_rank_fwd", _stand_in_low_rank_fwd),
+                     ("cuda_low_rank_bwd", _stand_in_low_rank_bwd)):
+        lib.impl(name, fn, "CPU")
+    yield
+    lib._destroy()
+
+
+def _leaf(a):
+    return a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a
+
+
+@requires_ext
+@pytest.mark.parametrize("batch_first", [True, False], ids=["bnd", "seqfirst"])
+def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
+    from heba_kernels import cuda_ops, reference
+    from tests.helpers import assert_rel_close as close
+    d, D, P, H, W, B = torch.float64, 12, 1, 3, 2, 2
+    N = P + H * W
+    x = tokens(*((B, N, D) if batch_first else (N, B, D)), dtype=d)
+    for scale, rescale in ((0.7, True), (0.0, True), (0.4, False)):
+        vp = visual_params(D, dtype=d)
+        kw = dict(scale=scale, num_prefix_tokens=P, grid=(H, W), batch_first=batch_first,
+                  eps=1e-5, rescale_param_grad=rescale)
+        out_c, _, g_c = forward_backward(lambda xx, **p: cuda_ops.heba_visual(xx, **p, **kw), x, vp)
+        out_r, _, g_r = forward_backward(lambda xx, **p: reference.heba_visual(xx, **p, **kw), x, vp)
+        close("visual out", out_c, out_r, 1e-12)
+        for k in g_r:
+            close(f"visual grad {k}", g_c[k], g_r[k], 1e-12)
+    torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
+                          tuple(_leaf(a) for a in (x, *visual_params(D, dtype=d).values(), 0.5, P,
+                                                   H, W, batch_first, 1e-5, True)))
+
+    tp = text_params(D, dtype=d)
+    out_c, _, g_c = forward_backward(lambda xx, **p: cuda_ops.heba_text(
+        xx, **p, scale=0.6, eps=1e-5, rescale_param_grad=True), x, tp)
+    out_r, _, g_r = forward_backward(lambda xx, **p: reference.heba_text(
+        xx, **p, scale=0.6, eps=1e-5, rescale_param_grad=True), x, tp)
+    for k in g_r:
+        close(f"text grad {k}", g_c[k], g_r[k], 1e-12)
+    torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
+                          tuple(_leaf(a) for a in (x, *tp.values(), 0.5, 1e-5, False)))
+
+    for bias in (True, False):
+        lp = low_rank_params(D, 4, dtype=d, bias=bias)
+        out_c, _, g_c = forward_backward(lambda xx, **p: cuda_ops.low_rank(xx, **p, alpha=0.8),
+                                         x, lp)
+        out_r, _, g_r = forward_backward(lambda xx, **p: reference.low_rank(xx, **p, alpha=0.8),
+                                         x, lp)
+        assert set(g_c) == set(g_r)
+        for k in g_r:
+            close(f"low_rank grad {k}", g_c[k], g_r[k], 1e-12)
+        torch.library.opcheck(torch.ops.heba.cuda_low_rank_fwd.default,
+                              tuple(_leaf(a) for a in (x, *lp.values(), 0.8)))
+
+
+@requires_ext
+def test_glue_compiles_fullgraph_on_cpu_stand_ins(cpu_stand_ins):
+    from heba_kernels import cuda_ops
+    torch._dynamo.reset()
+    D, d = 12, torch.float64
+    vp, tp, lp = visual_params(D, dtype=d), text_params(D, dtype=d), low_rank_params(D, 4, dtype=d)
+
+    def f(x, vp, tp, lp):
+        y = cuda_ops.heba_visual(x, **vp, scale=0.3, num_prefix_tokens=1, grid=(3, 5),
+                                 batch_first=True, eps=1e-5, rescale_param_grad=True)
+        y = cuda_ops.heba_text(y, **tp, scale=0.2, eps=1e-5, rescale_param_grad=False)
+        return cuda_ops.low_rank(y, **lp, alpha=0.5)
+
+    x = tokens(2, 16, D, dtype=d)
+    params = {**{f"v.{k}": v for k, v in vp.items()}, **{f"t.{k}": v for k, v in tp.items()},
+              **{f"l.{k}": v for k, v in lp.items()}}
+
+    def run(fn):
+        def call(xx, **p):
+            split = {pre: {k[2:]: v for k, v in p.items() if k.startswith(pre)} for pre in "vtl"}
+            return fn(xx, split["v"], split["t"], split["l"])
+        return forward_backward(call, x, params)
+
+    out_e, _, g_e = run(f)
+    out_c, _, g_c = run(torch.compile(f, fullgraph=True))
+    torch.testing.assert_close(out_c, out_e)
+    for k in g_e:
+        torch.testing.assert_close(g_c[k], g_e[k])
+
+
 def _visual_call(x, backend):
     return ops.heba_visual(x, **visual_params(x.shape[-1], device=x.device), scale=0.5,
                            backend=backend)
