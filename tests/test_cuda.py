@@ -3,7 +3,10 @@
 CPU part: the extension, when built, loads and registers its ops (and their
 fake implementations answer on meta tensors); asking for backend="cuda"
 without the extension or with CPU tensors raises BackendUnavailableError with
-a helpful message, while backend="auto" falls back to the reference.
+a helpful message, while backend="auto" falls back to the reference. With the
+extension built, stand-in CPU kernels for the ops (the reference underneath)
+also run the Python glue of cuda_ops.py end to end on the CPU: autograd wiring,
+fake implementations (opcheck) and torch.compile(fullgraph=True).
 
 GPU part (skipped without a GPU or without the extension): every op against
 the float64 reference, values and every gradient, for float32/float16/bfloat16
