@@ -3,8 +3,8 @@
 // registration of the ops heba::cuda_* with torch (CUDA dispatch key).
 //
 // All ATen code of the extension is in this one file on purpose: every
-// translation unit that includes ATen costs a full parse of its headers (25 s
-// with g++, 5 min with nvcc on 2 cores), so the kernels (.cu) include none and
+// translation unit that includes ATen costs a full parse of its headers (20 s
+// with g++, minutes with nvcc), so the kernels (.cu) include none and
 // the three ops share this file, one section each, in the order
 // visual, text, low-rank. heba_kernels/cuda_ops.py holds the fake (meta)
 // implementations and the autograd formulas; csrc/README.md the math.
