@@ -131,8 +131,9 @@ def _text_fwd_fake(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps
 @torch.library.register_fake("heba::cuda_text_bwd")
 def _text_bwd_fake(grad_out, x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd, scale,
                    rescale_param_grad):
-    return (torch.empty_like(x), torch.empty_like(down_weight, memory_format=torch.contiguous_format),
-            torch.empty_like(up_weight, memory_format=torch.contiguous_format),
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(x), torch.empty_like(down_weight, memory_format=contiguous),
+            torch.empty_like(up_weight, memory_format=contiguous),
             norm_weight.new_empty(norm_weight.shape), norm_weight.new_empty(norm_weight.shape))
 
 

@@ -89,7 +89,8 @@ def test_fake_implementations_on_meta_tensors():
 # registration, AOT dispatch) and torch.compile(fullgraph=True).
 
 def _rows(t):
-    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.transpose(0, 1).reshape(-1, t.shape[-1])
+    D = t.shape[-1]
+    return t.view(-1, D) if t.is_contiguous() else t.transpose(0, 1).reshape(-1, D)
 
 
 def _intermediates(x, h, wt):
@@ -192,7 +193,6 @@ def _leaf(a):
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bnd", "seqfirst"])
 def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
     from heba_kernels import cuda_ops, reference
-    from tests.helpers import assert_rel_close as close
     d, D, P, H, W, B = torch.float64, 12, 1, 3, 2, 2
     N = P + H * W
     x = tokens(*((B, N, D) if batch_first else (N, B, D)), dtype=d)
@@ -200,11 +200,13 @@ def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
         vp = visual_params(D, dtype=d)
         kw = dict(scale=scale, num_prefix_tokens=P, grid=(H, W), batch_first=batch_first,
                   eps=1e-5, rescale_param_grad=rescale)
-        out_c, _, g_c = forward_backward(lambda xx, **p: cuda_ops.heba_visual(xx, **p, **kw), x, vp)
-        out_r, _, g_r = forward_backward(lambda xx, **p: reference.heba_visual(xx, **p, **kw), x, vp)
-        close("visual out", out_c, out_r, 1e-12)
+        out_c, _, g_c = forward_backward(
+            lambda xx, **p: cuda_ops.heba_visual(xx, **p, **kw), x, vp)
+        out_r, _, g_r = forward_backward(
+            lambda xx, **p: reference.heba_visual(xx, **p, **kw), x, vp)
+        assert_rel_close("visual out", out_c, out_r, 1e-12)
         for k in g_r:
-            close(f"visual grad {k}", g_c[k], g_r[k], 1e-12)
+            assert_rel_close(f"visual grad {k}", g_c[k], g_r[k], 1e-12)
     torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
                           tuple(_leaf(a) for a in (x, *visual_params(D, dtype=d).values(), 0.5, P,
                                                    H, W, batch_first, 1e-5, True)))
@@ -215,7 +217,7 @@ def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
     out_r, _, g_r = forward_backward(lambda xx, **p: reference.heba_text(
         xx, **p, scale=0.6, eps=1e-5, rescale_param_grad=True), x, tp)
     for k in g_r:
-        close(f"text grad {k}", g_c[k], g_r[k], 1e-12)
+        assert_rel_close(f"text grad {k}", g_c[k], g_r[k], 1e-12)
     torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
                           tuple(_leaf(a) for a in (x, *tp.values(), 0.5, 1e-5, False)))
 
@@ -227,7 +229,7 @@ def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
                                          x, lp)
         assert set(g_c) == set(g_r)
         for k in g_r:
-            close(f"low_rank grad {k}", g_c[k], g_r[k], 1e-12)
+            assert_rel_close(f"low_rank grad {k}", g_c[k], g_r[k], 1e-12)
         torch.library.opcheck(torch.ops.heba.cuda_low_rank_fwd.default,
                               tuple(_leaf(a) for a in (x, *lp.values(), 0.8)))
 
@@ -436,8 +438,8 @@ def test_transposed_memory_layouts():
                                                              .transpose(0, 1), True)):
         check_against_reference("heba_visual", "cuda", x, params, scale=0.7,
                                 num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
-    check_against_reference("heba_text", "cuda", x_bnd.transpose(0, 1), text_params(D, device="cuda"),
-                            scale=0.7)
+    check_against_reference("heba_text", "cuda", x_bnd.transpose(0, 1),
+                            text_params(D, device="cuda"), scale=0.7)
     check_against_reference("low_rank", "cuda", x_bnd.transpose(0, 1),
                             low_rank_params(D, 4, device="cuda"), alpha=1.0)
     # a layout the kernels cannot take in place is copied first
