@@ -27,6 +27,9 @@ _IMPLS: dict[tuple[str, str], str] = {
     ("triton", "heba_visual"): "heba_kernels.heba_visual:heba_visual",
     ("triton", "heba_text"): "heba_kernels.heba_text:heba_text",
     ("triton", "low_rank"): "heba_kernels.low_rank:low_rank",
+    ("cuda", "heba_visual"): "heba_kernels.cuda_ops:heba_visual",
+    ("cuda", "heba_text"): "heba_kernels.cuda_ops:heba_text",
+    ("cuda", "low_rank"): "heba_kernels.cuda_ops:low_rank",
 }
 
 # Preference of "auto" on a CUDA device, per op, fastest first. The reference

@@ -1,0 +1,211 @@
+// HeBA visual adapter: the kernels of the 3x3 depthwise stencil + GELU on the
+// bottleneck, forward and backward, and their launchers. The op around them
+// (checks, GEMMs, the residual + LayerNorm kernels) is heba_visual_* in ops.cpp.
+//
+// Forward (rows = tokens in x's memory order, prefix rows included so that
+// every projection is one 2-D GEMM over x's memory, no copies):
+//
+//   u = x @ Wd^T                      [rows, h]   cuBLAS
+//   g = gelu(dwconv3x3(u))            [rows, h]   _visual_stencil_fwd_kernel (0 on prefix rows)
+//   z = g @ Wu^T                      [rows, D]   cuBLAS
+//   out = residual_ln_fwd(x, z)                   (prefix rows copied)
+//
+// Backward (ga_scale, dx_scale = (1, scale) under the gradient rule, else (scale, 1)):
+//
+//   dy  = residual_ln_bwd(ga_scale * grad)        [rows, D]   (0 on prefix rows)
+//   dWu = dy^T @ g,  dg = dy @ Wu
+//   dv  = dg * gelu'(v)          (v recomputed from u)        _visual_stencil_bwd_kernel_dv
+//   dWm[c, k] = sum_p dv[p, c] * u[p + off_k, c]              (same kernel, partial sums)
+//   du[q, c]  = sum_k Wm[c, k] * dv[q - off_k, c]              _visual_stencil_bwd_kernel_du
+//   dWd = du^T @ x,  dx = grad + dx_scale * (dy + du @ Wd)
+
+#include "common.cuh"
+
+namespace heba {
+namespace {
+
+// g[r, c] = gelu(sum_k Wm[c, k] * u[neighbour_k(r), c]), zero padding; 0 on
+// prefix rows. One thread per (row, channel), channel fastest (coalesced).
+template <typename w_t>
+__global__ void _visual_stencil_fwd_kernel(const w_t* __restrict__ u, const w_t* __restrict__ wm,
+                                           w_t* __restrict__ g, TokenMap tm, PatchGrid grid,
+                                           int64_t C) {
+  using acc_t = acc_of<w_t>;
+  const int64_t total = tm.B * tm.N * C;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / C, c = idx - r * C;
+    const int64_t n = tm.token_of(r);
+    if (n < grid.P) {
+      g[idx] = from_acc<w_t>(acc_t(0));
+      continue;
+    }
+    const int64_t b = tm.batch_of(r), p = n - grid.P;
+    const int i = static_cast<int>(p / grid.W), j = static_cast<int>(p % grid.W);
+    acc_t v = 0;
+#pragma unroll
+    for (int ki = 0; ki < 3; ++ki) {
+      const int ii = i + ki - 1;
+      if (ii < 0 || ii >= grid.H) continue;
+#pragma unroll
+      for (int kj = 0; kj < 3; ++kj) {
+        const int jj = j + kj - 1;
+        if (jj < 0 || jj >= grid.W) continue;
+        const int64_t rr = tm.row(b, grid.P + static_cast<int64_t>(ii) * grid.W + jj);
+        v += acc_t(to_acc(wm[c * 9 + ki * 3 + kj])) * acc_t(to_acc(u[rr * C + c]));
+      }
+    }
+    g[idx] = from_acc<w_t>(gelu_fwd(v));
+  }
+}
+
+constexpr int kStencilTx = 32;  // channels per block
+constexpr int kStencilTy = 8;   // positions in flight per block
+
+// dv = dg * gelu'(v) on the patch rows (v recomputed), and per-chunk partial
+// sums of dWm[c, k] = sum_p dv[p, c] * u[p + off_k, c].
+// Block (32, 8): x over channels, y over the positions of chunk blockIdx.y
+// (positions q = b*HW + p enumerate the patch tokens of all images).
+// dwm_part: [gridDim.y, C, 9].
+template <typename w_t>
+__global__ void _visual_stencil_bwd_kernel_dv(const w_t* __restrict__ dg,
+                                              const w_t* __restrict__ u,
+                                              const w_t* __restrict__ wm,
+                                              acc_of<w_t>* __restrict__ dv,
+                                              acc_of<w_t>* __restrict__ dwm_part, TokenMap tm,
+                                              PatchGrid grid, int64_t C, int64_t chunk) {
+  using acc_t = acc_of<w_t>;
+  __shared__ acc_t red[kStencilTy][kStencilTx][9];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kStencilTx + tx;
+  const int64_t HW = static_cast<int64_t>(grid.H) * grid.W;
+  const int64_t npos = tm.B * HW;
+  acc_t acc[9];
+#pragma unroll
+  for (int k = 0; k < 9; ++k) acc[k] = 0;
+  if (c < C) {
+    acc_t w[9];
+#pragma unroll
+    for (int k = 0; k < 9; ++k) w[k] = to_acc(wm[c * 9 + k]);
+    const int64_t q0 = static_cast<int64_t>(blockIdx.y) * chunk;
+    const int64_t q1 = q0 + chunk < npos ? q0 + chunk : npos;
+    for (int64_t q = q0 + ty; q < q1; q += kStencilTy) {
+      const int64_t b = q / HW, p = q - b * HW;
+      const int i = static_cast<int>(p / grid.W), j = static_cast<int>(p % grid.W);
+      acc_t nb[9];
+      acc_t v = 0;
+#pragma unroll
+      for (int k = 0; k < 9; ++k) {
+        const int ii = i + k / 3 - 1, jj = j + k % 3 - 1;
+        nb[k] = 0;
+        if (ii >= 0 && ii < grid.H && jj >= 0 && jj < grid.W) {
+          const int64_t rr = tm.row(b, grid.P + static_cast<int64_t>(ii) * grid.W + jj);
+          nb[k] = to_acc(u[rr * C + c]);
+        }
+        v += w[k] * nb[k];
+      }
+      const int64_t r = tm.row(b, grid.P + p);
+      const acc_t d = acc_t(to_acc(dg[r * C + c])) * gelu_grad(v);
+      dv[r * C + c] = d;
+#pragma unroll
+      for (int k = 0; k < 9; ++k) acc[k] += d * nb[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 9; ++k) red[ty][tx][k] = acc[k];
+  __syncthreads();
+  if (ty == 0 && c < C) {
+#pragma unroll
+    for (int k = 0; k < 9; ++k) {
+      acc_t s = 0;
+      for (int y = 0; y < kStencilTy; ++y) s += red[y][tx][k];
+      dwm_part[(static_cast<int64_t>(blockIdx.y) * C + c) * 9 + k] = s;
+    }
+  }
+}
+
+// du[q, c] = sum_k Wm[c, k] * dv[q - off_k, c] (the stencil's adjoint); 0 on
+// prefix rows. One thread per (row, channel).
+template <typename w_t>
+__global__ void _visual_stencil_bwd_kernel_du(const acc_of<w_t>* __restrict__ dv,
+                                              const w_t* __restrict__ wm, w_t* __restrict__ du,
+                                              TokenMap tm, PatchGrid grid, int64_t C) {
+  using acc_t = acc_of<w_t>;
+  const int64_t total = tm.B * tm.N * C;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / C, c = idx - r * C;
+    const int64_t n = tm.token_of(r);
+    if (n < grid.P) {
+      du[idx] = from_acc<w_t>(acc_t(0));
+      continue;
+    }
+    const int64_t b = tm.batch_of(r), p = n - grid.P;
+    const int i = static_cast<int>(p / grid.W), j = static_cast<int>(p % grid.W);
+    acc_t s = 0;
+#pragma unroll
+    for (int ki = 0; ki < 3; ++ki) {
+      const int ii = i - (ki - 1);
+      if (ii < 0 || ii >= grid.H) continue;
+#pragma unroll
+      for (int kj = 0; kj < 3; ++kj) {
+        const int jj = j - (kj - 1);
+        if (jj < 0 || jj >= grid.W) continue;
+        const int64_t rr = tm.row(b, grid.P + static_cast<int64_t>(ii) * grid.W + jj);
+        s += acc_t(to_acc(wm[c * 9 + ki * 3 + kj])) * dv[rr * C + c];
+      }
+    }
+    du[idx] = from_acc<w_t>(s);
+  }
+}
+
+constexpr int kElemThreads = 256;
+
+}  // namespace
+
+cudaError_t visual_stencil_fwd_launch(DType wt, const void* u, const void* wm, void* g,
+                                      TokenMap tm, PatchGrid grid, int64_t C,
+                                      cudaStream_t stream) {
+  const int64_t n = tm.B * tm.N * C;
+  if (n == 0) return cudaSuccess;
+  return dispatch_w(wt, [&](auto wtag) -> cudaError_t {
+    using w_t = decltype(wtag);
+    _visual_stencil_fwd_kernel<w_t><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0, stream>>>(
+        static_cast<const w_t*>(u), static_cast<const w_t*>(wm), static_cast<w_t*>(g), tm, grid, C);
+    return cudaGetLastError();
+  });
+}
+
+// Chunks of >= 64 positions (8 per thread), at most 256 of them: the partial
+// sums stay small ([nchunks, C, 9]) and each thread still loops a while.
+void visual_stencil_bwd_chunks(int64_t positions, int64_t* nchunks, int64_t* chunk) {
+  int64_t n = ceil_div(positions, 64);
+  n = n < 1 ? 1 : (n > 256 ? 256 : n);
+  *nchunks = n;
+  *chunk = positions > 0 ? ceil_div(positions, n) : 1;
+}
+
+cudaError_t visual_stencil_bwd_launch(DType wt, const void* dg, const void* u, const void* wm,
+                                      void* dv, void* dwm_part, void* du, TokenMap tm,
+                                      PatchGrid grid, int64_t C, int64_t nchunks, int64_t chunk,
+                                      cudaStream_t stream) {
+  const int64_t n = tm.B * tm.N * C;
+  if (n == 0) return cudaSuccess;
+  return dispatch_w(wt, [&](auto wtag) -> cudaError_t {
+    using w_t = decltype(wtag);
+    using acc_t = acc_of<w_t>;
+    const dim3 block(kStencilTx, kStencilTy);
+    const dim3 grid2(static_cast<unsigned int>(ceil_div(C, kStencilTx)),
+                     static_cast<unsigned int>(nchunks));
+    _visual_stencil_bwd_kernel_dv<w_t><<<grid2, block, 0, stream>>>(
+        static_cast<const w_t*>(dg), static_cast<const w_t*>(u), static_cast<const w_t*>(wm),
+        static_cast<acc_t*>(dv), static_cast<acc_t*>(dwm_part), tm, grid, C, chunk);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    _visual_stencil_bwd_kernel_du<w_t><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0, stream>>>(
+        static_cast<const acc_t*>(dv), static_cast<const w_t*>(wm), static_cast<w_t*>(du), tm, grid, C);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace heba

@@ -1,0 +1,562 @@
+// The ATen side of the heba CUDA extension: input checks, the projections
+// (cuBLAS through at::mm), the kernel launches (kernels.h) and the
+// registration of the ops heba::cuda_* with torch (CUDA dispatch key).
+//
+// All ATen code of the extension is in this one file on purpose: every
+// translation unit that includes ATen costs a full parse of its headers (20 s
+// with g++, minutes with nvcc), so the kernels (.cu) include none and
+// the three ops share this file, one section each, in the order
+// visual, text, low-rank. heba_kernels/cuda_ops.py holds the fake (meta)
+// implementations and the autograd formulas; csrc/README.md the math.
+//
+// Row layout: a token tensor is used through its [rows, D] memory view, which
+// exists when it is contiguous or when x.transpose(0, 1) is ([N, B, D] views
+// of [B, N, D] memory and the reverse); every intermediate shares that row
+// order, so each projection is one plain 2-D GEMM and no layout is copied.
+
+#include <Python.h>  // first, as Python asks
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace heba {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float;
+    case at::kHalf: return DType::Half;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kDouble: return DType::Double;
+    default: TORCH_CHECK(false, "heba: unsupported dtype ", t, "; expected float32, float16, "
+                         "bfloat16 or float64");
+  }
+  return DType::Float;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The (x, weights) dtype pairs the kernels take: one dtype, or float32 x with
+// float16/bfloat16 weights (autocast). cuda_ops.py brings other pairs to these.
+void check_dtype_pair(at::ScalarType xt, at::ScalarType wt, const char* op) {
+  to_dtype(xt);
+  to_dtype(wt);
+  TORCH_CHECK(xt == wt || (xt == at::kFloat && (wt == at::kHalf || wt == at::kBFloat16)), op,
+              ": unsupported dtypes x=", xt, " with weights=", wt, "; supported: x and weights "
+              "of one dtype, or float32 x with float16/bfloat16 weights (autocast)");
+}
+
+void check_x(const Tensor& x, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.stride(-1) == 1, op,
+              ": x must be contiguous in its last dimension, got strides ", x.strides());
+}
+
+void check_on(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+void check_shape(const Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_dtype(const Tensor& t, const char* name, at::ScalarType wt) {
+  TORCH_CHECK(t.scalar_type() == wt, name, " has dtype ", t.scalar_type(),
+              " but the weights have ", wt, "; all weights must share one dtype");
+}
+
+void check_saved(const Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dt,
+                 const Tensor& x, const char* op) {
+  check_on(t, name, x);
+  TORCH_CHECK(t.is_contiguous() && t.sizes() == shape && t.scalar_type() == dt, op, ": ", name,
+              " must be a contiguous ", shape, " ", dt, " tensor saved by the forward, got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+// The [rows, D] view of a token tensor's memory (no copy).
+Tensor rows_view(const Tensor& t, const char* name) {
+  const int64_t D = t.size(-1);
+  if (t.is_contiguous()) return t.view({-1, D});
+  TORCH_CHECK(t.dim() >= 2 && t.transpose(0, 1).is_contiguous(), name,
+              " must be contiguous, or contiguous after transpose(0, 1) (a [N, B, D] view of "
+              "[B, N, D] memory); got sizes ", t.sizes(), " and strides ", t.strides());
+  return t.transpose(0, 1).view({-1, D});
+}
+
+// `g` (x's shape) laid out in memory like x, so that rows_view lists the
+// tokens of both in the same order. Copies only if needed.
+Tensor like_layout(const Tensor& g, const Tensor& x) {
+  if (x.is_contiguous()) return g.contiguous();
+  return g.transpose(0, 1).contiguous().transpose(0, 1);
+}
+
+// HEBA_DEBUG_NAN_FILL=1 fills every buffer a kernel is meant to write with NaN
+// first, so a kernel that forgets part of its output fails the tests loudly.
+bool debug_nan_fill() {
+  const char* v = std::getenv("HEBA_DEBUG_NAN_FILL");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+Tensor poisoned(Tensor t) {
+  if (debug_nan_fill() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return poisoned(at::empty(sizes, opts));
+}
+
+Tensor new_like(const Tensor& t) { return poisoned(at::empty_like(t)); }
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Sums the [2, blocks, D] partials of the LayerNorm backward into dgamma and
+// dbeta, in two reductions so the two outputs do not share storage.
+std::tuple<Tensor, Tensor> residual_ln_bwd(const Tensor& g2d, const Tensor& x2d, const Tensor& z,
+                                           const Tensor& gamma_acc, const Tensor& mean,
+                                           const Tensor& rstd, const Tensor& dy, TokenMap tm,
+                                           int64_t num_prefix, double ga_scale) {
+  const int64_t rows = x2d.size(0), D = x2d.size(1);
+  int sms = 0, dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // ~2 blocks per SM fill the GPU and keep the partial buffers small (2*blocks*D).
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 2LL * sms));
+  Tensor part = at::zeros({2, blocks, D}, x2d.options().dtype(acc_type(x2d.scalar_type())));
+  C10_CUDA_CHECK(residual_ln_bwd_launch(
+      to_dtype(x2d.scalar_type()), to_dtype(z.scalar_type()), g2d.data_ptr(), x2d.data_ptr(),
+      z.data_ptr(), gamma_acc.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
+      part.data_ptr(), static_cast<char*>(part.data_ptr()) + blocks * D * part.element_size(),
+      tm, num_prefix, rows, D, ga_scale, static_cast<int>(blocks), stream()));
+  return {part[0].sum(0), part[1].sum(0)};
+}
+
+// ---------------------------------------------------------------------------
+// HeBA visual
+// ---------------------------------------------------------------------------
+
+struct VisualGeometry {
+  int64_t B, N, D, h;
+  TokenMap tm;
+  PatchGrid grid;
+};
+
+VisualGeometry visual_geometry(const Tensor& x, const Tensor& down_weight, int64_t P, int64_t H,
+                               int64_t W, bool batch_first, const char* op) {
+  check_x(x, op);
+  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D tokens, got shape ", x.sizes());
+  const int64_t B = batch_first ? x.size(0) : x.size(1);
+  const int64_t N = batch_first ? x.size(1) : x.size(0);
+  const int64_t D = x.size(2);
+  TORCH_CHECK(down_weight.dim() == 4, op, ": down_weight must be [h, D, 1, 1], got ",
+              down_weight.sizes());
+  const int64_t h = down_weight.size(0);
+  TORCH_CHECK(P >= 0 && H >= 1 && W >= 1 && P + H * W == N, op, ": x has ", N,
+              " tokens per image, expected num_prefix_tokens + H*W = ", P, " + ", H, "*", W);
+  TORCH_CHECK(N < (1LL << 31) && D < (1LL << 31), op, ": x is too large: ", x.sizes());
+  // rows_view(x) lists the rows batch-major exactly when "x is contiguous"
+  // agrees with batch_first.
+  const bool batch_major = (batch_first == x.is_contiguous());
+  return VisualGeometry{B, N, D, h, TokenMap{B, N, batch_major},
+                        PatchGrid{P, static_cast<int>(H), static_cast<int>(W)}};
+}
+
+void check_visual_weights(const Tensor& x, const Tensor& down_weight, const Tensor& mid_weight,
+                          const Tensor& up_weight, const Tensor& norm_weight, int64_t D,
+                          int64_t h) {
+  check_on(down_weight, "down_weight", x);
+  check_on(mid_weight, "mid_weight", x);
+  check_on(up_weight, "up_weight", x);
+  check_on(norm_weight, "norm_weight", x);
+  check_shape(down_weight, "down_weight", {h, D, 1, 1});
+  check_shape(mid_weight, "mid_weight", {h, 1, 3, 3});
+  check_shape(up_weight, "up_weight", {D, h, 1, 1});
+  check_shape(norm_weight, "norm_weight", {D});
+  const auto wt = down_weight.scalar_type();
+  check_dtype(mid_weight, "mid_weight", wt);
+  check_dtype(up_weight, "up_weight", wt);
+  check_dtype(norm_weight, "norm_weight", wt);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_fwd(
+    const Tensor& x, const Tensor& down_weight, const Tensor& mid_weight,
+    const Tensor& up_weight, const Tensor& norm_weight, const Tensor& norm_bias, double scale,
+    int64_t num_prefix_tokens, int64_t grid_h, int64_t grid_w, bool batch_first, double eps,
+    bool rescale_param_grad) {
+  (void)rescale_param_grad;  // read by the autograd glue only
+  const char* op = "heba::cuda_visual_fwd";
+  const auto geo = visual_geometry(x, down_weight, num_prefix_tokens, grid_h, grid_w,
+                                   batch_first, op);
+  const int64_t D = geo.D, h = geo.h, rows = geo.B * geo.N;
+  check_visual_weights(x, down_weight, mid_weight, up_weight, norm_weight, D, h);
+  check_on(norm_bias, "norm_bias", x);
+  check_shape(norm_bias, "norm_bias", {D});
+  const auto wt = down_weight.scalar_type();
+  check_dtype(norm_bias, "norm_bias", wt);
+  check_dtype_pair(x.scalar_type(), wt, op);
+  const auto acc = acc_type(x.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+
+  const Tensor x2d = rows_view(x, "x");                          // [rows, D]
+  const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);  // GEMM operand
+  const Tensor wm = mid_weight.contiguous();                     // [h, 9]
+
+  Tensor u = at::mm(xw, down_weight.reshape({h, D}).t());        // [rows, h]
+  Tensor g = new_like(u);                                        // [rows, h]
+  C10_CUDA_CHECK(visual_stencil_fwd_launch(to_dtype(wt), u.data_ptr(), wm.data_ptr(),
+                                           g.data_ptr(), geo.tm, geo.grid, h, stream()));
+  Tensor z = at::mm(g, up_weight.reshape({D, h}).t());           // [rows, D]
+  Tensor out = new_like(x);
+  Tensor mean = new_buffer({rows}, x.options().dtype(acc));
+  Tensor rstd = new_buffer({rows}, x.options().dtype(acc));
+  const Tensor gamma = norm_weight.to(acc).contiguous(), beta = norm_bias.to(acc).contiguous();
+  C10_CUDA_CHECK(residual_ln_fwd_launch(
+      to_dtype(x.scalar_type()), to_dtype(wt), x2d.data_ptr(), z.data_ptr(), gamma.data_ptr(),
+      beta.data_ptr(), rows_view(out, "out").data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+      geo.tm, num_prefix_tokens, rows, D, scale, eps, stream()));
+  return {out, u, g, z, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
+    const Tensor& grad_out, const Tensor& x, const Tensor& down_weight, const Tensor& mid_weight,
+    const Tensor& up_weight, const Tensor& norm_weight, const Tensor& u, const Tensor& g,
+    const Tensor& z, const Tensor& mean, const Tensor& rstd, double scale,
+    int64_t num_prefix_tokens, int64_t grid_h, int64_t grid_w, bool batch_first,
+    bool rescale_param_grad) {
+  const char* op = "heba::cuda_visual_bwd";
+  const auto geo = visual_geometry(x, down_weight, num_prefix_tokens, grid_h, grid_w,
+                                   batch_first, op);
+  const int64_t D = geo.D, h = geo.h, rows = geo.B * geo.N;
+  check_visual_weights(x, down_weight, mid_weight, up_weight, norm_weight, D, h);
+  const auto wt = down_weight.scalar_type();
+  check_dtype_pair(x.scalar_type(), wt, op);
+  const auto acc = acc_type(x.scalar_type());
+  check_on(grad_out, "grad_out", x);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), op,
+              ": grad_out must match x in shape and dtype");
+  check_saved(u, "u", {rows, h}, wt, x, op);
+  check_saved(g, "g", {rows, h}, wt, x, op);
+  check_saved(z, "z", {rows, D}, wt, x, op);
+  check_saved(mean, "mean", {rows}, acc, x, op);
+  check_saved(rstd, "rstd", {rows}, acc, x, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  // Under the gradient rule the parameters see grad as if scale were 1 and x
+  // gets grad + scale * (adapter's input gradient); otherwise plain autograd.
+  const double ga_scale = rescale_param_grad ? 1.0 : scale;
+  const double dx_scale = rescale_param_grad ? scale : 1.0;
+
+  const Tensor x2d = rows_view(x, "x");
+  const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
+  const Tensor wd = down_weight.reshape({h, D});
+  const Tensor wm = mid_weight.contiguous();
+  const Tensor wu = up_weight.reshape({D, h});
+
+  Tensor dy = new_buffer({rows, D}, x.options().dtype(wt));
+  Tensor dgamma, dbeta;
+  std::tie(dgamma, dbeta) = residual_ln_bwd(g2d, x2d, z, norm_weight.to(acc).contiguous(), mean,
+                                            rstd, dy, geo.tm, num_prefix_tokens, ga_scale);
+  Tensor d_up = at::mm(dy.t(), g);                               // [D, h]
+  Tensor dg = at::mm(dy, wu);                                    // [rows, h]
+  const int64_t npos = geo.B * static_cast<int64_t>(geo.grid.H) * geo.grid.W;
+  int64_t nchunks = 1, chunk = 1;
+  visual_stencil_bwd_chunks(npos, &nchunks, &chunk);
+  Tensor dv = new_buffer({rows, h}, x.options().dtype(acc));
+  Tensor dwm_part = new_buffer({nchunks, h, 9}, x.options().dtype(acc));
+  Tensor du = new_buffer({rows, h}, x.options().dtype(wt));
+  if (rows > 0 && h > 0) {
+    C10_CUDA_CHECK(visual_stencil_bwd_launch(to_dtype(wt), dg.data_ptr(), u.data_ptr(),
+                                             wm.data_ptr(), dv.data_ptr(), dwm_part.data_ptr(),
+                                             du.data_ptr(), geo.tm, geo.grid, h, nchunks, chunk,
+                                             stream()));
+  } else {
+    dwm_part.zero_();
+  }
+  Tensor d_mid = dwm_part.sum(0).to(wt).view({h, 1, 3, 3});
+  const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
+  Tensor d_down = at::mm(du.t(), xw).view({h, D, 1, 1});
+  Tensor s = at::addmm(dy, du, wd);                              // dy + du @ Wd, [rows, D]
+  Tensor dx = at::empty_like(x);
+  Tensor dx2d = rows_view(dx, "dx");
+  at::add_out(dx2d, g2d, s, dx_scale);                           // grad + dx_scale * s
+  return {dx, d_down, d_mid, d_up.view({D, h, 1, 1}), dgamma.to(wt), dbeta.to(wt)};
+}
+
+// ---------------------------------------------------------------------------
+// HeBA text: token-wise over x [..., D], no stencil, no prefix.
+// ---------------------------------------------------------------------------
+
+void check_text_weights(const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
+                        const Tensor& norm_weight, const char* op) {
+  check_x(x, op);
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be tokens [..., D], got shape ", x.sizes());
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D < (1LL << 31), op, ": x is too large: ", x.sizes());
+  check_on(down_weight, "down_weight", x);
+  check_on(up_weight, "up_weight", x);
+  check_on(norm_weight, "norm_weight", x);
+  TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == D, op,
+              ": down_weight must be [h, ", D, "], got ", down_weight.sizes());
+  const int64_t h = down_weight.size(0);
+  check_shape(up_weight, "up_weight", {D, h});
+  check_shape(norm_weight, "norm_weight", {D});
+  const auto wt = down_weight.scalar_type();
+  check_dtype(up_weight, "up_weight", wt);
+  check_dtype(norm_weight, "norm_weight", wt);
+  check_dtype_pair(x.scalar_type(), wt, op);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_fwd(
+    const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
+    const Tensor& norm_weight, const Tensor& norm_bias, double scale, double eps,
+    bool rescale_param_grad) {
+  (void)rescale_param_grad;  // read by the autograd glue only
+  const char* op = "heba::cuda_text_fwd";
+  check_text_weights(x, down_weight, up_weight, norm_weight, op);
+  const int64_t D = x.size(-1);
+  check_on(norm_bias, "norm_bias", x);
+  check_shape(norm_bias, "norm_bias", {D});
+  const auto wt = down_weight.scalar_type();
+  check_dtype(norm_bias, "norm_bias", wt);
+  const auto acc = acc_type(x.scalar_type());
+  c10::cuda::CUDAGuard guard(x.device());
+
+  const Tensor x2d = rows_view(x, "x");                          // [rows, D]
+  const int64_t rows = x2d.size(0);
+  const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
+  Tensor u = at::mm(xw, down_weight.t());                        // [rows, h]
+  Tensor g = at::gelu(u);                                        // exact (erf) GELU
+  Tensor z = at::mm(g, up_weight.t());                           // [rows, D]
+  Tensor out = new_like(x);
+  Tensor mean = new_buffer({rows}, x.options().dtype(acc));
+  Tensor rstd = new_buffer({rows}, x.options().dtype(acc));
+  const Tensor gamma = norm_weight.to(acc).contiguous(), beta = norm_bias.to(acc).contiguous();
+  C10_CUDA_CHECK(residual_ln_fwd_launch(
+      to_dtype(x.scalar_type()), to_dtype(wt), x2d.data_ptr(), z.data_ptr(), gamma.data_ptr(),
+      beta.data_ptr(), rows_view(out, "out").data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+      TokenMap{1, rows, true}, 0, rows, D, scale, eps, stream()));
+  return {out, u, g, z, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
+    const Tensor& grad_out, const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
+    const Tensor& norm_weight, const Tensor& u, const Tensor& g, const Tensor& z,
+    const Tensor& mean, const Tensor& rstd, double scale, bool rescale_param_grad) {
+  const char* op = "heba::cuda_text_bwd";
+  check_text_weights(x, down_weight, up_weight, norm_weight, op);
+  check_on(grad_out, "grad_out", x);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), op,
+              ": grad_out must match x in shape and dtype");
+  const auto wt = down_weight.scalar_type();
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t D = x.size(-1), h = down_weight.size(0);
+  const Tensor x2d = rows_view(x, "x");
+  const int64_t rows = x2d.size(0);
+  check_saved(u, "u", {rows, h}, wt, x, op);
+  check_saved(g, "g", {rows, h}, wt, x, op);
+  check_saved(z, "z", {rows, D}, wt, x, op);
+  check_saved(mean, "mean", {rows}, acc, x, op);
+  check_saved(rstd, "rstd", {rows}, acc, x, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  const double ga_scale = rescale_param_grad ? 1.0 : scale;
+  const double dx_scale = rescale_param_grad ? scale : 1.0;
+  const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
+
+  Tensor dy = new_buffer({rows, D}, x.options().dtype(wt));
+  Tensor dgamma, dbeta;
+  std::tie(dgamma, dbeta) = residual_ln_bwd(g2d, x2d, z, norm_weight.to(acc).contiguous(), mean,
+                                            rstd, dy, TokenMap{1, rows, true}, 0, ga_scale);
+  Tensor d_up = at::mm(dy.t(), g);                               // [D, h]
+  Tensor du = at::gelu_backward(at::mm(dy, up_weight), u);       // [rows, h]
+  const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
+  Tensor d_down = at::mm(du.t(), xw);                            // [h, D]
+  Tensor s = at::addmm(dy, du, down_weight);                     // dy + du @ Wd
+  Tensor dx = at::empty_like(x);
+  Tensor dx2d = rows_view(dx, "dx");
+  at::add_out(dx2d, g2d, s, dx_scale);                           // grad + dx_scale * s
+  return {dx, d_down, d_up, dgamma.to(wt), dbeta.to(wt)};
+}
+
+// ---------------------------------------------------------------------------
+// Low-rank residual: x [..., D].
+// ---------------------------------------------------------------------------
+
+// Checks the op's inputs; returns the rank.
+int64_t check_low_rank(const Tensor& x, const Tensor& down_weight,
+                       const std::optional<Tensor>& down_bias, const Tensor& up_weight,
+                       const std::optional<Tensor>& up_bias, const char* op) {
+  check_x(x, op);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D < (1LL << 31), op, ": x is too large: ", x.sizes());
+  check_on(down_weight, "down_weight", x);
+  check_on(up_weight, "up_weight", x);
+  TORCH_CHECK(down_weight.dim() == 2 && down_weight.size(1) == D, op,
+              ": down_weight must be [r, ", D, "], got ", down_weight.sizes());
+  const int64_t R = down_weight.size(0);
+  check_shape(up_weight, "up_weight", {D, R});
+  const auto wt = down_weight.scalar_type();
+  check_dtype(up_weight, "up_weight", wt);
+  if (down_bias.has_value()) {
+    check_on(*down_bias, "down_bias", x);
+    check_shape(*down_bias, "down_bias", {R});
+    check_dtype(*down_bias, "down_bias", wt);
+  }
+  if (up_bias.has_value()) {
+    check_on(*up_bias, "up_bias", x);
+    check_shape(*up_bias, "up_bias", {D});
+    check_dtype(*up_bias, "up_bias", wt);
+  }
+  check_dtype_pair(x.scalar_type(), wt, op);
+  return R;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+Tensor cuda_low_rank_fwd(const Tensor& x, const Tensor& down_weight,
+                         const std::optional<Tensor>& down_bias, const Tensor& up_weight,
+                         const std::optional<Tensor>& up_bias, double alpha) {
+  const char* op = "heba::cuda_low_rank_fwd";
+  const int64_t R = check_low_rank(x, down_weight, down_bias, up_weight, up_bias, op);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto wt = down_weight.scalar_type();
+  const Tensor x2d = rows_view(x, "x");                          // [M, D]
+  const int64_t M = x2d.size(0), D = x2d.size(1);
+  Tensor out = new_like(x);
+  Tensor out2d = rows_view(out, "out");
+  if (M == 0 || D == 0) return out;
+
+  if (R >= 1 && R <= kLowRankMaxFusedRank && x.scalar_type() != at::kDouble) {
+    const Tensor wd = down_weight.contiguous(), wu = up_weight.contiguous();
+    const Tensor bd = down_bias.has_value() ? down_bias->contiguous() : Tensor();
+    const Tensor bu = up_bias.has_value() ? up_bias->contiguous() : Tensor();
+    const DType xdt = to_dtype(x.scalar_type()), wdt = to_dtype(wt);
+    const bool vec_x = D % vec16_elems(xdt) == 0 && aligned16(x2d.data_ptr());
+    const bool vec_w = D % vec16_elems(wdt) == 0 && aligned16(wd.data_ptr());
+    C10_CUDA_CHECK(low_rank_fwd_launch(
+        xdt, wdt, x2d.data_ptr(), wd.data_ptr(), bd.defined() ? bd.data_ptr() : nullptr,
+        wu.data_ptr(), bu.defined() ? bu.data_ptr() : nullptr, out2d.data_ptr(), M,
+        static_cast<int>(D), static_cast<int>(R), static_cast<float>(alpha), vec_x, vec_w,
+        stream()));
+    return out;
+  }
+  // Ranks above 64 (or float64): cuBLAS for both projections, ATen's exact GELU.
+  const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
+  const Tensor u = down_bias.has_value() ? at::addmm(*down_bias, xw, down_weight.t())
+                                         : at::mm(xw, down_weight.t());
+  const Tensor hid = at::gelu(u);
+  const Tensor zz = up_bias.has_value() ? at::addmm(*up_bias, hid, up_weight.t())
+                                        : at::mm(hid, up_weight.t());
+  at::add_out(out2d, x2d, zz, alpha);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
+    const Tensor& grad_out, const Tensor& x, const Tensor& down_weight,
+    const std::optional<Tensor>& down_bias, const Tensor& up_weight,
+    const std::optional<Tensor>& up_bias, double alpha) {
+  const char* op = "heba::cuda_low_rank_bwd";
+  check_low_rank(x, down_weight, down_bias, up_weight, up_bias, op);
+  check_on(grad_out, "grad_out", x);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), op,
+              ": grad_out must match x in shape and dtype");
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto wt = down_weight.scalar_type();
+  const auto acc = acc_type(x.scalar_type());
+  const Tensor x2d = rows_view(x, "x");
+  const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
+  const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
+
+  // Recompute the rank-r pre-activation (one thin GEMM) instead of saving it.
+  const Tensor u = down_bias.has_value() ? at::addmm(*down_bias, xw, down_weight.t())
+                                         : at::mm(xw, down_weight.t());   // [M, r]
+  const Tensor gz = at::mul(g2d, alpha).to(wt);                          // [M, D]
+  const Tensor dh = at::mm(gz, up_weight);                               // [M, r]
+  Tensor hid = new_like(u);
+  Tensor du = new_like(u);
+  C10_CUDA_CHECK(low_rank_bwd_gelu_launch(to_dtype(wt), u.data_ptr(), dh.data_ptr(),
+                                          hid.data_ptr(), du.data_ptr(), u.numel(), stream()));
+  const int64_t zero = 0;
+  const at::IntArrayRef dim0(zero);
+  Tensor d_up = at::mm(gz.t(), hid);                                     // [D, r]
+  Tensor d_up_b = at::mul(at::sum(g2d, dim0, false, acc), alpha).to(wt); // [D]
+  Tensor d_down = at::mm(du.t(), xw);                                    // [r, D]
+  Tensor d_down_b = at::sum(du, dim0, false, acc).to(wt);                // [r]
+  Tensor dx = at::empty_like(x);
+  Tensor dx2d = rows_view(dx, "dx");
+  at::add_out(dx2d, g2d, at::mm(du, down_weight));                       // grad + du @ Wd
+  return {dx, d_down, d_down_b, d_up, d_up_b};
+}
+
+}  // namespace
+}  // namespace heba
+
+// ---------------------------------------------------------------------------
+// registration
+// ---------------------------------------------------------------------------
+
+// heba:: is shared with the Triton backend's ops (heba::triton_*): ours are cuda_*.
+TORCH_LIBRARY_FRAGMENT(heba, m) {
+  m.def(
+      "cuda_visual_fwd(Tensor x, Tensor down_weight, Tensor mid_weight, Tensor up_weight, "
+      "Tensor norm_weight, Tensor norm_bias, float scale, int num_prefix_tokens, int grid_h, "
+      "int grid_w, bool batch_first, float eps, bool rescale_param_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_visual_bwd(Tensor grad_out, Tensor x, Tensor down_weight, Tensor mid_weight, "
+      "Tensor up_weight, Tensor norm_weight, Tensor u, Tensor g, Tensor z, Tensor mean, "
+      "Tensor rstd, float scale, int num_prefix_tokens, int grid_h, int grid_w, "
+      "bool batch_first, bool rescale_param_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_text_fwd(Tensor x, Tensor down_weight, Tensor up_weight, Tensor norm_weight, "
+      "Tensor norm_bias, float scale, float eps, bool rescale_param_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_text_bwd(Tensor grad_out, Tensor x, Tensor down_weight, Tensor up_weight, "
+      "Tensor norm_weight, Tensor u, Tensor g, Tensor z, Tensor mean, Tensor rstd, "
+      "float scale, bool rescale_param_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_low_rank_fwd(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
+      "Tensor? up_bias, float alpha) -> Tensor");
+  m.def(
+      "cuda_low_rank_bwd(Tensor grad_out, Tensor x, Tensor down_weight, Tensor? down_bias, "
+      "Tensor up_weight, Tensor? up_bias, float alpha) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(heba, CUDA, m) {
+  m.impl("cuda_visual_fwd", &heba::cuda_visual_fwd);
+  m.impl("cuda_visual_bwd", &heba::cuda_visual_bwd);
+  m.impl("cuda_text_fwd", &heba::cuda_text_fwd);
+  m.impl("cuda_text_bwd", &heba::cuda_text_bwd);
+  m.impl("cuda_low_rank_fwd", &heba::cuda_low_rank_fwd);
+  m.impl("cuda_low_rank_bwd", &heba::cuda_low_rank_bwd);
+}
+
+// A bare Python module: importing heba_kernels._C loads this library, which
+// runs the registrations above. No pybind11 needed (and none of its compile time).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C",
+      "heba CUDA kernels; importing this module registers torch.ops.heba.cuda_*", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
