@@ -26,9 +26,9 @@ Forward: one kernel, one program per ``BLOCK_M`` tokens. ``u`` is accumulated
 over ``D`` in ``BLOCK_N`` chunks and ``a`` stays on chip; a second sweep over
 ``D`` forms ``y`` chunk by chunk and merges per-chunk means and squared
 deviations (Chan et al.'s parallel variance, no ``E[y^2] - E[y]^2``
-cancellation); a third sweep recomputes ``y`` (one more ``a @ W_u^T``, cheaper
-than a round trip of ``y`` through memory at the widths where this op is
-memory-bound) and writes ``out``. Saved for the backward: ``x`` (an input)
+cancellation); a third sweep recomputes ``y`` (one more ``a @ W_u^T`` instead of a
+float32 round trip of ``y`` through memory; a choice not yet timed) and
+writes ``out``. Saved for the backward: ``x`` (an input)
 and the per-token ``mean`` and ``rstd`` (float32, ``[M]``).
 
 Backward: ``_heba_text_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)

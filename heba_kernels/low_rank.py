@@ -171,7 +171,7 @@ def _config(R, op_dtype, backward):
     """Block sizes: ``(BLOCK_M, BLOCK_N, BLOCK_R, num_warps)``.
 
     Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8 and
-    reading ptxas's register report: no (or < 64 bytes of) register spills at
+    reading ptxas's register report: no (or < 256 bytes of) register spills at
     r = 1..256 for 16-bit and float32 operands, shared memory under 70 KiB.
     The backward loop loads two weight tiles and holds two ``[BLOCK_M, BLOCK_R]``
     float32 tiles; float32 operands need about twice the registers. Not yet
