@@ -53,7 +53,8 @@ Example::
     >>> from heba_kernels.heba_text import heba_text
     >>> D, h = 512, 128
     >>> x = torch.randn(4, 77, D, device="cuda")
-    >>> wd, wu = torch.randn(h, D, device="cuda") / D**0.5, torch.randn(D, h, device="cuda") / h**0.5
+    >>> wd = torch.randn(h, D, device="cuda") / D**0.5
+    >>> wu = torch.randn(D, h, device="cuda") / h**0.5
     >>> w, b = torch.ones(D, device="cuda"), torch.zeros(D, device="cuda")
     >>> heba_text(x, wd, wu, w, b, scale=0.025, eps=1e-5, rescale_param_grad=True).shape
     torch.Size([4, 77, 512])
@@ -109,7 +110,7 @@ def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
                        mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_N]
-        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)               # [BLOCK_M, BLOCK_N], 0 in padding
+        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)   # [BLOCK_M, BLOCK_N], 0 where padded
         n_c = tl.minimum(D - n0, BLOCK_N) * 1.0                        # columns in this chunk
         n_a = n0 * 1.0                                                 # columns merged so far
         c_mean = tl.sum(y, axis=1) / n_c
@@ -242,7 +243,8 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
 
 def _rows(t):
     """``t`` as ``[M, D]`` rows with unit column stride: a view when strides allow,
-    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``)."""
+    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``).
+    The backward makes that copy of the saved ``x`` again rather than keep it alive."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
@@ -250,9 +252,10 @@ def _rows(t):
 def _config(H, op_dtype, backward):
     """Block sizes: ``(BLOCK_M, BLOCK_N, BLOCK_H, num_warps)``.
 
-    Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8 and
-    reading ptxas's register report: these are the largest tiles that compile
-    with no (or < 256 bytes of) register spills at h = 16..512, for 16-bit and
+    Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8
+    (``scripts/triton_aot_check.py``) and
+    reading ptxas's register report: tiles that compile with no (or < 256
+    bytes of) register spills at h = 10..512, for 16-bit and
     float32 operands; every choice keeps shared memory under 70 KiB. The
     backward holds three ``[BLOCK_M, BLOCK_H]`` float32 tiles, the forward one;
     float32 operands ("ieee" products on FMA units) need about twice the

@@ -162,7 +162,8 @@ def _low_rank_bwd_kernel_dx(X, G, WD, BD, WU, DX, A_OUT, DU_OUT,    # A_OUT, DU_
 
 def _rows(t):
     """``t`` as ``[M, D]`` rows with unit column stride: a view when strides allow,
-    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``)."""
+    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``).
+    The backward makes that copy of the saved ``x`` again rather than keep it alive."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
@@ -170,7 +171,8 @@ def _rows(t):
 def _config(R, op_dtype, backward):
     """Block sizes: ``(BLOCK_M, BLOCK_N, BLOCK_R, num_warps)``.
 
-    Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8 and
+    Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8
+    (``scripts/triton_aot_check.py``) and
     reading ptxas's register report: no (or < 256 bytes of) register spills at
     r = 1..256 for 16-bit and float32 operands, shared memory under 70 KiB.
     The backward loop loads two weight tiles and holds two ``[BLOCK_M, BLOCK_R]``
