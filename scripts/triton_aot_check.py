@@ -26,7 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from heba_kernels import heba_text, low_rank  # noqa: E402
+from heba_kernels import _triton_common, heba_text, low_rank  # noqa: E402
 from heba_kernels._triton_common import OP_CODES  # noqa: E402
 
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -67,19 +67,26 @@ def _cases():
                     ptrs = dict(X=xs, WD=ws, BD=ws, WU=ws, BU=ws, OUT=xs)
                     yield ("low_rank fwd", R, xdt, wdt, "_low_rank_fwd_kernel", ptrs,
                            ("alpha",), c, nw)
+        for BI, BJ in ((64, 64), (64, 16), (16, 64)):   # the tiles atb() picks
+            c = dict(BLOCK_M=BI, BLOCK_N=BJ, BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=True)
+            yield ("atb (dW)", BJ, xdt, wdt, "_atb_kernel",
+                   dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32"), (), c, 4)
 
 
 def _compile(args):
     name, width, xdt, wdt, kernel, ptrs, floats, consts, num_warps, arch = args
     os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
                                                   f"heba_aot_cache_{os.getpid()}")
-    module = heba_text if kernel.startswith("_heba_text") else low_rank
+    module = (heba_text if kernel.startswith("_heba_text") else
+              low_rank if kernel.startswith("_low_rank") else _triton_common)
     fn = getattr(module, kernel)
     consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
+    shown = {k: consts.pop(k) for k in ("BLOCK_M", "BLOCK_N")} if kernel == "_atb_kernel" \
+        else {k: consts[k] for k in ("BLOCK_M", "BLOCK_N")}
     sig = {n: ("constexpr" if n in consts else "*" + ptrs[n] if n in ptrs
                else "fp32" if n in floats else "i32") for n in fn.arg_names}
-    label = (f"{name} {'h' if 'text' in name else 'r'}={width:<3} x {TY[xdt]} w {TY[wdt]} "
-             f"{consts['BLOCK_M']}x{consts['BLOCK_N']} warps={num_warps}")
+    label = (f"{name} {'h' if 'text' in name else 'J' if 'atb' in name else 'r'}={width:<3} x {TY[xdt]} w {TY[wdt]} "
+             f"{shown['BLOCK_M']}x{shown['BLOCK_N']} warps={num_warps}")
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                            target=GPUTarget("cuda", arch, 32),
