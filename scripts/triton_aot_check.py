@@ -85,7 +85,8 @@ def _compile(args):
         else {k: consts[k] for k in ("BLOCK_M", "BLOCK_N")}
     sig = {n: ("constexpr" if n in consts else "*" + ptrs[n] if n in ptrs
                else "fp32" if n in floats else "i32") for n in fn.arg_names}
-    label = (f"{name} {'h' if 'text' in name else 'J' if 'atb' in name else 'r'}={width:<3} x {TY[xdt]} w {TY[wdt]} "
+    dim = "h" if "text" in name else "J" if "atb" in name else "r"
+    label = (f"{name} {dim}={width:<3} x {TY[xdt]} w {TY[wdt]} "
              f"{shown['BLOCK_M']}x{shown['BLOCK_N']} warps={num_warps}")
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
