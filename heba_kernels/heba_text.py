@@ -26,9 +26,9 @@ Forward: one kernel, one program per ``BLOCK_M`` tokens. ``u`` is accumulated
 over ``D`` in ``BLOCK_N`` chunks and ``a`` stays on chip; a second sweep over
 ``D`` forms ``y`` chunk by chunk and merges per-chunk means and squared
 deviations (Chan et al.'s parallel variance, no ``E[y^2] - E[y]^2``
-cancellation); a third sweep recomputes ``y`` (one more ``a @ W_u^T``, cheaper
-than a round trip of ``y`` through memory at the widths where this op is
-memory-bound) and writes ``out``. Saved for the backward: ``x`` (an input)
+cancellation); a third sweep recomputes ``y`` (one more ``a @ W_u^T`` instead of a
+float32 round trip of ``y`` through memory; a choice not yet timed) and
+writes ``out``. Saved for the backward: ``x`` (an input)
 and the per-token ``mean`` and ``rstd`` (float32, ``[M]``).
 
 Backward: ``_heba_text_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)
@@ -53,7 +53,8 @@ Example::
     >>> from heba_kernels.heba_text import heba_text
     >>> D, h = 512, 128
     >>> x = torch.randn(4, 77, D, device="cuda")
-    >>> wd, wu = torch.randn(h, D, device="cuda") / D**0.5, torch.randn(D, h, device="cuda") / h**0.5
+    >>> wd = torch.randn(h, D, device="cuda") / D**0.5
+    >>> wu = torch.randn(D, h, device="cuda") / h**0.5
     >>> w, b = torch.ones(D, device="cuda"), torch.zeros(D, device="cuda")
     >>> heba_text(x, wd, wu, w, b, scale=0.025, eps=1e-5, rescale_param_grad=True).shape
     torch.Size([4, 77, 512])
@@ -109,7 +110,7 @@ def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
                        mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_N]
-        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)               # [BLOCK_M, BLOCK_N], 0 in padding
+        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)   # [BLOCK_M, BLOCK_N], 0 where padded
         n_c = tl.minimum(D - n0, BLOCK_N) * 1.0                        # columns in this chunk
         n_a = n0 * 1.0                                                 # columns merged so far
         c_mean = tl.sum(y, axis=1) / n_c
@@ -242,22 +243,33 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
 
 def _rows(t):
     """``t`` as ``[M, D]`` rows with unit column stride: a view when strides allow,
-    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``)."""
+    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``).
+    The backward makes that copy of the saved ``x`` again rather than keep it alive."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
-def _config(H, op_dtype, max_tile):
+def _config(H, op_dtype, backward):
+    """Block sizes: ``(BLOCK_M, BLOCK_N, BLOCK_H, num_warps)``.
+
+    Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8
+    (``scripts/triton_aot_check.py``) and
+    reading ptxas's register report: tiles that compile with no (or < 256
+    bytes of) register spills at h = 10..512, for 16-bit and
+    float32 operands; every choice keeps shared memory under 70 KiB. The
+    backward holds three ``[BLOCK_M, BLOCK_H]`` float32 tiles, the forward one;
+    float32 operands ("ieee" products on FMA units) need about twice the
+    registers of 16-bit ones. Not yet tuned by timing.
+    """
     BLOCK_H = max(16, triton.next_power_of_2(H))
-    # [BLOCK_M, BLOCK_H] float32 tiles live in registers for the whole program:
-    # at most max_tile elements each (the backward holds three of them).
-    BLOCK_M = max(16, min(64, max_tile // BLOCK_H))
-    # Weight tiles [BLOCK_H, BLOCK_N] of at most 32 KiB keep the two-stage
-    # pipelined loops well inside shared memory.
-    esize = op_dtype.itemsize
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(32768 // (BLOCK_H * esize) + 1) // 2))
-    num_warps = 4 if BLOCK_M * BLOCK_H <= 4096 else 8
-    return BLOCK_M, BLOCK_N, BLOCK_H, num_warps
+    wide = op_dtype == torch.float32
+    max_tile = (4096 if backward else 8192) // (2 if wide else 1)
+    BLOCK_M = max(16, min(64, max_tile // BLOCK_H))                    # [BLOCK_M, BLOCK_H] tiles
+    if backward or wide:
+        BLOCK_N = 32 if BLOCK_H <= 256 else 16                         # [BLOCK_H, BLOCK_N] tiles
+    else:
+        BLOCK_N = 64 if BLOCK_H <= 128 else 32
+    return BLOCK_M, BLOCK_N, BLOCK_H, 8
 
 
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
@@ -274,7 +286,7 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     out2 = out.view(M, D)
     op_dtype = down_weight.dtype
     upcast, ieee = launch_flags(x.device, op_dtype)
-    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, max_tile=8192)
+    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=False)
     grid = (triton.cdiv(M, BLOCK_M),)
     _heba_text_fwd_kernel[grid](
         x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
@@ -304,7 +316,7 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     else:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(dev, op_dtype)
-        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, max_tile=4096)
+        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=True)
         grid = (triton.cdiv(M, BLOCK_M),)
         dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
         dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)

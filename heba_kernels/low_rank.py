@@ -162,19 +162,31 @@ def _low_rank_bwd_kernel_dx(X, G, WD, BD, WU, DX, A_OUT, DU_OUT,    # A_OUT, DU_
 
 def _rows(t):
     """``t`` as ``[M, D]`` rows with unit column stride: a view when strides allow,
-    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``)."""
+    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``).
+    The backward makes that copy of the saved ``x`` again rather than keep it alive."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
-def _config(R, op_dtype, tile_bytes=32768):
+def _config(R, op_dtype, backward):
+    """Block sizes: ``(BLOCK_M, BLOCK_N, BLOCK_R, num_warps)``.
+
+    Chosen without a GPU at hand, by compiling for sm_90 with Triton 3.8
+    (``scripts/triton_aot_check.py``) and
+    reading ptxas's register report: no (or < 256 bytes of) register spills at
+    r = 1..256 for 16-bit and float32 operands, shared memory under 70 KiB.
+    The backward loop loads two weight tiles and holds two ``[BLOCK_M, BLOCK_R]``
+    float32 tiles; float32 operands need about twice the registers. Not yet
+    tuned by timing.
+    """
     BLOCK_R = max(16, triton.next_power_of_2(R))
-    BLOCK_M = 64 if BLOCK_R <= 128 else 32
-    # Weight tiles [BLOCK_R, BLOCK_N] of at most tile_bytes keep the two-stage pipelined
-    # loops well inside shared memory (the backward loop loads two such tiles).
-    esize = op_dtype.itemsize
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(tile_bytes // (BLOCK_R * esize) + 1) // 2))
-    num_warps = 4 if BLOCK_M * BLOCK_R <= 4096 else 8
+    wide = op_dtype == torch.float32
+    BLOCK_M = 64 if BLOCK_R <= (32 if wide else 128) else 32           # [BLOCK_M, BLOCK_R] tiles
+    if BLOCK_R >= 256 or (wide and (backward or BLOCK_R >= 64)):
+        BLOCK_N = 32 if not (wide and backward and BLOCK_R >= 256) else 16
+    else:
+        BLOCK_N = 64                                                   # [BLOCK_R, BLOCK_N] tiles
+    num_warps = 8 if BLOCK_M * BLOCK_R >= 4096 or (wide and backward) else 4
     return BLOCK_M, BLOCK_N, BLOCK_R, num_warps
 
 
@@ -190,7 +202,7 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     out2 = out.view(M, D)
     op_dtype = down_weight.dtype
     upcast, ieee = launch_flags(x.device, op_dtype)
-    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype)
+    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=False)
     grid = (triton.cdiv(M, BLOCK_M),)
     _low_rank_fwd_kernel[grid](
         x2, down_weight, down_bias if down_bias is not None else down_weight,
@@ -220,7 +232,7 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
     if M > 0:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(x.device, op_dtype)
-        BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, tile_bytes=16384)
+        BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=True)
         grid = (triton.cdiv(M, BLOCK_M),)
         _low_rank_bwd_kernel_dx[grid](
             x2, g2, down_weight, down_bias if down_bias is not None else down_weight,

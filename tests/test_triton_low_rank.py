@@ -168,7 +168,8 @@ def _compiled_vs_reference(backend_kw, device, dim=40, rank=4, shape=(2, 9),
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(tri, fullgraph=True, **(backend_kw or {"backend": record}))
+    backend_kw = {"backend": record} if backend_kw is None else backend_kw
+    compiled = torch.compile(tri, fullgraph=True, **backend_kw)
     x = tokens(*shape, dim, device=device, dtype=dtype)
     g = tokens(*shape, dim, device=device, dtype=dtype, seed=9)
     xt = x.clone().requires_grad_(True)
@@ -192,6 +193,11 @@ def test_compile_fullgraph_no_graph_break():
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert any("triton_low_rank_fwd" in t for t in targets), targets
+
+
+def test_compile_inductor():
+    """The default (inductor) backend, forward and backward through AOTAutograd and the fakes."""
+    _compiled_vs_reference({}, DEVICE)
 
 
 # ----------------------------------------------------------------------------- GPU
