@@ -97,7 +97,9 @@ void check_saved(const Tensor& t, const char* name, at::IntArrayRef shape, at::S
 Tensor rows_view(const Tensor& t, const char* name) {
   const int64_t D = t.size(-1);
   if (t.is_contiguous()) return t.view({-1, D});
-  TORCH_CHECK(t.dim() >= 2 && t.transpose(0, 1).is_contiguous(), name,
+  // dim >= 3: in 2-D, transpose(0, 1) moves the D axis, and the view below would
+  // read a [D, M] matrix as [M, D].
+  TORCH_CHECK(t.dim() >= 3 && t.transpose(0, 1).is_contiguous(), name,
               " must be contiguous, or contiguous after transpose(0, 1) (a [N, B, D] view of "
               "[B, N, D] memory); got sizes ", t.sizes(), " and strides ", t.strides());
   return t.transpose(0, 1).view({-1, D});

@@ -264,6 +264,18 @@ def test_glue_compiles_fullgraph_on_cpu_stand_ins(cpu_stand_ins):
         torch.testing.assert_close(g_c[k], g_e[k])
 
 
+@requires_ext
+def test_prepare_x_layouts():
+    """Only layouts whose rows are [rows, D] memory are used in place."""
+    from heba_kernels import cuda_ops
+    w = torch.empty(4, 16)
+    x3 = tokens(3, 5, 16).transpose(0, 1)                    # [N, B, D] view of [B, N, D]
+    assert cuda_ops._prepare_x(x3, w).data_ptr() == x3.data_ptr()
+    x2 = tokens(16, 5).t()                                   # 2-D: transpose moves D itself
+    p2 = cuda_ops._prepare_x(x2, w)
+    assert p2.is_contiguous() and torch.equal(p2, x2)
+
+
 def _visual_call(x, backend):
     return ops.heba_visual(x, **visual_params(x.shape[-1], device=x.device), scale=0.5,
                            backend=backend)
@@ -445,6 +457,11 @@ def test_transposed_memory_layouts():
     # a layout the kernels cannot take in place is copied first
     check_against_reference("low_rank", "cuda", x_bnd[:, ::2], low_rank_params(D, 4, device="cuda"),
                             alpha=1.0)
+    # 2-D x = y.t(): transpose(0, 1) is contiguous but moves D, so it must be copied too
+    x_t = tokens(D, 7, device="cuda").t()
+    check_against_reference("low_rank", "cuda", x_t, low_rank_params(D, 4, device="cuda"),
+                            alpha=1.0)
+    check_against_reference("heba_text", "cuda", x_t, text_params(D, device="cuda"), scale=0.7)
 
 
 @requires_gpu
