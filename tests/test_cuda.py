@@ -440,6 +440,35 @@ def test_autocast(dtype):
 
 @requires_gpu
 @requires_ext
+def test_backward_inside_autocast_of_float32_forward():
+    """Forward outside autocast (float32 weights), backward inside it: the ops'
+    internal GEMMs must stay float32 (the kernels read their results as such)."""
+    D, P, H, W, B = 32, 1, 3, 4, 2
+    cases = (("heba_visual", tokens(B, P + H * W, D, device="cuda"),
+              visual_params(D, device="cuda"), dict(scale=0.7, num_prefix_tokens=P, grid=(H, W))),
+             ("heba_text", tokens(3, 5, D, device="cuda"), text_params(D, device="cuda"),
+              dict(scale=0.7)),
+             ("low_rank", tokens(3, 5, D, device="cuda"), low_rank_params(D, 4, device="cuda"),
+              dict(alpha=0.8)))
+    for name, x, params, kw in cases:
+        op = getattr(ops, name)
+        xx = x.clone().requires_grad_(True)
+        pp = {k: v.clone().requires_grad_(True) for k, v in params.items() if v is not None}
+        out = op(xx, **pp, **kw, backend="cuda")
+        grad = torch.randn_like(out)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out.backward(grad)
+        _, _, rg = forward_backward(lambda a, **q: op(a, **q, **kw, backend="reference"),
+                                    x.double(), {k: v.double() for k, v in pp.items()},
+                                    grad_out=grad.double())
+        assert_rel_close(f"{name} grad x", xx.grad, rg["x"], TOL[torch.float32])
+        for k, v in pp.items():
+            assert v.grad.dtype == torch.float32, (name, k, v.grad.dtype)
+            assert_rel_close(f"{name} grad {k}", v.grad, rg[k], TOL[torch.float32])
+
+
+@requires_gpu
+@requires_ext
 def test_transposed_memory_layouts():
     """[N, B, D] views of [B, N, D] memory (and the reverse) are used in place."""
     D, P, H, W, B = 32, 1, 3, 4, 3
