@@ -577,3 +577,96 @@ def test_opcheck(dtype):
                               tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in largs))
         torch.library.opcheck(torch.ops.heba.cuda_low_rank_bwd.default,
                               (torch.randn_like(x), *largs))
+
+
+# ---------------------------------------------------------------------------
+# CPU: pure-Python replicas of the kernels' index math (csrc/kernels.h TokenMap,
+# heba_visual.cu), checked against torch's conv2d and its autograd. They run
+# without a GPU; keep them in step with the kernels.
+# ---------------------------------------------------------------------------
+
+def _token_map(B, N, bn):
+    row = (lambda b, n: b * N + n) if bn else (lambda b, n: n * B + b)
+    token_of = (lambda r: r % N) if bn else (lambda r: r // B)
+    batch_of = (lambda r: r // N) if bn else (lambda r: r % B)
+    return row, token_of, batch_of
+
+
+def _chunks(positions):  # visual_stencil_bwd_chunks
+    n = min(max(-(-positions // 64), 1), 256)
+    return n, (-(-positions // n) if positions > 0 else 1)
+
+
+@pytest.mark.parametrize("B,H,W,P,bn", [(2, 3, 5, 1, True), (3, 4, 4, 0, False),
+                                        (1, 2, 7, 5, True), (2, 1, 9, 1, False),
+                                        (3, 6, 1, 2, True), (2, 90, 3, 1, False)])
+def test_stencil_index_math_replica(B, H, W, P, bn):
+    N, C = P + H * W, 3
+    row, token_of, batch_of = _token_map(B, N, bn)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(B * N, C, generator=g, dtype=torch.float64)      # rows in memory order
+    wm = torch.randn(C, 9, generator=g, dtype=torch.float64)
+    dg = torch.randn(B * N, C, generator=g, dtype=torch.float64)
+    for r in range(B * N):                                            # the map is a bijection
+        assert row(batch_of(r), token_of(r)) == r
+
+    # _visual_stencil_fwd_kernel: v[r, c] (before GELU), 0 on prefix rows
+    v = torch.zeros(B * N, C, dtype=torch.float64)
+    for r in range(B * N):
+        n = token_of(r)
+        if n < P:
+            continue
+        b, p = batch_of(r), n - P
+        i, j = p // W, p % W
+        for ki in range(3):
+            for kj in range(3):
+                ii, jj = i + ki - 1, j + kj - 1
+                if 0 <= ii < H and 0 <= jj < W:
+                    v[r] += wm[:, ki * 3 + kj] * u[row(b, P + ii * W + jj)]
+
+    # torch: the same tokens as an NCHW image
+    idx = torch.tensor([[row(b, P + q) for q in range(H * W)] for b in range(B)])
+    img = u[idx].permute(0, 2, 1).reshape(B, C, H, W).requires_grad_(True)
+    w4 = wm.view(C, 1, 3, 3).clone().requires_grad_(True)
+    ref = torch.nn.functional.conv2d(img, w4, padding=1, groups=C)
+    torch.testing.assert_close(v[idx], ref.reshape(B, C, H * W).permute(0, 2, 1))
+
+    # backward: dv = dg on the patch rows (gelu' left out), dWm by position chunks,
+    # du by the adjoint stencil (ii = i - (ki - 1))
+    dv = dg
+    npos = B * H * W
+    nchunks, chunk = _chunks(npos)
+    assert nchunks <= 65535 and nchunks * chunk >= npos
+    part = torch.zeros(nchunks, C, 9, dtype=torch.float64)
+    for y in range(nchunks):
+        for q in range(y * chunk, min(y * chunk + chunk, npos)):
+            b, p = q // (H * W), q % (H * W)
+            i, j = p // W, p % W
+            r = row(b, P + p)
+            for k in range(9):
+                ii, jj = i + k // 3 - 1, j + k % 3 - 1
+                if 0 <= ii < H and 0 <= jj < W:
+                    part[y, :, k] += dv[r] * u[row(b, P + ii * W + jj)]
+    du = torch.zeros(B * N, C, dtype=torch.float64)
+    for r in range(B * N):
+        n = token_of(r)
+        if n < P:
+            continue
+        b, p = batch_of(r), n - P
+        i, j = p // W, p % W
+        for ki in range(3):
+            for kj in range(3):
+                ii, jj = i - (ki - 1), j - (kj - 1)
+                if 0 <= ii < H and 0 <= jj < W:
+                    du[r] += wm[:, ki * 3 + kj] * dv[row(b, P + ii * W + jj)]
+    gimg = dg[idx].permute(0, 2, 1).reshape(B, C, H, W)
+    ref.backward(gimg)
+    torch.testing.assert_close(part.sum(0).view(C, 1, 3, 3), w4.grad)
+    torch.testing.assert_close(du[idx], img.grad.reshape(B, C, H * W).permute(0, 2, 1))
+    assert (du[[r for r in range(B * N) if token_of(r) < P]] == 0).all()
+
+
+def test_stencil_bwd_chunks_cover_every_position():
+    for npos in list(range(0, 300)) + [16383, 16384, 16385, 8 * 196, 1 << 20, (1 << 31) + 7]:
+        n, chunk = _chunks(npos)
+        assert 1 <= n <= 256 and chunk >= 1 and n * chunk >= npos   # gridDim.y = n
