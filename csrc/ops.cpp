@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -97,7 +98,9 @@ void check_saved(const Tensor& t, const char* name, at::IntArrayRef shape, at::S
 Tensor rows_view(const Tensor& t, const char* name) {
   const int64_t D = t.size(-1);
   if (t.is_contiguous()) return t.view({-1, D});
-  TORCH_CHECK(t.dim() >= 2 && t.transpose(0, 1).is_contiguous(), name,
+  // dim >= 3: in 2-D, transpose(0, 1) moves the D axis, and the view below would
+  // read a [D, M] matrix as [M, D].
+  TORCH_CHECK(t.dim() >= 3 && t.transpose(0, 1).is_contiguous(), name,
               " must be contiguous, or contiguous after transpose(0, 1) (a [N, B, D] view of "
               "[B, N, D] memory); got sizes ", t.sizes(), " and strides ", t.strides());
   return t.transpose(0, 1).view({-1, D});
@@ -129,6 +132,14 @@ Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 Tensor new_like(const Tensor& t) { return poisoned(at::empty_like(t)); }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Every op runs its ATen calls (at::mm, at::addmm, ...) with autocast off: the
+// launchers reinterpret those results by the weights' dtype, so an at::mm that
+// autocast silently turned into bf16/fp16 (a backward run inside an autocast
+// region, the forward not) would be read as float32: wrong values and
+// out-of-bounds reads. The Autocast keys fall through for these ops, so
+// autocast is still on inside them unless excluded here.
+#define HEBA_NO_AUTOCAST c10::impl::ExcludeDispatchKeyGuard heba_no_autocast_(c10::autocast_dispatch_keyset)
 
 // Sums the [2, blocks, D] partials of the LayerNorm backward into dgamma and
 // dbeta, in two reductions so the two outputs do not share storage.
@@ -205,6 +216,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_fwd(
     bool rescale_param_grad) {
   (void)rescale_param_grad;  // read by the autograd glue only
   const char* op = "heba::cuda_visual_fwd";
+  HEBA_NO_AUTOCAST;
   const auto geo = visual_geometry(x, down_weight, num_prefix_tokens, grid_h, grid_w,
                                    batch_first, op);
   const int64_t D = geo.D, h = geo.h, rows = geo.B * geo.N;
@@ -244,6 +256,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
     int64_t num_prefix_tokens, int64_t grid_h, int64_t grid_w, bool batch_first,
     bool rescale_param_grad) {
   const char* op = "heba::cuda_visual_bwd";
+  HEBA_NO_AUTOCAST;
   const auto geo = visual_geometry(x, down_weight, num_prefix_tokens, grid_h, grid_w,
                                    batch_first, op);
   const int64_t D = geo.D, h = geo.h, rows = geo.B * geo.N;
@@ -331,6 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_fwd(
     bool rescale_param_grad) {
   (void)rescale_param_grad;  // read by the autograd glue only
   const char* op = "heba::cuda_text_fwd";
+  HEBA_NO_AUTOCAST;
   check_text_weights(x, down_weight, up_weight, norm_weight, op);
   const int64_t D = x.size(-1);
   check_on(norm_bias, "norm_bias", x);
@@ -362,6 +376,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
     const Tensor& norm_weight, const Tensor& u, const Tensor& g, const Tensor& z,
     const Tensor& mean, const Tensor& rstd, double scale, bool rescale_param_grad) {
   const char* op = "heba::cuda_text_bwd";
+  HEBA_NO_AUTOCAST;
   check_text_weights(x, down_weight, up_weight, norm_weight, op);
   check_on(grad_out, "grad_out", x);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), op,
@@ -435,6 +450,7 @@ Tensor cuda_low_rank_fwd(const Tensor& x, const Tensor& down_weight,
                          const std::optional<Tensor>& down_bias, const Tensor& up_weight,
                          const std::optional<Tensor>& up_bias, double alpha) {
   const char* op = "heba::cuda_low_rank_fwd";
+  HEBA_NO_AUTOCAST;
   const int64_t R = check_low_rank(x, down_weight, down_bias, up_weight, up_bias, op);
   c10::cuda::CUDAGuard guard(x.device());
   const auto wt = down_weight.scalar_type();
@@ -474,6 +490,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
     const std::optional<Tensor>& down_bias, const Tensor& up_weight,
     const std::optional<Tensor>& up_bias, double alpha) {
   const char* op = "heba::cuda_low_rank_bwd";
+  HEBA_NO_AUTOCAST;
   check_low_rank(x, down_weight, down_bias, up_weight, up_bias, op);
   check_on(grad_out, "grad_out", x);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), op,

@@ -52,7 +52,9 @@ def _prepare_x(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x as the kernels take it: a supported dtype pair with the weights, a usable layout."""
     if x.dtype != weight.dtype and x.dtype != torch.float32:
         x = x.float()  # autocast with an unusual x dtype: compute from float32
-    if not (x.is_contiguous() or (x.dim() >= 2 and x.transpose(0, 1).is_contiguous())):
+    # The transposed layout only for 3-D and up: in 2-D, transpose(0, 1) moves
+    # the D axis too (x = y.t() has stride(-1) != 1), which the kernels cannot take.
+    if not (x.is_contiguous() or (x.dim() >= 3 and x.transpose(0, 1).is_contiguous())):
         x = x.contiguous()
     return x
 

@@ -264,6 +264,18 @@ def test_glue_compiles_fullgraph_on_cpu_stand_ins(cpu_stand_ins):
         torch.testing.assert_close(g_c[k], g_e[k])
 
 
+@requires_ext
+def test_prepare_x_layouts():
+    """Only layouts whose rows are [rows, D] memory are used in place."""
+    from heba_kernels import cuda_ops
+    w = torch.empty(4, 16)
+    x3 = tokens(3, 5, 16).transpose(0, 1)                    # [N, B, D] view of [B, N, D]
+    assert cuda_ops._prepare_x(x3, w).data_ptr() == x3.data_ptr()
+    x2 = tokens(16, 5).t()                                   # 2-D: transpose moves D itself
+    p2 = cuda_ops._prepare_x(x2, w)
+    assert p2.is_contiguous() and torch.equal(p2, x2)
+
+
 def _visual_call(x, backend):
     return ops.heba_visual(x, **visual_params(x.shape[-1], device=x.device), scale=0.5,
                            backend=backend)
@@ -428,6 +440,35 @@ def test_autocast(dtype):
 
 @requires_gpu
 @requires_ext
+def test_backward_inside_autocast_of_float32_forward():
+    """Forward outside autocast (float32 weights), backward inside it: the ops'
+    internal GEMMs must stay float32 (the kernels read their results as such)."""
+    D, P, H, W, B = 32, 1, 3, 4, 2
+    cases = (("heba_visual", tokens(B, P + H * W, D, device="cuda"),
+              visual_params(D, device="cuda"), dict(scale=0.7, num_prefix_tokens=P, grid=(H, W))),
+             ("heba_text", tokens(3, 5, D, device="cuda"), text_params(D, device="cuda"),
+              dict(scale=0.7)),
+             ("low_rank", tokens(3, 5, D, device="cuda"), low_rank_params(D, 4, device="cuda"),
+              dict(alpha=0.8)))
+    for name, x, params, kw in cases:
+        op = getattr(ops, name)
+        xx = x.clone().requires_grad_(True)
+        pp = {k: v.clone().requires_grad_(True) for k, v in params.items() if v is not None}
+        out = op(xx, **pp, **kw, backend="cuda")
+        grad = torch.randn_like(out)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out.backward(grad)
+        _, _, rg = forward_backward(lambda a, **q: op(a, **q, **kw, backend="reference"),
+                                    x.double(), {k: v.double() for k, v in pp.items()},
+                                    grad_out=grad.double())
+        assert_rel_close(f"{name} grad x", xx.grad, rg["x"], TOL[torch.float32])
+        for k, v in pp.items():
+            assert v.grad.dtype == torch.float32, (name, k, v.grad.dtype)
+            assert_rel_close(f"{name} grad {k}", v.grad, rg[k], TOL[torch.float32])
+
+
+@requires_gpu
+@requires_ext
 def test_transposed_memory_layouts():
     """[N, B, D] views of [B, N, D] memory (and the reverse) are used in place."""
     D, P, H, W, B = 32, 1, 3, 4, 3
@@ -445,6 +486,11 @@ def test_transposed_memory_layouts():
     # a layout the kernels cannot take in place is copied first
     check_against_reference("low_rank", "cuda", x_bnd[:, ::2], low_rank_params(D, 4, device="cuda"),
                             alpha=1.0)
+    # 2-D x = y.t(): transpose(0, 1) is contiguous but moves D, so it must be copied too
+    x_t = tokens(D, 7, device="cuda").t()
+    check_against_reference("low_rank", "cuda", x_t, low_rank_params(D, 4, device="cuda"),
+                            alpha=1.0)
+    check_against_reference("heba_text", "cuda", x_t, text_params(D, device="cuda"), scale=0.7)
 
 
 @requires_gpu
@@ -531,3 +577,96 @@ def test_opcheck(dtype):
                               tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in largs))
         torch.library.opcheck(torch.ops.heba.cuda_low_rank_bwd.default,
                               (torch.randn_like(x), *largs))
+
+
+# ---------------------------------------------------------------------------
+# CPU: pure-Python replicas of the kernels' index math (csrc/kernels.h TokenMap,
+# heba_visual.cu), checked against torch's conv2d and its autograd. They run
+# without a GPU; keep them in step with the kernels.
+# ---------------------------------------------------------------------------
+
+def _token_map(B, N, bn):
+    row = (lambda b, n: b * N + n) if bn else (lambda b, n: n * B + b)
+    token_of = (lambda r: r % N) if bn else (lambda r: r // B)
+    batch_of = (lambda r: r // N) if bn else (lambda r: r % B)
+    return row, token_of, batch_of
+
+
+def _chunks(positions):  # visual_stencil_bwd_chunks
+    n = min(max(-(-positions // 64), 1), 256)
+    return n, (-(-positions // n) if positions > 0 else 1)
+
+
+@pytest.mark.parametrize("B,H,W,P,bn", [(2, 3, 5, 1, True), (3, 4, 4, 0, False),
+                                        (1, 2, 7, 5, True), (2, 1, 9, 1, False),
+                                        (3, 6, 1, 2, True), (2, 90, 3, 1, False)])
+def test_stencil_index_math_replica(B, H, W, P, bn):
+    N, C = P + H * W, 3
+    row, token_of, batch_of = _token_map(B, N, bn)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(B * N, C, generator=g, dtype=torch.float64)      # rows in memory order
+    wm = torch.randn(C, 9, generator=g, dtype=torch.float64)
+    dg = torch.randn(B * N, C, generator=g, dtype=torch.float64)
+    for r in range(B * N):                                            # the map is a bijection
+        assert row(batch_of(r), token_of(r)) == r
+
+    # _visual_stencil_fwd_kernel: v[r, c] (before GELU), 0 on prefix rows
+    v = torch.zeros(B * N, C, dtype=torch.float64)
+    for r in range(B * N):
+        n = token_of(r)
+        if n < P:
+            continue
+        b, p = batch_of(r), n - P
+        i, j = p // W, p % W
+        for ki in range(3):
+            for kj in range(3):
+                ii, jj = i + ki - 1, j + kj - 1
+                if 0 <= ii < H and 0 <= jj < W:
+                    v[r] += wm[:, ki * 3 + kj] * u[row(b, P + ii * W + jj)]
+
+    # torch: the same tokens as an NCHW image
+    idx = torch.tensor([[row(b, P + q) for q in range(H * W)] for b in range(B)])
+    img = u[idx].permute(0, 2, 1).reshape(B, C, H, W).requires_grad_(True)
+    w4 = wm.view(C, 1, 3, 3).clone().requires_grad_(True)
+    ref = torch.nn.functional.conv2d(img, w4, padding=1, groups=C)
+    torch.testing.assert_close(v[idx], ref.reshape(B, C, H * W).permute(0, 2, 1))
+
+    # backward: dv = dg on the patch rows (gelu' left out), dWm by position chunks,
+    # du by the adjoint stencil (ii = i - (ki - 1))
+    dv = dg
+    npos = B * H * W
+    nchunks, chunk = _chunks(npos)
+    assert nchunks <= 65535 and nchunks * chunk >= npos
+    part = torch.zeros(nchunks, C, 9, dtype=torch.float64)
+    for y in range(nchunks):
+        for q in range(y * chunk, min(y * chunk + chunk, npos)):
+            b, p = q // (H * W), q % (H * W)
+            i, j = p // W, p % W
+            r = row(b, P + p)
+            for k in range(9):
+                ii, jj = i + k // 3 - 1, j + k % 3 - 1
+                if 0 <= ii < H and 0 <= jj < W:
+                    part[y, :, k] += dv[r] * u[row(b, P + ii * W + jj)]
+    du = torch.zeros(B * N, C, dtype=torch.float64)
+    for r in range(B * N):
+        n = token_of(r)
+        if n < P:
+            continue
+        b, p = batch_of(r), n - P
+        i, j = p // W, p % W
+        for ki in range(3):
+            for kj in range(3):
+                ii, jj = i - (ki - 1), j - (kj - 1)
+                if 0 <= ii < H and 0 <= jj < W:
+                    du[r] += wm[:, ki * 3 + kj] * dv[row(b, P + ii * W + jj)]
+    gimg = dg[idx].permute(0, 2, 1).reshape(B, C, H, W)
+    ref.backward(gimg)
+    torch.testing.assert_close(part.sum(0).view(C, 1, 3, 3), w4.grad)
+    torch.testing.assert_close(du[idx], img.grad.reshape(B, C, H * W).permute(0, 2, 1))
+    assert (du[[r for r in range(B * N) if token_of(r) < P]] == 0).all()
+
+
+def test_stencil_bwd_chunks_cover_every_position():
+    for npos in list(range(0, 300)) + [16383, 16384, 16385, 8 * 196, 1 << 20, (1 << 31) + 7]:
+        n, chunk = _chunks(npos)
+        assert 1 <= n <= 256 and chunk >= 1 and n * chunk >= npos   # gridDim.y = n
