@@ -8,7 +8,7 @@ of torch and nvcc are present. ``HEBA_BUILD_CUDA`` steers it:
 * ``1`` / ``force``: build or fail loudly;
 * ``0`` / ``skip``: never build.
 
-``TORCH_CUDA_ARCH_LIST`` picks the architectures (default ``8.0;9.0``). The
+``TORCH_CUDA_ARCH_LIST`` picks the architectures (default ``8.0;9.0+PTX``). The
 extension builds against the torch already installed, so install with
 ``pip install --no-build-isolation .`` to get it.
 """
@@ -62,7 +62,8 @@ def _cuda_extension():
         cpp_extension.CUDA_HOME = "/usr/local/cuda"
     if cpp_extension.CUDA_HOME is None:
         return _skip_or_fail("nvcc was not found (set CUDA_HOME)")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # +PTX: newer GPUs JIT the 9.0 code instead of failing with "no kernel image".
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     ext = cpp_extension.CUDAExtension(
         name="heba_kernels._C",
         sources=sources,
@@ -71,7 +72,7 @@ def _cuda_extension():
             # No -std here: torch.utils.cpp_extension adds the standard the
             # installed torch needs (C++17 for older releases, C++20 for newer).
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+            "nvcc": ["-O3", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"],
         },
