@@ -52,3 +52,18 @@ def texts(lengths=(5, 9, 3), context_length=16, seed=0):
         out[i, 1:n - 1] = torch.randint(1, VOCAB - 2, (n - 2,), generator=g)
         out[i, n - 1] = VOCAB - 1
     return out
+
+
+def image_folder(root, classes=("red circle", "blue square", "green triangle", "yellow cross"),
+                 per_class=5, seed=0):
+    """An ImageFolder tree of generated 32x32 PNGs, ``root/<class>/<i>.png``."""
+    from heba.clip.synthetic import save_png_folder
+    return save_png_folder(str(root), list(classes), per_class, seed=seed)
+
+
+def one_thread():
+    """Tests run on 2 shared cores: 1 intra-op thread avoids OpenMP spin-waiting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
