@@ -85,11 +85,11 @@ def render(class_ids, classes, seed=0, style="clean", size=32, normalize=True):
         rgb = (rgb + 0.08 * (u(n, 3) - 0.5)).clamp(0, 1)
         noise, texture = 0.02, 0.0
     else:
-        r = 0.14 + 0.10 * u(n)
-        bg = 0.25 + 0.3 * u(n, 3)
+        r = 0.15 + 0.12 * u(n)
+        bg = 0.15 + 0.3 * u(n, 3)
         grey = rgb.mean(1, keepdim=True)
-        rgb = (0.6 * rgb + 0.4 * grey + 0.2 * (u(n, 3) - 0.5)).clamp(0, 1)
-        noise, texture = 0.06, 0.2
+        rgb = (0.75 * rgb + 0.25 * grey + 0.15 * (u(n, 3) - 0.5)).clamp(0, 1)
+        noise, texture = 0.06, 0.18
     margin = r + 0.02
     cx = margin + (1 - 2 * margin) * u(n)
     cy = margin + (1 - 2 * margin) * u(n)
