@@ -467,7 +467,8 @@ def run_train(args, log=print) -> nn.Module:
     train_step = step_mod
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_step = DDP(step_mod, device_ids=[device.index] if device.type == "cuda" else None)
+        train_step = DDP(step_mod, device_ids=[device.index] if device.type == "cuda" else None,
+                         gradient_as_bucket_view=True)
 
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
