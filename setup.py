@@ -27,8 +27,15 @@ FORCE = MODE in ("1", "force")
 SKIP = MODE in ("0", "skip")
 
 
+# setup.py runs several times per pip install (metadata, then the build); speak
+# only in the run that builds, so the message appears once.
+_BUILDING = any(cmd in sys.argv for cmd in
+                ("bdist_wheel", "build_ext", "build", "install", "develop", "editable_wheel"))
+
+
 def _say(msg):
-    print(f"heba setup: {msg}", file=sys.stderr, flush=True)
+    if _BUILDING:
+        print(f"heba setup: {msg}", file=sys.stderr, flush=True)
 
 
 def _cuda_extension():

@@ -24,6 +24,9 @@ _IMPLS: dict[tuple[str, str], str] = {
     ("reference", "heba_visual"): "heba_kernels.reference:heba_visual",
     ("reference", "heba_text"): "heba_kernels.reference:heba_text",
     ("reference", "low_rank"): "heba_kernels.reference:low_rank",
+    ("triton", "heba_visual"): "heba_kernels.heba_visual:heba_visual",
+    ("triton", "heba_text"): "heba_kernels.heba_text:heba_text",
+    ("triton", "low_rank"): "heba_kernels.low_rank:low_rank",
 }
 
 # Preference of "auto" on a CUDA device, per op, fastest first. The reference
@@ -137,8 +140,8 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
                     return name, _LOADED[(name, op)]
         return "reference", _LOADED[("reference", op)]
     fn = _LOADED.get((backend, op))
-    if fn is not None and (device.type == "cuda" or (backend == "triton" and device.type == "cpu"
-                                                     and _INTERPRET)):
+    if fn is not None and (backend == "reference" or device.type == "cuda"
+                           or (backend == "triton" and device.type == "cpu" and _INTERPRET)):
         return backend, fn
     return backend, _unavailable(op, backend, device)
 

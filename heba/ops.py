@@ -31,13 +31,14 @@ def _check_x(x, dim, name="x"):
 
 def _check_params(x, params: dict):
     """Weights on x's device; same dtype as x unless autocast is on for that device."""
+    for pname, p in params.items():
+        if p is not None and p.device != x.device:
+            raise ValueError(f"{pname} is on {p.device} but x is on {x.device}; "
+                             f"move the adapter with .to(x.device)")
     autocast = torch.is_autocast_enabled(x.device.type)
     for pname, p in params.items():
         if p is None:
             continue
-        if p.device != x.device:
-            raise ValueError(f"{pname} is on {p.device} but x is on {x.device}; "
-                             f"move the adapter with .to(x.device)")
         if p.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{pname} must be floating, got {p.dtype}")
         if not autocast and p.dtype != x.dtype:

@@ -1,0 +1,400 @@
+"""Triton kernels for the HeBA text adapter (SPEC.md section 1, modality "text").
+
+Math, per token ``x`` (a row of ``[M, D]``; ``W_d [h, D]``, ``W_u [D, h]``,
+LayerNorm weight ``w [D]`` and bias ``b [D]``, no projection biases)::
+
+    forward     u = W_d x                            # [h]
+                a = gelu(u)                          # [h]  exact (erf) GELU
+                y = x + W_u a                        # [D]
+                mu = mean(y),  rstd = 1 / sqrt(var(y) + eps)
+                yhat = (y - mu) * rstd
+                out = x + scale * (w * yhat + b)     # [D]
+
+    backward    (g = d loss / d out, the adapter's part taken with upstream g)
+                dyhat = w * g
+                dy = rstd * (dyhat - mean(dyhat) - yhat * mean(dyhat * yhat))
+                da = W_u^T dy,  du = da * gelu'(u)
+                dx = g + scale * (dy + W_d^T du)
+                dw = s_p * sum_tokens g * yhat       db = s_p * sum_tokens g
+                dW_u = s_p * sum_tokens dy a^T       dW_d = s_p * sum_tokens du x^T
+
+with ``s_p = 1`` under SPEC.md's gradient-scaling rule (``rescale_param_grad=True``:
+parameter gradients as if ``scale`` were 1, finite at ``scale = 0``) and
+``s_p = scale`` for plain gradients. ``dx`` is the true gradient either way.
+
+Forward: one kernel, one program per ``BLOCK_M`` tokens. ``u`` is accumulated
+over ``D`` in ``BLOCK_N`` chunks and ``a`` stays on chip; a second sweep over
+``D`` forms ``y`` chunk by chunk and merges per-chunk means and squared
+deviations (Chan et al.'s parallel variance, no ``E[y^2] - E[y]^2``
+cancellation); a third sweep recomputes ``y`` (one more ``a @ W_u^T``, cheaper
+than a round trip of ``y`` through memory at the widths where this op is
+memory-bound) and writes ``out``. Saved for the backward: ``x`` (an input)
+and the per-token ``mean`` and ``rstd`` (float32, ``[M]``).
+
+Backward: ``_heba_text_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)
+recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for the two row means
+of the LayerNorm backward and the per-program partial sums of ``dw``/``db``,
+once more for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and
+``da``, and a last time for ``dx``. ``a`` and ``du`` (``[M, h]``, the weights'
+dtype) are written for the projection gradients, which are reductions over
+all tokens done by :func:`heba_kernels._triton_common.atb`: float32 partials
+per token chunk in separate slots, summed afterwards. ``dw``/``db`` partials
+are ``[programs, D]`` float32, summed afterwards. No atomics anywhere: **the
+backward is deterministic** (bitwise identical run to run on the same device).
+
+Matmul operands are rounded to the weights' dtype (under autocast
+:mod:`heba.ops` hands over bfloat16/float16 weights with a float32 ``x``);
+accumulation and the LayerNorm are float32; ``out`` and ``dx`` have ``x``'s
+dtype, each parameter gradient its parameter's dtype.
+
+Example::
+
+    >>> import torch
+    >>> from heba_kernels.heba_text import heba_text
+    >>> D, h = 512, 128
+    >>> x = torch.randn(4, 77, D, device="cuda")
+    >>> wd, wu = torch.randn(h, D, device="cuda") / D**0.5, torch.randn(D, h, device="cuda") / h**0.5
+    >>> w, b = torch.ones(D, device="cuda"), torch.zeros(D, device="cuda")
+    >>> heba_text(x, wd, wu, w, b, scale=0.025, eps=1e-5, rescale_param_grad=True).shape
+    torch.Size([4, 77, 512])
+"""
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
+                                         launch_flags, op_code)
+
+__all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [H, D], WU [D, H]
+                          M, D, H, stride_xm, stride_om, scale, eps,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                          OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)                                         # M * D may pass 2^31
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    offs_n = tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
+
+    # u = x @ W_d^T, accumulated over D; a = gelu(u) stays on chip.
+    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                 # [BLOCK_M, BLOCK_H]
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_N]
+        wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                       mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
+        u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+    # Padded hidden columns: u = 0, gelu(0) = 0, and their W_u rows load as zero.
+    a = _op_cast(_gelu(u), OP, UPCAST)                                 # [BLOCK_M, BLOCK_H]
+
+    # Row statistics of y = x + a @ W_u^T, merged chunk by chunk (Chan et al.).
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                       mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_N]
+        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)               # [BLOCK_M, BLOCK_N], 0 in padding
+        n_c = tl.minimum(D - n0, BLOCK_N) * 1.0                        # columns in this chunk
+        n_a = n0 * 1.0                                                 # columns merged so far
+        c_mean = tl.sum(y, axis=1) / n_c
+        dev = tl.where(c_ok[None, :], y - c_mean[:, None], 0.0)
+        c_m2 = tl.sum(dev * dev, axis=1)
+        delta = c_mean - mean
+        tot = n_a + n_c
+        mean += delta * (n_c / tot)
+        m2 += c_m2 + delta * delta * (n_a * n_c / tot)
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    # out = x + scale * (w * yhat + b), recomputing y chunk by chunk.
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                       mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)
+        yhat = (y - mean[:, None]) * rstd[:, None]
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        b = tl.load(NB + cols, mask=c_ok, other=0.0).to(tl.float32)
+        out = x + scale * (yhat * w[None, :] + b[None, :])
+        tl.store(OUT + rows64[:, None] * stride_om + cols[None, :],
+                 out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
+                             DX, DY, A_OUT, DU_OUT, DNW_PART, DNB_PART,
+                             M, D, H, stride_xm, stride_gm, stride_dxm, scale,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                             IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    offs_n = tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
+
+    # Recompute u = x @ W_d^T and a = gelu(u).
+    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                 # [BLOCK_M, BLOCK_H]
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                       mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
+        u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+    a = _op_cast(_gelu(u), OP, UPCAST)                                 # [BLOCK_M, BLOCK_H]
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+    # Sweep 1: c1 = mean(dyhat * yhat), c2 = mean(dyhat); this program's dw, db partials.
+    c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                       mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_N]
+        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)
+        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dyhat = g * w[None, :]
+        c1 += tl.sum(dyhat * yhat, axis=1)
+        c2 += tl.sum(dyhat, axis=1)
+        tl.store(DNW_PART + pid * D + cols, tl.sum(g * yhat, axis=0), mask=c_ok)
+        tl.store(DNB_PART + pid * D + cols, tl.sum(g, axis=0), mask=c_ok)
+    c1 = c1 / D
+    c2 = c2 / D
+
+    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1), written for dx and dW_u; da = dy @ W_u.
+    da = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                # [BLOCK_M, BLOCK_H]
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                                mask=h_ok[:, None] & c_ok[None, :], other=0.0), OP, UPCAST)
+        y = _mma(a, wu_t, x, IEEE)
+        yhat = (y - mean[:, None]) * rstd[:, None]
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dy = rstd[:, None] * (g * w[None, :] - c2[:, None] - yhat * c1[:, None])
+        dy = tl.where(mask, dy, 0.0)                                   # [BLOCK_M, BLOCK_N]
+        tl.store(DY + rows64[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+        da = _mma(_op_cast(dy, OP, UPCAST), tl.trans(wu_t), da, IEEE)
+    du = da * _gelu_grad(u)                                            # 0 in padded columns
+    hm_mask = row_ok[:, None] & h_ok[None, :]
+    h_ptrs = rows64[:, None] * H + offs_h[None, :]
+    tl.store(A_OUT + h_ptrs, a.to(A_OUT.dtype.element_ty), mask=hm_mask)
+    tl.store(DU_OUT + h_ptrs, du.to(DU_OUT.dtype.element_ty), mask=hm_mask)
+    # Sweep 3 reads back dy that other threads of this program wrote in sweep 2.
+    tl.debug_barrier()
+
+    # Sweep 3: dx = g + scale * (dy + du @ W_d).
+    du_op = _op_cast(du, OP, UPCAST)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        wd = tl.load(WD + offs_h[:, None] * D + cols[None, :],
+                     mask=h_ok[:, None] & c_ok[None, :], other=0.0)    # [BLOCK_H, BLOCK_N]
+        dy = tl.load(DY + rows64[:, None] * D + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dx = g + scale * _mma(du_op, _op_cast(wd, OP, UPCAST), dy, IEEE)
+        tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :],
+                 dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _rows(t):
+    """``t`` as ``[M, D]`` rows with unit column stride: a view when strides allow,
+    otherwise one contiguous copy (e.g. an ``[N, B, D]`` transpose of ``[B, N, D]``)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
+
+
+def _config(H, op_dtype, max_tile):
+    BLOCK_H = max(16, triton.next_power_of_2(H))
+    # [BLOCK_M, BLOCK_H] float32 tiles live in registers for the whole program:
+    # at most max_tile elements each (the backward holds three of them).
+    BLOCK_M = max(16, min(64, max_tile // BLOCK_H))
+    # Weight tiles [BLOCK_H, BLOCK_N] of at most 32 KiB keep the two-stage
+    # pipelined loops well inside shared memory.
+    esize = op_dtype.itemsize
+    BLOCK_N = max(16, min(64, triton.next_power_of_2(32768 // (BLOCK_H * esize) + 1) // 2))
+    num_warps = 4 if BLOCK_M * BLOCK_H <= 4096 else 8
+    return BLOCK_M, BLOCK_N, BLOCK_H, num_warps
+
+
+def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
+    """Forward for ``x [..., D]``: ``(out [..., D] contiguous, mean [M], rstd [M])``."""
+    D = x.shape[-1]
+    H = down_weight.shape[0]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return out, mean, rstd
+    out2 = out.view(M, D)
+    op_dtype = down_weight.dtype
+    upcast, ieee = launch_flags(x.device, op_dtype)
+    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, max_tile=8192)
+    grid = (triton.cdiv(M, BLOCK_M),)
+    _heba_text_fwd_kernel[grid](
+        x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
+        M, D, H, x2.stride(0), out2.stride(0), float(scale), float(eps),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+        OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
+    return out, mean, rstd
+
+
+def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
+                  rescale_param_grad):
+    """Gradients ``(dx, d down.weight, d up.weight, d norm.weight, d norm.bias)``."""
+    D = x.shape[-1]
+    H = down_weight.shape[0]
+    x2, g2 = _rows(x), _rows(g)
+    M = x2.shape[0]
+    op_dtype = down_weight.dtype
+    p_scale = 1.0 if rescale_param_grad else float(scale)
+    dev = x.device
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
+    dy = torch.empty(M, D, device=dev, dtype=x.dtype)                  # dL/dy      [M, D]
+    a_buf = torch.empty(M, H, device=dev, dtype=op_dtype)             # gelu(u)    [M, H]
+    du_buf = torch.empty(M, H, device=dev, dtype=op_dtype)            # dL/du      [M, H]
+    if M == 0:
+        dnw = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
+        dnb = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
+    else:
+        dx2 = dx.view(M, D)
+        upcast, ieee = launch_flags(dev, op_dtype)
+        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, max_tile=4096)
+        grid = (triton.cdiv(M, BLOCK_M),)
+        dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
+        dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
+        _heba_text_bwd_kernel_dx[grid](
+            x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+            dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
+            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), float(scale),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+            OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
+        dnw = (dnw_part.sum(0) * p_scale).to(norm_weight.dtype)
+        dnb = (dnb_part.sum(0) * p_scale).to(norm_weight.dtype)
+    d_up, _ = atb(dy, a_buf, op_dtype, up_weight.dtype, scale=p_scale)        # [D, H]
+    d_down, _ = atb(du_buf, x2, op_dtype, down_weight.dtype, scale=p_scale)   # [H, D]
+    return dx, d_down, d_up, dnw, dnb
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+@torch.library.custom_op("heba::triton_text_fwd", mutates_args=())
+def _heba_text_fwd_op(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
+                      norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
+                      eps: float, rescale_param_grad: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # rescale_param_grad is unused here: it is an input so that the backward sees it.
+    return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
+
+
+@_heba_text_fwd_op.register_fake
+def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_param_grad):
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
+            x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("heba::triton_text_bwd", mutates_args=())
+def _heba_text_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
+                      up_weight: torch.Tensor, norm_weight: torch.Tensor, mean: torch.Tensor,
+                      rstd: torch.Tensor, scale: float, rescale_param_grad: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+    return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
+                         rescale_param_grad)
+
+
+@_heba_text_bwd_op.register_fake
+def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, rescale_param_grad):
+    return (x.new_empty(x.shape), down_weight.new_empty(down_weight.shape),
+            up_weight.new_empty(up_weight.shape), norm_weight.new_empty(norm_weight.shape),
+            norm_weight.new_empty(norm_weight.shape))
+
+
+def _heba_text_setup_context(ctx, inputs, output):
+    x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_param_grad = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd)
+    ctx.scale = scale
+    ctx.rescale_param_grad = rescale_param_grad
+
+
+def _heba_text_backward(ctx, g, _g_mean, _g_rstd):
+    x, down_weight, up_weight, norm_weight, mean, rstd = ctx.saved_tensors
+    dx, d_down, d_up, dnw, dnb = torch.ops.heba.triton_text_bwd(
+        g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale,
+        ctx.rescale_param_grad)
+    return dx, d_down, d_up, dnw, dnb, None, None, None
+
+
+torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
+                                setup_context=_heba_text_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
+              rescale_param_grad):
+    """HeBA text adapter ``x + scale * LayerNorm(x + W_u gelu(W_d x))``, token-wise.
+
+    Args:
+        x: ``[..., D]`` tokens, float32/float16/bfloat16, any strides.
+        down_weight: ``[h, D]``; up_weight: ``[D, h]``; norm_weight, norm_bias: ``[D]``.
+        scale: the outer residual's scale (Python float; 0 is fine).
+        eps: LayerNorm epsilon.
+        rescale_param_grad: parameter gradients as if ``scale`` were 1 (SPEC.md) if True,
+            plain gradients if False. ``x``'s gradient is the true one either way.
+
+    Returns ``[..., D]`` in ``x``'s dtype.
+    """
+    check_dtypes("heba_text", x, down_weight, up_weight, norm_weight, norm_bias)
+    out, _, _ = torch.ops.heba.triton_text_fwd(
+        x, down_weight.contiguous(), up_weight.contiguous(), norm_weight.contiguous(),
+        norm_bias.contiguous(), float(scale), float(eps), bool(rescale_param_grad))
+    return out

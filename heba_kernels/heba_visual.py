@@ -1,0 +1,724 @@
+"""Fused Triton kernels for the HeBA visual adapter, forward and backward.
+
+Notation, per image and per grid token ``p`` (token ``P + p`` of ``x``; the grid
+is row-major ``H x W``, the first ``P`` tokens pass through)::
+
+    Wd = down.weight  [h, D]      Wm = mid.weight  [h, 9]      Wu = up.weight  [D, h]
+    off_k = (k // 3 - 1, k % 3 - 1)   the 3x3 tap k as a (row, column) offset
+
+Forward::
+
+    u_p   = Wd t_p                                  # [h]  saved for backward
+    v_p   = sum_k Wm[:, k] * u_{p + off_k}          # zero outside the grid (padding 1)
+    s_p   = gelu(v_p)                               # exact (erf) GELU
+    y_p   = t_p + Wu s_p                            # [D]
+    yhat  = (y_p - mean_p) * rstd_p                 # mean, rstd saved (float32)
+    out_p = t_p + scale * (gamma * yhat + beta)     # prefix tokens: out = x
+
+Backward, with ``g = dL/dout`` and SPEC.md's gradient rule folded into two
+factors, ``(gs, xs) = (1, scale)`` if ``rescale_param_grad`` else ``(scale, 1)``
+(nothing is ever divided by ``scale``)::
+
+    ga     = gs * g                                 # what the adapter's parameters see
+    dgamma = sum_p ga * yhat            dbeta = sum_p ga
+    dyhat  = ga * gamma
+    dy     = rstd * (dyhat - mean_D(dyhat) - yhat * mean_D(dyhat * yhat))
+    dWu    = sum_p dy_p s_p^T
+    dv_p   = (Wu^T dy_p) * gelu'(v_p)               # gelu'(v) = Phi(v) + v phi(v)
+    dWm[:, k] = sum_p dv_p * u_{p + off_k}
+    du_q   = sum_k Wm[:, k] * dv_{q - off_k}        # the same stencil, taps mirrored
+    dWd    = sum_p du_p t_p^T
+    dx_p   = g_p + xs * (dy_p + Wd^T du_p)          # prefix tokens: dx = g
+
+Kernels (one image per program along the batch axis; tokens in blocks of
+``BLOCK_T``; ``D`` and ``h`` in chunks, masked, so any width works):
+
+* ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B, HW, h]`` buffer in
+  the weights' dtype (saved for backward).
+* ``_heba_visual_kernel_dwconv``: the 3x3 stencil needs each token's neighbours,
+  which live in other token blocks, so it runs as its own pass over the
+  bottleneck: ``s = gelu(dwconv(u))`` forward (and again in backward), and
+  ``du = dwconv^T(dv)`` (taps mirrored) backward.
+* ``_heba_visual_fwd_kernel``: per token block, the up-projection ``Wu s``, the
+  residual, LayerNorm (Welford merge over D chunks, then a second sweep that
+  recomputes ``z = Wu s`` rather than storing ``y``), ``t + scale * a``, and the
+  prefix copy.
+* backward: ``_dy`` (LayerNorm backward, dgamma/dbeta partials; writes ``dy``
+  into the ``dx`` buffer), ``_dv`` (``Wu^T dy``, GELU', ``dv`` to a float32
+  buffer, dWm partials), ``_dwu`` and ``_dwd`` (split-K over token tiles into
+  float32 partials), ``_dx`` (``dx = g + xs (dy + Wd^T du)``, in place).
+
+Saved for backward: ``x`` itself (by reference), ``u`` (``h`` values per grid
+token in the weights' dtype: ``D/2`` bytes in bf16) and ``mean``, ``rstd``
+(8 bytes per grid token): ``D/2 + 8`` bytes per token in bf16/fp16 (392 at
+D=768), ``D + 8`` in fp32. Everything else is recomputed. Transient buffers:
+``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
+dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
+buffer. Parameter gradients are per-program float32 partials summed by
+``torch.sum``: deterministic, no atomics.
+
+Environment variables: ``TRITON_INTERPRET=1`` (run on the CPU through Triton's
+interpreter; matmul operands are then upcast to float32, since the interpreter's
+``tl.dot`` on 16-bit operands is wrong) and ``HEBA_DEBUG_NAN_FILL=1`` (fill fresh
+buffers with NaN so a tile a kernel forgets to write fails loudly in tests).
+"""
+
+import functools
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd"]
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _gelu(v):
+    return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(v):
+    cdf = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * v * v) * 0.3989422804014327          # 1 / sqrt(2 pi)
+    return cdf + v * pdf
+
+
+@triton.jit
+def _shifted(src_ptr, p, p_mask, c, c_mask, H, W, h, DI: tl.constexpr, DJ: tl.constexpr):
+    """``src[p + (DI, DJ), c]`` for one image's ``src [HW, h]``, zero off the grid: [BT, BH] fp32."""
+    i = p // W + DI
+    j = p % W + DJ
+    ok = p_mask & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+    q = (i * W + j).to(tl.int64)
+    val = tl.load(src_ptr + q[:, None] * h + c[None, :], mask=ok[:, None] & c_mask[None, :],
+                  other=0.0)
+    return val.to(tl.float32)
+
+
+@triton.jit
+def _stencil(src_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """3x3 depthwise stencil over the grid: ``sum_k Wm[c, k] src[p +- off_k, c]``, [BT, BH] fp32.
+
+    ``MIRROR=False`` is the forward conv (``+off_k``); ``True`` its transpose (``-off_k``).
+    """
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(9):
+        w = tl.load(wm_ptr + c * 9 + k, mask=c_mask, other=0.0).to(tl.float32)    # [BH]
+        if MIRROR:
+            nb = _shifted(src_ptr, p, p_mask, c, c_mask, H, W, h, 1 - k // 3, 1 - k % 3)
+        else:
+            nb = _shifted(src_ptr, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
+        acc += w[None, :] * nb
+    return acc
+
+
+@triton.jit
+def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
+             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+             DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``z[p, d] = (Wu s_p)[d]`` for a block of tokens and columns, ``s [HW, h]``: [BT, BD] fp32."""
+    z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    s_rows = s_img_ptr + p.to(tl.int64) * h                                        # [BT]
+    for h0 in range(0, h, BLOCK_H):
+        c = h0 + tl.arange(0, BLOCK_H)
+        c_mask = c < h
+        s = tl.load(s_rows[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+                    other=0.0)                                                     # [BT, BH]
+        wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + c[:, None],
+                       mask=c_mask[:, None] & d_mask[None, :], other=0.0)          # [BH, BD] = Wu^T
+        z = tl.dot(s.to(DOT_DTYPE), wu_t.to(DOT_DTYPE), z, input_precision=DOT_PREC)
+    return z
+
+
+@triton.jit
+def _heba_visual_fwd_kernel_down(
+    x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B, HW, h]
+    stride_xb, stride_xn, HW, D, h, P,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    x_rows = x_ptr + b * stride_xb + (P + p).to(tl.int64) * stride_xn              # [BT]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        t = tl.load(x_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
+                    other=0.0)                                                     # [BT, BD]
+        wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
+                       mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
+        acc = tl.dot(t.to(DOT_DTYPE), wd_t.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+    u_rows = u_ptr + (b * HW + p) * h                                              # [BT]
+    tl.store(u_rows[:, None] + c[None, :], acc.to(u_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _heba_visual_kernel_dwconv(
+    src_ptr, wm_ptr, dst_ptr,             # src, dst [B, HW, h]; Wm [h, 9]
+    H, W, HW, h,
+    MIRROR: tl.constexpr, GELU: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``dst = gelu(dwconv3x3(src))`` (forward: ``s`` from ``u``) or ``dst = dwconv3x3^T(src)``
+    (backward: ``du`` from ``dv``). Shared by both directions: materialising the stencil's
+    result once costs one [B, HW, h] round trip, where recomputing it inside the D loops
+    of the kernels that consume it would cost nine neighbour loads per D chunk."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    img = b * HW * h
+    acc = _stencil(src_ptr + img, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR,
+                   BLOCK_T, BLOCK_H)                                               # [BT, BH]
+    if GELU:
+        acc = _gelu(acc)
+    tl.store(dst_ptr + img + p[:, None].to(tl.int64) * h + c[None, :],
+             acc.to(dst_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _heba_visual_fwd_kernel(
+    x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,   # s = gelu(v) [B, HW, h]
+    stride_xb, stride_xn, stride_ob, stride_on,
+    HW, D, h, P, scale, eps,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    n = (P + p).to(tl.int64)
+    x_rows = x_ptr + b * stride_xb + n * stride_xn                                 # [BT]
+    o_rows = out_ptr + b * stride_ob + n * stride_on
+    s_img = s_ptr + b * HW * h
+
+    # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
+    # so y never has to be held for the whole row nor stored.
+    mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = p_mask[:, None] & d_mask[None, :]
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = t + z                                                                  # [BT, BD]
+        n_b = tl.sum(d_mask.to(tl.float32), axis=0)
+        n_a = d0 * 1.0
+        c_mean = tl.sum(y, axis=1) / n_b
+        dev = tl.where(d_mask[None, :], y - c_mean[:, None], 0.0)
+        c_m2 = tl.sum(dev * dev, axis=1)
+        delta = c_mean - mean
+        mean = mean + delta * (n_b / (n_a + n_b))
+        m2 = m2 + c_m2 + delta * delta * (n_a * n_b / (n_a + n_b))
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
+    tl.store(mean_ptr + b * HW + p, mean, mask=p_mask)
+    tl.store(rstd_ptr + b * HW + p, rstd, mask=p_mask)
+
+    # Sweep 2: recompute z (cheaper than a [BT, D] round trip) and write out.
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = p_mask[:, None] & d_mask[None, :]
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        a = (t + z - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        tl.store(o_rows[:, None] + d[None, :], (t + scale * a).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    # Prefix tokens pass through, copied by the first token block of each image.
+    if pid_t == 0:
+        for r in range(0, P):
+            r64 = b * 0 + r                      # int64 row index
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d < D
+                row = tl.load(x_ptr + b * stride_xb + r64 * stride_xn + d, mask=d_mask)
+                tl.store(out_ptr + b * stride_ob + r64 * stride_on + d,
+                         row.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dy(
+    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
+    dy_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; partials [B*nT, D] fp32
+    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+    HW, D, h, P, gs,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    n = (P + p).to(tl.int64)
+    x_rows = x_ptr + b * stride_xb + n * stride_xn
+    g_rows = g_ptr + b * stride_gb + n * stride_gn
+    dy_rows = dy_ptr + b * stride_db + n * stride_dn
+    s_img = s_ptr + b * HW * h
+    mean = tl.load(mean_ptr + b * HW + p, mask=p_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + b * HW + p, mask=p_mask, other=0.0)
+    part = (b * tl.num_programs(0) + pid_t) * D
+
+    # Sweep 1: the two row reductions of LayerNorm backward, and dgamma/dbeta partials.
+    c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = p_mask[:, None] & d_mask[None, :]
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        yhat = (t + z - mean[:, None]) * rstd[:, None]
+        ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
+        gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        dyhat = ga * gamma[None, :]
+        c1 += tl.sum(dyhat, axis=1)
+        c2 += tl.sum(dyhat * yhat, axis=1)
+        tl.store(dnw_part_ptr + part + d, tl.sum(ga * yhat, axis=0), mask=d_mask)
+        tl.store(dnb_part_ptr + part + d, tl.sum(ga, axis=0), mask=d_mask)
+    c1 = c1 / D
+    c2 = c2 / D
+
+    # Sweep 2: dy, written where dx will go (the dx kernel finishes it in place).
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        mask = p_mask[:, None] & d_mask[None, :]
+        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        yhat = (t + z - mean[:, None]) * rstd[:, None]
+        ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
+        gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+        dyhat = ga * gamma[None, :]
+        dy = rstd[:, None] * (dyhat - c1[:, None] - yhat * c2[:, None])
+        tl.store(dy_rows[:, None] + d[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dv(
+    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32, dWm part [B*nT, h, 9]
+    stride_db, stride_dn,
+    H, W, HW, D, h, P,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
+    ds = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)                            # Wu^T dy
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        dy = tl.load(dy_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
+                     other=0.0)                                                    # [BT, BD]
+        wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
+                     mask=d_mask[:, None] & c_mask[None, :], other=0.0)            # [BD, BH]
+        ds = tl.dot(dy.to(DOT_DTYPE), wu.to(DOT_DTYPE), ds, input_precision=DOT_PREC)
+    u_img = u_ptr + b * HW * h
+    v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
+    dv = ds * _gelu_grad(v)                                                        # [BT, BH]
+    tl.store(dv_ptr + (b * HW + p)[:, None] * h + c[None, :], dv,
+             mask=p_mask[:, None] & c_mask[None, :])
+    part = dwm_part_ptr + (b * tl.num_programs(0) + pid_t) * h * 9
+    for k in tl.static_range(9):
+        un = _shifted(u_img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
+        tl.store(part + c * 9 + k, tl.sum(dv * un, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dwu(
+    dy_ptr, s_ptr, dwu_part_ptr,          # s [B, HW, h]; dWu part [SPLIT, D, h] fp32
+    stride_db, stride_dn,
+    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)                           # dWu
+    for i in range(0, tiles_per_split):
+        it = pid_s * tiles_per_split + i           # token tile (image, block); past the end: masked
+        b = (it // tiles_per_image).to(tl.int64)
+        p = (it % tiles_per_image) * BLOCK_T + tl.arange(0, BLOCK_T)
+        p_mask = (p < HW) & (it < n_tiles)
+        dy_t = tl.load(dy_ptr + b * stride_db + (P + p)[None, :].to(tl.int64) * stride_dn
+                       + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)  # [BD, BT]
+        s = tl.load(s_ptr + (b * HW + p[:, None]) * h + c[None, :],
+                    mask=p_mask[:, None] & c_mask[None, :], other=0.0)             # [BT, BH]
+        acc = tl.dot(dy_t.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+    out = dwu_part_ptr + pid_s.to(tl.int64) * D * h
+    tl.store(out + d[:, None] * h + c[None, :], acc, mask=d_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dx(
+    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B, HW, h]; dx holds dy on entry (grid tokens)
+    stride_gb, stride_gn, stride_db, stride_dn,
+    HW, D, h, P, xs,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    mask = p_mask[:, None] & d_mask[None, :]
+    du_rows = du_ptr + (b * HW + p) * h                                            # [BT]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)                           # Wd^T du
+    for h0 in range(0, h, BLOCK_H):
+        c = h0 + tl.arange(0, BLOCK_H)
+        c_mask = c < h
+        du = tl.load(du_rows[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+                     other=0.0)                                                    # [BT, BH]
+        wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
+                     mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
+        acc = tl.dot(du.to(DOT_DTYPE), wd.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+    n = (P + p).to(tl.int64)
+    dx_tile = dx_ptr + b * stride_db + n[:, None] * stride_dn + d[None, :]
+    dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * stride_gb + n[:, None] * stride_gn + d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    tl.store(dx_tile, (g + xs * (dy + acc)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if pid_t == 0:                       # prefix tokens: dx = g
+        for r in range(0, P):
+            r64 = b * 0 + r                      # int64 row index
+            row = tl.load(g_ptr + b * stride_gb + r64 * stride_gn + d, mask=d_mask)
+            tl.store(dx_ptr + b * stride_db + r64 * stride_dn + d,
+                     row.to(dx_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dwd(
+    x_ptr, du_ptr, dwd_part_ptr,          # du [B, HW, h]; dWd part [SPLIT, h, D] fp32
+    stride_xb, stride_xn,
+    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)                           # dWd^T
+    for i in range(0, tiles_per_split):
+        it = pid_s * tiles_per_split + i
+        b = (it // tiles_per_image).to(tl.int64)
+        p = (it % tiles_per_image) * BLOCK_T + tl.arange(0, BLOCK_T)
+        p_mask = (p < HW) & (it < n_tiles)
+        t_t = tl.load(x_ptr + b * stride_xb + (P + p)[None, :].to(tl.int64) * stride_xn
+                      + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)   # [BD, BT]
+        du = tl.load(du_ptr + (b * HW + p[:, None]) * h + c[None, :],
+                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)            # [BT, BH]
+        acc = tl.dot(t_t.to(DOT_DTYPE), du.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+    out = dwd_part_ptr + pid_s.to(tl.int64) * h * D
+    tl.store(out + c[None, :] * D + d[:, None], acc, mask=d_mask[:, None] & c_mask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _new(shape, dtype, device):
+    """A fresh buffer; NaN-filled under HEBA_DEBUG_NAN_FILL=1 so unwritten tiles show."""
+    if os.environ.get("HEBA_DEBUG_NAN_FILL", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
+            device: torch.device) -> dict:
+    """Block sizes and matmul operand dtype. ``tl.dot`` needs every dimension >= 16."""
+    interpret = _interpreting()
+    if interpret or device.type != "cuda":
+        block_t = 16
+    else:
+        # The row kernels run one program per (image, token block): halve the block when
+        # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
+        block_t = 32 if B * triton.cdiv(HW, 32) >= _num_sms(device) else 16
+    # 16-bit weights: tensor-core operands in that dtype, float32 accumulation. Float32
+    # weights: IEEE float32 products, so float32 meets SPEC's 1e-4 rather than tf32's 1e-3.
+    # The interpreter's tl.dot is wrong on 16-bit operands: upcast there.
+    dot_dtype = tl.float32 if interpret else _TL_DTYPES.get(weight_dtype, tl.float32)
+    return dict(
+        BLOCK_T=block_t,
+        BLOCK_H=min(64, max(16, triton.next_power_of_2(h))),
+        # (the interpreter's cost is per program: bigger D chunks run faster there)
+        BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
+        DOT_DTYPE=dot_dtype,
+        DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
+        # 8 warps: at these tiles 4 warps need 255 registers and spill in the _dy and _dv
+        # kernels (cuobjdump -res-usage of the sm_90 cubins); 8 warps fit without spills.
+        num_warps=4 if interpret else 8,
+    )
+
+
+def _token_strides(t: torch.Tensor, batch_first: bool) -> Tuple[int, int]:
+    """(batch stride, token stride) of a [B, N, D] or [N, B, D] tensor."""
+    return (t.stride(0), t.stride(1)) if batch_first else (t.stride(1), t.stride(0))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+                    scale: float, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
+                    eps: float):
+    """Forward launcher. Returns ``(out, u, mean, rstd)``.
+
+    ``out`` has ``x``'s shape and dtype (contiguous); ``u`` ``[B, HW, h]`` in the
+    weights' dtype; ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
+    """
+    x = _last_dim_contiguous(x)
+    B = x.shape[0] if batch_first else x.shape[1]
+    D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
+    dev = x.device
+    out = _new(x.shape, x.dtype, dev)
+    u = _new((B, HW, h), down_weight.dtype, dev)
+    mean = _new((B, HW), torch.float32, dev)
+    rstd = _new((B, HW), torch.float32, dev)
+    if B == 0:
+        return out, u, mean, rstd
+    wd = down_weight.reshape(h, D).contiguous()
+    wm = mid_weight.reshape(h, 9).contiguous()
+    wu = up_weight.reshape(D, h).contiguous()
+    nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
+    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
+    sxb, sxn = _token_strides(x, batch_first)
+    sob, son = _token_strides(out, batch_first)
+    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
+    _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
+    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), not saved
+    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
+        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
+    _heba_visual_fwd_kernel[(n_t, B)](
+        x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
+        HW, D, h, P, float(scale), float(eps), **cfg)
+    return out, u, mean, rstd
+
+
+def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
+                    norm_weight, norm_bias, scale: float, num_prefix_tokens: int, H: int,
+                    W: int, batch_first: bool, rescale_param_grad: bool):
+    """Backward launcher. Returns the gradients of ``x`` and the five parameters.
+
+    With ``rescale_param_grad`` the parameters' gradients are those of SPEC.md's rule
+    (as if ``scale`` were 1); ``x``'s is always the true gradient.
+    """
+    x = _last_dim_contiguous(x)
+    g = _last_dim_contiguous(grad_out)
+    B = x.shape[0] if batch_first else x.shape[1]
+    D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
+    dev = x.device
+    gs, xs = (1.0, float(scale)) if rescale_param_grad else (float(scale), 1.0)
+    dx = _new(x.shape, x.dtype, dev)
+    if B == 0:
+        return (dx, torch.zeros_like(down_weight), torch.zeros_like(mid_weight),
+                torch.zeros_like(up_weight), torch.zeros_like(norm_weight),
+                torch.zeros_like(norm_bias))
+    wd = down_weight.reshape(h, D).contiguous()
+    wm = mid_weight.reshape(h, 9).contiguous()
+    wu = up_weight.reshape(D, h).contiguous()
+    nw = norm_weight.contiguous()
+    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
+    BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
+    n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
+    sxb, sxn = _token_strides(x, batch_first)
+    sgb, sgn = _token_strides(g, batch_first)
+    sdb, sdn = _token_strides(dx, batch_first)
+
+    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
+    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
+        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
+        num_warps=cfg["num_warps"])
+    dnw_part = _new((B * n_t, D), torch.float32, dev)
+    dnb_part = _new((B * n_t, D), torch.float32, dev)
+    _heba_visual_bwd_kernel_dy[(n_t, B)](
+        x, g, s, wu, nw, mean, rstd, dx, dnw_part, dnb_part,
+        sxb, sxn, sgb, sgn, sdb, sdn, HW, D, h, P, gs, **cfg)
+
+    dv = _new((B, HW, h), torch.float32, dev)
+    dwm_part = _new((B * n_t, h, 9), torch.float32, dev)
+    _heba_visual_bwd_kernel_dv[(n_t, n_h, B)](
+        dx, u, wm, wu, dv, dwm_part, sdb, sdn, H, W, HW, D, h, P, **cfg)
+
+    # Weight gradients reduce over every token: split-K over token tiles, enough
+    # splits to fill the GPU (3 in the interpreter, so the split path is tested).
+    n_tiles = B * n_t
+    if _interpreting() or dev.type != "cuda":
+        split = min(n_tiles, 3)
+    else:
+        split = max(1, min(n_tiles, (2 * _num_sms(dev)) // (n_h * n_d)))
+    per_split = triton.cdiv(n_tiles, split)
+    split = triton.cdiv(n_tiles, per_split)
+    dwu_part = _new((split, D, h), torch.float32, dev)
+    _heba_visual_bwd_kernel_dwu[(n_d, n_h, split)](
+        dx, s, dwu_part, sdb, sdn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+    du = _new((B, HW, h), down_weight.dtype, dev)                     # dwconv^T(dv)
+    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
+        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH,
+        num_warps=cfg["num_warps"])
+    dwd_part = _new((split, h, D), torch.float32, dev)
+    _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
+        x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+    # Last: turns dy (still read by the kernels above) into dx, in place.
+    _heba_visual_bwd_kernel_dx[(n_t, n_d, B)](
+        g, du, wd, dx, sgb, sgn, sdb, sdn, HW, D, h, P, xs, **cfg)
+
+    return (dx,
+            dwd_part.sum(0).reshape(down_weight.shape).to(down_weight.dtype),
+            dwm_part.sum(0).reshape(mid_weight.shape).to(mid_weight.dtype),
+            dwu_part.sum(0).reshape(up_weight.shape).to(up_weight.dtype),
+            dnw_part.sum(0).to(norm_weight.dtype),
+            dnb_part.sum(0).to(norm_bias.dtype))
+
+
+# --------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("heba::triton_visual_fwd", mutates_args=())
+def _triton_visual_fwd(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: torch.Tensor,
+                       up_weight: torch.Tensor, norm_weight: torch.Tensor,
+                       norm_bias: torch.Tensor, scale: float, num_prefix_tokens: int, H: int,
+                       W: int, batch_first: bool, eps: float, rescale_param_grad: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, u, mean, rstd)``; ``rescale_param_grad`` is only read by the backward."""
+    return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+                           scale, num_prefix_tokens, H, W, batch_first, eps)
+
+
+@_triton_visual_fwd.register_fake
+def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, num_prefix_tokens,
+      H, W, batch_first, eps, rescale_param_grad):
+    B = x.shape[0] if batch_first else x.shape[1]
+    h = mid_weight.shape[0]
+    return (x.new_empty(x.shape), down_weight.new_empty((B, H * W, h)),
+            x.new_empty((B, H * W), dtype=torch.float32),
+            x.new_empty((B, H * W), dtype=torch.float32))
+
+
+@torch.library.custom_op("heba::triton_visual_bwd", mutates_args=())
+def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+                       mean: torch.Tensor, rstd: torch.Tensor, down_weight: torch.Tensor,
+                       mid_weight: torch.Tensor, up_weight: torch.Tensor,
+                       norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
+                       num_prefix_tokens: int, H: int, W: int, batch_first: bool,
+                       rescale_param_grad: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor, torch.Tensor]:
+    """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``."""
+    return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
+                           norm_weight, norm_bias, scale, num_prefix_tokens, H, W,
+                           batch_first, rescale_param_grad)
+
+
+@_triton_visual_bwd.register_fake
+def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+      scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad):
+    return (x.new_empty(x.shape), torch.empty_like(down_weight), torch.empty_like(mid_weight),
+            torch.empty_like(up_weight), torch.empty_like(norm_weight),
+            torch.empty_like(norm_bias))
+
+
+# --------------------------------------------------------------------------- autograd glue
+
+
+def _setup_context(ctx, inputs, output):
+    (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, num_prefix_tokens,
+     H, W, batch_first, eps, rescale_param_grad) = inputs
+    _, u, mean, rstd = output
+    ctx.save_for_backward(x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight,
+                          norm_bias)
+    ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad)
+    ctx.mark_non_differentiable(u, mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd):
+    grads = torch.ops.heba.triton_visual_bwd(grad_out, *ctx.saved_tensors, *ctx.args)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("heba::triton_visual_fwd", _backward,
+                                setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *,
+                scale, num_prefix_tokens, grid, batch_first, eps, rescale_param_grad):
+    """HeBA visual adapter on the Triton backend (arguments validated by :mod:`heba.ops`).
+
+    ``x``: ``[B, N, D]`` (``[N, B, D]`` if not ``batch_first``); ``down_weight``
+    ``[h, D, 1, 1]``, ``mid_weight`` ``[h, 1, 3, 3]``, ``up_weight`` ``[D, h, 1, 1]``,
+    ``norm_weight``/``norm_bias`` ``[D]``; ``grid=(H, W)`` with ``H * W = N - num_prefix_tokens``.
+    Returns ``x + scale * LayerNorm(x + up(gelu(dwconv3x3(down(x)))))`` on the grid tokens
+    and ``x`` on the prefix tokens, in ``x``'s dtype; differentiable, with SPEC.md's
+    gradient rule when ``rescale_param_grad``.
+
+    Example::
+
+        >>> import torch, heba.nn
+        >>> a = heba.nn.HeBAAdapter(64, backend="triton").cuda()
+        >>> a(torch.randn(2, 1 + 7 * 7, 64, device="cuda"), scale=0.025).shape
+        torch.Size([2, 50, 64])
+    """
+    H, W = grid
+    out, _, _, _ = torch.ops.heba.triton_visual_fwd(
+        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, float(scale),
+        int(num_prefix_tokens), int(H), int(W), bool(batch_first), float(eps),
+        bool(rescale_param_grad))
+    return out

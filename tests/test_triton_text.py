@@ -1,0 +1,241 @@
+"""The Triton HeBA text adapter against the float64 reference (SPEC.md section 1).
+
+CPU runs go through Triton's interpreter (TRITON_INTERPRET=1) and use small,
+odd shapes; the CLIP shapes run on a GPU only.
+"""
+
+import pytest
+import torch
+
+import heba.nn
+from heba import ops
+from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
+                           forward_backward, requires_gpu, requires_triton_cpu, text_params,
+                           tokens)
+
+pytestmark = requires_triton_cpu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_fresh_buffers(monkeypatch):
+    """Fresh buffers start as NaN, so a kernel that skips a tile fails loudly."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _id(shape, dtype, extra=""):
+    return "-".join(f"{k}{v}" for k, v in zip("BNK", shape[:-1])) + f"-D{shape[-1]}" \
+        + (f"-{extra}" if extra else "") + f"-{DTYPE_NAMES[dtype]}"
+
+
+def _check(shape, dtype, reduction=4, scale=0.3, rescale_param_grad=True, eps=1e-5,
+           offset=0.0, device=DEVICE, seed=0, **kw):
+    D = shape[-1]
+    x = tokens(*shape, device=device, dtype=dtype, seed=seed) + offset
+    p = text_params(D, reduction, device=device, dtype=dtype, seed=seed)
+    return check_against_reference("heba_text", "triton", x, p, scale=scale, eps=eps,
+                                   rescale_param_grad=rescale_param_grad, **kw)
+
+
+# ----------------------------------------------------------------------------- CPU-sized shapes
+
+SMALL = [(2, 15, 72), (3, 11, 40), (1, 37, 100), (2, 3, 5, 24)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("shape", SMALL, ids=lambda s: _id(s, torch.float32)[:-5])
+def test_matches_reference(shape, dtype):
+    _check(shape, dtype)
+
+
+@pytest.mark.parametrize("reduction", [1, 3, 8], ids=lambda r: f"red{r}")
+def test_hidden_widths(reduction):
+    """h = D / reduction: 72 (padded to 128), 24, 9 (padded to 16)."""
+    _check((2, 9, 72), torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_many_token_blocks(dtype):
+    """Several programs, a ragged last block, several LayerNorm-partial rows."""
+    _check((2, 77, 40), dtype, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_scale_zero(dtype):
+    """scale = 0: out = x, dx = g, parameter gradients as if scale were 1 (finite, non-zero)."""
+    out, grads = _check((2, 13, 72), dtype, scale=0.0)
+    for name in ("down_weight", "up_weight", "norm_weight", "norm_bias"):
+        assert grads[name].abs().sum() > 0, f"grad {name} vanished at scale=0"
+
+
+@pytest.mark.parametrize("scale", [0.025, 2.25], ids=lambda s: f"scale{s}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_plain_gradients(dtype, scale):
+    """rescale_param_grad=False: plain autograd gradients (parameter grads times scale)."""
+    _check((2, 13, 72), dtype, scale=scale, rescale_param_grad=False)
+
+
+def test_eps_and_offset_rows():
+    """Rows with a large mean (variance by chunk merging, not E[y^2] - E[y]^2) and another eps."""
+    _check((2, 13, 100), torch.float32, eps=1e-3, offset=20.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_non_contiguous_transposed(dtype):
+    """[N, B, D] view of a [B, N, D] tensor (the kernel gets one contiguous copy)."""
+    x = tokens(3, 11, 72, device=DEVICE, dtype=dtype).transpose(0, 1)
+    assert not x.is_contiguous()
+    p = text_params(72, device=DEVICE, dtype=dtype)
+    check_against_reference("heba_text", "triton", x, p, scale=0.3, eps=1e-5,
+                            rescale_param_grad=True)
+
+
+def test_non_contiguous_row_stride():
+    """Rows of a wider tensor: read in place through the row stride, no copy."""
+    D = 40
+    base = tokens(2, 9, 2 * D, device=DEVICE).requires_grad_(True)
+    x = base[..., D:]
+    assert x.reshape(-1, D).stride() == (2 * D, 1)
+    p = text_params(D, device=DEVICE)
+    kw = dict(scale=0.3, eps=1e-5, rescale_param_grad=True)
+    g = tokens(2, 9, D, device=DEVICE, seed=7)
+    out = ops.heba_text(x, **p, **kw, backend="triton")
+    out.backward(g)
+    base64 = base.detach().double().requires_grad_(True)
+    ref = ops.heba_text(base64[..., D:], **{k: v.double() for k, v in p.items()}, **kw,
+                        backend="reference")
+    ref.backward(g.double())
+    assert_rel_close("out", out, ref, TOL[torch.float32])
+    assert_rel_close("grad x", base.grad, base64.grad, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=DTYPE_NAMES.get)
+def test_autocast(autocast_dtype):
+    """float32 x and weights under autocast: low-precision operands, float32 x and grads out."""
+    _check((2, 13, 72), torch.float32, autocast_dtype=autocast_dtype)
+
+
+def test_gradients_deterministic():
+    """No atomics: two backward passes give bitwise identical gradients."""
+    x = tokens(2, 77, 72, device=DEVICE, dtype=torch.bfloat16)
+    p = text_params(72, device=DEVICE, dtype=torch.bfloat16)
+
+    def run(xx, **pp):
+        return ops.heba_text(xx, **pp, scale=0.3, backend="triton")
+
+    _, _, g1 = forward_backward(run, x, p)
+    _, _, g2 = forward_backward(run, x, p)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), f"grad {k} differs between two identical runs"
+
+
+def test_opcheck():
+    D = 40
+    x = tokens(3, 7, D, device=DEVICE)
+    p = text_params(D, device=DEVICE)
+    wd, wu, nw, nb = (p[k].requires_grad_(True) for k in
+                      ("down_weight", "up_weight", "norm_weight", "norm_bias"))
+    torch.library.opcheck(torch.ops.heba.triton_text_fwd.default,
+                          (x.requires_grad_(True), wd, wu, nw, nb, 0.3, 1e-5, True))
+    out, mean, rstd = torch.ops.heba.triton_text_fwd(x.detach(), wd.detach(), wu.detach(),
+                                                     nw.detach(), nb.detach(), 0.3, 1e-5, True)
+    g = tokens(3, 7, D, device=DEVICE, seed=5)
+    torch.library.opcheck(torch.ops.heba.triton_text_bwd.default,
+                          (g, x.detach(), wd.detach(), wu.detach(), nw.detach(), mean, rstd,
+                           0.3, False))
+
+
+def _compiled_vs_reference(backend_kw, device, dim=40, shape=(2, 9), dtype=torch.float32):
+    torch.manual_seed(0)
+    ref = heba.nn.HeBAAdapter(dim, modality="text", backend="reference").to(device, dtype)
+    with torch.no_grad():
+        ref.norm.weight.add_(0.5 * torch.randn_like(ref.norm.weight))
+        ref.norm.bias.add_(0.5 * torch.randn_like(ref.norm.bias))
+    tri = heba.nn.HeBAAdapter(dim, modality="text", backend="triton").to(device, dtype)
+    tri.load_state_dict(ref.state_dict())
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(tri, fullgraph=True, **(backend_kw or {"backend": record}))
+    x = tokens(*shape, dim, device=device, dtype=dtype)
+    g = tokens(*shape, dim, device=device, dtype=dtype, seed=9)
+    xt = x.clone().requires_grad_(True)
+    out = compiled(xt, scale=0.3)
+    out.backward(g)
+    x64 = x.double().requires_grad_(True)
+    ref64 = ref.double()
+    rout = ref64(x64, scale=0.3)
+    rout.backward(g.double())
+    tol = TOL[dtype]
+    assert_rel_close("out", out, rout, tol)
+    assert_rel_close("grad x", xt.grad, x64.grad, tol)
+    for (name, pt), (_, pr) in zip(tri.named_parameters(), ref64.named_parameters()):
+        assert_rel_close(f"grad {name}", pt.grad, pr.grad, tol)
+    return graphs
+
+
+def test_compile_fullgraph_no_graph_break():
+    """torch.compile(fullgraph=True) traces the module in one graph that calls the custom op."""
+    graphs = _compiled_vs_reference(None, DEVICE)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("triton_text_fwd" in t for t in targets), targets
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@requires_gpu
+def test_compile_inductor_gpu():
+    _compiled_vs_reference({}, "cuda", dim=512, shape=(4, 77), dtype=torch.bfloat16)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("dim", [512, 768, 1024, 2048], ids=lambda d: f"D{d}")
+def test_gpu_widths(dim, dtype):
+    _check((4, 77, dim), dtype, device="cuda")
+
+
+@requires_gpu
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescaled", "plain"])
+def test_gpu_clip_text_shape(rescale):
+    """CLIP text tower: 512 prompts x 77 tokens x 512, bfloat16, HeBA's training scale."""
+    _check((512, 77, 512), torch.bfloat16, device="cuda", scale=0.025,
+           rescale_param_grad=rescale)
+
+
+@requires_gpu
+def test_gpu_clip_text_mlp_shape_autocast():
+    """The MLP adapter width (4 * 512) under bfloat16 autocast."""
+    _check((64, 77, 2048), torch.float32, device="cuda", autocast_dtype=torch.bfloat16)
+
+
+@requires_gpu
+def test_gpu_int64_offsets():
+    """M * D > 2^31: rows past the int32 range are computed right (forward and dx)."""
+    D = 512
+    M = (2 ** 31) // D + 4096
+    torch.manual_seed(0)
+    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    p = text_params(D, device="cuda", dtype=torch.bfloat16)
+    out = ops.heba_text(x, **p, scale=0.3, backend="triton")
+    g = torch.zeros_like(out)
+    g[-4096:] = tokens(4096, D, device="cuda", dtype=torch.bfloat16, seed=4)
+    out.backward(g)
+    tail = x.detach()[-4096:].double().requires_grad_(True)
+    ref = ops.heba_text(tail, **{k: v.double() for k, v in p.items()}, scale=0.3,
+                        backend="reference")
+    ref.backward(g[-4096:].double())
+    assert_rel_close("out[-4096:]", out[-4096:], ref, TOL[torch.bfloat16])
+    assert_rel_close("grad x[-4096:]", x.grad[-4096:], tail.grad, TOL[torch.bfloat16])

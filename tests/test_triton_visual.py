@@ -1,0 +1,359 @@
+"""The Triton HeBA visual kernels against the float64 reference: values and every gradient.
+
+On the CPU these run through Triton's interpreter (TRITON_INTERPRET=1) at tiny
+shapes; on a GPU the same tests run on CUDA tensors, plus CLIP-sized ones.
+Every fresh kernel buffer is NaN-filled (HEBA_DEBUG_NAN_FILL=1) so a tile a
+kernel forgets to write fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import heba.nn
+from heba import ops
+from heba.backends import resolve
+from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
+                           forward_backward, requires_gpu, requires_triton_cpu, tokens,
+                           visual_params)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+pytestmark = requires_triton_cpu
+
+
+@pytest.fixture(autouse=True)
+def _nan_fill(monkeypatch):
+    monkeypatch.setenv("HEBA_DEBUG_NAN_FILL", "1")
+
+
+def _x(B, H, W, D, P, dtype, batch_first, seed=0, device=DEVICE):
+    N = P + H * W
+    shape = (B, N, D) if batch_first else (N, B, D)
+    return tokens(*shape, device=device, dtype=dtype, seed=seed)
+
+
+def _case(B, H, W, D, P, dtype, batch_first=True, scale=0.7):
+    tag = f"B{B}-H{H}-W{W}-D{D}-P{P}-{DTYPE_NAMES[dtype]}" + ("" if batch_first else "-seqfirst")
+    return pytest.param(B, H, W, D, P, dtype, batch_first, scale, id=tag)
+
+
+# Non-powers of two on purpose: D=40 (h=10), 48, 96, 272 (h=68: two h chunks),
+# 320 (h=80, three D chunks); grids square, non-square, 1xW and Hx1, grids longer
+# than one token block (16 in the interpreter); prefix 0, 1, 2, 5; odd batches.
+CASES = [
+    _case(2, 4, 5, 48, 1, torch.bfloat16),
+    _case(2, 3, 4, 40, 1, torch.float32),
+    _case(3, 4, 4, 48, 0, torch.float16, batch_first=False),
+    _case(1, 1, 7, 96, 5, torch.bfloat16),
+    _case(1, 7, 1, 32, 1, torch.float32, scale=-0.4),
+    _case(2, 5, 3, 320, 1, torch.float32, batch_first=False),
+    _case(3, 3, 3, 272, 2, torch.bfloat16),
+    _case(1, 6, 6, 16, 1, torch.float32),
+    _case(5, 2, 5, 64, 1, torch.float16),
+    _case(3, 5, 5, 24, 5, torch.bfloat16, batch_first=False),
+    _case(2, 1, 1, 32, 1, torch.float32),
+]
+
+
+@pytest.mark.parametrize("B,H,W,D,P,dtype,batch_first,scale", CASES)
+def test_values_and_grads(B, H, W, D, P, dtype, batch_first, scale):
+    x = _x(B, H, W, D, P, dtype, batch_first, seed=D + B)
+    params = visual_params(D, device=DEVICE, dtype=dtype, seed=H * 10 + W)
+    check_against_reference("heba_visual", "triton", x, params, scale=scale,
+                            num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
+
+
+def test_square_grid_inferred():
+    x = _x(2, 4, 4, 32, 1, torch.float32, True)
+    check_against_reference("heba_visual", "triton", x, visual_params(32, device=DEVICE),
+                            scale=0.3)
+
+
+def test_float64_computes_in_float32():
+    # heba.ops accepts float64; the kernels accumulate in float32 whatever the input
+    # dtype (SPEC.md 3), so float64 gets float32 accuracy, not the reference's.
+    x = _x(2, 3, 4, 40, 1, torch.float64, True)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(40, device=DEVICE, dtype=torch.float64),
+                            tol=TOL[torch.float32], scale=0.7, grid=(3, 4))
+
+
+def test_dim_768():
+    x = _x(1, 2, 3, 768, 1, torch.bfloat16, True)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(768, device=DEVICE, dtype=torch.bfloat16),
+                            scale=0.5, grid=(2, 3))
+
+
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "plain"])
+@pytest.mark.parametrize("scale", [0.0, 0.025], ids=["scale0", "scale0.025"])
+def test_gradient_rule(scale, rescale):
+    # rescale_param_grad=True: parameter grads as if scale were 1, finite at scale 0;
+    # False: the plain gradients (zero at scale 0). The reference implements both.
+    x = _x(2, 3, 4, 40, 1, torch.float32, True, seed=7)
+    params = visual_params(40, device=DEVICE, seed=3)
+    out, grads = check_against_reference("heba_visual", "triton", x, params, scale=scale,
+                                         grid=(3, 4), rescale_param_grad=rescale)
+    if scale == 0.0:
+        assert torch.equal(out, x)
+        for name, gr in grads.items():
+            assert torch.isfinite(gr).all(), name
+            if name != "x":
+                assert (gr.abs().sum() > 0) == rescale, name
+
+
+@pytest.mark.parametrize("reduction", [2, 8], ids=["r2", "r8"])
+def test_other_reductions(reduction):
+    x = _x(2, 3, 3, 64, 1, torch.float32, True, seed=11)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(64, reduction, device=DEVICE, seed=5),
+                            scale=0.9, grid=(3, 3))
+
+
+def _check_view(make_view, x, params, loss_sum=False, **kwargs):
+    """Triton on ``make_view(x)`` (same values, other strides) vs the reference on ``x``."""
+    def run(xx, **pp):
+        return ops.heba_visual(make_view(xx), **pp, **kwargs, backend="triton")
+
+    def ref(xx, **pp):
+        return ops.heba_visual(xx, **pp, **kwargs, backend="reference")
+
+    tol = TOL[x.dtype]
+    p64 = {k: v.double() for k, v in params.items()}
+    if loss_sum:   # out.sum().backward(): the incoming gradient is an expanded, stride-0 tensor
+        results = []
+        for fn, xx, pp in ((run, x, params), (ref, x.double(), p64)):
+            xx = xx.detach().clone().requires_grad_(True)
+            pp = {k: v.detach().clone().requires_grad_(True) for k, v in pp.items()}
+            out = fn(xx, **pp)
+            out.float().sum().backward()
+            results.append((out, {"x": xx.grad, **{k: v.grad for k, v in pp.items()}}))
+        (out, grads), (rout, rgrads) = results
+    else:
+        out, g, grads = forward_backward(run, x, params)
+        rout, _, rgrads = forward_backward(ref, x.double(), p64, grad_out=g.double())
+    assert out.dtype == x.dtype
+    assert_rel_close("out", out, rout, tol)
+    for k in rgrads:
+        assert grads[k].dtype == (x.dtype if k == "x" else params[k].dtype), k
+        assert_rel_close(f"grad {k}", grads[k], rgrads[k], tol)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batchfirst", "seqfirst"])
+def test_strided_inputs(batch_first):
+    D, P, H, W = 40, 1, 3, 4
+    params = visual_params(D, device=DEVICE, dtype=torch.bfloat16, seed=2)
+    x = _x(3, H, W, D, P, torch.bfloat16, batch_first, seed=4)
+    kw = dict(scale=0.6, num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
+    # rows padded (token stride D + 8): read through strides, no copy
+    _check_view(lambda t: torch.nn.functional.pad(t, (0, 8))[..., :D], x, params, **kw)
+    # last-dim stride 2: the one case the launcher makes contiguous
+    _check_view(lambda t: torch.stack([t, t], dim=-1)[..., 0], x, params, **kw)
+    # the other layout's memory order ([N, B, D] memory seen as [B, N, D] and vice versa)
+    _check_view(lambda t: t.transpose(0, 1).contiguous().transpose(0, 1), x, params, **kw)
+    # a stride-0 incoming gradient
+    _check_view(lambda t: t, x, params, loss_sum=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(dtype):
+    # float32 x and weights; heba.ops casts the weights to the autocast dtype, the
+    # kernel keeps x in float32: output float32, grads in each input's dtype.
+    x = _x(2, 3, 4, 48, 1, torch.float32, True, seed=9)
+    params = visual_params(48, device=DEVICE, seed=6)
+    check_against_reference("heba_visual", "triton", x, params, autocast_dtype=dtype,
+                            scale=0.8, grid=(3, 4))
+
+
+def test_backend_is_the_triton_kernel():
+    import heba_kernels.heba_visual as hv
+    name, fn = resolve("heba_visual", "triton", torch.device(DEVICE))
+    assert (name, fn) == ("triton", hv.heba_visual)
+
+
+def test_every_saved_element_written():
+    # With NaN-filled buffers, a NaN left in u / mean / rstd is a tile never written.
+    import heba_kernels.heba_visual as hv
+    params = visual_params(48, device=DEVICE, dtype=torch.bfloat16)
+    for batch_first in (True, False):
+        x = _x(3, 5, 4, 48, 2, torch.bfloat16, batch_first)
+        out, u, mean, rstd = hv.heba_visual_fwd(x, *params.values(), 0.5, 2, 5, 4,
+                                                batch_first, 1e-5)
+        for name, t in (("out", out), ("u", u), ("mean", mean), ("rstd", rstd)):
+            assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
+        assert u.shape == (3, 20, 12) and u.dtype == torch.bfloat16
+        assert mean.shape == rstd.shape == (3, 20) and mean.dtype == torch.float32
+        # the saved bottleneck is down(t) itself
+        xb = x if batch_first else x.transpose(0, 1)
+        u_ref = xb[:, 2:].double() @ params["down_weight"].double().flatten(1).T
+        assert_rel_close("u", u, u_ref, TOL[torch.bfloat16])
+
+
+def test_opcheck():
+    x = _x(2, 3, 4, 32, 1, torch.float32, True).requires_grad_(True)
+    params = [p.requires_grad_(True) for p in visual_params(32, device=DEVICE).values()]
+    fwd_args = (x, *params, 0.5, 1, 3, 4, True, 1e-5, True)
+    torch.library.opcheck(torch.ops.heba.triton_visual_fwd.default, fwd_args)
+    out, u, mean, rstd = torch.ops.heba.triton_visual_fwd(*fwd_args)
+    g = torch.randn_like(out)
+    bwd_args = (g, x.detach(), u, mean, rstd, *[p.detach() for p in params],
+                0.5, 1, 3, 4, True, True)
+    torch.library.opcheck(torch.ops.heba.triton_visual_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a = heba.nn.HeBAAdapter(32, grid=(3, 4), backend="triton").to(DEVICE)
+    x = _x(2, 3, 4, 32, 1, torch.float32, True, seed=3)
+    explained = torch._dynamo.explain(a)(x, scale=0.3)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(a, fullgraph=True)     # inductor, the default backend
+
+    def run(module):
+        xx = x.clone().requires_grad_(True)
+        out = module(xx, scale=0.3)
+        out.backward(torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1], device=DEVICE))
+        grads = [xx.grad] + [p.grad for p in a.parameters()]
+        for p in a.parameters():
+            p.grad = None
+        return out.detach(), grads
+
+    out_c, grads_c = run(compiled)
+    out_e, grads_e = run(a)
+    torch.testing.assert_close(out_c, out_e)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge)
+    # ... and eager is right, so compiled is right.
+    check_against_reference("heba_visual", "triton", x,
+                            {k.replace(".", "_"): v.detach() for k, v in a.named_parameters()},
+                            scale=0.3, grid=(3, 4))
+
+
+# --------------------------------------------------------------------------- GPU, CLIP shapes
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,D,dtype", [
+    pytest.param(8, 768, torch.bfloat16, id="B8-H14-W14-D768-P1-bf16"),
+    pytest.param(32, 768, torch.bfloat16, id="B32-H14-W14-D768-P1-bf16"),
+    pytest.param(8, 3072, torch.bfloat16, id="B8-H14-W14-D3072-P1-bf16"),
+    pytest.param(16, 3072, torch.bfloat16, id="B16-H14-W14-D3072-P1-bf16"),
+    pytest.param(9, 768, torch.float16, id="B9-H14-W14-D768-P1-fp16"),
+    pytest.param(4, 768, torch.float32, id="B4-H14-W14-D768-P1-fp32"),
+])
+def test_clip_shapes_gpu(B, D, dtype):
+    x = tokens(B, 197, D, device="cuda", dtype=dtype, seed=B)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(D, device="cuda", dtype=dtype, seed=D),
+                            scale=0.025, grid=(14, 14))
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_clip_seq_first_autocast_gpu():
+    x = tokens(197, 16, 768, device="cuda", dtype=torch.float32)
+    check_against_reference("heba_visual", "triton", x, visual_params(768, device="cuda"),
+                            autocast_dtype=torch.bfloat16, scale=0.025, grid=(14, 14),
+                            batch_first=False)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_int64_offsets_gpu():
+    # [197, B, 3072] seq-first with 197 * B * 3072 > 2^31 elements: the last image's
+    # rows sit past 2^31. Checked against the reference on that image alone.
+    N, D = 197, 3072
+    B = (2 ** 31) // (N * D) + 2
+    params = visual_params(D, device="cuda", dtype=torch.bfloat16, seed=1)
+    x = torch.empty(N, B, D, device="cuda", dtype=torch.bfloat16)
+    x[:, :-1] = tokens(N, 1, D, device="cuda", dtype=torch.bfloat16, seed=2)
+    x[:, -1:] = tokens(N, 1, D, device="cuda", dtype=torch.bfloat16, seed=3)
+    assert x.numel() > 2 ** 31
+    x.requires_grad_(True)
+    kw = dict(scale=0.5, grid=(14, 14), batch_first=False)
+    out = ops.heba_visual(x, *params.values(), **kw, backend="triton")
+    g = torch.zeros_like(out)
+    g[:, -1] = tokens(N, D, device="cuda", dtype=torch.bfloat16, seed=4)
+    out.backward(g)
+    x_last = x.detach()[:, -1:].double().requires_grad_(True)
+    ref = ops.heba_visual(x_last, *[p.double() for p in params.values()], **kw,
+                          backend="reference")
+    ref.backward(g[:, -1:].double())
+    tol = TOL[torch.bfloat16]
+    assert_rel_close("out (last image)", out.detach()[:, -1:], ref, tol)
+    assert_rel_close("grad x (last image)", x.grad[:, -1:], x_last.grad, tol)
+
+
+# --------------------------------------------------------------------------- compiled mode, no GPU
+
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+import triton.language as tl
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as err:
+    print("SKIP: no ASTSource/GPUTarget in triton", triton.__version__, err); sys.exit(0)
+import heba_kernels.heba_visual as hv
+
+F32_BUFFERS = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
+               "dwu_part_ptr", "dwd_part_ptr"}
+TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
+x_ty, w_ty = sys.argv[1], sys.argv[2]
+dot = (tl.bfloat16, "tf32") if w_ty == "*bf16" else (tl.float32, "ieee")
+blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, DOT_DTYPE=dot[0], DOT_PREC=dot[1])
+jobs = [(fn, blocks, ()) for fn in (
+    hv._heba_visual_fwd_kernel_down, hv._heba_visual_fwd_kernel,
+    hv._heba_visual_bwd_kernel_dy, hv._heba_visual_bwd_kernel_dv,
+    hv._heba_visual_bwd_kernel_dwu, hv._heba_visual_bwd_kernel_dx,
+    hv._heba_visual_bwd_kernel_dwd)]
+jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64),
+          ("src_ptr",) if m else ()) for m in (False, True)]
+for fn, consts, f32_extra in jobs:
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ("*fp32" if name in F32_BUFFERS or name in f32_extra
+                         else x_ty if name in TOKEN_BUFFERS else w_ty)
+        elif name in ("scale", "eps", "gs", "xs"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    try:
+        src = ASTSource(fn, sig, constexprs=consts)
+    except TypeError as err:
+        print("SKIP: another ASTSource API in triton", triton.__version__, err); sys.exit(0)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert compiled.asm.get("cubin"), fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("x_ty,w_ty", [("*fp32", "*bf16")], ids=["x-fp32-w-bf16"])
+def test_kernels_compile_for_sm90(x_ty, w_ty):
+    # The interpreter never runs Triton's compiler: lower every kernel to an sm_90 cubin
+    # (no GPU needed, ptxas ships with Triton) to catch compiled-mode-only errors. In a
+    # subprocess, since TRITON_INTERPRET=1 makes @triton.jit return interpreted functions.
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, x_ty, w_ty], env=env,
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
+    if res.stdout.startswith("SKIP:"):
+        pytest.skip(res.stdout.strip())
+    assert res.stdout.count("compiled") == 9, res.stdout
