@@ -189,7 +189,7 @@ def test_train_step(benchmark, method, impl):
     rel = abs(first - ref) / abs(ref)
     assert rel < 2e-2, f"{method}/{impl}: first loss {first} vs eager {ref} (rel {rel:.2e})"
 
-    for _ in range(1 if DRY_RUN else 6):     # warm-up: graph capture, autotuning, compile of bwd
+    for _ in range(0 if DRY_RUN else 6):     # warm-up: graph capture, autotuning, compile of bwd
         step()
 
     def synced():
@@ -204,7 +204,8 @@ def test_train_step(benchmark, method, impl):
         "images_per_s": BATCH / ms * 1e3, "peak_mem_bytes": _peak_bytes(step),
         "first_loss": first, "loss_rel_to_eager": rel, **info,
     })
-    benchmark.pedantic(synced, rounds=3 if DRY_RUN else 10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(synced, rounds=1 if DRY_RUN else 10, iterations=1,
+                       warmup_rounds=0 if DRY_RUN else 1)
     del step, loss
     if impl == "compile":
         torch._dynamo.reset()

@@ -240,9 +240,11 @@ class TrainStep:
             img = m.encode_image(images, normalize=True)
             length = texts.shape[1] if length is None else length
             txt = encode_text_to(m, texts, length, normalize=True)
-            logits = m.logit_scale.exp().float() * (img.float() @ txt.float().t())
-            if getattr(m, "logit_bias", None) is not None:
-                logits = logits + m.logit_bias.float()
+        # Logits in float32 (a [B, C] matmul, negligible): bf16 logits would be quantised
+        # to ~0.4% of logit_scale (up to 0.4 of a logit at scale 100).
+        logits = m.logit_scale.exp().float() * (img.float() @ txt.float().t())
+        if getattr(m, "logit_bias", None) is not None:
+            logits = logits + m.logit_bias.float()
         return masked_cross_entropy(logits, labels, valid, self.label_smoothing)
 
     def _eager(self, images, texts, labels, valid, length, cache=True):
