@@ -91,6 +91,15 @@ def build_parser():
     t.add_argument("--overwrite", action="store_true",
                    help="start over even if --output holds a checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    f = t.add_argument_group("speed and memory (results are the same up to rounding)")
+    f.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every step eagerly (graphs are used on a GPU when the step's "
+                        "shapes and values are static; the log says whether and why not)")
+    f.add_argument("--no-cast-once", action="store_true",
+                   help="keep the frozen backbone in fp32 and let autocast cast it every step")
+    f.add_argument("--checkpoint-blocks", type=int, default=0, metavar="K",
+                   help="recompute every K-th frozen block's activations in backward "
+                        "(1: all; 0: none, the default) to fit larger batches")
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint")
     _common(e)

@@ -59,7 +59,7 @@ from heba.clip.wiring import _truncatable, get_adapters, towers
 __all__ = [
     "prepare_frozen", "bucket_length", "bucket_count", "pad_prompts", "encode_text_to",
     "masked_cross_entropy", "TrainStep", "checkpoint_frozen_blocks",
-    "uncheckpoint_frozen_blocks", "find_max_batch",
+    "uncheckpoint_frozen_blocks", "find_max_batch", "GraphedStep",
 ]
 
 
@@ -364,6 +364,93 @@ class TrainStep:
             # The caching allocator's counters are host-side: no sync needed.
             self.peak_memory_bytes = torch.cuda.max_memory_allocated(dev)
         return loss
+
+
+class GraphedStep:
+    """Forward and backward of a training step, replayed as one CUDA graph per input shape.
+
+    ``fn(*inputs)`` returns a tuple of tensors whose first is the loss;
+    ``GraphedStep(fn, params)(*inputs)`` runs ``fn`` and ``loss.backward()`` and
+    returns the outputs detached, with every ``p.grad`` of ``params`` set. The
+    optimizer step stays outside the graph (a few foreach launches), so learning-rate
+    schedules, ``GradScaler``-free optimizers and ``zero_grad(set_to_none=True)``
+    between steps need no recapture: the gradients live in the graph's memory and
+    ``p.grad`` is pointed at them after every replay.
+
+    The first ``warmup`` calls per shape run eagerly on a side stream (cuBLAS
+    workspaces, Triton autotuning, lazily built state), then the shape is captured.
+    ``fn`` must have no host synchronisation and no host-side randomness (a graph
+    replays what it recorded); use :class:`TrainStep`'s checks or the caller's to
+    decide. Inputs are copied into static buffers on each replay. Off the GPU (or
+    with ``enabled=False``) every call is eager. A capture that fails switches to
+    eager for good, with a warning that says why (``reason``).
+    """
+
+    def __init__(self, fn: Callable, params, *, enabled: bool = True, warmup: int = 3,
+                 max_graphs: int = 4):
+        self.fn, self.params = fn, list(params)
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.reason: Optional[str] = None if enabled else "disabled"
+        self._graphs: dict = {}
+        self._seen: dict = {}
+        self._pool = None
+        self.replays = 0
+
+    def _eager(self, inputs):
+        outs = self.fn(*inputs)
+        outs[0].backward()
+        return tuple(o.detach() for o in outs)
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.reason is not None or not inputs[0].is_cuda:
+            return self._eager(inputs)
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key in self._graphs:
+            return self._replay(key, inputs)
+        if self._seen.get(key, 0) < self.warmup:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outs = self._eager(inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return outs
+        try:
+            self._capture(key, inputs)
+        except Exception as err:
+            self.reason = f"capture failed ({type(err).__name__}: {str(err)[:200]})"
+            warnings.warn(f"GraphedStep: CUDA graphs off: {self.reason}")
+            self._graphs.clear()
+            for p in self.params:
+                p.grad = None
+            return self._eager(inputs)
+        return self._replay(key, inputs)
+
+    def _capture(self, key, inputs):
+        static = [t.clone() for t in inputs]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        for p in self.params:
+            p.grad = None            # backward allocates the gradients inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outs = self.fn(*static)
+            outs[0].backward()
+        grads = [p.grad for p in self.params]
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = (graph, static, tuple(o.detach() for o in outs), grads)
+
+    def _replay(self, key, inputs):
+        graph, static, outs, grads = self._graphs[key]
+        for dst, src in zip(static, inputs):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        # The graphs share one memory pool: hand out copies, not the static outputs.
+        return tuple(o.clone() for o in outs)
 
 
 # --- 3. memory: activation checkpointing of the frozen blocks, largest batch ------------------

@@ -32,6 +32,7 @@ from torch import nn
 from heba.clip import checkpoints as ckpt
 from heba.clip import data as D
 from heba.clip.prompts import TextBank, class_prompts, load_descriptions
+from heba.clip.fast import GraphedStep, checkpoint_frozen_blocks, prepare_frozen
 from heba.clip.wiring import ScalePolicy, attach_adaptertune, attach_heba, count_parameters
 
 CKPT_NAME = "adapters.safetensors"
@@ -128,11 +129,13 @@ def _barrier(world):
         dist.barrier()
 
 
-def autocast_ctx(device, precision):
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_ctx(device, precision, cache: bool = True):
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], cache_enabled=cache)
 
 
 def resolve_precision(precision, device):
@@ -257,7 +260,15 @@ class AdapterStep(nn.Module):
     def forward(self, images, labels, candidates: Optional[torch.Tensor]):
         img = F.normalize(self.model.encode_image(images).float(), dim=-1)       # [B, E]
         scale = self.model.logit_scale.exp().float()
-        if candidates is None:                        # every class is a candidate
+        if not self.text_adapted:
+            # Frozen text: every class embedding exists already; gather the candidates'
+            # logits (no torch.unique, hence no host sync: a CUDA graph can hold this step).
+            logits = scale * img @ self.class_features(None).T                # [B, C]
+            if candidates is None:
+                target = labels
+            else:
+                logits, target = logits.gather(1, candidates), torch.zeros_like(labels)
+        elif candidates is None:                      # every class is a candidate
             txt = self.class_features(None)                                    # [C, E]
             logits, target = scale * img @ txt.T, labels
         else:                                         # [B, 1 + k]: true class first
@@ -396,6 +407,45 @@ def check_same(saved: dict, cfg: dict, fields, path):
         raise D.UsageError(f"checkpoint {path} is from another configuration ({'; '.join(diff)})")
 
 
+def fast_setup(model, args, precision) -> list:
+    """Cast the frozen backbone once and checkpoint the frozen blocks, as ``args`` ask.
+
+    Returns notes for the log. Casting once is numerically autocast (the backbone's
+    matmuls ran in ``precision`` anyway) without re-casting ~all weights every step;
+    the adapters keep fp32 master weights, LayerNorms and the logit scale stay fp32.
+    """
+    notes = []
+    if precision != "fp32" and not args.no_cast_once:
+        prepare_frozen(model, PRECISIONS[precision])
+        notes.append(f"frozen backbone cast once to {precision}")
+    else:
+        notes.append("backbone kept in fp32" + (" (--no-cast-once)" if precision != "fp32"
+                                                 else ""))
+    if args.checkpoint_blocks:
+        n = checkpoint_frozen_blocks(model, every=args.checkpoint_blocks)
+        notes.append(f"{n} frozen blocks checkpointed")
+    return notes
+
+
+def graphs_reason(args, device, world, precision, model, step_mod) -> Optional[str]:
+    """Why the training step cannot be a CUDA graph here (None when it can)."""
+    if args.no_cuda_graphs:
+        return "--no-cuda-graphs"
+    if device.type != "cuda":
+        return "not on a GPU"
+    if world > 1:
+        return "DistributedDataParallel"
+    if precision == "fp16":
+        return "fp16 loss scaling"
+    if step_mod.text_adapted:
+        return ("the text tower is adapted: which prompts a step encodes (negative sampling) "
+                "and how many tokens it runs are decided on the host")
+    policy = getattr(model, "heba_policy", None)
+    if policy is not None and policy.slow_fast_ratio < 1.0:
+        return "HeBA's slow-fast scale is drawn on the host per adapter call"
+    return None
+
+
 def run_train(args, log=print) -> nn.Module:
     """Train adapters as ``args`` says; returns the adapted model (on its device)."""
     from tqdm import tqdm
@@ -416,6 +466,8 @@ def run_train(args, log=print) -> nn.Module:
         raise D.UsageError(f"--resume: {out_dir} holds no checkpoint ({CKPT_NAME} + json)")
     if args.epochs < 1 or args.batch_size < 1 or args.shots < 1:
         raise D.UsageError("--epochs, --batch-size and --shots must be >= 1")
+    if args.checkpoint_blocks < 0:
+        raise D.UsageError(f"--checkpoint-blocks must be >= 0 (0: off), got {args.checkpoint_blocks}")
 
     # Everything that can fail on bad input happens before anything is written;
     # the data set is checked first, as it is the cheapest to check.
@@ -436,6 +488,7 @@ def run_train(args, log=print) -> nn.Module:
     torch.manual_seed(cfg["seed"])               # the same adapter init on every rank
     model = attach(model, cfg, args.backend).to(device)
     trainable, total = count_parameters(model)
+    fast_notes = fast_setup(model, args, precision)
     step_mod = AdapterStep(model, train_bank, cfg["neg_classes"], cfg["label_smoothing"])
     params = [p for p in model.heba_adapters.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
@@ -465,6 +518,8 @@ def run_train(args, log=print) -> nn.Module:
         if "policy_rng" in state and getattr(model, "heba_policy", None) is not None:
             model.heba_policy._rng.setstate(_tuple(state["policy_rng"]))
     train_step = step_mod
+    graph_off = graphs_reason(args, device, world, precision, model, step_mod)
+    fast_notes.append("CUDA graphs " + ("on" if graph_off is None else f"off ({graph_off})"))
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_step = DDP(step_mod, device_ids=[device.index] if device.type == "cuda" else None,
@@ -485,6 +540,7 @@ def run_train(args, log=print) -> nn.Module:
         f"{len(classes)} classes, {len(train_classes)} trained, {cfg['shots']} shots; "
         f"{trainable:,} trainable of {total:,} parameters; device {device}"
         + (f" x{world}" if world > 1 else "") + f", {precision}")
+    log("fast path: " + "; ".join(fast_notes))
     acc_before = None
     if start_epoch == 0 and not args.no_eval_before:
         if is_main:
@@ -496,6 +552,13 @@ def run_train(args, log=print) -> nn.Module:
 
     gen = torch.Generator(device=device)
     model.train()
+
+    def forward(images, labels, *cand):
+        with autocast_ctx(device, precision, cache=graph_off is not None):
+            loss, acc = train_step(images, labels, cand[0] if cand else None)
+        return scaler.scale(loss), loss, acc
+
+    graphed = GraphedStep(forward, params, enabled=graph_off is None)
     for epoch in range(start_epoch, cfg["epochs"]):
         # Every random draw of an epoch follows from (seed, epoch, rank), so a
         # resumed run is the uninterrupted one: augmentations (global RNG),
@@ -518,10 +581,8 @@ def run_train(args, log=print) -> nn.Module:
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             cand = sample_candidates(labels, train_bank.n_classes, cfg["neg_classes"], gen)
-            with autocast_ctx(device, precision):
-                loss, acc = train_step(images, labels, cand)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            _, loss, acc = graphed(images, labels, *(() if cand is None else (cand,)))
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -536,7 +597,9 @@ def run_train(args, log=print) -> nn.Module:
         rec = dict(event="train", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                    loss=loss_sum / max(n_batches, 1), train_acc=100 * acc_sum / max(n_batches, 1),
                    lr=sched.get_last_lr()[0], img_per_s=seen * world / max(dt, 1e-9),
-                   seconds=dt)
+                   seconds=dt, graph_replays=graphed.replays)
+        if device.type == "cuda":
+            rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         record(rec)
         if not args.quiet:
             log(f"epoch {epoch + 1}/{cfg['epochs']}: loss {rec['loss']:.3f}  "
