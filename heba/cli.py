@@ -86,7 +86,9 @@ def build_parser():
     t.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: end)")
     t.add_argument("--no-eval-before", action="store_true",
                    help="skip the evaluation before training")
-    t.add_argument("--output", "-o", default="runs/heba", help="output directory")
+    t.add_argument("--output", "-o", default=None,
+                   help="output directory (default: runs/heba; the built-in demo: runs/demo, "
+                        "which it overwrites)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --output")
     t.add_argument("--overwrite", action="store_true",
                    help="start over even if --output holds a checkpoint")

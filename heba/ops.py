@@ -29,13 +29,22 @@ def _check_x(x, dim, name="x"):
         raise ValueError(f"{name} must have last dimension dim={dim}, got shape {tuple(x.shape)}")
 
 
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (devices autocast does not know, such as
+    ``meta``, have none)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def _check_params(x, params: dict):
     """Weights on x's device; same dtype as x unless autocast is on for that device."""
     for pname, p in params.items():
         if p is not None and p.device != x.device:
             raise ValueError(f"{pname} is on {p.device} but x is on {x.device}; "
                              f"move the adapter with .to(x.device)")
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = _autocast_on(x.device)
     for pname, p in params.items():
         if p is None:
             continue
@@ -87,7 +96,7 @@ def _autocast_params(x, params):
 
 def _call(op, backend, x, params, **kwargs):
     name, fn = resolve(op, backend, x.device)
-    if name != "reference" and torch.is_autocast_enabled(x.device.type):
+    if name != "reference" and _autocast_on(x.device):
         # Fused kernels see autocast as a dtype choice: low-precision weights,
         # float32 accumulation, x's dtype out. The reference runs under
         # autocast as PyTorch does, since it defines what autocast means here.

@@ -274,3 +274,31 @@ def test_encode_text_truncation_equals_full():
         encode_text(model, tok, normalize=True)
     h.remove()
     assert seen == [7]
+
+
+@pytest.mark.parametrize("name,size,grid,heba_millions", [
+    ("ViT-B-32", 224, 7, 87.2), ("ViT-B-16", 224, 14, 87.2),
+    ("ViT-L-14", 224, 16, 274.7), ("ViT-L-14-336", 336, 24, 274.7)])
+def test_real_clip_sizes_on_meta(name, size, grid, heba_millions):
+    """Every released ViT size wires up (shapes only: the model lives on the meta device)."""
+    import open_clip
+    with torch.device("meta"):
+        model = open_clip.create_model(name, pretrained=None, device="meta")
+    adapters = attach_heba(model)
+    layers = len(model.visual.transformer.resblocks)
+    assert len(adapters.visual_adapter) == layers
+    assert len(adapters.text_adapter) == len(model.transformer.resblocks)
+    assert adapters.visual_adapter[0].att_conv.grid == (grid, grid)
+    trainable, total = count_parameters(model)
+    assert round(trainable / 1e6, 1) == heba_millions          # 87.2M for B/16 as published
+    assert trainable == sum(p.numel() for p in adapters.parameters())
+    assert all(not p.requires_grad for n, p in model.named_parameters()
+               if not n.startswith("heba_adapters."))
+    with torch.device("meta"):
+        img = model.encode_image(torch.empty(2, 3, size, size))
+    assert img.shape == (2, model.visual.output_dim)
+    remove_adapters(model)
+    at = attach_adaptertune(model, "both", rank=16)
+    assert (len(at.blocks), len(at.text_blocks)) == (layers, len(model.transformer.resblocks))
+    with torch.device("meta"):
+        assert model.encode_image(torch.empty(2, 3, size, size)).shape == img.shape

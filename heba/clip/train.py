@@ -36,6 +36,8 @@ from heba.clip.fast import GraphedStep, checkpoint_frozen_blocks, prepare_frozen
 from heba.clip.wiring import ScalePolicy, attach_adaptertune, attach_heba, count_parameters
 
 CKPT_NAME = "adapters.safetensors"
+DEFAULT_OUTPUT = "runs/heba"
+DEMO_OUTPUT = "runs/demo"
 STATE_NAME = "train_state.pt"
 # Configuration fields a checkpoint must share with the run that loads it.
 MODEL_FIELDS = ("method", "model", "towers", "start", "end", "reduction", "rank", "every",
@@ -457,9 +459,15 @@ def run_train(args, log=print) -> nn.Module:
     cfg = run_config(args)
     precision = resolve_precision(args.precision, device)
     out_dir = args.output
+    overwrite = args.overwrite
+    if out_dir is None:
+        # The built-in demo writes runs/demo and may run again over its own last run;
+        # a real run's default directory is never overwritten without --overwrite.
+        out_dir = DEMO_OUTPUT if cfg["dataset"] is None else DEFAULT_OUTPUT
+        overwrite = overwrite or (cfg["dataset"] is None and not args.resume)
     ck_path, state_path = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, STATE_NAME)
     has_ckpt = os.path.exists(ckpt._config_path(ck_path))
-    if has_ckpt and not (args.resume or args.overwrite):
+    if has_ckpt and not (args.resume or overwrite):
         raise D.UsageError(f"{out_dir} already holds a checkpoint: pass --resume to continue it "
                            f"or --overwrite to start over")
     if args.resume and not has_ckpt:
