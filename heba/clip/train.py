@@ -37,6 +37,7 @@ from heba.clip.wiring import ScalePolicy, attach_adaptertune, attach_heba, count
 
 CKPT_NAME = "adapters.safetensors"
 DEFAULT_OUTPUT = "runs/heba"
+BAR_EVERY = 10          # training steps between progress-bar updates (each reads the loss)
 DEMO_OUTPUT = "runs/demo"
 STATE_NAME = "train_state.pt"
 # Configuration fields a checkpoint must share with the run that loads it.
@@ -559,6 +560,7 @@ def run_train(args, log=print) -> nn.Module:
         _barrier(world)
 
     gen = torch.Generator(device=device)
+    pin = device.type == "cuda"
     model.train()
 
     def forward(images, labels, *cand):
@@ -577,17 +579,22 @@ def run_train(args, log=print) -> nn.Module:
             sampler.set_epoch(epoch)
             loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg["batch_size"],
                                                  sampler=sampler, num_workers=args.workers,
-                                                 drop_last=False)
+                                                 drop_last=False, pin_memory=pin)
         else:
             g = torch.Generator().manual_seed(cfg["seed"] * 7_919 + epoch)
             loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg["batch_size"],
                                                  shuffle=True, generator=g,
-                                                 num_workers=args.workers)
+                                                 num_workers=args.workers, pin_memory=pin)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not is_main
                    or args.quiet, leave=False, file=sys.stderr, dynamic_ncols=True)
-        t0, seen, loss_sum, acc_sum, n_batches = time.time(), 0, 0.0, 0.0, 0
+        t0, seen, n_batches = time.time(), 0, 0
+        # Summed on the device; the host reads them every BAR_EVERY steps, not every step
+        # (a sync per step would stop the host from queueing the next step's work).
+        loss_sum = torch.zeros((), device=device)
+        acc_sum = torch.zeros((), device=device)
         for images, labels in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             cand = sample_candidates(labels, train_bank.n_classes, cfg["neg_classes"], gen)
             opt.zero_grad(set_to_none=True)
             _, loss, acc = graphed(images, labels, *(() if cand is None else (cand,)))
@@ -596,11 +603,13 @@ def run_train(args, log=print) -> nn.Module:
             sched.step()
             n_batches += 1
             seen += len(labels)
-            loss_sum += loss.item()
-            acc_sum += acc.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
-                            img_s=f"{seen * world / max(time.time() - t0, 1e-9):.0f}")
+            loss_sum += loss.float()
+            acc_sum += acc.float()
+            if not bar.disable and (n_batches % BAR_EVERY == 0 or n_batches == len(loader)):
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                img_s=f"{seen * world / max(time.time() - t0, 1e-9):.0f}")
         bar.close()
+        loss_sum, acc_sum = loss_sum.item(), acc_sum.item()
         dt = time.time() - t0
         rec = dict(event="train", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                    loss=loss_sum / max(n_batches, 1), train_acc=100 * acc_sum / max(n_batches, 1),
