@@ -8,7 +8,7 @@ is row-major ``H x W``, the first ``P`` tokens pass through)::
 
 Forward::
 
-    u_p   = Wd t_p                                  # [h]  saved for backward
+    u_p   = Wd t_p                                  # [h]  saved for backward, or recomputed
     v_p   = sum_k Wm[:, k] * u_{p + off_k}          # zero outside the grid (padding 1)
     s_p   = gelu(v_p)                               # exact (erf) GELU
     y_p   = t_p + Wu s_p                            # [D]
@@ -34,7 +34,7 @@ Kernels (one image per program along the batch axis; tokens in blocks of
 ``BLOCK_T``; ``D`` and ``h`` in chunks, masked, so any width works):
 
 * ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B, HW, h]`` buffer in
-  the weights' dtype (saved for backward).
+  the weights' dtype (saved for backward at large ``D``, else run again in backward).
 * ``_heba_visual_kernel_dwconv``: the 3x3 stencil needs each token's neighbours,
   which live in other token blocks, so it runs as its own pass over the
   bottleneck: ``s = gelu(dwconv(u))`` forward (and again in backward), and
@@ -48,10 +48,18 @@ Kernels (one image per program along the batch axis; tokens in blocks of
   buffer, dWm partials), ``_dwu`` and ``_dwd`` (split-K over token tiles into
   float32 partials), ``_dx`` (``dx = g + xs (dy + Wd^T du)``, in place).
 
-Saved for backward: ``x`` itself (by reference), ``u`` (``h`` values per grid
-token in the weights' dtype: ``D/2`` bytes in bf16) and ``mean``, ``rstd``
-(8 bytes per grid token): ``D/2 + 8`` bytes per token in bf16/fp16 (392 at
-D=768), ``D + 8`` in fp32. Everything else is recomputed. Transient buffers:
+Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
+grid token) and, only when ``D >= SAVE_U_MIN_DIM`` (2048), ``u`` (``h`` values per
+grid token in the weights' dtype: ``D/2`` bytes in bf16). Below that width the
+adapter is memory-bound and the backward runs the down kernel again (one more
+read of ``x``, a GEMM of a quarter of the forward's FLOPs) instead of keeping
+``u`` alive between forward and backward: 8 bytes per token beyond ``x`` (0.4 MB
+at ViT-B/16 batch 256, against 55 MB for the PyTorch reference). At ``D >= 2048``
+the adapter is matmul-bound, recomputing ``u`` would add a sixth to the
+forward+backward FLOPs, and ``u`` is kept: ``D/2 + 8`` bytes per token in
+bf16 (34% of the reference's saved bytes at D=3072). Either way the gradients are
+bitwise the same (the same kernel computes the same ``u``). Everything else is
+recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
 dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
 buffer. Parameter gradients are per-program float32 partials summed by
@@ -65,13 +73,18 @@ buffers with NaN so a tile a kernel forgets to write fails loudly in tests).
 
 import functools
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd"]
+
+# Keep the bottleneck ``u`` for backward from this width up (matmul-bound); below it,
+# recompute ``u`` in backward (memory-bound). A speed/memory choice only: the
+# results are bitwise the same. Re-tune with benchmarks/test_adapters.py on a GPU.
+SAVE_U_MIN_DIM = 2048
 
 
 # --------------------------------------------------------------------------- kernels
@@ -555,6 +568,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
                     W: int, batch_first: bool, rescale_param_grad: bool):
     """Backward launcher. Returns the gradients of ``x`` and the five parameters.
 
+    ``u`` is the forward's bottleneck, or None to recompute it here from ``x``.
+
     With ``rescale_param_grad`` the parameters' gradients are those of SPEC.md's rule
     (as if ``scale`` were 1); ``x``'s is always the true gradient.
     """
@@ -580,6 +595,9 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     sgb, sgn = _token_strides(g, batch_first)
     sdb, sdn = _token_strides(dx, batch_first)
 
+    if u is None:                                                     # recompute u = t Wd^T
+        u = _new((B, HW, h), down_weight.dtype, dev)
+        _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
     s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
         u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
@@ -651,7 +669,7 @@ def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, num_
 
 
 @torch.library.custom_op("heba::triton_visual_bwd", mutates_args=())
-def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
+def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
                        mean: torch.Tensor, rstd: torch.Tensor, down_weight: torch.Tensor,
                        mid_weight: torch.Tensor, up_weight: torch.Tensor,
                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
@@ -659,7 +677,8 @@ def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
                        rescale_param_grad: bool
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
-    """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``."""
+    """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``;
+    ``u`` None: recomputed from ``x``."""
     return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
                            norm_weight, norm_bias, scale, num_prefix_tokens, H, W,
                            batch_first, rescale_param_grad)
@@ -680,10 +699,12 @@ def _setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, num_prefix_tokens,
      H, W, batch_first, eps, rescale_param_grad) = inputs
     _, u, mean, rstd = output
+    ctx.mark_non_differentiable(u, mean, rstd)
+    if x.shape[-1] < SAVE_U_MIN_DIM:
+        u = None                  # memory-bound width: the backward recomputes it
     ctx.save_for_backward(x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight,
                           norm_bias)
     ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad)
-    ctx.mark_non_differentiable(u, mean, rstd)
 
 
 def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd):

@@ -357,3 +357,56 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
     assert res.stdout.count("compiled") == 9, res.stdout
+
+
+def _grads(a, x, scale=0.6):
+    x = x.detach().requires_grad_(True)
+    out = a(x, scale=scale)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+    out.backward(g)
+    return [out.detach(), x.grad] + [p.grad for p in a.parameters()]
+
+
+def _saved_bytes(a, x):
+    seen = {}
+
+    def pack(t):
+        seen[t.data_ptr()] = t.nbytes
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        a(x.detach().requires_grad_(True), scale=0.6)
+    return sum(seen.values()) - x.nbytes - sum(p.nbytes for p in a.parameters())
+
+
+def test_saved_bottleneck_or_recomputed_bitwise_same(monkeypatch):
+    """Below SAVE_U_MIN_DIM the backward recomputes u; above it u is saved. Same bits."""
+    import heba_kernels.heba_visual as hv
+    torch.manual_seed(0)
+    a = heba.nn.HeBAAdapter(48, grid=(4, 5), backend="triton").to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = _x(3, 4, 5, 48, 1, torch.bfloat16, True, seed=11)
+    stats = 2 * 3 * 20 * 4                                   # mean + rstd, float32
+    u_bytes = 3 * 20 * 12 * 2                                # [B, HW, h] bf16
+    monkeypatch.setattr(hv, "SAVE_U_MIN_DIM", 10 ** 9)
+    assert _saved_bytes(a, x) == stats
+    recomputed = _grads(a, x)
+    monkeypatch.setattr(hv, "SAVE_U_MIN_DIM", 0)
+    assert _saved_bytes(a, x) == stats + u_bytes
+    for p in a.parameters():
+        p.grad = None
+    saved = _grads(a, x)
+    for i, (r, s) in enumerate(zip(recomputed, saved)):
+        assert torch.equal(r, s), f"tensor {i} differs between saved and recomputed u"
+    check_against_reference("heba_visual", "triton", x, visual_params(48, device=DEVICE,
+                            dtype=torch.bfloat16), scale=0.7, grid=(4, 5))
+
+
+def test_opcheck_recomputed_u():
+    x = _x(2, 3, 4, 32, 1, torch.float32, False).requires_grad_(True)
+    params = [p.detach() for p in visual_params(32, device=DEVICE).values()]
+    g = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.heba.triton_visual_bwd.default,
+                          (g, x.detach(), None, torch.rand(2, 12) + 0.1, torch.rand(2, 12) + 0.5,
+                           *params, 0.5, 1, 3, 4, False, True))
