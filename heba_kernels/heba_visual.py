@@ -52,7 +52,7 @@ Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and, only when ``D >= SAVE_U_MIN_DIM`` (2048), ``u`` (``h`` values per
 grid token in the weights' dtype: ``D/2`` bytes in bf16). Below that width the
 adapter is memory-bound and the backward runs the down kernel again (one more
-read of ``x``, a GEMM of a quarter of the forward's FLOPs) instead of keeping
+read of ``x``, the down GEMM again: half the forward's matmul FLOPs) instead of keeping
 ``u`` alive between forward and backward: 8 bytes per token beyond ``x`` (0.4 MB
 at ViT-B/16 batch 256, against 55 MB for the PyTorch reference). At ``D >= 2048``
 the adapter is matmul-bound, recomputing ``u`` would add a sixth to the
