@@ -49,30 +49,42 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path, device):
+def bar_chart(path, groups, series, value, *, group_label, series_label, ylabel, title,
+              log=False, group_width=1.6):
+    """A grouped bar chart saved to ``path``: one group per ``groups`` entry, one bar per
+    ``series`` entry, heights ``value(group, series)`` (0 where missing)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({(r["case"], r["mode"]) for r in rows if r["dtype"] == "bf16"})
-    if not keys:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4))
-    width = 0.8 / len(IMPL_ORDER)
-    for i, impl in enumerate(IMPL_ORDER):
-        vals = []
-        for case, mode in keys:
-            r = [x for x in rows if (x["case"], x["mode"], x["dtype"], x["impl"])
-                 == (case, mode, "bf16", impl)]
-            vals.append(r[0]["cuda_ms"] if r else 0.0)
-        ax.bar([k + i * width for k in range(len(keys))], vals, width, label=IMPL_LABEL[impl])
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))])
-    ax.set_xticklabels([f"{c}\n{m}" for c, m in keys], fontsize=7)
-    ax.set_ylabel("ms (CUDA events, median)")
-    ax.set_yscale("log")
-    ax.set_title(f"heba adapters, bf16, {device}")
+    fig, ax = plt.subplots(figsize=(max(6, group_width * len(groups)), 4))
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        ax.bar([k + i * width for k in range(len(groups))], [value(g, name) for g in groups],
+               width, label=series_label(name))
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(groups))])
+    ax.set_xticklabels([group_label(g) for g in groups], fontsize=7)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(rows, path, device):
+    keys = sorted({(r["case"], r["mode"]) for r in rows if r["dtype"] == "bf16"})
+    if not keys:
+        return
+
+    def ms(key, impl):
+        r = [x for x in rows if (x["case"], x["mode"], x["dtype"], x["impl"])
+             == (*key, "bf16", impl)]
+        return r[0]["cuda_ms"] if r else 0.0
+    bar_chart(path, keys, IMPL_ORDER, ms, group_label=lambda k: f"{k[0]}\n{k[1]}",
+              series_label=IMPL_LABEL.get, ylabel="ms (CUDA events, median)",
+              title=f"heba adapters, bf16, {device}", log=True)
 
 
 def main(argv=None):

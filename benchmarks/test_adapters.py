@@ -109,24 +109,30 @@ def _check(fn, x, params, case, dtype):
     assert err <= tol, f"{case.name}: output off the reference by {err:.2e} (tol {tol:.0e})"
 
 
+FUSED = ("triton", "cuda")
+# Every (case, contender) pair that exists: channels-last eager is for the visual path only.
+PAIRS = [pytest.param(case, impl, id=f"{case.name}-{impl}")
+         for case in CASES for impl in contenders(case)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("impl", ["eager", "eager-cl", "compile", "triton", "cuda"])
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case,impl", PAIRS)
 def test_adapter(benchmark, peaks, case, impl, dtype_name, mode):
     dtype = DTYPES[dtype_name]
-    makers = contenders(case)
-    if impl not in makers:
-        pytest.skip(f"{impl} applies to the visual path only")
-    if impl in ("triton", "cuda"):
+    if impl in FUSED:
         ok, why = backend_status(impl, DEVICE)
         if not ok:
             pytest.skip(f"backend {impl} unavailable: {why}")
     torch.manual_seed(0)
     try:
-        fn, x, params = makers[impl](dtype, DEVICE)
+        fn, x, params = contenders(case)[impl](dtype, DEVICE)
         out = fn(x)                                  # compiles torch.compile contenders
-    except Exception as err:  # e.g. torch.compile failing on a baseline: recorded, not hidden
+    except Exception as err:
+        if impl in FUSED:                            # heba's own kernels must run
+            raise
+        # A baseline that cannot run (torch.compile of the seq-first reference fails in
+        # fp32 on torch 2.11) is recorded as such, not hidden and not fatal.
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err)[:300]}")
     g = torch.randn_like(out)
     inputs = [x] + params

@@ -15,6 +15,8 @@ import os
 import re
 from collections import defaultdict
 
+from benchmarks.report import bar_chart
+
 IMPL_ORDER = ["eager", "compile", "heba", "heba-reference", "heba-triton", "heba-cuda",
               "heba-ckpt"]
 IMPL_LABEL = {"eager": "eager autocast (fp32 backbone, reference adapters)",
@@ -61,27 +63,16 @@ def table(steps, batches) -> str:
 
 
 def plot(steps, path, device):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     methods = sorted({r["method"] for r in steps})
     if not methods:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 3 * len(methods)), 4))
-    width = 0.8 / len(IMPL_ORDER)
-    for i, impl in enumerate(IMPL_ORDER):
-        vals = []
-        for method in methods:
-            r = [x for x in steps if (x["method"], x["impl"]) == (method, impl)]
-            vals.append(r[0]["images_per_s"] if r else 0.0)
-        ax.bar([k + i * width for k in range(len(methods))], vals, width, label=impl)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(methods))])
-    ax.set_xticklabels(methods)
-    ax.set_ylabel("images / s (one training step, CUDA events)")
-    ax.set_title(f"frozen CLIP ViT-B/16 training step, bf16, {device}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+
+    def images_per_s(method, impl):
+        r = [x for x in steps if (x["method"], x["impl"]) == (method, impl)]
+        return r[0]["images_per_s"] if r else 0.0
+    bar_chart(path, methods, IMPL_ORDER, images_per_s, group_label=str, series_label=str,
+              ylabel="images / s (one training step, CUDA events)",
+              title=f"frozen CLIP ViT-B/16 training step, bf16, {device}", group_width=3)
 
 
 def main(argv=None):

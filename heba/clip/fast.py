@@ -50,11 +50,10 @@ import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from heba.clip.wiring import _truncatable, get_adapters, towers
+from heba.clip.wiring import encode_text, get_adapters, towers
 
 __all__ = [
     "prepare_frozen", "bucket_length", "bucket_count", "pad_prompts", "encode_text_to",
@@ -132,26 +131,11 @@ def pad_prompts(text: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Ten
 
 def encode_text_to(model: nn.Module, text: torch.Tensor, length: int,
                    normalize: bool = False) -> torch.Tensor:
-    """``model.encode_text(text)`` running only the first ``length`` tokens.
-
-    Like :func:`heba.clip.wiring.encode_text` but with the length given instead
-    of read from the data (no host sync; a fixed shape per bucket). ``length``
-    must be > every row's end-of-text position (not checked: that would sync).
-    ``text`` is ``[C, context_length]`` token ids; returns ``[C, embed_dim]``.
-    """
-    if not _truncatable(model):
-        return model.encode_text(text, normalize=normalize)
-    text = text[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype)                 # [C, n, D]
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
-    proj = model.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1) if normalize else x
+    """``model.encode_text(text)`` running only the first ``length`` tokens: no host sync,
+    one shape per bucket. ``length`` must be > every row's end-of-text position (not
+    checked: that would sync). ``text`` is ``[C, context_length]`` token ids; returns
+    ``[C, embed_dim]``. See :func:`heba.clip.wiring.encode_text`."""
+    return encode_text(model, text, normalize=normalize, length=length)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -175,6 +159,23 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     else:
         smooth = -logp.masked_fill(~valid, 0.0).sum(dim=-1) / valid.sum()
     return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).mean()
+
+
+def _on_side_stream(fn: Callable):
+    """``fn()`` on a side stream, as CUDA graphs want their warm-up steps (cuBLAS
+    workspaces, Triton autotuning, optimizer state are created outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _make_room(graphs: dict, max_graphs: int) -> None:
+    """Drop the oldest captured graphs until one more fits under ``max_graphs``."""
+    while len(graphs) >= max_graphs:
+        graphs.pop(next(iter(graphs)))
 
 
 class TrainStep:
@@ -301,8 +302,7 @@ class TrainStep:
             loss = self.loss(*static[:3], static[3], length, cache=False)
             loss.backward()
             self.optimizer.step()
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
+        _make_room(self._graphs, self.max_graphs)
         self._graphs[key] = (graph, static, loss)
 
     def _replay(self, key, images, texts, labels, valid):
@@ -325,14 +325,8 @@ class TrainStep:
         if key in self._graphs:
             return self._replay(key, images, texts, labels, valid)
         if self._seen.get(key, 0) < self.warmup:
-            # Warm-up on a side stream (cuBLAS workspaces, Triton autotuning, optimizer state).
             self._seen[key] = self._seen.get(key, 0) + 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self._eager(images, texts, labels, valid, length)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
+            return _on_side_stream(lambda: self._eager(images, texts, labels, valid, length))
         try:
             self._capture(key, images, texts, labels, valid, length)
         except Exception as err:  # e.g. an optimizer that is not capturable: run eagerly
@@ -409,12 +403,7 @@ class GraphedStep:
             return self._replay(key, inputs)
         if self._seen.get(key, 0) < self.warmup:
             self._seen[key] = self._seen.get(key, 0) + 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                outs = self._eager(inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return outs
+            return _on_side_stream(lambda: self._eager(inputs))
         try:
             self._capture(key, inputs)
         except Exception as err:
@@ -437,8 +426,7 @@ class GraphedStep:
             outs = self.fn(*static)
             outs[0].backward()
         grads = [p.grad for p in self.params]
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
+        _make_room(self._graphs, self.max_graphs)
         self._graphs[key] = (graph, static, tuple(o.detach() for o in outs), grads)
 
     def _replay(self, key, inputs):

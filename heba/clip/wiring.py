@@ -365,7 +365,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-def encode_text(model: nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+def encode_text(model: nn.Module, text: torch.Tensor, normalize: bool = False,
+                length: Optional[int] = None) -> torch.Tensor:
     """``model.encode_text(text)``, running the text tower only up to the last end-of-text token.
 
     Text features are pooled at the end-of-text token (the largest token id of
@@ -376,10 +377,14 @@ def encode_text(model: nn.Module, text: torch.Tensor, normalize: bool = False) -
     77-token prompts whose longest is 20 tokens this is ~4x less text-tower work.
     Models this does not hold for (no causal mask, other pooling, a CLS
     token) go through ``model.encode_text`` unchanged.
+
+    ``length``: run this many tokens instead of reading ``max eot + 1`` from the
+    data (that read is a host sync on a GPU); it must exceed every row's
+    end-of-text position (not checked, which would sync).
     """
     if not _truncatable(model):
         return model.encode_text(text, normalize=normalize)
-    n = int(text.argmax(dim=-1).max().item()) + 1
+    n = int(text.argmax(dim=-1).max().item()) + 1 if length is None else length
     text = text[:, :n]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype)                 # [B, n, D]
