@@ -213,10 +213,13 @@ def make_imagenet(root, wnids: list[str], train_per_class: list[int], val_per_cl
     return {"dir": ddir}
 
 
-def make_imagenetv2(root, per_class: int = 1, *, images: bool = False) -> dict:
-    """Write ``imagenetv2/`` : ``classnames.txt`` and folders ``0``..``999`` of images."""
+def make_imagenetv2(root, per_class: int = 1, *, shuffle_seed=None, images: bool = False) -> dict:
+    """Write ``imagenetv2/`` : ``classnames.txt`` and folders ``0``..``999`` of images.
+
+    ``shuffle_seed`` shuffles the lines of classnames.txt (folder ``i`` takes line ``i``).
+    """
     ddir = os.path.join(str(root), "imagenetv2")
-    write_classnames(ddir, imagenet_classnames())
+    write_classnames(ddir, imagenet_classnames(), shuffle_seed=shuffle_seed)
     image_dir = os.path.join(ddir, "imagenetv2-matched-frequency-format-val")
     for label in range(1000):
         for j in range(per_class):
