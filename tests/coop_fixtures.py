@@ -146,7 +146,8 @@ def make_fgvc(root, counts: list[tuple[int, int, int]], *, variants=None,
 
     ``variants.txt`` lists the variants (label = line number, not sorted order);
     ``images_variant_<split>.txt`` lines are ``<7-digit id> <variant name>``;
-    images are ``images/<id>.jpg``. Returns ``{"dir", "variants", "lines": {split: [(id, variant)]}}``.
+    images are ``images/<id>.jpg``.
+    Returns ``{"dir", "variants", "lines": {split: [(id, variant)]}}``.
     """
     variants = list(variants or FGVC_VARIANTS)[:len(counts)]
     ddir = os.path.join(str(root), "fgvc_aircraft")
@@ -254,3 +255,29 @@ def make_imagenet_variant(root, name: str, wnids: list[str], per_class: int = 2,
         with open(os.path.join(image_dir, "README.txt"), "w") as f:
             f.write("class folders are wnids\n")
     return {"dir": ddir, "image_dir": image_dir}
+
+
+SMALL_COUNTS = [(4, 2, 2), (3, 1, 2), (4, 2, 2), (2, 1, 2), (4, 2, 2)]  # 5 classes, some short
+
+
+def make_dataset(root, name: str, *, images: bool = False) -> dict:
+    """Any of the 15 data sets, small, in its published layout (for protocol tests).
+
+    Split-file sets and FGVC Aircraft get 5 classes (``SMALL_COUNTS``); ImageNet
+    5 of its 1000 classes; ImageNet-V2 all 1000 folders, one image each;
+    ImageNet-Sketch 5 classes; -A and -R their 200 classes, one image each.
+    """
+    wnids = [w for w, _ in imagenet_classnames()]
+    if name in SPLIT_FILES:
+        return make_split_dataset(root, name, SMALL_COUNTS, images=images)
+    if name == "fgvc_aircraft":
+        return make_fgvc(root, SMALL_COUNTS, images=images)
+    if name == "imagenet":
+        return make_imagenet(root, wnids[:5], [4, 3, 4, 2, 4], [2, 2, 2, 2, 2], images=images)
+    if name == "imagenetv2":
+        return make_imagenetv2(root, 1, images=images)
+    if name == "imagenet_sketch":
+        return make_imagenet_variant(root, name, wnids[:5], 2, readme=False, images=images)
+    if name in ("imagenet_a", "imagenet_r"):
+        return make_imagenet_variant(root, name, wnids[::5], 1, images=images)
+    raise KeyError(name)

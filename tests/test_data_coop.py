@@ -215,9 +215,16 @@ def test_imagenet_sorted_folders_listdir_order_val_is_test(tmp_path):
     assert split.val == split.test
 
 
-def test_imagenetv2_labels_are_folder_numbers_names_by_line(tmp_path):
-    spec = fx.make_imagenetv2(tmp_path, per_class=1, shuffle_seed=4)
-    split = build_split("imagenetv2", str(tmp_path), 16, 1)
+@pytest.fixture(scope="module")
+def v2_root(tmp_path_factory):
+    """One ImageNet-V2 tree (1000 folders) shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("v2")
+    return root, fx.make_imagenetv2(root, per_class=1, shuffle_seed=4)
+
+
+def test_imagenetv2_labels_are_folder_numbers_names_by_line(v2_root):
+    root, spec = v2_root
+    split = build_split("imagenetv2", str(root), 16, 1)
     assert split.train == [] and split.val == [] and len(split.test) == 1000
     with open(os.path.join(spec["dir"], "classnames.txt")) as f:
         by_line = [line.rstrip("\n").split(" ", 1)[1] for line in f]
@@ -362,9 +369,8 @@ def test_bad_input_is_one_line_data_error(tmp_path, case):
     (lambda r: fx.make_split_dataset(r, "ucf101", COUNTS), "ucf101"),
     (lambda r: fx.make_fgvc(r, COUNTS), "fgvc_aircraft"),
     (lambda r: fx.make_imagenet(r, WNIDS[:2], [2, 2], [1, 1]), "imagenet"),
-    (lambda r: fx.make_imagenetv2(r), "imagenetv2"),
     (lambda r: fx.make_imagenet_variant(r, "imagenet_sketch", WNIDS[:2]), "imagenet_sketch"),
-], ids=["split-file", "fgvc", "imagenet", "imagenetv2", "imagenet-folders"])
+], ids=["split-file", "fgvc", "imagenet", "imagenet-folders"])
 def test_check_passes_on_good_layouts(tmp_path, build, name):
     build(tmp_path)
     assert check(name, str(tmp_path)) is None
@@ -377,3 +383,23 @@ def test_registry_names_and_published_readers():
         "imagenet_sketch", "imagenet_a", "imagenet_r"])
     test_only = {n for n, d in coop.DATASETS.items() if d.test_only}
     assert test_only == {"imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
+
+
+def test_every_dataset_builds_from_one_root(tmp_path, v2_root):
+    for name in coop.DATASETS:
+        if name != "imagenetv2":
+            fx.make_dataset(tmp_path, name)
+    # DATASETS.md suggests symbolic links to data sets kept elsewhere
+    os.symlink(v2_root[1]["dir"], tmp_path / "imagenetv2")
+    sizes = {}
+    for name, info in coop.DATASETS.items():
+        check(name, str(tmp_path))
+        split = build_split(name, str(tmp_path), 2, 1, "all")
+        sizes[name] = (len(split.train), len(split.val), len(split.test), len(split.classnames))
+    few = (2 + 2 + 2 + 2 + 2, 2 + 1 + 2 + 1 + 2, 10, 5)  # short classes keep what they have
+    assert {n: s for n, s in sizes.items() if n in PREFIX or n == "fgvc_aircraft"} == {
+        n: few for n in [*PREFIX, "fgvc_aircraft"]}
+    assert sizes["imagenet"] == (10, 10, 10, 5)
+    assert sizes["imagenetv2"] == (0, 0, 1000, 1000)
+    assert sizes["imagenet_sketch"] == (0, 0, 10, 5)
+    assert sizes["imagenet_a"] == sizes["imagenet_r"] == (0, 0, 200, 200)

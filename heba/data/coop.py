@@ -26,7 +26,7 @@ It is neither read nor written here. The published ``train.py`` sets the seed
 only when ``--seed`` is non-zero; seed 0 here means ``random.seed(0)``.
 
 Example:
-    >>> split = build_split("oxford_pets", "/data", shots=16, seed=1, subsample="base")  # doctest: +SKIP
+    >>> split = build_split("oxford_pets", "/data", 16, 1, "base")  # doctest: +SKIP
     >>> len(split.classnames), split.train[0].path  # doctest: +SKIP
     (19, '/data/oxford_pets/images/...jpg')
 """
@@ -246,7 +246,7 @@ def check(name: str, root: str) -> None:
 # ---------------------------------------------------------------------------
 
 def _read_split_json(info: DatasetInfo, ddir: str):
-    """``OxfordPets.read_split``: paths joined onto the image folder, labels and names as written."""
+    """``OxfordPets.read_split``: paths joined onto the image folder, label and name as written."""
     split = _load_split_file(info, _need_file(info, os.path.join(ddir, info.split_file),
                                               "split file"))
     prefix = os.path.join(ddir, info.image_dir) if info.image_dir else ddir
@@ -317,7 +317,8 @@ def _read_imagenetv2(info: DatasetInfo, ddir: str):
     for label in range(IMAGENET_CLASSES):
         class_dir = _need_dir(info, os.path.join(image_dir, str(label)), "class folder")
         name = names[folders[label]]
-        test += [Item(os.path.join(class_dir, f), label, name) for f in _listdir_nohidden(class_dir)]
+        test += [Item(os.path.join(class_dir, f), label, name)
+                 for f in _listdir_nohidden(class_dir)]
     return [], [], test
 
 
