@@ -1,0 +1,1 @@
+"""Data readers by layout family (torchvision roots, ImageFolder, split files, generated demo)."""
