@@ -291,7 +291,8 @@ def test_heba_and_adaptertune_refuse_what_they_cannot_wire():
 # --- the published checkpoint --------------------------------------------------------------
 
 def published_checkpoint(model, every=2, rank=4, seed=3, epoch=49):
-    """A file as the published trainer writes it: the wrapped model's state_dict, optimizer, epoch."""
+    """A file as the published trainer writes it: the wrapped model's state_dict, optimizer,
+    epoch (src/train/trainer.py: ``{"model": ..., "optimizer": ..., "epoch": ...}``)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for k, v in model.state_dict().items():

@@ -99,8 +99,12 @@ def canonical_name(name: str) -> str:
 def split_indices(n: int, val_split: float = 0.1, seed: int = 42) -> tuple[list, list]:
     """``(train, val)`` indices of ``n`` images: the published split, ``int(n * val_split)`` val.
 
-    >>> split_indices(10, 0.2, seed=0)[1] == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()[:2]
-    True
+    One permutation ``torch.randperm(n)`` drawn from ``Generator().manual_seed(seed)``;
+    its first ``int(n * val_split)`` entries are the validation set, the rest training.
+
+    >>> train, val = split_indices(10, 0.2, seed=0)
+    >>> len(train), len(val), sorted(train + val) == list(range(10))
+    (8, 2, True)
     """
     _check_fraction("val_split", val_split)
     n_val = int(n * val_split)
@@ -110,7 +114,8 @@ def split_indices(n: int, val_split: float = 0.1, seed: int = 42) -> tuple[list,
 
 def split_indices_threeway(n: int, val_split: float = 0.1, test_split: float = 0.2,
                            seed: int = 42) -> tuple[list, list, list]:
-    """``(train, val, test)``: ``int(n * test_split)`` test first, then ``val_split`` of the rest."""
+    """``(train, val, test)`` from one permutation: ``int(n * test_split)`` test first,
+    then ``int(rest * val_split)`` validation, the rest training (published ImageNet-R rule)."""
     _check_fraction("val_split", val_split)
     _check_fraction("test_split", test_split)
     n_test = int(n * test_split)
@@ -287,5 +292,5 @@ def _read(name: str, root: str):
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("scipy"):
             raise ImportError(f"{name} is stored as .mat files, which need scipy: pip install "
-                              f"scipy") from None
+                              f"'heba[timm]' (or scipy)") from None
         raise
