@@ -337,6 +337,10 @@ def test_published_checkpoint_loads_and_computes_the_published_model(tmp_path):
     load_published_checkpoint(other, ckpt)
     with torch.no_grad():
         assert torch.equal(other(img), model(img))
+    # the container holds the model's own adapter modules: they move with the model
+    other.float()
+    assert other.heba_adapters.blocks["2"].adapter.up.weight is other.blocks[2].adapter.up.weight
+    assert other.heba_adapters.blocks["2"].adapter.up.weight.dtype == torch.float32
 
 
 def test_published_head_only_checkpoint_loads_its_head():
