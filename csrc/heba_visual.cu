@@ -155,13 +155,16 @@ cudaError_t visual_stencil_fwd_launch(DType wt, const void* u, const void* wm, v
   });
 }
 
-// Chunks of >= 64 positions (8 per thread), at most 256 of them: the partial
-// sums stay small ([nchunks, C, 9]) and each thread still loops a while.
+// Up to 256 chunks of about 64 positions each (8 per position lane), longer
+// once 256 are reached: the partial sums stay small ([nchunks, C, 9]) and each
+// thread still loops a while.
 void visual_stencil_bwd_chunks(int64_t positions, int64_t* nchunks, int64_t* chunk) {
   int64_t n = ceil_div(positions, 64);
   n = n < 1 ? 1 : (n > 256 ? 256 : n);
-  *nchunks = n;
-  *chunk = positions > 0 ? ceil_div(positions, n) : 1;
+  const int64_t len = positions > 0 ? ceil_div(positions, n) : 1;
+  // as many chunks as that length needs: no trailing block without positions
+  *nchunks = positions > 0 ? ceil_div(positions, len) : 1;
+  *chunk = len;
 }
 
 cudaError_t visual_stencil_bwd_launch(DType wt, const void* dg, const void* u, const void* wm,
