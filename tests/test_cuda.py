@@ -440,7 +440,7 @@ def test_glue_compiles_fullgraph_on_cpu_stand_ins(cpu_stand_ins):
 
     out_e, _, g_e = run(f, 0.375)
     compiled = torch.compile(f, fullgraph=True)
-    for s in (torch.tensor(0.375), torch.tensor(0.375)):  # a new tensor: no recompile needed
+    for s in (0.375, torch.tensor(0.375), torch.tensor(0.375)):  # float, tensor, a new tensor
         out_c, _, g_c = run(compiled, s)
         torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
         for k in g_e:
