@@ -84,7 +84,7 @@ def _check_replays(op_name, backend, x, params, scale_kw, **kw):
     sx = _static_leaf(x)
     sp = {k: None if v is None else _static_leaf(v) for k, v in params.items()}
     sgrad = _fresh(x, 99)
-    scale_t = torch.tensor(SCALES[0], dtype=torch.float32, device="cuda")
+    scale_t = torch.tensor(SCALES[0], dtype=torch.float32, device=x.device)
     extra = dict(scale=scale_t) if scale_kw else {}
 
     graph, (s_out, s_grads) = _capture(
