@@ -41,6 +41,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -100,8 +101,9 @@ def source_hash(directory: Path) -> str:
 def find_cuda_home() -> tuple[Optional[str], str]:
     """``(toolkit root, how it was found)``; the root is None when no usable nvcc exists.
 
-    ``CUDA_HOME`` (or ``CUDA_PATH``) wins when set, and must hold ``bin/nvcc``;
-    otherwise the ``nvcc`` on PATH (symlinks resolved), otherwise ``/usr/local/cuda``.
+    ``CUDA_HOME`` (or ``CUDA_PATH``) wins when set, and must hold ``bin/nvcc``.
+    Otherwise the toolkit of the ``nvcc`` on PATH (symlinks resolved; a wrapper
+    script outside a toolkit does not count), otherwise ``/usr/local/cuda``.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
@@ -111,10 +113,12 @@ def find_cuda_home() -> tuple[Optional[str], str]:
             return None, f"{var}={home} has no bin/nvcc"
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return str(Path(os.path.realpath(nvcc)).parent.parent), f"nvcc on PATH ({nvcc})"
+        home = Path(os.path.realpath(nvcc)).parent.parent
+        if (home / "include" / "cuda_runtime.h").is_file():
+            return str(home), f"nvcc on PATH ({nvcc})"
     if Path("/usr/local/cuda/bin/nvcc").is_file():
         return "/usr/local/cuda", "/usr/local/cuda"
-    return None, "no nvcc on PATH and no /usr/local/cuda (install the CUDA toolkit or set CUDA_HOME)"
+    return None, "no CUDA toolkit on PATH or in /usr/local/cuda (install it or set CUDA_HOME)"
 
 
 def cache_root() -> Path:
@@ -311,9 +315,10 @@ def _build(sources: Path) -> Path:
 
 
 def _first_error(text: str) -> str:
-    """The first line of a build log that reads like an error, shortened."""
+    """The first line of a build log that reads like a compiler error, shortened."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in lines:
-        if "error" in ln.lower() and not ln.lower().startswith("ninja: build stopped"):
-            return ln[:200]
-    return (lines[0] if lines else "no output")[:200]
+        if re.search(r"\berror\b", ln, re.IGNORECASE) and not ln.startswith("[") \
+                and not ln.startswith(("RuntimeError", "ninja:", "Error building")):
+            return ln[:240]
+    return (lines[0] if lines else "no output")[:240]
