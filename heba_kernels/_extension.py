@@ -85,14 +85,14 @@ def source_dir() -> Optional[Path]:
     return None
 
 
-def source_files(directory: Path) -> list[Path]:
+def source_files(directory) -> list[Path]:
     """The translation units in ``directory`` (sorted), which the build compiles."""
-    return sorted(p for p in directory.rglob("*") if p.suffix in SOURCE_SUFFIXES)
+    return sorted(p for p in Path(directory).rglob("*") if p.suffix in SOURCE_SUFFIXES)
 
 
-def source_hash(directory: Path) -> str:
+def source_hash(directory) -> str:
     """12 hex digits over every source and header (names and bytes): new sources, new build."""
-    h = hashlib.sha256()
+    directory, h = Path(directory), hashlib.sha256()
     for p in sorted(q for q in directory.rglob("*") if q.suffix in SOURCE_SUFFIXES + HEADER_SUFFIXES):
         h.update(p.relative_to(directory).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
