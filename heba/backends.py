@@ -122,18 +122,22 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> tu
         return False, (f"the triton backend runs on CUDA tensors, or on the CPU through "
                        f"Triton's interpreter with TRITON_INTERPRET=1; got a {device.type} tensor")
     if backend == "cuda":
-        from heba_kernels import _extension
-        ext = _extension.status()
-        if ext.state == "unavailable":
-            return False, f"{ext.detail}; {_CUDA_HINT}"
+        ok, why = _cuda_ext_status()
+        if not ok:  # not built at install: can it be compiled on first use?
+            from heba_kernels import _extension
+            ext = _extension.status()
+            if ext.state == "unavailable":
+                return False, f"{ext.detail}; {_CUDA_HINT}"
+            if ext.state not in ("jit-cached", "jit-buildable"):
+                return False, why
+            why = ext.detail
         if device is None:
             if torch.cuda.is_available():
-                return True, ext.detail
-            return False, f"no CUDA GPU is visible ({ext.detail})"
+                return True, why
+            return False, f"no CUDA GPU is visible ({why})"
         if device.type != "cuda":
-            return False, (f"the cuda backend runs on CUDA tensors; got a {device.type} tensor "
-                           f"({ext.detail})")
-        return True, ext.detail
+            return False, f"the cuda backend runs on CUDA tensors; got a {device.type} tensor ({why})"
+        return True, why
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
