@@ -463,3 +463,25 @@ def test_real_jit_build_then_cached_load(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "BEFORE jit-cached" in second.stdout and "OPS True" in second.stdout, second.stdout
     assert "compiling" not in second.stderr
+
+
+# ---------------------------------------------------------------------------
+# The semantics page is in the project, and every pointer to it resolves
+# ---------------------------------------------------------------------------
+
+def test_semantics_page_and_pointers_to_it():
+    page = (ROOT / "docs" / "semantics.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", page, re.MULTILINE))
+    assert sections == {"1", "2", "3", "4", "5"}, sections
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: cannot list the project's files")
+    old_name = "SPEC" + ".md"  # the contract's old home, outside the project
+    for rel in tracked.stdout.split():
+        path = ROOT / rel
+        if path.suffix not in (".py", ".md", ".sh", ".toml", ".txt") or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        assert old_name not in text, f"{rel} points to {old_name}; use docs/semantics.md"
+        for num in re.findall(r"docs/semantics\.md,? (?:section )?(\d+)", text):
+            assert num in sections, f"{rel} points to docs/semantics.md section {num}"
