@@ -473,8 +473,11 @@ def test_semantics_page_and_pointers_to_it():
     page = (ROOT / "docs" / "semantics.md").read_text()
     sections = set(re.findall(r"^## (\d+)\.", page, re.MULTILINE))
     assert sections == {"1", "2", "3", "4", "5"}, sections
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
-    if tracked.returncode != 0:
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        tracked = None
+    if tracked is None or tracked.returncode != 0:
         pytest.skip("not a git checkout: cannot list the project's files")
     old_name = "SPEC" + ".md"  # the contract's old home, outside the project
     for rel in tracked.stdout.split():
