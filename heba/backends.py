@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 from typing import Callable, Optional
 
@@ -70,10 +71,10 @@ def _cuda_ext_status() -> tuple[bool, str]:
     whether it can be compiled on first use.
     """
     from heba_kernels import _extension
-    if _extension.loaded():
-        return True, f"{_extension.MODULE} is loaded"
     ok, why = _extension.prebuilt()
-    return ok, why if ok else f"{why}; {_CUDA_HINT}"
+    if ok or not _extension.loaded():
+        return ok, why if ok else f"{why}; {_CUDA_HINT}"
+    return True, f"{_extension.MODULE} is loaded from {sys.modules[_extension.MODULE].__file__}"
 
 
 # The first failure to load or compile the extension in this process, so that
