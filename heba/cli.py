@@ -50,7 +50,8 @@ def _model(p):
                    help="open_clip tag (default openai), a weights file, or 'none'; tiny: "
                         "'builtin' (default), 'none' or a file")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
-                   help="QuickGELU activations (auto: for OpenAI weights, as they were trained)")
+                   help="QuickGELU activations (auto: for the openai tag, as those weights were "
+                        "trained; pass 'on' for an OpenAI weights file)")
     g.add_argument("--towers", choices=("both", "visual", "text"), default=None)
     g.add_argument("--start", type=int, default=None, help="heba: first adapted layer (1-based)")
     g.add_argument("--end", type=int, default=None, help="heba: last adapted layer")
@@ -151,6 +152,7 @@ def build_parser():
                         "or the published run folder (<out>/adapter_learner)")
     e.add_argument("--shots", type=int, default=None)
     e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--output", "-o", default=None, help="append the result to metrics.jsonl here")
     s = sub.add_parser("split", help="write the exact split a run would use, as JSON")
     _data(s, positional=False)
     s.add_argument("--shots", type=int, required=True)
@@ -247,7 +249,14 @@ def run(args):
         for k in ("shots", "seed"):
             if getattr(args, k) is not None:
                 over[k] = getattr(args, k)
-        return evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        if args.output:
+            import json
+            os.makedirs(args.output, exist_ok=True)
+            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(dict(event="evaluate", checkpoint=args.checkpoint, **acc))
+                        + "\n")
+        return acc
     source = {"cross-dataset": "imagenet", "domain-generalization": "imagenet"}.get(args.command)
     cfg = make_train_config(args, source)
     opts = run_options(args, cfg.source == "demo")

@@ -194,6 +194,11 @@ def check(cfg: Config) -> None:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.neg_per_class < 0:
         raise UsageError(f"--neg-per-class must be >= 0, got {cfg.neg_per_class}")
+    if cfg.method == "adaptertune" and None in (cfg.rank, cfg.every, cfg.alpha):
+        raise UsageError("--method adaptertune needs --rank, --every and --alpha (the "
+                         "adaptertune recipe sets them: --recipe adaptertune)")
+    if cfg.method == "heba" and None in (cfg.start, cfg.reduction):
+        raise UsageError("--method heba needs --start and --reduction (--recipe heba)")
     if cfg.source == "coop" and (not cfg.dataset or not cfg.root):
         raise UsageError("--dataset NAME needs --root DIR (the folder holding the data sets)")
     if cfg.descriptions and not os.path.exists(cfg.descriptions):

@@ -132,15 +132,9 @@ class TrainRecipe:
                                   gradient_as_bucket_view=True)
 
     def _check_output(self):
-        out, opts = self.opts.output, self.opts
-        self.ck_path = os.path.join(out, CKPT_NAME)
-        self.state_path = os.path.join(out, STATE_NAME)
-        has = os.path.exists(ckpt._config_path(self.ck_path))
-        if has and not (opts.resume or opts.overwrite):
-            raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it "
-                             f"or --overwrite to start over")
-        if opts.resume and not has:
-            raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT_NAME} + json)")
+        check_output(self.opts)
+        self.ck_path = os.path.join(self.opts.output, CKPT_NAME)
+        self.state_path = os.path.join(self.opts.output, STATE_NAME)
 
     def _saved_config(self):
         if not self.opts.resume:
@@ -364,6 +358,17 @@ class TrainRecipe:
         finally:
             self.cleanup()
         return dict(accuracy=acc, output=self.opts.output)
+
+
+def check_output(opts: RunOptions) -> None:
+    """The run folder may be written: no checkpoint there, or --resume / --overwrite."""
+    out = opts.output
+    has = os.path.exists(ckpt._config_path(os.path.join(out, CKPT_NAME)))
+    if has and not (opts.resume or opts.overwrite):
+        raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it "
+                         f"or --overwrite to start over")
+    if opts.resume and not has:
+        raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT_NAME} + json)")
 
 
 def graphs_reason(opts, device, world, precision, model, step) -> Optional[str]:
