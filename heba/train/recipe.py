@@ -7,6 +7,7 @@ One process, or one per GPU under ``torchrun`` (DistributedDataParallel over
 the adapter parameters only). A run is a folder::
 
     <output>/config.json            the configuration (and the recipe it came from)
+    <output>/split_<sub>.json       the images it used (as ``heba-train split`` writes them)
     <output>/adapters.safetensors   the adapters; adapters.json = config + epoch + accuracy
     <output>/train_state.pt         optimizer, scheduler, epoch, scale-policy RNG (--resume)
     <output>/metrics.jsonl          one line per epoch and evaluation
@@ -211,6 +212,9 @@ class TrainRecipe:
             os.unlink(self.metrics_path)           # --overwrite: a fresh log
         if self.rank == 0:
             cfg.save(os.path.join(opts.output, CONFIG_NAME))
+            from heba.data.coop import write_split_json
+            for sub, split in self.data.splits.items():     # the exact images of this run
+                write_split_json(split, os.path.join(opts.output, f"split_{sub}.json"))
         self._announce()
         self.acc_before = None
         if self.start_epoch == 0 and opts.eval_before:
