@@ -67,6 +67,8 @@ def _model(p):
     g.add_argument("--scale-factor", type=float, default=None, help="slow-fast factor")
     g.add_argument("--slow-fast-ratio", type=float, default=None,
                    help="probability of the base scale per adapter call while training")
+    g.add_argument("--slow-fast-draw", choices=("block", "call"), default=None,
+                   help="draw the slow-fast scale once per block (published) or per adapter")
     g.add_argument("--split", choices=("base2novel", "all"), default=None)
     g.add_argument("--test-per-class", type=int, default=None, help="cap on test images/class")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
@@ -171,7 +173,7 @@ def parse_args(argv=None):
 
 CONFIG_ARGS = ("method", "model", "pretrained", "quick_gelu", "towers", "start", "end",
                "reduction", "rank", "every", "alpha", "base_scale", "novel_scale", "novel_eval",
-               "scale_factor", "slow_fast_ratio", "split", "shots", "seed", "test_per_class",
+               "scale_factor", "slow_fast_ratio", "slow_fast_draw", "split", "shots", "seed", "test_per_class",
                "augment", "ctx_init", "descriptions", "epochs", "batch_size", "drop_last", "lr",
                "momentum", "weight_decay", "schedule", "label_smoothing", "candidates",
                "neg_per_class", "precision")

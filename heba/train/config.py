@@ -45,9 +45,10 @@ quick_gelu                  ``auto``: QuickGELU for    OpenAI's CLIP is built wi
                             OpenAI weights
 ==========================  =========================  ===================================
 
-Where heba's engine differs, by design: the slow-fast scale is drawn per
-adapter call (published: once per block, shared by its two adapters), and the
-random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
+slow_fast_draw ``block``: the slow-fast scale is drawn once per block and shared by its
+two adapters, as the published ``return_*_adapter(index)`` does (``call``: per adapter).
+
+Where heba's engine differs, by design: the random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
 is the uninterrupted one); the distributions are the published ones.
 
 ``adaptertune`` is room for AdapterTune's own protocol (issue: timm ViTs);
@@ -96,6 +97,7 @@ class Config:
     novel_eval: str = "base"              # base (as the published code runs) | novel (declared)
     scale_factor: float = 2.25
     slow_fast_ratio: float = 0.8
+    slow_fast_draw: str = "block"         # block (published: one draw per block) | call
     # data
     source: str = "demo"                  # demo | folder | coop
     dataset: Optional[str] = None         # CoOp name (source coop) or ImageFolder path (folder)
@@ -164,6 +166,7 @@ CHOICES = dict(method=("heba", "adaptertune"), quick_gelu=("auto", "on", "off"),
                novel_eval=("base", "novel"), source=("demo", "folder", "coop"),
                split=("base2novel", "all"), augment=("dassl", "openclip"),
                schedule=("epoch", "step"), candidates=("batch", "all"),
+               slow_fast_draw=("block", "call"),
                precision=("auto", "fp32", "bf16", "fp16"), towers=("both", "visual", "text"))
 
 

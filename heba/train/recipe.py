@@ -197,8 +197,10 @@ class TrainRecipe:
                              f"and {CKPT_NAME} (epoch {saved.get('epoch')}) disagree")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        if "policy_rng" in state and getattr(self.model, "heba_policy", None) is not None:
-            self.model.heba_policy._rng.setstate(_tuple(state["policy_rng"]))
+        policy = getattr(self.model, "heba_policy", None)
+        if "policy_rng" in state and policy is not None:
+            policy._rng.setstate(_tuple(state["policy_rng"]))
+            policy._calls, policy._last = state.get("policy_block", (0, policy.base_scale))
         return state["epoch"]
 
     # --- train ---------------------------------------------------------------------------
@@ -332,6 +334,7 @@ class TrainRecipe:
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
             state["policy_rng"] = _listify(policy._rng.getstate())
+            state["policy_block"] = [policy._calls, policy._last]
         ckpt.atomic_torch_save(state, self.state_path)
         ckpt.save_adapters(self.ck_path, self.model, dict(self.cfg.to_dict(), epoch=epoch,
                                                           accuracy=acc))
