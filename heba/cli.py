@@ -72,8 +72,8 @@ def _model(p):
     g.add_argument("--split", choices=("base2novel", "all"), default=None)
     g.add_argument("--test-per-class", type=int, default=None, help="cap on test images/class")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
-                   help="autocast precision (auto: fp16 with loss scaling on CUDA, as "
-                        "published; fp32 on the CPU)")
+                   help="autocast precision (auto: on CUDA the recipe's, heba: fp16 with "
+                        "loss scaling as published, adaptertune: bf16; fp32 on the CPU)")
     g.add_argument("--descriptions", default=None,
                    help="class descriptions: the published trainers/gpt3_prompts/<name>.py, "
                         "CuPL's JSON, or the folder of either (read, never executed)")

@@ -38,6 +38,10 @@ def test_heba_recipe_is_the_published_one():
                      slow_fast_ratio=0.8, slow_fast_draw="block", augment="dassl", ctx_init="a photo of a",
                      towers="both", model="ViT-B-16", pretrained="openai", quick_gelu="auto")
     assert {k: getattr(c, k) for k in published} == published
+    from heba.train.runtime import resolve_precision
+    assert c.precision == "auto" and c.gpu_precision == "fp16"      # PREC "amp"
+    assert resolve_precision("auto", torch.device("cuda"), c.gpu_precision) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu"), c.gpu_precision) == "fp32"
     assert make_config("heba", epochs=3, lr=None).epochs == 3         # None keeps the default
     with pytest.raises(UsageError, match="unknown recipe 'hebe'; known: heba"):
         make_config("hebe")

@@ -122,7 +122,8 @@ class Config:
     label_smoothing: float = 0.1
     candidates: str = "batch"             # batch (published) | all
     neg_per_class: int = 5
-    precision: str = "auto"               # auto: fp16 amp on CUDA (published), fp32 on CPU
+    precision: str = "auto"               # auto: gpu_precision on CUDA, fp32 on the CPU
+    gpu_precision: str = "fp16"           # fp16 with loss scaling (published "amp") | bf16
     test_batch_size: int = 128
     extra: dict = field(default_factory=dict)
 
@@ -154,7 +155,7 @@ RECIPES: dict[str, dict] = {
     "heba-xd": dict(batch_size=64, lr=0.0065, epochs=10),
     "adaptertune": dict(method="adaptertune", towers="visual", start=None, end=None,
                         reduction=None, rank=16, every=1, alpha=1.0, slow_fast_ratio=1.0,
-                        epochs=10, schedule="step"),
+                        epochs=10, schedule="step", gpu_precision="bf16"),
 }
 
 # Fields a checkpoint must share with the run that loads it, and with one that resumes it.
@@ -167,7 +168,8 @@ CHOICES = dict(method=("heba", "adaptertune"), quick_gelu=("auto", "on", "off"),
                split=("base2novel", "all"), augment=("dassl", "openclip"),
                schedule=("epoch", "step"), candidates=("batch", "all"),
                slow_fast_draw=("block", "call"),
-               precision=("auto", "fp32", "bf16", "fp16"), towers=("both", "visual", "text"))
+               precision=("auto", "fp32", "bf16", "fp16"), gpu_precision=("fp16", "bf16"),
+               towers=("both", "visual", "text"))
 
 
 def make_config(recipe: str = "heba", **overrides) -> Config:

@@ -101,7 +101,7 @@ class TrainRecipe:
         self.rank, self.world, self.device = setup_distributed(opts.device)
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
         self._check_output()
         if opts.checkpoint_blocks < 0:
             raise UsageError(f"--checkpoint-blocks must be >= 0 (0: off), "
