@@ -29,7 +29,7 @@ class RunData:
     splits: dict = field(default_factory=dict)
 
 
-def build(cfg, train_tf=None, eval_tf=None, with_images: bool = True) -> RunData:
+def build(cfg, train_tf=None, eval_tf=None) -> RunData:
     """The datasets of ``cfg``; raises ``DataError`` / ``UsageError`` on bad input (nothing written)."""
     if cfg.source == "demo":
         return _demo(cfg)
