@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 
 from heba.clip import attach_adaptertune, attach_heba

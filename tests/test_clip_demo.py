@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from heba import cli
 from heba.clip import synthetic, tiny
 from heba.clip.prompts import TextBank, class_prompts
+import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 
 
 def test_shipped_tiny_clip_is_pretrained():
