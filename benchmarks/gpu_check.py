@@ -288,7 +288,7 @@ def parse_junit(path) -> dict:
         return out
     for case in ET.parse(path).getroot().iter("testcase"):
         out["total"] += 1
-        node = f"{case.get('classname', '')}::{case.get('name', '')}"
+        node = "::".join(p for p in (case.get("classname"), case.get("name")) if p)
         bad = case.find("failure")
         err = case.find("error")
         skip = case.find("skipped")
@@ -299,7 +299,7 @@ def parse_junit(path) -> dict:
             out["failures"].append({"test": node, "kind": el.tag,
                                     "message": (msg[0] if msg else "")[:400]})
         elif skip is not None:
-            reason = (skip.get("message") or "").strip()
+            reason = _skip_reason(skip)
             from benchmarks.gpu_check_plugin import CUT_REASON
             if CUT_REASON in reason:
                 out["cut"] += 1
@@ -309,6 +309,17 @@ def parse_junit(path) -> dict:
         else:
             out["passed"] += 1
     return out
+
+
+def _skip_reason(el) -> str:
+    """A skip's reason; a module skipped at collection keeps it in the element's text."""
+    import re
+    reason = (el.get("message") or "").strip()
+    if reason in ("", "collection skipped"):
+        text = (el.text or "").strip()
+        found = re.search(r"Skipped: (.*)['\"]\)$", text)
+        reason = found.group(1) if found else text
+    return reason
 
 
 def run_pytest(ctx, res, args, timeout, junit, env=None):
@@ -538,7 +549,7 @@ def run_stage(ctx, stage, limit):
     res = Result(stage.name)
     timeout = min(limit, ctx.left())
     res.timeout = max(0.0, timeout)
-    if timeout < 5:
+    if ctx.left() < 5:
         res.status = "not run"
         res.note = f"the global budget of {ctx.budget:.0f} s was spent before this stage"
         return res

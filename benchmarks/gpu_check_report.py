@@ -205,12 +205,12 @@ def _bench_e2e(r):
 
 
 def _tails(results):
-    bad = [r for r in results if r["status"] in ("failed", "cut") and r.get("tail")]
+    bad = [r for r in results if r["status"] in ("failed", "cut")]
     if not bad:
         return ""
     lines = ["## Output of the stages that failed or were cut (last lines; all in gpu_check.log)"]
     for r in bad:
-        lines += ["", f"### {r['name']}", "", "```text", r["tail"], "```"]
+        lines += ["", f"### {r['name']}", "", "```text", r.get("tail") or "(no output)", "```"]
     return "\n".join(lines)
 
 
