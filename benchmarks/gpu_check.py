@@ -196,9 +196,9 @@ def probe(path):
     except Exception as err:
         info["torch_error"] = f"{type(err).__name__}: {err}"
     for mod, dist in (("triton", "triton"), ("pytest", "pytest"), ("xdist", "pytest-xdist"),
-                      ("pytest_benchmark", "pytest-benchmark"), ("pytest_timeout", "pytest-timeout"),
-                      ("open_clip", "open_clip_torch"), ("matplotlib", "matplotlib"),
-                      ("ninja", "ninja")):
+                      ("pytest_benchmark", "pytest-benchmark"),
+                      ("pytest_timeout", "pytest-timeout"), ("open_clip", "open_clip_torch"),
+                      ("matplotlib", "matplotlib"), ("ninja", "ninja")):
         info[dist] = _module_version(mod, dist)
     nvcc = _nvcc()
     info["nvcc"] = _first_line([nvcc, "--version"], last=True) if nvcc else "not found"
@@ -256,7 +256,10 @@ def stage_build(ctx, res, timeout):
     if not nvcc:
         res.status, res.note = "failed", "nvcc not found (set CUDA_HOME)"
         return
-    arch = ctx.versions.get("capability")
+    arch = ctx.versions.get("capability") or _first_line(
+        ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"])
+    if not arch.replace(".", "").isdigit():
+        arch = None                       # setup.py's default list
     env = ctx.env(HEBA_BUILD_CUDA="force", MAX_JOBS=os.cpu_count(), TORCH_CUDA_ARCH_LIST=arch,
                   CUDA_HOME=os.path.dirname(os.path.dirname(nvcc)))
     t0 = time.time()
@@ -333,6 +336,8 @@ def run_pytest(ctx, res, args, timeout, junit, env=None):
     res.data["junit"] = summary
     if rc == 5:                                   # pytest: no tests collected
         res.status, res.note = "failed", "no tests were collected"
+    elif rc == 0 and summary["total"] and not summary["passed"]:
+        res.status = "skipped"                    # nothing ran: the skip reasons say why
     if summary["cut"]:
         res.status = "cut"
         res.note = (f"{summary['cut']} tests not run: the stage reached its limit of "
@@ -408,6 +413,8 @@ def _sweep_status(res):
                 f"{n['cut']} cut" + (f"; {res.note}" if res.note else ""))
     if not rows and res.status == "passed":
         res.status = "failed"
+    elif rows and res.status == "passed" and n["skipped"] == len(rows):
+        res.status = "skipped"                    # no backend could run: the rows say why
 
 
 def stage_sanitizer(tool):
@@ -429,7 +436,7 @@ def stage_sanitizer(tool):
         rc, text = _simple(ctx, res, cmd, timeout, env=env)
         res.data = _sweep_summary(path)
         summary = [line for line in text.splitlines() if "ERROR SUMMARY" in line]
-        res.data["sanitizer"] = summary[-1].strip() if summary else "no ERROR SUMMARY line"
+        res.data["sanitizer"] = summary[-1].strip(" =") if summary else "no ERROR SUMMARY line"
         _sweep_status(res)
         res.note = f"{res.data['sanitizer']}; {res.note}"
     return stage
@@ -475,13 +482,56 @@ def stage_bench_ops(ctx, res, timeout):
     compiled = [i for i in ids if "-compile-" in i]
     if compiled and not ctx.dry:
         _warm_compile(ctx, res, compiled, 0.4 * (end - time.time()))
-    path = os.path.join(ctx.work, "bench_adapters.json")
-    ordered = [i for i in ids if i not in compiled] + compiled     # compile last: cut first
-    run_pytest(ctx, res, ordered + ["--benchmark-only", f"--benchmark-json={path}"],
-               end - time.time(), os.path.join(ctx.work, "junit-bench-ops.xml"))
-    if os.path.exists(path):
+    path = bench_parts(ctx, res, [[i for i in ids if i not in compiled], compiled], end,
+                       "bench_adapters")
+    if path:
         from benchmarks import report
         res.data["device"], res.data["rows"] = report.load(path)
+
+
+def bench_parts(ctx, res, parts, end, name, env=None):
+    """Run benchmark node-id lists one pytest process after the other (torch.compile last),
+    each with its own JSON, merged into ``<work>/<name>.json``: a part cut while it
+    compiles loses its own numbers only. Returns the merged path (None if nothing ran)."""
+    merged, summaries = None, []
+    for k, ids in enumerate(p for p in parts if p):
+        path = os.path.join(ctx.work, f"{name}-{k}.json")
+        run_pytest(ctx, res, ids + ["--benchmark-only", f"--benchmark-json={path}"],
+                   end - time.time(), os.path.join(ctx.work, f"junit-{name}-{k}.xml"), env=env)
+        summaries.append((res.status, res.note, res.data.pop("junit")))
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            if merged is None:
+                merged = data
+            else:
+                merged["benchmarks"] += data["benchmarks"]
+    order = ("passed", "skipped", "failed", "cut")
+    res.status, res.note, _ = max(summaries, key=lambda s: order.index(s[0]) if s[0] in order
+                                  else 0, default=(res.status, res.note, None))
+    res.data["junit"] = _merge_junit([s[2] for s in summaries])
+    j = res.data["junit"]
+    if res.status != "cut":
+        res.note = (f"{j['passed']} passed, {j['failed']} failed, {j['errors']} errors, "
+                    f"{j['skipped']} skipped")
+    if merged is None:
+        return None
+    out = os.path.join(ctx.work, f"{name}.json")
+    with open(out, "w") as f:
+        json.dump(merged, f)
+    return out
+
+
+def _merge_junit(summaries):
+    total = {"total": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "cut": 0,
+             "failures": [], "skips": {}}
+    for s in summaries:
+        for key in ("total", "passed", "failed", "errors", "skipped", "cut"):
+            total[key] += s[key]
+        total["failures"] += s["failures"]
+        for reason, n in s["skips"].items():
+            total["skips"][reason] = total["skips"].get(reason, 0) + n
+    return total
 
 
 E2E_METHODS = ("adaptertune-r16", "heba")      # longest prefix first when parsing ids
@@ -520,10 +570,10 @@ def stage_bench_e2e(ctx, res, timeout):
     if not chosen:
         res.status, res.note = "failed", f"no training-step benchmark for {methods} x {impls}"
         return
-    path = os.path.join(ctx.work, "bench_train.json")
-    run_pytest(ctx, res, chosen + ["--benchmark-only", f"--benchmark-json={path}"],
-               end - time.time(), os.path.join(ctx.work, "junit-bench-e2e.xml"), env=env)
-    if os.path.exists(path):
+    compiled = [i for i in chosen if i.endswith("-compile]")]
+    path = bench_parts(ctx, res, [[i for i in chosen if i not in compiled], compiled], end,
+                       "bench_train", env=env)
+    if path:
         from benchmarks import train_report
         res.data["device"], res.data["steps"], res.data["batches"] = train_report.load(path)
 
