@@ -11,11 +11,13 @@ backend x dtype against the float64 reference, :mod:`benchmarks.gpu_check_sweep`
 ``memcheck`` and ``racecheck`` (the small sweep under compute-sanitizer),
 ``bench-ops`` (benchmarks/test_adapters.py) and ``bench-e2e``
 (benchmarks/test_train_step.py, needs open_clip). A global budget (8 minutes on
-a GPU) bounds the run: a stage gets what is left at most, pytest stages stop
+a GPU) bounds the run: a stage gets at most what is left less a reserve for
+the stages after it (the benchmarks are last and must not starve), pytest stages stop
 starting tests before their limit so their results are still written, and a
 stage that is cut says so. After every stage DIR gets ``gpu_check.md`` (the
 report), ``gpu_check.json`` (everything, raw) and ``gpu_check.log`` (every
-stage's output); at the end also the benchmarks' JSON and PNG plots.
+stage's output); at the end also the tests' junit XML, the benchmarks' JSON and
+PNG plots: 8 files at most, all at the top (what the device tool brings back).
 
 ``HEBA_GPU_CHECK_DRY_RUN=1`` runs the same stages on a CPU at tiny shapes in
 Triton's interpreter, without the CUDA build, the sanitizer and the
@@ -60,18 +62,20 @@ class Stage:
     title: str
     timeout: int          # seconds on a GPU
     dry_timeout: int      # seconds in a dry run
+    reserve: int = 0      # seconds on a GPU that earlier stages leave to this one
 
 
 STAGES = [
-    Stage("versions", "versions of Python, torch, Triton, CUDA and the GPU", 60, 60),
-    Stage("build", "build the CUDA extension in place", 240, 30),
-    Stage("info", "python -m heba.info", 45, 45),
-    Stage("tests", "every GPU test", 150, 60),
-    Stage("sweep", "correctness sweep against the float64 reference", 120, 90),
-    Stage("memcheck", "small sweep under compute-sanitizer memcheck", 75, 30),
-    Stage("racecheck", "small sweep under compute-sanitizer racecheck", 60, 30),
-    Stage("bench-ops", "op benchmarks (benchmarks/test_adapters.py)", 150, 90),
-    Stage("bench-e2e", "training-step benchmark (benchmarks/test_train_step.py)", 150, 90),
+    Stage("versions", "versions of Python, torch, Triton, CUDA and the GPU", 45, 60),
+    Stage("build", "build the CUDA extension in place", 200, 30),
+    Stage("info", "python -m heba.info", 30, 45),
+    Stage("tests", "every GPU test", 120, 60, reserve=60),
+    Stage("sweep", "correctness sweep against the float64 reference", 90, 90, reserve=40),
+    Stage("memcheck", "small sweep under compute-sanitizer memcheck", 50, 30, reserve=20),
+    Stage("racecheck", "small sweep under compute-sanitizer racecheck", 40, 30, reserve=20),
+    Stage("bench-ops", "op benchmarks (benchmarks/test_adapters.py)", 150, 90, reserve=90),
+    Stage("bench-e2e", "training-step benchmark (benchmarks/test_train_step.py)", 150, 90,
+          reserve=60),
 ]
 
 
@@ -184,7 +188,8 @@ def probe(path):
     import platform
     import shutil
     info = {"python": platform.python_version(), "executable": sys.executable,
-            "platform": platform.platform(), "cpus": os.cpu_count()}
+            "platform": platform.platform(), "cpus": os.cpu_count(),
+            "carried wheels": os.environ.get("HEBA_GPU_CHECK_WHEELS", "none")}
     try:
         import torch
         info.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
@@ -506,7 +511,7 @@ def bench_parts(ctx, res, parts, end, name, env=None):
                 merged = data
             else:
                 merged["benchmarks"] += data["benchmarks"]
-    order = ("passed", "skipped", "failed", "cut")
+    order = ("skipped", "passed", "failed", "cut")     # the worst part decides
     res.status, res.note, _ = max(summaries, key=lambda s: order.index(s[0]) if s[0] in order
                                   else 0, default=(res.status, res.note, None))
     res.data["junit"] = _merge_junit([s[2] for s in summaries])
@@ -594,10 +599,11 @@ def _timeouts(dry):
     return {s.name: over.get(s.name, s.dry_timeout if dry else s.timeout) for s in STAGES}
 
 
-def run_stage(ctx, stage, limit):
-    """Run one stage within ``limit`` seconds and the global budget; never raises."""
+def run_stage(ctx, stage, limit, later_reserve=0):
+    """Run one stage within ``limit`` seconds and the global budget, leaving
+    ``later_reserve`` seconds to the stages after it (but taking 15 s at least); never raises."""
     res = Result(stage.name)
-    timeout = min(limit, ctx.left())
+    timeout = min(limit, max(ctx.left() - later_reserve, min(15, ctx.left())))
     res.timeout = max(0.0, timeout)
     if ctx.left() < 5:
         res.status = "not run"
@@ -633,10 +639,11 @@ def write_outputs(ctx, results, final=False):
 
 def _final_artifacts(ctx, by):
     import shutil
-    for name in ("bench_adapters.json", "bench_train.json"):
+    for name, dst in (("bench_adapters.json",) * 2, ("bench_train.json",) * 2,
+                      ("junit-tests.xml", "junit_tests.xml")):
         src = os.path.join(ctx.work, name)
         if os.path.exists(src):
-            shutil.copy(src, os.path.join(ctx.out, name))
+            shutil.copy(src, os.path.join(ctx.out, dst))
     try:
         from benchmarks import report, train_report
         ops, e2e = by.get("bench-ops"), by.get("bench-e2e")
@@ -672,11 +679,11 @@ def main(argv=None):
     budget = args.budget or float(os.environ.get("HEBA_GPU_CHECK_BUDGET", 280 if dry else 480))
     ctx = Context(os.path.abspath(args.out), work, budget, dry)
     limits, results = _timeouts(dry), []
-    for stage in STAGES:
-        if stage.name not in chosen:
-            continue
+    todo = [s for s in STAGES if s.name in chosen]
+    for k, stage in enumerate(todo):
         print(f"== {stage.name}: {stage.title} ...", flush=True)
-        res = run_stage(ctx, stage, limits[stage.name])
+        reserve = 0 if dry else sum(s.reserve for s in todo[k + 1:])
+        res = run_stage(ctx, stage, limits[stage.name], reserve)
         results.append(res)
         print(f"   {res.status} in {res.seconds:.1f} s  {res.note}", flush=True)
         write_outputs(ctx, results)

@@ -30,7 +30,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-FUSED = ("triton", "cuda")
 DTYPES = ("fp32", "bf16", "fp16", "autocast-bf16")
 SCALE = 0.7
 
@@ -234,11 +233,15 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="processes side by side")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="unix time after which no check starts (rows say 'cut')")
-    ap.add_argument("--backends", default=",".join(FUSED))
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated (default: every backend but auto and reference)")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HEBA_DEBUG_NAN_FILL", "1")
     checks = SIZES[args.size]
+    if args.backends is None:
+        from heba.backends import BACKENDS
+        args.backends = ",".join(b for b in BACKENDS if b not in ("auto", "reference"))
     backends = [b for b in args.backends.split(",") if b]
     if args.device is None:
         import torch

@@ -5,8 +5,8 @@
 #
 #   bash scripts/gpu_check.sh --out DIR [--wheels DIR] [--budget SECONDS] [--stages a,b,...]
 #
-# --out DIR      where gpu_check.md (the report), gpu_check.json, gpu_check.log, the
-#                benchmarks' JSON and PNG plots go (7 files at most)
+# --out DIR      where gpu_check.md (the report), gpu_check.json, gpu_check.log, junit XML,
+#                the benchmarks' JSON and PNG plots go (8 files at most)
 # --wheels DIR   install these wheels first, offline (--no-index --no-deps), into a
 #                private folder put on PYTHONPATH: e.g. open_clip, which the GPU machine lacks
 # $PYTHON        the interpreter (default python3): its torch, Triton and pytest are used
@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
         --out) OUT_DIR="${2:-}"; shift 2 ;;
         --wheels) WHEELS="${2:-}"; shift 2 ;;
         --budget|--stages) REST+=("$1" "${2:-}"); shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (expected --out DIR [--wheels DIR]" \
                 "[--budget S] [--stages a,b])" >&2; exit 2 ;;
     esac
@@ -43,8 +43,10 @@ if [ -n "$WHEELS" ]; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl; then
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+        export HEBA_GPU_CHECK_WHEELS="$(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
     else
         echo "gpu_check.sh: installing the wheels failed; going on without them" >&2
+        export HEBA_GPU_CHECK_WHEELS="install failed (see the output above)"
     fi
 fi
 exec "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" "${REST[@]}"

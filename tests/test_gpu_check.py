@@ -49,7 +49,7 @@ def test_dry_run_reports_every_stage(dry_run):
     assert "dry run: no CUDA build" in md and "dry run: no sanitizer" in md
     assert "stopped at its limit of 1 s" in md and "### info" in md     # the cut, with its output
     assert sorted(os.listdir(out)) == ["adapters.png", "bench_adapters.json", "gpu_check.json",
-                                       "gpu_check.log", "gpu_check.md"]
+                                       "gpu_check.log", "gpu_check.md", "junit_tests.xml"]
 
 
 def test_dry_run_tests_and_sweep_report_failures(dry_run):
