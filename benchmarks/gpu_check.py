@@ -292,9 +292,12 @@ def parse_junit(path) -> dict:
     import xml.etree.ElementTree as ET
     out = {"total": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "cut": 0,
            "failures": [], "skips": {}}
-    if not os.path.exists(path):
-        return out
-    for case in ET.parse(path).getroot().iter("testcase"):
+    try:
+        cases = list(ET.parse(path).getroot().iter("testcase")) if os.path.exists(path) else []
+    except ET.ParseError as err:          # pytest killed while writing it
+        out["failures"].append({"test": path, "kind": "unreadable junit XML", "message": str(err)})
+        cases = []
+    for case in cases:
         out["total"] += 1
         node = "::".join(p for p in (case.get("classname"), case.get("name")) if p)
         bad = case.find("failure")
@@ -698,6 +701,13 @@ def _print_summary(ctx, results):
     print(gpu_check_report.render({"dry": ctx.dry, "budget": ctx.budget,
                                    "seconds": time.time() - ctx.t0, "started": ctx.started},
                                   [r.__dict__ for r in results]).split("\n## Versions")[0])
+    for r in results:             # the failures first: the device tool returns the end
+        bad = [f"{f['test']}: {f['message'][:160]}" for f in
+               r.data.get("junit", {}).get("failures", [])]
+        bad += [f"{x['op']} {x['case']} {x['backend']} {x['dtype']}: {x['message'][:160]}"
+                for x in r.data.get("rows", []) if x.get("status") in ("FAIL", "error")]
+        if bad:
+            print(f"\n{r.name}: {len(bad)} failures" + "".join(f"\n  {b}" for b in bad[:15]))
     ops = next((r for r in results if r.name == "bench-ops"), None)
     if ops and ops.data.get("rows"):
         print("\n" + gpu_check_report.goals_table(ops.data["rows"]))
