@@ -490,8 +490,10 @@ def stage_bench_ops(ctx, res, timeout):
     compiled = [i for i in ids if "-compile-" in i]
     if compiled and not ctx.dry:
         _warm_compile(ctx, res, compiled, 0.4 * (end - time.time()))
-    path = bench_parts(ctx, res, [[i for i in ids if i not in compiled], compiled], end,
-                       "bench_adapters")
+    parts = [[i for i in ids if i not in compiled],              # torch.compile last,
+             [i for i in compiled if i.endswith("-fwdbwd]")],      # forward+backward first
+             [i for i in compiled if not i.endswith("-fwdbwd]")]]
+    path = bench_parts(ctx, res, parts, end, "bench_adapters")
     if path:
         from benchmarks import report
         res.data["device"], res.data["rows"] = report.load(path)
