@@ -26,7 +26,9 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, PYTHON=sys.executable, HEBA_GPU_CHECK_DRY_RUN="1",
                HEBA_HIDE_OPEN_CLIP="1", HEBA_GPU_CHECK_INJECT_FAIL="tests,sweep",
-               HEBA_GPU_CHECK_TIMEOUTS="info=1",
+               # info is cut on purpose; the rest get room for a slow, busy CI machine
+               HEBA_GPU_CHECK_TIMEOUTS="info=1,tests=180,sweep=300,bench-ops=300",
+               HEBA_GPU_CHECK_BUDGET="900",
                HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/test_clip_wiring.py",
                HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile")
     proc = subprocess.run(["bash", SCRIPT, "--out", str(out)], cwd=ROOT, env=env,
@@ -57,7 +59,9 @@ def test_dry_run_tests_and_sweep_report_failures(dry_run):
     assert "test_injected_failure" in md and "injected failure" in md
     assert "| 1 | needs open_clip (pip install open_clip_torch) |" in md    # the hidden module
     assert "30 passed, 1 failed" in md
-    rows = next(s for s in data["stages"] if s["name"] == "sweep")["data"]["rows"]
+    sweep = next(s for s in data["stages"] if s["name"] == "sweep")
+    rows = sweep["data"]["rows"]
+    assert sweep["status"] == "failed" and "1 fail" in sweep["note"], sweep["note"]
     ran = [r for r in rows if r["status"] != "skipped"]
     assert {r["op"] for r in ran if r["status"] == "pass"} == set(gpu_check_report.OPS)
     assert {r["dtype"] for r in ran} == {"fp32", "bf16", "fp16", "autocast-bf16"}
