@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 from heba.train.config import UsageError
 
 # "<prefix>:<name>" -> the module that loads it; a bare name is an open_clip model.
-LIBRARIES = {"openclip": "heba.train.backbones.openclip"}
+LIBRARIES = {"openclip": "heba.train.backbones.openclip", "timm": "heba.train.backbones.timm",
+             "hf": "heba.train.backbones.hf"}
 
 
 @dataclass
