@@ -537,7 +537,7 @@ def evaluate_checkpoint(path: str, over: dict, opts: RunOptions, log=print) -> d
     data.test.transform = _eval_transform(lib, model)
     acc = evaluate_split(model.to(device), data.test, device, precision, ks,
                          cfg.test_batch_size, opts.workers, cfg.label_smoothing)
-    log(f"{file}: test {format_acc(_acc(acc))}")
+    log(f"{file}: test {format_acc(_acc(acc))}  loss {acc['loss']:.6f}")
     return _acc(acc)
 
 

@@ -233,6 +233,9 @@ def check(cfg: Config) -> None:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.neg_per_class < 0:
         raise UsageError(f"--neg-per-class must be >= 0, got {cfg.neg_per_class}")
+    if cfg.method in ("head-only", "full") and not str(cfg.model).startswith("timm:"):
+        raise UsageError(f"--method {cfg.method} is a timm classification baseline "
+                         f"(--backbone timm:NAME); {cfg.model} takes heba or adaptertune")
     if cfg.warmup_epochs < 0 or cfg.grad_clip < 0:
         raise UsageError(f"--warmup-epochs and --grad-clip must be >= 0, got "
                          f"{cfg.warmup_epochs} and {cfg.grad_clip}")
