@@ -103,7 +103,13 @@ def _build(path: str, pretrained) -> nn.Module:
             torch.manual_seed(0)           # a random model is the same model every time
             return tf.CLIPModel(tf.CLIPConfig.from_pretrained(path, local_files_only=True))
         from heba.hf import load_model
-        return load_model(path)
+        shown = tf.utils.logging.is_progress_bar_enabled()
+        tf.utils.logging.disable_progress_bar()      # "Loading weights" bars: not ours to show
+        try:
+            return load_model(path)
+        finally:
+            if shown:
+                tf.utils.logging.enable_progress_bar()
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""
         raise UsageError(f"cannot load a CLIPModel from {path}: {type(err).__name__}: "
@@ -113,6 +119,10 @@ def _build(path: str, pretrained) -> nn.Module:
 def make_tokenizer(path: str, context: int):
     """texts -> ``[N, context]`` token ids (padded, truncated), open_clip's tokenizer contract."""
     tf = _transformers()
+    files = set(os.listdir(path))
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        raise UsageError(f"{path} has no tokenizer files (tokenizer.json, or vocab.json + "
+                         f"merges.txt: save one with CLIPTokenizer.save_pretrained)")
     try:
         tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:
