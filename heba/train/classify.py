@@ -201,7 +201,7 @@ class ClassifyRecipe(TrainRecipe):
         self.rank, self.world, self.device = setup_distributed(opts.device)
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
         self._check_output()
         if opts.checkpoint_blocks:
             raise UsageError("--checkpoint-blocks is for open_clip towers, not timm backbones")
@@ -521,7 +521,7 @@ def evaluate_checkpoint(path: str, over: dict, opts: RunOptions, log=print) -> d
     _, _, device = setup_distributed(opts.device)
     if device.type == "cpu":
         set_cpu_threads(opts.threads)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, cfg.gpu_precision)
     data = build_data(cfg)
     if saved is not None and saved.get("classnames") not in (None, list(data.classnames)):
         raise UsageError(f"{file} was trained on other classes than {cfg.dataset} has here")

@@ -45,9 +45,10 @@ quick_gelu                  ``auto``: QuickGELU for    OpenAI's CLIP is built wi
                             OpenAI weights
 ==========================  =========================  ===================================
 
-Where heba's engine differs, by design: the slow-fast scale is drawn per
-adapter call (published: once per block, shared by its two adapters), and the
-random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
+slow_fast_draw ``block``: the slow-fast scale is drawn once per block and shared by its
+two adapters, as the published ``return_*_adapter(index)`` does (``call``: per adapter).
+
+Where heba's engine differs, by design: the random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
 is the uninterrupted one); the distributions are the published ones.
 
 ``adaptertune`` is the published AdapterTune recipe (salimkhazem/adaptertune
@@ -123,6 +124,7 @@ class Config:
     novel_eval: str = "base"              # base (as the published code runs) | novel (declared)
     scale_factor: float = 2.25
     slow_fast_ratio: float = 0.8
+    slow_fast_draw: str = "block"         # block (published: one draw per block) | call
     # data
     source: str = "demo"                  # demo | folder | coop
     dataset: Optional[str] = None         # CoOp name (source coop) or ImageFolder path (folder)
@@ -147,7 +149,8 @@ class Config:
     label_smoothing: float = 0.1
     candidates: str = "batch"             # batch (published) | all
     neg_per_class: int = 5
-    precision: str = "auto"               # auto: fp16 amp on CUDA (published), fp32 on CPU
+    precision: str = "auto"               # auto: gpu_precision on CUDA, fp32 on the CPU
+    gpu_precision: str = "fp16"           # fp16 with loss scaling (published "amp") | bf16
     test_batch_size: int = 128
     # AdapterTune's optimisation (recipe adaptertune) and timm classification runs
     optimizer: str = "sgd"                # sgd (Dassl's, HeBA) | adamw (AdapterTune)
@@ -188,7 +191,8 @@ RECIPES: dict[str, dict] = {
                         reduction=None, rank=16, every=1, alpha=1.0, slow_fast_ratio=1.0,
                         epochs=50, batch_size=128, drop_last=False, optimizer="adamw",
                         lr=1e-3, weight_decay=0.05, schedule="step", warmup_epochs=5,
-                        grad_clip=1.0, precision="fp32", label_smoothing=0.0, seed=42),
+                        grad_clip=1.0, precision="fp32", gpu_precision="bf16",
+                        label_smoothing=0.0, seed=42),
 }
 
 # Fields a checkpoint must share with the run that loads it, and with one that resumes it.
@@ -203,7 +207,9 @@ CHOICES = dict(method=("heba", "adaptertune", "head-only", "full"),
                novel_eval=("base", "novel"), source=("demo", "folder", "coop", "vision"),
                split=("base2novel", "all"), augment=("dassl", "openclip"),
                schedule=("epoch", "step"), candidates=("batch", "all"),
-               precision=("auto", "fp32", "bf16", "fp16"), towers=("both", "visual", "text"))
+               slow_fast_draw=("block", "call"),
+               precision=("auto", "fp32", "bf16", "fp16"), gpu_precision=("fp16", "bf16"),
+               towers=("both", "visual", "text"))
 
 
 def make_config(recipe: str = "heba", **overrides) -> Config:

@@ -101,7 +101,7 @@ def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
     _, _, device = setup_distributed(opts.device)
     if device.type == "cpu":
         set_cpu_threads(opts.threads)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, cfg.gpu_precision)
     data = run_data.build(cfg)
     bb = backbones.load(cfg, opts.allow_download)
     run_data.set_transforms(data, bb.train_transform, bb.eval_transform)

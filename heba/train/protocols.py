@@ -25,7 +25,7 @@ from heba.clip.checkpoints import atomic_write
 from heba.train import data as run_data
 from heba.train.config import Config, UsageError
 from heba.train.evaluate import format_acc, harmonic_mean
-from heba.train.recipe import RunOptions, TrainRecipe, make_bank
+from heba.train.recipe import RunOptions, TrainRecipe, check_output, make_bank
 
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
@@ -44,14 +44,17 @@ def _seed_opts(opts: RunOptions, seed: int) -> RunOptions:
     return dataclasses.replace(opts, output=os.path.join(opts.output, f"seed{seed}"))
 
 
-def _check_seeds(seeds):
+def _check_seeds(seeds, opts: RunOptions):
+    """Distinct seeds, and every seed's run folder writable, before any seed runs."""
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers >= 0, got {list(seeds)}")
+    for s in seeds:
+        check_output(_seed_opts(opts, s))
 
 
 def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
     """Train and test base-to-novel once per seed; returns and writes the table."""
-    _check_seeds(seeds)
+    _check_seeds(seeds, opts)
     if cfg.split != "base2novel":
         raise UsageError("several --seeds run the base-to-novel protocol: drop --split all")
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
@@ -79,7 +82,7 @@ def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
 
 def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print) -> dict:
     """Train on ``cfg``'s data set (all classes) per seed, test on each target; the table."""
-    _check_seeds(seeds)
+    _check_seeds(seeds, opts)
     if cfg.source != "coop":
         raise UsageError(f"{name} needs --root DIR holding imagenet and the targets")
     cfg = dataclasses.replace(cfg, split="all")

@@ -7,6 +7,7 @@ One process, or one per GPU under ``torchrun`` (DistributedDataParallel over
 the adapter parameters only). A run is a folder::
 
     <output>/config.json            the configuration (and the recipe it came from)
+    <output>/split_<sub>.json       the images it used (as ``heba-train split`` writes them)
     <output>/adapters.safetensors   the adapters; adapters.json = config + epoch + accuracy
     <output>/train_state.pt         optimizer, scheduler, epoch, scale-policy RNG (--resume)
     <output>/metrics.jsonl          one line per epoch and evaluation
@@ -100,7 +101,7 @@ class TrainRecipe:
         self.rank, self.world, self.device = setup_distributed(opts.device)
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
         self._check_output()
         if opts.checkpoint_blocks < 0:
             raise UsageError(f"--checkpoint-blocks must be >= 0 (0: off), "
@@ -132,15 +133,9 @@ class TrainRecipe:
                                   gradient_as_bucket_view=True)
 
     def _check_output(self):
-        out, opts = self.opts.output, self.opts
-        self.ck_path = os.path.join(out, CKPT_NAME)
-        self.state_path = os.path.join(out, STATE_NAME)
-        has = os.path.exists(ckpt._config_path(self.ck_path))
-        if has and not (opts.resume or opts.overwrite):
-            raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it "
-                             f"or --overwrite to start over")
-        if opts.resume and not has:
-            raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT_NAME} + json)")
+        check_output(self.opts)
+        self.ck_path = os.path.join(self.opts.output, CKPT_NAME)
+        self.state_path = os.path.join(self.opts.output, STATE_NAME)
 
     def _saved_config(self):
         if not self.opts.resume:
@@ -200,8 +195,10 @@ class TrainRecipe:
                              f"and {CKPT_NAME} (epoch {saved.get('epoch')}) disagree")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        if "policy_rng" in state and getattr(self.model, "heba_policy", None) is not None:
-            self.model.heba_policy._rng.setstate(_tuple(state["policy_rng"]))
+        policy = getattr(self.model, "heba_policy", None)
+        if "policy_rng" in state and policy is not None:
+            policy._rng.setstate(_tuple(state["policy_rng"]))
+            policy._calls, policy._last = state.get("policy_block", (0, policy.base_scale))
         return state["epoch"]
 
     # --- train ---------------------------------------------------------------------------
@@ -215,6 +212,9 @@ class TrainRecipe:
             os.unlink(self.metrics_path)           # --overwrite: a fresh log
         if self.rank == 0:
             cfg.save(os.path.join(opts.output, CONFIG_NAME))
+            from heba.data.coop import write_split_json
+            for sub, split in self.data.splits.items():     # the exact images of this run
+                write_split_json(split, os.path.join(opts.output, f"split_{sub}.json"))
         self._announce()
         self.acc_before = None
         if self.start_epoch == 0 and opts.eval_before:
@@ -333,6 +333,7 @@ class TrainRecipe:
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
             state["policy_rng"] = _listify(policy._rng.getstate())
+            state["policy_block"] = [policy._calls, policy._last]
         ckpt.atomic_torch_save(state, self.state_path)
         ckpt.save_adapters(self.ck_path, self.model, dict(self.cfg.to_dict(), epoch=epoch,
                                                           accuracy=acc))
@@ -363,6 +364,17 @@ class TrainRecipe:
         finally:
             self.cleanup()
         return dict(accuracy=acc, output=self.opts.output)
+
+
+def check_output(opts: RunOptions) -> None:
+    """The run folder may be written: no checkpoint there, or --resume / --overwrite."""
+    out = opts.output
+    has = os.path.exists(ckpt._config_path(os.path.join(out, CKPT_NAME)))
+    if has and not (opts.resume or opts.overwrite):
+        raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it "
+                         f"or --overwrite to start over")
+    if opts.resume and not has:
+        raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT_NAME} + json)")
 
 
 def graphs_reason(opts, device, world, precision, model, step) -> Optional[str]:
