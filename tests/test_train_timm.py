@@ -370,3 +370,51 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         assert rc == 2, (argv, err)
         assert pattern in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert not os.path.exists(out), argv
+
+
+# --- weights: a local file, the local cache only, several seeds --------------------------------
+
+def test_pretrained_file_loads_the_backbone_and_a_new_head(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    folder = image_folder(tmp_path / "ds", n_train=3, n_test=1)
+    torch.manual_seed(7)
+    donor = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **KW)   # an in1k head
+    weights = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    out = str(tmp_path / "o")
+    rc, _, err = run([folder, *TINY[:2], "--pretrained", str(tmp_path / "w.safetensors"),
+                      *TINY[4:], "--model-kwargs", json.dumps(KW), "--method", "full",
+                      "--epochs", "1", "--lr", "0", "--quiet", "-o", out], capsys)
+    assert rc == 0, err
+    got = load_file(os.path.join(out, "adapters.safetensors"))   # full: every tensor, lr 0
+    assert got["head.weight"].shape == (3, 32)                    # the file's head dropped
+    torch.manual_seed(42)
+    assert torch.equal(got["head.weight"],
+                       timm.create_model("vit_tiny_patch16_224", num_classes=3, **KW).head.weight)
+    assert all(torch.equal(got[k], v) for k, v in weights.items() if not k.startswith("head."))
+
+
+def test_weights_come_from_the_local_cache_only(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    folder = image_folder(tmp_path / "ds", n_train=2, n_test=1)
+    rc, _, err = run([folder, "--backbone", "timm:vit_tiny_patch16_224", "--threads", "1",
+                      "-o", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "not in the local cache and downloading is off" in err
+    assert "vit_tiny_patch16_224.augreg_in21k_ft_in1k" in err     # the published variant rule
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "o")
+
+
+def test_seeds_write_one_run_each_and_the_table(tmp_path, capsys):
+    folder = image_folder(tmp_path / "ds", n_train=4, n_test=2)
+    out = str(tmp_path / "seeds")
+    rc, _, err = run([folder, *TINY, "--quiet", "--method", "head-only", "--epochs", "1",
+                      "--seeds", "0", "1", "-o", out], capsys)
+    assert rc == 0, err
+    table = json.load(open(os.path.join(out, "classification.json")))
+    per = {s: json.load(open(os.path.join(out, f"seed{s}", "summary.json")))["test_acc"]
+           for s in (0, 1)}
+    assert table["seeds"] == [0, 1]
+    assert table["mean"]["top-1"] == pytest.approx((per[0] + per[1]) / 2)
+    assert json.load(open(os.path.join(out, "seed1", "config.json")))["seed"] == 1

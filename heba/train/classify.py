@@ -454,7 +454,7 @@ def run(cfg: Config, opts: RunOptions, seeds=None, log=print) -> dict:
     from heba.train import protocols
     if not seeds:
         return ClassifyRecipe(cfg, opts, log).run()
-    protocols._check_seeds(seeds)
+    protocols._check_seeds(seeds, opts)      # and every seed folder writable, first
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:                      # every seed's data checked before anything is written
         build_data(c)
