@@ -418,3 +418,51 @@ def test_seeds_write_one_run_each_and_the_table(tmp_path, capsys):
     assert table["seeds"] == [0, 1]
     assert table["mean"]["top-1"] == pytest.approx((per[0] + per[1]) / 2)
     assert json.load(open(os.path.join(out, "seed1", "config.json")))["seed"] == 1
+
+
+# --- DistributedDataParallel: two CPU ranks (gloo) end with the same weights -------------------
+
+def _ddp_worker(rank, world, port, folder, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from heba.train import classify
+    seen = []
+    orig = classify.ClassifyStep.forward
+
+    def spy(self, images, labels):
+        seen.append(images.sum().item())
+        return orig(self, images, labels)
+    classify.ClassifyStep.forward = spy
+    args = cli.parse_args([folder, *TINY, "--quiet", "--epochs", "2", "--batch-size", "4",
+                           "--rank", "4", "--device", "cpu", "-o", out])
+    recipe = ClassifyRecipe(cli.make_train_config(args), cli.run_options(args, demo=False),
+                            log=lambda *a, **k: None)
+    recipe.run()
+    state = {k: v.detach().contiguous()
+             for k, v in classify.trainable_state(recipe.model, "adaptertune").items()}
+    state["_seen"] = torch.tensor(seen)
+    save_file(state, os.path.join(result_dir, f"rank{rank}.safetensors"))
+    cli._cleanup_distributed()
+
+
+def test_two_ranks_train_the_same_weights(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+    folder = image_folder(tmp_path / "ds", n_train=6, n_test=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "out")
+    mp.spawn(_ddp_worker, args=(2, port, folder, out, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    seen0, seen1 = r0.pop("_seen"), r1.pop("_seen")
+    # 18 images - 1 val = 17: 9 per rank (padded), batch 4: 3 steps per epoch on each rank
+    assert len(seen0) == len(seen1) == 6 and not torch.allclose(seen0, seen1)
+    assert set(r0) == set(r1) and all(torch.equal(r0[k], r1[k]) for k in r0)
+    saved = load_file(os.path.join(out, "adapters.safetensors"))          # rank 0 wrote it
+    assert all(torch.equal(saved[k], r0[k]) for k in saved)
+    assert r0["blocks.0.adapter.up.weight"].abs().sum() > 0
