@@ -66,7 +66,10 @@ DATASET_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN",
                  "oxford_pets": "OxfordIIITPet", "food101": "Food101",
                  "flowers102": "Flowers102", "fgvc_aircraft": "FGVCAircraft",
                  "tiny_imagenet": "TinyImageNet", "imagenet_r": "ImageNetR",
-                 "imagefolder": "ImageFolder"}
+                 "imagefolder": "ImageFolder",
+                 # the published configs/datasets/<name>.yaml names
+                 "pets": "OxfordIIITPet", "flowers": "Flowers102", "fgvc": "FGVCAircraft",
+                 "tinyimagenet": "TinyImageNet"}
 TOPK = (1, 5)                      # published metrics.topk, those <= the class count
 
 
