@@ -466,3 +466,28 @@ def test_two_ranks_train_the_same_weights(tmp_path):
     saved = load_file(os.path.join(out, "adapters.safetensors"))          # rank 0 wrote it
     assert all(torch.equal(saved[k], r0[k]) for k in saved)
     assert r0["blocks.0.adapter.up.weight"].abs().sum() > 0
+
+
+def test_weights_load_from_the_local_hugging_face_cache(tmp_path, capsys, monkeypatch):
+    """The published variant's weights, found offline in an HF cache laid out as the hub does."""
+    from huggingface_hub import constants
+    from safetensors.torch import load_file, save_file
+    cache = tmp_path / "hub"
+    repo = cache / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    torch.manual_seed(3)
+    donor = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **KW)
+    weights = {k: v.contiguous() for k, v in donor.state_dict().items()}
+    save_file(weights, str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    folder = image_folder(tmp_path / "ds", n_train=3, n_test=1)
+    out = str(tmp_path / "o")
+    rc, _, err = run([folder, "--backbone", "timm:vit_tiny_patch16_224", "--model-kwargs",
+                      json.dumps(KW), "--method", "full", "--lr", "0", "--epochs", "1",
+                      "--threads", "1", "--quiet", "-o", out], capsys)
+    assert rc == 0, err
+    got = load_file(os.path.join(out, "adapters.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in weights.items() if not k.startswith("head."))
+    assert json.load(open(os.path.join(out, "config.json")))["pretrained"] == "published"
