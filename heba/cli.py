@@ -9,6 +9,8 @@
         --dataset eurosat --root /data --split base2novel           # a published checkpoint
     heba-train split --dataset eurosat --root /data --shots 16 --seed 1 --json split.json
     torchrun --nproc_per_node=4 -m heba.cli --dataset imagenet --root /data ...
+    heba-train --backbone timm:vit_small_patch16_224 --dataset cifar10 --root /data  # AdapterTune
+    heba-train --backbone hf:/models/clip-vit-base-patch16 --dataset eurosat --root /data
 
 The recipe (``--recipe heba``, the default: the published HeBA settings, see
 :mod:`heba.train.config`) gives every default; each option overrides one
@@ -54,7 +56,8 @@ def _model(p):
                    help='timm: JSON keyword arguments of timm.create_model ({"depth": 2})')
     g.add_argument("--pretrained", default=None,
                    help="open_clip tag (default openai), a weights file, or 'none'; tiny: "
-                        "'builtin' (default), 'none' or a file")
+                        "'builtin' (default), 'none' or a file; timm: published (default), "
+                        "timm, a tag, a file or none; hf: folder (default) or none")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
                    help="QuickGELU activations (auto: for the openai tag, as those weights were "
                         "trained; pass 'on' for an OpenAI weights file)")
@@ -141,7 +144,7 @@ def _runtime(p):
     g.add_argument("--workers", type=int, default=0, help="data loader workers")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle cores)")
     g.add_argument("--allow-download", action="store_true",
-                   help="let open_clip download weights (never without this flag)")
+                   help="let open_clip / timm download weights (never without this flag)")
 
 
 def build_parser():

@@ -336,7 +336,8 @@ def test_published_checkpoint_evaluates(tmp_path, capsys):
     imgs, labels = [], []
     for c, name in enumerate(("ant", "bee", "cat")):
         for i in range(3):
-            imgs.append(tf(Image.open(os.path.join(folder, "test", name, f"{i}.png")).convert("RGB")))
+            path = os.path.join(folder, "test", name, f"{i}.png")
+            imgs.append(tf(Image.open(path).convert("RGB")))
             labels.append(c)
     with torch.no_grad():
         logits = published_model(sd, num_classes=3)(torch.stack(imgs))

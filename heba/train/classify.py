@@ -54,7 +54,7 @@ from heba.train import backbones
 from heba.train import optim
 from heba.train.config import MODEL_FIELDS, Config, UsageError
 from heba.train.evaluate import format_acc
-from heba.train.recipe import RunOptions, TrainRecipe, check_same, graphs_reason
+from heba.train.recipe import RunOptions, TrainRecipe, graphs_reason
 from heba.train.runtime import (PRECISIONS, autocast_ctx, barrier, resolve_precision,
                                 set_cpu_threads, setup_distributed)
 
