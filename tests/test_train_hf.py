@@ -128,6 +128,7 @@ def test_bad_folders_are_one_line(hf_dir, folder, tmp_path, capsys):
         (["--backbone", f"hf:{no_tok}"], "has no tokenizer files"),
         (["--backbone", f"hf:{hf_dir}", "--pretrained", "openai"], "takes 'folder'"),
         (["--backbone", f"hf:{hf_dir}", "--method", "head-only"], "timm classification"),
+        (["--backbone", f"hf:{hf_dir}", "--checkpoint-blocks", "1"], "--checkpoint-blocks"),
     ]:
         rc, _, err = run([folder, *argv, *FAST, "-o", out], capsys)
         assert rc == 2 and pattern in err and len(err.strip().splitlines()) == 1, (argv, err)

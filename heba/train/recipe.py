@@ -154,7 +154,10 @@ class TrainRecipe:
             notes.append("backbone kept in fp32" + (" (--no-cast-once)"
                                                      if self.precision != "fp32" else ""))
         if self.opts.checkpoint_blocks:
-            n = checkpoint_frozen_blocks(self.model, every=self.opts.checkpoint_blocks)
+            try:
+                n = checkpoint_frozen_blocks(self.model, every=self.opts.checkpoint_blocks)
+            except TypeError as err:               # not open_clip towers (an hf: CLIP)
+                raise UsageError(f"--checkpoint-blocks: {err}") from None
             notes.append(f"{n} frozen blocks checkpointed")
         return notes
 
