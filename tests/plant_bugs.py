@@ -53,9 +53,10 @@ class Outcome:
 
 
 def tracked_files(root: str) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True,
-                         capture_output=True).stdout.decode()
-    return [p for p in out.split("\0") if p]
+    """The files git tracks plus the untracked ones it does not ignore (work in progress)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, check=True, capture_output=True).stdout.decode()
+    return sorted({p for p in out.split("\0") if p})
 
 
 def make_scratch(root: str) -> str:
