@@ -79,12 +79,13 @@ WIRING_BUGS = [
     Bug("wiring-eps", "wiring", WIRING,
         "rescale_param_grad=rescale_param_grad, backend=backend)",
         "rescale_param_grad=rescale_param_grad, backend=backend, eps=1e-6)",
-        (f"{T_WIRING}::test_heba_matches_spec_block_equations",),
+        (f"{T_WIRING}::test_heba_matches_spec_block_equations",
+         f"{T_HOLES}::test_wiring_non_square_grid_and_published_eps"),
         "the wiring builds adapters with LayerNorm eps 1e-6 instead of the published 1e-5"),
     Bug("wiring-grid-hw-swap", "wiring", WIRING,
         "return None if grid is None else (int(grid[0]), int(grid[1]))",
         "return None if grid is None else (int(grid[1]), int(grid[0]))",
-        (T_WIRING,),
+        (T_WIRING, f"{T_HOLES}::test_wiring_non_square_grid_and_published_eps"),
         "the visual adapters of a non-square model (e.g. 224x320 input) get a W x H grid"),
     Bug("wiring-att-after-ln2", "wiring", WIRING,
         'replaced.append((block, "ln_1", block.ln_1))\n'
@@ -377,4 +378,40 @@ KERNELS = [
         "the weight-gradient reduction's token chunks overlap by one block: tokens counted twice"),
 ]
 
-BUGS = [*KERNELS, *REFERENCE, *WIRING_BUGS, *CHECKPOINTS, *DATA, *LOOP, *TIMM_HF, *CUDA_GLUE]
+RECIPE = "heba/train/recipe.py"
+T_RECIPE = "tests/test_train_recipe.py"
+
+LOOP_RECIPE = [
+    Bug("recipe-lr-never-stepped", "loop", RECIPE,
+        "# Dassl: update_lr() after the last batch\n            self.sched.step()",
+        "# Dassl: update_lr() after the last batch\n            pass",
+        (f"{T_RECIPE}::test_config_saved_beside_checkpoint_and_schedule_per_epoch",),
+        "the per-epoch cosine never steps: the whole run at the initial learning rate"),
+    Bug("recipe-drop-last-ignored", "loop", RECIPE,
+        "drop = cfg.drop_last and len(ds) >= cfg.batch_size * self.world",
+        "drop = False",
+        (f"{T_RECIPE}::test_config_saved_beside_checkpoint_and_schedule_per_epoch",),
+        "the last partial batch trained on, unlike Dassl (another number of steps per epoch)"),
+    Bug("recipe-same-order-every-epoch", "loop", RECIPE,
+        "g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)",
+        "g = torch.Generator().manual_seed(cfg.seed * 7_919)",
+        (f"{T_HOLES}::test_loader_order_changes_per_epoch",),
+        "every epoch sees the batches in the same order"),
+    Bug("recipe-resume-policy-rng-lost", "loop", RECIPE,
+        'policy._rng.setstate(_tuple(state["policy_rng"]))',
+        "pass",
+        ("tests/test_clip_cli.py::test_resume_continues",),
+        "a resumed run draws other slow-fast scales than the uninterrupted one"),
+    Bug("optim-warmup-off-by-one", "loop", "heba/train/optim.py",
+        "return float(step + 1) / float(max(1, warm))",
+        "return float(step) / float(max(1, warm))",
+        ("tests/test_train_timm.py::test_schedule_is_the_published_warmup_cosine",),
+        "the first warm-up step at lr 0 (the published LambdaLR starts at 1 / W)"),
+    Bug("config-heba-lr", "loop", "heba/train/config.py",
+        "lr: float = 0.0075",
+        "lr: float = 0.0035",
+        (f"{T_RECIPE}::test_heba_recipe_is_the_published_one",),
+        "the heba recipe's learning rate is not the published OPTIM.LR 0.0075"),
+]
+
+BUGS = [*KERNELS, *REFERENCE, *WIRING_BUGS, *CHECKPOINTS, *DATA, *LOOP, *LOOP_RECIPE, *TIMM_HF, *CUDA_GLUE]

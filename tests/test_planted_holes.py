@@ -211,3 +211,24 @@ def test_evaluation_scale_per_split(novel_eval, novel_scale):
     assert acc["base"] == 100.0 and acc["novel"] == (100.0 if novel_scale == 0.025 else 0.0)
     assert acc["hm"] == (100.0 if novel_scale == 0.025 else 0.0)
     assert model.heba_policy.mode == "base"
+
+
+# --- the training loop ---------------------------------------------------------------------
+
+def test_loader_order_changes_per_epoch():
+    """recipe-same-order-every-epoch: a new shuffle every epoch (Dassl's RandomSampler draws
+    from the advancing global generator), the same one for the same (seed, epoch)."""
+    from types import SimpleNamespace
+
+    from heba.train import recipe as R
+    from heba.train.config import make_config
+    ds = torch.utils.data.TensorDataset(torch.arange(40))
+    fake = SimpleNamespace(cfg=make_config("heba", batch_size=4, seed=1),
+                           data=SimpleNamespace(train=ds), world=1, rank=0,
+                           opts=SimpleNamespace(workers=0), device=torch.device("cpu"))
+
+    def order(epoch):
+        return torch.cat([b[0] for b in R.TrainRecipe._loader(fake, epoch)]).tolist()
+
+    assert sorted(order(0)) == list(range(40)) and order(0) == order(0)
+    assert order(0) != order(1) and order(1) != order(2)
