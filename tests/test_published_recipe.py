@@ -134,6 +134,24 @@ def test_prompt_slots_padded_with_the_first_and_drawn_uniformly():
     assert ((counts / n) - 1 / 3).abs().max() < 0.04
 
 
+def test_long_prompts_are_truncated_as_clip_tokenize_truncate():
+    """clip.tokenize(p, truncate=True): sot + BPE + eot, cut to 77 tokens with the last one
+    set to eot (so the text feature is read at the last position)."""
+    import open_clip
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    long = "a photo of a tabby cat, " + "a very " * 60 + "striped cat."
+    short = "a photo of a tabby cat, a cat."
+    bank = PromptBank([[long], [short]], tok)
+    rows = bank.tokens[:, 0]
+    for text, row in zip((long, short), rows):
+        ids = [tok.sot_token_id] + tok.encode(text) + [tok.eot_token_id]
+        if len(ids) > 77:
+            ids = ids[:77]
+            ids[-1] = tok.eot_token_id
+        assert row.tolist() == ids + [0] * (77 - len(ids))
+    assert rows.argmax(-1).tolist()[0] == 76
+
+
 # --- 4. transforms and the test-time precision ------------------------------------------------
 
 def test_dassl_transforms_of_vit_b16_openai(monkeypatch):
