@@ -66,6 +66,22 @@ def test_fewshot_is_drawn_over_all_classes_before_the_halves(tmp_path):
         coop.build_split("dtd", str(tmp_path), 4, 2, "all").train
 
 
+def test_fewshot_draw_is_the_one_dassl_made_on_its_python():
+    """The literal draw of generate_fewshot_dataset (3 train shots, then 2 val, after
+    random.seed(1)) on this pool, as Python 3.6, 3.8 and 3.13 make it (the published code
+    ran on 3.8): the split does not depend on the Python heba runs on."""
+    from heba.data.sampling import Item, fewshot
+    labels = [(i * 7) % 5 for i in range(60)]
+    train = [Item(f"t{i}", y, str(y)) for i, y in enumerate(labels)]
+    val = [Item(f"v{i}", y, str(y)) for i, y in enumerate(labels[:30])]
+    rng = random.Random(1)
+    assert [it.path for it in fewshot(train, 3, rng)] == [
+        "t10", "t45", "t5", "t21", "t6", "t36", "t37", "t57", "t32", "t18", "t8", "t38", "t4",
+        "t34", "t54"]
+    assert [it.path for it in fewshot(val, 2, rng)] == [
+        "v20", "v0", "v26", "v16", "v12", "v7", "v23", "v3", "v14", "v4"]
+
+
 def published_prompts(classnames, descriptions, ctx_init="a photo of a"):
     """AdapterLearner._build_text_prompts's strings, restated: keys lower-cased with "_" as
     " "; class names with "_" as " " (case kept in the prompt); no descriptions ->
