@@ -28,6 +28,8 @@ from heba.train.step import candidate_mask, draw_step
 from tests.clip_utils import one_thread  # noqa: F401
 from tests.coop_fixtures import make_split_dataset
 
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)     # base2new.yaml INPUT.PIXEL_MEAN
