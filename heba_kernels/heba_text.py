@@ -60,14 +60,15 @@ Example::
     torch.Size([4, 77, 512])
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
-                                         launch_flags, op_code)
+from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, atb,
+                                         check_dtypes, device_guard, launch_flags, op_code,
+                                         scalar_arg)
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
 
@@ -76,10 +77,12 @@ __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
 
 @triton.jit
 def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [H, D], WU [D, H]
-                          M, D, H, stride_xm, stride_om, scale, eps,
+                          M, D, H, stride_xm, stride_om, scale, scale_ptr, eps,
+                          SCALE_PTR: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                           OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
     row_ok = rows < M
     rows64 = rows.to(tl.int64)                                         # M * D may pass 2^31
@@ -145,11 +148,13 @@ def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [
 @triton.jit
 def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
                              DX, DY, A_OUT, DU_OUT, DNW_PART, DNB_PART,
-                             M, D, H, stride_xm, stride_gm, stride_dxm, scale,
+                             M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
+                             SCALE_PTR: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
                              IEEE: tl.constexpr):
     pid = tl.program_id(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -288,10 +293,11 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     upcast, ieee = launch_flags(x.device, op_dtype)
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=False)
     grid = (triton.cdiv(M, BLOCK_M),)
+    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
     _heba_text_fwd_kernel[grid](
         x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
-        M, D, H, x2.stride(0), out2.stride(0), float(scale), float(eps),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+        M, D, H, x2.stride(0), out2.stride(0), scale_v, scale_p, float(eps),
+        SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
         OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
     return out, mean, rstd
 
@@ -304,7 +310,7 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
     op_dtype = down_weight.dtype
-    p_scale = 1.0 if rescale_param_grad else float(scale)
+    p_scale = 1.0 if rescale_param_grad else scale        # a float or a 0-d tensor
     dev = x.device
     dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
     dy = torch.empty(M, D, device=dev, dtype=x.dtype)                  # dL/dy      [M, D]
@@ -320,11 +326,12 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
         grid = (triton.cdiv(M, BLOCK_M),)
         dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
         dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
+        scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
         _heba_text_bwd_kernel_dx[grid](
             x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
             dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
-            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), float(scale),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+            SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
             OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
         dnw = (dnw_part.sum(0) * p_scale).to(norm_weight.dtype)
         dnb = (dnb_part.sum(0) * p_scale).to(norm_weight.dtype)
@@ -338,14 +345,18 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
 @torch.library.custom_op("heba::triton_text_fwd", mutates_args=())
 def _heba_text_fwd_op(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
                       norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
-                      eps: float, rescale_param_grad: bool
+                      scale_t: Optional[torch.Tensor], eps: float, rescale_param_grad: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # rescale_param_grad is unused here: it is an input so that the backward sees it.
-    return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
+    # The scale is scale_t (0-d float32) if given, else scale. rescale_param_grad is
+    # unused here: it is an input so that the backward sees it.
+    with device_guard(x):
+        return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias,
+                             scale if scale_t is None else scale_t, eps)
 
 
 @_heba_text_fwd_op.register_fake
-def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_param_grad):
+def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
+      rescale_param_grad):
     M = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
@@ -354,35 +365,39 @@ def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_par
 @torch.library.custom_op("heba::triton_text_bwd", mutates_args=())
 def _heba_text_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
                       up_weight: torch.Tensor, norm_weight: torch.Tensor, mean: torch.Tensor,
-                      rstd: torch.Tensor, scale: float, rescale_param_grad: bool
+                      rstd: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
+                      rescale_param_grad: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor]:
-    return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
-                         rescale_param_grad)
+    with device_guard(x):
+        return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd,
+                             scale if scale_t is None else scale_t, rescale_param_grad)
 
 
 @_heba_text_bwd_op.register_fake
-def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, rescale_param_grad):
+def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, scale_t,
+      rescale_param_grad):
     return (x.new_empty(x.shape), down_weight.new_empty(down_weight.shape),
             up_weight.new_empty(up_weight.shape), norm_weight.new_empty(norm_weight.shape),
             norm_weight.new_empty(norm_weight.shape))
 
 
 def _heba_text_setup_context(ctx, inputs, output):
-    x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_param_grad = inputs
+    (x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
+     rescale_param_grad) = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd)
+    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd, scale_t)
     ctx.scale = scale
     ctx.rescale_param_grad = rescale_param_grad
 
 
 def _heba_text_backward(ctx, g, _g_mean, _g_rstd):
-    x, down_weight, up_weight, norm_weight, mean, rstd = ctx.saved_tensors
+    x, down_weight, up_weight, norm_weight, mean, rstd, scale_t = ctx.saved_tensors
     dx, d_down, d_up, dnw, dnb = torch.ops.heba.triton_text_bwd(
-        g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale,
+        g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale, scale_t,
         ctx.rescale_param_grad)
-    return dx, d_down, d_up, dnw, dnb, None, None, None
+    return dx, d_down, d_up, dnw, dnb, None, None, None, None
 
 
 torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
@@ -398,7 +413,8 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
     Args:
         x: ``[..., D]`` tokens, float32/float16/bfloat16, any strides.
         down_weight: ``[h, D]``; up_weight: ``[D, h]``; norm_weight, norm_bias: ``[D]``.
-        scale: the outer residual's scale (Python float; 0 is fine).
+        scale: the outer residual's scale: a Python float, or a 0-d float32 tensor on
+            x's device, read by the kernels (0 is fine).
         eps: LayerNorm epsilon.
         rescale_param_grad: parameter gradients as if ``scale`` were 1 (SPEC.md) if True,
             plain gradients if False. ``x``'s gradient is the true one either way.
@@ -406,7 +422,9 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
     Returns ``[..., D]`` in ``x``'s dtype.
     """
     check_dtypes("heba_text", x, down_weight, up_weight, norm_weight, norm_bias)
+    tensor = isinstance(scale, torch.Tensor)
     out, _, _ = torch.ops.heba.triton_text_fwd(
         x, down_weight.contiguous(), up_weight.contiguous(), norm_weight.contiguous(),
-        norm_bias.contiguous(), float(scale), float(eps), bool(rescale_param_grad))
+        norm_bias.contiguous(), 0.0 if tensor else float(scale), scale if tensor else None,
+        float(eps), bool(rescale_param_grad))
     return out

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
-                                         launch_flags, op_code)
+                                         device_guard, launch_flags, op_code)
 
 __all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd"]
 
@@ -252,7 +252,8 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
 def _low_rank_fwd_op(x: torch.Tensor, down_weight: torch.Tensor,
                      down_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
                      up_bias: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
-    return low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha)
+    with device_guard(x):
+        return low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha)
 
 
 @_low_rank_fwd_op.register_fake
@@ -265,7 +266,8 @@ def _low_rank_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor
                      down_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
                      alpha: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                             torch.Tensor, torch.Tensor]:
-    return low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha)
+    with device_guard(x):
+        return low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha)
 
 
 @_low_rank_bwd_op.register_fake
