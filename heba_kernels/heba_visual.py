@@ -62,8 +62,19 @@ bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
 dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
-buffer. Parameter gradients are per-program float32 partials summed by
-``torch.sum``: deterministic, no atomics.
+buffer. Parameter gradients are float32 partials summed by ``torch.sum``:
+deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number of
+slots: the _dy and _dv kernels run ``S`` programs along the batch axis
+(``_partial_images``: ``8 * SMs // nT`` on a GPU), program ``s`` summing images
+``s, s + S, ...`` in that fixed order into its own slot, so those buffers are
+``S * nT * (2 D + 9 h) * 4`` bytes whatever the batch (74 MB at a 24x24 grid,
+D=4096 on 132 SMs; one slot per image and token block took 1.28 GB at B=1024).
+
+``scale`` is a Python float (a kernel argument) or a 0-d float32 tensor on x's
+device, which the kernels load (``SCALE_PTR``/``GS_PTR``/``XS_PTR``), so a
+captured CUDA graph replays with the tensor's current value; both give the same
+bits. Every launch runs under ``device_guard(x)``: Triton launches on the
+current device's current stream. float64 inputs are computed in float32.
 
 Environment variables: ``TRITON_INTERPRET=1`` (run on the CPU through Triton's
 interpreter; matmul operands are then upcast to float32, since the interpreter's
