@@ -566,8 +566,10 @@ def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
         BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
         DOT_DTYPE=dot_dtype,
         DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
-        # 8 warps: at these tiles 4 warps need 255 registers and spill in the _dy and _dv
-        # kernels (cuobjdump -res-usage of the sm_90 cubins); 8 warps fit without spills.
+        # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
+        # D64, D = 768..4096, bf16): down 48 regs, fwd 80, _dy 128, _dv 128 + 20 B spill
+        # (fp16 32 B, fp32 x with bf16 w 44 B; fp32 192 regs, no spill), _dwu/_dx/_dwd
+        # 46-62, dwconv 48; smem <= 49 KiB. Only _dv spills, a few bytes: kept.
         num_warps=4 if interpret else 8,
     )
 
