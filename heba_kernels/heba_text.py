@@ -244,6 +244,152 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
                  dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# Above this BLOCK_H the backward's three [BLOCK_M, BLOCK_H] float32 tiles no longer fit
+# in registers (scripts/triton_aot_check.py, sm_90: h=768/1024 at 16x16x1024 used 255
+# registers and spilled 380-396 bytes); from there the wide kernel below tiles h.
+WIDE_H = 512
+
+
+@triton.jit
+def _text_bwd_wide_hidden(X, WD, A_OUT, U_BUF, rows64, row_ok, offs_n, D, H,
+                          stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_HC: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                          IEEE: tl.constexpr):
+    """u = x W_d^T chunk by chunk of h: u to U_BUF (float32), a = gelu(u) to A_OUT."""
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        u = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < D
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                           mask=h_ok[None, :] & c_ok[:, None], other=0.0)
+            u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        hm = row_ok[:, None] & h_ok[None, :]
+        tl.store(U_BUF + h_ptrs, u, mask=hm)
+        tl.store(A_OUT + h_ptrs, _gelu(u).to(A_OUT.dtype.element_ty), mask=hm)
+
+
+@triton.jit
+def _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                     BLOCK_M: tl.constexpr, BLOCK_HC: tl.constexpr, OP: tl.constexpr,
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """y = x + a @ W_u^T for one column chunk, a read back from A_OUT chunk by chunk of h."""
+    y = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        a = tl.load(A_OUT + rows64[:, None] * H + offs_h[None, :],
+                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                       mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+        y = _mma(_op_cast(a, OP, UPCAST), _op_cast(wu_t, OP, UPCAST), y, IEEE)
+    return y
+
+
+@triton.jit
+def _heba_text_bwd_kernel_dx_wide(X, G, WD, WU, NW, MEAN, RSTD,
+                                  DX, DY, A_OUT, DU_OUT, U_BUF, DNW_PART, DNB_PART,
+                                  M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
+                                  SCALE_PTR: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_HC: tl.constexpr, OP: tl.constexpr,
+                                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """_heba_text_bwd_kernel_dx for h > WIDE_H: the same math, h in BLOCK_HC chunks, with
+    u (float32), a and du kept in [M, h] buffers instead of registers."""
+    pid = tl.program_id(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    _text_bwd_wide_hidden(X, WD, A_OUT, U_BUF, rows64, row_ok, offs_n, D, H, stride_xm,
+                          BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
+    tl.debug_barrier()                        # A_OUT is read back by other threads
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+    # Sweep 1: c1 = mean(dyhat * yhat), c2 = mean(dyhat); this program's dw, db partials.
+    c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                             BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dyhat = g * w[None, :]
+        c1 += tl.sum(dyhat * yhat, axis=1)
+        c2 += tl.sum(dyhat, axis=1)
+        tl.store(DNW_PART + pid * D + cols, tl.sum(g * yhat, axis=0), mask=c_ok)
+        tl.store(DNB_PART + pid * D + cols, tl.sum(g, axis=0), mask=c_ok)
+    c1 = c1 / D
+    c2 = c2 / D
+
+    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1) to DY.
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                             BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        yhat = (y - mean[:, None]) * rstd[:, None]
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dy = rstd[:, None] * (g * w[None, :] - c2[:, None] - yhat * c1[:, None])
+        tl.store(DY + rows64[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+    tl.debug_barrier()                        # DY is read back by other threads
+
+    # da = dy @ W_u and du = da * gelu'(u), chunk by chunk of h, to DU_OUT.
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        da = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < D
+            dy = tl.load(DY + rows64[:, None] * D + cols[None, :],
+                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wu = tl.load(WU + cols[:, None] * H + offs_h[None, :],
+                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)     # [BLOCK_N, BLOCK_HC]
+            da = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), da, IEEE)
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        hm = row_ok[:, None] & h_ok[None, :]
+        u = tl.load(U_BUF + h_ptrs, mask=hm, other=0.0)
+        tl.store(DU_OUT + h_ptrs, (da * _gelu_grad(u)).to(DU_OUT.dtype.element_ty), mask=hm)
+    tl.debug_barrier()                        # DU_OUT is read back by other threads
+
+    # Sweep 3: dx = g + scale * (dy + du @ W_d).
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        acc = tl.load(DY + rows64[:, None] * D + cols[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        for h0 in range(0, H, BLOCK_HC):
+            offs_h = h0 + tl.arange(0, BLOCK_HC)
+            h_ok = offs_h < H
+            du = tl.load(DU_OUT + rows64[:, None] * H + offs_h[None, :],
+                         mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            wd = tl.load(WD + offs_h[:, None] * D + cols[None, :],
+                         mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :],
+                 (g + scale * acc).to(DX.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _rows(t):
@@ -274,7 +420,13 @@ def _config(H, op_dtype, backward):
         BLOCK_N = 32 if BLOCK_H <= 256 else 16                         # [BLOCK_H, BLOCK_N] tiles
     else:
         BLOCK_N = 64 if BLOCK_H <= 128 else 32
+    if backward and BLOCK_H > WIDE_H:
+        # The wide kernel: h in _WIDE_BLOCK_HC chunks; its tiles are [BLOCK_M, 256].
+        return (16 if wide else 32), 32, BLOCK_H, 8
     return BLOCK_M, BLOCK_N, BLOCK_H, 8
+
+
+_WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
 
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
@@ -327,12 +479,22 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
         dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
         dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
         scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
-        _heba_text_bwd_kernel_dx[grid](
-            x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
-            dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
-            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
-            SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
-            OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
+        common = dict(SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
+                      num_stages=2)
+        if BLOCK_H > WIDE_H:
+            u_buf = torch.empty(M, H, device=dev, dtype=torch.float32)  # u, float32 [M, H]
+            _heba_text_bwd_kernel_dx_wide[grid](
+                x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+                dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
+                M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+                BLOCK_HC=_WIDE_BLOCK_HC, **common)
+        else:
+            _heba_text_bwd_kernel_dx[grid](
+                x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+                dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
+                M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+                BLOCK_H=BLOCK_H, **common)
         dnw = (dnw_part.sum(0) * p_scale).to(norm_weight.dtype)
         dnb = (dnb_part.sum(0) * p_scale).to(norm_weight.dtype)
     d_up, _ = atb(dy, a_buf, op_dtype, up_weight.dtype, scale=p_scale)        # [D, H]

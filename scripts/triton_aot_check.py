@@ -49,12 +49,17 @@ def _cases():
                 if bwd:
                     ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
                                 DX=xs, DY=xs, A_OUT=ws, DU_OUT=ws, DNW_PART="fp32",
-                                DNB_PART="fp32")
-                    yield ("heba_text bwd", H, xdt, wdt, "_heba_text_bwd_kernel_dx", ptrs,
-                           ("scale",), c, nw)
+                                DNB_PART="fp32", U_BUF="fp32", scale_ptr="fp32")
+                    kernel, c["SCALE_PTR"] = "_heba_text_bwd_kernel_dx", False
+                    if BH > heba_text.WIDE_H:
+                        kernel = "_heba_text_bwd_kernel_dx_wide"
+                        c["BLOCK_HC"] = heba_text._WIDE_BLOCK_HC
+                        c["_shown"] = f"{BM}x{BN}x{c.pop('BLOCK_H')}(h chunks {c['BLOCK_HC']})"
+                    yield ("heba_text bwd", H, xdt, wdt, kernel, ptrs, ("scale",), c, nw)
                 else:
                     ptrs = dict(X=xs, WD=ws, WU=ws, NW=ws, NB=ws, OUT=xs, MEAN="fp32",
-                                RSTD="fp32")
+                                RSTD="fp32", scale_ptr="fp32")
+                    c["SCALE_PTR"] = False
                     yield ("heba_text fwd", H, xdt, wdt, "_heba_text_fwd_kernel", ptrs,
                            ("scale", "eps"), c, nw)
         for R in (1, 16, 64, 256):
