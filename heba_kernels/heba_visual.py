@@ -378,7 +378,7 @@ def _heba_visual_bwd_kernel_dy(
 
 @triton.jit
 def _heba_visual_bwd_kernel_dv(
-    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32, dWm part [S*nT, h, 9]
+    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32; [S*nT, h, 9]
     stride_db, stride_dn,
     B, H, W, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -6,7 +6,8 @@ this compiles the kernel ahead of time for ``--arch`` (default 90: H100/H200) wi
 installed Triton and its bundled ptxas, with the specialisation a real launch gets
 (pointers 16-byte aligned, int arguments divisible by 16 marked so, ints equal to 1
 made constants, at CLIP shapes: ViT-B/16 and ViT-L/14 widths, 14x14 grid, 77 text
-tokens, batch 32), and prints shared memory, registers and register-spill bytes. It fails (exit 1) when a kernel does not compile or needs
+tokens, batch 32), and prints shared memory, registers and register-spill bytes.
+It fails (exit 1) when a kernel does not compile or needs
 more shared memory than the target has. No CUDA driver is needed; it takes a
 few minutes on two cores.
 

@@ -264,6 +264,31 @@ def test_clip_mlp_width_batch1(dtype):
     _check((1, 5, 2048), dtype, scale=0.025)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_wide_hidden_backward_kernel(monkeypatch, dtype):
+    """The backward for h > WIDE_H (the text MLP adapter of ViT-L and up, h >= 768) at a
+    tiny size: threshold and h chunk lowered to 16, so h = 18 runs in two chunks (one
+    ragged), two token blocks (a ragged one); the plain-gradient and tensor-scale paths."""
+    import heba_kernels.heba_text as ht
+    from tests.helpers import assert_tensor_scale_bitwise
+    monkeypatch.setattr(ht, "WIDE_H", 16)
+    monkeypatch.setattr(ht, "_WIDE_BLOCK_HC", 16)
+    launched = []
+    real = ht._heba_text_bwd_kernel_dx_wide
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+    monkeypatch.setattr(ht, "_heba_text_bwd_kernel_dx_wide", Spy())
+    _check((2, 19, 72), dtype, scale=0.3, seed=5)
+    _check((1, 9, 72), dtype, scale=0.025, rescale_param_grad=False, seed=6)
+    assert launched, "the wide kernel did not run"
+    x = tokens(1, 9, 72, device=DEVICE, dtype=dtype, seed=7)
+    assert_tensor_scale_bitwise("heba_text", "triton", x,
+                                text_params(72, device=DEVICE, dtype=dtype, seed=7), 0.6875)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @requires_gpu
