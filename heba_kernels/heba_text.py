@@ -42,6 +42,19 @@ per token chunk in separate slots, summed afterwards. ``dw``/``db`` partials
 are ``[programs, D]`` float32, summed afterwards. No atomics anywhere: **the
 backward is deterministic** (bitwise identical run to run on the same device).
 
+Wide bottlenecks (``h > WIDE_H`` = 512, e.g. the text MLP adapter of ViT-L/14,
+h = 768): ``u``, ``a`` and ``da`` no longer fit in registers as ``[BLOCK_M, h]``
+tiles, so ``_heba_text_bwd_kernel_dx_wide`` runs the same math with ``h`` in
+256-column chunks: ``u`` (float32) and ``a`` to ``[M, h]`` buffers, ``y``
+recomputed from ``a`` read back chunk by chunk, ``du`` to its buffer before the
+``dx`` sweep. Same rounding points (``a``, ``dy``, ``du`` rounded to the operand
+dtype as before), a different summation order over ``h``.
+
+``scale`` is a Python float or a 0-d float32 tensor on x's device that the
+kernels load (``SCALE_PTR``): a captured CUDA graph replays with its current
+value, bitwise the same results. Launches run under ``device_guard(x)``.
+float64 inputs are computed in float32 (float64 results).
+
 Matmul operands are rounded to the weights' dtype (under autocast
 :mod:`heba.ops` hands over bfloat16/float16 weights with a float32 ``x``);
 accumulation and the LayerNorm are float32; ``out`` and ``dx`` have ``x``'s
@@ -411,6 +424,12 @@ def _config(H, op_dtype, backward):
     backward holds three ``[BLOCK_M, BLOCK_H]`` float32 tiles, the forward one;
     float32 operands ("ieee" products on FMA units) need about twice the
     registers of 16-bit ones. Not yet tuned by timing.
+
+    Measured with the launch-like hints of scripts/triton_aot_check.py (sm_90): backward
+    h=512 16x16x512 255 registers, no spill (16-bit; 12 B in float32); h=768/1024 with
+    the old single kernel (16x16x1024) 255 registers and 380-396 B of spills, hence the
+    wide kernel: 32x32, h chunks of 256, 232-237 registers, no spill (16-bit; float32
+    16x32: 128 registers, 28 B), 32-48 KiB shared memory.
     """
     BLOCK_H = max(16, triton.next_power_of_2(H))
     wide = op_dtype == torch.float32
