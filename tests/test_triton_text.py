@@ -233,10 +233,13 @@ def test_tensor_scale_torch_compile_fullgraph():
 def test_every_launch_inside_device_guard(monkeypatch):
     import heba_kernels.heba_text as ht
     from tests.helpers import LaunchRecorder
+    monkeypatch.setattr(ht, "WIDE_H", 16)          # h = 18 takes the wide kernel, h = 10 not
+    monkeypatch.setattr(ht, "_WIDE_BLOCK_HC", 16)
     rec = LaunchRecorder(monkeypatch, [ht])
-    x = tokens(2, 9, 40, device=DEVICE)
-    forward_backward(lambda xx, **pp: ops.heba_text(xx, **pp, scale=0.5, backend="triton"),
-                     x, text_params(40, device=DEVICE))
+    for D in (40, 72):
+        x = tokens(2, 9, D, device=DEVICE)
+        forward_backward(lambda xx, **pp: ops.heba_text(xx, **pp, scale=0.5, backend="triton"),
+                         x, text_params(D, device=DEVICE))
     rec.assert_all_guarded(x.device)
     assert ("_atb_kernel", True) in rec.launches
 
