@@ -182,7 +182,9 @@ def _compile(args):
         f.write(k.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+    # the flags Triton's own make_cubin passes (Triton 3.8), so the counts are a launch's
+    res = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                          f.name, "-o", os.devnull],
                          capture_output=True, text=True)
     os.unlink(f.name)
     regs = re.findall(r"Used (\d+) registers", res.stderr)
