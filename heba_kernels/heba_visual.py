@@ -569,7 +569,8 @@ def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
         # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
         # D64, D = 768..4096, bf16): down 48 regs, fwd 80, _dy 128, _dv 128 + 20 B spill
         # (fp16 32 B, fp32 x with bf16 w 44 B; fp32 192 regs, no spill), _dwu/_dx/_dwd
-        # 46-62, dwconv 48; smem <= 49 KiB. Only _dv spills, a few bytes: kept.
+        # 46-62, dwconv 48; smem <= 49 KiB. _dv alone spilled: it runs with BLOCK_H 32
+        # (105 registers, no spill; see heba_visual_bwd).
         num_warps=4 if interpret else 8,
     )
 
@@ -682,8 +683,11 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
 
     dv = _new((B, HW, h), torch.float32, dev)
     dwm_part = _new((n_s * n_t, h, 9), torch.float32, dev)
-    _heba_visual_bwd_kernel_dv[(n_t, n_h, n_s)](
-        dx, u, wm, wu, dv, dwm_part, sdb, sdn, B, H, W, HW, D, h, P, **cfg)
+    # h in 32-column blocks here: at 64 the kernel spills 20-44 B (128 registers) in every
+    # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
+    dv_bh = min(32, BH)
+    _heba_visual_bwd_kernel_dv[(n_t, triton.cdiv(h, dv_bh), n_s)](
+        dx, u, wm, wu, dv, dwm_part, sdb, sdn, B, H, W, HW, D, h, P, **dict(cfg, BLOCK_H=dv_bh))
 
     # Weight gradients reduce over every token: split-K over token tiles, enough
     # splits to fill the GPU (3 in the interpreter, so the split path is tested).

@@ -135,6 +135,8 @@ def _visual_cases():
                        DOT_PREC="ieee" if dot == tl.float32 else "tf32")
             for kern in kernels:
                 consts = dict(cfg)
+                if kern.endswith("_dv"):
+                    consts["BLOCK_H"] = min(32, cfg["BLOCK_H"])    # as heba_visual_bwd launches
                 if kern.endswith("dwconv"):
                     consts = dict(BLOCK_T=32, BLOCK_H=cfg["BLOCK_H"], MIRROR=False, GELU=True)
                 if kern == "_heba_visual_fwd_kernel":
@@ -145,7 +147,8 @@ def _visual_cases():
                     consts["XS_PTR"] = False
                 ptrs = {n: ("fp32" if n in f32 else TY[xdt] if n in tok else TY[wdt])
                         for n in getattr(heba_visual, kern).arg_names if n.endswith("_ptr")}
-                consts["_shown"] = f"T{cfg['BLOCK_T']}xH{cfg['BLOCK_H']}xD{cfg['BLOCK_D']}"
+                consts["_shown"] = (f"T{cfg['BLOCK_T']}xH{consts['BLOCK_H']}"
+                                    f"xD{cfg['BLOCK_D']}")
                 consts["_shape"] = dict(D=D, h=h, HW=196)
                 yield (f"visual {kern[13:]}", D, xdt, wdt, kern, ptrs,
                        ("scale", "eps", "gs", "xs"), consts, 8)
