@@ -207,6 +207,21 @@ DATA = [
         (f"{T_VISION}::test_splits_are_the_published_permutation",
          f"{T_VISION}::test_imagenet_r_three_way_split_or_test_folder"),
         "ImageNet-R three-way split: val a fraction of all images, not of the rest"),
+    Bug("vision-flowers-train-only", "data", VISION,
+        'parts = [D.Flowers102(root, split) for split in ("train", "val")]',
+        'parts = [D.Flowers102(root, split) for split in ("train",)]',
+        (f"{T_VISION}::test_flowers102_trains_on_train_plus_val",),
+        "Flowers102 trains on its train split only (the published code uses train + val)"),
+    Bug("folder-train-images-in-test", "data", "heba/data/folder.py",
+        "chosen = {it.path for it in train} if single else set()",
+        "chosen = set()",
+        ("tests/test_clip_cli.py::test_folder_split_shots_by_seed",),
+        "a single ImageFolder tree: the few-shot training images are also test images"),
+    Bug("folder-test-per-class-off-by-one", "data", "heba/data/folder.py",
+        "count[it.label] <= test_per_class",
+        "count[it.label] < test_per_class",
+        (f"{T_HOLES}::test_folder_test_per_class_keeps_that_many",),
+        "--test-per-class N keeps N - 1 test images per class"),
 ]
 
 LOOP = [
