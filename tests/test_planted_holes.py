@@ -230,19 +230,20 @@ def test_evaluation_scale_per_split(novel_eval, novel_scale):
 # --- the training loop ---------------------------------------------------------------------
 
 def test_loader_order_changes_per_epoch():
-    """recipe-same-order-every-epoch: a new shuffle every epoch (Dassl's RandomSampler draws
+    """recipe-same-order-every-epoch, ddp-sampler-epoch-not-set: a new shuffle every epoch (Dassl's RandomSampler draws
     from the advancing global generator), the same one for the same (seed, epoch)."""
     from types import SimpleNamespace
 
     from heba.train import recipe as R
     from heba.train.config import make_config
     ds = torch.utils.data.TensorDataset(torch.arange(40))
-    fake = SimpleNamespace(cfg=make_config("heba", batch_size=4, seed=1),
-                           data=SimpleNamespace(train=ds), world=1, rank=0,
-                           opts=SimpleNamespace(workers=0), device=torch.device("cpu"))
+    for world in (1, 2):                    # 2: the DistributedSampler of rank 0 (set_epoch)
+        fake = SimpleNamespace(cfg=make_config("heba", batch_size=4, seed=1),
+                               data=SimpleNamespace(train=ds), world=world, rank=0,
+                               opts=SimpleNamespace(workers=0), device=torch.device("cpu"))
 
-    def order(epoch):
-        return torch.cat([b[0] for b in R.TrainRecipe._loader(fake, epoch)]).tolist()
+        def order(epoch):
+            return torch.cat([b[0] for b in R.TrainRecipe._loader(fake, epoch)]).tolist()
 
-    assert sorted(order(0)) == list(range(40)) and order(0) == order(0)
-    assert order(0) != order(1) and order(1) != order(2)
+        assert len(set(order(0))) == 40 // world and order(0) == order(0)
+        assert order(0) != order(1) and order(1) != order(2)
