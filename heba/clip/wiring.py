@@ -150,8 +150,14 @@ class HeBALayer(nn.Module):
 
 
 class HeBAAdapters(nn.Module):
-    """All HeBA adapters of a model: ``visual_adapter.<i>`` / ``text_adapter.<i>`` for the
-    ``i``-th adapted layer (from 0), each with ``att_conv`` and ``mlp_conv``."""
+    """All HeBA adapters of a model: ``visual_adapter[i]`` / ``text_adapter[i]`` for layer ``i``
+    (1-based), each with ``att_conv`` and ``mlp_conv``.
+
+    As in the published code, each container is a ModuleList of ``layers + 1``
+    slots whose slot 0 and unadapted layers are empty (None), so the state-dict
+    keys are the published ones (``visual_adapter.1.att_conv.down.weight`` for
+    block 1) and ``[i]`` is block ``i``'s adapters.
+    """
 
     method = "heba"
 
@@ -294,7 +300,10 @@ def attach_heba(model: nn.Module, towers_: str = "both", start: int = 1,
                           rescale_param_grad=rescale_param_grad, backend=backend)
             att = HeBAAdapter(dim, **kw, **common).to(device=device, dtype=dtype)
             mlp = HeBAAdapter(hidden, **kw, **common).to(device=device, dtype=dtype)
-            getattr(adapters, f"{tower}_adapter").append(HeBALayer(att, mlp))
+            slots = getattr(adapters, f"{tower}_adapter")
+            if not len(slots):
+                slots.extend([None] * (len(tr.resblocks) + 1))    # slot 0 stays empty
+            slots[i + 1] = HeBALayer(att, mlp)
             replaced.append((block, "ln_1", block.ln_1))
             block.ln_1 = AdaptedOutput(block.ln_1, att, policy)
             replaced.append((block.mlp, "c_fc", block.mlp.c_fc))
