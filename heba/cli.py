@@ -175,15 +175,19 @@ CONFIG_ARGS = ("method", "model", "pretrained", "quick_gelu", "towers", "start",
                "neg_per_class", "precision")
 
 
-def config_overrides(args) -> dict:
-    """The fields the command line sets (None: the recipe's default), data source resolved."""
+def config_overrides(args, source_default=None) -> dict:
+    """The fields the command line sets (None: the recipe's default), data source resolved.
+
+    ``source_default``: the data set when ``--dataset`` is not given (the transfer
+    protocols train on ImageNet)."""
     from heba.train.config import UsageError
     over = {k: getattr(args, k) for k in CONFIG_ARGS if getattr(args, k, None) is not None}
     folder = getattr(args, "folder", None)
     if folder and args.dataset:
         raise UsageError("give an ImageFolder path or --dataset NAME, not both")
-    if args.dataset:
-        over.update(source="coop", dataset=args.dataset, root=_abs(args.root))
+    dataset = args.dataset or (source_default if args.root else None)
+    if dataset:
+        over.update(source="coop", dataset=dataset, root=_abs(args.root))
     elif folder:
         over.update(source="folder", dataset=os.path.abspath(folder))
     elif args.root:
@@ -203,9 +207,7 @@ def make_train_config(args, source_default=None):
     """The run's :class:`Config`: the recipe, the demo's and the data's defaults, the options."""
     from heba.data.demo import TEMPLATES
     from heba.train.config import make_config
-    over = config_overrides(args)
-    if source_default and "dataset" not in over:
-        over.update(source="coop", dataset=source_default, root=_abs(args.root))
+    over = config_overrides(args, source_default)
     demo = "source" not in over
     method = over.get("method", "heba")
     recipe = args.recipe or ("adaptertune" if method == "adaptertune" else "heba")
