@@ -192,7 +192,7 @@ def test_resume_continues(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(R.TrainRecipe, "save_checkpoint", save_then_stop)
     assert run([*args, "-o", part], capsys)[0] == 130
     monkeypatch.setattr(R.TrainRecipe, "save_checkpoint", real_save)
-    assert json.load(open(os.path.join(part, "adapters.json")))["epoch"] == 1
+    assert json.load(open(os.path.join(part, "epoch_1", "adapters.json")))["epoch"] == 1
     rc, stdout, err = run([*args, "-o", part, "--resume"], capsys)
     assert rc == 0, err
     wf, wp = load_file(os.path.join(full, R.CKPT_NAME)), load_file(os.path.join(part, R.CKPT_NAME))
