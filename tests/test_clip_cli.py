@@ -260,7 +260,7 @@ def test_bad_input_exit_2(folder, tmp_path, capsys):
 def test_checkpoint_never_overwritten(folder, tmp_path, capsys):
     out = str(tmp_path / "ck")
     assert run([folder, *FAST, "-o", out, "--no-eval-before"], capsys)[0] == 0
-    files = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    files = _snapshot(out)
     _one_line_error(*run([folder, *FAST, "-o", out], capsys)[::2], "already holds a checkpoint")
     _one_line_error(*run([folder, *FAST, "--shots", "3", "-o", out, "--resume"], capsys)[::2],
                     "another configuration (shots: checkpoint 2 vs now 3)")
@@ -268,7 +268,13 @@ def test_checkpoint_never_overwritten(folder, tmp_path, capsys):
                          capsys)[::2], "another configuration (method")
     _one_line_error(*run(["evaluate", "--checkpoint", out, "--model", "ViT-B-32", folder],
                          capsys)[::2], "another configuration (model")
-    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == files
+    assert _snapshot(out) == files
+
+
+def _snapshot(out):
+    """Every file under ``out`` (the run folder and its epoch_<N>/ set) and its bytes."""
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(out) for f in names}
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

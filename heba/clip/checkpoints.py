@@ -307,23 +307,30 @@ def save_adapters(path: str, model: nn.Module, config: dict) -> None:
 
 
 def read_config(path: str, require=()) -> dict:
-    """The JSON beside checkpoint ``path``; :class:`CheckpointError` if it is missing, does
-    not parse, is not an object, or lacks one of the keys in ``require``."""
+    """The JSON beside checkpoint ``path`` (:func:`read_json_object`)."""
     cfg = _config_path(path)
     if not os.path.exists(cfg):
         raise CheckpointError(f"checkpoint {path} has no configuration file {cfg}")
+    return read_json_object(cfg, require)
+
+
+def read_json_object(path: str, require=()) -> dict:
+    """A JSON object file; :class:`CheckpointError` if it is missing, does not parse, is not
+    an object, or lacks one of the keys in ``require``."""
     try:
-        with open(cfg) as f:
+        with open(path) as f:
             obj = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{cfg} does not parse as JSON ({type(err).__name__}: "
+        raise CheckpointError(f"{path} does not parse as JSON ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{cfg} is not a JSON object (got {type(obj).__name__})")
+        raise CheckpointError(f"{path} is not a JSON object (got {type(obj).__name__})")
     missing = [k for k in require if k not in obj]
     if missing:
-        raise CheckpointError(f"{cfg} lacks key(s) {', '.join(missing)}: not a checkpoint "
-                              f"configuration written by heba-train")
+        raise CheckpointError(f"{path} lacks key(s) {', '.join(missing)}: not a configuration "
+                              f"written by heba-train")
     return obj
 
 

@@ -195,7 +195,8 @@ def _plan_resume(cfg, state: rf.FolderState) -> Plan:
     out = state.path
     if state.latest is None:
         if rf.CONFIG_NAME in state.files:
-            saved = ckpt.read_config(os.path.join(out, rf.CONFIG_NAME), require=RESUME_FIELDS)
+            saved = ckpt.read_json_object(os.path.join(out, rf.CONFIG_NAME),
+                                          require=RESUME_FIELDS)
             check_same(saved, cfg.to_dict(), RESUME_FIELDS, os.path.join(out, rf.CONFIG_NAME))
             return Plan("resume", note=f"{out}: no epoch was saved before the run stopped: "
                                        f"starting again at epoch 1")
