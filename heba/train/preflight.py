@@ -322,15 +322,29 @@ def check_images(datasets, log=None) -> int:
     from heba.data.coop import DataError
     paths = sorted({it.path for ds in datasets for it in getattr(ds, "items", ())
                     if getattr(it, "path", None)})
-    if not paths:
-        return 0
+    todo = [p for p in paths if _stamp(p) not in _CHECKED]
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        bad = [(p, e) for p, e in zip(paths, pool.map(image_error, paths)) if e]
+        errors = list(pool.map(image_error, todo))
+    bad = [(p, e) for p, e in zip(todo, errors) if e]
+    _CHECKED.update(_stamp(p) for p, e in zip(todo, errors) if not e)
     if bad:
         more = f"; {len(bad) - 1} more unreadable" if len(bad) > 1 else ""
         raise DataError(f"image {bad[0][0]} cannot be read ({bad[0][1]}){more}: every image "
                         f"is checked before training; repair or remove it")
     return len(paths)
+
+
+# Images found readable in this process, by (path, size, mtime): a protocol's seeds and
+# the runs it starts check each image once.
+_CHECKED: set = set()
+
+
+def _stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None, None)
+    return (path, st.st_size, st.st_mtime_ns)
 
 
 def image_error(path: str) -> Optional[str]:

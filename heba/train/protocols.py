@@ -25,6 +25,7 @@ from heba.clip.checkpoints import atomic_write
 from heba.train import data as run_data
 from heba.train.config import Config, UsageError
 from heba.train.evaluate import format_acc, harmonic_mean
+from heba.train.preflight import check_images
 from heba.train.recipe import RunOptions, TrainRecipe, make_bank
 
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -56,7 +57,8 @@ def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
         raise UsageError("several --seeds run the base-to-novel protocol: drop --split all")
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:                      # every seed's data checked before anything is written
-        run_data.build(c)
+        d = run_data.build(c)
+        check_images([d.train] + [ds for _, ds in d.evals.values()])
     rows = {}
     for c in runs:
         log(f"== base-to-novel, {c.dataset or 'demo'}, seed {c.seed}")
@@ -86,8 +88,9 @@ def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:
         run_data.build(c)
-    for t in targets:                   # every target readable before anything is written
-        run_data.target(t, cfg.root, cfg.seed, None, cfg.test_per_class)
+    # every target readable, its images too, before anything is written
+    check_images([run_data.target(t, cfg.root, cfg.seed, None, cfg.test_per_class)[1]
+                  for t in targets])
     rows = {}
     for c in runs:
         log(f"== {name}: train on {c.dataset}, seed {c.seed}")
