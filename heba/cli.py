@@ -50,7 +50,8 @@ def _model(p):
                    help="open_clip tag (default openai), a weights file, or 'none'; tiny: "
                         "'builtin' (default), 'none' or a file")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
-                   help="QuickGELU activations (auto: for OpenAI weights, as they were trained)")
+                   help="QuickGELU activations (auto: for the openai tag, as those weights were "
+                        "trained; pass 'on' for an OpenAI weights file)")
     g.add_argument("--towers", choices=("both", "visual", "text"), default=None)
     g.add_argument("--start", type=int, default=None, help="heba: first adapted layer (1-based)")
     g.add_argument("--end", type=int, default=None, help="heba: last adapted layer")
@@ -66,12 +67,14 @@ def _model(p):
     g.add_argument("--scale-factor", type=float, default=None, help="slow-fast factor")
     g.add_argument("--slow-fast-ratio", type=float, default=None,
                    help="probability of the base scale per adapter call while training")
+    g.add_argument("--slow-fast-draw", choices=("block", "call"), default=None,
+                   help="draw the slow-fast scale once per block (published) or per adapter")
     g.add_argument("--split", choices=("base2novel", "all"), default=None)
     g.add_argument("--test-per-class", type=int, default=None,
                    help="cap on test images per class (>= 1; leave it out for all of them)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
-                   help="autocast precision (auto: fp16 with loss scaling on CUDA, as "
-                        "published; fp32 on the CPU)")
+                   help="autocast precision (auto: on CUDA the recipe's, heba: fp16 with "
+                        "loss scaling as published, adaptertune: bf16; fp32 on the CPU)")
     g.add_argument("--descriptions", default=None,
                    help="class descriptions: the published trainers/gpt3_prompts/<name>.py, "
                         "CuPL's JSON, or the folder of either (read, never executed)")
@@ -156,6 +159,7 @@ def build_parser():
                         "or the published run folder (<out>/adapter_learner)")
     e.add_argument("--shots", type=int, default=None)
     e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--output", "-o", default=None, help="append the result to metrics.jsonl here")
     s = sub.add_parser("split", help="write the exact split a run would use, as JSON")
     _data(s, positional=False)
     s.add_argument("--shots", type=int, required=True)
@@ -174,7 +178,7 @@ def parse_args(argv=None):
 
 CONFIG_ARGS = ("method", "model", "pretrained", "quick_gelu", "towers", "start", "end",
                "reduction", "rank", "every", "alpha", "base_scale", "novel_scale", "novel_eval",
-               "scale_factor", "slow_fast_ratio", "split", "shots", "seed", "test_per_class",
+               "scale_factor", "slow_fast_ratio", "slow_fast_draw", "split", "shots", "seed", "test_per_class",
                "augment", "ctx_init", "descriptions", "epochs", "batch_size", "drop_last", "lr",
                "momentum", "weight_decay", "schedule", "label_smoothing", "candidates",
                "neg_per_class", "precision")
@@ -250,7 +254,14 @@ def run(args):
         for k in ("shots", "seed"):
             if getattr(args, k) is not None:
                 over[k] = getattr(args, k)
-        return evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        if args.output:
+            import json
+            os.makedirs(args.output, exist_ok=True)
+            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(dict(event="evaluate", checkpoint=args.checkpoint, **acc))
+                        + "\n")
+        return acc
     source = {"cross-dataset": "imagenet", "domain-generalization": "imagenet"}.get(args.command)
     cfg = make_train_config(args, source)
     opts = run_options(args, cfg.source == "demo")

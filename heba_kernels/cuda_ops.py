@@ -1,6 +1,7 @@
 """The CUDA backend: the C++/CUDA ops of ``heba_kernels._C`` behind the reference signatures.
 
-Importing this module imports the compiled extension, which registers the ops
+Importing this module loads the compiled extension (prebuilt, or compiled on
+first use: :mod:`heba_kernels._extension`), which registers the ops
 ``torch.ops.heba.cuda_{visual,text,low_rank}_{fwd,bwd}`` (CUDA only). This
 module adds what torch needs around them: their fake (meta) implementations,
 so that torch.compile traces them without a graph break, and their autograd
@@ -43,7 +44,9 @@ import math
 
 import torch
 
-from heba_kernels import _C  # noqa: F401  (registers torch.ops.heba.cuda_*)
+from heba_kernels import _extension
+
+_extension.load()  # registers torch.ops.heba.cuda_* (prebuilt, JIT-cached or compiled now)
 
 __all__ = ["heba_visual", "heba_text", "low_rank"]
 

@@ -21,8 +21,8 @@ one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "1", "--epochs", "2",
         "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "4",
         "--no-eval-before", "--quiet", "--threads", "1"]
-FINAL = {"config.json", "metrics.jsonl", "epoch_2", "adapters.safetensors", "adapters.json",
-         "summary.md"}
+FINAL = {"config.json", "split_all.json", "metrics.jsonl", "epoch_2", "adapters.safetensors",
+         "adapters.json", "summary.md"}
 KILLED = 137
 
 
@@ -96,7 +96,7 @@ def test_write_points_are_the_expected_sequence(reference):
     """config first; per epoch the metrics, then the set (files, manifest, rename), then the
     previous set removed; the final adapters and summary last."""
     names = [os.path.basename(w) for w in reference["writes"]]
-    assert names[0] == "config.json"
+    assert names[:2] == ["config.json", "split_all.json"]
     renamed = [i for i, w in enumerate(reference["writes"]) if re.search(r"/epoch_\d+$", w)]
     assert len(renamed) == 2
     first_set = names[renamed[0] - 4:renamed[0]]

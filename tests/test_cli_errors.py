@@ -236,9 +236,10 @@ def test_overwrite_replaces_only_the_run(data, finished, tmp_path, capsys):
     assert rc == 0, err
     assert "--overwrite: the previous run's files are removed" in log
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(os.listdir(out)) == sorted(["notes.txt", "config.json", "metrics.jsonl",
-                                              "epoch_2", "adapters.safetensors",
-                                              "adapters.json", "summary.md"])
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", "config.json", "split_base.json",
+                                              "split_new.json", "metrics.jsonl", "epoch_2",
+                                              "adapters.safetensors", "adapters.json",
+                                              "summary.md"])
     epochs = [json.loads(line)["epoch"] for line in open(out / "metrics.jsonl")
               if json.loads(line)["event"] == "train"]
     assert epochs == [1, 2]

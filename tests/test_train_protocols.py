@@ -56,6 +56,9 @@ def test_base2novel_over_seeds(root, tmp_path, capsys):
         cfg = json.load(open(os.path.join(out, f"seed{s}", "config.json")))
         assert cfg["seed"] == int(s) and cfg["dataset"] == "eurosat" and cfg["recipe"] == "heba"
         assert os.path.isfile(os.path.join(out, f"seed{s}", "adapters.safetensors"))
+        used = json.load(open(os.path.join(out, f"seed{s}", "split_base.json")))
+        assert used == coop.build_split("eurosat", root, 2, int(s), "base").to_json()
+        assert json.load(open(os.path.join(out, f"seed{s}", "split_new.json")))["test"]
     md = open(os.path.join(out, "base2novel.md")).read()
     assert "| seed | base | novel | hm |" in md and "mean +- std" in md
     # eurosat fixture: 5 classes -> 3 base, 2 new, as the published subsample_classes

@@ -35,9 +35,13 @@ def test_heba_recipe_is_the_published_one():
                      weight_decay=5e-4, schedule="epoch", label_smoothing=0.1,
                      candidates="batch", neg_per_class=5, start=1, end=None, reduction=4,
                      base_scale=0.025, novel_scale=0.010, novel_eval="base", scale_factor=2.25,
-                     slow_fast_ratio=0.8, augment="dassl", ctx_init="a photo of a",
+                     slow_fast_ratio=0.8, slow_fast_draw="block", augment="dassl", ctx_init="a photo of a",
                      towers="both", model="ViT-B-16", pretrained="openai", quick_gelu="auto")
     assert {k: getattr(c, k) for k in published} == published
+    from heba.train.runtime import resolve_precision
+    assert c.precision == "auto" and c.gpu_precision == "fp16"      # PREC "amp"
+    assert resolve_precision("auto", torch.device("cuda"), c.gpu_precision) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu"), c.gpu_precision) == "fp32"
     assert make_config("heba", epochs=3, lr=None).epochs == 3         # None keeps the default
     with pytest.raises(UsageError, match="unknown recipe 'hebe'; known: heba"):
         make_config("hebe")
@@ -133,3 +137,37 @@ def test_dassl_transforms():
     assert train(img).shape == test(img).shape == (3, 32, 32)
     assert [type(t).__name__ for t in test.transforms] == ["Resize", "CenterCrop", "ToTensor",
                                                           "Normalize"]
+
+
+def test_slow_fast_scale_drawn_once_per_block(monkeypatch):
+    """As published (return_*_adapter(index) draws once per block): a block's attention and
+    MLP adapters get the same training scale; blocks draw independently."""
+    from heba.clip.wiring import attach_heba, ScalePolicy
+    from heba.nn import HeBAAdapter
+    from tests.clip_utils import images, texts, tiny_clip
+    seen = []
+    orig = HeBAAdapter.forward
+
+    def spy(self, x, scale=1.0):
+        seen.append(scale)
+        return orig(self, x, scale=scale)
+
+    monkeypatch.setattr(HeBAAdapter, "forward", spy)
+    model = tiny_clip(layers=3)
+    attach_heba(model, policy=ScalePolicy(slow_fast_ratio=0.5, seed=0, per_block=True))
+    model.train()
+    with torch.no_grad():
+        for _ in range(10):
+            model.encode_image(images(n=1))
+            model.encode_text(texts())
+    pairs = list(zip(seen[::2], seen[1::2]))
+    assert len(pairs) == 60 and all(a == b for a, b in pairs)
+    assert {a for a, _ in pairs} == {0.025, 0.025 * 2.25}
+    seen.clear()
+    attach = tiny_clip(layers=3)
+    attach_heba(attach, policy=ScalePolicy(slow_fast_ratio=0.5, seed=0))
+    attach.train()
+    with torch.no_grad():
+        for _ in range(10):
+            attach.encode_image(images(n=1))
+    assert any(a != b for a, b in zip(seen[::2], seen[1::2]))       # per call: independent

@@ -70,19 +70,23 @@ class ScalePolicy:
             1.0 switches slow-fast off.
         seed: seed of the policy's own random stream (Python ``random``, so no
             device sync and no effect on torch's RNG).
+        per_block: draw the training scale once per block, shared by its two
+            adapters (attention then MLP), as the published code does; False
+            (default) draws per adapter call.
 
     ``mode`` ("base" or "novel") picks the evaluation scale.
     """
 
     def __init__(self, base_scale: float = 0.025, novel_scale: float = 0.010,
                  scale_factor: float = 2.25, slow_fast_ratio: float = 0.8,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, per_block: bool = False):
         if not 0.0 <= slow_fast_ratio <= 1.0:
             raise ValueError(f"slow_fast_ratio must be in [0, 1], got {slow_fast_ratio}")
         self.base_scale, self.novel_scale = float(base_scale), float(novel_scale)
         self.scale_factor, self.slow_fast_ratio = float(scale_factor), float(slow_fast_ratio)
         self.mode = "base"
         self._rng = random.Random(seed)
+        self.per_block, self._calls, self._last = per_block, 0, self.base_scale
 
     def set_mode(self, mode: str) -> None:
         if mode not in ("base", "novel"):
@@ -93,9 +97,15 @@ class ScalePolicy:
         """The scale for one adapter call."""
         if not training:
             return self.novel_scale if self.mode == "novel" else self.base_scale
+        if self.per_block:
+            self._calls += 1
+            if self._calls % 2 == 0:              # a block's MLP adapter: its attention's draw
+                return self._last
+        s = self.base_scale
         if self.slow_fast_ratio < 1.0 and self._rng.random() >= self.slow_fast_ratio:
-            return self.base_scale * self.scale_factor
-        return self.base_scale
+            s = self.base_scale * self.scale_factor
+        self._last = s
+        return s
 
     def __repr__(self):
         return (f"ScalePolicy(base_scale={self.base_scale}, novel_scale={self.novel_scale}, "

@@ -45,9 +45,10 @@ quick_gelu                  ``auto``: QuickGELU for    OpenAI's CLIP is built wi
                             OpenAI weights
 ==========================  =========================  ===================================
 
-Where heba's engine differs, by design: the slow-fast scale is drawn per
-adapter call (published: once per block, shared by its two adapters), and the
-random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
+slow_fast_draw ``block``: the slow-fast scale is drawn once per block and shared by its
+two adapters, as the published ``return_*_adapter(index)`` does (``call``: per adapter).
+
+Where heba's engine differs, by design: the random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
 is the uninterrupted one); the distributions are the published ones.
 
 ``adaptertune`` is room for AdapterTune's own protocol (issue: timm ViTs);
@@ -96,6 +97,7 @@ class Config:
     novel_eval: str = "base"              # base (as the published code runs) | novel (declared)
     scale_factor: float = 2.25
     slow_fast_ratio: float = 0.8
+    slow_fast_draw: str = "block"         # block (published: one draw per block) | call
     # data
     source: str = "demo"                  # demo | folder | coop
     dataset: Optional[str] = None         # CoOp name (source coop) or ImageFolder path (folder)
@@ -120,7 +122,8 @@ class Config:
     label_smoothing: float = 0.1
     candidates: str = "batch"             # batch (published) | all
     neg_per_class: int = 5
-    precision: str = "auto"               # auto: fp16 amp on CUDA (published), fp32 on CPU
+    precision: str = "auto"               # auto: gpu_precision on CUDA, fp32 on the CPU
+    gpu_precision: str = "fp16"           # fp16 with loss scaling (published "amp") | bf16
     test_batch_size: int = 128
     extra: dict = field(default_factory=dict)
 
@@ -152,7 +155,7 @@ RECIPES: dict[str, dict] = {
     "heba-xd": dict(batch_size=64, lr=0.0065, epochs=10),
     "adaptertune": dict(method="adaptertune", towers="visual", start=None, end=None,
                         reduction=None, rank=16, every=1, alpha=1.0, slow_fast_ratio=1.0,
-                        epochs=10, schedule="step"),
+                        epochs=10, schedule="step", gpu_precision="bf16"),
 }
 
 # Fields a checkpoint must share with the run that loads it, and with one that resumes it.
@@ -164,7 +167,9 @@ CHOICES = dict(method=("heba", "adaptertune"), quick_gelu=("auto", "on", "off"),
                novel_eval=("base", "novel"), source=("demo", "folder", "coop"),
                split=("base2novel", "all"), augment=("dassl", "openclip"),
                schedule=("epoch", "step"), candidates=("batch", "all"),
-               precision=("auto", "fp32", "bf16", "fp16"), towers=("both", "visual", "text"))
+               slow_fast_draw=("block", "call"),
+               precision=("auto", "fp32", "bf16", "fp16"), gpu_precision=("fp16", "bf16"),
+               towers=("both", "visual", "text"))
 
 
 def make_config(recipe: str = "heba", **overrides) -> Config:
@@ -194,6 +199,11 @@ def check(cfg: Config) -> None:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.neg_per_class < 0:
         raise UsageError(f"--neg-per-class must be >= 0, got {cfg.neg_per_class}")
+    if cfg.method == "adaptertune" and None in (cfg.rank, cfg.every, cfg.alpha):
+        raise UsageError("--method adaptertune needs --rank, --every and --alpha (the "
+                         "adaptertune recipe sets them: --recipe adaptertune)")
+    if cfg.method == "heba" and None in (cfg.start, cfg.reduction):
+        raise UsageError("--method heba needs --start and --reduction (--recipe heba)")
     if cfg.source == "coop" and (not cfg.dataset or not cfg.root):
         raise UsageError("--dataset NAME needs --root DIR (the folder holding the data sets)")
     if cfg.descriptions and not os.path.exists(cfg.descriptions):

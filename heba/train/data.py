@@ -20,14 +20,16 @@ from heba.train.config import UsageError
 
 @dataclass
 class RunData:
-    """``train_classes[label]`` of ``train``; ``evals[name] = (classnames, dataset)``."""
+    """``train_classes[label]`` of ``train``; ``evals[name] = (classnames, dataset)``;
+    ``splits[subsample]``: the reader's :class:`heba.data.coop.Split` (none for the demo)."""
 
     train_classes: list
     train: Dataset
     evals: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
 
 
-def build(cfg, train_tf=None, eval_tf=None, with_images: bool = True) -> RunData:
+def build(cfg, train_tf=None, eval_tf=None) -> RunData:
     """The datasets of ``cfg``; raises ``DataError`` / ``UsageError`` on bad input (nothing written)."""
     if cfg.source == "demo":
         return _demo(cfg)
@@ -37,7 +39,7 @@ def build(cfg, train_tf=None, eval_tf=None, with_images: bool = True) -> RunData
     train = splits[halves[0]]
     names = {"base": "base", "new": "novel", "all": "all"}
     evals = {names[h]: (s.classnames, ImageList(s.test, eval_tf)) for h, s in splits.items()}
-    return RunData(train.classnames, ImageList(train.train, train_tf), evals)
+    return RunData(train.classnames, ImageList(train.train, train_tf), evals, splits)
 
 
 def set_transforms(data: RunData, train_tf, eval_tf) -> None:

@@ -105,7 +105,7 @@ def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
     preflight.check_backend(opts.backend, device)
     if device.type == "cpu":
         set_cpu_threads(opts.threads)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, cfg.gpu_precision)
     data = run_data.build(cfg)
     preflight.check_images([ds for _, ds in data.evals.values()])
     bb = backbones.load(cfg, opts.allow_download)

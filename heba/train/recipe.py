@@ -7,6 +7,7 @@ One process, or one per GPU under ``torchrun`` (DistributedDataParallel over
 the adapter parameters only). A run is a folder (:mod:`heba.train.run_folder`)::
 
     <output>/config.json            the configuration (and the recipe it came from)
+    <output>/split_<sub>.json       the images it used (as ``heba-train split`` writes them)
     <output>/metrics.jsonl          one line per epoch and evaluation
     <output>/epoch_<N>/             the latest saved epoch, committed as one set: adapters
                                     (.safetensors + .json = config + epoch + accuracy),
@@ -32,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -111,7 +113,7 @@ class TrainRecipe:
         self.plan = preflight.validate(cfg, opts, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
         self.ck_path = os.path.join(opts.output, CKPT_NAME)
         self.latest = self.plan.latest
         self.data = run_data.build(cfg)            # the data set first: cheapest to check
@@ -191,8 +193,10 @@ class TrainRecipe:
         state = plan.state
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        if "policy_rng" in state and getattr(self.model, "heba_policy", None) is not None:
-            self.model.heba_policy._rng.setstate(_tuple(state["policy_rng"]))
+        policy = getattr(self.model, "heba_policy", None)
+        if "policy_rng" in state and policy is not None:
+            policy._rng.setstate(_tuple(state["policy_rng"]))
+            policy._calls, policy._last = state.get("policy_block", (0, policy.base_scale))
         return plan.start_epoch
 
     # --- train ---------------------------------------------------------------------------
@@ -252,6 +256,11 @@ class TrainRecipe:
         ckpt.remove_stale(out, keep=plan.start_epoch if plan.latest else None)
         if not os.path.exists(os.path.join(out, CONFIG_NAME)):
             self.cfg.save(os.path.join(out, CONFIG_NAME))
+        for sub, split in self.data.splits.items():     # the exact images of this run
+            path = os.path.join(out, f"split_{sub}.json")
+            if not os.path.exists(path):
+                text = json.dumps(split.to_json()) + "\n"
+                ckpt.atomic_write(path, lambda tmp, t=text: rf.write_text(tmp, t))
 
     def _already_finished(self):
         """A finished run resumed: its saved accuracy; the final files if a kill left them out."""
@@ -351,6 +360,7 @@ class TrainRecipe:
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
             state["policy_rng"] = _listify(policy._rng.getstate())
+            state["policy_block"] = [policy._calls, policy._last]
         files = ckpt.adapter_writers(self.model, dict(self.cfg.to_dict(), epoch=epoch,
                                                       accuracy=acc))
         files[STATE_NAME] = lambda path: torch.save(state, path)
@@ -384,6 +394,11 @@ class TrainRecipe:
         finally:
             self.cleanup()
         return dict(accuracy=acc, output=self.opts.output)
+
+
+def check_output(cfg: Config, opts: RunOptions) -> None:
+    """What the run would do with its folder is allowed (:func:`heba.train.preflight.plan_output`)."""
+    preflight.plan_output(cfg, opts)
 
 
 def graphs_reason(opts, device, world, precision, model, step) -> Optional[str]:

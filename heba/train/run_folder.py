@@ -3,6 +3,7 @@
 ::
 
     <run>/config.json              the configuration (written first)
+    <run>/split_<sub>.json         the images the run uses (``heba-train split``'s format)
     <run>/metrics.jsonl            one line per epoch and evaluation
     <run>/epoch_<N>/               the latest saved epoch, committed as one set
         adapters.safetensors, adapters.json, train_state.pt, manifest.json
@@ -88,6 +89,9 @@ def clear(path: str) -> None:
     for name in (CKPT_JSON, CKPT_NAME, SUMMARY_NAME, STATE_NAME):
         _remove(os.path.join(path, name))
     ckpt.remove_stale(path, keep=None)
+    for name in sorted(os.listdir(path)):
+        if name.startswith("split_") and name.endswith(".json"):
+            _remove(os.path.join(path, name))
     for name in (METRICS_NAME, CONFIG_NAME):
         _remove(os.path.join(path, name))
 
@@ -127,7 +131,7 @@ def trim_metrics(path: str, epoch: int) -> None:
         _remove(path)
         return
     text = "".join(line + "\n" for line in keep)
-    ckpt.atomic_write(path, lambda tmp: _write_text(tmp, text))
+    ckpt.atomic_write(path, lambda tmp: write_text(tmp, text))
 
 
 def append_record(path: str, record: dict) -> None:
@@ -144,7 +148,7 @@ def publish_final(path: str, latest: ckpt.CheckpointSet, summary: str) -> None:
     for name in (CKPT_NAME, CKPT_JSON):             # the JSON last: it marks the run finished
         src = latest.file(name)
         ckpt.atomic_write(os.path.join(path, name), lambda tmp, s=src: shutil.copyfile(s, tmp))
-    ckpt.atomic_write(os.path.join(path, SUMMARY_NAME), lambda tmp: _write_text(tmp, summary))
+    ckpt.atomic_write(os.path.join(path, SUMMARY_NAME), lambda tmp: write_text(tmp, summary))
 
 
 def is_published(path: str, latest: ckpt.CheckpointSet) -> bool:
@@ -156,6 +160,6 @@ def is_published(path: str, latest: ckpt.CheckpointSet) -> bool:
     return os.path.isfile(os.path.join(path, SUMMARY_NAME))
 
 
-def _write_text(tmp: str, text: str) -> None:
+def write_text(tmp: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)

@@ -56,10 +56,11 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def resolve_precision(precision: str, device) -> str:
-    """``auto``: fp16 autocast on CUDA (the published "amp"), fp32 on the CPU."""
+def resolve_precision(precision: str, device, gpu_precision: str = "fp16") -> str:
+    """``auto``: ``gpu_precision`` on CUDA (the heba recipe: fp16, the published "amp";
+    bf16 needs no loss scaling, so its step can be a CUDA graph), fp32 on the CPU."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        return gpu_precision if device.type == "cuda" else "fp32"
     return precision
 
 

@@ -192,7 +192,8 @@ def attach(model, cfg, backend: str = "auto"):
         if cfg.method == "heba":
             policy = ScalePolicy(base_scale=cfg.base_scale, novel_scale=cfg.novel_scale,
                                  scale_factor=cfg.scale_factor,
-                                 slow_fast_ratio=cfg.slow_fast_ratio, seed=cfg.seed)
+                                 slow_fast_ratio=cfg.slow_fast_ratio, seed=cfg.seed,
+                                 per_block=cfg.slow_fast_draw == "block")
             attach_heba(model, towers_=cfg.towers, start=cfg.start, end=cfg.end,
                         reduction=cfg.reduction, policy=policy, backend=backend)
         else:
