@@ -163,3 +163,14 @@ def test_damaged_set_is_named(folder, reference, tmp_path):
         f.truncate(100)
     with pytest.raises(ckpt.CheckpointError, match=r"train_state.pt is 100 bytes"):
         ckpt.read_set(out)
+
+
+def test_evaluate_an_unfinished_run(folder, reference, tmp_path, capsys):
+    """``evaluate --checkpoint <run>`` of a run stopped after epoch 1: its epoch_1 set."""
+    out = str(tmp_path / "part")
+    k = next(i for i, w in enumerate(reference["writes"]) if re.search(r"/epoch_1$", w))
+    assert _killed_at(k, [folder, *ARGS, "-o", out]) == KILLED
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", out, folder, "--split", "all",
+                     "--threads", "1"]) == 0
+    assert os.path.join("epoch_1", "adapters.safetensors") in capsys.readouterr().out

@@ -284,3 +284,16 @@ def test_worker_error_is_one_line():
                         "(most recent call last):\n  File \"x.py\", line 1\nheba.data.coop."
                         "DataError: image /d/a.png cannot be read (OSError: truncated)")
     assert cli.error_line(wrapped) == "image /d/a.png cannot be read (OSError: truncated)"
+
+
+def test_protocol_resume_reports_finished_seeds_and_starts_the_rest(data, tmp_path, capsys):
+    out = str(tmp_path / "b2n")
+    one_line_error(*run([data, *FAST, "--seeds", "1", "2", "-o", out, "--resume"],
+                        capsys)[::2], "no seed folder", "holds a run to resume")
+    assert not os.path.exists(out)
+    assert run([data, *FAST, "--seeds", "1", "-o", out], capsys)[0] == 0
+    rc, log, err = run([data, *FAST, "--seeds", "1", "2", "-o", out, "--resume"], capsys)
+    assert rc == 0, err
+    assert "seed1 has already finished" in log
+    table = json.load(open(os.path.join(out, "base2novel.json")))
+    assert sorted(table["per_seed"]) == ["1", "2"]

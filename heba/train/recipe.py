@@ -264,14 +264,15 @@ class TrainRecipe:
 
     def _already_finished(self):
         """A finished run resumed: its saved accuracy; the final files if a kill left them out."""
+        if self.rank != 0:
+            return None                             # as train(): the accuracy is rank 0's
         acc = self.plan.saved.get("accuracy")
-        if self.rank == 0:
-            if not rf.is_published(self.opts.output, self.latest):
-                rf.publish_final(self.opts.output, self.latest, self._summary(acc or {}))
-                self.log(f"{self.opts.output}: wrote the final adapters and summary.md")
-            if acc:
-                acc = dict(sorted(acc.items(), key=lambda kv: ACC_ORDER.get(kv[0], 9)))
-                self.log(f"after training:  {format_acc(acc)}")
+        if not rf.is_published(self.opts.output, self.latest):
+            rf.publish_final(self.opts.output, self.latest, self._summary(acc or {}))
+            self.log(f"{self.opts.output}: wrote the final adapters and summary.md")
+        if acc:
+            acc = dict(sorted(acc.items(), key=lambda kv: ACC_ORDER.get(kv[0], 9)))
+            self.log(f"after training:  {format_acc(acc)}")
         return acc
 
     def _announce(self):
