@@ -151,7 +151,8 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     """``(kind, file)`` for a checkpoint path: ``"heba"`` (safetensors + JSON) or ``"published"``.
 
     ``path`` is a file, a heba run folder (its final ``adapters.safetensors``, else its
-    latest ``epoch_<N>/`` set), or a published run folder (``<out>`` or ``<out>/adapter_learner``: the
+    latest ``epoch_<N>/`` set), or a published run folder (``<out>`` or
+    ``<out>/adapter_learner``: the
     ``model.pth.tar-<N>`` of largest ``N``, else ``model-best.pth.tar``).
     """
     if os.path.isfile(path):

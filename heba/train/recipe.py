@@ -398,7 +398,7 @@ class TrainRecipe:
 
 
 def check_output(cfg: Config, opts: RunOptions) -> None:
-    """What the run would do with its folder is allowed (:func:`heba.train.preflight.plan_output`)."""
+    """What the run would do with its folder is allowed (:func:`preflight.plan_output`)."""
     preflight.plan_output(cfg, opts)
 
 
