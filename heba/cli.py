@@ -9,6 +9,8 @@
         --dataset eurosat --root /data --split base2novel           # a published checkpoint
     heba-train split --dataset eurosat --root /data --shots 16 --seed 1 --json split.json
     torchrun --nproc_per_node=4 -m heba.cli --dataset imagenet --root /data ...
+    heba-train --backbone timm:vit_small_patch16_224 --dataset cifar10 --root /data  # AdapterTune
+    heba-train --backbone hf:/models/clip-vit-base-patch16 --dataset eurosat --root /data
 
 The recipe (``--recipe heba``, the default: the published HeBA settings, see
 :mod:`heba.train.config`) gives every default; each option overrides one
@@ -43,12 +45,19 @@ def _model(p):
     g.add_argument("--recipe", default=None,
                    help="defaults of every field: heba (published HeBA, the default), heba-xd, "
                         "adaptertune")
-    g.add_argument("--method", choices=("heba", "adaptertune"), default=None)
-    g.add_argument("--model", default=None,
-                   help="open_clip model (default ViT-B-16; 'tiny' = the built-in demo model)")
+    g.add_argument("--method", choices=("heba", "adaptertune", "head-only", "full"),
+                   default=None, help="head-only, full: the published AdapterTune baselines "
+                                      "(timm backbones)")
+    g.add_argument("--model", "--backbone", dest="model", default=None,
+                   help="open_clip model (default ViT-B-16; 'tiny' = the built-in demo model), "
+                        "timm:NAME (an image classifier, the AdapterTune protocol) or hf:DIR "
+                        "(a local transformers CLIP folder)")
+    g.add_argument("--model-kwargs", default=None,
+                   help='timm: JSON keyword arguments of timm.create_model ({"depth": 2})')
     g.add_argument("--pretrained", default=None,
                    help="open_clip tag (default openai), a weights file, or 'none'; tiny: "
-                        "'builtin' (default), 'none' or a file")
+                        "'builtin' (default), 'none' or a file; timm: published (default), "
+                        "timm, a tag, a file or none; hf: folder (default) or none")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
                    help="QuickGELU activations (auto: for the openai tag, as those weights were "
                         "trained; pass 'on' for an OpenAI weights file)")
@@ -97,6 +106,14 @@ def _train_opts(p):
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--momentum", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="sgd (HeBA, Dassl's) or adamw (AdapterTune)")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warm-up epochs of the per-step cosine (AdapterTune: 5)")
+    g.add_argument("--grad-clip", type=float, default=None,
+                   help="max gradient norm, 0: off (AdapterTune: 1.0)")
+    g.add_argument("--val-split", type=float, default=None,
+                   help="timm: held-out fraction of the training set (published 0.1)")
     g.add_argument("--schedule", choices=("epoch", "step"), default=None,
                    help="cosine stepped per epoch (published) or per step")
     g.add_argument("--label-smoothing", type=float, default=None)
@@ -132,7 +149,7 @@ def _runtime(p):
     g.add_argument("--workers", type=int, default=0, help="data loader workers")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle cores)")
     g.add_argument("--allow-download", action="store_true",
-                   help="let open_clip download weights (never without this flag)")
+                   help="let open_clip / timm download weights (never without this flag)")
 
 
 def build_parser():
@@ -181,7 +198,8 @@ CONFIG_ARGS = ("method", "model", "pretrained", "quick_gelu", "towers", "start",
                "scale_factor", "slow_fast_ratio", "slow_fast_draw", "split", "shots", "seed", "test_per_class",
                "augment", "ctx_init", "descriptions", "epochs", "batch_size", "drop_last", "lr",
                "momentum", "weight_decay", "schedule", "label_smoothing", "candidates",
-               "neg_per_class", "precision")
+               "neg_per_class", "precision", "model_kwargs", "optimizer", "warmup_epochs",
+               "grad_clip", "val_split")
 
 
 def config_overrides(args, source_default=None) -> dict:
@@ -215,13 +233,19 @@ def _abs(path):
 def make_train_config(args, source_default=None):
     """The run's :class:`Config`: the recipe, the demo's and the data's defaults, the options."""
     from heba.data.demo import TEMPLATES
-    from heba.train.config import make_config
+    from heba.train.config import UsageError, make_config
     over = config_overrides(args, source_default)
+    from heba.train import backbones, classify
+    if classify.is_classification(over.get("model", "")):     # timm:NAME
+        return classify.config_from_cli(over, args.recipe)
+    if over.get("model_kwargs"):
+        raise UsageError("--model-kwargs is for timm:NAME backbones")
     demo = "source" not in over
     method = over.get("method", "heba")
     recipe = args.recipe or ("adaptertune" if method == "adaptertune" else "heba")
     model = over.setdefault("model", "tiny" if demo else "ViT-B-16")
-    over.setdefault("pretrained", "builtin" if model == "tiny" else "openai")
+    over.setdefault("pretrained", "builtin" if model == "tiny" else
+                    getattr(backbones.library(model), "DEFAULT_PRETRAINED", "openai"))
     if demo:
         over.setdefault("epochs", 10)               # the demo: about a minute on 2 CPU cores
         if not over.get("descriptions"):
@@ -254,7 +278,11 @@ def run(args):
         for k in ("shots", "seed"):
             if getattr(args, k) is not None:
                 over[k] = getattr(args, k)
-        acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        from heba.train import classify
+        if classify.handles_checkpoint(args.checkpoint, over):         # a timm classifier
+            acc = classify.evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        else:
+            acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
         if args.output:
             import json
             os.makedirs(args.output, exist_ok=True)
@@ -266,6 +294,13 @@ def run(args):
     cfg = make_train_config(args, source)
     opts = run_options(args, cfg.source == "demo")
     seeds = args.seeds or [cfg.seed]
+    from heba.train import classify
+    from heba.train.config import UsageError
+    if classify.is_classification(cfg.model):
+        if args.command != "train":
+            raise UsageError(f"{args.command} is a CLIP protocol; a timm backbone trains with "
+                             f"`heba-train train` (several --seeds: one run per seed)")
+        return classify.run(cfg, opts, args.seeds)
     if args.command == "train":
         if args.seeds:
             return protocols.base2novel(cfg, opts, seeds)

@@ -7,6 +7,7 @@ import os
 from collections import OrderedDict
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 from torch import nn
 

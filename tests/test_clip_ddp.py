@@ -9,6 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.clip_utils import image_folder
+import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 
 
 def _free_port():

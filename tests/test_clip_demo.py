@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import pytest
 import torch.nn.functional as F
+
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 
 from heba import cli
 from heba.clip import synthetic, tiny

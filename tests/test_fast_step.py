@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 import torch.nn.functional as F
 from torch import nn

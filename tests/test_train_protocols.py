@@ -18,6 +18,8 @@ from heba.data import coop
 from tests.clip_utils import one_thread  # noqa: F401
 from tests.coop_fixtures import make_dataset
 
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 FAST = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--epochs", "1",

@@ -18,6 +18,8 @@ from heba.train.config import Config, UsageError, make_config
 from heba.train.prompts import read_descriptions
 from tests.clip_utils import image_folder, one_thread  # noqa: F401
 
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 FAST = ["--model", "tiny", "--pretrained", "none", "--quiet", "--threads", "1",

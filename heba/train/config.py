@@ -51,8 +51,35 @@ two adapters, as the published ``return_*_adapter(index)`` does (``call``: per a
 Where heba's engine differs, by design: the random streams are heba's own (seeded by (seed, epoch, rank), so a resumed run
 is the uninterrupted one); the distributions are the published ones.
 
-``adaptertune`` is room for AdapterTune's own protocol (issue: timm ViTs);
-today it holds the low-rank adapter's knobs on the same engine.
+``adaptertune`` is the published AdapterTune recipe (salimkhazem/adaptertune
+``configs/base.yaml``, ``src/train/{optim,sched,trainer}.py``), the defaults of
+every ``timm:NAME`` run (full training sets, a new linear head trained with the
+adapters; :mod:`heba.train.classify`) and of ``--method adaptertune`` on a CLIP:
+
+==========================  =========================  ===================================
+field                       published value            where
+==========================  =========================  ===================================
+optimizer, lr, weight_decay AdamW, 1e-3, 0.05          train.opt / lr / weight_decay
+                                                       (torch AdamW's betas and eps)
+epochs, batch_size          50, 128 (last partial      train.epochs, data.batch_size;
+                            batch kept)                DataLoader(shuffle=True)
+schedule, warmup_epochs     ``step``: cosine per step  train.sched cosine, warmup_epochs:
+                            after 5 linear warm-up     LambdaLR, (s + 1) / warmup_steps,
+                            epochs                     then 0.5 (1 + cos(pi progress))
+grad_clip                   1.0                        clip_grad_norm_ before every step
+precision                   fp32                       system.precision
+label_smoothing             0.0                        train.label_smoothing
+rank, every, alpha          16, 1, 1.0 (init zero)     method.adapter_*
+seed, val_split             42; 10% of the training    seed; data.val_split (one seeded
+                            set held out               randperm, heba.data.vision)
+==========================  =========================  ===================================
+
+(``scripts/run_full_experiments.sh`` overrides the batch to 1024 and scales
+the learning rate linearly, ``1e-3 * 1024 / 2048``: pass ``--batch-size 1024
+--lr 5e-4`` for those runs.) The published trainer evaluates the validation
+split after every epoch, saves ``best.pt`` at the best validation top-1, and
+reports the test top-1 / top-5 of the *last* epoch's model; heba does the same
+(the best validation epoch is recorded in the summary).
 
 Example::
 
@@ -79,9 +106,9 @@ class Config:
     """Every knob of a training run (see the module docstring for the published values)."""
 
     recipe: str = "heba"
-    method: str = "heba"                  # heba | adaptertune
+    method: str = "heba"                  # heba | adaptertune | head-only | full (timm)
     # backbone
-    model: str = "ViT-B-16"               # open_clip name, or "tiny" (the built-in demo model)
+    model: str = "ViT-B-16"               # open_clip name, "tiny", "timm:NAME" or "hf:DIR"
     pretrained: Optional[str] = "openai"
     quick_gelu: str = "auto"              # auto (on for OpenAI weights) | on | off
     # adapters
@@ -125,6 +152,12 @@ class Config:
     precision: str = "auto"               # auto: gpu_precision on CUDA, fp32 on the CPU
     gpu_precision: str = "fp16"           # fp16 with loss scaling (published "amp") | bf16
     test_batch_size: int = 128
+    # AdapterTune's optimisation (recipe adaptertune) and timm classification runs
+    optimizer: str = "sgd"                # sgd (Dassl's, HeBA) | adamw (AdapterTune)
+    warmup_epochs: int = 0                # linear warm-up of the per-step cosine
+    grad_clip: float = 0.0                # max gradient norm (0: off)
+    val_split: float = 0.1                # classification: held-out part of the training set
+    model_kwargs: Optional[dict] = None   # timm.create_model keyword arguments
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -153,18 +186,25 @@ RECIPES: dict[str, dict] = {
     # configs/trainers/HeBA/x2d.yaml's OPTIM / DATALOADER values (its TRAINER section is
     # LWEIB's, which a HeBA config cannot merge; the adapter settings stay HeBA's).
     "heba-xd": dict(batch_size=64, lr=0.0065, epochs=10),
+    # salimkhazem/adaptertune configs/base.yaml (module docstring)
     "adaptertune": dict(method="adaptertune", towers="visual", start=None, end=None,
                         reduction=None, rank=16, every=1, alpha=1.0, slow_fast_ratio=1.0,
-                        epochs=10, schedule="step", gpu_precision="bf16"),
+                        epochs=50, batch_size=128, drop_last=False, optimizer="adamw",
+                        lr=1e-3, weight_decay=0.05, schedule="step", warmup_epochs=5,
+                        grad_clip=1.0, precision="fp32", gpu_precision="bf16",
+                        label_smoothing=0.0, seed=42),
 }
 
 # Fields a checkpoint must share with the run that loads it, and with one that resumes it.
 MODEL_FIELDS = ("method", "model", "towers", "start", "end", "reduction", "rank", "every",
-                "alpha")
+                "alpha", "model_kwargs")
 RESUME_FIELDS = MODEL_FIELDS + ("pretrained", "source", "dataset", "root", "split", "shots",
-                                "seed", "epochs", "batch_size", "lr", "schedule", "candidates")
-CHOICES = dict(method=("heba", "adaptertune"), quick_gelu=("auto", "on", "off"),
-               novel_eval=("base", "novel"), source=("demo", "folder", "coop"),
+                                "seed", "epochs", "batch_size", "lr", "schedule", "candidates",
+                                "optimizer", "warmup_epochs", "val_split")
+# head-only and full: the published AdapterTune baselines (timm classification only).
+CHOICES = dict(method=("heba", "adaptertune", "head-only", "full"),
+               quick_gelu=("auto", "on", "off"), optimizer=("sgd", "adamw"),
+               novel_eval=("base", "novel"), source=("demo", "folder", "coop", "vision"),
                split=("base2novel", "all"), augment=("dassl", "openclip"),
                schedule=("epoch", "step"), candidates=("batch", "all"),
                slow_fast_draw=("block", "call"),
@@ -199,12 +239,15 @@ def check(cfg: Config) -> None:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
     if cfg.neg_per_class < 0:
         raise UsageError(f"--neg-per-class must be >= 0, got {cfg.neg_per_class}")
-    if cfg.method == "adaptertune" and None in (cfg.rank, cfg.every, cfg.alpha):
-        raise UsageError("--method adaptertune needs --rank, --every and --alpha (the "
-                         "adaptertune recipe sets them: --recipe adaptertune)")
-    if cfg.method == "heba" and None in (cfg.start, cfg.reduction):
-        raise UsageError("--method heba needs --start and --reduction (--recipe heba)")
-    if cfg.source == "coop" and (not cfg.dataset or not cfg.root):
+    if cfg.method in ("head-only", "full") and not str(cfg.model).startswith("timm:"):
+        raise UsageError(f"--method {cfg.method} is a timm classification baseline "
+                         f"(--backbone timm:NAME); {cfg.model} takes heba or adaptertune")
+    if cfg.warmup_epochs < 0 or cfg.grad_clip < 0:
+        raise UsageError(f"--warmup-epochs and --grad-clip must be >= 0, got "
+                         f"{cfg.warmup_epochs} and {cfg.grad_clip}")
+    if not 0.0 <= cfg.val_split < 1.0:
+        raise UsageError(f"--val-split must be a fraction in [0, 1), got {cfg.val_split}")
+    if cfg.source in ("coop", "vision") and (not cfg.dataset or not cfg.root):
         raise UsageError("--dataset NAME needs --root DIR (the folder holding the data sets)")
     if cfg.descriptions and not os.path.exists(cfg.descriptions):
         raise UsageError(f"--descriptions {cfg.descriptions}: no such file or folder")

@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -48,9 +47,10 @@ from heba.clip.fast import GraphedStep, checkpoint_frozen_blocks, prepare_frozen
 from heba.clip.wiring import count_parameters
 from heba.train import backbones
 from heba.train import data as run_data
+from heba.train import optim
 from heba.train import preflight
 from heba.train import run_folder as rf
-from heba.train.config import Config
+from heba.train.config import Config, UsageError
 from heba.train.evaluate import evaluate, format_acc
 from heba.train.prompts import PromptBank, class_prompts, read_descriptions
 from heba.train.runtime import (PRECISIONS, autocast_ctx, barrier, resolve_precision,
@@ -152,23 +152,24 @@ class TrainRecipe:
             notes.append("backbone kept in fp32" + (" (--no-cast-once)"
                                                      if self.precision != "fp32" else ""))
         if self.opts.checkpoint_blocks:
-            n = checkpoint_frozen_blocks(self.model, every=self.opts.checkpoint_blocks)
+            try:
+                n = checkpoint_frozen_blocks(self.model, every=self.opts.checkpoint_blocks)
+            except TypeError as err:               # not open_clip towers (an hf: CLIP)
+                raise UsageError(f"--checkpoint-blocks: {err}") from None
             notes.append(f"{n} frozen blocks checkpointed")
         return notes
 
     def _build_optimizer(self):
-        """SGD (Dassl's: momentum, weight decay, no dampening / Nesterov) and the cosine."""
+        """SGD (Dassl's: momentum, weight decay, no dampening / Nesterov) or AdamW
+        (AdapterTune's), and the cosine (:mod:`heba.train.optim`)."""
         cfg = self.cfg
-        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.opt = optim.build_optimizer(self.params, cfg)
         self.loader_len = len(self._loader(0))
         if cfg.schedule == "epoch":                # Dassl: CosineAnnealingLR(T_max=epochs)
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt,
                                                                     float(cfg.epochs))
-        else:
-            total = self.loader_len * cfg.epochs
-            self.sched = torch.optim.lr_scheduler.LambdaLR(
-                self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        else:                                      # per step, AdapterTune's warm-up
+            self.sched = optim.step_schedule(self.opt, cfg, self.loader_len)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"
                                            and self.device.type == "cuda")
 
@@ -316,6 +317,7 @@ class TrainRecipe:
                                    self.gen)
             self.opt.zero_grad(set_to_none=True)
             _, loss, acc = self.graphed(images, labels, mask, pick)
+            optim.clip_gradients(self.params, cfg.grad_clip, self.scaler, self.opt)
             self.scaler.step(self.opt)
             self.scaler.update()
             if cfg.schedule == "step":

@@ -1,7 +1,9 @@
 """Backbones by model library: the one seam between the training engine and a model.
 
-A backbone module (``openclip`` today; ``timm:NAME`` and ``hf:DIR`` plug in
-here next) provides two functions, and the engine uses nothing else:
+A backbone module (``openclip``; ``timm`` for ``timm:NAME``, ``hf`` for
+``hf:DIR``) provides two functions, and the engine uses nothing else (a
+module with ``TASK = "classify"``, timm's, is run by :mod:`heba.train.classify`
+and its ``load`` takes ``num_classes``):
 
 ``load(cfg, allow_download) -> Backbone``
     the frozen model, its train / eval transforms and its tokenizer (None for
@@ -24,7 +26,8 @@ from typing import Any, Callable, Optional
 from heba.train.config import UsageError
 
 # "<prefix>:<name>" -> the module that loads it; a bare name is an open_clip model.
-LIBRARIES = {"openclip": "heba.train.backbones.openclip"}
+LIBRARIES = {"openclip": "heba.train.backbones.openclip", "timm": "heba.train.backbones.timm",
+             "hf": "heba.train.backbones.hf"}
 
 
 @dataclass
