@@ -53,7 +53,8 @@ from heba.train.config import RESUME_FIELDS, UsageError, check
 
 # (lowest allowed, what the message says it means); None values are not checked.
 INT_MIN = dict(epochs=1, batch_size=1, shots=1, test_batch_size=1, seed=0, neg_per_class=0,
-               rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1)
+               rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1,
+               warmup_epochs=0)
 HINTS = dict(test_per_class=" (leave it out to test on every image)")
 
 
@@ -102,7 +103,7 @@ def check_config(cfg) -> None:
     """The configuration's choices (:func:`heba.train.config.check`) and value ranges."""
     check(cfg)
     for name, low in INT_MIN.items():
-        v = getattr(cfg, name)
+        v = getattr(cfg, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise UsageError(f"{_flag(name)} must be an integer >= {low}{HINTS.get(name, '')}, "
                              f"got {v!r}")
@@ -114,12 +115,14 @@ def check_config(cfg) -> None:
     _number(cfg, "label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)")
     _number(cfg, "scale_factor", lambda x: x > 0, "a positive number")
     _number(cfg, "slow_fast_ratio", lambda x: 0 <= x <= 1, "a probability in [0, 1]")
+    _number(cfg, "grad_clip", lambda x: x >= 0, "a number >= 0 (0: off)")
+    _number(cfg, "val_split", lambda x: 0 <= x < 1, "a fraction in [0, 1)")
     for name in ("base_scale", "novel_scale", "alpha"):
         _number(cfg, name, lambda x: True, "a finite number")
 
 
 def _number(cfg, name, ok, what):
-    v = getattr(cfg, name)
+    v = getattr(cfg, name, None)
     if v is None:
         return
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \

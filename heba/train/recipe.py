@@ -257,7 +257,7 @@ class TrainRecipe:
         ckpt.remove_stale(out, keep=plan.start_epoch if plan.latest else None)
         if not os.path.exists(os.path.join(out, CONFIG_NAME)):
             self.cfg.save(os.path.join(out, CONFIG_NAME))
-        for sub, split in self.data.splits.items():     # the exact images of this run
+        for sub, split in getattr(self.data, "splits", {}).items():   # the exact images
             path = os.path.join(out, f"split_{sub}.json")
             if not os.path.exists(path):
                 text = json.dumps(split.to_json()) + "\n"
