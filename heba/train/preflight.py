@@ -34,7 +34,7 @@ Example::
     >>> check_config(make_config("heba", lr=-1.0))
     Traceback (most recent call last):
     ...
-    heba.train.config.UsageError: --lr must be a positive number, got -1.0
+    heba.train.config.UsageError: --lr must be a number >= 0, got -1.0
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def check_config(cfg) -> None:
                              f"got {v!r}")
     if cfg.start is not None and cfg.end is not None and cfg.end < cfg.start:
         raise UsageError(f"--end ({cfg.end}) must be >= --start ({cfg.start})")
-    _number(cfg, "lr", lambda x: x > 0, "a positive number")
+    _number(cfg, "lr", lambda x: x >= 0, "a number >= 0")
     _number(cfg, "momentum", lambda x: 0 <= x < 1, "in [0, 1)")
     _number(cfg, "weight_decay", lambda x: x >= 0, "a number >= 0")
     _number(cfg, "label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)")
