@@ -159,9 +159,15 @@ def test_weights_files(data, finished, tmp_path, capsys):
     assert not out.exists()
 
 
+def _older_layout(out):
+    """The layout before checkpoint sets: train_state.pt beside the adapters, no epoch_<N>/."""
+    os.replace(out / "epoch_1" / "train_state.pt", out / "train_state.pt")
+    shutil.rmtree(out / "epoch_1")
+
+
 def test_resume_of_damaged_run(data, finished, tmp_path, capsys):
-    """train_state.pt missing or truncated, adapters.json corrupt or edited: one line naming
-    the file; the folder is left as it was."""
+    """train_state.pt missing or truncated, adapters.json corrupt or edited, a folder in the
+    older layout: one line naming the file; the folder is left as it was."""
     def damaged(name, change):
         out = tmp_path / name
         shutil.copytree(finished, out)
@@ -176,7 +182,8 @@ def test_resume_of_damaged_run(data, finished, tmp_path, capsys):
              ("corrupt json", lambda o: (o / "epoch_1" / "adapters.json").write_text("{"),
               "adapters.json"),
              ("edited json", lambda o: (o / "epoch_1" / "adapters.json").write_text("{}"),
-              "adapters.json")]
+              "adapters.json"),
+             ("older layout", _older_layout, "written by an older heba-train")]
     for name, change, message in cases:
         out, before = damaged(name, change)
         one_line_error(*run([data, *FAST, "-o", str(out), "--resume"], capsys)[::2], message)

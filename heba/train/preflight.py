@@ -197,16 +197,19 @@ def _source(state: rf.FolderState) -> Optional[str]:
 def _plan_resume(cfg, state: rf.FolderState) -> Plan:
     out = state.path
     if state.latest is None:
-        if rf.CONFIG_NAME in state.files:
+        if rf.STATE_NAME in state.files:
+            raise UsageError(f"--resume: {out} was written by an older heba-train (one "
+                             f"{rf.STATE_NAME} at the top, no epoch_<N>/ set): it cannot be "
+                             f"resumed; evaluate its adapters, or --overwrite")
+        if rf.CONFIG_NAME in state.files and not state.finished:
             saved = ckpt.read_json_object(os.path.join(out, rf.CONFIG_NAME),
                                           require=RESUME_FIELDS)
             check_same(saved, cfg.to_dict(), RESUME_FIELDS, os.path.join(out, rf.CONFIG_NAME))
             return Plan("resume", note=f"{out}: no epoch was saved before the run stopped: "
                                        f"starting again at epoch 1")
-        if rf.STATE_NAME in state.files:
-            raise UsageError(f"--resume: {out} was written by an older heba-train (one "
-                             f"{rf.STATE_NAME} at the top, no epoch_<N>/ set): it cannot be "
-                             f"resumed; evaluate its adapters, or --overwrite")
+        if state.finished:
+            raise UsageError(f"--resume: {out} holds a finished run's adapters but no "
+                             f"epoch_<N>/ set to resume from: evaluate it, or --overwrite")
         raise UsageError(f"--resume: {out} holds no run to resume (no {rf.CONFIG_NAME}, no "
                          f"epoch_<N>/ checkpoint)")
     latest = ckpt.read_set(out)
