@@ -16,6 +16,7 @@ from heba.clip import checkpoints as ckpt
 from tests.clip_utils import image_folder, one_thread  # noqa: F401
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kills are forked children")
 
 # Two epochs (a set replaces a set), adapters on the last image block only (fast).
 ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "1", "--epochs", "2",
