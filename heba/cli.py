@@ -324,6 +324,13 @@ def _split(args):
     from heba.train.config import UsageError
     if not args.dataset or not args.root:
         raise UsageError("split needs --dataset NAME --root DIR")
+    parent = os.path.dirname(os.path.abspath(args.json))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.isdir(args.json) or not os.path.isdir(parent):
+        raise UsageError(f"--json {args.json}: expected a file path "
+                         f"({args.json if os.path.isdir(args.json) else parent} is "
+                         f"{'a folder' if os.path.isdir(args.json) else 'a file'})")
     split = coop.build_split(args.dataset, _abs(args.root), args.shots, args.seed,
                              args.subsample)
     coop.write_split_json(split, args.json)

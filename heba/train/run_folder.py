@@ -146,9 +146,27 @@ def append_record(path: str, record: dict) -> None:
 def publish_final(path: str, latest: ckpt.CheckpointSet, summary: str) -> None:
     """The finished run's adapters (copied from its last set) and ``summary.md`` at the top."""
     for name in (CKPT_NAME, CKPT_JSON):             # the JSON last: it marks the run finished
-        src = latest.file(name)
-        ckpt.atomic_write(os.path.join(path, name), lambda tmp, s=src: shutil.copyfile(s, tmp))
+        _publish(latest.file(name), os.path.join(path, name))
     ckpt.atomic_write(os.path.join(path, SUMMARY_NAME), lambda tmp: write_text(tmp, summary))
+
+
+def _publish(src: str, dst: str) -> None:
+    """``dst`` = ``src`` atomically: a hard link where the file system allows (no second copy
+    of a large checkpoint; neither name is ever written in place), else a copy."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return                      # already this file (rename would leave the link behind)
+    tmp = ckpt._temp_name(dst)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    ckpt.notify_written(dst)
 
 
 def is_published(path: str, latest: ckpt.CheckpointSet) -> bool:
