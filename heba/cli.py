@@ -327,10 +327,10 @@ def _split(args):
     parent = os.path.dirname(os.path.abspath(args.json))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if os.path.isdir(args.json) or not os.path.isdir(parent):
-        raise UsageError(f"--json {args.json}: expected a file path "
-                         f"({args.json if os.path.isdir(args.json) else parent} is "
-                         f"{'a folder' if os.path.isdir(args.json) else 'a file'})")
+    if os.path.isdir(args.json):
+        raise UsageError(f"--json {args.json} is a folder: give the file to write")
+    if not os.path.isdir(parent):
+        raise UsageError(f"--json {args.json}: {parent} is a file, not a folder")
     split = coop.build_split(args.dataset, _abs(args.root), args.shots, args.seed,
                              args.subsample)
     coop.write_split_json(split, args.json)

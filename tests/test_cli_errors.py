@@ -309,4 +309,4 @@ def test_protocol_resume_reports_finished_seeds_and_starts_the_rest(data, tmp_pa
 def test_split_json_must_be_a_file_path(tmp_path, capsys):
     one_line_error(*run(["split", "--dataset", "eurosat", "--root", str(tmp_path), "--shots",
                          "1", "--seed", "1", "--json", str(tmp_path)], capsys)[::2],
-                   f"--json {tmp_path}: expected a file path")
+                   f"--json {tmp_path} is a folder")

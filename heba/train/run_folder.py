@@ -7,8 +7,8 @@
     <run>/metrics.jsonl            one line per epoch and evaluation
     <run>/epoch_<N>/               the latest saved epoch, committed as one set
         adapters.safetensors, adapters.json, train_state.pt, manifest.json
-    <run>/adapters.safetensors     the finished run's adapters (+ adapters.json),
-    <run>/summary.md               written once the last epoch's set is committed
+    <run>/adapters.safetensors     the finished run's adapters (+ adapters.json: hard links
+    <run>/summary.md               to the last set's files), once that set is committed
 
 Only ``epoch_<N>/`` is read by ``--resume``; the top-level adapters are the result
 (they exist once the run has finished). ``metrics.jsonl`` is trimmed on resume to
