@@ -51,7 +51,7 @@ from heba.clip import checkpoints as ckpt
 from heba.train import run_folder as rf
 from heba.train.config import RESUME_FIELDS, UsageError, check
 
-# (lowest allowed, what the message says it means); None values are not checked.
+# The lowest value each integer field allows (None: not checked); HINTS complete the message.
 INT_MIN = dict(epochs=1, batch_size=1, shots=1, test_batch_size=1, seed=0, neg_per_class=0,
                rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1,
                warmup_epochs=0)
