@@ -249,15 +249,24 @@ def quiet_blocks(model, factor):
     return model
 
 
+def heba_key(model, key):
+    """The key in ``model.heba_adapters`` of a published HeBA key (the same once the
+    container is 1-based as published; before, the adapted layers counted from 0)."""
+    tower, L, rest = key.split(".", 2)
+    slots = getattr(model.heba_adapters, tower)
+    tr = model.visual.transformer if tower == "visual_adapter" else model.transformer
+    if len(slots) != len(tr.resblocks) + 1:                # pre-1-based layout
+        start = model.heba_adapters.config["start"]
+        L = str(int(L) - start)
+    return f"{tower}.{L}.{rest}"
+
+
 def load_heba(model, sd):
     """Load published-name HeBA weights into ``model.heba_adapters`` (strict: names and shapes)."""
-    ad = model.heba_adapters
-    n = {"visual": len(model.visual.transformer.resblocks), "text": len(model.transformer.resblocks)}
-    fixed = {}
-    for k, v in sd.items():
-        tower, L, rest = k.split(".", 2)
-        slots = getattr(ad, tower)
-        if len(slots) != n[tower.split("_")[0]] + 1:   # pre-1-based layout (removed at merge)
-            L = str(int(L) - min(int(x.split(".")[1]) for x in sd if x.startswith(tower)))
-        fixed[f"{tower}.{L}.{rest}"] = v
-    ad.load_state_dict(fixed, strict=True)
+    model.heba_adapters.load_state_dict({heba_key(model, k): v for k, v in sd.items()},
+                                        strict=True)
+
+
+def heba_grads(model, keys):
+    """``{published key: .grad}`` of the model's HeBA parameters."""
+    return {k: model.heba_adapters.get_parameter(heba_key(model, k)).grad for k in keys}
