@@ -21,7 +21,8 @@ the causal attention and the end-of-text pooling are unaffected.
 AdapterTune puts ``x = adapter(layer(x))`` after the layers ``i`` (0-based)
 with ``i % every == 0`` (the published rule), image tower by default.
 
-The container ``model.heba_adapters`` (``visual_adapter.<i>.att_conv.*``,
+The container ``model.heba_adapters`` (``visual_adapter.<i>.att_conv.*`` for layer ``i``,
+1-based as published,
 ``blocks.<i>.adapter.*``, ...) and ``model.heba_policy`` are those of
 :mod:`heba.clip.wiring`; :func:`heba.clip.checkpoints.save_adapters` /
 ``load_adapters`` / ``load_published_checkpoint`` work on an HF-wired model as
@@ -183,7 +184,10 @@ def attach_heba(model: nn.Module, towers_: str = "both", start: int = 1,
             fc1 = tr.encoder.layers[i].mlp.fc1
             att = HeBAAdapter(fc1.in_features, **kw, **common).to(device=device, dtype=dtype)
             mlp = HeBAAdapter(fc1.out_features, **kw, **common).to(device=device, dtype=dtype)
-            getattr(adapters, f"{tower}_adapter").append(HeBALayer(att, mlp))
+            slots = getattr(adapters, f"{tower}_adapter")
+            if not len(slots):
+                slots.extend([None] * (len(tr.encoder.layers) + 1))    # slot 0 stays empty
+            slots[i + 1] = HeBALayer(att, mlp)
             built.append((tr.encoder.layers[i], att, mlp))
     flags = _freeze(model)
     replaced = []

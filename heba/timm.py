@@ -26,7 +26,7 @@ input and MLP hidden state, in blocks ``start..end`` (1-based)::
 with the class and register tokens (``model.num_prefix_tokens``) passed through
 and the patch grid ``model.patch_embed.grid_size`` (non-square grids work). The
 adapters, their container (``model.heba_adapters``: ``visual_adapter.<i>.att_conv``
-/ ``mlp_conv``) and the scale policy (:class:`heba.clip.wiring.ScalePolicy`,
+/ ``mlp_conv`` for block ``i``, 1-based, the published layout) and the scale policy (:class:`heba.clip.wiring.ScalePolicy`,
 ``model.heba_policy``) are those of the open_clip wiring.
 
 Both freeze the backbone and leave the classifier (``model.get_classifier()``)
@@ -236,15 +236,16 @@ def attach_heba(model: nn.Module, start: int = 1, end: Optional[int] = None,
               backend=backend)
     device, dtype = _param_like(model.blocks)
     adapters = HeBAAdapters(config)
+    adapters.visual_adapter.extend([None] * (len(model.blocks) + 1))   # 1-based, slot 0 empty
     for i in layers:
         fc1 = model.blocks[i].mlp.fc1
         att = HeBAAdapter(fc1.in_features, **kw).to(device=device, dtype=dtype)
         mlp = HeBAAdapter(fc1.out_features, **kw).to(device=device, dtype=dtype)
-        adapters.visual_adapter.append(HeBALayer(att, mlp))
+        adapters.visual_adapter[i + 1] = HeBALayer(att, mlp)
     flags = _freeze(model)
     replaced = []
-    for layer, i in zip(adapters.visual_adapter, layers):
-        block = model.blocks[i]
+    for i in layers:
+        layer, block = adapters.visual_adapter[i + 1], model.blocks[i]
         replaced.append((block, "norm1", block.norm1))
         block.norm1 = AdaptedOutput(block.norm1, layer.att_conv, policy)
         replaced.append((block.mlp, "fc1", block.mlp.fc1))

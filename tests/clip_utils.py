@@ -249,24 +249,11 @@ def quiet_blocks(model, factor):
     return model
 
 
-def heba_key(model, key):
-    """The key in ``model.heba_adapters`` of a published HeBA key (the same once the
-    container is 1-based as published; before, the adapted layers counted from 0)."""
-    tower, L, rest = key.split(".", 2)
-    slots = getattr(model.heba_adapters, tower)
-    tr = model.visual.transformer if tower == "visual_adapter" else model.transformer
-    if len(slots) != len(tr.resblocks) + 1:                # pre-1-based layout
-        start = model.heba_adapters.config["start"]
-        L = str(int(L) - start)
-    return f"{tower}.{L}.{rest}"
-
-
 def load_heba(model, sd):
     """Load published-name HeBA weights into ``model.heba_adapters`` (strict: names and shapes)."""
-    model.heba_adapters.load_state_dict({heba_key(model, k): v for k, v in sd.items()},
-                                        strict=True)
+    model.heba_adapters.load_state_dict(sd, strict=True)
 
 
 def heba_grads(model, keys):
     """``{published key: .grad}`` of the model's HeBA parameters."""
-    return {k: model.heba_adapters.get_parameter(heba_key(model, k)).grad for k in keys}
+    return {k: model.heba_adapters.get_parameter(k).grad for k in keys}

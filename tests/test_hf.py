@@ -178,13 +178,19 @@ def test_heba_computes_the_block_equations(towers_, start, end):
     policy = ScalePolicy(base_scale=0.4, slow_fast_ratio=1.0)
     ad = attach_heba(model, towers_=towers_, start=start, end=end, policy=policy)
     randomize(ad)
-    idx = range(start - 1, end or LAYERS)
-    vis = dict(zip(idx, ad.visual_adapter)) if towers_ != "text" else {}
-    txt = dict(zip(idx, ad.text_adapter)) if towers_ != "visual" else {}
-    for layer in ad.visual_adapter:
+    idx = list(range(start - 1, end or LAYERS))
+
+    def by_block(slots):         # 1-based slots (the published layout), slot 0 empty
+        assert len(slots) == LAYERS + 1 and slots[0] is None
+        got = {i - 1: layer for i, layer in enumerate(slots) if layer is not None}
+        assert sorted(got) == idx
+        return got
+    vis = by_block(ad.visual_adapter) if towers_ != "text" else {}
+    txt = by_block(ad.text_adapter) if towers_ != "visual" else {}
+    for layer in vis.values():
         assert layer.att_conv.num_prefix_tokens == 1 and layer.att_conv.grid == (4, 4)
         assert layer.mlp_conv.dim == 4 * WIDTH
-    assert all(layer.att_conv.modality == "text" for layer in ad.text_adapter)
+    assert all(layer.att_conv.modality == "text" for layer in txt.values())
     got_i, got_t = run_image(model, img), run_text(model, ids)
     assert_all_close(got_i, spec_image(model, img, heba=vis, scale=0.4))
     assert_all_close(got_t, spec_text(model, ids, heba=txt, scale=0.4))
@@ -287,7 +293,7 @@ def test_towers_single_tower_models_and_errors():
     vis = transformers.CLIPVisionModel(cfg.vision_config)
     assert list(towers(vis)) == ["visual"]
     attach_heba(vis, towers_="visual")
-    assert len(vis.heba_adapters.visual_adapter) == 2
+    assert len(vis.heba_adapters.visual_adapter) == 2 + 1        # 1-based, slot 0 empty
     with pytest.raises(ValueError, match="already attached"):
         attach_adaptertune(vis)
     txt = transformers.CLIPTextModel(cfg.text_config)

@@ -252,9 +252,10 @@ def test_heba_computes_the_block_equations(cfg):
     policy = ScalePolicy(base_scale=0.4, slow_fast_ratio=1.0)
     ad = attach_heba(model, start=start, end=end, policy=policy)
     first = start - 1
-    layers = {first + j: layer for j, layer in enumerate(ad.visual_adapter)}
+    assert len(ad.visual_adapter) == 3 + 1                  # 1-based slots, slot 0 empty
+    layers = {i - 1: layer for i, layer in enumerate(ad.visual_adapter) if layer is not None}
     assert sorted(layers) == list(range(first, end or 3))
-    for layer in ad.visual_adapter:
+    for layer in layers.values():
         assert layer.att_conv.num_prefix_tokens == model.num_prefix_tokens
         assert layer.att_conv.grid == grid and layer.mlp_conv.dim == 4 * 32
     randomize([ad])

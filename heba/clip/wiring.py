@@ -70,19 +70,23 @@ class ScalePolicy:
             1.0 switches slow-fast off.
         seed: seed of the policy's own random stream (Python ``random``, so no
             device sync and no effect on torch's RNG).
+        per_block: draw the training scale once per block, shared by its two
+            adapters (attention then MLP), as the published code does; False
+            (default) draws per adapter call.
 
     ``mode`` ("base" or "novel") picks the evaluation scale.
     """
 
     def __init__(self, base_scale: float = 0.025, novel_scale: float = 0.010,
                  scale_factor: float = 2.25, slow_fast_ratio: float = 0.8,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, per_block: bool = False):
         if not 0.0 <= slow_fast_ratio <= 1.0:
             raise ValueError(f"slow_fast_ratio must be in [0, 1], got {slow_fast_ratio}")
         self.base_scale, self.novel_scale = float(base_scale), float(novel_scale)
         self.scale_factor, self.slow_fast_ratio = float(scale_factor), float(slow_fast_ratio)
         self.mode = "base"
         self._rng = random.Random(seed)
+        self.per_block, self._calls, self._last = per_block, 0, self.base_scale
 
     def set_mode(self, mode: str) -> None:
         if mode not in ("base", "novel"):
@@ -93,9 +97,15 @@ class ScalePolicy:
         """The scale for one adapter call."""
         if not training:
             return self.novel_scale if self.mode == "novel" else self.base_scale
+        if self.per_block:
+            self._calls += 1
+            if self._calls % 2 == 0:              # a block's MLP adapter: its attention's draw
+                return self._last
+        s = self.base_scale
         if self.slow_fast_ratio < 1.0 and self._rng.random() >= self.slow_fast_ratio:
-            return self.base_scale * self.scale_factor
-        return self.base_scale
+            s = self.base_scale * self.scale_factor
+        self._last = s
+        return s
 
     def __repr__(self):
         return (f"ScalePolicy(base_scale={self.base_scale}, novel_scale={self.novel_scale}, "
@@ -150,8 +160,14 @@ class HeBALayer(nn.Module):
 
 
 class HeBAAdapters(nn.Module):
-    """All HeBA adapters of a model: ``visual_adapter.<i>`` / ``text_adapter.<i>`` for the
-    ``i``-th adapted layer (from 0), each with ``att_conv`` and ``mlp_conv``."""
+    """All HeBA adapters of a model: ``visual_adapter[i]`` / ``text_adapter[i]`` for layer ``i``
+    (1-based), each with ``att_conv`` and ``mlp_conv``.
+
+    As in the published code, each container is a ModuleList of ``layers + 1``
+    slots whose slot 0 and unadapted layers are empty (None), so the state-dict
+    keys are the published ones (``visual_adapter.1.att_conv.down.weight`` for
+    block 1) and ``[i]`` is block ``i``'s adapters.
+    """
 
     method = "heba"
 
@@ -294,7 +310,10 @@ def attach_heba(model: nn.Module, towers_: str = "both", start: int = 1,
                           rescale_param_grad=rescale_param_grad, backend=backend)
             att = HeBAAdapter(dim, **kw, **common).to(device=device, dtype=dtype)
             mlp = HeBAAdapter(hidden, **kw, **common).to(device=device, dtype=dtype)
-            getattr(adapters, f"{tower}_adapter").append(HeBALayer(att, mlp))
+            slots = getattr(adapters, f"{tower}_adapter")
+            if not len(slots):
+                slots.extend([None] * (len(tr.resblocks) + 1))    # slot 0 stays empty
+            slots[i + 1] = HeBALayer(att, mlp)
             replaced.append((block, "ln_1", block.ln_1))
             block.ln_1 = AdaptedOutput(block.ln_1, att, policy)
             replaced.append((block.mlp, "c_fc", block.mlp.c_fc))
