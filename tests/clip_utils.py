@@ -1,4 +1,8 @@
-"""Tiny random-weight open_clip models and inputs for the tests/test_clip_*.py files."""
+"""Tiny random-weight open_clip models and inputs for the model-level tests, and the
+expectations those tests hold them to, taken from outside heba: the published HeBA
+constants, SPEC.md's block equations written out with plain torch (``spec_*``, run on a
+pristine copy of the model), and adapter weights drawn under the published state-dict
+names (``heba_weights``, ``lowrank_weights``)."""
 
 from __future__ import annotations
 
