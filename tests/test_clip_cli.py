@@ -212,7 +212,7 @@ def test_adaptertune_recipe(folder, tmp_path, capsys):
     assert rc == 0, err
     from safetensors.torch import load_file
     keys = set(load_file(os.path.join(out, R.CKPT_NAME)))
-    assert keys == {f"blocks.{i}.adapter.{p}.{w}" for i in (1, 3) for p in ("down", "up")
+    assert keys == {f"blocks.{i}.adapter.{p}.{w}" for i in (0, 2) for p in ("down", "up")
                     for w in ("weight", "bias")}
 
 
