@@ -474,4 +474,40 @@ OPS = [
         "a tensor scale that requires grad gets a gradient (SPEC: none flows to scale)"),
 ]
 
-BUGS = [*KERNELS, *REFERENCE, *OPS, *WIRING_BUGS, *CHECKPOINTS, *DATA, *LOOP, *LOOP_RECIPE, *TIMM_HF, *CUDA_GLUE]
+RUN_FOLDER = "heba/train/run_folder.py"
+T_SET = "tests/test_checkpoint_set.py"
+
+RUN_FILES = [
+    Bug("set-sha-compared-with-itself", "checkpoints", CKPT,
+        'if got["sha256"] != want.get("sha256"):',
+        'if got["sha256"] != got.get("sha256"):',
+        (f"{T_SET}::test_damaged_set_is_named",),
+        "a checkpoint set changed after it was written resumes silently"),
+    Bug("set-oldest-first", "checkpoints", CKPT,
+        "if m and os.path.isdir(os.path.join(folder, m.group(0)))), reverse=True)",
+        "if m and os.path.isdir(os.path.join(folder, m.group(0)))))",
+        (T_SET,),
+        "killed between a set's commit and the old set's removal: --resume takes the older set"),
+    Bug("run-trim-keeps-uncommitted-epoch", "checkpoints", RUN_FOLDER,
+        'and rec["epoch"] <= epoch:',
+        'and rec["epoch"] <= epoch + 1:',
+        (T_SET,),
+        "after a kill, the uncommitted epoch's metrics line stays: listed twice on resume"),
+    Bug("run-publish-json-first", "checkpoints", RUN_FOLDER,
+        "for name in (CKPT_NAME, CKPT_JSON):             # the JSON last",
+        "for name in (CKPT_JSON, CKPT_NAME):             # the JSON last",
+        (f"{T_SET}::test_write_points_are_the_expected_sequence", T_SET),
+        "the finished marker (adapters.json) published before the adapters it describes"),
+    Bug("preflight-resume-finished-off-by-one", "loop", "heba/train/preflight.py",
+        "if latest.epoch >= cfg.epochs:",
+        "if latest.epoch > cfg.epochs:",
+        ("tests/test_cli_errors.py::test_resume_of_a_finished_run_says_so",),
+        "--resume of a finished run trains an epoch past the end instead of saying so"),
+    Bug("preflight-momentum-one", "loop", "heba/train/preflight.py",
+        '_number(cfg, "momentum", lambda x: 0 <= x < 1, "in [0, 1)")',
+        '_number(cfg, "momentum", lambda x: 0 <= x <= 1, "in [0, 1)")',
+        ("tests/test_cli_errors.py::test_bad_value", f"{T_HOLES}::test_momentum_one_is_refused"),
+        "--momentum 1 accepted: SGD never forgets a gradient and the run diverges"),
+]
+
+BUGS = [*KERNELS, *REFERENCE, *OPS, *WIRING_BUGS, *CHECKPOINTS, *DATA, *LOOP, *LOOP_RECIPE, *RUN_FILES, *TIMM_HF, *CUDA_GLUE]

@@ -263,3 +263,12 @@ def test_loader_order_changes_per_epoch():
 
         assert len(set(order(0))) == 40 // world and order(0) == order(0)
         assert order(0) != order(1) and order(1) != order(2)
+
+
+def test_momentum_one_is_refused():
+    """preflight-momentum-one: momentum must be < 1 (1 never decays a gradient)."""
+    from heba.train.config import UsageError, make_config
+    from heba.train.preflight import check_config
+    check_config(make_config("heba", momentum=0.9))
+    with pytest.raises(UsageError, match=r"--momentum must be in \[0, 1\), got 1.0"):
+        check_config(make_config("heba", momentum=1.0))
