@@ -246,8 +246,9 @@ def test_evaluation_scale_per_split(novel_eval, novel_scale):
 # --- the training loop ---------------------------------------------------------------------
 
 def test_loader_order_changes_per_epoch():
-    """recipe-same-order-every-epoch, ddp-sampler-epoch-not-set: a new shuffle every epoch (Dassl's RandomSampler draws
-    from the advancing global generator), the same one for the same (seed, epoch)."""
+    """recipe-same-order-every-epoch, ddp-sampler-epoch-not-set: a new shuffle every epoch
+    (Dassl's RandomSampler draws from the advancing global generator; DistributedSampler
+    after set_epoch), the same one for the same (seed, epoch)."""
     from types import SimpleNamespace
 
     from heba.train import recipe as R
