@@ -34,13 +34,14 @@ def _lowbias32(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def host_scales(seed, tower, n_blocks, forward, ratio=0.8, base=0.025, factor=2.25):
-    """The scales of forward number ``forward`` (0-based) of ``tower``, one per block."""
+def host_scales(seed, tower, n_blocks, forward, ratio=0.8, base=0.025, factor=2.25, pos=0):
+    """The scales of forward number ``forward`` (0-based) of ``tower``, one per block
+    (``pos=1``: the MLP adapters' own draws, ``per_block=False``)."""
     t = {"visual": 0, "text": 1}[tower]
     k0 = _lowbias32(_lowbias32((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (seed >> 32))
     out = []
     for b in range(n_blocks):
-        key = _lowbias32(k0 ^ ((t << 16) | b))
+        key = _lowbias32(k0 ^ ((pos << 24) | (t << 16) | b))
         u = (_lowbias32(key ^ (forward & 0xFFFFFFFF)) >> 8) / 2 ** 24   # uniform in [0, 1)
         out.append(base * factor if u >= ratio else base)
     return out
@@ -81,7 +82,7 @@ def test_draw_frequency_and_independence():
         row = []
         for tower in ("visual", "text"):
             pol.begin(tower, CPU, training=True)
-            row.append(pol._current[tower] > 0.03)
+            row.append(pol._current[tower][:, 0] > 0.03)
         rows.append(torch.cat(row))
     fast = torch.stack(rows).double()                       # [forwards, 24]
     sd = math.sqrt(0.2 * 0.8 / fast.shape[0])
@@ -179,6 +180,24 @@ def test_one_draw_per_block_and_tower_shared_by_both_adapters(monkeypatch):
         model.encode_text(texts())
     assert [s for _, s in seen] == [0.025] * 6
     assert model.heba_policy.state_dict()["counters"] == [6, 6]   # evaluation draws nothing
+
+
+def test_per_call_draws(monkeypatch):
+    """per_block=False: each adapter draws its own scale (position 1 = the MLP adapter)."""
+    model = tiny_clip(layers=3)
+    attach_heba(model, "text", policy=ScalePolicy(seed=6, slow_fast_ratio=0.5, per_block=False),
+                backend="reference")
+    model.train()
+    seen = _spy(monkeypatch)
+    for f in range(4):
+        seen.clear()
+        model.encode_text(texts())
+        got = [float(s) for _, s in seen]                 # att 0, mlp 0, att 1, mlp 1, ...
+        want = [float(torch.tensor(w)) for pair in zip(
+            host_scales(6, "text", 3, f, 0.5), host_scales(6, "text", 3, f, 0.5, pos=1))
+            for w in pair]
+        assert got == want, f
+    assert "per_block=False" in repr(model.heba_policy)
 
 
 def _layers(model, tower):

@@ -84,16 +84,17 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def slow_fast_key(seed: int, tower: str, block: int) -> int:
-    """The key of the slow-fast stream of one (seed, tower, block), computed once on the host."""
+def slow_fast_key(seed: int, tower: str, block: int, pos: int = 0) -> int:
+    """The key of the slow-fast stream of one (seed, tower, block, position), computed once on
+    the host (position 0: the block's draw; 1: its MLP adapter's own, with ``per_block=False``)."""
     k = _mix32((seed & _M32) ^ 0x9E3779B9)
     k = _mix32(k ^ ((seed >> 32) & _M32))
-    return _mix32(k ^ ((_TOWER_IDS[tower] << 16) | block))
+    return _mix32(k ^ ((pos << 24) | (_TOWER_IDS[tower] << 16) | block))
 
 
 def slow_fast_bits(key, counter):
     """24 uniform random bits, draw number ``counter`` of the stream ``key`` (Python ints, or
-    int64 tensors: the tensor form runs on the device, 9 element-wise kernels)."""
+    int64 tensors: the tensor form runs on the device, 17 element-wise kernels)."""
     return _mix32(key ^ (counter & _M32)) >> 8
 
 
@@ -139,6 +140,8 @@ class ScalePolicy:
             while training (0.8). 1.0 switches slow-fast off.
         seed: seed of the stream (an int; None draws one from the OS).
         draws: ``"device"`` (default) or ``"host"``.
+        per_block: one draw per block shared by its two adapters (True, published);
+            False draws for each adapter (attention, MLP) separately.
 
     ``mode`` ("base" or "novel") picks the evaluation scale.
 
@@ -156,28 +159,29 @@ class ScalePolicy:
 
     def __init__(self, base_scale: float = 0.025, novel_scale: float = 0.010,
                  scale_factor: float = 2.25, slow_fast_ratio: float = 0.8,
-                 seed: Optional[int] = None, draws: str = "device"):
+                 seed: Optional[int] = None, draws: str = "device", per_block: bool = True):
         if not 0.0 <= slow_fast_ratio <= 1.0:
             raise ValueError(f"slow_fast_ratio must be in [0, 1], got {slow_fast_ratio}")
         if draws not in ("device", "host"):
             raise ValueError(f"draws must be 'device' or 'host', got {draws!r}")
         self.base_scale, self.novel_scale = float(base_scale), float(novel_scale)
         self.scale_factor, self.slow_fast_ratio = float(scale_factor), float(slow_fast_ratio)
-        self.mode, self.draws = "base", draws
+        self.mode, self.draws, self.per_block = "base", draws, bool(per_block)
         self.seed = int(random.SystemRandom().getrandbits(63) if seed is None else seed)
         self._n_blocks: dict = {}         # tower -> blocks drawn per forward
-        self._keys: dict = {}             # tower -> [n_blocks] int64 keys (host ints if "host")
+        self._keys: dict = {}             # tower -> [n_blocks, 2] int64 keys (lists if "host")
         self._counters = torch.zeros(2, dtype=torch.long)   # forwards so far, per tower
         self._host_counters = [0, 0]
         self._current: dict = {}          # tower -> this forward's scales (tensor or floats)
 
     # -- the stream ----------------------------------------------------------------------------
     def bind(self, tower: str, n_blocks: int) -> None:
-        """Draw ``n_blocks`` scales (blocks 0..n-1, 0-based) per forward of ``tower``."""
+        """Draw scales for blocks 0..n-1 (0-based) at each forward of ``tower``."""
         if tower not in _TOWER_IDS:
             raise ValueError(f"tower must be 'visual' or 'text', got {tower!r}")
         self._n_blocks[tower] = int(n_blocks)
-        keys = [slow_fast_key(self.seed, tower, b) for b in range(n_blocks)]
+        keys = [[slow_fast_key(self.seed, tower, b, pos) for pos in (0, 1)]
+                for b in range(n_blocks)]
         self._keys[tower] = keys if self.draws == "host" else torch.tensor(keys)
         self._current.pop(tower, None)
 
@@ -193,8 +197,8 @@ class ScalePolicy:
     def begin(self, tower: str, device: torch.device, training: bool) -> None:
         """Draw the scales of one forward of ``tower`` (all its blocks) and advance its counter.
 
-        Called by the tower's forward pre-hook. Device-side: ~12 element-wise kernels over
-        ``[n_blocks]``, no host sync; graph-capturable (the counter is read and advanced
+        Called by the tower's forward pre-hook. Device-side: 20 element-wise kernels over
+        ``[n_blocks, 2]``, no host sync; graph-capturable (the counter is read and advanced
         in device memory).
         """
         if not (training and self.random):
@@ -203,9 +207,9 @@ class ScalePolicy:
         t = _TOWER_IDS[tower]
         if self.draws == "host":
             c = self._host_counters[t]
-            fast = [slow_fast_bits(k, c) >= self._threshold() for k in self._keys[tower]]
-            self._current[tower] = [self.base_scale * self.scale_factor if f else self.base_scale
-                                    for f in fast]
+            hi, lo = self.base_scale * self.scale_factor, self.base_scale
+            self._current[tower] = [[hi if slow_fast_bits(k, c) >= self._threshold() else lo
+                                     for k in row] for row in self._keys[tower]]
             self._host_counters[t] = c + 1
             return
         if self._counters.device != device:   # the model moved: follow it (never in a capture)
@@ -215,7 +219,7 @@ class ScalePolicy:
             self._keys[tower] = self._keys[tower].to(device)
         bits = slow_fast_bits(self._keys[tower], self._counters[t])
         lo, hi = self._values(device)
-        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   # [n_blocks]
+        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   # [n_blocks, 2]
         self._counters[t].add_(1)
 
     def _values(self, device):
@@ -229,9 +233,11 @@ class ScalePolicy:
             self._value_cache = (key, (vals[0], vals[1]))
         return self._value_cache[1]
 
-    def scale(self, training: bool, tower: Optional[str] = None, block: Optional[int] = None):
-        """The scale for an adapter of ``block`` (0-based) of ``tower``: a Python float, or a
-        0-d float32 tensor on the device (the block's slow-fast draw of this forward)."""
+    def scale(self, training: bool, tower: Optional[str] = None, block: Optional[int] = None,
+              pos: int = 0):
+        """The scale for the adapter at ``pos`` (0: attention, 1: MLP) of ``block`` (0-based)
+        of ``tower``: a Python float, or a 0-d float32 tensor on the device (the block's
+        slow-fast draw of this forward; with ``per_block=False`` the adapter's own)."""
         if not training:
             return self.novel_scale if self.mode == "novel" else self.base_scale
         if not self.random:
@@ -244,7 +250,7 @@ class ScalePolicy:
                 raise ValueError(f"the policy has no {tower} tower bound (attach_heba binds it)")
             device = self._counters.device if self.draws == "device" else None
             self.begin(tower, device, training)
-        return self._current[tower][block]
+        return self._current[tower][block][pos if not self.per_block else 0]
 
     # -- evaluation mode, state ------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -275,7 +281,7 @@ class ScalePolicy:
     def __repr__(self):
         return (f"ScalePolicy(base_scale={self.base_scale}, novel_scale={self.novel_scale}, "
                 f"scale_factor={self.scale_factor}, slow_fast_ratio={self.slow_fast_ratio}, "
-                f"mode={self.mode!r}, draws={self.draws!r})")
+                f"mode={self.mode!r}, draws={self.draws!r}, per_block={self.per_block})")
 
 
 def _bind_policy(model: nn.Module, policy: ScalePolicy, which) -> list:
@@ -287,9 +293,10 @@ def _bind_policy(model: nn.Module, policy: ScalePolicy, which) -> list:
             continue
         policy.bind(tower, len(tr.resblocks))
         for i, block in enumerate(tr.resblocks):
-            for site in (getattr(block, "ln_1", None), getattr(block.mlp, "c_fc", None)):
+            for pos, site in enumerate((getattr(block, "ln_1", None),
+                                        getattr(block.mlp, "c_fc", None))):
                 if isinstance(site, AdaptedOutput):
-                    site.site = (tower, i)
+                    site.site = (tower, i, pos)
 
         def hook(module, args, kwargs, tower=tower):
             x = args[0] if args else next(iter(kwargs.values()))
@@ -311,7 +318,7 @@ class AdaptedOutput(nn.Module):
         self.orig = orig
         self._adapter = (adapter,)  # a tuple hides it from nn.Module's registration
         self._policy = policy
-        self.site = (None, None)    # (tower, 0-based block): set by attach_heba
+        self.site = (None, None, 0)    # (tower, 0-based block, 0 attention / 1 MLP): attach_heba
 
     @property
     def adapter(self) -> nn.Module:
