@@ -167,3 +167,5 @@ def test_adapter(benchmark, peaks, case, impl, dtype_name, mode):
         "measured_copy_gbs": peaks["copy_gbs"], "measured_matmul_tflops": peaks["matmul_tflops"],
     })
     benchmark.pedantic(synced, rounds=3 if DRY_RUN else 20, iterations=1, warmup_rounds=1)
+    if impl == "compile":      # each case recompiles: stay under dynamo's recompile limit
+        torch._dynamo.reset()

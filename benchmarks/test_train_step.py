@@ -37,6 +37,7 @@ import gc
 import time
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 import torch.nn.functional as F
 

@@ -40,6 +40,13 @@ __device__ __forceinline__ T from_acc(A a) {
   return o;
 }
 
+// The value of a ScaleArg (kernels.h) in the accumulation type A: read from
+// device memory when it comes as a pointer. Call once per thread, up front.
+template <typename A>
+__device__ __forceinline__ A load_scale(const ScaleArg& s) {
+  return s.ptr != nullptr ? static_cast<A>(*s.ptr) : static_cast<A>(s.value);
+}
+
 // ---- math ------------------------------------------------------------------
 // Exact (erf) GELU and its derivative.
 template <typename T>

@@ -20,40 +20,35 @@
 //   dWd = du^T @ x,  dx = grad + dx_scale * (dy + du @ Wd)
 
 #include "common.cuh"
+#include "stencil.h"
 
 namespace heba {
 namespace {
 
+constexpr int kElemThreads = 256;
+
 // g[r, c] = gelu(sum_k Wm[c, k] * u[neighbour_k(r), c]), zero padding; 0 on
 // prefix rows. One thread per (row, channel), channel fastest (coalesced).
 template <typename w_t>
-__global__ void _visual_stencil_fwd_kernel(const w_t* __restrict__ u, const w_t* __restrict__ wm,
-                                           w_t* __restrict__ g, TokenMap tm, PatchGrid grid,
-                                           int64_t C) {
+__global__ void __launch_bounds__(kElemThreads)
+    _visual_stencil_fwd_kernel(const w_t* __restrict__ u, const w_t* __restrict__ wm,
+                               w_t* __restrict__ g, TokenMap tm, PatchGrid grid, int64_t C) {
   using acc_t = acc_of<w_t>;
   const int64_t total = tm.B * tm.N * C;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / C, c = idx - r * C;
-    const int64_t n = tm.token_of(r);
-    if (n < grid.P) {
+    int64_t b;
+    int i, j;
+    if (!stencil_patch_of_row(tm, grid, r, &b, &i, &j)) {
       g[idx] = from_acc<w_t>(acc_t(0));
       continue;
     }
-    const int64_t b = tm.batch_of(r), p = n - grid.P;
-    const int i = static_cast<int>(p / grid.W), j = static_cast<int>(p % grid.W);
     acc_t v = 0;
 #pragma unroll
-    for (int ki = 0; ki < 3; ++ki) {
-      const int ii = i + ki - 1;
-      if (ii < 0 || ii >= grid.H) continue;
-#pragma unroll
-      for (int kj = 0; kj < 3; ++kj) {
-        const int jj = j + kj - 1;
-        if (jj < 0 || jj >= grid.W) continue;
-        const int64_t rr = tm.row(b, grid.P + static_cast<int64_t>(ii) * grid.W + jj);
-        v += acc_t(to_acc(wm[c * 9 + ki * 3 + kj])) * acc_t(to_acc(u[rr * C + c]));
-      }
+    for (int k = 0; k < 9; ++k) {
+      const int64_t rr = stencil_tap_row(tm, grid, b, i, j, k);
+      if (rr >= 0) v += acc_t(to_acc(wm[c * 9 + k])) * acc_t(to_acc(u[rr * C + c]));
     }
     g[idx] = from_acc<w_t>(gelu_fwd(v));
   }
@@ -68,18 +63,16 @@ constexpr int kStencilTy = 8;   // positions in flight per block
 // (positions q = b*HW + p enumerate the patch tokens of all images).
 // dwm_part: [gridDim.y, C, 9].
 template <typename w_t>
-__global__ void _visual_stencil_bwd_kernel_dv(const w_t* __restrict__ dg,
-                                              const w_t* __restrict__ u,
-                                              const w_t* __restrict__ wm,
-                                              acc_of<w_t>* __restrict__ dv,
-                                              acc_of<w_t>* __restrict__ dwm_part, TokenMap tm,
-                                              PatchGrid grid, int64_t C, int64_t chunk) {
+__global__ void __launch_bounds__(kStencilTx * kStencilTy)
+    _visual_stencil_bwd_kernel_dv(const w_t* __restrict__ dg, const w_t* __restrict__ u,
+                                  const w_t* __restrict__ wm, acc_of<w_t>* __restrict__ dv,
+                                  acc_of<w_t>* __restrict__ dwm_part, TokenMap tm,
+                                  PatchGrid grid, int64_t C, int64_t chunk) {
   using acc_t = acc_of<w_t>;
   __shared__ acc_t red[kStencilTy][kStencilTx][9];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kStencilTx + tx;
-  const int64_t HW = static_cast<int64_t>(grid.H) * grid.W;
-  const int64_t npos = tm.B * HW;
+  const int64_t npos = tm.B * static_cast<int64_t>(grid.H) * grid.W;
   acc_t acc[9];
 #pragma unroll
   for (int k = 0; k < 9; ++k) acc[k] = 0;
@@ -87,24 +80,20 @@ __global__ void _visual_stencil_bwd_kernel_dv(const w_t* __restrict__ dg,
     acc_t w[9];
 #pragma unroll
     for (int k = 0; k < 9; ++k) w[k] = to_acc(wm[c * 9 + k]);
-    const int64_t q0 = static_cast<int64_t>(blockIdx.y) * chunk;
-    const int64_t q1 = q0 + chunk < npos ? q0 + chunk : npos;
+    int64_t q0, q1;
+    stencil_chunk_range(blockIdx.y, chunk, npos, &q0, &q1);
     for (int64_t q = q0 + ty; q < q1; q += kStencilTy) {
-      const int64_t b = q / HW, p = q - b * HW;
-      const int i = static_cast<int>(p / grid.W), j = static_cast<int>(p % grid.W);
+      int64_t b;
+      int i, j;
+      const int64_t r = stencil_row_of_position(tm, grid, q, &b, &i, &j);
       acc_t nb[9];
       acc_t v = 0;
 #pragma unroll
       for (int k = 0; k < 9; ++k) {
-        const int ii = i + k / 3 - 1, jj = j + k % 3 - 1;
-        nb[k] = 0;
-        if (ii >= 0 && ii < grid.H && jj >= 0 && jj < grid.W) {
-          const int64_t rr = tm.row(b, grid.P + static_cast<int64_t>(ii) * grid.W + jj);
-          nb[k] = to_acc(u[rr * C + c]);
-        }
+        const int64_t rr = stencil_tap_row(tm, grid, b, i, j, k);
+        nb[k] = rr >= 0 ? acc_t(to_acc(u[rr * C + c])) : acc_t(0);
         v += w[k] * nb[k];
       }
-      const int64_t r = tm.row(b, grid.P + p);
       const acc_t d = acc_t(to_acc(dg[r * C + c])) * gelu_grad(v);
       dv[r * C + c] = d;
 #pragma unroll
@@ -127,39 +116,29 @@ __global__ void _visual_stencil_bwd_kernel_dv(const w_t* __restrict__ dg,
 // du[q, c] = sum_k Wm[c, k] * dv[q - off_k, c] (the stencil's adjoint); 0 on
 // prefix rows. One thread per (row, channel).
 template <typename w_t>
-__global__ void _visual_stencil_bwd_kernel_du(const acc_of<w_t>* __restrict__ dv,
-                                              const w_t* __restrict__ wm, w_t* __restrict__ du,
-                                              TokenMap tm, PatchGrid grid, int64_t C) {
+__global__ void __launch_bounds__(kElemThreads)
+    _visual_stencil_bwd_kernel_du(const acc_of<w_t>* __restrict__ dv, const w_t* __restrict__ wm,
+                                  w_t* __restrict__ du, TokenMap tm, PatchGrid grid, int64_t C) {
   using acc_t = acc_of<w_t>;
   const int64_t total = tm.B * tm.N * C;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = idx / C, c = idx - r * C;
-    const int64_t n = tm.token_of(r);
-    if (n < grid.P) {
+    int64_t b;
+    int i, j;
+    if (!stencil_patch_of_row(tm, grid, r, &b, &i, &j)) {
       du[idx] = from_acc<w_t>(acc_t(0));
       continue;
     }
-    const int64_t b = tm.batch_of(r), p = n - grid.P;
-    const int i = static_cast<int>(p / grid.W), j = static_cast<int>(p % grid.W);
     acc_t s = 0;
 #pragma unroll
-    for (int ki = 0; ki < 3; ++ki) {
-      const int ii = i - (ki - 1);
-      if (ii < 0 || ii >= grid.H) continue;
-#pragma unroll
-      for (int kj = 0; kj < 3; ++kj) {
-        const int jj = j - (kj - 1);
-        if (jj < 0 || jj >= grid.W) continue;
-        const int64_t rr = tm.row(b, grid.P + static_cast<int64_t>(ii) * grid.W + jj);
-        s += acc_t(to_acc(wm[c * 9 + ki * 3 + kj])) * dv[rr * C + c];
-      }
+    for (int k = 0; k < 9; ++k) {
+      const int64_t rr = stencil_adjoint_row(tm, grid, b, i, j, k);
+      if (rr >= 0) s += acc_t(to_acc(wm[c * 9 + k])) * dv[rr * C + c];
     }
     du[idx] = from_acc<w_t>(s);
   }
 }
-
-constexpr int kElemThreads = 256;
 
 }  // namespace
 
@@ -176,13 +155,16 @@ cudaError_t visual_stencil_fwd_launch(DType wt, const void* u, const void* wm, v
   });
 }
 
-// Chunks of >= 64 positions (8 per thread), at most 256 of them: the partial
-// sums stay small ([nchunks, C, 9]) and each thread still loops a while.
+// Up to 256 chunks of about 64 positions each (8 per position lane), longer
+// once 256 are reached: the partial sums stay small ([nchunks, C, 9]) and each
+// thread still loops a while.
 void visual_stencil_bwd_chunks(int64_t positions, int64_t* nchunks, int64_t* chunk) {
   int64_t n = ceil_div(positions, 64);
   n = n < 1 ? 1 : (n > 256 ? 256 : n);
-  *nchunks = n;
-  *chunk = positions > 0 ? ceil_div(positions, n) : 1;
+  const int64_t len = positions > 0 ? ceil_div(positions, n) : 1;
+  // as many chunks as that length needs: no trailing block without positions
+  *nchunks = positions > 0 ? ceil_div(positions, len) : 1;
+  *chunk = len;
 }
 
 cudaError_t visual_stencil_bwd_launch(DType wt, const void* dg, const void* u, const void* wm,

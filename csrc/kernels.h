@@ -43,21 +43,37 @@ struct PatchGrid {
   int H, W;
 };
 
+// A scale factor of a kernel: *ptr when ptr is set (a float32 in device memory,
+// read by the kernel when it runs, so a captured CUDA graph replays with the
+// value the tensor holds then), `value` otherwise. Both give bitwise the same
+// result for the same float32 number (the value is rounded to the kernel's
+// accumulation type either way; for float64 data a tensor scale carries
+// float32 precision).
+struct ScaleArg {
+  double value;
+  const float* ptr;
+};
+
 // ---- residual + LayerNorm + scaled residual (residual_ln.cu) ---------------
 // Pointer dtypes: x/out/grad in xt; z/dy in wt; gamma, beta, mean, rstd and
 // the partial sums in the accumulation type (float; double when xt is Double).
 cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void* z,
                                    const void* gamma, const void* beta, void* out, void* mean,
                                    void* rstd, TokenMap tm, int64_t num_prefix, int64_t rows,
-                                   int64_t D, double scale, double eps, cudaStream_t stream);
+                                   int64_t D, ScaleArg scale, double eps, cudaStream_t stream);
 
 // dgamma_part, dbeta_part: [blocks, D], zero-initialised by the caller.
 cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const void* x,
                                    const void* z, const void* gamma, const void* mean,
                                    const void* rstd, void* dy, void* dgamma_part,
                                    void* dbeta_part, TokenMap tm, int64_t num_prefix,
-                                   int64_t rows, int64_t D, double ga_scale, int blocks,
+                                   int64_t rows, int64_t D, ScaleArg ga_scale, int blocks,
                                    cudaStream_t stream);
+
+// out = a + k * b elementwise over n elements (a, out in xt; b in wt), in the
+// accumulation type: the backward's dx = grad + dx_scale * (dy + du @ Wd).
+cudaError_t scaled_add_launch(DType xt, DType wt, const void* a, const void* b, void* out,
+                              int64_t n, ScaleArg k, cudaStream_t stream);
 
 // ---- HeBA visual stencil (heba_visual.cu) ----------------------------------
 // u, g: [rows, C] in wt; wm: [C, 9] in wt.

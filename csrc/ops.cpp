@@ -30,8 +30,10 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
+#include "stencil.h"
 
 namespace heba {
 namespace {
@@ -141,12 +143,47 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 // autocast is still on inside them unless excluded here.
 #define HEBA_NO_AUTOCAST c10::impl::ExcludeDispatchKeyGuard heba_no_autocast_(c10::autocast_dispatch_keyset)
 
+// The outer residual's scale of a HeBA op: the 0-d float32 tensor scale_t on
+// x's device when given (its value is read by the kernels when they run, so a
+// captured CUDA graph replays with the value it holds then), else the float.
+ScaleArg scale_arg(double scale, const std::optional<Tensor>& scale_t, const Tensor& x,
+                   const char* op) {
+  if (!scale_t.has_value()) return ScaleArg{scale, nullptr};
+  const Tensor& s = *scale_t;
+  TORCH_CHECK(s.dim() == 0 && s.scalar_type() == at::kFloat, op,
+              ": scale_t must be a 0-d float32 tensor, got shape ", s.sizes(), " and dtype ",
+              s.scalar_type());
+  check_on(s, "scale_t", x);
+  return ScaleArg{0.0, s.data_ptr<float>()};
+}
+
+// The backward's two factors (csrc/README.md, "The gradient rule"): under the
+// rule the parameters see grad as if scale were 1 (ga = 1) and x gets
+// grad + scale * (the adapter's input gradient); otherwise plain autograd.
+struct GradScales {
+  ScaleArg ga, dx;
+};
+
+GradScales grad_scales(ScaleArg scale, bool rescale_param_grad) {
+  const ScaleArg one{1.0, nullptr};
+  return rescale_param_grad ? GradScales{one, scale} : GradScales{scale, one};
+}
+
+// dx = grad + k * s over [rows, D] memory (dx, grad in x's dtype, s in the weights').
+void scaled_add(const Tensor& dx2d, const Tensor& g2d, const Tensor& s, ScaleArg k) {
+  TORCH_INTERNAL_ASSERT(dx2d.is_contiguous() && g2d.is_contiguous() && s.is_contiguous() &&
+                        dx2d.sizes() == s.sizes() && g2d.sizes() == s.sizes());
+  C10_CUDA_CHECK(scaled_add_launch(to_dtype(dx2d.scalar_type()), to_dtype(s.scalar_type()),
+                                   g2d.data_ptr(), s.data_ptr(), dx2d.data_ptr(), s.numel(), k,
+                                   stream()));
+}
+
 // Sums the [2, blocks, D] partials of the LayerNorm backward into dgamma and
 // dbeta, in two reductions so the two outputs do not share storage.
 std::tuple<Tensor, Tensor> residual_ln_bwd(const Tensor& g2d, const Tensor& x2d, const Tensor& z,
                                            const Tensor& gamma_acc, const Tensor& mean,
                                            const Tensor& rstd, const Tensor& dy, TokenMap tm,
-                                           int64_t num_prefix, double ga_scale) {
+                                           int64_t num_prefix, ScaleArg ga_scale) {
   const int64_t rows = x2d.size(0), D = x2d.size(1);
   int sms = 0, dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -212,8 +249,8 @@ void check_visual_weights(const Tensor& x, const Tensor& down_weight, const Tens
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_fwd(
     const Tensor& x, const Tensor& down_weight, const Tensor& mid_weight,
     const Tensor& up_weight, const Tensor& norm_weight, const Tensor& norm_bias, double scale,
-    int64_t num_prefix_tokens, int64_t grid_h, int64_t grid_w, bool batch_first, double eps,
-    bool rescale_param_grad) {
+    const std::optional<Tensor>& scale_t, int64_t num_prefix_tokens, int64_t grid_h,
+    int64_t grid_w, bool batch_first, double eps, bool rescale_param_grad) {
   (void)rescale_param_grad;  // read by the autograd glue only
   const char* op = "heba::cuda_visual_fwd";
   HEBA_NO_AUTOCAST;
@@ -226,6 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_fwd(
   const auto wt = down_weight.scalar_type();
   check_dtype(norm_bias, "norm_bias", wt);
   check_dtype_pair(x.scalar_type(), wt, op);
+  const ScaleArg sc = scale_arg(scale, scale_t, x, op);
   const auto acc = acc_type(x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
 
@@ -245,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_fwd(
   C10_CUDA_CHECK(residual_ln_fwd_launch(
       to_dtype(x.scalar_type()), to_dtype(wt), x2d.data_ptr(), z.data_ptr(), gamma.data_ptr(),
       beta.data_ptr(), rows_view(out, "out").data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-      geo.tm, num_prefix_tokens, rows, D, scale, eps, stream()));
+      geo.tm, num_prefix_tokens, rows, D, sc, eps, stream()));
   return {out, u, g, z, mean, rstd};
 }
 
@@ -253,8 +291,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
     const Tensor& grad_out, const Tensor& x, const Tensor& down_weight, const Tensor& mid_weight,
     const Tensor& up_weight, const Tensor& norm_weight, const Tensor& u, const Tensor& g,
     const Tensor& z, const Tensor& mean, const Tensor& rstd, double scale,
-    int64_t num_prefix_tokens, int64_t grid_h, int64_t grid_w, bool batch_first,
-    bool rescale_param_grad) {
+    const std::optional<Tensor>& scale_t, int64_t num_prefix_tokens, int64_t grid_h,
+    int64_t grid_w, bool batch_first, bool rescale_param_grad) {
   const char* op = "heba::cuda_visual_bwd";
   HEBA_NO_AUTOCAST;
   const auto geo = visual_geometry(x, down_weight, num_prefix_tokens, grid_h, grid_w,
@@ -272,11 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
   check_saved(z, "z", {rows, D}, wt, x, op);
   check_saved(mean, "mean", {rows}, acc, x, op);
   check_saved(rstd, "rstd", {rows}, acc, x, op);
+  const GradScales gs = grad_scales(scale_arg(scale, scale_t, x, op), rescale_param_grad);
   c10::cuda::CUDAGuard guard(x.device());
-  // Under the gradient rule the parameters see grad as if scale were 1 and x
-  // gets grad + scale * (adapter's input gradient); otherwise plain autograd.
-  const double ga_scale = rescale_param_grad ? 1.0 : scale;
-  const double dx_scale = rescale_param_grad ? scale : 1.0;
 
   const Tensor x2d = rows_view(x, "x");
   const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
@@ -287,7 +322,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
   Tensor dy = new_buffer({rows, D}, x.options().dtype(wt));
   Tensor dgamma, dbeta;
   std::tie(dgamma, dbeta) = residual_ln_bwd(g2d, x2d, z, norm_weight.to(acc).contiguous(), mean,
-                                            rstd, dy, geo.tm, num_prefix_tokens, ga_scale);
+                                            rstd, dy, geo.tm, num_prefix_tokens, gs.ga);
   Tensor d_up = at::mm(dy.t(), g);                               // [D, h]
   Tensor dg = at::mm(dy, wu);                                    // [rows, h]
   const int64_t npos = geo.B * static_cast<int64_t>(geo.grid.H) * geo.grid.W;
@@ -309,8 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
   Tensor d_down = at::mm(du.t(), xw).view({h, D, 1, 1});
   Tensor s = at::addmm(dy, du, wd);                              // dy + du @ Wd, [rows, D]
   Tensor dx = at::empty_like(x);
-  Tensor dx2d = rows_view(dx, "dx");
-  at::add_out(dx2d, g2d, s, dx_scale);                           // grad + dx_scale * s
+  scaled_add(rows_view(dx, "dx"), g2d, s, gs.dx);                // grad + dx_scale * s
   return {dx, d_down, d_mid, d_up.view({D, h, 1, 1}), dgamma.to(wt), dbeta.to(wt)};
 }
 
@@ -340,8 +374,8 @@ void check_text_weights(const Tensor& x, const Tensor& down_weight, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_fwd(
     const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
-    const Tensor& norm_weight, const Tensor& norm_bias, double scale, double eps,
-    bool rescale_param_grad) {
+    const Tensor& norm_weight, const Tensor& norm_bias, double scale,
+    const std::optional<Tensor>& scale_t, double eps, bool rescale_param_grad) {
   (void)rescale_param_grad;  // read by the autograd glue only
   const char* op = "heba::cuda_text_fwd";
   HEBA_NO_AUTOCAST;
@@ -351,6 +385,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_fwd(
   check_shape(norm_bias, "norm_bias", {D});
   const auto wt = down_weight.scalar_type();
   check_dtype(norm_bias, "norm_bias", wt);
+  const ScaleArg sc = scale_arg(scale, scale_t, x, op);
   const auto acc = acc_type(x.scalar_type());
   c10::cuda::CUDAGuard guard(x.device());
 
@@ -367,14 +402,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_fwd(
   C10_CUDA_CHECK(residual_ln_fwd_launch(
       to_dtype(x.scalar_type()), to_dtype(wt), x2d.data_ptr(), z.data_ptr(), gamma.data_ptr(),
       beta.data_ptr(), rows_view(out, "out").data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-      TokenMap{1, rows, true}, 0, rows, D, scale, eps, stream()));
+      TokenMap{1, rows, true}, 0, rows, D, sc, eps, stream()));
   return {out, u, g, z, mean, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
     const Tensor& grad_out, const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
     const Tensor& norm_weight, const Tensor& u, const Tensor& g, const Tensor& z,
-    const Tensor& mean, const Tensor& rstd, double scale, bool rescale_param_grad) {
+    const Tensor& mean, const Tensor& rstd, double scale, const std::optional<Tensor>& scale_t,
+    bool rescale_param_grad) {
   const char* op = "heba::cuda_text_bwd";
   HEBA_NO_AUTOCAST;
   check_text_weights(x, down_weight, up_weight, norm_weight, op);
@@ -391,23 +427,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
   check_saved(z, "z", {rows, D}, wt, x, op);
   check_saved(mean, "mean", {rows}, acc, x, op);
   check_saved(rstd, "rstd", {rows}, acc, x, op);
+  const GradScales gs = grad_scales(scale_arg(scale, scale_t, x, op), rescale_param_grad);
   c10::cuda::CUDAGuard guard(x.device());
-  const double ga_scale = rescale_param_grad ? 1.0 : scale;
-  const double dx_scale = rescale_param_grad ? scale : 1.0;
   const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
 
   Tensor dy = new_buffer({rows, D}, x.options().dtype(wt));
   Tensor dgamma, dbeta;
   std::tie(dgamma, dbeta) = residual_ln_bwd(g2d, x2d, z, norm_weight.to(acc).contiguous(), mean,
-                                            rstd, dy, TokenMap{1, rows, true}, 0, ga_scale);
+                                            rstd, dy, TokenMap{1, rows, true}, 0, gs.ga);
   Tensor d_up = at::mm(dy.t(), g);                               // [D, h]
   Tensor du = at::gelu_backward(at::mm(dy, up_weight), u);       // [rows, h]
   const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
   Tensor d_down = at::mm(du.t(), xw);                            // [h, D]
   Tensor s = at::addmm(dy, du, down_weight);                     // dy + du @ Wd
   Tensor dx = at::empty_like(x);
-  Tensor dx2d = rows_view(dx, "dx");
-  at::add_out(dx2d, g2d, s, dx_scale);                           // grad + dx_scale * s
+  scaled_add(rows_view(dx, "dx"), g2d, s, gs.dx);                // grad + dx_scale * s
   return {dx, d_down, d_up, dgamma.to(wt), dbeta.to(wt)};
 }
 
@@ -523,6 +557,78 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
   return {dx, d_down, d_down_b, d_up, d_up_b};
 }
 
+// ---------------------------------------------------------------------------
+// Host probes of the kernels' index math (CPU, float64): the stencil, its
+// adjoint and the dWm partial-sum chunks computed with the very functions of
+// stencil.h (and visual_stencil_bwd_chunks) the kernels call, so a CPU test
+// checks that index math against torch's conv2d without a GPU.
+// ---------------------------------------------------------------------------
+
+// v: [rows, C] stencil before GELU (0 on prefix rows); dwm_part: [nchunks, C, 9]
+// partial sums of dWm from dv (as _visual_stencil_bwd_kernel_dv, gelu' left
+// out); du: [rows, C] the adjoint applied to dv. u, dv: [rows, C] in x's
+// memory order, wm: [C, 9], all float64 CPU.
+std::tuple<Tensor, Tensor, Tensor> cuda_stencil_host(const Tensor& u, const Tensor& wm,
+                                                     const Tensor& dv, int64_t B, int64_t N,
+                                                     int64_t P, int64_t H, int64_t W,
+                                                     bool batch_major) {
+  const char* op = "heba::_cuda_stencil_host";
+  for (const Tensor* t : {&u, &wm, &dv})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kDouble && t->dim() == 2, op,
+                ": u, wm, dv must be 2-D float64 CPU tensors");
+  const int64_t C = u.size(1), rows = B * N;
+  TORCH_CHECK(P >= 0 && H >= 1 && W >= 1 && P + H * W == N, op, ": N must be P + H*W");
+  check_shape(u, "u", {rows, C});
+  check_shape(dv, "dv", {rows, C});
+  check_shape(wm, "wm", {C, 9});
+  const TokenMap tm{B, N, batch_major};
+  const PatchGrid grid{P, static_cast<int>(H), static_cast<int>(W)};
+  const Tensor uc = u.contiguous(), wc = wm.contiguous(), dc = dv.contiguous();
+  const double *up = uc.data_ptr<double>(), *wp = wc.data_ptr<double>(), *dp = dc.data_ptr<double>();
+  Tensor v = at::zeros({rows, C}, u.options()), du = at::zeros({rows, C}, u.options());
+  double *vp = v.data_ptr<double>(), *dup = du.data_ptr<double>();
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t b;
+    int i, j;
+    if (!stencil_patch_of_row(tm, grid, r, &b, &i, &j)) continue;
+    for (int k = 0; k < 9; ++k) {
+      const int64_t rt = stencil_tap_row(tm, grid, b, i, j, k);
+      const int64_t ra = stencil_adjoint_row(tm, grid, b, i, j, k);
+      for (int64_t c = 0; c < C; ++c) {
+        if (rt >= 0) vp[r * C + c] += wp[c * 9 + k] * up[rt * C + c];
+        if (ra >= 0) dup[r * C + c] += wp[c * 9 + k] * dp[ra * C + c];
+      }
+    }
+  }
+  const int64_t npos = B * H * W;
+  int64_t nchunks = 1, chunk = 1;
+  visual_stencil_bwd_chunks(npos, &nchunks, &chunk);
+  Tensor part = at::zeros({nchunks, C, 9}, u.options());
+  double* pp = part.data_ptr<double>();
+  for (int64_t y = 0; y < nchunks; ++y) {
+    int64_t q0, q1;
+    stencil_chunk_range(y, chunk, npos, &q0, &q1);
+    for (int64_t q = q0; q < q1; ++q) {
+      int64_t b;
+      int i, j;
+      const int64_t r = stencil_row_of_position(tm, grid, q, &b, &i, &j);
+      for (int k = 0; k < 9; ++k) {
+        const int64_t rt = stencil_tap_row(tm, grid, b, i, j, k);
+        if (rt < 0) continue;
+        for (int64_t c = 0; c < C; ++c) pp[(y * C + c) * 9 + k] += dp[r * C + c] * up[rt * C + c];
+      }
+    }
+  }
+  return {v, part, du};
+}
+
+// [nchunks, chunk] of the dWm partial sums over `positions` patch positions.
+std::vector<int64_t> cuda_stencil_chunks(int64_t positions) {
+  int64_t nchunks = 0, chunk = 0;
+  visual_stencil_bwd_chunks(positions, &nchunks, &chunk);
+  return {nchunks, chunk};
+}
+
 }  // namespace
 }  // namespace heba
 
@@ -534,23 +640,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
 TORCH_LIBRARY_FRAGMENT(heba, m) {
   m.def(
       "cuda_visual_fwd(Tensor x, Tensor down_weight, Tensor mid_weight, Tensor up_weight, "
-      "Tensor norm_weight, Tensor norm_bias, float scale, int num_prefix_tokens, int grid_h, "
-      "int grid_w, bool batch_first, float eps, bool rescale_param_grad) "
+      "Tensor norm_weight, Tensor norm_bias, float scale, Tensor? scale_t, int num_prefix_tokens, "
+      "int grid_h, int grid_w, bool batch_first, float eps, bool rescale_param_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_visual_bwd(Tensor grad_out, Tensor x, Tensor down_weight, Tensor mid_weight, "
       "Tensor up_weight, Tensor norm_weight, Tensor u, Tensor g, Tensor z, Tensor mean, "
-      "Tensor rstd, float scale, int num_prefix_tokens, int grid_h, int grid_w, "
+      "Tensor rstd, float scale, Tensor? scale_t, int num_prefix_tokens, int grid_h, int grid_w, "
       "bool batch_first, bool rescale_param_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_text_fwd(Tensor x, Tensor down_weight, Tensor up_weight, Tensor norm_weight, "
-      "Tensor norm_bias, float scale, float eps, bool rescale_param_grad) "
+      "Tensor norm_bias, float scale, Tensor? scale_t, float eps, bool rescale_param_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_text_bwd(Tensor grad_out, Tensor x, Tensor down_weight, Tensor up_weight, "
       "Tensor norm_weight, Tensor u, Tensor g, Tensor z, Tensor mean, Tensor rstd, "
-      "float scale, bool rescale_param_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float scale, Tensor? scale_t, bool rescale_param_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cuda_low_rank_fwd(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, "
       "Tensor? up_bias, float alpha) -> Tensor");
@@ -558,7 +665,14 @@ TORCH_LIBRARY_FRAGMENT(heba, m) {
       "cuda_low_rank_bwd(Tensor grad_out, Tensor x, Tensor down_weight, Tensor? down_bias, "
       "Tensor up_weight, Tensor? up_bias, float alpha) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // host probes of the kernels' index math, for the CPU tests
+  m.def(
+      "_cuda_stencil_host(Tensor u, Tensor wm, Tensor dv, int B, int N, int P, int H, int W, "
+      "bool batch_major) -> (Tensor, Tensor, Tensor)");
+  m.def("_cuda_stencil_chunks(int positions) -> int[]", &heba::cuda_stencil_chunks);
 }
+
+TORCH_LIBRARY_IMPL(heba, CPU, m) { m.impl("_cuda_stencil_host", &heba::cuda_stencil_host); }
 
 TORCH_LIBRARY_IMPL(heba, CUDA, m) {
   m.impl("cuda_visual_fwd", &heba::cuda_visual_fwd);

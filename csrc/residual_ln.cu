@@ -22,15 +22,18 @@
 namespace heba {
 namespace {
 
+constexpr int kLnMaxThreads = 256;  // ln_threads() below
+
 template <typename x_t, typename w_t>
-__global__ void _residual_ln_fwd_kernel(const x_t* __restrict__ x, const w_t* __restrict__ z,
+__global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_fwd_kernel(const x_t* __restrict__ x, const w_t* __restrict__ z,
                                         const acc_of<x_t>* __restrict__ gamma,
                                         const acc_of<x_t>* __restrict__ beta,
                                         x_t* __restrict__ out, acc_of<x_t>* __restrict__ mean,
                                         acc_of<x_t>* __restrict__ rstd, TokenMap tm,
                                         int64_t num_prefix, int64_t rows, int64_t D,
-                                        acc_of<x_t> scale, acc_of<x_t> eps) {
+                                        ScaleArg scale_arg, acc_of<x_t> eps) {
   using acc_t = acc_of<x_t>;
+  const acc_t scale = load_scale<acc_t>(scale_arg);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const x_t* xr = x + r * D;
     x_t* orow = out + r * D;
@@ -70,7 +73,7 @@ __global__ void _residual_ln_fwd_kernel(const x_t* __restrict__ x, const w_t* __
 // dgamma_part / dbeta_part: [gridDim.x, D], zero-initialised; block k owns row
 // k of each, and the thread owning column d is the only one touching [k, d].
 template <typename x_t, typename w_t>
-__global__ void _residual_ln_bwd_kernel(const x_t* __restrict__ grad, const x_t* __restrict__ x,
+__global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_bwd_kernel(const x_t* __restrict__ grad, const x_t* __restrict__ x,
                                         const w_t* __restrict__ z,
                                         const acc_of<x_t>* __restrict__ gamma,
                                         const acc_of<x_t>* __restrict__ mean,
@@ -78,8 +81,9 @@ __global__ void _residual_ln_bwd_kernel(const x_t* __restrict__ grad, const x_t*
                                         w_t* __restrict__ dy, acc_of<x_t>* __restrict__ dgamma_part,
                                         acc_of<x_t>* __restrict__ dbeta_part, TokenMap tm,
                                         int64_t num_prefix, int64_t rows, int64_t D,
-                                        acc_of<x_t> ga_scale) {
+                                        ScaleArg ga_scale_arg) {
   using acc_t = acc_of<x_t>;
+  const acc_t ga_scale = load_scale<acc_t>(ga_scale_arg);
   acc_t* dgp = dgamma_part + static_cast<int64_t>(blockIdx.x) * D;
   acc_t* dbp = dbeta_part + static_cast<int64_t>(blockIdx.x) * D;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -112,14 +116,27 @@ __global__ void _residual_ln_bwd_kernel(const x_t* __restrict__ grad, const x_t*
   }
 }
 
-int ln_threads(int64_t D) { return D >= 2048 ? 256 : 128; }
+// out = a + k * b, computed in the accumulation type of x_t.
+template <typename x_t, typename w_t>
+__global__ void __launch_bounds__(256)
+    _scaled_add_kernel(const x_t* __restrict__ a, const w_t* __restrict__ b,
+                       x_t* __restrict__ out, int64_t n, ScaleArg k_arg) {
+  using acc_t = acc_of<x_t>;
+  const acc_t k = load_scale<acc_t>(k_arg);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = from_acc<x_t>(acc_t(to_acc(a[i])) + k * acc_t(to_acc(b[i])));
+  }
+}
+
+int ln_threads(int64_t D) { return D >= 2048 ? kLnMaxThreads : 128; }
 
 }  // namespace
 
 cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void* z,
                                    const void* gamma, const void* beta, void* out, void* mean,
                                    void* rstd, TokenMap tm, int64_t num_prefix, int64_t rows,
-                                   int64_t D, double scale, double eps, cudaStream_t stream) {
+                                   int64_t D, ScaleArg scale, double eps, cudaStream_t stream) {
   if (rows == 0 || D == 0) return cudaSuccess;
   const int threads = ln_threads(D);
   const unsigned int blocks = static_cast<unsigned int>(rows < (1LL << 20) ? rows : (1LL << 20));
@@ -130,8 +147,7 @@ cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void
     _residual_ln_fwd_kernel<x_t, w_t><<<blocks, threads, 0, stream>>>(
         static_cast<const x_t*>(x), static_cast<const w_t*>(z), static_cast<const acc_t*>(gamma),
         static_cast<const acc_t*>(beta), static_cast<x_t*>(out), static_cast<acc_t*>(mean),
-        static_cast<acc_t*>(rstd), tm, num_prefix, rows, D, static_cast<acc_t>(scale),
-        static_cast<acc_t>(eps));
+        static_cast<acc_t*>(rstd), tm, num_prefix, rows, D, scale, static_cast<acc_t>(eps));
     return cudaGetLastError();
   });
 }
@@ -140,7 +156,7 @@ cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const v
                                    const void* z, const void* gamma, const void* mean,
                                    const void* rstd, void* dy, void* dgamma_part,
                                    void* dbeta_part, TokenMap tm, int64_t num_prefix,
-                                   int64_t rows, int64_t D, double ga_scale, int blocks,
+                                   int64_t rows, int64_t D, ScaleArg ga_scale, int blocks,
                                    cudaStream_t stream) {
   if (rows == 0 || D == 0) return cudaSuccess;
   const int threads = ln_threads(D);
@@ -152,7 +168,19 @@ cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const v
         static_cast<const x_t*>(grad), static_cast<const x_t*>(x), static_cast<const w_t*>(z),
         static_cast<const acc_t*>(gamma), static_cast<const acc_t*>(mean),
         static_cast<const acc_t*>(rstd), static_cast<w_t*>(dy), static_cast<acc_t*>(dgamma_part),
-        static_cast<acc_t*>(dbeta_part), tm, num_prefix, rows, D, static_cast<acc_t>(ga_scale));
+        static_cast<acc_t*>(dbeta_part), tm, num_prefix, rows, D, ga_scale);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t scaled_add_launch(DType xt, DType wt, const void* a, const void* b, void* out,
+                              int64_t n, ScaleArg k, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  return dispatch_xw(xt, wt, [&](auto xtag, auto wtag) -> cudaError_t {
+    using x_t = decltype(xtag);
+    using w_t = decltype(wtag);
+    _scaled_add_kernel<x_t, w_t><<<elementwise_blocks(n, 256), 256, 0, stream>>>(
+        static_cast<const x_t*>(a), static_cast<const w_t*>(b), static_cast<x_t*>(out), n, k);
     return cudaGetLastError();
   });
 }

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Callable
+import sys
+import warnings
+from typing import Callable, Optional
 
 import torch
 
@@ -57,16 +59,48 @@ def _triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
-@functools.lru_cache(maxsize=None)
+_CUDA_HINT = ("reinstall on a machine with nvcc and a CUDA build of torch, or build it at install "
+              "with `pip install --no-build-isolation .` (HEBA_BUILD_CUDA=force makes a failed "
+              "build loud)")
+
+
 def _cuda_ext_status() -> tuple[bool, str]:
+    """Whether heba_kernels._C is loaded or prebuilt (usable without compiling), and why (not).
+
+    Cheap (no compilation, no CUDA initialisation): :func:`backend_status` says
+    whether it can be compiled on first use.
+    """
+    from heba_kernels import _extension
+    ok, why = _extension.prebuilt()
+    if ok or not _extension.loaded():
+        return ok, why if ok else f"{why}; {_CUDA_HINT}"
+    return True, f"{_extension.MODULE} is loaded from {sys.modules[_extension.MODULE].__file__}"
+
+
+# The first failure to load or compile the extension in this process, so that
+# "auto" tries once and then keeps falling back without retrying.
+_CUDA_JIT: dict[str, Optional[str]] = {"failed": None}
+
+
+def _cuda_jit(op: str, strict: bool):
+    """Load (compiling on first use) the CUDA extension and its ops; None (or raise) if it cannot."""
+    from heba_kernels import _extension
     try:
-        importlib.import_module("heba_kernels._C")
+        _extension.load()
+        module = importlib.import_module("heba_kernels.cuda_ops")
     except Exception as err:
-        return False, ("the CUDA extension heba_kernels._C was not built or does not load "
-                       f"({type(err).__name__}: {err}); reinstall on a machine with nvcc and a CUDA "
-                       "build of torch: `pip install --no-build-isolation .` "
-                       "(HEBA_BUILD_CUDA=force makes a failed build loud)")
-    return True, "heba_kernels._C is built"
+        first = _CUDA_JIT["failed"] is None
+        _CUDA_JIT["failed"] = str(err)
+        if strict:
+            raise BackendUnavailableError(f"backend='cuda' cannot run {op}: {err}") from None
+        if first:
+            warnings.warn(f"heba: backend='auto' uses the reference for {op} on CUDA tensors: "
+                          f"the CUDA backend is unavailable ({err})", RuntimeWarning, stacklevel=4)
+        return None
+    for (backend, name), spec in _IMPLS.items():
+        if backend == "cuda":
+            _LOADED[(backend, name)] = getattr(module, spec.split(":")[1])
+    return _LOADED.get(("cuda", op))
 
 
 def backend_status(backend: str, device: torch.device | str | None = None) -> tuple[bool, str]:
@@ -90,14 +124,20 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> tu
                        f"Triton's interpreter with TRITON_INTERPRET=1; got a {device.type} tensor")
     if backend == "cuda":
         ok, why = _cuda_ext_status()
-        if not ok:
-            return ok, why
+        if not ok:  # not built at install: can it be compiled on first use?
+            from heba_kernels import _extension
+            ext = _extension.status()
+            if ext.state == "unavailable":
+                return False, f"{ext.detail}; {_CUDA_HINT}"
+            if ext.state not in ("jit-cached", "jit-buildable"):
+                return False, why
+            why = ext.detail
         if device is None:
             if torch.cuda.is_available():
                 return True, why
-            return False, "no CUDA GPU is visible"
+            return False, f"no CUDA GPU is visible ({why})"
         if device.type != "cuda":
-            return False, f"the cuda backend runs on CUDA tensors; got a {device.type} tensor"
+            return False, f"the cuda backend runs on CUDA tensors; got a {device.type} tensor ({why})"
         return True, why
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -144,8 +184,13 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, Callable]
             for name in _AUTO_ORDER[op]:
                 if (name, op) in _LOADED:
                     return name, _LOADED[(name, op)]
+                if (name == "cuda" and _CUDA_JIT["failed"] is None
+                        and _cuda_jit(op, strict=False) is not None):
+                    return name, _LOADED[(name, op)]
         return "reference", _LOADED[("reference", op)]
     fn = _LOADED.get((backend, op))
+    if fn is None and backend == "cuda" and device.type == "cuda" and implemented(backend, op):
+        fn = _cuda_jit(op, strict=True)  # the extension compiles here on first use, once
     if fn is not None and (backend == "reference" or device.type == "cuda"
                            or (backend == "triton" and device.type == "cpu" and _INTERPRET)):
         return backend, fn

@@ -1,49 +1,150 @@
-"""``heba-train``: few-shot HeBA / AdapterTune training and evaluation on open_clip models.
+"""``heba-train``: the command line of heba's training engine (:mod:`heba.train`).
 
     heba-train                                   # built-in demo: tiny CLIP, generated shapes
-    heba-train /data/eurosat --model ViT-B-16 --pretrained openai --shots 16
-    heba-train train /data/eurosat --method adaptertune --rank 16 --every 1
-    heba-train evaluate --checkpoint runs/heba/adapters.safetensors /data/eurosat
-    torchrun --nproc_per_node=4 -m heba.cli /data/imagenet ...   # DistributedDataParallel
+    heba-train --dataset eurosat --root /data --seeds 1 2 3         # base-to-novel, 3 seeds
+    heba-train /data/my_folder --model ViT-B-16 --pretrained openai  # an ImageFolder tree
+    heba-train cross-dataset --root /data --seeds 1 2 3             # ImageNet -> 10 targets
+    heba-train domain-generalization --root /data --seeds 1 2 3     # ImageNet -> V2/S/A/R
+    heba-train evaluate --checkpoint output/.../adapter_learner/model.pth.tar-30 \\
+        --dataset eurosat --root /data --split base2novel           # a published checkpoint
+    heba-train split --dataset eurosat --root /data --shots 16 --seed 1 --json split.json
+    torchrun --nproc_per_node=4 -m heba.cli --dataset imagenet --root /data ...
+    heba-train --backbone timm:vit_small_patch16_224 --dataset cifar10 --root /data  # AdapterTune
+    heba-train --backbone hf:/models/clip-vit-base-patch16 --dataset eurosat --root /data
 
-Bad input (a missing dataset, too few images for the shots, an unknown model, a
-checkpoint from another configuration) is reported in one line with exit
-status 2, before anything is written.
+The recipe (``--recipe heba``, the default: the published HeBA settings, see
+:mod:`heba.train.config`) gives every default; each option overrides one
+field, and the resulting configuration is saved beside every checkpoint.
+Bad input is reported in one line with exit status 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-EPILOG = "Run `heba-train train -h` / `heba-train evaluate -h` for each command's options."
+COMMANDS = ("train", "evaluate", "split", "cross-dataset", "domain-generalization")
+EPILOG = "Run `heba-train <command> -h` for each command's options."
 
 
-def _common(p):
-    p.add_argument("dataset", nargs="?", default=None,
-                   help="ImageFolder root (root/<class>/<image>, or root/train + root/test); "
-                        "none: the built-in generated data set")
-    p.add_argument("--model", default=None,
-                   help="open_clip model name (default ViT-B-16; 'tiny' = the built-in demo "
-                        "model, the default without a dataset)")
-    p.add_argument("--pretrained", default=None,
-                   help="open_clip tag (default openai), a local weights file, or 'none'; "
-                        "for --model tiny: 'builtin' (default), 'none' or a file")
-    p.add_argument("--allow-download", action="store_true",
-                   help="let open_clip download weights (never without this flag)")
-    p.add_argument("--split", choices=("base2novel", "all"), default=None,
-                   help="train on the base half of the classes and test base and novel "
-                        "(default), or train and test on all classes")
-    p.add_argument("--test-per-class", type=int, default=None,
-                   help="cap on test images per class")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast precision (auto: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--backend", choices=("auto", "reference", "triton", "cuda"), default="auto",
-                   help="heba kernel backend of the adapters")
-    p.add_argument("--workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the cores other processes leave idle)")
+def _data(p, positional=True):
+    if positional:
+        p.add_argument("folder", nargs="?", default=None,
+                       help="ImageFolder root (root/<class>/<image>, or root/train + "
+                            "root/test); none and no --dataset: the built-in generated data")
+    p.add_argument("--dataset", default=None,
+                   help="a data set in CoOp's layout (oxford_pets, eurosat, dtd, caltech101, "
+                        "oxford_flowers, stanford_cars, sun397, ucf101, food101, fgvc_aircraft, "
+                        "imagenet, imagenetv2, imagenet_sketch, imagenet_a, imagenet_r)")
+    p.add_argument("--root", default=None, help="the folder holding the CoOp data set folders")
+
+
+def _model(p):
+    g = p.add_argument_group("model and adapters")
+    g.add_argument("--recipe", default=None,
+                   help="defaults of every field: heba (published HeBA, the default), heba-xd, "
+                        "adaptertune")
+    g.add_argument("--method", choices=("heba", "adaptertune", "head-only", "full"),
+                   default=None, help="head-only, full: the published AdapterTune baselines "
+                                      "(timm backbones)")
+    g.add_argument("--model", "--backbone", dest="model", default=None,
+                   help="open_clip model (default ViT-B-16; 'tiny' = the built-in demo model), "
+                        "timm:NAME (an image classifier, the AdapterTune protocol) or hf:DIR "
+                        "(a local transformers CLIP folder)")
+    g.add_argument("--model-kwargs", default=None,
+                   help='timm: JSON keyword arguments of timm.create_model ({"depth": 2})')
+    g.add_argument("--pretrained", default=None,
+                   help="open_clip tag (default openai), a weights file, or 'none'; tiny: "
+                        "'builtin' (default), 'none' or a file; timm: published (default), "
+                        "timm, a tag, a file or none; hf: folder (default) or none")
+    g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
+                   help="QuickGELU activations (auto: for the openai tag, as those weights were "
+                        "trained; pass 'on' for an OpenAI weights file)")
+    g.add_argument("--towers", choices=("both", "visual", "text"), default=None)
+    g.add_argument("--start", type=int, default=None, help="heba: first adapted layer (1-based)")
+    g.add_argument("--end", type=int, default=None, help="heba: last adapted layer")
+    g.add_argument("--reduction", type=int, default=None, help="heba: bottleneck reduction")
+    g.add_argument("--rank", type=int, default=None, help="adaptertune: low-rank width")
+    g.add_argument("--every", type=int, default=None, help="adaptertune: every k-th block")
+    g.add_argument("--alpha", type=float, default=None, help="adaptertune: residual scale")
+    g.add_argument("--base-scale", type=float, default=None)
+    g.add_argument("--novel-scale", type=float, default=None)
+    g.add_argument("--novel-eval", choices=("base", "novel"), default=None,
+                   help="scale of novel classes at test: base (what the published code runs) "
+                        "or novel (its declared --novel-scale)")
+    g.add_argument("--scale-factor", type=float, default=None, help="slow-fast factor")
+    g.add_argument("--slow-fast-ratio", type=float, default=None,
+                   help="probability of the base scale per adapter call while training")
+    g.add_argument("--slow-fast-draw", choices=("block", "call"), default=None,
+                   help="draw the slow-fast scale once per block (published) or per adapter")
+    g.add_argument("--split", choices=("base2novel", "all"), default=None)
+    g.add_argument("--test-per-class", type=int, default=None, help="cap on test images/class")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="autocast precision (auto: on CUDA the recipe's, heba: fp16 with "
+                        "loss scaling as published, adaptertune: bf16; fp32 on the CPU)")
+    g.add_argument("--descriptions", default=None,
+                   help="class descriptions: the published trainers/gpt3_prompts/<name>.py, "
+                        "CuPL's JSON, or the folder of either (read, never executed)")
+    g.add_argument("--template", action="append", default=None,
+                   help="prompt template with {} for the class (repeatable; replaces the "
+                        "descriptions rule)")
+    g.add_argument("--ctx-init", default=None, help='prompt start (default "a photo of a")')
+
+
+def _train_opts(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--shots", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run the protocol once per seed and write per-seed + mean +- std")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--no-drop-last", dest="drop_last", action="store_const", const=False,
+                   default=None, help="keep the last partial batch (published: dropped)")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="sgd (HeBA, Dassl's) or adamw (AdapterTune)")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warm-up epochs of the per-step cosine (AdapterTune: 5)")
+    g.add_argument("--grad-clip", type=float, default=None,
+                   help="max gradient norm, 0: off (AdapterTune: 1.0)")
+    g.add_argument("--val-split", type=float, default=None,
+                   help="timm: held-out fraction of the training set (published 0.1)")
+    g.add_argument("--schedule", choices=("epoch", "step"), default=None,
+                   help="cosine stepped per epoch (published) or per step")
+    g.add_argument("--label-smoothing", type=float, default=None)
+    g.add_argument("--candidates", choices=("batch", "all"), default=None,
+                   help="batch: the batch's classes + negatives (published); all: every class")
+    g.add_argument("--neg-per-class", type=int, default=None,
+                   help="negatives per unique class of a batch (published: 5)")
+    g.add_argument("--augment", choices=("dassl", "openclip"), default=None,
+                   help="dassl: random resized crop (0.08, 1) + flip (published)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: end)")
+    g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before")
+    g.add_argument("--output", "-o", default=None,
+                   help="run folder (default runs/heba; the demo: runs/demo, rewritten)")
+    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --output")
+    g.add_argument("--overwrite", action="store_true", help="start over in --output")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    f = p.add_argument_group("speed and memory (results are the same up to rounding)")
+    f.add_argument("--no-cuda-graphs", action="store_true")
+    f.add_argument("--no-cast-once", action="store_true",
+                   help="keep the frozen backbone fp32 and let autocast cast it every step")
+    f.add_argument("--checkpoint-blocks", type=int, default=0, metavar="K",
+                   help="recompute every K-th frozen block in backward (0: none)")
+
+
+def _runtime(p):
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--backend", choices=("auto", "reference", "triton", "cuda"), default="auto")
+    g.add_argument("--workers", type=int, default=0, help="data loader workers")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle cores)")
+    g.add_argument("--allow-download", action="store_true",
+                   help="let open_clip / timm download weights (never without this flag)")
 
 
 def build_parser():
@@ -51,87 +152,188 @@ def build_parser():
         prog="heba-train", description="Few-shot HeBA / AdapterTune adapters on a frozen CLIP.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-
-    t = sub.add_parser("train", help="train adapters (the default command)")
-    _common(t)
-    t.add_argument("--method", choices=("heba", "adaptertune"), default="heba")
-    t.add_argument("--towers", choices=("both", "visual", "text"), default=None,
-                   help="towers to adapt (default: both for heba, visual for adaptertune)")
-    t.add_argument("--start", type=int, default=1, help="heba: first adapted layer (1-based)")
-    t.add_argument("--end", type=int, default=None, help="heba: last adapted layer (default: all)")
-    t.add_argument("--reduction", type=int, default=4, help="heba: bottleneck reduction")
-    t.add_argument("--rank", type=int, default=16, help="adaptertune: low-rank width")
-    t.add_argument("--every", type=int, default=1, help="adaptertune: adapt every k-th block")
-    t.add_argument("--alpha", type=float, default=1.0, help="adaptertune: residual scale")
-    t.add_argument("--shots", type=int, default=16, help="training images per class")
-    t.add_argument("--seed", type=int, default=1, help="seed of the shots, init and order")
-    t.add_argument("--template", action="append", default=None,
-                   help="prompt template with {} for the class name (repeatable; default: "
-                        "a small built-in ensemble)")
-    t.add_argument("--descriptions", default=None,
-                   help="JSON file {class: [description, ...]} used as the class prompts")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=0.0075)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
-    t.add_argument("--neg-classes", type=int, default=5,
-                   help="negative classes sampled per image (0: all classes)")
-    t.add_argument("--base-scale", type=float, default=0.025)
-    t.add_argument("--novel-scale", type=float, default=0.010)
-    t.add_argument("--scale-factor", type=float, default=2.25, help="slow-fast factor")
-    t.add_argument("--slow-fast-ratio", type=float, default=0.8,
-                   help="probability of the base scale per adapter call while training")
-    t.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: end)")
-    t.add_argument("--no-eval-before", action="store_true",
-                   help="skip the evaluation before training")
-    t.add_argument("--output", "-o", default=None,
-                   help="output directory (default: runs/heba; the built-in demo: runs/demo, "
-                        "which it overwrites)")
-    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --output")
-    t.add_argument("--overwrite", action="store_true",
-                   help="start over even if --output holds a checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    f = t.add_argument_group("speed and memory (results are the same up to rounding)")
-    f.add_argument("--no-cuda-graphs", action="store_true",
-                   help="run every step eagerly (graphs are used on a GPU when the step's "
-                        "shapes and values are static; the log says whether and why not)")
-    f.add_argument("--no-cast-once", action="store_true",
-                   help="keep the frozen backbone in fp32 and let autocast cast it every step")
-    f.add_argument("--checkpoint-blocks", type=int, default=0, metavar="K",
-                   help="recompute every K-th frozen block's activations in backward "
-                        "(1: all; 0: none, the default) to fit larger batches")
-
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint")
-    _common(e)
+    for name, helptext in (("train", "train (several --seeds: base-to-novel protocol)"),
+                           ("cross-dataset", "ImageNet, all classes -> the 10 other data sets"),
+                           ("domain-generalization", "ImageNet -> ImageNet-V2/-Sketch/-A/-R")):
+        p = sub.add_parser(name, help=helptext)
+        _data(p, positional=name == "train")
+        _model(p)
+        _train_opts(p)
+        _runtime(p)
+        if name != "train":
+            p.add_argument("--targets", nargs="+", default=None, help="target data sets")
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint (heba's or the published one)")
+    _data(e)
+    _model(e)
+    _runtime(e)
     e.add_argument("--checkpoint", required=True,
-                   help="adapters.safetensors written by `heba-train train` (or its directory)")
+                   help="adapters.safetensors or its folder; a published model.pth.tar-<N>, "
+                        "or the published run folder (<out>/adapter_learner)")
+    e.add_argument("--shots", type=int, default=None)
+    e.add_argument("--seed", type=int, default=None)
     e.add_argument("--output", "-o", default=None, help="append the result to metrics.jsonl here")
+    s = sub.add_parser("split", help="write the exact split a run would use, as JSON")
+    _data(s, positional=False)
+    s.add_argument("--shots", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--subsample", choices=("all", "base", "new"), default="all")
+    s.add_argument("--json", required=True, help="output file")
     return parser
 
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "evaluate", "-h", "--help"):
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["train"] + argv
-    args = build_parser().parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+CONFIG_ARGS = ("method", "model", "pretrained", "quick_gelu", "towers", "start", "end",
+               "reduction", "rank", "every", "alpha", "base_scale", "novel_scale", "novel_eval",
+               "scale_factor", "slow_fast_ratio", "slow_fast_draw", "split", "shots", "seed", "test_per_class",
+               "augment", "ctx_init", "descriptions", "epochs", "batch_size", "drop_last", "lr",
+               "momentum", "weight_decay", "schedule", "label_smoothing", "candidates",
+               "neg_per_class", "precision", "model_kwargs", "optimizer", "warmup_epochs",
+               "grad_clip", "val_split")
+
+
+def config_overrides(args, source_default=None) -> dict:
+    """The fields the command line sets (None: the recipe's default), data source resolved.
+
+    ``source_default``: the data set when ``--dataset`` is not given (the transfer
+    protocols train on ImageNet)."""
+    from heba.train.config import UsageError
+    over = {k: getattr(args, k) for k in CONFIG_ARGS if getattr(args, k, None) is not None}
+    folder = getattr(args, "folder", None)
+    if folder and args.dataset:
+        raise UsageError("give an ImageFolder path or --dataset NAME, not both")
+    dataset = args.dataset or (source_default if args.root else None)
+    if dataset:
+        over.update(source="coop", dataset=dataset, root=_abs(args.root))
+    elif folder:
+        over.update(source="folder", dataset=os.path.abspath(folder))
+    elif args.root:
+        raise UsageError("--root needs --dataset NAME")
+    if over.get("descriptions"):
+        over["descriptions"] = os.path.abspath(over["descriptions"])
+    if args.template:
+        over["templates"] = list(args.template)
+    return over
+
+
+def _abs(path):
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def make_train_config(args, source_default=None):
+    """The run's :class:`Config`: the recipe, the demo's and the data's defaults, the options."""
+    from heba.data.demo import TEMPLATES
+    from heba.train.config import UsageError, make_config
+    over = config_overrides(args, source_default)
+    from heba.train import backbones, classify
+    if classify.is_classification(over.get("model", "")):     # timm:NAME
+        return classify.config_from_cli(over, args.recipe)
+    if over.get("model_kwargs"):
+        raise UsageError("--model-kwargs is for timm:NAME backbones")
+    demo = "source" not in over
+    method = over.get("method", "heba")
+    recipe = args.recipe or ("adaptertune" if method == "adaptertune" else "heba")
+    model = over.setdefault("model", "tiny" if demo else "ViT-B-16")
+    over.setdefault("pretrained", "builtin" if model == "tiny" else
+                    getattr(backbones.library(model), "DEFAULT_PRETRAINED", "openai"))
+    if demo:
+        over.setdefault("epochs", 10)               # the demo: about a minute on 2 CPU cores
+        if not over.get("descriptions"):
+            over.setdefault("templates", list(TEMPLATES))
+    return make_config(recipe, **over)
+
+
+def run_options(args, demo: bool):
+    from heba.train.recipe import RunOptions
+    output, overwrite = args.output, args.overwrite
+    if output is None:
+        # The demo writes runs/demo and may run again over its own last run; a real run's
+        # default folder is never overwritten without --overwrite.
+        output = "runs/demo" if demo else "runs/heba"
+        overwrite = overwrite or (demo and not args.resume)
+    return RunOptions(output=output, overwrite=overwrite, resume=args.resume,
+                      device=args.device, backend=args.backend, workers=args.workers,
+                      threads=args.threads, allow_download=args.allow_download, quiet=args.quiet,
+                      eval_every=args.eval_every, eval_before=not args.no_eval_before,
+                      cuda_graphs=not args.no_cuda_graphs, cast_once=not args.no_cast_once,
+                      checkpoint_blocks=args.checkpoint_blocks)
+
+
+def run(args):
+    from heba.train import protocols
+    from heba.train.recipe import TrainRecipe
+    if args.command == "split":
+        return _split(args)
+    if args.command == "evaluate":
+        from heba.train.evaluate import evaluate_checkpoint
+        over = config_overrides(args)
+        for k in ("shots", "seed"):
+            if getattr(args, k) is not None:
+                over[k] = getattr(args, k)
+        from heba.train import classify
+        if classify.handles_checkpoint(args.checkpoint, over):         # a timm classifier
+            acc = classify.evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        else:
+            acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+        if args.output:
+            import json
+            os.makedirs(args.output, exist_ok=True)
+            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(dict(event="evaluate", checkpoint=args.checkpoint, **acc))
+                        + "\n")
+        return acc
+    source = {"cross-dataset": "imagenet", "domain-generalization": "imagenet"}.get(args.command)
+    cfg = make_train_config(args, source)
+    opts = run_options(args, cfg.source == "demo")
+    seeds = args.seeds or [cfg.seed]
+    from heba.train import classify
+    from heba.train.config import UsageError
+    if classify.is_classification(cfg.model):
+        if args.command != "train":
+            raise UsageError(f"{args.command} is a CLIP protocol; a timm backbone trains with "
+                             f"`heba-train train` (several --seeds: one run per seed)")
+        return classify.run(cfg, opts, args.seeds)
     if args.command == "train":
-        args.split = args.split or "base2novel"
-    return args
+        if args.seeds:
+            return protocols.base2novel(cfg, opts, seeds)
+        return TrainRecipe(cfg, opts).run()
+    targets = args.targets or (protocols.CROSS_TARGETS if args.command == "cross-dataset"
+                               else protocols.DG_TARGETS)
+    return protocols.transfer(cfg, opts, seeds, targets, args.command.replace("-", "_"))
+
+
+def run_options_eval(args):
+    from heba.train.recipe import RunOptions
+    return RunOptions(device=args.device, backend=args.backend, workers=args.workers,
+                      threads=args.threads, allow_download=args.allow_download)
+
+
+def _split(args):
+    from heba.data import coop
+    from heba.train.config import UsageError
+    if not args.dataset or not args.root:
+        raise UsageError("split needs --dataset NAME --root DIR")
+    split = coop.build_split(args.dataset, _abs(args.root), args.shots, args.seed,
+                             args.subsample)
+    coop.write_split_json(split, args.json)
+    print(f"{args.json}: {len(split.train)} train, {len(split.val)} val, {len(split.test)} "
+          f"test images, {len(split.classnames)} classes")
+    return split
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from heba.clip.checkpoints import CheckpointError
-    from heba.clip.data import UsageError
-    from heba.clip import train
+    from heba.data.coop import DataError
+    from heba.train.config import UsageError
     try:
-        if args.command == "evaluate":
-            train.run_evaluate(args)
-        else:
-            train.run_train(args)
-    except (UsageError, CheckpointError) as err:
+        run(args)
+    except (UsageError, CheckpointError, DataError) as err:
         print(f"heba-train: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,22 @@ from heba import __version__
 from heba.backends import BACKENDS, OPS, _AUTO_ORDER, _IMPORT_ERRORS, backend_status, implemented
 
 
+_EXTENSION_WORDS = {
+    "prebuilt": "prebuilt at install",
+    "loaded": "loaded",
+    "jit-cached": "JIT-cached (compiled earlier; loads on first use)",
+    "jit-buildable": "JIT-buildable (compiles on first use)",
+    "unavailable": "unavailable",
+}
+
+
+def _extension_line() -> str:
+    """Where heba_kernels._C comes from here: prebuilt, JIT-cached, JIT-buildable or why not."""
+    from heba_kernels import _extension
+    st = _extension.status()
+    return f"{'':<10} extension: heba_kernels._C {_EXTENSION_WORDS[st.state]}"
+
+
 def report() -> str:
     lines = [f"heba {__version__}  python {platform.python_version()}  torch {torch.__version__}"
              f"  (CUDA build {torch.version.cuda})"]
@@ -24,6 +40,8 @@ def report() -> str:
         ops = ", ".join(op for op in OPS if implemented(backend, op)) or "none yet"
         lines.append(f"{backend:<10} {'available' if ok else 'unavailable':<12} {why}")
         lines.append(f"{'':<10} ops: {ops}")
+        if backend == "cuda":
+            lines.append(_extension_line())
     for (backend, op), err in _IMPORT_ERRORS.items():
         lines.append(f"import error: {backend}/{op}: {err}")
     lines.append("")

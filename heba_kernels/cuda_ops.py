@@ -1,6 +1,7 @@
 """The CUDA backend: the C++/CUDA ops of ``heba_kernels._C`` behind the reference signatures.
 
-Importing this module imports the compiled extension, which registers the ops
+Importing this module loads the compiled extension (prebuilt, or compiled on
+first use: :mod:`heba_kernels._extension`), which registers the ops
 ``torch.ops.heba.cuda_{visual,text,low_rank}_{fwd,bwd}`` (CUDA only). This
 module adds what torch needs around them: their fake (meta) implementations,
 so that torch.compile traces them without a graph break, and their autograd
@@ -10,6 +11,12 @@ The math of every kernel, forward and backward, is in ``csrc/README.md``.
 Layout: a token tensor is used in place when it is contiguous or when
 ``x.transpose(0, 1)`` is (a ``[N, B, D]`` view of ``[B, N, D]`` memory or the
 reverse); other layouts are made contiguous first. Outputs keep x's layout.
+
+Scale: the HeBA ops take ``scale`` as a Python float or as a 0-d float32
+tensor on x's device; the ops' schemas carry both (``float scale, Tensor?
+scale_t``) and the kernels read ``scale_t`` from device memory when it is
+given, so a captured CUDA graph replays with the value the tensor holds then.
+Both give bitwise the same results for the same float32 number.
 
 Dtypes: the projections run in the weights' dtype with float32 accumulation;
 everything else is computed in float32 and returned in x's dtype. Under
@@ -37,7 +44,9 @@ import math
 
 import torch
 
-from heba_kernels import _C  # noqa: F401  (registers torch.ops.heba.cuda_*)
+from heba_kernels import _extension
+
+_extension.load()  # registers torch.ops.heba.cuda_* (prebuilt, JIT-cached or compiled now)
 
 __all__ = ["heba_visual", "heba_text", "low_rank"]
 
@@ -46,6 +55,14 @@ _ops = torch.ops.heba
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scale_args(scale):
+    """``(float scale, scale_t)`` for the ops: ``(0.0, scale)`` for a tensor (the
+    kernels read it and ignore the float), ``(float(scale), None)`` otherwise."""
+    if isinstance(scale, torch.Tensor):
+        return 0.0, scale
+    return float(scale), None
 
 
 def _prepare_x(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -65,7 +82,7 @@ def _prepare_x(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("heba::cuda_visual_fwd")
 def _visual_fwd_fake(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale,
-                     num_prefix_tokens, grid_h, grid_w, batch_first, eps, rescale_param_grad):
+                     scale_t, num_prefix_tokens, grid_h, grid_w, batch_first, eps, rescale_param_grad):
     rows, D, h = x.shape[0] * x.shape[1], x.shape[2], down_weight.shape[0]
     wt, acc = down_weight.dtype, _acc_dtype(x)
     return (torch.empty_like(x), x.new_empty((rows, h), dtype=wt), x.new_empty((rows, h), dtype=wt),
@@ -75,7 +92,7 @@ def _visual_fwd_fake(x, down_weight, mid_weight, up_weight, norm_weight, norm_bi
 
 @torch.library.register_fake("heba::cuda_visual_bwd")
 def _visual_bwd_fake(grad_out, x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean,
-                     rstd, scale, num_prefix_tokens, grid_h, grid_w, batch_first,
+                     rstd, scale, scale_t, num_prefix_tokens, grid_h, grid_w, batch_first,
                      rescale_param_grad):
     wt = down_weight.dtype
     return (torch.empty_like(x),
@@ -87,18 +104,21 @@ def _visual_bwd_fake(grad_out, x, down_weight, mid_weight, up_weight, norm_weigh
 
 
 def _visual_setup_context(ctx, inputs, output):
-    (x, down_weight, mid_weight, up_weight, norm_weight, _norm_bias, scale, num_prefix_tokens,
-     grid_h, grid_w, batch_first, _eps, rescale_param_grad) = inputs
+    (x, down_weight, mid_weight, up_weight, norm_weight, _norm_bias, scale, scale_t,
+     num_prefix_tokens, grid_h, grid_w, batch_first, _eps, rescale_param_grad) = inputs
     _out, u, g, z, mean, rstd = output
-    ctx.save_for_backward(x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean, rstd)
+    ctx.save_for_backward(x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean, rstd,
+                          scale_t)
     ctx.args = (scale, num_prefix_tokens, grid_h, grid_w, batch_first, rescale_param_grad)
 
 
 def _visual_backward(ctx, grad_out, *_grads_of_saved):
-    x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean, rstd = ctx.saved_tensors
+    (x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean, rstd,
+     scale_t) = ctx.saved_tensors
+    scale, *rest = ctx.args
     grads = _ops.cuda_visual_bwd(grad_out, x, down_weight, mid_weight, up_weight, norm_weight,
-                                 u, g, z, mean, rstd, *ctx.args)
-    return tuple(grads) + (None,) * 7
+                                 u, g, z, mean, rstd, scale, scale_t, *rest)
+    return tuple(grads) + (None,) * 8  # scale, scale_t, P, H, W, batch_first, eps, rescale
 
 
 torch.library.register_autograd("heba::cuda_visual_fwd", _visual_backward,
@@ -107,11 +127,15 @@ torch.library.register_autograd("heba::cuda_visual_fwd", _visual_backward,
 
 def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *,
                 scale, num_prefix_tokens, grid, batch_first, eps, rescale_param_grad):
-    """HeBA visual adapter on CUDA; same contract as :func:`heba_kernels.reference.heba_visual`."""
+    """HeBA visual adapter on CUDA; same contract as :func:`heba_kernels.reference.heba_visual`.
+
+    ``scale``: a Python float or a 0-d float32 tensor on x's device (read by the kernels).
+    """
     xin = _prepare_x(x, down_weight)
     out = _ops.cuda_visual_fwd(xin, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                               float(scale), int(num_prefix_tokens), int(grid[0]), int(grid[1]),
-                               bool(batch_first), float(eps), bool(rescale_param_grad))[0]
+                               *_scale_args(scale), int(num_prefix_tokens), int(grid[0]),
+                               int(grid[1]), bool(batch_first), float(eps),
+                               bool(rescale_param_grad))[0]
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -120,7 +144,7 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
 # ---------------------------------------------------------------------------
 
 @torch.library.register_fake("heba::cuda_text_fwd")
-def _text_fwd_fake(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps,
+def _text_fwd_fake(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
                    rescale_param_grad):
     D, h = x.shape[-1], down_weight.shape[0]
     rows = math.prod(x.shape[:-1])
@@ -132,7 +156,7 @@ def _text_fwd_fake(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps
 
 @torch.library.register_fake("heba::cuda_text_bwd")
 def _text_bwd_fake(grad_out, x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd, scale,
-                   rescale_param_grad):
+                   scale_t, rescale_param_grad):
     contiguous = torch.contiguous_format
     return (torch.empty_like(x), torch.empty_like(down_weight, memory_format=contiguous),
             torch.empty_like(up_weight, memory_format=contiguous),
@@ -140,17 +164,19 @@ def _text_bwd_fake(grad_out, x, down_weight, up_weight, norm_weight, u, g, z, me
 
 
 def _text_setup_context(ctx, inputs, output):
-    x, down_weight, up_weight, norm_weight, _norm_bias, scale, _eps, rescale_param_grad = inputs
+    (x, down_weight, up_weight, norm_weight, _norm_bias, scale, scale_t, _eps,
+     rescale_param_grad) = inputs
     _out, u, g, z, mean, rstd = output
-    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd)
+    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd, scale_t)
     ctx.args = (scale, rescale_param_grad)
 
 
 def _text_backward(ctx, grad_out, *_grads_of_saved):
-    x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd = ctx.saved_tensors
+    x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd, scale_t = ctx.saved_tensors
+    scale, rescale_param_grad = ctx.args
     grads = _ops.cuda_text_bwd(grad_out, x, down_weight, up_weight, norm_weight, u, g, z, mean,
-                               rstd, *ctx.args)
-    return tuple(grads) + (None,) * 3
+                               rstd, scale, scale_t, rescale_param_grad)
+    return tuple(grads) + (None,) * 4  # scale, scale_t, eps, rescale_param_grad
 
 
 torch.library.register_autograd("heba::cuda_text_fwd", _text_backward,
@@ -159,10 +185,13 @@ torch.library.register_autograd("heba::cuda_text_fwd", _text_backward,
 
 def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
               rescale_param_grad):
-    """HeBA text adapter on CUDA; same contract as :func:`heba_kernels.reference.heba_text`."""
+    """HeBA text adapter on CUDA; same contract as :func:`heba_kernels.reference.heba_text`.
+
+    ``scale``: a Python float or a 0-d float32 tensor on x's device (read by the kernels).
+    """
     xin = _prepare_x(x, down_weight)
-    out = _ops.cuda_text_fwd(xin, down_weight, up_weight, norm_weight, norm_bias, float(scale),
-                             float(eps), bool(rescale_param_grad))[0]
+    out = _ops.cuda_text_fwd(xin, down_weight, up_weight, norm_weight, norm_bias,
+                             *_scale_args(scale), float(eps), bool(rescale_param_grad))[0]
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

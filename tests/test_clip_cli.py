@@ -8,13 +8,15 @@ import subprocess
 import sys
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 import torch.nn.functional as F
 
 from heba import cli
-from heba.clip import data as D
-from heba.clip import train as T
-from heba.clip.prompts import TextBank, class_prompts, load_descriptions
+from heba.data.folder import folder_split
+from heba.train import recipe as R
+from heba.train.prompts import PromptBank, class_prompts, read_descriptions
+from heba.train.step import AdapterStep, candidate_mask
 from tests.clip_utils import image_folder, one_thread, tiny_clip  # noqa: F401
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -37,102 +39,115 @@ def run(argv, capsys):
 
 # --- data ------------------------------------------------------------------------------------
 
-def test_folder_splits_shots_by_seed(folder):
-    classes, train, test = D.folder_splits(folder, shots=2, seed=1)
-    assert classes == ["blue square", "green triangle", "red circle", "yellow cross"]
-    assert [sum(1 for _, y in train if y == c) for c in range(4)] == [2, 2, 2, 2]
-    assert [sum(1 for _, y in test if y == c) for c in range(4)] == [3, 3, 3, 3]
-    assert not {p for p, _ in train} & {p for p, _ in test}     # shots are not test images
-    assert all(os.path.basename(os.path.dirname(p)).replace("_", " ") == classes[y]
-               for p, y in train + test)
-    again = D.folder_splits(folder, shots=2, seed=1)[1]
-    other = D.folder_splits(folder, shots=2, seed=2)[1]
-    assert again == train and other != train
+def test_folder_split_shots_by_seed(folder):
+    sp = folder_split(folder, shots=2, seed=1)
+    assert sp.classnames == ["blue square", "green triangle", "red circle", "yellow cross"]
+    assert [sum(1 for it in sp.train if it.label == c) for c in range(4)] == [2, 2, 2, 2]
+    assert [sum(1 for it in sp.test if it.label == c) for c in range(4)] == [3, 3, 3, 3]
+    assert not {it.path for it in sp.train} & {it.path for it in sp.test}   # shots aren't test
+    assert all(os.path.basename(os.path.dirname(it.path)).replace("_", " ") == it.classname
+               == sp.classnames[it.label] for it in sp.train + sp.test)
+    assert folder_split(folder, 2, 1).train == sp.train
+    assert folder_split(folder, 2, 2).train != sp.train
 
 
-def test_base_novel_halves():
-    assert D.base_novel(5) == ([0, 1, 2], [3, 4])
-    assert D.base_novel(4) == ([0, 1], [2, 3])
+def test_folder_base_new_halves(folder):
+    base, new = folder_split(folder, 2, 1, "base"), folder_split(folder, 2, 1, "new")
+    assert base.classnames == ["blue square", "green triangle"]
+    assert new.classnames == ["red circle", "yellow cross"]
+    assert {it.label for it in new.test} == {0, 1}                 # relabelled from 0
 
 
 def test_train_test_subfolders(tmp_path):
     image_folder(tmp_path / "train", per_class=3, seed=0)
     image_folder(tmp_path / "test", per_class=2, seed=1)
-    classes, train, test = D.folder_splits(str(tmp_path), shots=3, seed=0)
-    assert len(train) == 12 and len(test) == 8
-    assert all("/train/" in p for p, _ in train) and all("/test/" in p for p, _ in test)
+    sp = folder_split(str(tmp_path), shots=3, seed=0)
+    assert len(sp.train) == 12 and len(sp.test) == 8
+    assert all("/train/" in it.path for it in sp.train)
+    assert all("/test/" in it.path for it in sp.test)
 
 
 # --- prompts and the training step ----------------------------------------------------------
 
-def test_descriptions_load_and_are_the_prompts(tmp_path):
-    classes = ["red circle", "blue square"]
+def test_descriptions_json_and_prompts(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(json.dumps({"red_circle": ["a round red thing", "a red disc"],
-                                "blue square": "a blue box"}))
-    desc = load_descriptions(str(path), classes)
-    prompts = class_prompts(classes, descriptions=desc)
-    assert prompts == [("a round red thing", 0), ("a red disc", 0), ("a blue box", 1)]
-    path.write_text(json.dumps({"red circle": ["x"], "blue squar": ["y"]}))
-    with pytest.raises(D.UsageError, match="no entry for 1 class.*blue square"):
-        load_descriptions(str(path), classes)
+    path.write_text(json.dumps({"red_circle": ["a round red thing", "a red {}"],
+                                "Blue Square": "a blue box"}))
+    desc = read_descriptions(str(path))
+    prompts = class_prompts(["red circle", "blue square", "green dot"], desc)
+    assert prompts == [["a photo of a red circle, a round red thing",
+                        "a photo of a red circle, a red red circle"],
+                       ["a photo of a blue square, a blue box"],
+                       ["a photo of a green dot, a photo of a green dot."]]   # published fallback
+    assert class_prompts(["red circle"], desc, templates=["{} here"]) == [["red circle here"]]
 
 
-def test_text_bank_matches_per_class_loop():
+def test_prompt_bank_matches_per_class_loop():
+    """The evaluation classifier is the published mean over the padded prompts."""
     model = tiny_clip()
     tok = lambda texts: torch.tensor([[98] + [1 + (hash(t) + j) % 90 for j in range(len(t) % 5 + 1)]  # noqa
                                       + [99] + [0] * (14 - len(t) % 5 - 1) for t in texts])
-    prompts = [("a", 0), ("bb", 0), ("ccc", 1), ("dddd", 2), ("eeeee", 2), ("f", 2)]
-    bank = TextBank(prompts, tok, 3)
+    prompts = [["a", "bb"], ["ccc"], ["dddd", "eeeee", "f"]]
+    bank = PromptBank(prompts, tok)
+    assert bank.tokens.shape[:2] == (3, 3)
     with torch.no_grad():
         got = bank.features(model)
-        sub = bank.features(model, torch.tensor([0, 2]))
         exp = []
-        for c in range(3):
-            toks = tok([p for p, i in prompts if i == c])
-            e = F.normalize(model.encode_text(toks), dim=-1).mean(0)
+        for p in prompts:
+            padded = p + [p[0]] * (3 - len(p))                  # the first prompt repeats
+            e = F.normalize(model.encode_text(tok(padded)), dim=-1).mean(0)
             exp.append(F.normalize(e, dim=-1))
-        exp = torch.stack(exp)
-    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sub, exp[[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, torch.stack(exp), rtol=1e-5, atol=1e-6)
 
 
-def test_sample_candidates():
+def test_candidate_mask_is_the_published_set():
     g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (4000,), generator=g)
-    cand = T.sample_candidates(labels, 10, 5, g)
-    assert cand.shape == (4000, 6) and torch.equal(cand[:, 0], labels)
-    neg = cand[:, 1:]
-    assert (neg != labels[:, None]).all()
-    assert all(len(set(r)) == 6 for r in cand[:200].tolist())
-    freq = torch.bincount(neg.flatten(), minlength=10).float() / neg.numel()
-    assert (freq - 0.1).abs().max() < 0.01                     # uniform over the others
-    assert T.sample_candidates(labels, 6, 5, g) is None         # 5 negatives = every other class
-    assert T.sample_candidates(labels, 10, 0, g) is None
+    counts = torch.zeros(40)
+    for _ in range(300):
+        labels = torch.randint(0, 40, (6,), generator=g)
+        m = candidate_mask(labels, 40, 5, g)
+        pos = labels.unique()
+        assert m[pos].all()
+        assert int(m.sum()) == len(pos) + min(40 - len(pos), 5 * len(pos))
+        counts += m.float()
+        counts[pos] -= 1
+    assert counts.min() > 0                                   # every class gets drawn
+    few = torch.tensor([0, 1, 2, 3, 0, 1])                    # classes <= batch: every class
+    assert candidate_mask(few, 6, 5, g).all() and candidate_mask(few, 40, 0, g).sum() == 4
+    assert candidate_mask(few, 40, 5, g, mode="all").all()
 
 
-def test_adapter_step_loss_over_candidates():
+def _published_loss(logits, target, eps=0.1):
+    """VLM-HeBA's LabelSmoothingCrossEntropy, restated from its definition."""
+    logp = F.log_softmax(logits, dim=-1)
+    c = logits.shape[-1]
+    return (-logp.sum(-1) * eps / c + (1 - eps) * F.nll_loss(logp, target, reduction="none")
+            ).mean()
+
+
+@pytest.mark.parametrize("towers", ["both", "visual"])
+def test_step_loss_is_the_published_loss(towers):
+    """Adapted text: the candidates' prompts encoded; frozen text: masked logits; both
+    equal the published loss over the candidate set with the labels renumbered."""
     from heba.clip.wiring import attach_heba
     model = tiny_clip()
-    attach_heba(model)
+    attach_heba(model, towers_=towers)
     model.eval()
     tok = lambda texts: torch.tensor([[98, 1 + int(t), 99] + [0] * 13 for t in texts])  # noqa
-    bank = TextBank([(str(c), c) for c in range(8)], tok, 8)
-    step = T.AdapterStep(model, bank, neg_classes=3, label_smoothing=0.1)
-    images = torch.randn(5, 3, 32, 32)
-    labels = torch.tensor([0, 3, 3, 7, 1])
-    cand = T.sample_candidates(labels, 8, 3, torch.Generator().manual_seed(1))
+    bank = PromptBank([[str(2 * c), str(2 * c + 1)] for c in range(20)], tok)
+    step = AdapterStep(model, bank, label_smoothing=0.1)
+    images, labels = torch.randn(5, 3, 32, 32), torch.tensor([0, 3, 3, 17, 1])
+    g = torch.Generator().manual_seed(1)
+    mask = candidate_mask(labels, 20, 2, g)
+    pick = torch.randint(0, 2, (20,), generator=g)
     with torch.no_grad():
-        loss, _ = step(images, labels, cand)
+        loss, _ = step(images, labels, mask, pick)
+        classes = mask.nonzero().squeeze(1)
         img = F.normalize(model.encode_image(images), dim=-1)
-        txt = bank.features(model)
-        logits = model.logit_scale.exp() * img @ txt.T                   # all 8 classes
-        exp = F.cross_entropy(logits.gather(1, cand), torch.zeros(5, dtype=torch.long),
-                              label_smoothing=0.1)
-        full, _ = T.AdapterStep(model, bank, 0, 0.1)(images, labels, None)
-        exp_full = F.cross_entropy(logits, labels, label_smoothing=0.1)
+        txt = F.normalize(model.encode_text(bank.tokens[classes, pick[classes]]), dim=-1)
+        target = torch.tensor([classes.tolist().index(y) for y in labels.tolist()])
+        exp = _published_loss(model.logit_scale.exp() * img @ txt.T, target)
     torch.testing.assert_close(loss, exp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(full, exp_full, rtol=1e-5, atol=1e-6)
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -149,13 +164,13 @@ def test_train_evaluate_and_files(folder, tmp_path, capsys):
     final = [l for l in lines if l["event"] == "eval"][-1]
     assert {"base", "novel", "hm"} <= set(final)
     from safetensors.torch import load_file
-    weights = load_file(os.path.join(out, T.CKPT_NAME))
+    weights = load_file(os.path.join(out, R.CKPT_NAME))
     assert weights and all(k.startswith(("visual_adapter.", "text_adapter.")) for k in weights)
     cfg = json.load(open(os.path.join(out, "adapters.json")))
     assert cfg["epoch"] == 2 and cfg["method"] == "heba" and cfg["shots"] == 2
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     # evaluate --checkpoint gives the accuracy the run reported
-    rc, stdout, err = run(["evaluate", "--checkpoint", os.path.join(out, T.CKPT_NAME), folder,
+    rc, stdout, err = run(["evaluate", "--checkpoint", os.path.join(out, R.CKPT_NAME), folder,
                            "--threads", "1"], capsys)
     assert rc == 0, err
     assert f"base {final['base']:5.1f}%" in stdout and f"novel {final['novel']:5.1f}%" in stdout
@@ -168,20 +183,20 @@ def test_resume_continues(folder, tmp_path, capsys, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert run([*args, "-o", full], capsys)[0] == 0
 
-    real_save = T._save
+    real_save = R.TrainRecipe.save_checkpoint
 
-    def save_then_stop(model, opt, sched, cfg, epoch, *rest):
-        real_save(model, opt, sched, cfg, epoch, *rest)
+    def save_then_stop(self, epoch, acc):
+        real_save(self, epoch, acc)
         if epoch == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "_save", save_then_stop)
+    monkeypatch.setattr(R.TrainRecipe, "save_checkpoint", save_then_stop)
     assert run([*args, "-o", part], capsys)[0] == 130
-    monkeypatch.setattr(T, "_save", real_save)
+    monkeypatch.setattr(R.TrainRecipe, "save_checkpoint", real_save)
     assert json.load(open(os.path.join(part, "adapters.json")))["epoch"] == 1
     rc, stdout, err = run([*args, "-o", part, "--resume"], capsys)
     assert rc == 0, err
-    wf, wp = load_file(os.path.join(full, T.CKPT_NAME)), load_file(os.path.join(part, T.CKPT_NAME))
+    wf, wp = load_file(os.path.join(full, R.CKPT_NAME)), load_file(os.path.join(part, R.CKPT_NAME))
     assert set(wf) == set(wp)
     for k in wf:
         assert torch.equal(wf[k], wp[k]), k
@@ -196,7 +211,7 @@ def test_adaptertune_recipe(folder, tmp_path, capsys):
                            "2", "-o", out, "--no-eval-before", "--precision", "bf16"], capsys)
     assert rc == 0, err
     from safetensors.torch import load_file
-    keys = set(load_file(os.path.join(out, T.CKPT_NAME)))
+    keys = set(load_file(os.path.join(out, R.CKPT_NAME)))
     assert keys == {f"blocks.{i}.adapter.{p}.{w}" for i in (1, 3) for p in ("down", "up")
                     for w in ("weight", "bias")}
 
@@ -211,10 +226,12 @@ def test_descriptions_cli(folder, tmp_path, capsys):
                       "--no-eval-before"], capsys)
     assert rc == 0, err
     assert json.load(open(os.path.join(out, "adapters.json")))["descriptions"] == str(path)
-    path.write_text(json.dumps({"red circle": ["x"]}))
-    rc, _, err = run([folder, *FAST, "--descriptions", str(path), "-o", str(tmp_path / "e")],
+    bad = tmp_path / "bad.py"
+    bad.write_text("SHAPES = {'red circle': ['x'],\n")
+    rc, _, err = run([folder, *FAST, "--descriptions", str(bad), "-o", str(tmp_path / "e")],
                      capsys)
-    assert rc == 2 and "no entry for" in err
+    assert rc == 2 and "does not parse" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "e")
 
 
 def _one_line_error(rc, err, pattern):

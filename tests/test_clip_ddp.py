@@ -9,6 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.clip_utils import image_folder
+import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 
 
 def _free_port():
@@ -23,19 +25,23 @@ def _worker(rank, world, port, folder, out, result_dir):
     torch.set_num_threads(1)
     from safetensors.torch import save_file
     from heba import cli
-    from heba.clip import train as T
+    from heba.train import step as S
+    from heba.train.recipe import TrainRecipe
     args = cli.parse_args([folder, "--model", "tiny", "--pretrained", "none", "--shots", "4",
                            "--epochs", "2", "--batch-size", "2", "--quiet", "--threads", "1",
                            "--no-eval-before", "--split", "all", "--device", "cpu", "-o", out])
     seen = []
-    orig = T.AdapterStep.forward
+    orig = S.AdapterStep.forward
 
-    def spy(self, images, labels, cand):
+    def spy(self, images, labels, mask, pick):
         seen.append(images.sum().item())
-        return orig(self, images, labels, cand)
+        return orig(self, images, labels, mask, pick)
 
-    T.AdapterStep.forward = spy
-    model = T.run_train(args, log=lambda *a, **k: None)
+    S.AdapterStep.forward = spy
+    recipe = TrainRecipe(cli.make_train_config(args), cli.run_options(args, demo=False),
+                         log=lambda *a, **k: None)
+    recipe.run()
+    model = recipe.model
     state = {k: v.detach().contiguous() for k, v in model.heba_adapters.state_dict().items()}
     state["_seen"] = torch.tensor(seen)
     save_file(state, os.path.join(result_dir, f"rank{rank}.safetensors"))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import torch
+import pytest
 import torch.nn.functional as F
+
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 
 from heba import cli
 from heba.clip import synthetic, tiny
-from heba.clip.prompts import TextBank, class_prompts
+from heba.data.demo import TEMPLATES
+from heba.train.prompts import PromptBank, class_prompts
 
 
 def test_shipped_tiny_clip_is_pretrained():
@@ -16,7 +20,7 @@ def test_shipped_tiny_clip_is_pretrained():
     classes = synthetic.all_classes()
     ids = synthetic.balanced_ids(len(classes), 3)
     with torch.no_grad():
-        txt = TextBank(class_prompts(classes), tok, len(classes)).features(model)
+        txt = PromptBank(class_prompts(classes, templates=TEMPLATES), tok).features(model)
         img = F.normalize(model.encode_image(synthetic.render(ids, classes, seed=7)), dim=-1)
     acc = (img @ txt.T).argmax(1).eq(ids).float().mean().item()
     assert acc > 0.9, acc                        # chance: 1/64

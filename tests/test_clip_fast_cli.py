@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 import torch.nn.functional as F
 
 from heba import cli
 from heba.clip import attach_adaptertune, attach_heba
-from heba.clip import train as T
+from heba.train import recipe as T
 from heba.clip.fast import GraphedStep
-from heba.clip.prompts import TextBank
+from heba.train.prompts import PromptBank
+from heba.train.step import AdapterStep, candidate_mask
 from heba.clip.wiring import ScalePolicy
 from tests.clip_utils import image_folder, one_thread, randomize_adapters, tiny_clip  # noqa: F401
 from tests.helpers import assert_rel_close, requires_gpu
@@ -71,10 +72,8 @@ def test_checkpoint_blocks_bad_value(folder, tmp_path, capsys):
     assert rc == 2 and "--checkpoint-blocks must be >= 0" in err
 
 
-def _args(**kw):
-    base = dict(no_cuda_graphs=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def _args(no_cuda_graphs=False):
+    return T.RunOptions(cuda_graphs=not no_cuda_graphs)
 
 
 def test_graphs_reasons():
@@ -83,45 +82,60 @@ def test_graphs_reasons():
     attach_heba(heba, "visual", policy=ScalePolicy(slow_fast_ratio=0.8))
     at = tiny_clip()
     attach_adaptertune(at, "visual", rank=4)
-    bank = TextBank([("a", 0), ("b", 1)], lambda t: torch.zeros(len(t), 16, dtype=torch.long), 2)
-    step_at = T.AdapterStep(at, bank, 5, 0.1)
+    bank = PromptBank([["a"], ["b"]], lambda t: torch.zeros(len(t), 16, dtype=torch.long))
+    step_at = AdapterStep(at, bank, 0.1)
     reason = T.graphs_reason
     assert reason(_args(), cuda, 1, "bf16", at, step_at) is None
     assert reason(_args(no_cuda_graphs=True), cuda, 1, "bf16", at, step_at) == "--no-cuda-graphs"
     assert reason(_args(), torch.device("cpu"), 1, "bf16", at, step_at) == "not on a GPU"
     assert reason(_args(), cuda, 2, "bf16", at, step_at) == "DistributedDataParallel"
-    assert reason(_args(), cuda, 1, "fp16", at, step_at) == "fp16 loss scaling"
-    assert "slow-fast" in reason(_args(), cuda, 1, "bf16", heba, T.AdapterStep(heba, bank, 5, 0))
-    heba.heba_policy.slow_fast_ratio = 1.0
-    assert reason(_args(), cuda, 1, "bf16", heba, T.AdapterStep(heba, bank, 5, 0)) is None
+    assert "fp16 loss scaling" in reason(_args(), cuda, 1, "fp16", at, step_at)
+    fused = type("FusedSGD", (), {"_step_supports_amp_scaling": True})()   # SGD(fused=True)
+    assert reason(_args(), cuda, 1, "fp16", at, step_at, fused) is None
+    # device-side slow-fast draws and static candidate slots: graphs on for the default runs
+    assert reason(_args(), cuda, 1, "bf16", heba, AdapterStep(heba, bank, 0)) is None
+    host = tiny_clip()
+    attach_heba(host, "both", policy=ScalePolicy(slow_fast_ratio=0.8, draws="host"))
+    assert "slow-fast" in reason(_args(), cuda, 1, "bf16", host, AdapterStep(host, bank, 0))
+    host.heba_policy.slow_fast_ratio = 1.0
+    assert reason(_args(), cuda, 1, "bf16", host, AdapterStep(host, bank, 0)) is None
     both = tiny_clip()
     attach_adaptertune(both, "both", rank=4)
-    assert "text tower" in reason(_args(), cuda, 1, "bf16", both, T.AdapterStep(both, bank, 5, 0))
+    assert reason(_args(), cuda, 1, "bf16", both, AdapterStep(both, bank, 0)) is None
 
 
-def test_frozen_text_step_gathers_candidates():
-    """With a frozen text tower the step gathers from all class logits (no torch.unique)."""
+def test_frozen_text_step_masks_candidates():
+    """Frozen text tower: the step masks all-class logits (static shapes, no host sync); loss,
+    accuracy and gradients equal those over the gathered candidate set."""
     model = tiny_clip()
     attach_adaptertune(model, "visual", rank=4)
     randomize_adapters(model)
     tok = lambda texts: torch.tensor([[98, 1 + int(t), 99] + [0] * 13 for t in texts])  # noqa
-    bank = TextBank([(str(c), c) for c in range(8)] + [(str(c + 10), c) for c in range(8)],
-                    tok, 8)
-    step = T.AdapterStep(model, bank, neg_classes=3, label_smoothing=0.1)
+    bank = PromptBank([[str(c), str(c + 20)] for c in range(12)], tok)
+    step = AdapterStep(model, bank, label_smoothing=0.1)
     assert not step.text_adapted
     imgs = torch.randn(5, 3, 32, 32)
     labels = torch.tensor([0, 3, 3, 7, 1])
-    cand = T.sample_candidates(labels, 8, 3, torch.Generator().manual_seed(1))
-    loss, acc = step(imgs, labels, cand)
-    with torch.no_grad():
-        img = F.normalize(model.encode_image(imgs), dim=-1)
-        txt = bank.features(model)
-        logits = (model.logit_scale.exp() * img @ txt.T).gather(1, cand)
-        exp = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long), label_smoothing=0.1)
-    torch.testing.assert_close(loss.detach(), exp, rtol=1e-5, atol=1e-6)
-    assert acc.item() == (logits.argmax(1) == 0).float().mean().item()
+    g = torch.Generator().manual_seed(1)
+    mask = candidate_mask(labels, 12, 1, g)
+    pick = torch.randint(0, 2, (12,), generator=g)
+    assert int(mask.sum()) == 8                    # 4 batch classes + 1 negative each
+    loss, acc = step(imgs, labels, mask, pick)
     loss.backward()
-    assert all(p.grad is not None for p in model.heba_adapters.parameters())
+    got = [p.grad.clone() for p in model.heba_adapters.parameters()]
+    model.zero_grad(set_to_none=True)
+    cls = mask.nonzero().squeeze(1)
+    img = F.normalize(model.encode_image(imgs), dim=-1)
+    with torch.no_grad():
+        txt = F.normalize(model.encode_text(bank.tokens[cls, pick[cls]]), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.T
+    target = torch.searchsorted(cls, labels)
+    exp = F.cross_entropy(logits, target, label_smoothing=0.1)
+    exp.backward()
+    torch.testing.assert_close(loss.detach(), exp.detach(), rtol=1e-5, atol=1e-6)
+    assert acc.item() == (logits.argmax(1) == target).float().mean().item()
+    for a, p in zip(got, model.heba_adapters.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_graphed_step_eager_on_cpu():

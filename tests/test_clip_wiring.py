@@ -6,6 +6,7 @@ import copy
 import math
 
 import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
 import torch.nn.functional as F
 
@@ -78,9 +79,10 @@ def test_heba_matches_spec_block_equations(start, end, mode):
     model.heba_policy.set_mode(mode)
     scale = 0.025 if mode == "base" else 0.010
     n = 3 - start + 1 if end is None else end - start + 1
-    assert len(adapters.visual_adapter) == n and len(adapters.text_adapter) == n
-    vis = {start - 1 + j: layer for j, layer in enumerate(adapters.visual_adapter)}
-    txt = {start - 1 + j: layer for j, layer in enumerate(adapters.text_adapter)}
+    # published layout: slot i holds block i's adapters (1-based), slot 0 and the rest empty
+    vis = {i - 1: layer for i, layer in enumerate(adapters.visual_adapter) if layer is not None}
+    txt = {i - 1: layer for i, layer in enumerate(adapters.text_adapter) if layer is not None}
+    assert len(vis) == n and len(txt) == n and min(vis) == start - 1
     img, tok = images(), texts()
     with torch.no_grad():
         got_i, got_t = model.encode_image(img), model.encode_text(tok)
@@ -96,14 +98,15 @@ def test_heba_matches_spec_block_equations(start, end, mode):
 def test_adapter_shapes_and_kinds():
     model = tiny_clip(layers=2)
     ad = attach_heba(model)
-    v0, t0 = ad.visual_adapter[0], ad.text_adapter[0]
+    v0, t0 = ad.visual_adapter[1], ad.text_adapter[1]
     assert (v0.att_conv.modality, v0.att_conv.dim, v0.att_conv.hidden) == ("visual", 64, 16)
     assert (v0.mlp_conv.dim, v0.mlp_conv.hidden) == (256, 64)          # 4D -> D
     assert v0.att_conv.grid == (4, 4) and v0.att_conv.num_prefix_tokens == 1
     assert (t0.att_conv.modality, t0.att_conv.dim, t0.mlp_conv.dim) == ("text", 48, 192)
     keys = set(ad.state_dict())
     assert "visual_adapter.1.mlp_conv.mid.weight" in keys
-    assert "text_adapter.0.att_conv.norm.bias" in keys
+    assert "text_adapter.1.att_conv.norm.bias" in keys and "text_adapter.2.att_conv.norm.bias" in keys
+    assert not any(k.split(".")[1] == "0" for k in keys)          # slot 0 is empty, as published
     assert not any(".mid." in k for k in keys if k.startswith("text_adapter"))
 
 
@@ -181,7 +184,7 @@ def test_seq_first_transformer_same_as_batch_first():
     ad_sf = attach_heba(model_sf, towers_="visual")
     randomize_adapters(model)
     ad_sf.load_state_dict(ad.state_dict())
-    assert ad_sf.visual_adapter[0].att_conv.batch_first is False
+    assert ad_sf.visual_adapter[1].att_conv.batch_first is False
     img = images(n=2)
     with torch.no_grad():
         a, b = model.encode_image(img), model_sf.encode_image(img)
@@ -274,7 +277,7 @@ def test_encode_text_truncation_equals_full():
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
     # and it really ran 7 tokens: the adapters saw 7-token sequences
     seen = []
-    h = model.heba_adapters.text_adapter[0].att_conv.register_forward_pre_hook(
+    h = model.heba_adapters.text_adapter[1].att_conv.register_forward_pre_hook(
         lambda m, args: seen.append(args[0].shape[1]))
     with torch.no_grad():
         encode_text(model, tok, normalize=True)
@@ -292,9 +295,9 @@ def test_real_clip_sizes_on_meta(name, size, grid, heba_millions):
         model = open_clip.create_model(name, pretrained=None, device="meta")
     adapters = attach_heba(model)
     layers = len(model.visual.transformer.resblocks)
-    assert len(adapters.visual_adapter) == layers
-    assert len(adapters.text_adapter) == len(model.transformer.resblocks)
-    assert adapters.visual_adapter[0].att_conv.grid == (grid, grid)
+    assert len(adapters.visual_adapter) == layers + 1          # slot 0 empty, as published
+    assert len(adapters.text_adapter) == len(model.transformer.resblocks) + 1
+    assert adapters.visual_adapter[1].att_conv.grid == (grid, grid)
     trainable, total = count_parameters(model)
     assert round(trainable / 1e6, 1) == heba_millions          # 87.2M for B/16 as published
     assert trainable == sum(p.numel() for p in adapters.parameters())

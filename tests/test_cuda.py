@@ -61,19 +61,19 @@ def test_fake_implementations_on_meta_tensors():
     x = torch.empty(N, B, D, device="meta", dtype=torch.float32)  # seq-first
     p = {k: v.to("meta", torch.bfloat16) for k, v in visual_params(D).items()}
     out, u, g, z, mean, rstd = torch.ops.heba.cuda_visual_fwd(
-        x, *p.values(), 0.5, P, H, W, False, 1e-5, True)
+        x, *p.values(), 0.5, torch.empty((), device="meta"), P, H, W, False, 1e-5, True)
     assert out.shape == x.shape and out.dtype == torch.float32
     assert u.shape == g.shape == (B * N, h) and u.dtype == torch.bfloat16
     assert z.shape == (B * N, D) and mean.shape == rstd.shape == (B * N,)
     assert mean.dtype == torch.float32
     grads = torch.ops.heba.cuda_visual_bwd(out, x, p["down_weight"], p["mid_weight"],
                                            p["up_weight"], p["norm_weight"], u, g, z, mean, rstd,
-                                           0.5, P, H, W, False, True)
+                                           0.5, None, P, H, W, False, True)
     assert [t.shape for t in grads] == [x.shape] + [v.shape for v in p.values()]
 
     xt = torch.empty(3, 7, D, device="meta")
     tp = {k: v.to("meta") for k, v in text_params(D).items()}
-    outs = torch.ops.heba.cuda_text_fwd(xt, *tp.values(), 0.5, 1e-5, True)
+    outs = torch.ops.heba.cuda_text_fwd(xt, *tp.values(), 0.5, None, 1e-5, True)
     assert outs[0].shape == xt.shape and outs[1].shape == (21, h) and outs[3].shape == (21, D)
 
     lp = {k: v.to("meta") for k, v in low_rank_params(D, 5).items()}
@@ -83,22 +83,115 @@ def test_fake_implementations_on_meta_tensors():
 
 
 # The autograd/fake glue of cuda_ops.py, on the CPU: stand-in CPU kernels for the
-# heba::cuda_* ops (the reference for the forward, the reference's autograd for
-# the backward, intermediates of the real shapes) let the glue run end to end:
-# values and gradients, torch.library.opcheck (fake vs real metadata, autograd
-# registration, AOT dispatch) and torch.compile(fullgraph=True).
+# heba::cuda_* ops let the glue run end to end: values and gradients,
+# torch.library.opcheck (fake vs real metadata, autograd registration, AOT
+# dispatch) and torch.compile(fullgraph=True). The stand-ins check what they
+# receive, so wrong glue is noticed even where the final numbers would hide it:
+# x's layout, every dtype and shape, the scale argument (a float, or a 0-d
+# float32 tensor on x's device whose value they use), and in the backward the
+# saved tensors, which must equal the inputs and the intermediates (u, g, z,
+# mean, rstd, recomputed independently with torch's conv2d) of a forward call.
+# The backward's gradients come from the reference's autograd at the eps and
+# scale the forward saw, so a dropped scale or eps changes them.
+
+_FWD_LOG: dict = {}  # op -> recent forward calls: their inputs, eps and scale
+
+
+def _log_fwd(op, tensors, eps, scale):
+    entries = _FWD_LOG.setdefault(op, [])
+    entries.append(dict(tensors=[None if t is None else t.detach().clone() for t in tensors],
+                        eps=eps, scale=scale))
+    del entries[:-16]
+
+
+def _matching_fwd(op, tensors):
+    """The logged forward call of ``op`` whose inputs equal ``tensors`` exactly."""
+    for entry in reversed(_FWD_LOG.get(op, [])):
+        if all((a is None and b is None) or (a is not None and b is not None and
+                                             a.shape == b.shape and a.dtype == b.dtype and
+                                             torch.equal(a, b))
+               for a, b in zip(entry["tensors"], tensors)):
+            return entry
+    raise AssertionError(f"{op}: the backward received tensors that match no forward call's "
+                         f"inputs (wrong saved tensors)")
+
 
 def _rows(t):
+    """The [rows, D] view of t's memory (rows in memory order)."""
     D = t.shape[-1]
-    return t.view(-1, D) if t.is_contiguous() else t.transpose(0, 1).reshape(-1, D)
+    return t.reshape(-1, D) if t.is_contiguous() else t.transpose(0, 1).reshape(-1, D)
 
 
-def _intermediates(x, h, wt):
-    rows, D = _rows(x).shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (torch.zeros(rows, h, dtype=wt), torch.zeros(rows, h, dtype=wt),
-            torch.zeros(rows, D, dtype=wt), torch.zeros(rows, dtype=acc),
-            torch.zeros(rows, dtype=acc))
+def _check_x_layout(op, x):
+    assert x.stride(-1) == 1 and (x.is_contiguous() or (
+        x.dim() >= 3 and x.transpose(0, 1).is_contiguous())), \
+        f"{op}: x must come contiguous or transpose(0, 1)-contiguous, got strides {x.stride()}"
+
+
+def _check_weights(op, named, wt, shapes):
+    for (name, t), shape in zip(named.items(), shapes):
+        assert t.dtype == wt, f"{op}: {name} has dtype {t.dtype}, the weights {wt}"
+        assert tuple(t.shape) == shape, f"{op}: {name} has shape {tuple(t.shape)}, want {shape}"
+
+
+def _scale_value(op, scale, scale_t, x):
+    """The scale an op call means; checks the float/tensor convention."""
+    assert isinstance(scale, float), f"{op}: scale must arrive as a float, got {type(scale)}"
+    if scale_t is None:
+        return scale
+    assert scale_t.dim() == 0 and scale_t.dtype == torch.float32 and \
+        scale_t.device == x.device, f"{op}: scale_t must be a 0-d float32 tensor on x's device"
+    return float(scale_t.item())
+
+
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _ln_stats(y, eps, patch):
+    mean = y.mean(-1)
+    rstd = torch.rsqrt(y.var(-1, unbiased=False) + eps)
+    return mean * patch, rstd * patch
+
+
+def _visual_intermediates(x, dw, mw, uw, P, H, W, bf, eps):
+    """u, g, z [rows, *] in x's row order and mean, rstd [rows] (0 on prefix rows)."""
+    xb = x if bf else x.transpose(0, 1)                                # [B, N, D]
+    B, N, D = xb.shape
+    h = dw.shape[0]
+    u = xb @ dw.view(h, D).t().to(x.dtype)                             # [B, N, h]
+    img = u[:, P:].transpose(1, 2).reshape(B, h, H, W)
+    v = torch.nn.functional.conv2d(img, mw.to(x.dtype), padding=1, groups=h)
+    g = torch.zeros_like(u)
+    g[:, P:] = torch.nn.functional.gelu(v.reshape(B, h, H * W).transpose(1, 2))
+    z = g @ uw.view(D, h).t().to(x.dtype)
+    patch = torch.ones(B, N, dtype=x.dtype)
+    patch[:, :P] = 0
+    mean, rstd = _ln_stats(xb + z, eps, patch)
+
+    def rows(t):  # logical [B, N, C] -> x's memory row order
+        t = t if bf else t.transpose(0, 1)                            # x's shape
+        t = t if t.dim() == 3 else t.unsqueeze(-1)
+        return (t if x.is_contiguous() else t.transpose(0, 1)).reshape(-1, t.shape[-1])
+    wt, acc = dw.dtype, _acc(x)
+    return (rows(u).to(wt), rows(g).to(wt), rows(z).to(wt), rows(mean).view(-1).to(acc),
+            rows(rstd).view(-1).to(acc))
+
+
+def _text_intermediates(x, dw, uw, eps):
+    x2d = _rows(x)
+    u = x2d @ dw.t().to(x.dtype)
+    g = torch.nn.functional.gelu(u)
+    z = g @ uw.t().to(x.dtype)
+    mean, rstd = _ln_stats(x2d + z, eps, torch.ones(x2d.shape[0], dtype=x.dtype))
+    return u.to(dw.dtype), g.to(dw.dtype), z.to(dw.dtype), mean.to(_acc(x)), rstd.to(_acc(x))
+
+
+def _check_saved(op, saved, expected):
+    for name, s, e in zip(("u", "g", "z", "mean", "rstd"), saved, expected):
+        assert s.is_contiguous() and s.shape == e.shape and s.dtype == e.dtype, \
+            f"{op}: saved {name} is {tuple(s.shape)} {s.dtype}, want {tuple(e.shape)} {e.dtype}"
+        torch.testing.assert_close(s, e, rtol=1e-12, atol=1e-12, msg=f"{op}: saved {name}")
 
 
 def _grads_by_autograd(fn, grad_out, tensors):
@@ -117,50 +210,99 @@ def _grads_by_autograd(fn, grad_out, tensors):
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, w)
 
 
-def _stand_in_visual_fwd(x, dw, mw, uw, nw, nb, scale, P, H, W, bf, eps, rescale):
+def _visual_shapes(x, dw, bf):
+    h, D = dw.shape[0], x.shape[-1]
+    return [(h, D, 1, 1), (h, 1, 3, 3), (D, h, 1, 1), (D,), (D,)]
+
+
+def _stand_in_visual_fwd(x, dw, mw, uw, nw, nb, scale, scale_t, P, H, W, bf, eps, rescale):
     from heba_kernels import reference
-    out = reference.heba_visual(x, dw, mw, uw, nw, nb, scale=scale, num_prefix_tokens=P,
+    op = "cuda_visual_fwd"
+    _check_x_layout(op, x)
+    _check_weights(op, dict(dw=dw, mw=mw, uw=uw, nw=nw, nb=nb), dw.dtype,
+                   _visual_shapes(x, dw, bf))
+    s = _scale_value(op, scale, scale_t, x)
+    assert P + H * W == (x.shape[1] if bf else x.shape[0]), f"{op}: grid does not match x"
+    _log_fwd(op, (x, dw, mw, uw, nw), eps, s)
+    out = reference.heba_visual(x, dw, mw, uw, nw, nb, scale=s, num_prefix_tokens=P,
                                 grid=(H, W), batch_first=bf, eps=eps, rescale_param_grad=rescale)
-    return (torch.empty_like(x).copy_(out),) + _intermediates(x, dw.shape[0], dw.dtype)
+    return (torch.empty_like(x).copy_(out),) + _visual_intermediates(x, dw, mw, uw, P, H, W, bf,
+                                                                      eps)
 
 
-def _stand_in_visual_bwd(grad, x, dw, mw, uw, nw, u, g, z, mean, rstd, scale, P, H, W, bf,
-                         rescale):
+def _stand_in_visual_bwd(grad, x, dw, mw, uw, nw, u, g, z, mean, rstd, scale, scale_t, P, H, W,
+                         bf, rescale):
     from heba_kernels import reference
+    op = "cuda_visual_bwd"
+    assert grad.shape == x.shape and grad.dtype == x.dtype, f"{op}: grad_out must match x"
+    s = _scale_value(op, scale, scale_t, x)
+    fwd = _matching_fwd("cuda_visual_fwd", (x, dw, mw, uw, nw))
+    assert s == fwd["scale"], f"{op}: scale {s} but the forward had {fwd['scale']}"
+    _check_saved(op, (u, g, z, mean, rstd),
+                 _visual_intermediates(x, dw, mw, uw, P, H, W, bf, fwd["eps"]))
     nb = torch.zeros_like(nw)
 
     def fn(x, dw, mw, uw, nw, nb):
-        return reference.heba_visual(x, dw, mw, uw, nw, nb, scale=scale, num_prefix_tokens=P,
-                                     grid=(H, W), batch_first=bf, eps=1e-5,
+        return reference.heba_visual(x, dw, mw, uw, nw, nb, scale=s, num_prefix_tokens=P,
+                                     grid=(H, W), batch_first=bf, eps=fwd["eps"],
                                      rescale_param_grad=rescale)
     dx, *rest = _grads_by_autograd(fn, grad, [x, dw, mw, uw, nw, nb])
     return (torch.empty_like(x).copy_(dx), *rest)
 
 
-def _stand_in_text_fwd(x, dw, uw, nw, nb, scale, eps, rescale):
+def _stand_in_text_fwd(x, dw, uw, nw, nb, scale, scale_t, eps, rescale):
     from heba_kernels import reference
-    out = reference.heba_text(x, dw, uw, nw, nb, scale=scale, eps=eps, rescale_param_grad=rescale)
-    return (torch.empty_like(x).copy_(out),) + _intermediates(x, dw.shape[0], dw.dtype)
+    op = "cuda_text_fwd"
+    _check_x_layout(op, x)
+    h, D = dw.shape
+    _check_weights(op, dict(dw=dw, uw=uw, nw=nw, nb=nb), dw.dtype, [(h, x.shape[-1]), (D, h),
+                                                                     (D,), (D,)])
+    s = _scale_value(op, scale, scale_t, x)
+    _log_fwd(op, (x, dw, uw, nw), eps, s)
+    out = reference.heba_text(x, dw, uw, nw, nb, scale=s, eps=eps, rescale_param_grad=rescale)
+    return (torch.empty_like(x).copy_(out),) + _text_intermediates(x, dw, uw, eps)
 
 
-def _stand_in_text_bwd(grad, x, dw, uw, nw, u, g, z, mean, rstd, scale, rescale):
+def _stand_in_text_bwd(grad, x, dw, uw, nw, u, g, z, mean, rstd, scale, scale_t, rescale):
     from heba_kernels import reference
+    op = "cuda_text_bwd"
+    assert grad.shape == x.shape and grad.dtype == x.dtype, f"{op}: grad_out must match x"
+    s = _scale_value(op, scale, scale_t, x)
+    fwd = _matching_fwd("cuda_text_fwd", (x, dw, uw, nw))
+    assert s == fwd["scale"], f"{op}: scale {s} but the forward had {fwd['scale']}"
+    _check_saved(op, (u, g, z, mean, rstd), _text_intermediates(x, dw, uw, fwd["eps"]))
     nb = torch.zeros_like(nw)
 
     def fn(x, dw, uw, nw, nb):
-        return reference.heba_text(x, dw, uw, nw, nb, scale=scale, eps=1e-5,
+        return reference.heba_text(x, dw, uw, nw, nb, scale=s, eps=fwd["eps"],
                                    rescale_param_grad=rescale)
     dx, *rest = _grads_by_autograd(fn, grad, [x, dw, uw, nw, nb])
     return (torch.empty_like(x).copy_(dx), *rest)
 
 
+def _check_low_rank_args(op, x, dw, db, uw, ub, alpha):
+    _check_x_layout(op, x)
+    r, D = dw.shape
+    assert isinstance(alpha, float), f"{op}: alpha must arrive as a float"
+    named = {k: v for k, v in dict(dw=dw, db=db, uw=uw, ub=ub).items() if v is not None}
+    shapes = {"dw": (r, x.shape[-1]), "db": (r,), "uw": (D, r), "ub": (D,)}
+    _check_weights(op, named, dw.dtype, [shapes[k] for k in named])
+
+
 def _stand_in_low_rank_fwd(x, dw, db, uw, ub, alpha):
     from heba_kernels import reference
+    _check_low_rank_args("cuda_low_rank_fwd", x, dw, db, uw, ub, alpha)
+    _log_fwd("cuda_low_rank_fwd", (x, dw, db, uw, ub), None, alpha)
     return torch.empty_like(x).copy_(reference.low_rank(x, dw, db, uw, ub, alpha=alpha))
 
 
 def _stand_in_low_rank_bwd(grad, x, dw, db, uw, ub, alpha):
     from heba_kernels import reference
+    op = "cuda_low_rank_bwd"
+    _check_low_rank_args(op, x, dw, db, uw, ub, alpha)
+    assert grad.shape == x.shape and grad.dtype == x.dtype, f"{op}: grad_out must match x"
+    fwd = _matching_fwd("cuda_low_rank_fwd", (x, dw, db, uw, ub))
+    assert alpha == fwd["scale"], f"{op}: alpha {alpha} but the forward had {fwd['scale']}"
     r, D = dw.shape
     db = torch.zeros(r, dtype=dw.dtype) if db is None else db
     ub = torch.zeros(D, dtype=dw.dtype) if ub is None else ub
@@ -174,6 +316,7 @@ def _stand_in_low_rank_bwd(grad, x, dw, db, uw, ub, alpha):
 @pytest.fixture
 def cpu_stand_ins():
     import heba_kernels.cuda_ops  # noqa: F401  (the glue under test)
+    _FWD_LOG.clear()
     lib = torch.library.Library("heba", "IMPL")
     for name, fn in (("cuda_visual_fwd", _stand_in_visual_fwd),
                      ("cuda_visual_bwd", _stand_in_visual_bwd),
@@ -189,6 +332,13 @@ def _leaf(a):
     return a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a
 
 
+def _scale_forms(value):
+    """The two forms of one scale: a float and a 0-d float32 tensor (value is
+    float32-representable, so both mean exactly the same number)."""
+    assert float(torch.tensor(value, dtype=torch.float32)) == value
+    return (value, torch.tensor(value, dtype=torch.float32))
+
+
 @requires_ext
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bnd", "seqfirst"])
 def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
@@ -196,30 +346,38 @@ def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
     d, D, P, H, W, B = torch.float64, 12, 1, 3, 2, 2
     N = P + H * W
     x = tokens(*((B, N, D) if batch_first else (N, B, D)), dtype=d)
-    for scale, rescale in ((0.7, True), (0.0, True), (0.4, False)):
+    for scale, rescale, eps in ((0.625, True, 1e-5), (0.0, True, 1e-3), (0.375, False, 1e-2)):
         vp = visual_params(D, dtype=d)
-        kw = dict(scale=scale, num_prefix_tokens=P, grid=(H, W), batch_first=batch_first,
-                  eps=1e-5, rescale_param_grad=rescale)
-        out_c, _, g_c = forward_backward(
-            lambda xx, **p: cuda_ops.heba_visual(xx, **p, **kw), x, vp)
-        out_r, _, g_r = forward_backward(
-            lambda xx, **p: reference.heba_visual(xx, **p, **kw), x, vp)
-        assert_rel_close("visual out", out_c, out_r, 1e-12)
-        for k in g_r:
-            assert_rel_close(f"visual grad {k}", g_c[k], g_r[k], 1e-12)
-    torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
-                          tuple(_leaf(a) for a in (x, *visual_params(D, dtype=d).values(), 0.5, P,
-                                                   H, W, batch_first, 1e-5, True)))
+        for s in _scale_forms(scale):
+            kw = dict(num_prefix_tokens=P, grid=(H, W), batch_first=batch_first, eps=eps,
+                      rescale_param_grad=rescale)
+            out_c, _, g_c = forward_backward(
+                lambda xx, **p: cuda_ops.heba_visual(xx, **p, scale=s, **kw), x, vp)
+            out_r, _, g_r = forward_backward(
+                lambda xx, **p: reference.heba_visual(xx, **p, scale=scale, **kw), x, vp)
+            assert_rel_close("visual out", out_c, out_r, 1e-12)
+            for k in g_r:
+                assert_rel_close(f"visual grad {k}", g_c[k], g_r[k], 1e-12)
+    for st in (None, torch.tensor(0.5)):
+        torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
+                              tuple(_leaf(a) for a in (x, *visual_params(D, dtype=d).values(),
+                                                       0.5, st, P, H, W, batch_first, 1e-5,
+                                                       True)))
 
     tp = text_params(D, dtype=d)
-    out_c, _, g_c = forward_backward(lambda xx, **p: cuda_ops.heba_text(
-        xx, **p, scale=0.6, eps=1e-5, rescale_param_grad=True), x, tp)
-    out_r, _, g_r = forward_backward(lambda xx, **p: reference.heba_text(
-        xx, **p, scale=0.6, eps=1e-5, rescale_param_grad=True), x, tp)
-    for k in g_r:
-        assert_rel_close(f"text grad {k}", g_c[k], g_r[k], 1e-12)
-    torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
-                          tuple(_leaf(a) for a in (x, *tp.values(), 0.5, 1e-5, False)))
+    for rescale in (True, False):
+        for s in _scale_forms(0.75):
+            kw = dict(eps=1e-4, rescale_param_grad=rescale)
+            out_c, _, g_c = forward_backward(
+                lambda xx, **p: cuda_ops.heba_text(xx, **p, scale=s, **kw), x, tp)
+            out_r, _, g_r = forward_backward(
+                lambda xx, **p: reference.heba_text(xx, **p, scale=0.75, **kw), x, tp)
+            assert_rel_close("text out", out_c, out_r, 1e-12)
+            for k in g_r:
+                assert_rel_close(f"text grad {k}", g_c[k], g_r[k], 1e-12)
+    for st in (None, torch.tensor(0.5)):
+        torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
+                              tuple(_leaf(a) for a in (x, *tp.values(), 0.5, st, 1e-5, False)))
 
     for bias in (True, False):
         lp = low_rank_params(D, 4, dtype=d, bias=bias)
@@ -227,11 +385,34 @@ def test_glue_on_cpu_stand_ins(cpu_stand_ins, batch_first):
                                          x, lp)
         out_r, _, g_r = forward_backward(lambda xx, **p: reference.low_rank(xx, **p, alpha=0.8),
                                          x, lp)
+        assert_rel_close("low_rank out", out_c, out_r, 1e-12)
         assert set(g_c) == set(g_r)
         for k in g_r:
             assert_rel_close(f"low_rank grad {k}", g_c[k], g_r[k], 1e-12)
         torch.library.opcheck(torch.ops.heba.cuda_low_rank_fwd.default,
                               tuple(_leaf(a) for a in (x, *lp.values(), 0.8)))
+
+
+@requires_ext
+def test_stand_ins_notice_wrong_saved_tensors(cpu_stand_ins):
+    """The stand-ins themselves fail on a wrong intermediate or a wrong scale."""
+    from heba_kernels import cuda_ops
+    D, P, H, W, d = 12, 1, 3, 2, torch.float64
+    x = tokens(2, P + H * W, D, dtype=d)
+    vp = visual_params(D, dtype=d)
+    out, u, g, z, mean, rstd = torch.ops.heba.cuda_visual_fwd(x, *vp.values(), 0.5, None, P, H,
+                                                              W, True, 1e-5, True)
+    wv = (vp["down_weight"], vp["mid_weight"], vp["up_weight"], vp["norm_weight"])
+    ok = (torch.randn_like(out), x, *wv, u, g, z, mean, rstd)
+    torch.ops.heba.cuda_visual_bwd(*ok, 0.5, None, P, H, W, True, True)
+    with pytest.raises(AssertionError, match="saved z"):
+        torch.ops.heba.cuda_visual_bwd(*ok[:8], z + 1e-3, mean, rstd, 0.5, None, P, H, W, True,
+                                       True)
+    with pytest.raises(AssertionError, match="scale"):
+        torch.ops.heba.cuda_visual_bwd(*ok, 0.0, torch.tensor(0.25), P, H, W, True, True)
+    with pytest.raises(AssertionError, match="match no forward"):
+        torch.ops.heba.cuda_visual_bwd(ok[0], out, *ok[2:], 0.5, None, P, H, W, True, True)
+    assert cuda_ops._scale_args(0.25) == (0.25, None)
 
 
 @requires_ext
@@ -241,27 +422,29 @@ def test_glue_compiles_fullgraph_on_cpu_stand_ins(cpu_stand_ins):
     D, d = 12, torch.float64
     vp, tp, lp = visual_params(D, dtype=d), text_params(D, dtype=d), low_rank_params(D, 4, dtype=d)
 
-    def f(x, vp, tp, lp):
-        y = cuda_ops.heba_visual(x, **vp, scale=0.3, num_prefix_tokens=1, grid=(3, 5),
+    def f(x, s, vp, tp, lp):
+        y = cuda_ops.heba_visual(x, **vp, scale=s, num_prefix_tokens=1, grid=(3, 5),
                                  batch_first=True, eps=1e-5, rescale_param_grad=True)
-        y = cuda_ops.heba_text(y, **tp, scale=0.2, eps=1e-5, rescale_param_grad=False)
+        y = cuda_ops.heba_text(y, **tp, scale=s, eps=1e-5, rescale_param_grad=False)
         return cuda_ops.low_rank(y, **lp, alpha=0.5)
 
     x = tokens(2, 16, D, dtype=d)
     params = {**{f"v.{k}": v for k, v in vp.items()}, **{f"t.{k}": v for k, v in tp.items()},
               **{f"l.{k}": v for k, v in lp.items()}}
 
-    def run(fn):
+    def run(fn, s):
         def call(xx, **p):
             split = {pre: {k[2:]: v for k, v in p.items() if k.startswith(pre)} for pre in "vtl"}
-            return fn(xx, split["v"], split["t"], split["l"])
+            return fn(xx, s, split["v"], split["t"], split["l"])
         return forward_backward(call, x, params)
 
-    out_e, _, g_e = run(f)
-    out_c, _, g_c = run(torch.compile(f, fullgraph=True))
-    torch.testing.assert_close(out_c, out_e)
-    for k in g_e:
-        torch.testing.assert_close(g_c[k], g_e[k])
+    out_e, _, g_e = run(f, 0.375)
+    compiled = torch.compile(f, fullgraph=True)
+    for s in (0.375, torch.tensor(0.375), torch.tensor(0.375)):  # float, tensor, a new tensor
+        out_c, _, g_c = run(compiled, s)
+        torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
+        for k in g_e:
+            torch.testing.assert_close(g_c[k], g_e[k], rtol=0, atol=0)
 
 
 @requires_ext
@@ -499,7 +682,13 @@ def test_bad_input_raises_python_exception():
     x = tokens(2, 10, 16, device="cuda")
     p = visual_params(16, device="cuda")
     with pytest.raises(RuntimeError, match="tokens per image"):
-        torch.ops.heba.cuda_visual_fwd(x, *p.values(), 0.5, 1, 3, 4, True, 1e-5, True)
+        torch.ops.heba.cuda_visual_fwd(x, *p.values(), 0.5, None, 1, 3, 4, True, 1e-5, True)
+    with pytest.raises(RuntimeError, match="scale_t must be a 0-d float32"):
+        torch.ops.heba.cuda_visual_fwd(x, *p.values(), 0.5, torch.ones(1, device="cuda"), 0, 2,
+                                       5, True, 1e-5, True)
+    with pytest.raises(RuntimeError, match="scale_t must be a CUDA tensor"):
+        torch.ops.heba.cuda_text_fwd(x, *text_params(16, device="cuda").values(), 0.5,
+                                     torch.tensor(0.5), 1e-5, True)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         torch.ops.heba.cuda_low_rank_fwd(x, *(v.cpu() for v in low_rank_params(16, 4).values()),
                                          1.0)
@@ -552,23 +741,24 @@ def test_opcheck(dtype):
 
     x = tokens(B, N, D, device="cuda", dtype=dtype)
     vp = visual_params(D, device="cuda", dtype=dtype)
-    args = (x, *vp.values(), 0.5, P, H, W, True, 1e-5, True)
-    torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
-                          tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in args))
-    out, u, g, z, mean, rstd = torch.ops.heba.cuda_visual_fwd(*args)
-    torch.library.opcheck(torch.ops.heba.cuda_visual_bwd.default,
-                          (torch.randn_like(out), x, vp["down_weight"], vp["mid_weight"],
-                           vp["up_weight"], vp["norm_weight"], u, g, z, mean, rstd, 0.5, P, H, W,
-                           True, True))
-
     tp = text_params(D, device="cuda", dtype=dtype)
-    targs = (x, *tp.values(), 0.5, 1e-5, False)
-    torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
-                          tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in targs))
-    out, u, g, z, mean, rstd = torch.ops.heba.cuda_text_fwd(*targs)
-    torch.library.opcheck(torch.ops.heba.cuda_text_bwd.default,
-                          (torch.randn_like(out), x, tp["down_weight"], tp["up_weight"],
-                           tp["norm_weight"], u, g, z, mean, rstd, 0.5, False))
+    for st in (None, torch.tensor(0.5, device="cuda")):
+        args = (x, *vp.values(), 0.5, st, P, H, W, True, 1e-5, True)
+        torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
+                              tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in args))
+        out, u, g, z, mean, rstd = torch.ops.heba.cuda_visual_fwd(*args)
+        torch.library.opcheck(torch.ops.heba.cuda_visual_bwd.default,
+                              (torch.randn_like(out), x, vp["down_weight"], vp["mid_weight"],
+                               vp["up_weight"], vp["norm_weight"], u, g, z, mean, rstd, 0.5, st,
+                               P, H, W, True, True))
+
+        targs = (x, *tp.values(), 0.5, st, 1e-5, False)
+        torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
+                              tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in targs))
+        out, u, g, z, mean, rstd = torch.ops.heba.cuda_text_fwd(*targs)
+        torch.library.opcheck(torch.ops.heba.cuda_text_bwd.default,
+                              (torch.randn_like(out), x, tp["down_weight"], tp["up_weight"],
+                               tp["norm_weight"], u, g, z, mean, rstd, 0.5, st, False))
 
     for rank, bias in ((6, True), (80, False)):
         lp = low_rank_params(D, rank, device="cuda", dtype=dtype, bias=bias)
@@ -580,93 +770,89 @@ def test_opcheck(dtype):
 
 
 # ---------------------------------------------------------------------------
-# CPU: pure-Python replicas of the kernels' index math (csrc/kernels.h TokenMap,
-# heba_visual.cu), checked against torch's conv2d and its autograd. They run
-# without a GPU; keep them in step with the kernels.
+# GPU: a tensor scale equals the float scale bitwise
 # ---------------------------------------------------------------------------
 
-def _token_map(B, N, bn):
-    row = (lambda b, n: b * N + n) if bn else (lambda b, n: n * B + b)
-    token_of = (lambda r: r % N) if bn else (lambda r: r // B)
-    batch_of = (lambda r: r // N) if bn else (lambda r: r % B)
-    return row, token_of, batch_of
+@requires_gpu
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64],
+                         ids=[DTYPE_NAMES[d] for d in DTYPES + [torch.float64]])
+@pytest.mark.parametrize("rescale", [True, False], ids=["rule", "plaingrad"])
+def test_tensor_scale_equals_float_scale_bitwise(dtype, rescale):
+    """scale as a 0-d float32 CUDA tensor (read by the kernels) gives bitwise the
+    float path's output and gradients (0.625 is exact in float32 and float64)."""
+    from heba_kernels import cuda_ops
+    D, P, H, W, B = 40, 1, 3, 5, 2
+    cases = (
+        ("visual", cuda_ops.heba_visual, tokens(B, P + H * W, D, device="cuda", dtype=dtype),
+         visual_params(D, device="cuda", dtype=dtype),
+         dict(num_prefix_tokens=P, grid=(H, W), batch_first=True, eps=1e-5)),
+        ("visual-seqfirst", cuda_ops.heba_visual,
+         tokens(P + H * W, B, D, device="cuda", dtype=dtype),
+         visual_params(D, device="cuda", dtype=dtype),
+         dict(num_prefix_tokens=P, grid=(H, W), batch_first=False, eps=1e-5)),
+        ("text", cuda_ops.heba_text, tokens(3, 7, D, device="cuda", dtype=dtype),
+         text_params(D, device="cuda", dtype=dtype), dict(eps=1e-5)),
+    )
+    for name, fn, x, params, kw in cases:
+        runs = [forward_backward(lambda xx, **p: fn(xx, **p, scale=s, rescale_param_grad=rescale,
+                                                    **kw), x, params)
+                for s in (0.625, torch.tensor(0.625, device="cuda"))]
+        (out_f, _, g_f), (out_t, _, g_t) = runs
+        assert torch.equal(out_f, out_t), f"{name}: out differs between float and tensor scale"
+        for k in g_f:
+            assert torch.equal(g_f[k], g_t[k]), f"{name}: grad {k} differs"
 
 
-def _chunks(positions):  # visual_stencil_bwd_chunks
-    n = min(max(-(-positions // 64), 1), 256)
-    return n, (-(-positions // n) if positions > 0 else 1)
+# ---------------------------------------------------------------------------
+# CPU: the kernels' index math through the compiled extension. csrc/stencil.h
+# holds the row maps, the stencil's taps, its adjoint and the dWm chunking that
+# the kernels call; the host probe heba::_cuda_stencil_host runs those same
+# functions on float64 CPU tensors, checked here against torch's conv2d and its
+# autograd.
+# ---------------------------------------------------------------------------
+
+def _logical_to_memory_rows(B, N, bn):
+    """rows[b, n]: the memory row of token n of image b (batch-major or token-major)."""
+    b, n = torch.meshgrid(torch.arange(B), torch.arange(N), indexing="ij")
+    return b * N + n if bn else n * B + b
 
 
+@requires_ext
 @pytest.mark.parametrize("B,H,W,P,bn", [(2, 3, 5, 1, True), (3, 4, 4, 0, False),
                                         (1, 2, 7, 5, True), (2, 1, 9, 1, False),
-                                        (3, 6, 1, 2, True), (2, 90, 3, 1, False)])
-def test_stencil_index_math_replica(B, H, W, P, bn):
+                                        (3, 6, 1, 2, True), (2, 90, 3, 1, False),
+                                        (1, 64, 80, 1, True)])
+def test_stencil_index_math_of_the_extension(B, H, W, P, bn):
+    """Forward stencil, adjoint and chunked dWm sums of csrc/stencil.h vs conv2d."""
+    import heba_kernels._C  # noqa: F401
     N, C = P + H * W, 3
-    row, token_of, batch_of = _token_map(B, N, bn)
     g = torch.Generator().manual_seed(0)
     u = torch.randn(B * N, C, generator=g, dtype=torch.float64)      # rows in memory order
     wm = torch.randn(C, 9, generator=g, dtype=torch.float64)
-    dg = torch.randn(B * N, C, generator=g, dtype=torch.float64)
-    for r in range(B * N):                                            # the map is a bijection
-        assert row(batch_of(r), token_of(r)) == r
+    dv = torch.randn(B * N, C, generator=g, dtype=torch.float64)
+    v, part, du = torch.ops.heba._cuda_stencil_host(u, wm, dv, B, N, P, H, W, bn)
 
-    # _visual_stencil_fwd_kernel: v[r, c] (before GELU), 0 on prefix rows
-    v = torch.zeros(B * N, C, dtype=torch.float64)
-    for r in range(B * N):
-        n = token_of(r)
-        if n < P:
-            continue
-        b, p = batch_of(r), n - P
-        i, j = p // W, p % W
-        for ki in range(3):
-            for kj in range(3):
-                ii, jj = i + ki - 1, j + kj - 1
-                if 0 <= ii < H and 0 <= jj < W:
-                    v[r] += wm[:, ki * 3 + kj] * u[row(b, P + ii * W + jj)]
-
-    # torch: the same tokens as an NCHW image
-    idx = torch.tensor([[row(b, P + q) for q in range(H * W)] for b in range(B)])
-    img = u[idx].permute(0, 2, 1).reshape(B, C, H, W).requires_grad_(True)
+    rows = _logical_to_memory_rows(B, N, bn)                          # [B, N]
+    patch = rows[:, P:]                                               # [B, H*W]
+    img = u[patch].permute(0, 2, 1).reshape(B, C, H, W).requires_grad_(True)
     w4 = wm.view(C, 1, 3, 3).clone().requires_grad_(True)
     ref = torch.nn.functional.conv2d(img, w4, padding=1, groups=C)
-    torch.testing.assert_close(v[idx], ref.reshape(B, C, H * W).permute(0, 2, 1))
-
-    # backward: dv = dg on the patch rows (gelu' left out), dWm by position chunks,
-    # du by the adjoint stencil (ii = i - (ki - 1))
-    dv = dg
-    npos = B * H * W
-    nchunks, chunk = _chunks(npos)
-    assert nchunks <= 65535 and nchunks * chunk >= npos
-    part = torch.zeros(nchunks, C, 9, dtype=torch.float64)
-    for y in range(nchunks):
-        for q in range(y * chunk, min(y * chunk + chunk, npos)):
-            b, p = q // (H * W), q % (H * W)
-            i, j = p // W, p % W
-            r = row(b, P + p)
-            for k in range(9):
-                ii, jj = i + k // 3 - 1, j + k % 3 - 1
-                if 0 <= ii < H and 0 <= jj < W:
-                    part[y, :, k] += dv[r] * u[row(b, P + ii * W + jj)]
-    du = torch.zeros(B * N, C, dtype=torch.float64)
-    for r in range(B * N):
-        n = token_of(r)
-        if n < P:
-            continue
-        b, p = batch_of(r), n - P
-        i, j = p // W, p % W
-        for ki in range(3):
-            for kj in range(3):
-                ii, jj = i - (ki - 1), j - (kj - 1)
-                if 0 <= ii < H and 0 <= jj < W:
-                    du[r] += wm[:, ki * 3 + kj] * dv[row(b, P + ii * W + jj)]
-    gimg = dg[idx].permute(0, 2, 1).reshape(B, C, H, W)
-    ref.backward(gimg)
+    torch.testing.assert_close(v[patch], ref.reshape(B, C, H * W).permute(0, 2, 1))
+    ref.backward(dv[patch].permute(0, 2, 1).reshape(B, C, H, W))
+    nchunks, chunk = torch.ops.heba._cuda_stencil_chunks(B * H * W)
+    assert part.shape == (nchunks, C, 9)
     torch.testing.assert_close(part.sum(0).view(C, 1, 3, 3), w4.grad)
-    torch.testing.assert_close(du[idx], img.grad.reshape(B, C, H * W).permute(0, 2, 1))
-    assert (du[[r for r in range(B * N) if token_of(r) < P]] == 0).all()
+    torch.testing.assert_close(du[patch], img.grad.reshape(B, C, H * W).permute(0, 2, 1))
+    prefix = rows[:, :P].reshape(-1)
+    assert (v[prefix] == 0).all() and (du[prefix] == 0).all()
 
 
-def test_stencil_bwd_chunks_cover_every_position():
+@requires_ext
+def test_stencil_bwd_chunks_of_the_extension():
+    """visual_stencil_bwd_chunks: 1..256 chunks (gridDim.y) of >= 1 position covering all."""
+    import heba_kernels._C  # noqa: F401
     for npos in list(range(0, 300)) + [16383, 16384, 16385, 8 * 196, 1 << 20, (1 << 31) + 7]:
-        n, chunk = _chunks(npos)
-        assert 1 <= n <= 256 and chunk >= 1 and n * chunk >= npos   # gridDim.y = n
+        n, chunk = torch.ops.heba._cuda_stencil_chunks(npos)
+        assert 1 <= n <= 256 and chunk >= 1 and n * chunk >= npos, (npos, n, chunk)
+        assert (n - 1) * chunk < max(npos, 1), (npos, n, chunk)   # no empty trailing chunk

@@ -9,7 +9,10 @@ import os
 import subprocess
 import sys
 
-from benchmarks import train_report
+import pytest
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
+from benchmarks import train_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

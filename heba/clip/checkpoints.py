@@ -3,8 +3,14 @@
 Published HeBA checkpoints (``torch.save`` of a dict whose ``state_dict`` holds
 the learner's tensors) name the adapters ``visual_adapter.<i>.att_conv.*``,
 ``visual_adapter.<i>.mlp_conv.*``, ``text_adapter.<i>.{att_conv,mlp_conv}.*``,
-``<i>`` counting the adapted layers from 0; they also carry a ``tk_prompts``
-buffer (the tokenized class prompts), which is ignored here. Published
+``<i>`` the 1-based block index (VLM-HeBA ``AdapterLearner._build_adapter`` makes
+a ModuleList of ``layers + 1`` slots, slot 0 and unadapted layers None); they
+also carry a ``tk_prompts`` buffer (the tokenized class prompts), which is
+ignored here. The Dassl trainer writes them to
+``<out>/adapter_learner/model.pth.tar-<epoch>`` (dict: ``state_dict``, ``epoch``,
+``optimizer``, ``scheduler``, ``val_result``); :func:`find_checkpoint` finds
+one from the run folder, and :func:`published_layout` reads which towers and
+layers it adapts. Published
 AdapterTune checkpoints name them ``blocks.<i>.adapter.{down,up}.{weight,bias}``,
 ``<i>`` the image-tower block the adapter follows. These are exactly the keys
 of ``model.heba_adapters.state_dict()`` (see :mod:`heba.clip.wiring`), so a
@@ -29,6 +35,7 @@ from torch import nn
 from heba.clip.wiring import get_adapters
 
 __all__ = ["CheckpointError", "load_published_checkpoint", "extract_state_dict",
+           "find_checkpoint", "published_layout", "read_published",
            "load_adapter_state", "save_adapters", "load_adapters", "atomic_write",
            "atomic_torch_save"]
 
@@ -117,6 +124,64 @@ def load_published_checkpoint(model: nn.Module, source: Union[str, os.PathLike, 
     state = extract_state_dict(source)
     load_adapter_state(model, state, name)
     return state
+
+
+def read_published(path: str) -> dict:
+    """The adapter tensors of a published checkpoint file (``tk_prompts`` dropped)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    return extract_state_dict(obj)
+
+
+def find_checkpoint(path: str) -> tuple[str, str]:
+    """``(kind, file)`` for a checkpoint path: ``"heba"`` (safetensors + JSON) or ``"published"``.
+
+    ``path`` is a file, a heba run folder (``adapters.safetensors``), or a
+    published run folder (``<out>`` or ``<out>/adapter_learner``: the
+    ``model.pth.tar-<N>`` of largest ``N``, else ``model-best.pth.tar``).
+    """
+    if os.path.isfile(path):
+        return ("heba" if path.endswith(".safetensors") else "published"), path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    own = os.path.join(path, "adapters.safetensors")
+    if os.path.isfile(own):
+        return "heba", own
+    folder = os.path.join(path, "adapter_learner")
+    folder = folder if os.path.isdir(folder) else path
+    tagged = [f for f in os.listdir(folder) if f.startswith("model.pth.tar-")
+              and f.rsplit("-", 1)[1].isdigit()]
+    if tagged:
+        return "published", os.path.join(folder, max(tagged, key=lambda f: int(f.rsplit("-", 1)[1])))
+    if os.path.isfile(os.path.join(folder, "model-best.pth.tar")):
+        return "published", os.path.join(folder, "model-best.pth.tar")
+    raise CheckpointError(f"{path} holds no checkpoint (adapters.safetensors, or "
+                          f"adapter_learner/model.pth.tar-<epoch>)")
+
+
+def published_layout(state: Mapping[str, torch.Tensor]) -> dict:
+    """``{"towers", "start", "end"}`` a published HeBA state dict adapts (1-based layers).
+
+    >>> published_layout({"visual_adapter.3.att_conv.norm.bias": None,
+    ...                   "visual_adapter.5.mlp_conv.norm.bias": None})
+    {'towers': 'visual', 'start': 3, 'end': 5}
+    """
+    layers = {"visual": set(), "text": set()}
+    for k in state:
+        tower, _, rest = k.partition("_adapter.")
+        if tower in layers and rest.split(".")[0].isdigit():
+            layers[tower].add(int(rest.split(".")[0]))
+    used = [t for t in ("visual", "text") if layers[t]]
+    if not used:
+        raise CheckpointError("not a HeBA checkpoint: no visual_adapter.<i> / text_adapter.<i> "
+                              "keys")
+    every = set().union(*(layers[t] for t in used))
+    return dict(towers="both" if len(used) == 2 else used[0], start=min(every), end=max(every))
 
 
 def _method_of(state) -> Optional[str]:

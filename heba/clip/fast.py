@@ -305,7 +305,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         # autocast's weight cache must be off inside a capture (cast-once makes it moot).
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             loss = self.loss(*static[:3], static[3], length, cache=False)
             loss.backward()
             self.optimizer.step()
@@ -429,7 +429,7 @@ class GraphedStep:
         for p in self.params:
             p.grad = None            # backward allocates the gradients inside the graph
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outs = self.fn(*static)
             outs[0].backward()
         grads = [p.grad for p in self.params]

@@ -111,10 +111,12 @@ class ScalePolicy:
     from a counter-based stream of our own (torch's RNG is untouched):
 
     * Each tower keeps a forward counter (an int64 tensor on the model's device). At each
-      training forward of a tower (a forward pre-hook on its transformer, installed by
-      :func:`attach_heba`) the scales of all its blocks are computed on the device from
-      ``(seed, tower, block, counter)`` with an integer hash, and the counter is advanced
-      in place. No host sync, nothing drawn on the host.
+      training forward of a tower (its first adapted block's attention adapter asks
+      first: blocks run in order) the scales of all its blocks are computed on the device
+      from ``(seed, tower, block, counter)`` with an integer hash, and the counter is
+      advanced in place. No host sync, nothing drawn on the host. The wirings
+      (open_clip, timm, Hugging Face) tell the policy each adapter's (tower, block,
+      position) when they register (:func:`_register`).
     * CUDA graphs: a captured step replays the hash kernels, which read the counter from
       memory, and the in-place increment, so every replay draws new scales, exactly those
       of the same step run eagerly. (A ``torch.Generator`` would need registering with
@@ -169,17 +171,20 @@ class ScalePolicy:
         self.mode, self.draws, self.per_block = "base", draws, bool(per_block)
         self.seed = int(random.SystemRandom().getrandbits(63) if seed is None else seed)
         self._n_blocks: dict = {}         # tower -> blocks drawn per forward
+        self._first: dict = {}            # tower -> (block, pos) of its first adapter call
         self._keys: dict = {}             # tower -> [n_blocks, 2] int64 keys (lists if "host")
         self._counters = torch.zeros(2, dtype=torch.long)   # forwards so far, per tower
         self._host_counters = [0, 0]
         self._current: dict = {}          # tower -> this forward's scales (tensor or floats)
 
     # -- the stream ----------------------------------------------------------------------------
-    def bind(self, tower: str, n_blocks: int) -> None:
-        """Draw scales for blocks 0..n-1 (0-based) at each forward of ``tower``."""
+    def bind(self, tower: str, n_blocks: int, first: tuple = (0, 0)) -> None:
+        """Draw scales for blocks 0..n-1 (0-based) at each forward of ``tower``; ``first``:
+        the (block, position) of the tower's first adapter call, which starts a forward."""
         if tower not in _TOWER_IDS:
             raise ValueError(f"tower must be 'visual' or 'text', got {tower!r}")
         self._n_blocks[tower] = int(n_blocks)
+        self._first[tower] = tuple(first)
         keys = [[slow_fast_key(self.seed, tower, b, pos) for pos in (0, 1)]
                 for b in range(n_blocks)]
         self._keys[tower] = keys if self.draws == "host" else torch.tensor(keys)
@@ -197,7 +202,7 @@ class ScalePolicy:
     def begin(self, tower: str, device: torch.device, training: bool) -> None:
         """Draw the scales of one forward of ``tower`` (all its blocks) and advance its counter.
 
-        Called by the tower's forward pre-hook. Device-side: 20 element-wise kernels over
+        Called at the tower's first adapter call. Device-side: 20 element-wise kernels over
         ``[n_blocks, 2]``, no host sync; graph-capturable (the counter is read and advanced
         in device memory).
         """
@@ -234,22 +239,21 @@ class ScalePolicy:
         return self._value_cache[1]
 
     def scale(self, training: bool, tower: Optional[str] = None, block: Optional[int] = None,
-              pos: int = 0):
+              pos: int = 0, device: Optional[torch.device] = None):
         """The scale for the adapter at ``pos`` (0: attention, 1: MLP) of ``block`` (0-based)
-        of ``tower``: a Python float, or a 0-d float32 tensor on the device (the block's
-        slow-fast draw of this forward; with ``per_block=False`` the adapter's own)."""
+        of ``tower``, on ``device``: a Python float, or a 0-d float32 tensor on the device
+        (the block's slow-fast draw of this forward; with ``per_block=False`` the
+        adapter's own). The tower's first adapted site starts a new forward's draw."""
         if not training:
             return self.novel_scale if self.mode == "novel" else self.base_scale
         if not self.random:
             return self.base_scale
-        if tower is None or block is None:
-            raise ValueError("a random (slow-fast) training scale needs the adapter's tower "
-                             "and block (the adapters attach_heba wires pass them)")
-        if tower not in self._current:      # a block called outside its tower's forward
-            if tower not in self._keys:
-                raise ValueError(f"the policy has no {tower} tower bound (attach_heba binds it)")
-            device = self._counters.device if self.draws == "device" else None
-            self.begin(tower, device, training)
+        if tower not in self._keys or block is None:
+            raise ValueError(f"a random (slow-fast) training scale needs the adapter's tower "
+                             f"and block, bound by the wiring (got tower={tower!r}, "
+                             f"block={block!r}; bound: {sorted(self._keys)})")
+        if (block, pos) == self._first.get(tower) or tower not in self._current:
+            self.begin(tower, self._counters.device if device is None else device, True)
         return self._current[tower][block][pos if not self.per_block else 0]
 
     # -- evaluation mode, state ------------------------------------------------------------------
@@ -273,7 +277,7 @@ class ScalePolicy:
         if int(state["seed"]) != self.seed:
             self.seed = int(state["seed"])
             for tower, n in list(self._n_blocks.items()):
-                self.bind(tower, n)
+                self.bind(tower, n, self._first[tower])
         self._host_counters = list(counters)
         self._counters.copy_(torch.tensor(counters))
         self._current.clear()
@@ -284,25 +288,26 @@ class ScalePolicy:
                 f"mode={self.mode!r}, draws={self.draws!r}, per_block={self.per_block})")
 
 
-def _bind_policy(model: nn.Module, policy: ScalePolicy, which) -> list:
-    """Give every HeBA wrapper of the chosen towers its (tower, block) and hook each tower's
-    transformer so that the policy draws that forward's scales; returns the hook handles."""
-    handles = []
-    for tower, tr in towers(model).items():
-        if tower not in which:
+def _bind_sites(adapters: nn.Module, policy: ScalePolicy, replaced: list) -> None:
+    """Tell ``policy`` each HeBA wrapper's (tower, 0-based block, position) from the
+    container's published layout (``<tower>_adapter[i]`` = block ``i``, 1-based) and bind
+    the towers, whatever the backbone (open_clip, timm, Hugging Face)."""
+    sites = {}
+    for tower in ("visual", "text"):
+        slots = getattr(adapters, f"{tower}_adapter", None)
+        if slots is None or not len(slots):
             continue
-        policy.bind(tower, len(tr.resblocks))
-        for i, block in enumerate(tr.resblocks):
-            for pos, site in enumerate((getattr(block, "ln_1", None),
-                                        getattr(block.mlp, "c_fc", None))):
-                if isinstance(site, AdaptedOutput):
-                    site.site = (tower, i, pos)
-
-        def hook(module, args, kwargs, tower=tower):
-            x = args[0] if args else next(iter(kwargs.values()))
-            policy.begin(tower, x.device, module.training)
-        handles.append(tr.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
+        adapted = [j - 1 for j, layer in enumerate(slots) if layer is not None]
+        if not adapted:
+            continue
+        policy.bind(tower, len(slots) - 1, first=(adapted[0], 0))
+        for b in adapted:
+            sites[id(slots[b + 1].att_conv)] = (tower, b, 0)
+            sites[id(slots[b + 1].mlp_conv)] = (tower, b, 1)
+    for parent, name, _ in replaced:
+        wrapper = getattr(parent, name)
+        if isinstance(wrapper, AdaptedOutput) and id(wrapper.adapter) in sites:
+            wrapper.site = sites[id(wrapper.adapter)]
 
 
 class AdaptedOutput(nn.Module):
@@ -318,7 +323,7 @@ class AdaptedOutput(nn.Module):
         self.orig = orig
         self._adapter = (adapter,)  # a tuple hides it from nn.Module's registration
         self._policy = policy
-        self.site = (None, None, 0)    # (tower, 0-based block, 0 attention / 1 MLP): attach_heba
+        self.site = (None, None, 0)   # (tower, 0-based block, 0 attention / 1 MLP): _register
 
     @property
     def adapter(self) -> nn.Module:
@@ -337,7 +342,8 @@ class AdaptedOutput(nn.Module):
     def forward(self, *args, **kwargs):
         y = self.orig(*args, **kwargs)
         if isinstance(self.adapter, HeBAAdapter):
-            return self.adapter(y, scale=self._policy.scale(self.training, *self.site))
+            return self.adapter(y, scale=self._policy.scale(self.training, *self.site,
+                                                            device=y.device))
         return self.adapter(y)
 
     def extra_repr(self) -> str:
@@ -353,8 +359,14 @@ class HeBALayer(nn.Module):
 
 
 class HeBAAdapters(nn.Module):
-    """All HeBA adapters of a model: ``visual_adapter.<i>`` / ``text_adapter.<i>`` for the
-    ``i``-th adapted layer (from 0), each with ``att_conv`` and ``mlp_conv``."""
+    """All HeBA adapters of a model: ``visual_adapter[i]`` / ``text_adapter[i]`` for layer ``i``
+    (1-based), each with ``att_conv`` and ``mlp_conv``.
+
+    As in the published code, each container is a ModuleList of ``layers + 1``
+    slots whose slot 0 and unadapted layers are empty (None), so the state-dict
+    keys are the published ones (``visual_adapter.1.att_conv.down.weight`` for
+    block 1) and ``[i]`` is block ``i``'s adapters.
+    """
 
     method = "heba"
 
@@ -436,6 +448,8 @@ def _register(model: nn.Module, adapters: nn.Module, policy, flags: dict, replac
         getattr(parent, name).train(model.training)
     model.heba_adapters = adapters
     model.heba_policy = policy
+    if policy is not None and isinstance(adapters, HeBAAdapters):
+        _bind_sites(adapters, policy, replaced)
     # Not a module: what remove_adapters needs to undo everything.
     model.__dict__["_heba_undo"] = dict(flags=flags, replaced=replaced)
 
@@ -497,13 +511,15 @@ def attach_heba(model: nn.Module, towers_: str = "both", start: int = 1,
                           rescale_param_grad=rescale_param_grad, backend=backend)
             att = HeBAAdapter(dim, **kw, **common).to(device=device, dtype=dtype)
             mlp = HeBAAdapter(hidden, **kw, **common).to(device=device, dtype=dtype)
-            getattr(adapters, f"{tower}_adapter").append(HeBALayer(att, mlp))
+            slots = getattr(adapters, f"{tower}_adapter")
+            if not len(slots):
+                slots.extend([None] * (len(tr.resblocks) + 1))    # slot 0 stays empty
+            slots[i + 1] = HeBALayer(att, mlp)
             replaced.append((block, "ln_1", block.ln_1))
             block.ln_1 = AdaptedOutput(block.ln_1, att, policy)
             replaced.append((block.mlp, "c_fc", block.mlp.c_fc))
             block.mlp.c_fc = AdaptedOutput(block.mlp.c_fc, mlp, policy)
     _register(model, adapters, policy, flags, replaced)
-    model.__dict__["_heba_undo"]["hooks"] = _bind_policy(model, policy, which)
     return adapters
 
 
@@ -550,8 +566,6 @@ def remove_adapters(model: nn.Module) -> None:
     undo = model.__dict__.pop("_heba_undo", None)
     if undo is None:
         raise ValueError("this model has no heba adapters attached")
-    for handle in undo.get("hooks", ()):
-        handle.remove()
     for parent, name, orig in reversed(undo["replaced"]):
         setattr(parent, name, orig)      # ModuleList / Sequential setattr by str index works
     del model.heba_adapters
