@@ -199,8 +199,7 @@ def test_scale_policy():
     pol.bind("text", 1)
     draws = []
     for _ in range(4000):           # one draw per block and tower forward (tests/test_graph_step)
-        pol.begin("text", torch.device("cpu"), training=True)
-        draws.append(float(pol.scale(True, "text", 0)))
+        draws.append(float(pol.scale(True, "text", 0)))   # block 0: a new forward's draw
     assert set(draws) == {float(torch.tensor(0.025)), float(torch.tensor(0.025 * 2.25))}
     frac_fast = sum(d > 0.03 for d in draws) / len(draws)
     assert abs(frac_fast - 0.2) < 0.03, frac_fast

@@ -150,10 +150,10 @@ class ScalePolicy:
     Example::
 
         >>> pol = ScalePolicy(seed=0, slow_fast_ratio=0.5)
-        >>> pol.bind("text", 4)                    # attach_heba does this
+        >>> pol.bind("text", 4)                    # the wiring does this
         >>> for _ in range(2):                     # two forwards of the text tower
-        ...     pol.begin("text", torch.device("cpu"), training=True)
-        >>> [round(float(pol.scale(True, "text", i)), 5) for i in range(4)]
+        ...     s = [round(float(pol.scale(True, "text", i)), 5) for i in range(4)]
+        >>> s                                      # the second forward's four blocks
         [0.05625, 0.025, 0.025, 0.025]
         >>> pol.state_dict()
         {'seed': 0, 'counters': [0, 2]}

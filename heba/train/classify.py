@@ -223,7 +223,7 @@ class ClassifyRecipe(TrainRecipe):
         self.best = dict(best_val_acc=0.0, best_epoch=None)
         self.start_epoch = 0 if saved is None else self._load_state(saved)
         self.graph_off = graphs_reason(opts, self.device, self.world, self.precision,
-                                       self.model, self.step)
+                                       self.model, self.step, self.opt)
         self.fast_notes.append("CUDA graphs " + ("on" if self.graph_off is None
                                                  else f"off ({self.graph_off})"))
         self.train_step = self.step
@@ -250,9 +250,8 @@ class ClassifyRecipe(TrainRecipe):
         self.sched.load_state_dict(state["scheduler"])
         self.best = dict(state.get("best", self.best))
         policy = getattr(self.model, "heba_policy", None)
-        if "policy_rng" in state and policy is not None:
-            from heba.train.recipe import _tuple
-            policy._rng.setstate(_tuple(state["policy_rng"]))
+        if "scale_policy" in state and policy is not None:
+            policy.load_state_dict(state["scale_policy"])     # the slow-fast stream goes on
         return state["epoch"]
 
     # --- train ---------------------------------------------------------------------------
@@ -366,8 +365,7 @@ class ClassifyRecipe(TrainRecipe):
                      epoch=epoch, best=self.best)
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
-            from heba.train.recipe import _listify
-            state["policy_rng"] = _listify(policy._rng.getstate())
+            state["scale_policy"] = policy.state_dict()
         ckpt.atomic_torch_save(state, self.state_path)
         save_trainable(self.ck_path, self.model, self.cfg.method,
                        dict(self.cfg.to_dict(), epoch=epoch, accuracy=acc,
