@@ -379,7 +379,8 @@ def test_static_step_equals_published_step(n_classes):
 # shape depends on the data (nonzero, unique, masked_select, boolean-mask indexing).
 _SYNCS = {"item", "tolist", "nonzero", "argwhere", "unique", "unique_consecutive",
           "masked_select", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy",
-          "repeat_interleave", "bincount"}
+          "repeat_interleave", "bincount", "equal", "allclose", "is_nonzero",
+          "_local_scalar_dense"}
 
 
 class _SyncRecorder(torch.overrides.TorchFunctionMode):
