@@ -1,8 +1,8 @@
 """The published HeBA training step on a frozen CLIP ViT-B/16: the published code's eager step,
 torch.compile of it, and heba's fast path (heba-train's step), in one run.
 
-    pytest benchmarks/test_train_step.py --benchmark-only --benchmark-json=benchmarks/results/train.json
-    python -m benchmarks.train_report benchmarks/results/train.json
+    pytest benchmarks/test_train_step.py --benchmark-only --benchmark-json=results/train.json
+    python -m benchmarks.train_report results/train.json
 
 The recipe (VLM-HeBA ``configs/trainers/HeBA/base2new.yaml``, ``trainers/heba.py``): batch
 16 of 224x224 images, ~50 base classes (Caltech101 / Food101 / Flowers / UCF101 base

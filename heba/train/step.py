@@ -78,7 +78,8 @@ def candidate_slots(mask: torch.Tensor, k: int):
 
     Example::
 
-        >>> classes, valid, slot = candidate_slots(torch.tensor([0, 1, 0, 1, 1], dtype=torch.bool), 4)
+        >>> mask = torch.tensor([0, 1, 0, 1, 1], dtype=torch.bool)
+        >>> classes, valid, slot = candidate_slots(mask, 4)
         >>> classes.tolist(), valid.tolist(), slot[[1, 3, 4]].tolist()
         ([1, 3, 4, 0], [True, True, True, False], [0, 1, 2])
     """
