@@ -83,6 +83,9 @@ def _model(p):
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                    help="autocast precision (auto: on CUDA the recipe's, heba: fp16 with "
                         "loss scaling as published, adaptertune: bf16; fp32 on the CPU)")
+    g.add_argument("--eval-precision", choices=("train", "fp32"), default=None,
+                   help="test-time precision: train (the run's, default) or fp32 (as the "
+                        "published test(), which runs without autocast)")
     g.add_argument("--descriptions", default=None,
                    help="class descriptions: the published trainers/gpt3_prompts/<name>.py, "
                         "CuPL's JSON, or the folder of either (read, never executed)")
@@ -193,8 +196,8 @@ CONFIG_ARGS = ("method", "model", "pretrained", "quick_gelu", "towers", "start",
                "scale_factor", "slow_fast_ratio", "slow_fast_draw", "split", "shots", "seed", "test_per_class",
                "augment", "ctx_init", "descriptions", "epochs", "batch_size", "drop_last", "lr",
                "momentum", "weight_decay", "schedule", "label_smoothing", "candidates",
-               "neg_per_class", "precision", "model_kwargs", "optimizer", "warmup_epochs",
-               "grad_clip", "val_split")
+               "neg_per_class", "precision", "eval_precision", "model_kwargs", "optimizer",
+               "warmup_epochs", "grad_clip", "val_split")
 
 
 def config_overrides(args, source_default=None) -> dict:

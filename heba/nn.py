@@ -7,7 +7,7 @@ code, so their state dicts load with ``strict=True`` (see SPEC.md).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -90,7 +90,10 @@ class HeBAAdapter(nn.Module):
         else:  # "active gradient" init of the published HeBA code
             nn.init.kaiming_normal_(self.up.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        """``x + scale * adapter(x)``; ``scale`` a Python float or a 0-d floating tensor on
+        ``x``'s device (read from memory by the kernels: a captured CUDA graph replays with
+        the tensor's current value; bitwise the same results as the equal float)."""
         if self.modality == "visual":
             return ops.heba_visual(
                 x, self.down.weight, self.mid.weight, self.up.weight, self.norm.weight,

@@ -8,7 +8,7 @@ The math lives in :mod:`heba_kernels.reference` (see its docstring).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -55,12 +55,35 @@ def _check_params(x, params: dict):
                             f"adapter with .to({x.dtype}) or run under torch.autocast")
 
 
-def _check_scale(scale, name="scale"):
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(scale).__name__}")
+def _check_scale(scale, x, name="scale"):
+    """A Python float, or a 0-d floating tensor on x's device (returned detached, as a
+    contiguous float32 0-d tensor: the kernels read it from memory, so a captured CUDA
+    graph replays with whatever value it holds then). No gradient flows to ``scale``."""
+    if isinstance(scale, torch.Tensor):
+        if not scale.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
+                            f"got a tensor of dtype {scale.dtype}")
+        if scale.dim() != 0:
+            raise ValueError(f"{name} must be a Python float or a 0-d tensor, got a tensor "
+                             f"of shape {tuple(scale.shape)}")
+        if scale.device != x.device:
+            raise ValueError(f"{name} is a tensor on {scale.device} but x is on {x.device}; "
+                             f"put it on x's device")
+        return scale.detach().to(torch.float32).contiguous()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
+                        f"got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"{name} must be finite, got {scale}")
     return float(scale)
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return float(alpha)
 
 
 def resolve_grid(n_tokens: int, num_prefix_tokens: int,
@@ -108,7 +131,7 @@ def _call(op, backend, x, params, **kwargs):
 
 def heba_visual(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: torch.Tensor,
                 up_weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
-                scale: float = 1.0, *, num_prefix_tokens: int = 1,
+                scale: Union[float, torch.Tensor] = 1.0, *, num_prefix_tokens: int = 1,
                 grid: Optional[Sequence[int]] = None, batch_first: bool = True,
                 eps: float = 1e-5, rescale_param_grad: bool = True,
                 backend: str = "auto") -> torch.Tensor:
@@ -119,7 +142,9 @@ def heba_visual(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: torch.Te
             ``num_prefix_tokens`` pass through, the rest are a row-major H x W grid.
         down_weight: ``[h, D, 1, 1]``; mid_weight: ``[h, 1, 3, 3]``; up_weight: ``[D, h, 1, 1]``.
         norm_weight, norm_bias: ``[D]`` LayerNorm affine parameters.
-        scale: the outer residual's scale (a Python float).
+        scale: the outer residual's scale: a Python float, or a 0-d floating tensor on
+            ``x``'s device (read by the kernels from memory, so a captured CUDA graph
+            replays with its current value; bitwise the same results as the float).
         grid: ``(H, W)``; if None, ``H = W = sqrt(N - num_prefix_tokens)``.
         backend: ``"auto" | "reference" | "triton" | "cuda"``.
 
@@ -154,13 +179,15 @@ def heba_visual(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: torch.Te
         raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
     n_tokens = x.shape[1] if batch_first else x.shape[0]
     H, W = resolve_grid(n_tokens, num_prefix_tokens, grid)
-    return _call("heba_visual", backend, x, list(params.values()), scale=_check_scale(scale),
-                 num_prefix_tokens=num_prefix_tokens, grid=(H, W), batch_first=bool(batch_first),
-                 eps=float(eps), rescale_param_grad=bool(rescale_param_grad))
+    return _call("heba_visual", backend, x, list(params.values()),
+                 scale=_check_scale(scale, x), num_prefix_tokens=num_prefix_tokens, grid=(H, W),
+                 batch_first=bool(batch_first), eps=float(eps),
+                 rescale_param_grad=bool(rescale_param_grad))
 
 
 def heba_text(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
-              norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float = 1.0, *,
+              norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+              scale: Union[float, torch.Tensor] = 1.0, *,
               eps: float = 1e-5, rescale_param_grad: bool = True,
               backend: str = "auto") -> torch.Tensor:
     """HeBA text adapter, token-wise: ``x + scale * LayerNorm(x + up(gelu(down(x))))``.
@@ -168,6 +195,8 @@ def heba_text(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tenso
     Args:
         x: ``[..., D]`` tokens (``[B, N, D]`` or ``[N, B, D]``: the op is token-wise).
         down_weight: ``[h, D]``; up_weight: ``[D, h]``; norm_weight, norm_bias: ``[D]``.
+        scale: a Python float or a 0-d floating tensor on ``x``'s device (as in
+            :func:`heba_visual`).
 
     Example::
 
@@ -189,8 +218,9 @@ def heba_text(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tenso
     params = dict(down_weight=down_weight, up_weight=up_weight, norm_weight=norm_weight,
                   norm_bias=norm_bias)
     _check_params(x, params)
-    return _call("heba_text", backend, x, list(params.values()), scale=_check_scale(scale),
-                 eps=float(eps), rescale_param_grad=bool(rescale_param_grad))
+    return _call("heba_text", backend, x, list(params.values()),
+                 scale=_check_scale(scale, x), eps=float(eps),
+                 rescale_param_grad=bool(rescale_param_grad))
 
 
 def low_rank(x: torch.Tensor, down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
@@ -224,7 +254,7 @@ def low_rank(x: torch.Tensor, down_weight: torch.Tensor, down_bias: Optional[tor
                   up_bias=up_bias)
     _check_params(x, params)
     return _call("low_rank", backend, x, list(params.values()),
-                 alpha=_check_scale(alpha, "alpha"))
+                 alpha=_check_alpha(alpha))
 
 
 def _check_norm(norm_weight, norm_bias, dim):

@@ -21,15 +21,19 @@ TF32 (``torch.set_float32_matmul_precision("high")``), so float32 results
 meet SPEC.md's float32 tolerance.
 """
 
+import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes"]
+__all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
+           "scalar_arg", "device_guard"]
 
-OP_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# float64 (accepted by all three ops, as by the reference) computes as float32: operands
+# rounded to float32, float32 accumulation (SPEC.md section 3), results back in float64.
+OP_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 0}
 
 # Globals read inside @triton.jit functions must be constexpr.
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -50,6 +54,15 @@ def _gelu_grad(u):
     cdf = 0.5 * (1.0 + tl.math.erf(u * _INV_SQRT2))
     pdf = tl.exp(-0.5 * u * u) * _INV_SQRT_2PI
     return cdf + u * pdf
+
+
+@triton.jit
+def _scalar(value, ptr, FROM_PTR: tl.constexpr):
+    """A float32 scalar argument: ``value`` itself, or ``*ptr`` if ``FROM_PTR`` (a 0-d
+    tensor read at run time, so a captured CUDA graph replays with its current value)."""
+    if FROM_PTR:
+        value = tl.load(ptr).to(tl.float32)
+    return value
 
 
 @triton.jit
@@ -116,12 +129,29 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
 # ----------------------------------------------------------------------------- launch helpers
 
 def check_dtypes(op_name, x, *weights):
-    """The Triton kernels run float32/float16/bfloat16 (float64: use the reference)."""
+    """One rule for every Triton op: float32, float16, bfloat16 and float64 tensors are
+    accepted; float64 is computed in float32 (float32 accuracy, float64 results)."""
     for t in (x, *weights):
         if t is not None and t.dtype not in OP_CODES:
-            raise TypeError(f"the triton backend of {op_name} supports float32, float16 and "
-                            f"bfloat16 tensors, got {t.dtype}; use backend='reference' for "
-                            f"{t.dtype}")
+            raise TypeError(f"the triton backend of {op_name} supports float32, float16, "
+                            f"bfloat16 and float64 tensors, got {t.dtype}")
+
+
+def scalar_arg(value, dummy):
+    """``(value, ptr, FROM_PTR)`` for :func:`_scalar`: a Python float is passed by value
+    (``ptr`` is the unused ``dummy`` tensor), a 0-d float32 tensor by pointer."""
+    if isinstance(value, torch.Tensor):
+        return 0.0, value, True
+    return float(value), dummy, False
+
+
+def device_guard(t):
+    """Context in which to launch kernels on ``t``: Triton launches on the *current*
+    CUDA device and its current stream, so make ``t``'s device current (as the CUDA
+    backend's C++ guard does). A no-op for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def op_code(dtype):
@@ -131,7 +161,8 @@ def op_code(dtype):
 def launch_flags(device, op_dtype):
     """``(UPCAST, IEEE)`` constexpr flags for a launch on ``device`` with operands ``op_dtype``."""
     upcast = device.type != "cuda"   # the CPU runs through Triton's interpreter
-    ieee = op_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    ieee = op_dtype in (torch.float32, torch.float64) \
+        and torch.get_float32_matmul_precision() == "highest"
     return upcast, ieee
 
 
@@ -148,7 +179,8 @@ def num_sms(device):
 
 
 def atb(a, b, op_dtype, out_dtype, scale=1.0, colsum=False):
-    """``scale * a^T @ b`` (and ``scale * a.sum(0)`` if ``colsum``) reduced over the rows.
+    """``scale * a^T @ b`` (and ``scale * a.sum(0)`` if ``colsum``) reduced over the rows;
+    ``scale`` a float or a 0-d float32 tensor.
 
     Args:
         a: ``[M, I]``, b: ``[M, J]``, each with unit column stride (any row stride, any
@@ -181,13 +213,16 @@ def atb(a, b, op_dtype, out_dtype, scale=1.0, colsum=False):
     _atb_kernel[grid](a, b, c_part, s_part, M, I, J, rows_per_split, a.stride(0), b.stride(0),
                       COLSUM=colsum, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
                       OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=4)
+    # scale: a float (skipped when 1: multiplying by 1 is exact) or a 0-d float32 tensor
+    # (always applied: no host read of its value).
+    apply = isinstance(scale, torch.Tensor) or scale != 1.0
     c = c_part.sum(0)
-    if scale != 1.0:
+    if apply:
         c = c * scale
     s = None
     if colsum:
         s = s_part.sum(0)
-        if scale != 1.0:
+        if apply:
             s = s * scale
         s = s.to(out_dtype)
     return c.to(out_dtype), s

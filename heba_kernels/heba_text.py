@@ -42,6 +42,19 @@ per token chunk in separate slots, summed afterwards. ``dw``/``db`` partials
 are ``[programs, D]`` float32, summed afterwards. No atomics anywhere: **the
 backward is deterministic** (bitwise identical run to run on the same device).
 
+Wide bottlenecks (``h > WIDE_H`` = 512, e.g. the text MLP adapter of ViT-L/14,
+h = 768): ``u``, ``a`` and ``da`` no longer fit in registers as ``[BLOCK_M, h]``
+tiles, so ``_heba_text_bwd_kernel_dx_wide`` runs the same math with ``h`` in
+256-column chunks: ``u`` (float32) and ``a`` to ``[M, h]`` buffers, ``y``
+recomputed from ``a`` read back chunk by chunk, ``du`` to its buffer before the
+``dx`` sweep. Same rounding points (``a``, ``dy``, ``du`` rounded to the operand
+dtype as before), a different summation order over ``h``.
+
+``scale`` is a Python float or a 0-d float32 tensor on x's device that the
+kernels load (``SCALE_PTR``): a captured CUDA graph replays with its current
+value, bitwise the same results. Launches run under ``device_guard(x)``.
+float64 inputs are computed in float32 (float64 results).
+
 Matmul operands are rounded to the weights' dtype (under autocast
 :mod:`heba.ops` hands over bfloat16/float16 weights with a float32 ``x``);
 accumulation and the LayerNorm are float32; ``out`` and ``dx`` have ``x``'s
@@ -60,14 +73,15 @@ Example::
     torch.Size([4, 77, 512])
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
-                                         launch_flags, op_code)
+from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, atb,
+                                         check_dtypes, device_guard, launch_flags, op_code,
+                                         scalar_arg)
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
 
@@ -76,10 +90,12 @@ __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
 
 @triton.jit
 def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [H, D], WU [D, H]
-                          M, D, H, stride_xm, stride_om, scale, eps,
+                          M, D, H, stride_xm, stride_om, scale, scale_ptr, eps,
+                          SCALE_PTR: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
                           OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
     row_ok = rows < M
     rows64 = rows.to(tl.int64)                                         # M * D may pass 2^31
@@ -145,11 +161,13 @@ def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [
 @triton.jit
 def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
                              DX, DY, A_OUT, DU_OUT, DNW_PART, DNB_PART,
-                             M, D, H, stride_xm, stride_gm, stride_dxm, scale,
+                             M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
+                             SCALE_PTR: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
                              IEEE: tl.constexpr):
     pid = tl.program_id(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -239,6 +257,152 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
                  dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# Above this BLOCK_H the backward's three [BLOCK_M, BLOCK_H] float32 tiles no longer fit
+# in registers (scripts/triton_aot_check.py, sm_90: h=768/1024 at 16x16x1024 used 255
+# registers and spilled 380-396 bytes); from there the wide kernel below tiles h.
+WIDE_H = 512
+
+
+@triton.jit
+def _text_bwd_wide_hidden(X, WD, A_OUT, U_BUF, rows64, row_ok, offs_n, D, H,
+                          stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_HC: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                          IEEE: tl.constexpr):
+    """u = x W_d^T chunk by chunk of h: u to U_BUF (float32), a = gelu(u) to A_OUT."""
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        u = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < D
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                           mask=h_ok[None, :] & c_ok[:, None], other=0.0)
+            u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        hm = row_ok[:, None] & h_ok[None, :]
+        tl.store(U_BUF + h_ptrs, u, mask=hm)
+        tl.store(A_OUT + h_ptrs, _gelu(u).to(A_OUT.dtype.element_ty), mask=hm)
+
+
+@triton.jit
+def _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                     BLOCK_M: tl.constexpr, BLOCK_HC: tl.constexpr, OP: tl.constexpr,
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """y = x + a @ W_u^T for one column chunk, a read back from A_OUT chunk by chunk of h."""
+    y = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        a = tl.load(A_OUT + rows64[:, None] * H + offs_h[None, :],
+                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                       mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+        y = _mma(_op_cast(a, OP, UPCAST), _op_cast(wu_t, OP, UPCAST), y, IEEE)
+    return y
+
+
+@triton.jit
+def _heba_text_bwd_kernel_dx_wide(X, G, WD, WU, NW, MEAN, RSTD,
+                                  DX, DY, A_OUT, DU_OUT, U_BUF, DNW_PART, DNB_PART,
+                                  M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
+                                  SCALE_PTR: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_HC: tl.constexpr, OP: tl.constexpr,
+                                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """_heba_text_bwd_kernel_dx for h > WIDE_H: the same math, h in BLOCK_HC chunks, with
+    u (float32), a and du kept in [M, h] buffers instead of registers."""
+    pid = tl.program_id(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    _text_bwd_wide_hidden(X, WD, A_OUT, U_BUF, rows64, row_ok, offs_n, D, H, stride_xm,
+                          BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
+    tl.debug_barrier()                        # A_OUT is read back by other threads
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+    # Sweep 1: c1 = mean(dyhat * yhat), c2 = mean(dyhat); this program's dw, db partials.
+    c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                             BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dyhat = g * w[None, :]
+        c1 += tl.sum(dyhat * yhat, axis=1)
+        c2 += tl.sum(dyhat, axis=1)
+        tl.store(DNW_PART + pid * D + cols, tl.sum(g * yhat, axis=0), mask=c_ok)
+        tl.store(DNB_PART + pid * D + cols, tl.sum(g, axis=0), mask=c_ok)
+    c1 = c1 / D
+    c2 = c2 / D
+
+    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1) to DY.
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                             BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        yhat = (y - mean[:, None]) * rstd[:, None]
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+        dy = rstd[:, None] * (g * w[None, :] - c2[:, None] - yhat * c1[:, None])
+        tl.store(DY + rows64[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+    tl.debug_barrier()                        # DY is read back by other threads
+
+    # da = dy @ W_u and du = da * gelu'(u), chunk by chunk of h, to DU_OUT.
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        da = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < D
+            dy = tl.load(DY + rows64[:, None] * D + cols[None, :],
+                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wu = tl.load(WU + cols[:, None] * H + offs_h[None, :],
+                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)     # [BLOCK_N, BLOCK_HC]
+            da = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), da, IEEE)
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        hm = row_ok[:, None] & h_ok[None, :]
+        u = tl.load(U_BUF + h_ptrs, mask=hm, other=0.0)
+        tl.store(DU_OUT + h_ptrs, (da * _gelu_grad(u)).to(DU_OUT.dtype.element_ty), mask=hm)
+    tl.debug_barrier()                        # DU_OUT is read back by other threads
+
+    # Sweep 3: dx = g + scale * (dy + du @ W_d).
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        acc = tl.load(DY + rows64[:, None] * D + cols[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+        for h0 in range(0, H, BLOCK_HC):
+            offs_h = h0 + tl.arange(0, BLOCK_HC)
+            h_ok = offs_h < H
+            du = tl.load(DU_OUT + rows64[:, None] * H + offs_h[None, :],
+                         mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            wd = tl.load(WD + offs_h[:, None] * D + cols[None, :],
+                         mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :],
+                 (g + scale * acc).to(DX.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _rows(t):
@@ -260,6 +424,12 @@ def _config(H, op_dtype, backward):
     backward holds three ``[BLOCK_M, BLOCK_H]`` float32 tiles, the forward one;
     float32 operands ("ieee" products on FMA units) need about twice the
     registers of 16-bit ones. Not yet tuned by timing.
+
+    Measured with the launch-like hints of scripts/triton_aot_check.py (sm_90): backward
+    h=512 16x16x512 255 registers, no spill (16-bit; 12 B in float32); h=768/1024 with
+    the old single kernel (16x16x1024) 255 registers and 380-396 B of spills, hence the
+    wide kernel: 32x32, h chunks of 256, 232-237 registers, no spill (16-bit; float32
+    16x32: 128 registers, 28 B), 32-48 KiB shared memory.
     """
     BLOCK_H = max(16, triton.next_power_of_2(H))
     wide = op_dtype == torch.float32
@@ -269,7 +439,13 @@ def _config(H, op_dtype, backward):
         BLOCK_N = 32 if BLOCK_H <= 256 else 16                         # [BLOCK_H, BLOCK_N] tiles
     else:
         BLOCK_N = 64 if BLOCK_H <= 128 else 32
+    if backward and BLOCK_H > WIDE_H:
+        # The wide kernel: h in _WIDE_BLOCK_HC chunks; its tiles are [BLOCK_M, 256].
+        return (16 if wide else 32), 32, BLOCK_H, 8
     return BLOCK_M, BLOCK_N, BLOCK_H, 8
+
+
+_WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
 
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
@@ -288,10 +464,11 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     upcast, ieee = launch_flags(x.device, op_dtype)
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=False)
     grid = (triton.cdiv(M, BLOCK_M),)
+    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
     _heba_text_fwd_kernel[grid](
         x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
-        M, D, H, x2.stride(0), out2.stride(0), float(scale), float(eps),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
+        M, D, H, x2.stride(0), out2.stride(0), scale_v, scale_p, float(eps),
+        SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
         OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
     return out, mean, rstd
 
@@ -304,7 +481,7 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
     op_dtype = down_weight.dtype
-    p_scale = 1.0 if rescale_param_grad else float(scale)
+    p_scale = 1.0 if rescale_param_grad else scale        # a float or a 0-d tensor
     dev = x.device
     dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
     dy = torch.empty(M, D, device=dev, dtype=x.dtype)                  # dL/dy      [M, D]
@@ -320,12 +497,23 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
         grid = (triton.cdiv(M, BLOCK_M),)
         dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
         dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
-        _heba_text_bwd_kernel_dx[grid](
-            x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
-            dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
-            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), float(scale),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
-            OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
+        scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
+        common = dict(SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
+                      num_stages=2)
+        if BLOCK_H > WIDE_H:
+            u_buf = torch.empty(M, H, device=dev, dtype=torch.float32)  # u, float32 [M, H]
+            _heba_text_bwd_kernel_dx_wide[grid](
+                x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+                dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
+                M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+                BLOCK_HC=_WIDE_BLOCK_HC, **common)
+        else:
+            _heba_text_bwd_kernel_dx[grid](
+                x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+                dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
+                M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+                BLOCK_H=BLOCK_H, **common)
         dnw = (dnw_part.sum(0) * p_scale).to(norm_weight.dtype)
         dnb = (dnb_part.sum(0) * p_scale).to(norm_weight.dtype)
     d_up, _ = atb(dy, a_buf, op_dtype, up_weight.dtype, scale=p_scale)        # [D, H]
@@ -338,14 +526,18 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
 @torch.library.custom_op("heba::triton_text_fwd", mutates_args=())
 def _heba_text_fwd_op(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
                       norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
-                      eps: float, rescale_param_grad: bool
+                      scale_t: Optional[torch.Tensor], eps: float, rescale_param_grad: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # rescale_param_grad is unused here: it is an input so that the backward sees it.
-    return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
+    # The scale is scale_t (0-d float32) if given, else scale. rescale_param_grad is
+    # unused here: it is an input so that the backward sees it.
+    with device_guard(x):
+        return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias,
+                             scale if scale_t is None else scale_t, eps)
 
 
 @_heba_text_fwd_op.register_fake
-def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_param_grad):
+def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
+      rescale_param_grad):
     M = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
@@ -354,35 +546,39 @@ def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_par
 @torch.library.custom_op("heba::triton_text_bwd", mutates_args=())
 def _heba_text_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
                       up_weight: torch.Tensor, norm_weight: torch.Tensor, mean: torch.Tensor,
-                      rstd: torch.Tensor, scale: float, rescale_param_grad: bool
+                      rstd: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
+                      rescale_param_grad: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor]:
-    return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
-                         rescale_param_grad)
+    with device_guard(x):
+        return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd,
+                             scale if scale_t is None else scale_t, rescale_param_grad)
 
 
 @_heba_text_bwd_op.register_fake
-def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, rescale_param_grad):
+def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, scale_t,
+      rescale_param_grad):
     return (x.new_empty(x.shape), down_weight.new_empty(down_weight.shape),
             up_weight.new_empty(up_weight.shape), norm_weight.new_empty(norm_weight.shape),
             norm_weight.new_empty(norm_weight.shape))
 
 
 def _heba_text_setup_context(ctx, inputs, output):
-    x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, rescale_param_grad = inputs
+    (x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
+     rescale_param_grad) = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd)
+    ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd, scale_t)
     ctx.scale = scale
     ctx.rescale_param_grad = rescale_param_grad
 
 
 def _heba_text_backward(ctx, g, _g_mean, _g_rstd):
-    x, down_weight, up_weight, norm_weight, mean, rstd = ctx.saved_tensors
+    x, down_weight, up_weight, norm_weight, mean, rstd, scale_t = ctx.saved_tensors
     dx, d_down, d_up, dnw, dnb = torch.ops.heba.triton_text_bwd(
-        g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale,
+        g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale, scale_t,
         ctx.rescale_param_grad)
-    return dx, d_down, d_up, dnw, dnb, None, None, None
+    return dx, d_down, d_up, dnw, dnb, None, None, None, None
 
 
 torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
@@ -398,7 +594,8 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
     Args:
         x: ``[..., D]`` tokens, float32/float16/bfloat16, any strides.
         down_weight: ``[h, D]``; up_weight: ``[D, h]``; norm_weight, norm_bias: ``[D]``.
-        scale: the outer residual's scale (Python float; 0 is fine).
+        scale: the outer residual's scale: a Python float, or a 0-d float32 tensor on
+            x's device, read by the kernels (0 is fine).
         eps: LayerNorm epsilon.
         rescale_param_grad: parameter gradients as if ``scale`` were 1 (SPEC.md) if True,
             plain gradients if False. ``x``'s gradient is the true one either way.
@@ -406,7 +603,9 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
     Returns ``[..., D]`` in ``x``'s dtype.
     """
     check_dtypes("heba_text", x, down_weight, up_weight, norm_weight, norm_bias)
+    tensor = isinstance(scale, torch.Tensor)
     out, _, _ = torch.ops.heba.triton_text_fwd(
         x, down_weight.contiguous(), up_weight.contiguous(), norm_weight.contiguous(),
-        norm_bias.contiguous(), float(scale), float(eps), bool(rescale_param_grad))
+        norm_bias.contiguous(), 0.0 if tensor else float(scale), scale if tensor else None,
+        float(eps), bool(rescale_param_grad))
     return out

@@ -62,8 +62,19 @@ bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
 dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
-buffer. Parameter gradients are per-program float32 partials summed by
-``torch.sum``: deterministic, no atomics.
+buffer. Parameter gradients are float32 partials summed by ``torch.sum``:
+deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number of
+slots: the _dy and _dv kernels run ``S`` programs along the batch axis
+(``_partial_images``: ``8 * SMs // nT`` on a GPU), program ``s`` summing images
+``s, s + S, ...`` in that fixed order into its own slot, so those buffers are
+``S * nT * (2 D + 9 h) * 4`` bytes whatever the batch (74 MB at a 24x24 grid,
+D=4096 on 132 SMs; one slot per image and token block took 1.28 GB at B=1024).
+
+``scale`` is a Python float (a kernel argument) or a 0-d float32 tensor on x's
+device, which the kernels load (``SCALE_PTR``/``GS_PTR``/``XS_PTR``), so a
+captured CUDA graph replays with the tensor's current value; both give the same
+bits. Every launch runs under ``device_guard(x)``: Triton launches on the
+current device's current stream. float64 inputs are computed in float32.
 
 Environment variables: ``TRITON_INTERPRET=1`` (run on the CPU through Triton's
 interpreter; matmul operands are then upcast to float32, since the interpreter's
@@ -78,6 +89,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from heba_kernels._triton_common import _scalar, check_dtypes, device_guard, scalar_arg
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd"]
 
@@ -210,12 +223,14 @@ def _heba_visual_kernel_dwconv(
 def _heba_visual_fwd_kernel(
     x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,   # s = gelu(v) [B, HW, h]
     stride_xb, stride_xn, stride_ob, stride_on,
-    HW, D, h, P, scale, eps,
+    HW, D, h, P, scale, scale_ptr, eps,
+    SCALE_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
     p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     p_mask = p < HW
     n = (P + p).to(tl.int64)
@@ -274,18 +289,15 @@ def _heba_visual_fwd_kernel(
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dy(
-    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
-    dy_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; partials [B*nT, D] fp32
-    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    HW, D, h, P, gs,
+def _heba_visual_bwd_dy_image(
+    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr, dnw_slot, dnb_slot,
+    b, p, p_mask, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+    HW, D, h, P, gs, ACCUMULATE,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
+    """LayerNorm backward of one image's token block; adds its dgamma/dbeta to the slot
+    (``ACCUMULATE`` False: the slot's first image, which overwrites it)."""
     n = (P + p).to(tl.int64)
     x_rows = x_ptr + b * stride_xb + n * stride_xn
     g_rows = g_ptr + b * stride_gb + n * stride_gn
@@ -293,7 +305,6 @@ def _heba_visual_bwd_kernel_dy(
     s_img = s_ptr + b * HW * h
     mean = tl.load(mean_ptr + b * HW + p, mask=p_mask, other=0.0)
     rstd = tl.load(rstd_ptr + b * HW + p, mask=p_mask, other=0.0)
-    part = (b * tl.num_programs(0) + pid_t) * D
 
     # Sweep 1: the two row reductions of LayerNorm backward, and dgamma/dbeta partials.
     c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -311,8 +322,10 @@ def _heba_visual_bwd_kernel_dy(
         dyhat = ga * gamma[None, :]
         c1 += tl.sum(dyhat, axis=1)
         c2 += tl.sum(dyhat * yhat, axis=1)
-        tl.store(dnw_part_ptr + part + d, tl.sum(ga * yhat, axis=0), mask=d_mask)
-        tl.store(dnb_part_ptr + part + d, tl.sum(ga, axis=0), mask=d_mask)
+        old_w = tl.load(dnw_slot + d, mask=d_mask & ACCUMULATE, other=0.0)
+        old_b = tl.load(dnb_slot + d, mask=d_mask & ACCUMULATE, other=0.0)
+        tl.store(dnw_slot + d, old_w + tl.sum(ga * yhat, axis=0), mask=d_mask)
+        tl.store(dnb_slot + d, old_b + tl.sum(ga, axis=0), mask=d_mask)
     c1 = c1 / D
     c2 = c2 / D
 
@@ -333,39 +346,79 @@ def _heba_visual_bwd_kernel_dy(
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dv(
-    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32, dWm part [B*nT, h, 9]
-    stride_db, stride_dn,
-    H, W, HW, D, h, P,
+def _heba_visual_bwd_kernel_dy(
+    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
+    dy_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; partials [S*nT, D] fp32
+    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+    B, HW, D, h, P, gs, gs_ptr,
+    GS_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
+    (``S`` programs along the batch axis), summing their dgamma/dbeta into slot
+    ``s * nT + t``: the partial buffers stay ``[S * nT, D]`` whatever the batch."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_s = tl.num_programs(1)
+    gs = _scalar(gs, gs_ptr, GS_PTR)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_t) * D
+    for i in range(0, tl.cdiv(B - pid_s, n_s)):
+        b = pid_s.to(tl.int64) + i * n_s
+        _heba_visual_bwd_dy_image(
+            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr,
+            dnw_part_ptr + slot, dnb_part_ptr + slot, b, p, p_mask,
+            stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+        # The next image reads back this slot, written by other threads of the program.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dv(
+    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32; [S*nT, h, 9]
+    stride_db, stride_dn,
+    B, H, W, HW, D, h, P,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Program ``(t, c, s)``: images ``s, s + S, ...`` in order, as the _dy kernel; the
+    dWm partial of slot ``s * nT + t`` is accumulated on chip (9 taps padded to 16)."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    pid_s = tl.program_id(2)
+    n_s = tl.num_programs(2)
     p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     p_mask = p < HW
     c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
-    dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
-    ds = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)                            # Wu^T dy
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        dy = tl.load(dy_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
-                     other=0.0)                                                    # [BT, BD]
-        wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
-                     mask=d_mask[:, None] & c_mask[None, :], other=0.0)            # [BD, BH]
-        ds = tl.dot(dy.to(DOT_DTYPE), wu.to(DOT_DTYPE), ds, input_precision=DOT_PREC)
-    u_img = u_ptr + b * HW * h
-    v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
-    dv = ds * _gelu_grad(v)                                                        # [BT, BH]
-    tl.store(dv_ptr + (b * HW + p)[:, None] * h + c[None, :], dv,
-             mask=p_mask[:, None] & c_mask[None, :])
-    part = dwm_part_ptr + (b * tl.num_programs(0) + pid_t) * h * 9
-    for k in tl.static_range(9):
-        un = _shifted(u_img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
-        tl.store(part + c * 9 + k, tl.sum(dv * un, axis=0), mask=c_mask)
+    taps = tl.arange(0, 16)
+    dwm = tl.zeros((BLOCK_H, 16), dtype=tl.float32)                                # [BH, 9 taps]
+    for i in range(0, tl.cdiv(B - pid_s, n_s)):
+        b = pid_s.to(tl.int64) + i * n_s
+        dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
+        ds = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)                        # Wu^T dy
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = d < D
+            dy = tl.load(dy_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
+                         other=0.0)                                                # [BT, BD]
+            wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
+                         mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BH]
+            ds = tl.dot(dy.to(DOT_DTYPE), wu.to(DOT_DTYPE), ds, input_precision=DOT_PREC)
+        u_img = u_ptr + b * HW * h
+        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
+        dv = ds * _gelu_grad(v)                                                    # [BT, BH]
+        tl.store(dv_ptr + (b * HW + p)[:, None] * h + c[None, :], dv,
+                 mask=p_mask[:, None] & c_mask[None, :])
+        for k in tl.static_range(9):
+            un = _shifted(u_img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
+            dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
+    part = dwm_part_ptr + (pid_s.to(tl.int64) * tl.num_programs(0) + pid_t) * h * 9
+    tl.store(part + c[:, None] * 9 + taps[None, :], dwm,
+             mask=c_mask[:, None] & (taps[None, :] < 9))
 
 
 @triton.jit
@@ -402,13 +455,15 @@ def _heba_visual_bwd_kernel_dwu(
 def _heba_visual_bwd_kernel_dx(
     g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B, HW, h]; dx holds dy on entry (grid tokens)
     stride_gb, stride_gn, stride_db, stride_dn,
-    HW, D, h, P, xs,
+    HW, D, h, P, xs, xs_ptr,
+    XS_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    xs = _scalar(xs, xs_ptr, XS_PTR)
     p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     p_mask = p < HW
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -511,8 +566,11 @@ def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
         BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
         DOT_DTYPE=dot_dtype,
         DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
-        # 8 warps: at these tiles 4 warps need 255 registers and spill in the _dy and _dv
-        # kernels (cuobjdump -res-usage of the sm_90 cubins); 8 warps fit without spills.
+        # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
+        # D64, D = 768..4096, bf16): down 48 regs, fwd 80, _dy 128, _dv 128 + 20 B spill
+        # (fp16 32 B, fp32 x with bf16 w 44 B; fp32 192 regs, no spill), _dwu/_dx/_dwd
+        # 46-62, dwconv 48; smem <= 49 KiB. _dv alone spilled: it runs with BLOCK_H 32
+        # (105 registers, no spill; see heba_visual_bwd).
         num_warps=4 if interpret else 8,
     )
 
@@ -526,10 +584,22 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _partial_images(B: int, n_t: int, device: torch.device) -> int:
+    """Programs ``S`` along the batch axis of the _dy and _dv kernels: each sums the
+    dgamma/dbeta/dWm partials of images ``s, s + S, ...`` into its own slot, so those
+    buffers hold ``S * nT`` slots, not ``B * nT`` (at B=1024, a 24x24 grid, D=4096 on an
+    H200: 8 * 132 programs, 74 MB instead of 1.28 GB). Two in the interpreter, so that
+    the tests run the summing path."""
+    if _interpreting() or device.type != "cuda":
+        return min(B, 2)
+    return max(1, min(B, (8 * _num_sms(device)) // n_t))
+
+
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                    scale: float, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
+                    scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
                     eps: float):
-    """Forward launcher. Returns ``(out, u, mean, rstd)``.
+    """Forward launcher. Returns ``(out, u, mean, rstd)``. ``scale``: a float or a 0-d
+    float32 tensor on x's device (read by the kernel).
 
     ``out`` has ``x``'s shape and dtype (contiguous); ``u`` ``[B, HW, h]`` in the
     weights' dtype; ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
@@ -557,14 +627,15 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
         u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
+    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
     _heba_visual_fwd_kernel[(n_t, B)](
         x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
-        HW, D, h, P, float(scale), float(eps), **cfg)
+        HW, D, h, P, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **cfg)
     return out, u, mean, rstd
 
 
 def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
-                    norm_weight, norm_bias, scale: float, num_prefix_tokens: int, H: int,
+                    norm_weight, norm_bias, scale, num_prefix_tokens: int, H: int,
                     W: int, batch_first: bool, rescale_param_grad: bool):
     """Backward launcher. Returns the gradients of ``x`` and the five parameters.
 
@@ -578,7 +649,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     B = x.shape[0] if batch_first else x.shape[1]
     D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
     dev = x.device
-    gs, xs = (1.0, float(scale)) if rescale_param_grad else (float(scale), 1.0)
+    gs, xs = (1.0, scale) if rescale_param_grad else (scale, 1.0)   # floats or 0-d tensors
     dx = _new(x.shape, x.dtype, dev)
     if B == 0:
         return (dx, torch.zeros_like(down_weight), torch.zeros_like(mid_weight),
@@ -602,16 +673,21 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     _heba_visual_kernel_dwconv[(n_t, n_h, B)](
         u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
         num_warps=cfg["num_warps"])
-    dnw_part = _new((B * n_t, D), torch.float32, dev)
-    dnb_part = _new((B * n_t, D), torch.float32, dev)
-    _heba_visual_bwd_kernel_dy[(n_t, B)](
+    n_s = _partial_images(B, n_t, dev)
+    dnw_part = _new((n_s * n_t, D), torch.float32, dev)
+    dnb_part = _new((n_s * n_t, D), torch.float32, dev)
+    gs_v, gs_p, gs_from_ptr = scalar_arg(gs, mean)
+    _heba_visual_bwd_kernel_dy[(n_t, n_s)](
         x, g, s, wu, nw, mean, rstd, dx, dnw_part, dnb_part,
-        sxb, sxn, sgb, sgn, sdb, sdn, HW, D, h, P, gs, **cfg)
+        sxb, sxn, sgb, sgn, sdb, sdn, B, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **cfg)
 
     dv = _new((B, HW, h), torch.float32, dev)
-    dwm_part = _new((B * n_t, h, 9), torch.float32, dev)
-    _heba_visual_bwd_kernel_dv[(n_t, n_h, B)](
-        dx, u, wm, wu, dv, dwm_part, sdb, sdn, H, W, HW, D, h, P, **cfg)
+    dwm_part = _new((n_s * n_t, h, 9), torch.float32, dev)
+    # h in 32-column blocks here: at 64 the kernel spills 20-44 B (128 registers) in every
+    # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
+    dv_bh = min(32, BH)
+    _heba_visual_bwd_kernel_dv[(n_t, triton.cdiv(h, dv_bh), n_s)](
+        dx, u, wm, wu, dv, dwm_part, sdb, sdn, B, H, W, HW, D, h, P, **dict(cfg, BLOCK_H=dv_bh))
 
     # Weight gradients reduce over every token: split-K over token tiles, enough
     # splits to fill the GPU (3 in the interpreter, so the split path is tested).
@@ -633,8 +709,9 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
         x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
     # Last: turns dy (still read by the kernels above) into dx, in place.
+    xs_v, xs_p, xs_from_ptr = scalar_arg(xs, mean)
     _heba_visual_bwd_kernel_dx[(n_t, n_d, B)](
-        g, du, wd, dx, sgb, sgn, sdb, sdn, HW, D, h, P, xs, **cfg)
+        g, du, wd, dx, sgb, sgn, sdb, sdn, HW, D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
 
     return (dx,
             dwd_part.sum(0).reshape(down_weight.shape).to(down_weight.dtype),
@@ -650,17 +727,21 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
 @torch.library.custom_op("heba::triton_visual_fwd", mutates_args=())
 def _triton_visual_fwd(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: torch.Tensor,
                        up_weight: torch.Tensor, norm_weight: torch.Tensor,
-                       norm_bias: torch.Tensor, scale: float, num_prefix_tokens: int, H: int,
-                       W: int, batch_first: bool, eps: float, rescale_param_grad: bool
+                       norm_bias: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
+                       num_prefix_tokens: int, H: int, W: int, batch_first: bool, eps: float,
+                       rescale_param_grad: bool
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, u, mean, rstd)``; ``rescale_param_grad`` is only read by the backward."""
-    return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                           scale, num_prefix_tokens, H, W, batch_first, eps)
+    """``(out, u, mean, rstd)``; the scale is ``scale_t`` (0-d float32) if given, else
+    ``scale``; ``rescale_param_grad`` is only read by the backward."""
+    with device_guard(x):
+        return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+                               scale if scale_t is None else scale_t, num_prefix_tokens, H, W,
+                               batch_first, eps)
 
 
 @_triton_visual_fwd.register_fake
-def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, num_prefix_tokens,
-      H, W, batch_first, eps, rescale_param_grad):
+def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
+      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad):
     B = x.shape[0] if batch_first else x.shape[1]
     h = mid_weight.shape[0]
     return (x.new_empty(x.shape), down_weight.new_empty((B, H * W, h)),
@@ -673,20 +754,21 @@ def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torc
                        mean: torch.Tensor, rstd: torch.Tensor, down_weight: torch.Tensor,
                        mid_weight: torch.Tensor, up_weight: torch.Tensor,
                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
-                       num_prefix_tokens: int, H: int, W: int, batch_first: bool,
-                       rescale_param_grad: bool
+                       scale_t: Optional[torch.Tensor], num_prefix_tokens: int, H: int, W: int,
+                       batch_first: bool, rescale_param_grad: bool
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
     """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``;
     ``u`` None: recomputed from ``x``."""
-    return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
-                           norm_weight, norm_bias, scale, num_prefix_tokens, H, W,
-                           batch_first, rescale_param_grad)
+    with device_guard(x):
+        return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
+                               norm_weight, norm_bias, scale if scale_t is None else scale_t,
+                               num_prefix_tokens, H, W, batch_first, rescale_param_grad)
 
 
 @_triton_visual_bwd.register_fake
 def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-      scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad):
+      scale, scale_t, num_prefix_tokens, H, W, batch_first, rescale_param_grad):
     return (x.new_empty(x.shape), torch.empty_like(down_weight), torch.empty_like(mid_weight),
             torch.empty_like(up_weight), torch.empty_like(norm_weight),
             torch.empty_like(norm_bias))
@@ -696,20 +778,22 @@ def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weigh
 
 
 def _setup_context(ctx, inputs, output):
-    (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, num_prefix_tokens,
-     H, W, batch_first, eps, rescale_param_grad) = inputs
+    (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
+     num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad) = inputs
     _, u, mean, rstd = output
     ctx.mark_non_differentiable(u, mean, rstd)
     if x.shape[-1] < SAVE_U_MIN_DIM:
         u = None                  # memory-bound width: the backward recomputes it
     ctx.save_for_backward(x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight,
-                          norm_bias)
+                          norm_bias, scale_t)
     ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad)
 
 
 def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd):
-    grads = torch.ops.heba.triton_visual_bwd(grad_out, *ctx.saved_tensors, *ctx.args)
-    return (*grads, None, None, None, None, None, None, None)
+    *saved, scale_t = ctx.saved_tensors
+    scale, *rest = ctx.args
+    grads = torch.ops.heba.triton_visual_bwd(grad_out, *saved, scale, scale_t, *rest)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("heba::triton_visual_fwd", _backward,
@@ -737,9 +821,12 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
         >>> a(torch.randn(2, 1 + 7 * 7, 64, device="cuda"), scale=0.025).shape
         torch.Size([2, 50, 64])
     """
+    check_dtypes("heba_visual", x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)
     H, W = grid
+    tensor = isinstance(scale, torch.Tensor)
     out, _, _, _ = torch.ops.heba.triton_visual_fwd(
-        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, float(scale),
+        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+        0.0 if tensor else float(scale), scale if tensor else None,
         int(num_prefix_tokens), int(H), int(W), bool(batch_first), float(eps),
         bool(rescale_param_grad))
     return out

@@ -1,10 +1,13 @@
-"""Compile heba's Triton text and low-rank kernels for a GPU target without a GPU.
+"""Compile every heba Triton kernel (text, low-rank, visual, the dW reduction) for a GPU
+target without a GPU, the way the launchers launch them.
 
-For every block-size choice the launchers make (``_config`` in
-``heba_kernels/heba_text.py`` and ``heba_kernels/low_rank.py``), this compiles
-the kernel ahead of time for ``--arch`` (default 90: H100/H200) with the
-installed Triton and its bundled ptxas, and prints shared memory, registers and
-register-spill bytes. It fails (exit 1) when a kernel does not compile or needs
+For every block-size choice the launchers make (``_config`` in each kernel module),
+this compiles the kernel ahead of time for ``--arch`` (default 90: H100/H200) with the
+installed Triton and its bundled ptxas, with the specialisation a real launch gets
+(pointers 16-byte aligned, int arguments divisible by 16 marked so, ints equal to 1
+made constants, at CLIP shapes: ViT-B/16 and ViT-L/14 widths, 14x14 grid, 77 text
+tokens, batch 32), and prints shared memory, registers and register-spill bytes.
+It fails (exit 1) when a kernel does not compile or needs
 more shared memory than the target has. No CUDA driver is needed; it takes a
 few minutes on two cores.
 
@@ -26,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from heba_kernels import _triton_common, heba_text, low_rank  # noqa: E402
+from heba_kernels import _triton_common, heba_text, heba_visual, low_rank  # noqa: E402
 from heba_kernels._triton_common import OP_CODES  # noqa: E402
 
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -39,25 +42,32 @@ DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
 def _cases():
     for xdt, wdt in DTYPES:
         xs, ws = TY[xdt], TY[wdt]
-        for H in (10, 128, 256, 512):
+        for H in (10, 128, 256, 512, 768, 1024):
             for bwd in (False, True):
                 BM, BN, BH, nw = heba_text._config(H, wdt, backward=bwd)
-                c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_H=BH)
+                c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_H=BH, _shown=f"{BM}x{BN}x{BH}",
+                         _shape=dict(D=4 * H, h=H))
                 if bwd:
                     ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
                                 DX=xs, DY=xs, A_OUT=ws, DU_OUT=ws, DNW_PART="fp32",
-                                DNB_PART="fp32")
-                    yield ("heba_text bwd", H, xdt, wdt, "_heba_text_bwd_kernel_dx", ptrs,
-                           ("scale",), c, nw)
+                                DNB_PART="fp32", U_BUF="fp32", scale_ptr="fp32")
+                    kernel, c["SCALE_PTR"] = "_heba_text_bwd_kernel_dx", False
+                    if BH > heba_text.WIDE_H:
+                        kernel = "_heba_text_bwd_kernel_dx_wide"
+                        c["BLOCK_HC"] = heba_text._WIDE_BLOCK_HC
+                        c["_shown"] = f"{BM}x{BN}x{c.pop('BLOCK_H')}(h chunks {c['BLOCK_HC']})"
+                    yield ("heba_text bwd", H, xdt, wdt, kernel, ptrs, ("scale",), c, nw)
                 else:
                     ptrs = dict(X=xs, WD=ws, WU=ws, NW=ws, NB=ws, OUT=xs, MEAN="fp32",
-                                RSTD="fp32")
+                                RSTD="fp32", scale_ptr="fp32")
+                    c["SCALE_PTR"] = False
                     yield ("heba_text fwd", H, xdt, wdt, "_heba_text_fwd_kernel", ptrs,
                            ("scale", "eps"), c, nw)
         for R in (1, 16, 64, 256):
             for bwd in (False, True):
                 BM, BN, BR, nw = low_rank._config(R, wdt, backward=bwd)
-                c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, HAS_BD=True)
+                c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, HAS_BD=True,
+                         _shown=f"{BM}x{BN}x{BR}", _shape=dict(D=768, h=R, M=32 * 197))
                 if bwd:
                     ptrs = dict(X=xs, G=xs, WD=ws, BD=ws, WU=ws, DX=xs, A_OUT=ws, DU_OUT=ws)
                     yield ("low_rank bwd", R, xdt, wdt, "_low_rank_bwd_kernel_dx", ptrs,
@@ -68,9 +78,80 @@ def _cases():
                     yield ("low_rank fwd", R, xdt, wdt, "_low_rank_fwd_kernel", ptrs,
                            ("alpha",), c, nw)
         for BI, BJ in ((64, 64), (64, 16), (16, 64)):   # the tiles atb() picks
-            c = dict(BLOCK_M=BI, BLOCK_N=BJ, BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=True)
+            c = dict(BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=True, _shown=f"{BI}x{BJ}",
+                     _shape=dict(D=768, h=BI))
             yield ("atb (dW)", BJ, xdt, wdt, "_atb_kernel",
                    dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32"), (), c, 4)
+
+
+def _int_value(name, shape):
+    """The value a real launch passes for int argument ``name`` at a CLIP shape."""
+    D, h, M = shape["D"], shape["h"], shape.get("M", 32 * 77)
+    HW, N, P = 196, 197, 1
+    values = dict(M=M, D=D, H=h, R=h, I=h, J=D, h=h, HW=HW, P=P, B=32, W=14,
+                  stride_xm=D, stride_om=D, stride_gm=D, stride_dxm=D, stride_am=h,
+                  stride_bm=D, stride_xb=N * D, stride_xn=D, stride_ob=N * D, stride_on=D,
+                  stride_gb=N * D, stride_gn=D, stride_db=N * D, stride_dn=D,
+                  rows_per_split=M // 8, n_tiles=32 * 7, tiles_per_image=7,
+                  tiles_per_split=4)
+    if name == "H" and "HW" in shape:
+        return 14                                   # the visual kernels' grid height
+    return values.get(name, 7)
+
+
+def _launch_attrs(fn, sig, shape):
+    """Triton's launch-time specialisation: 16-aligned pointers and ints divisible by 16
+    get ``tt.divisibility=16``; an int equal to 1 becomes a constant."""
+    attrs, ones = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if sig[n].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif sig[n] == "i32":
+            v = _int_value(n, shape)
+            if v == 1:
+                ones[n] = 1
+            elif v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs, ones
+
+
+def _visual_cases():
+    """Every visual kernel at the blocks ``heba_visual._config`` picks for ViT-B/16
+    (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), batch 32, 14x14."""
+    import triton.language as tl
+    f32 = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
+           "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
+    tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
+    kernels = ["_heba_visual_fwd_kernel_down", "_heba_visual_fwd_kernel",
+               "_heba_visual_bwd_kernel_dy", "_heba_visual_bwd_kernel_dv",
+               "_heba_visual_bwd_kernel_dwu", "_heba_visual_bwd_kernel_dx",
+               "_heba_visual_bwd_kernel_dwd", "_heba_visual_kernel_dwconv"]
+    for xdt, wdt in DTYPES:
+        for D in (768, 1024, 3072, 4096):
+            h = D // 4
+            dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(wdt, tl.float32)
+            cfg = dict(BLOCK_T=32, BLOCK_H=min(64, triton.next_power_of_2(h)),
+                       BLOCK_D=min(64, triton.next_power_of_2(D)), DOT_DTYPE=dot,
+                       DOT_PREC="ieee" if dot == tl.float32 else "tf32")
+            for kern in kernels:
+                consts = dict(cfg)
+                if kern.endswith("_dv"):
+                    consts["BLOCK_H"] = min(32, cfg["BLOCK_H"])    # as heba_visual_bwd launches
+                if kern.endswith("dwconv"):
+                    consts = dict(BLOCK_T=32, BLOCK_H=cfg["BLOCK_H"], MIRROR=False, GELU=True)
+                if kern == "_heba_visual_fwd_kernel":
+                    consts["SCALE_PTR"] = False
+                if kern.endswith("_dy"):
+                    consts["GS_PTR"] = False
+                if kern.endswith("_dx"):
+                    consts["XS_PTR"] = False
+                ptrs = {n: ("fp32" if n in f32 else TY[xdt] if n in tok else TY[wdt])
+                        for n in getattr(heba_visual, kern).arg_names if n.endswith("_ptr")}
+                consts["_shown"] = (f"T{cfg['BLOCK_T']}xH{consts['BLOCK_H']}"
+                                    f"xD{cfg['BLOCK_D']}")
+                consts["_shape"] = dict(D=D, h=h, HW=196)
+                yield (f"visual {kern[13:]}", D, xdt, wdt, kern, ptrs,
+                       ("scale", "eps", "gs", "xs"), consts, 8)
 
 
 def _compile(args):
@@ -78,27 +159,35 @@ def _compile(args):
     os.environ["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
                                                   f"heba_aot_cache_{os.getpid()}")
     module = (heba_text if kernel.startswith("_heba_text") else
+              heba_visual if kernel.startswith("_heba_visual") else
               low_rank if kernel.startswith("_low_rank") else _triton_common)
     fn = getattr(module, kernel)
-    consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
-    shown = {k: consts.pop(k) for k in ("BLOCK_M", "BLOCK_N")} if kernel == "_atb_kernel" \
-        else {k: consts[k] for k in ("BLOCK_M", "BLOCK_N")}
-    sig = {n: ("constexpr" if n in consts else "*" + ptrs[n] if n in ptrs
-               else "fp32" if n in floats else "i32") for n in fn.arg_names}
-    dim = "h" if "text" in name else "J" if "atb" in name else "r"
-    label = (f"{name} {dim}={width:<3} x {TY[xdt]} w {TY[wdt]} "
-             f"{shown['BLOCK_M']}x{shown['BLOCK_N']} warps={num_warps}")
+    shape = consts.pop("_shape")
+    if "visual" not in name:
+        consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
+    shown = consts.pop("_shown")
+    sig = {n: ("constexpr" if n in consts else "*" + ptrs.get(n, ptrs.get("*", "fp32"))
+               if n in ptrs or n.endswith("_ptr") else "fp32" if n in floats else "i32")
+           for n in fn.arg_names}
+    attrs, ones = _launch_attrs(fn, sig, shape)
+    consts = dict(consts, **ones)
+    sig.update({n: "constexpr" for n in ones})
+    dim = "h" if "text" in name else "J" if "atb" in name else "D" if "visual" in name else "r"
+    label = f"{name} {dim}={width:<4} x {TY[xdt]} w {TY[wdt]} {shown} warps={num_warps}"
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps, "num_stages": 2})
+                           options={"num_warps": num_warps,
+                                    "num_stages": 3 if "visual" in name else 2})
     except Exception as err:  # report every failure, not just the first
         return label, None, f"compile error: {type(err).__name__}: {err}"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+    # the flags Triton's own make_cubin passes (Triton 3.8), so the counts are a launch's
+    res = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                          f.name, "-o", os.devnull],
                          capture_output=True, text=True)
     os.unlink(f.name)
     regs = re.findall(r"Used (\d+) registers", res.stderr)
@@ -111,11 +200,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", default="", help="only kernels whose name contains this")
     a = ap.parse_args()
     limit = SMEM_LIMIT.get(a.arch, 99 * 1024)
     failed = False
     with ProcessPoolExecutor(a.jobs) as ex:
-        for label, smem, info in ex.map(_compile, [(*c, a.arch) for c in _cases()]):
+        cases = [*_cases(), *_visual_cases()]
+        if a.only:
+            cases = [c for c in cases if a.only in c[0]]
+        for label, smem, info in ex.map(_compile, [(*c, a.arch) for c in cases]):
             bad = smem is None or smem > limit
             failed |= bad
             print(f"{'FAIL' if bad else 'ok  '} {label}: smem {smem} B, {info}", flush=True)

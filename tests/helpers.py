@@ -138,3 +138,79 @@ def low_rank_params(dim, rank, device="cpu", dtype=torch.float32, seed=0, bias=T
 def tokens(*shape, device="cpu", dtype=torch.float32, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def assert_tensor_scale_bitwise(op_name: str, backend: str, x, params: dict, scale: float,
+                                **kwargs):
+    """``heba.ops.<op_name>`` with ``scale`` as a Python float and as a 0-d float32 tensor
+    on x's device: the output and every gradient must be bitwise equal.
+
+    ``scale`` must be representable in float32 (a tensor scale is read as float32).
+    The same incoming gradient drives both backward passes.
+    """
+    assert float(torch.tensor(scale, dtype=torch.float32)) == scale, scale
+    op = getattr(ops, op_name)
+    runs = []
+    for s in (scale, torch.tensor(scale, dtype=torch.float32, device=x.device)):
+        out, _, grads = forward_backward(
+            lambda xx, **pp: op(xx, **pp, scale=s, **kwargs, backend=backend), x, params)
+        runs.append((out, grads))
+    (out_f, grads_f), (out_t, grads_t) = runs
+    assert torch.equal(out_f, out_t), \
+        f"out differs: max |diff| {(out_f.double() - out_t.double()).abs().max().item():.3e}"
+    for k in grads_f:
+        assert torch.equal(grads_f[k], grads_t[k]), \
+            f"grad {k} differs between float and tensor scale " \
+            f"(max |diff| {(grads_f[k].double() - grads_t[k].double()).abs().max().item():.3e})"
+
+
+class LaunchRecorder:
+    """Records every Triton launch of ``modules`` and whether it ran inside the
+    launcher's ``device_guard`` (monkeypatched), and which devices the guard was given."""
+
+    def __init__(self, monkeypatch, modules):
+        import contextlib
+
+        import heba_kernels._triton_common as tc
+        self.guard_devices, self.launches, self._depth = [], [], 0
+        self.kernels = set()
+
+        @contextlib.contextmanager
+        def guard(t):
+            self.guard_devices.append(t.device)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+
+        for m in modules:
+            monkeypatch.setattr(m, "device_guard", guard)
+        for m in (*modules, tc):
+            for name, obj in list(vars(m).items()):
+                if "_kernel" in name and hasattr(obj, "arg_names") and hasattr(obj, "run"):
+                    if m is not tc:
+                        self.kernels.add(name)
+                    monkeypatch.setattr(m, name, self._wrap(name, obj))
+
+    def _wrap(self, name, kernel):
+        recorder = self
+
+        class Recorded:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    recorder.launches.append((name, recorder._depth > 0))
+                    return launch(*args, **kwargs)
+                return run
+        return Recorded()
+
+    def assert_all_guarded(self, device):
+        assert self.launches, "no Triton launch was recorded"
+        outside = [n for n, inside in self.launches if not inside]
+        assert not outside, f"launched outside the device guard: {outside}"
+        assert self.guard_devices and all(d == device for d in self.guard_devices), \
+            self.guard_devices
+        missed = self.kernels - {n for n, _ in self.launches}
+        assert not missed, f"kernels never launched by this run: {missed}"

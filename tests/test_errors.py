@@ -98,12 +98,50 @@ def test_low_rank_constructor_errors(kwargs, match):
         heba.nn.LowRankAdapter(**kwargs)
 
 
-def test_scale_must_be_a_python_float():
+def test_scale_float_or_0d_tensor_on_x_device():
+    """scale: a Python float or a 0-d floating tensor on x's device; anything else fails
+    in one line naming ``scale``, before any backend runs."""
     a = visual(16)
-    with pytest.raises(TypeError, match="scale must be a Python float"):
-        a(tokens(2, 17, 16), scale=torch.tensor(0.1))
+    x = tokens(2, 17, 16)
+    with pytest.raises(TypeError, match=r"scale must be a Python float or a 0-d floating "
+                                        r"tensor, got str"):
+        a(x, scale="0.1")
+    with pytest.raises(TypeError, match=r"scale must be .* got a tensor of dtype torch.int64"):
+        a(x, scale=torch.tensor(1))
+    with pytest.raises(ValueError, match=r"scale must be a Python float or a 0-d tensor, got "
+                                         r"a tensor of shape \(1,\)"):
+        a(x, scale=torch.tensor([0.1]))
+    with pytest.raises(ValueError, match=r"scale is a tensor on meta but x is on cpu"):
+        a(x, scale=torch.tensor(0.1, device="meta"))
     with pytest.raises(ValueError, match="scale must be finite"):
-        a(tokens(2, 17, 16), scale=float("nan"))
+        a(x, scale=float("nan"))
+    with pytest.raises(TypeError, match=r"alpha must be a Python float"):
+        ops.low_rank(x, torch.randn(4, 16), None, torch.randn(16, 4), None,
+                     alpha=torch.tensor(0.5))
+
+
+def test_tensor_scale_reaches_the_backend_as_0d_float32(monkeypatch):
+    """The convention every backend relies on: a float stays a float; a tensor arrives
+    detached, 0-d, float32, contiguous, on x's device, whatever its dtype was."""
+    seen = []
+
+    def record(x, *params, scale, **kwargs):
+        seen.append(scale)
+        return x
+    for key in list(heba.backends._LOADED):
+        monkeypatch.setitem(heba.backends._LOADED, key, record)
+    a, t = visual(16), heba.nn.HeBAAdapter(16, modality="text")
+    x = tokens(2, 17, 16)
+    a(x, scale=0.25)
+    for dtype in (torch.float64, torch.bfloat16, torch.float32):
+        s = torch.tensor(0.25, dtype=dtype, requires_grad=dtype == torch.float64)
+        a(x, scale=s)
+        t(x, scale=s)
+    assert seen[0] == 0.25 and type(seen[0]) is float
+    for s in seen[1:]:
+        assert isinstance(s, torch.Tensor) and s.dim() == 0 and s.dtype == torch.float32
+        assert s.is_contiguous() and s.device == x.device and not s.requires_grad
+        assert s.item() == 0.25
 
 
 def test_weight_shape_errors_in_functional_api():

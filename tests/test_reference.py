@@ -344,3 +344,37 @@ def test_torch_compile_fullgraph_reference():
     x = tokens(2, 17, D)
     cf = torch.compile(f, fullgraph=True, backend="eager")
     assert_rel_close("out", cf(x), f(x), 1e-6)
+
+
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("modality", ["visual", "text"])
+def test_tensor_scale_bitwise_equal_to_float(modality, dtype, rescale):
+    """A 0-d tensor scale gives bitwise the float scale's output and gradients."""
+    from tests.helpers import assert_tensor_scale_bitwise
+    if modality == "visual":
+        x, p, kw = tokens(2, 1 + 3 * 4, 24, dtype=dtype), visual_params(24, dtype=dtype), \
+            dict(grid=(3, 4))
+    else:
+        x, p, kw = tokens(2, 5, 24, dtype=dtype), text_params(24, dtype=dtype), {}
+    assert_tensor_scale_bitwise(f"heba_{modality}", "reference", x, p, 0.6875,
+                                rescale_param_grad=rescale, **kw)
+
+
+def test_tensor_scale_no_grad_and_compiles_fullgraph():
+    """No gradient flows into a tensor scale; torch.compile traces it in one graph and the
+    compiled module reads the tensor's current value on every call."""
+    torch._dynamo.reset()
+    a = heba.nn.HeBAAdapter(16, modality="visual")
+    x = tokens(2, 1 + 3 * 3, 16)
+    s = torch.tensor(0.5, requires_grad=True)
+    a(x.requires_grad_(True), scale=s).sum().backward()
+    assert s.grad is None and x.grad is not None
+    compiled = torch.compile(a, fullgraph=True, backend="eager")
+    s = torch.tensor(0.5)
+    with torch.no_grad():
+        first = compiled(x, scale=s)
+        s.fill_(0.25)
+        second = compiled(x, scale=s)
+        assert torch.equal(first, a(x, scale=0.5)) and torch.equal(second, a(x, scale=0.25))

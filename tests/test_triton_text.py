@@ -143,14 +143,15 @@ def test_opcheck():
     p = text_params(D, device=DEVICE)
     wd, wu, nw, nb = (p[k].requires_grad_(True) for k in
                       ("down_weight", "up_weight", "norm_weight", "norm_bias"))
-    torch.library.opcheck(torch.ops.heba.triton_text_fwd.default,
-                          (x.requires_grad_(True), wd, wu, nw, nb, 0.3, 1e-5, True))
-    out, mean, rstd = torch.ops.heba.triton_text_fwd(x.detach(), wd.detach(), wu.detach(),
-                                                     nw.detach(), nb.detach(), 0.3, 1e-5, True)
-    g = tokens(3, 7, D, device=DEVICE, seed=5)
-    torch.library.opcheck(torch.ops.heba.triton_text_bwd.default,
-                          (g, x.detach(), wd.detach(), wu.detach(), nw.detach(), mean, rstd,
-                           0.3, False))
+    for scale in ((0.3, None), (0.0, torch.tensor(0.3, device=DEVICE))):
+        torch.library.opcheck(torch.ops.heba.triton_text_fwd.default,
+                              (x.requires_grad_(True), wd, wu, nw, nb, *scale, 1e-5, True))
+        out, mean, rstd = torch.ops.heba.triton_text_fwd(
+            x.detach(), wd.detach(), wu.detach(), nw.detach(), nb.detach(), *scale, 1e-5, True)
+        g = tokens(3, 7, D, device=DEVICE, seed=5)
+        torch.library.opcheck(torch.ops.heba.triton_text_bwd.default,
+                              (g, x.detach(), wd.detach(), wu.detach(), nw.detach(), mean,
+                               rstd, *scale, False))
 
 
 def _compiled_vs_reference(backend_kw, device, dim=40, shape=(2, 9), dtype=torch.float32):
@@ -199,6 +200,99 @@ def test_compile_inductor():
     _compiled_vs_reference({}, DEVICE)
 
 
+@pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_tensor_scale_bitwise_equal_to_float(dtype, rescale):
+    from tests.helpers import assert_tensor_scale_bitwise
+    x = tokens(2, 9, 40, device=DEVICE, dtype=dtype, seed=2)
+    assert_tensor_scale_bitwise("heba_text", "triton", x,
+                                text_params(40, device=DEVICE, dtype=dtype, seed=2), 0.6875,
+                                rescale_param_grad=rescale)
+
+
+def test_tensor_scale_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    a = heba.nn.HeBAAdapter(40, modality="text", backend="triton").to(DEVICE)
+    compiled = torch.compile(a, fullgraph=True, backend="aot_eager")
+    x = tokens(2, 9, 40, device=DEVICE, seed=4)
+    s = torch.tensor(0.5, device=DEVICE)
+    for value in (0.5, 0.25):
+        s.fill_(value)
+        runs = []
+        for module in (compiled, a):
+            xx = x.clone().requires_grad_(True)
+            module(xx, scale=s).sum().backward()
+            runs.append([xx.grad] + [p.grad for p in a.parameters()])
+            for p in a.parameters():
+                p.grad = None
+        for c, e in zip(*runs):
+            assert torch.equal(c, e)
+        assert torch.equal(compiled(x, scale=s), a(x, scale=value))
+
+
+def test_every_launch_inside_device_guard(monkeypatch):
+    import heba_kernels.heba_text as ht
+    from tests.helpers import LaunchRecorder
+    monkeypatch.setattr(ht, "WIDE_H", 16)          # h = 18 takes the wide kernel, h = 10 not
+    monkeypatch.setattr(ht, "_WIDE_BLOCK_HC", 16)
+    rec = LaunchRecorder(monkeypatch, [ht])
+    for D in (40, 72):
+        x = tokens(2, 9, D, device=DEVICE)
+        forward_backward(lambda xx, **pp: ops.heba_text(xx, **pp, scale=0.5, backend="triton"),
+                         x, text_params(D, device=DEVICE))
+    rec.assert_all_guarded(x.device)
+    assert ("_atb_kernel", True) in rec.launches
+
+
+def test_float64_accepted_computed_in_float32():
+    """One rule for the three Triton ops: float64 in, float32 accuracy, float64 out."""
+    _check((2, 9, 40), torch.float64, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("eps,dtype", [(1e-2, torch.float32), (1e-6, torch.float32),
+                                       (1e-2, torch.bfloat16)],
+                         ids=["1e-2-fp32", "1e-6-fp32", "1e-2-bf16"])
+def test_eps_with_low_variance_rows(eps, dtype):
+    """Rows of variance ~1e-4: a kernel that ignores eps or hard-codes 1e-5 fails."""
+    x = (0.01 * tokens(2, 9, 40, device=DEVICE, seed=8)).to(dtype)
+    p = text_params(40, device=DEVICE, seed=8)
+    p["up_weight"] = p["up_weight"] * 0.01
+    check_against_reference("heba_text", "triton", x, {k: v.to(dtype) for k, v in p.items()},
+                            scale=0.7, eps=eps, rescale_param_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_NAMES.get)
+def test_widest_register_block_batch1(dtype):
+    """h = 512, the widest BLOCK_H of the register kernels (the CLIP text MLP adapter's
+    h = 2048 / 4; here D = 1024 at reduction 2, the same configs at half the cost)."""
+    _check((1, 5, 1024), dtype, reduction=2, scale=0.025)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_wide_hidden_backward_kernel(monkeypatch, dtype):
+    """The backward for h > WIDE_H (the text MLP adapter of ViT-L and up, h >= 768) at a
+    tiny size: threshold and h chunk lowered to 16, so h = 18 runs in two chunks (one
+    ragged), two token blocks (a ragged one); the plain-gradient and tensor-scale paths."""
+    import heba_kernels.heba_text as ht
+    from tests.helpers import assert_tensor_scale_bitwise
+    monkeypatch.setattr(ht, "WIDE_H", 16)
+    monkeypatch.setattr(ht, "_WIDE_BLOCK_HC", 16)
+    launched = []
+    real = ht._heba_text_bwd_kernel_dx_wide
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+    monkeypatch.setattr(ht, "_heba_text_bwd_kernel_dx_wide", Spy())
+    _check((2, 19, 72), dtype, scale=0.3, seed=5)
+    _check((1, 9, 72), dtype, scale=0.025, rescale_param_grad=False, seed=6)
+    assert launched, "the wide kernel did not run"
+    x = tokens(1, 9, 72, device=DEVICE, dtype=dtype, seed=7)
+    assert_tensor_scale_bitwise("heba_text", "triton", x,
+                                text_params(72, device=DEVICE, dtype=dtype, seed=7), 0.6875)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @requires_gpu
@@ -219,6 +313,12 @@ def test_gpu_clip_text_shape(rescale):
     """CLIP text tower: 512 prompts x 77 tokens x 512, bfloat16, HeBA's training scale."""
     _check((512, 77, 512), torch.bfloat16, device="cuda", scale=0.025,
            rescale_param_grad=rescale)
+
+
+@requires_gpu
+def test_gpu_clip_text_shape_fp32():
+    """An fp32 copy of the CLIP text case: tight enough (1e-4) to see the GELU form."""
+    _check((64, 77, 512), torch.float32, device="cuda", scale=0.025)
 
 
 @requires_gpu

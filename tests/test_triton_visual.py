@@ -12,8 +12,11 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import heba.nn
+import heba_kernels.heba_visual as _hv
 from heba import ops
 from heba.backends import resolve
 from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
@@ -195,14 +198,16 @@ def test_every_saved_element_written():
 
 
 def test_opcheck():
+    # (the tensor-scale form goes through the fakes in test_tensor_scale_torch_compile_fullgraph)
     x = _x(2, 3, 4, 32, 1, torch.float32, True).requires_grad_(True)
     params = [p.requires_grad_(True) for p in visual_params(32, device=DEVICE).values()]
-    fwd_args = (x, *params, 0.5, 1, 3, 4, True, 1e-5, True)
+    scale = (0.5, None)
+    fwd_args = (x, *params, *scale, 1, 3, 4, True, 1e-5, True)
     torch.library.opcheck(torch.ops.heba.triton_visual_fwd.default, fwd_args)
     out, u, mean, rstd = torch.ops.heba.triton_visual_fwd(*fwd_args)
     g = torch.randn_like(out)
     bwd_args = (g, x.detach(), u, mean, rstd, *[p.detach() for p in params],
-                0.5, 1, 3, 4, True, True)
+                *scale, 1, 3, 4, True, True)
     torch.library.opcheck(torch.ops.heba.triton_visual_bwd.default, bwd_args)
 
 
@@ -409,4 +414,191 @@ def test_opcheck_recomputed_u():
     g = torch.randn_like(x)
     torch.library.opcheck(torch.ops.heba.triton_visual_bwd.default,
                           (g, x.detach(), None, torch.rand(2, 12) + 0.1, torch.rand(2, 12) + 0.5,
-                           *params, 0.5, 1, 3, 4, False, True))
+                           *params, 0.5, None, 1, 3, 4, False, True))
+
+
+# --------------------------------------------------------------------------- scale as a tensor
+
+
+@pytest.mark.parametrize("B,D,dtype,batch_first,rescale", [
+    pytest.param(3, 48, torch.bfloat16, False, True, id="B3-D48-bf16-seqfirst-rescale"),
+    pytest.param(2, 40, torch.float32, True, False, id="B2-D40-fp32-plain"),
+])
+def test_tensor_scale_bitwise_equal_to_float(B, D, dtype, batch_first, rescale):
+    from tests.helpers import assert_tensor_scale_bitwise
+    x = _x(B, 3, 4, D, 1, dtype, batch_first, seed=5)
+    assert_tensor_scale_bitwise("heba_visual", "triton", x,
+                                visual_params(D, device=DEVICE, dtype=dtype, seed=2), 0.6875,
+                                grid=(3, 4), batch_first=batch_first,
+                                rescale_param_grad=rescale)
+
+
+def test_tensor_scale_torch_compile_fullgraph():
+    """Through the custom ops' fake implementations (AOTAutograd) with a tensor scale: one
+    graph, eager's bits, and the compiled module reads the tensor's value at run time."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a = heba.nn.HeBAAdapter(32, grid=(3, 4), backend="triton").to(DEVICE)
+    compiled = torch.compile(a, fullgraph=True, backend="aot_eager")
+    x = _x(2, 3, 4, 32, 1, torch.float32, True, seed=3)
+    s = torch.tensor(0.5, device=DEVICE)
+    for value in (0.5, 0.25):
+        s.fill_(value)
+        runs = []
+        for module in (compiled, a):
+            xx = x.clone().requires_grad_(True)
+            out = module(xx, scale=s)
+            out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out))
+            runs.append([out.detach(), xx.grad] + [p.grad for p in a.parameters()])
+            for p in a.parameters():
+                p.grad = None
+        for c, e in zip(*runs):
+            assert torch.equal(c, e)
+        assert torch.equal(runs[1][0], a(x, scale=value).detach())
+
+
+# --------------------------------------------------------------------------- device guard
+
+
+def test_every_launch_inside_device_guard(monkeypatch):
+    """Triton launches on the current device: every launch must sit in a guard for x's."""
+    import heba_kernels.heba_visual as hv
+    from tests.helpers import LaunchRecorder
+    rec = LaunchRecorder(monkeypatch, [hv])
+    monkeypatch.setattr(hv, "SAVE_U_MIN_DIM", 10 ** 9)       # the recompute path: every kernel
+    x = _x(2, 3, 4, 32, 1, torch.float32, True)
+    forward_backward(lambda xx, **pp: ops.heba_visual(xx, **pp, scale=0.5, grid=(3, 4),
+                                                      backend="triton"),
+                     x, visual_params(32, device=DEVICE))
+    rec.assert_all_guarded(x.device)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_gpu_while_first_is_current():
+    with torch.cuda.device(0):
+        x = tokens(2, 1 + 14 * 14, 768, device="cuda:1", dtype=torch.bfloat16)
+        check_against_reference("heba_visual", "triton", x,
+                                visual_params(768, device="cuda:1", dtype=torch.bfloat16),
+                                scale=0.025, grid=(14, 14))
+
+
+# --------------------------------------------------------------------------- bounded partials
+
+
+def test_partial_slots_bounded_at_clip_scale(monkeypatch):
+    """dgamma/dbeta/dWm partials: S * nT slots, independent of the batch (issue: 1.28 GB at
+    B=1024, 24x24, D=4096, one slot per image and token block)."""
+    import heba_kernels.heba_visual as hv
+    monkeypatch.setattr(hv, "_interpreting", lambda: False)
+    monkeypatch.setattr(hv, "_num_sms", lambda device: 132)
+    dev = torch.device("cuda", 0)
+    D, h, n_t = 4096, 1024, triton_cdiv(24 * 24, 32)
+    sizes = []
+    for B in (64, 1024, 65536):
+        S = hv._partial_images(B, n_t, dev)
+        sizes.append(S * n_t * (2 * D + 9 * h) * 4)
+    assert sizes[1] == sizes[2] < 80e6, sizes              # was 1.28e9 at B=1024
+    assert hv._partial_images(1, 10 ** 6, dev) == 1        # a huge grid: one image per slot
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_partial_slots_one_slot_sums_every_image(monkeypatch):
+    """One slot for all images (the interpreter's default is two, so every test with
+    B >= 3 also sums several images per slot): the reference's gradients, and the
+    buffers allocated with S * nT rows."""
+    import heba_kernels.heba_visual as hv
+    monkeypatch.setattr(hv, "_partial_images", lambda B, n_t, device: 1)
+    shapes = []
+    real_new = hv._new
+    monkeypatch.setattr(hv, "_new", lambda shape, dtype, device:
+                        shapes.append(tuple(shape)) or real_new(shape, dtype, device))
+    x = _x(3, 4, 5, 40, 1, torch.float32, True, seed=1)
+    check_against_reference("heba_visual", "triton", x, visual_params(40, device=DEVICE, seed=4),
+                            scale=0.5, grid=(4, 5))
+    n_t = triton_cdiv(20, 16)
+    assert (n_t, 40) in shapes and (n_t, 10, 9) in shapes, shapes
+    assert (3 * n_t, 40) not in shapes and (3 * n_t, 10, 9) not in shapes, shapes
+
+
+# --------------------------------------------------------------------------- eps, GELU form
+
+
+@pytest.mark.parametrize("eps,dtype", [(1e-2, torch.float32), (1e-6, torch.float32),
+                                       (1e-2, torch.bfloat16)], ids=["1e-2-fp32", "1e-6-fp32",
+                                                                     "1e-2-bf16"])
+def test_eps_with_low_variance_rows(eps, dtype):
+    """Rows of variance ~1e-4, where eps moves rstd by 4% (1e-6 vs 1e-5) to 10x (1e-2): a
+    kernel that ignores eps or hard-codes 1e-5 fails."""
+    x = (0.01 * _x(2, 3, 4, 40, 1, torch.float32, True, seed=8)).to(dtype)
+    params = visual_params(40, device=DEVICE, seed=9)
+    params["up_weight"] = params["up_weight"] * 0.01
+    params = {k: v.to(dtype) for k, v in params.items()}
+    check_against_reference("heba_visual", "triton", x, params, scale=0.7, grid=(3, 4),
+                            eps=eps)
+
+
+@triton.jit
+def _apply_gelu(X, Y, DY, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(X + offs, mask=offs < N, other=0.0)
+    tl.store(Y + offs, _hv._gelu(v), mask=offs < N)
+    tl.store(DY + offs, _hv._gelu_grad(v), mask=offs < N)
+
+
+def test_gelu_is_exact_erf_form():
+    """The kernels' GELU and its derivative against torch's exact GELU to 2e-6; the tanh
+    approximation is off by up to 5e-4. GELU runs in float32 in every dtype's path."""
+    _apply = _apply_gelu
+    v = torch.linspace(-6, 6, 1001, device=DEVICE)
+    y, dy = torch.empty_like(v), torch.empty_like(v)
+    _apply[(1,)](v, y, dy, v.numel(), BLOCK=1024)
+    vr = v.double().requires_grad_(True)
+    ref = torch.nn.functional.gelu(vr)
+    ref.sum().backward()
+    assert (y.double() - ref.detach()).abs().max() < 2e-6
+    assert (dy.double() - vr.grad).abs().max() < 2e-6
+    tanh = torch.nn.functional.gelu(vr.detach(), approximate="tanh")
+    assert (tanh - ref.detach()).abs().max() > 1e-4         # the check can tell them apart
+
+
+# --------------------------------------------------------------------------- GPU code paths in CI
+
+
+def test_wide_dim_saved_u_batch1():
+    """The width from which u is kept for backward (SAVE_U_MIN_DIM, 2048: the saved-u
+    path of ViT-L's MLP adapters), at batch 1 on a 1x2 grid, 16 D chunks, 4 h chunks."""
+    import heba_kernels.heba_visual as hv
+    D = hv.SAVE_U_MIN_DIM
+    x = _x(1, 1, 2, D, 1, torch.bfloat16, True, seed=3)
+    params = visual_params(D, 8, device=DEVICE, dtype=torch.bfloat16, seed=3)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.shape) or t,
+                                                  lambda t: t):
+        ops.heba_visual(x.detach().requires_grad_(True), *params.values(), scale=0.5,
+                        grid=(1, 2), backend="triton")
+    assert (1, 2, D // 8) in seen, f"u was not saved: {seen}"
+    check_against_reference("heba_visual", "triton", x, params, scale=0.025, grid=(1, 2))
+
+
+def test_clip_grid_14x14_dim_768_batch1():
+    """ViT-B/16's grid and width at batch 1: 13 token blocks, stencil across block edges."""
+    x = _x(1, 14, 14, 768, 1, torch.bfloat16, True, seed=6)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(768, 16, device=DEVICE, dtype=torch.bfloat16, seed=6),
+                            scale=0.025, grid=(14, 14))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,D", [(2, 768), (2, 3072)], ids=["B2-D768-fp32", "B2-D3072-fp32"])
+def test_clip_shapes_fp32_gpu(B, D):
+    """fp32 copies of the CLIP-shape cases: tight enough (1e-4) to see the GELU form."""
+    x = tokens(B, 197, D, device="cuda", dtype=torch.float32, seed=B)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(D, device="cuda", seed=D), scale=0.025,
+                            grid=(14, 14))

@@ -24,6 +24,9 @@ augment                     ``dassl``: random resized  INPUT.TRANSFORMS; RRCROP_
                             horizontal flip            crop (bicubic)
 precision                   fp16 autocast over fp32    TRAINER.HeBA.PREC "amp"
                             weights, loss scaling
+eval_precision              fp32 published; heba       Dassl's test() runs the model
+                            default ``train`` (the     without autocast; ``fp32`` does
+                            run's precision, faster)   so (and keeps the backbone fp32)
 candidates                  ``batch``: the batch's     CustomCLIP.forward, NEG_SAMPLING_RATIO
                             unique classes + up to 5
                             negatives per unique class
@@ -151,6 +154,7 @@ class Config:
     neg_per_class: int = 5
     precision: str = "auto"               # auto: gpu_precision on CUDA, fp32 on the CPU
     gpu_precision: str = "fp16"           # fp16 with loss scaling (published "amp") | bf16
+    eval_precision: str = "train"         # train (the run's precision) | fp32 (published test())
     test_batch_size: int = 128
     # AdapterTune's optimisation (recipe adaptertune) and timm classification runs
     optimizer: str = "sgd"                # sgd (Dassl's, HeBA) | adamw (AdapterTune)
@@ -209,6 +213,7 @@ CHOICES = dict(method=("heba", "adaptertune", "head-only", "full"),
                schedule=("epoch", "step"), candidates=("batch", "all"),
                slow_fast_draw=("block", "call"),
                precision=("auto", "fp32", "bf16", "fp16"), gpu_precision=("fp16", "bf16"),
+               eval_precision=("train", "fp32"),
                towers=("both", "visual", "text"))
 
 

@@ -3,9 +3,11 @@
 The published evaluation (VLM-HeBA ``CustomCLIP.forward`` at test time): the
 classifier of a test set is the normalised mean of its classes' prompt
 features (:meth:`heba.train.prompts.PromptBank.features`); an image goes to
-the class of largest cosine. Novel classes are evaluated at the base scale by
-default (``novel_eval="base"``: the published code never switches to its
-declared novel scale); ``"novel"`` uses ``novel_scale``.
+the class of largest cosine, in fp32 (Dassl's ``test()`` runs without
+autocast; heba's default ``eval_precision="train"`` evaluates at the run's
+precision, ``"fp32"`` as published). Novel classes are evaluated at the base
+scale by default (``novel_eval="base"``: the published code never switches to
+its declared novel scale); ``"novel"`` uses ``novel_scale``.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
     if device.type == "cpu":
         set_cpu_threads(opts.threads)
     precision = resolve_precision(cfg.precision, device, cfg.gpu_precision)
+    precision = "fp32" if cfg.eval_precision == "fp32" else precision
     data = run_data.build(cfg)
     bb = backbones.load(cfg, opts.allow_download)
     run_data.set_transforms(data, bb.train_transform, bb.eval_transform)

@@ -5,9 +5,10 @@ prompts class ``c`` with ``"<ctx_init> <c>, <description>"`` for every GPT-3
 description of ``c`` (``trainers/gpt3_prompts/<dataset>.py``, one dict literal
 ``{class name: [sentences]}``; CuPL ships the same as JSON). Keys are matched
 lower-cased with ``_`` read as a space; ``{}`` in a description is replaced by
-the class name; a class without descriptions gets ``"a photo of a <c>."``. The
-classes' lists are padded to the longest by repeating their first prompt, so
-one token tensor ``[C, T, L]`` holds them all (the published ``tk_prompts``).
+the class name; a class without descriptions gets the description
+``"a photo of a <c>."``, prefixed as the others (``"a photo of a <c>, a photo
+of a <c>."``). The classes' lists are padded to the longest by repeating their
+first prompt, so one token tensor ``[C, T, L]`` holds them all (the published ``tk_prompts``).
 Training draws one prompt per class per step (uniform over the ``T`` padded
 slots, as published); evaluation uses the normalised mean of all ``T``.
 

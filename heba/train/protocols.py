@@ -11,7 +11,8 @@
 
 Every seed's run is an ordinary run folder (``<output>/seed<S>``, resumable);
 the protocol writes ``<output>/<protocol>.json`` and ``<output>/<protocol>.md``.
-std is the sample standard deviation over seeds (0 for one seed).
+std is the population standard deviation over seeds (``np.std``, ddof 0), as the
+published ``parse_test_res.py`` reports it (0 for one seed).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 def mean_std(values) -> tuple[float, float]:
-    """>>> mean_std([1.0, 2.0, 3.0])
-    (2.0, 1.0)
+    """Mean and population std (VLM-HeBA ``parse_test_res.py``: ``np.mean``, ``np.std``).
+
+    >>> mean_std([1.0, 2.0, 3.0])
+    (2.0, 0.816496580927726)
     """
     values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def _seed_opts(opts: RunOptions, seed: int) -> RunOptions:

@@ -103,6 +103,7 @@ class TrainRecipe:
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
+        self.eval_precision = "fp32" if cfg.eval_precision == "fp32" else self.precision
         self._check_output()
         if opts.checkpoint_blocks < 0:
             raise UsageError(f"--checkpoint-blocks must be >= 0 (0: off), "
@@ -150,12 +151,14 @@ class TrainRecipe:
     def _fast_setup(self) -> list:
         """Cast the frozen backbone once and checkpoint frozen blocks, as the options ask."""
         notes = []
-        if self.precision != "fp32" and self.opts.cast_once:
+        fp32_eval = self.eval_precision == "fp32"        # an fp16 backbone cannot run fp32
+        if self.precision != "fp32" and self.opts.cast_once and not fp32_eval:
             prepare_frozen(self.model, PRECISIONS[self.precision])
             notes.append(f"frozen backbone cast once to {self.precision}")
         else:
-            notes.append("backbone kept in fp32" + (" (--no-cast-once)"
-                                                     if self.precision != "fp32" else ""))
+            why = "" if self.precision == "fp32" else (
+                " (--eval-precision fp32)" if fp32_eval else " (--no-cast-once)")
+            notes.append("backbone kept in fp32" + why)
         if self.opts.checkpoint_blocks:
             try:
                 n = checkpoint_frozen_blocks(self.model, every=self.opts.checkpoint_blocks)
@@ -323,7 +326,7 @@ class TrainRecipe:
     def evaluate(self, evals: Optional[dict] = None, banks: Optional[dict] = None) -> dict:
         """``{split: accuracy %}`` (and HM) on the run's test sets, or on ``evals``."""
         return evaluate(self.model, evals or self.data.evals, banks or self.banks, self.device,
-                        self.precision, self.cfg.test_batch_size, self.opts.workers,
+                        self.eval_precision, self.cfg.test_batch_size, self.opts.workers,
                         self.cfg.novel_eval)
 
     def record(self, obj: dict) -> None:
