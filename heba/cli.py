@@ -79,7 +79,8 @@ def _model(p):
     g.add_argument("--slow-fast-draw", choices=("block", "call"), default=None,
                    help="draw the slow-fast scale once per block (published) or per adapter")
     g.add_argument("--split", choices=("base2novel", "all"), default=None)
-    g.add_argument("--test-per-class", type=int, default=None, help="cap on test images/class")
+    g.add_argument("--test-per-class", type=int, default=None,
+                   help="cap on test images per class (>= 1; leave it out for all of them)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                    help="autocast precision (auto: on CUDA the recipe's, heba: fp16 with "
                         "loss scaling as published, adaptertune: bf16; fp32 on the CPU)")
@@ -128,9 +129,13 @@ def _train_opts(p):
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: end)")
     g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before")
     g.add_argument("--output", "-o", default=None,
-                   help="run folder (default runs/heba; the demo: runs/demo, rewritten)")
-    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --output")
-    g.add_argument("--overwrite", action="store_true", help="start over in --output")
+                   help="run folder (default runs/heba; the bare demo: runs/demo, where it "
+                        "replaces only its own previous run)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output after its last saved epoch (a finished "
+                        "run: report its accuracy, train nothing)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the run in --output and start over (not with --resume)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     f = p.add_argument_group("speed and memory (results are the same up to rounding)")
     f.add_argument("--no-cuda-graphs", action="store_true")
@@ -253,13 +258,11 @@ def make_train_config(args, source_default=None):
 
 def run_options(args, demo: bool):
     from heba.train.recipe import RunOptions
-    output, overwrite = args.output, args.overwrite
-    if output is None:
-        # The demo writes runs/demo and may run again over its own last run; a real run's
-        # default folder is never overwritten without --overwrite.
-        output = "runs/demo" if demo else "runs/heba"
-        overwrite = overwrite or (demo and not args.resume)
-    return RunOptions(output=output, overwrite=overwrite, resume=args.resume,
+    # The bare demo writes runs/demo and replaces only a previous demo run there
+    # (heba.train.preflight); a real run's folder is never replaced without --overwrite.
+    output = args.output or ("runs/demo" if demo else "runs/heba")
+    return RunOptions(output=output, overwrite=args.overwrite, resume=args.resume,
+                      demo_default=demo and args.output is None,
                       device=args.device, backend=args.backend, workers=args.workers,
                       threads=args.threads, allow_download=args.allow_download, quiet=args.quiet,
                       eval_every=args.eval_every, eval_before=not args.no_eval_before,
@@ -321,6 +324,13 @@ def _split(args):
     from heba.train.config import UsageError
     if not args.dataset or not args.root:
         raise UsageError("split needs --dataset NAME --root DIR")
+    parent = os.path.dirname(os.path.abspath(args.json))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.isdir(args.json):
+        raise UsageError(f"--json {args.json} is a folder: give the file to write")
+    if not os.path.isdir(parent):
+        raise UsageError(f"--json {args.json}: {parent} is a file, not a folder")
     split = coop.build_split(args.dataset, _abs(args.root), args.shots, args.seed,
                              args.subsample)
     coop.write_split_json(split, args.json)
@@ -330,6 +340,7 @@ def _split(args):
 
 
 def main(argv=None) -> int:
+    """Run the command; bad input is one line on stderr and exit status 2 (no traceback)."""
     args = parse_args(argv)
     from heba.clip.checkpoints import CheckpointError
     from heba.data.coop import DataError
@@ -337,7 +348,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (UsageError, CheckpointError, DataError) as err:
-        print(f"heba-train: error: {err}", file=sys.stderr)
+        print(f"heba-train: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("heba-train: interrupted", file=sys.stderr)
@@ -345,6 +356,19 @@ def main(argv=None) -> int:
     finally:
         _cleanup_distributed()
     return 0
+
+
+def error_line(err) -> str:
+    """The message of a bad-input error on one line.
+
+    An error raised in a DataLoader worker arrives wrapped ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."): its last line is the message.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(lines)
 
 
 def _cleanup_distributed():

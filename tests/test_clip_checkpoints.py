@@ -161,14 +161,14 @@ def test_adaptertune_checkpoint_lands_in_place(tmp_path):
     attach_adaptertune(model, rank=8, every=2)
     g = torch.Generator().manual_seed(3)
     sd = {}
-    for i in (1, 3):
+    for i in (0, 2):
         sd[f"blocks.{i}.adapter.down.weight"] = torch.randn(8, VIS_D, generator=g)
         sd[f"blocks.{i}.adapter.down.bias"] = torch.randn(8, generator=g)
         sd[f"blocks.{i}.adapter.up.weight"] = torch.randn(VIS_D, 8, generator=g)
         sd[f"blocks.{i}.adapter.up.bias"] = torch.randn(VIS_D, generator=g)
     torch.save({"state_dict": sd}, tmp_path / "at.pth")
     load_published_checkpoint(model, tmp_path / "at.pth")
-    for i in (1, 3):
+    for i in (0, 2):
         a = model.visual.transformer.resblocks[i].adapter
         for name, p in a.named_parameters():
             assert torch.equal(p, sd[f"blocks.{i}.adapter.{name}"])

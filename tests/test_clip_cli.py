@@ -193,7 +193,7 @@ def test_resume_continues(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(R.TrainRecipe, "save_checkpoint", save_then_stop)
     assert run([*args, "-o", part], capsys)[0] == 130
     monkeypatch.setattr(R.TrainRecipe, "save_checkpoint", real_save)
-    assert json.load(open(os.path.join(part, "adapters.json")))["epoch"] == 1
+    assert json.load(open(os.path.join(part, "epoch_1", "adapters.json")))["epoch"] == 1
     rc, stdout, err = run([*args, "-o", part, "--resume"], capsys)
     assert rc == 0, err
     wf, wp = load_file(os.path.join(full, R.CKPT_NAME)), load_file(os.path.join(part, R.CKPT_NAME))
@@ -212,7 +212,7 @@ def test_adaptertune_recipe(folder, tmp_path, capsys):
     assert rc == 0, err
     from safetensors.torch import load_file
     keys = set(load_file(os.path.join(out, R.CKPT_NAME)))
-    assert keys == {f"blocks.{i}.adapter.{p}.{w}" for i in (1, 3) for p in ("down", "up")
+    assert keys == {f"blocks.{i}.adapter.{p}.{w}" for i in (0, 2) for p in ("down", "up")
                     for w in ("weight", "bias")}
 
 
@@ -261,7 +261,7 @@ def test_bad_input_exit_2(folder, tmp_path, capsys):
 def test_checkpoint_never_overwritten(folder, tmp_path, capsys):
     out = str(tmp_path / "ck")
     assert run([folder, *FAST, "-o", out, "--no-eval-before"], capsys)[0] == 0
-    files = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    files = _snapshot(out)
     _one_line_error(*run([folder, *FAST, "-o", out], capsys)[::2], "already holds a checkpoint")
     _one_line_error(*run([folder, *FAST, "--shots", "3", "-o", out, "--resume"], capsys)[::2],
                     "another configuration (shots: checkpoint 2 vs now 3)")
@@ -269,7 +269,13 @@ def test_checkpoint_never_overwritten(folder, tmp_path, capsys):
                          capsys)[::2], "another configuration (method")
     _one_line_error(*run(["evaluate", "--checkpoint", out, "--model", "ViT-B-32", folder],
                          capsys)[::2], "another configuration (model")
-    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == files
+    assert _snapshot(out) == files
+
+
+def _snapshot(out):
+    """Every file under ``out`` (the run folder and its epoch_<N>/ set) and its bytes."""
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(out) for f in names}
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

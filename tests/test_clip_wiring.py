@@ -3,111 +3,117 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 import torch
-import torch.nn.functional as F
 
 from heba.clip import wiring
 from heba.clip.wiring import (ScalePolicy, attach_adaptertune, attach_heba, count_parameters,
                               encode_text, remove_adapters)
-from tests.clip_utils import images, randomize_adapters, texts, tiny_clip
+from heba.nn import HeBAAdapter
+from tests.clip_utils import (BASE_SCALE, EPS, NOVEL_SCALE, PREFIX, SCALE_FACTOR, SLOW_FAST_RATIO,
+                              heba_weights, images, load_heba, lowrank_weights, per_block,
+                              per_layer, quiet_blocks, randomize_adapters, spec_encode_image,
+                              spec_encode_text, spec_lowrank_tower, spec_tower, texts, tiny_clip)
 
 
-# --- an independent expectation: SPEC.md's block equations written out by hand -------------
+# Expectations come from outside heba: the published constants and SPEC.md's block equations
+# written out with plain torch (tests/clip_utils.py), run on a pristine copy of the model.
 
-def spec_adapter(a, t, scale):
-    """SPEC.md section 1 for one HeBAAdapter ``a`` on batch-first tokens ``t`` [B, N, D]."""
-    if a.modality == "text":
-        z = F.linear(F.gelu(F.linear(t, a.down.weight)), a.up.weight)
-        return t + scale * F.layer_norm(t + z, (a.dim,), a.norm.weight, a.norm.bias, a.eps)
-    P = a.num_prefix_tokens
-    B, N, D = t.shape
-    side = math.isqrt(N - P)
-    g = t[:, P:]
-    u = torch.einsum("bnd,hd->bnh", g, a.down.weight[:, :, 0, 0])
-    u = u.reshape(B, side, side, -1).permute(0, 3, 1, 2)
-    v = F.conv2d(u, a.mid.weight, padding=1, groups=a.hidden)
-    v = v.permute(0, 2, 3, 1).reshape(B, side * side, -1)
-    z = torch.einsum("bnh,dh->bnd", F.gelu(v), a.up.weight[:, :, 0, 0])
-    out = g + scale * F.layer_norm(g + z, (D,), a.norm.weight, a.norm.bias, a.eps)
-    return torch.cat([t[:, :P], out], 1)
+VIS_D, TXT_D, PATCH = 64, 48, 8          # tiny_clip's widths and patch size
 
 
-def spec_tower(blocks, layers, x, scale, attn_mask=None):
-    """Run open_clip blocks on batch-first ``x`` with HeBA adapters ``layers`` {index: HeBALayer}."""
-    for i, blk in enumerate(blocks):
-        ln_1 = getattr(blk.ln_1, "orig", blk.ln_1)          # the original modules
-        c_fc = getattr(blk.mlp.c_fc, "orig", blk.mlp.c_fc)
-        h = ln_1(x)
-        if i in layers:
-            h = spec_adapter(layers[i].att_conv, h, scale)
-        x = x + blk.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
-        y = c_fc(blk.ln_2(x))
-        if i in layers:
-            y = spec_adapter(layers[i].mlp_conv, y, scale)
-        x = x + blk.mlp.c_proj(blk.mlp.gelu(y))
-    return x
+def first(adapters, tower):
+    """The first adapted layer's HeBALayer of ``tower`` (whatever the container's layout)."""
+    return next(m for m in getattr(adapters, f"{tower}_adapter") if m is not None)
 
 
-def spec_encode_image(model, img, layers, scale):
-    v = model.visual
-    x = v._embeds(img)
-    x = spec_tower(v.transformer.resblocks, layers, x, scale)
-    pooled, _ = v._pool(x)
-    return pooled @ v.proj
+def heba_pair(layers=3, size=32, start=1, end=None, seed=1, **attach):
+    """(pristine, adapted) tiny CLIPs with published-name random adapter weights ``sd``."""
+    pristine = tiny_clip(layers=layers, image_size=size)
+    model = copy.deepcopy(pristine)
+    attach_heba(model, start=start, end=end, **attach)
+    sd = heba_weights(VIS_D, TXT_D, layers, start, end, seed=seed)
+    load_heba(model, sd)
+    return pristine, model, sd
 
 
-def spec_encode_text(model, text, layers, scale):
-    x = model.token_embedding(text) + model.positional_embedding
-    x = spec_tower(model.transformer.resblocks, layers, x, scale, model.attn_mask)
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0]), text.argmax(-1)]
-    return x @ model.text_projection
+def spec_features(pristine, img, tok, sd, scale, grid, eps=EPS):
+    vis, txt = per_layer(sd, "visual"), per_layer(sd, "text")
+    fi = spec_encode_image(pristine, img, lambda b, x: spec_tower(b, x, vis, scale, True, grid,
+                                                                  eps=eps))
+    ft = spec_encode_text(pristine, tok, lambda b, x, m: spec_tower(b, x, txt, scale, False,
+                                                                    attn_mask=m, eps=eps))
+    return fi, ft
+
+
+def grid_of(size):
+    H, W = (size, size) if isinstance(size, int) else size
+    return (H // PATCH, W // PATCH)
 
 
 # --- tests -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("size", [32, (24, 40)], ids=["grid4x4", "grid3x5"])
 @pytest.mark.parametrize("start,end", [(1, None), (2, 3), (3, 3)], ids=["all", "L2-3", "L3"])
-@pytest.mark.parametrize("mode", ["base", "novel"])
-def test_heba_matches_spec_block_equations(start, end, mode):
-    model = tiny_clip(layers=3)
-    adapters = attach_heba(model, start=start, end=end)
-    randomize_adapters(model)
+@pytest.mark.parametrize("mode,scale", [("base", BASE_SCALE), ("novel", NOVEL_SCALE)])
+def test_heba_features_are_the_spec_equations(size, start, end, mode, scale):
+    """Both towers in eval: the published placement, eps, prefix, widths, grid and scales."""
+    pristine, model, sd = heba_pair(size=size, start=start, end=end)
     model.heba_policy.set_mode(mode)
-    scale = 0.025 if mode == "base" else 0.010
-    n = 3 - start + 1 if end is None else end - start + 1
-    # published layout: slot i holds block i's adapters (1-based), slot 0 and the rest empty
-    vis = {i - 1: layer for i, layer in enumerate(adapters.visual_adapter) if layer is not None}
-    txt = {i - 1: layer for i, layer in enumerate(adapters.text_adapter) if layer is not None}
-    assert len(vis) == n and len(txt) == n and min(vis) == start - 1
-    img, tok = images(), texts()
+    img, tok = images(size=size), texts()
+    grid = grid_of(size)
     with torch.no_grad():
         got_i, got_t = model.encode_image(img), model.encode_text(tok)
-        exp_i = spec_encode_image(model, img, vis, scale)
-        exp_t = spec_encode_text(model, tok, txt, scale)
-        plain_i = spec_encode_image(model, img, {}, scale)
+        exp_i, exp_t = spec_features(pristine, img, tok, sd, scale, grid)
+        plain_i = pristine.encode_image(img)
+        swapped_i, _ = spec_features(pristine, img, tok, sd, scale, grid[::-1])
     torch.testing.assert_close(got_i, exp_i, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_t, exp_t, rtol=1e-5, atol=1e-5)
-    # the adapters matter: without them the features differ
+    # the test sees what it checks: the adapters, and on 3x5 the grid's orientation
     assert (got_i - plain_i).abs().max() > 1e-3
+    if grid[0] != grid[1]:
+        assert (got_i - swapped_i).abs().max() > 1e-3
 
 
-def test_adapter_shapes_and_kinds():
-    model = tiny_clip(layers=2)
-    ad = attach_heba(model)
-    v0, t0 = ad.visual_adapter[1], ad.text_adapter[1]
-    assert (v0.att_conv.modality, v0.att_conv.dim, v0.att_conv.hidden) == ("visual", 64, 16)
-    assert (v0.mlp_conv.dim, v0.mlp_conv.hidden) == (256, 64)          # 4D -> D
-    assert v0.att_conv.grid == (4, 4) and v0.att_conv.num_prefix_tokens == 1
-    assert (t0.att_conv.modality, t0.att_conv.dim, t0.mlp_conv.dim) == ("text", 48, 192)
-    keys = set(ad.state_dict())
-    assert "visual_adapter.1.mlp_conv.mid.weight" in keys
-    assert "text_adapter.1.att_conv.norm.bias" in keys and "text_adapter.2.att_conv.norm.bias" in keys
-    assert not any(k.split(".")[1] == "0" for k in keys)          # slot 0 is empty, as published
-    assert not any(".mid." in k for k in keys if k.startswith("text_adapter"))
+@pytest.mark.parametrize("eps", [None, 1e-3, 1e-7], ids=["default", "1e-3", "1e-7"])
+def test_layernorm_eps_at_model_level(eps):
+    """Rows of variance ~1e-5 reach the adapters' LayerNorm: its eps shows in the features.
+    ``None``: the wiring's default must be the published 1e-5; else every adapter's eps is set."""
+    pristine = quiet_blocks(tiny_clip(layers=2, image_size=(24, 40)), 3e-3)
+    model = copy.deepcopy(pristine)
+    attach_heba(model)
+    sd = heba_weights(VIS_D, TXT_D, 2)
+    load_heba(model, sd)
+    if eps is not None:
+        for m in model.heba_adapters.modules():
+            if isinstance(m, HeBAAdapter):
+                m.eps = m.norm.eps = eps
+    want = EPS if eps is None else eps
+    img, tok = images(size=(24, 40)), texts()
+    with torch.no_grad():
+        got = torch.cat([model.encode_image(img), model.encode_text(tok)])
+        exp = torch.cat(spec_features(pristine, img, tok, sd, BASE_SCALE, (3, 5), eps=want))
+        other = torch.cat(spec_features(pristine, img, tok, sd, BASE_SCALE, (3, 5),
+                                        eps=want * 10))
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    assert (got - other).abs().max() > 1e-3           # a 10x different eps would show
+
+
+def test_published_names_shapes_and_policy():
+    """State-dict names and shapes of the published checkpoints (strict load of weights drawn
+    with REDUCTION 4: att D -> D/4, mlp 4D -> D; visual convs, text linears); published scales."""
+    _, model, sd = heba_pair(layers=2)
+    ad = model.heba_adapters
+    assert set(ad.state_dict()) == set(sd)           # visual_adapter.<1-based layer>.att_conv...
+    assert not any(".mid." in k for k in ad.state_dict() if k.startswith("text_adapter"))
+    v, t = first(ad, "visual"), first(ad, "text")
+    assert v.att_conv.grid == (4, 4) and v.att_conv.num_prefix_tokens == PREFIX
+    assert (v.att_conv.eps, t.mlp_conv.eps) == (EPS, EPS)
+    pol = model.heba_policy
+    assert (pol.base_scale, pol.novel_scale, pol.scale_factor, pol.slow_fast_ratio) == \
+        (BASE_SCALE, NOVEL_SCALE, SCALE_FACTOR, SLOW_FAST_RATIO)
 
 
 def test_freeze_and_count():
@@ -184,7 +190,7 @@ def test_seq_first_transformer_same_as_batch_first():
     ad_sf = attach_heba(model_sf, towers_="visual")
     randomize_adapters(model)
     ad_sf.load_state_dict(ad.state_dict())
-    assert ad_sf.visual_adapter[1].att_conv.batch_first is False
+    assert first(ad_sf, "visual").att_conv.batch_first is False
     img = images(n=2)
     with torch.no_grad():
         a, b = model.encode_image(img), model_sf.encode_image(img)
@@ -238,31 +244,35 @@ def test_adapters_read_policy_scale():
     assert {float(s) for s in seen} == {float(torch.tensor(0.025)), float(torch.tensor(0.05625))}
 
 
-def test_adaptertune_placement():
-    model = tiny_clip(layers=4)
-    img = images()
+@pytest.mark.parametrize("every,alpha,towers_", [
+    (1, 1.0, "visual"), (2, 0.5, "visual"), (3, 2.0, "both"), (2, -1.5, "both")])
+def test_adaptertune_published_placement_and_alpha(every, alpha, towers_):
+    """Published AdapterTune (src/models/vit_adapter.py): blocks with ``i % every == 0``
+    (0-based) get ``x = block(x); x = x + alpha * up(gelu(down(x)))``."""
+    layers, rank = 4, 4
+    adapted = [i for i in range(layers) if i % every == 0]
+    pristine = tiny_clip(layers=layers)
+    model = copy.deepcopy(pristine)
+    ad = attach_adaptertune(model, towers_=towers_, rank=rank, every=every, alpha=alpha)
+    sd = lowrank_weights(VIS_D, rank, adapted)
+    if towers_ == "both":
+        sd.update(lowrank_weights(TXT_D, rank, adapted, prefix="text_blocks", seed=3))
+    assert set(ad.state_dict()) == set(sd)
+    img, tok = images(), texts()
     with torch.no_grad():
-        plain = model.encode_image(img)
-    ad = attach_adaptertune(model, rank=4, every=2)
-    assert sorted(ad.blocks.keys()) == ["1", "3"] and len(ad.text_blocks) == 0
-    with torch.no_grad():
-        assert torch.equal(model.encode_image(img), plain)    # zero init: the identity
-        for p in ad.parameters():
-            p.copy_(0.3 * torch.randn_like(p))
-        got = model.encode_image(img)
-        v = model.visual
-        x = v._embeds(img)
-        for i, blk in enumerate(v.transformer.resblocks):
-            if str(i) in ad.blocks:
-                blk = blk.orig
-            x = blk(x)
-            if str(i) in ad.blocks:
-                a = ad.blocks[str(i)].adapter
-                x = x + F.linear(F.gelu(F.linear(x, a.down.weight, a.down.bias)), a.up.weight,
-                                 a.up.bias)
-        exp = v._pool(x)[0] @ v.proj
-    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
-    assert count_parameters(model)[0] == 2 * (4 * 64 + 4 + 64 * 4 + 64)
+        assert torch.equal(model.encode_image(img), pristine.encode_image(img))   # zero init
+        ad.load_state_dict(sd, strict=True)
+        got_i, got_t = model.encode_image(img), model.encode_text(tok)
+        vis, txt = per_block(sd), per_block(sd, "text_blocks")
+        exp_i = spec_encode_image(pristine, img, lambda b, x: spec_lowrank_tower(b, x, vis, alpha))
+        exp_t = spec_encode_text(pristine, tok,
+                                 lambda b, x, m: spec_lowrank_tower(b, x, txt, alpha, m))
+    torch.testing.assert_close(got_i, exp_i, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_t, exp_t, rtol=1e-5, atol=1e-5)
+    assert (got_i - pristine.encode_image(img)).abs().max() > 1e-3
+    n_towers = 2 if towers_ == "both" else 1
+    assert count_parameters(model)[0] == sum(v.numel() for v in sd.values())
+    assert len(sd) == 4 * len(adapted) * n_towers
 
 
 def test_encode_text_truncation_equals_full():
@@ -276,7 +286,7 @@ def test_encode_text_truncation_equals_full():
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
     # and it really ran 7 tokens: the adapters saw 7-token sequences
     seen = []
-    h = model.heba_adapters.text_adapter[1].att_conv.register_forward_pre_hook(
+    h = first(model.heba_adapters, "text").att_conv.register_forward_pre_hook(
         lambda m, args: seen.append(args[0].shape[1]))
     with torch.no_grad():
         encode_text(model, tok, normalize=True)
@@ -296,7 +306,7 @@ def test_real_clip_sizes_on_meta(name, size, grid, heba_millions):
     layers = len(model.visual.transformer.resblocks)
     assert len(adapters.visual_adapter) == layers + 1          # slot 0 empty, as published
     assert len(adapters.text_adapter) == len(model.transformer.resblocks) + 1
-    assert adapters.visual_adapter[1].att_conv.grid == (grid, grid)
+    assert first(adapters, "visual").att_conv.grid == (grid, grid)
     trainable, total = count_parameters(model)
     assert round(trainable / 1e6, 1) == heba_millions          # 87.2M for B/16 as published
     assert trainable == sum(p.numel() for p in adapters.parameters())

@@ -528,8 +528,9 @@ def attach_adaptertune(model: nn.Module, towers_: str = "visual", rank: int = 16
                        backend: str = "auto") -> LowRankAdapters:
     """Put an AdapterTune :class:`heba.nn.LowRankAdapter` after every ``every``-th block.
 
-    Blocks ``every - 1, 2 * every - 1, ...`` (0-based) of the chosen towers get
-    ``x = adapter(block(x))``; ``every=1`` adapts every block. The published
+    Blocks ``0, every, 2 * every, ...`` (0-based, ``i % every == 0``, as the published
+    AdapterTune code) of the chosen towers get ``x = adapter(block(x))``; ``every=1``
+    adapts every block. The published
     AdapterTune code adapts the image tower only (``towers_="visual"``, the default).
     """
     if getattr(model, "heba_adapters", None) is not None:
@@ -550,7 +551,7 @@ def attach_adaptertune(model: nn.Module, towers_: str = "visual", rank: int = 16
         tr = tws[tower]
         device, dtype = _param_like(tr)
         holder = adapters.blocks if tower == "visual" else adapters.text_blocks
-        for i in range(every - 1, len(tr.resblocks), every):
+        for i in range(0, len(tr.resblocks), every):
             block = tr.resblocks[i]
             dim = block.mlp.c_fc.in_features if hasattr(block, "mlp") else tr.width
             lr = LowRankAdapter(dim, rank, alpha=alpha, init=init, backend=backend)

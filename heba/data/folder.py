@@ -102,5 +102,10 @@ class ImageList(Dataset):
     def __getitem__(self, i):
         from PIL import Image
         item = self.items[i]
-        with Image.open(item.path) as img:
-            return self.transform(img.convert("RGB")), item.label
+        try:
+            with Image.open(item.path) as img:
+                img = img.convert("RGB")
+        except Exception as err:    # checked before training; this is a file changed since
+            raise DataError(f"image {item.path} cannot be read ({type(err).__name__}: "
+                            f"{' '.join(str(err).split())})") from None
+        return self.transform(img), item.label

@@ -18,11 +18,14 @@ What the published trainer does (salimkhazem/adaptertune ``src/train/trainer.py`
    the best validation top-1 but not what the test reports). The best
    validation epoch is kept in the summary.
 
-A run folder holds what :class:`heba.train.recipe.TrainRecipe` writes:
-``config.json``; ``adapters.safetensors`` (every trained tensor: the adapters in
-their published names, ``head.*``, or the whole model for ``full``) with
-``adapters.json`` (config, epoch, accuracy, class names); ``train_state.pt``
-(optimizer, scheduler, epoch, best validation; ``--resume``); ``metrics.jsonl``
+A run folder holds what :class:`heba.train.recipe.TrainRecipe` writes
+(:mod:`heba.train.run_folder`, checked first by :mod:`heba.train.preflight`):
+``config.json``; per saved epoch one set ``epoch_<N>/`` with
+``adapters.safetensors`` (every trained tensor: the adapters in their published
+names, ``head.*``, or the whole model for ``full``), ``adapters.json`` (config,
+epoch, accuracy, class names) and ``train_state.pt`` (optimizer, scheduler,
+epoch, best validation; ``--resume``), the finished run's adapters copied to the
+top; ``metrics.jsonl``
 (``train`` / ``eval`` records with ``top1`` / ``top5`` / ``loss``);
 ``summary.md`` and ``summary.json`` (the published summary's keys:
 ``best_val_acc``, ``best_epoch``, ``test_acc``, plus ``test_acc5``).
@@ -52,9 +55,11 @@ from heba.clip.fast import GraphedStep, prepare_frozen
 from heba.clip.wiring import count_parameters
 from heba.train import backbones
 from heba.train import optim
+from heba.train import preflight
+from heba.train import run_folder as rf
 from heba.train.config import MODEL_FIELDS, Config, UsageError
 from heba.train.evaluate import format_acc
-from heba.train.recipe import RunOptions, TrainRecipe, graphs_reason
+from heba.train.recipe import RunOptions, TrainRecipe, _isatty, graphs_reason
 from heba.train.runtime import (PRECISIONS, autocast_ctx, barrier, resolve_precision,
                                 set_cpu_threads, setup_distributed)
 
@@ -184,13 +189,21 @@ def load_trainable(model, method: str, state: dict, name: str) -> None:
             v.copy_(state[k].to(v.dtype))
 
 
-def save_trainable(path: str, model, method: str, meta: dict) -> None:
-    """``path`` (safetensors) + ``path.json``: :func:`trainable_state` and ``meta``; JSON last."""
+def trainable_writers(model, method: str, meta: dict) -> dict:
+    """``{"adapters.safetensors": write(path), "adapters.json": write(path)}``: the
+    :func:`trainable_state` (taken now) and ``meta``; one file each."""
     from safetensors.torch import save_file
     state = {k: v.detach().contiguous().cpu() for k, v in trainable_state(model, method).items()}
-    ckpt.atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    ckpt.atomic_write(ckpt._config_path(path), lambda tmp: open(tmp, "w").write(text))
+    return {rf.CKPT_NAME: lambda path: save_file(state, path, metadata={"format": "pt"}),
+            rf.CKPT_JSON: lambda path: rf.write_text(path, text)}
+
+
+def save_trainable(path: str, model, method: str, meta: dict) -> None:
+    """``path`` (safetensors) + ``path.json``: :func:`trainable_state` and ``meta``; JSON last."""
+    writers = trainable_writers(model, method, meta)
+    ckpt.atomic_write(path, writers[rf.CKPT_NAME])
+    ckpt.atomic_write(ckpt._config_path(path), writers[rf.CKPT_JSON])
 
 
 class ClassifyRecipe(TrainRecipe):
@@ -202,10 +215,12 @@ class ClassifyRecipe(TrainRecipe):
         """Check everything that can fail on bad input, then build; nothing is written here."""
         cfg, opts = self.cfg, self.opts
         self.rank, self.world, self.device = setup_distributed(opts.device)
+        self.plan = preflight.validate(cfg, opts, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
-        self._check_output()
+        self.ck_path = os.path.join(opts.output, rf.CKPT_NAME)
+        self.latest = self.plan.latest
         if opts.checkpoint_blocks:
             raise UsageError("--checkpoint-blocks is for open_clip towers, not timm backbones")
         self.data = build_data(cfg)                # the data set first: cheapest to check
@@ -214,14 +229,13 @@ class ClassifyRecipe(TrainRecipe):
         torch.manual_seed(cfg.seed)                # published set_seed: the head's init
         bb = lib.load(cfg, opts.allow_download, num_classes=self.data.num_classes)
         _set_transforms(self.data, bb.train_transform, bb.eval_transform)
-        saved = self._saved_config()
         self.model = lib.attach(bb.model, cfg, opts.backend).to(self.device)
         self.fast_notes = self._fast_setup()
         self.step = ClassifyStep(self.model, self.ks, cfg.label_smoothing)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._build_optimizer()
         self.best = dict(best_val_acc=0.0, best_epoch=None)
-        self.start_epoch = 0 if saved is None else self._load_state(saved)
+        self.start_epoch = 0 if self.latest is None else self._load_state(self.plan)
         self.graph_off = graphs_reason(opts, self.device, self.world, self.precision,
                                        self.model, self.step, self.opt)
         self.fast_notes.append("CUDA graphs " + ("on" if self.graph_off is None
@@ -239,33 +253,33 @@ class ClassifyRecipe(TrainRecipe):
             return [f"frozen backbone cast once to {self.precision}"]
         return [f"backbone kept in {'fp32' if self.precision == 'fp32' else 'fp32 + autocast'}"]
 
-    def _load_state(self, saved) -> int:
+    def _load_state(self, plan) -> int:
         from safetensors.torch import load_file
-        load_trainable(self.model, self.cfg.method, load_file(self.ck_path), self.ck_path)
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        if state.get("epoch") != saved.get("epoch"):
-            raise UsageError(f"{self.opts.output}: train_state.pt (epoch {state.get('epoch')}) "
-                             f"and adapters.safetensors (epoch {saved.get('epoch')}) disagree")
+        path = plan.latest.file(rf.CKPT_NAME)
+        load_trainable(self.model, self.cfg.method, load_file(path), path)
+        state = plan.state
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.best = dict(state.get("best", self.best))
         policy = getattr(self.model, "heba_policy", None)
         if "scale_policy" in state and policy is not None:
             policy.load_state_dict(state["scale_policy"])     # the slow-fast stream goes on
-        return state["epoch"]
+        return plan.start_epoch
 
     # --- train ---------------------------------------------------------------------------
 
     def train(self) -> Optional[dict]:
         """Every epoch from ``start_epoch``: train, validate; test after the last (rank 0)."""
         cfg, opts = self.cfg, self.opts
-        os.makedirs(opts.output, exist_ok=True)
-        self.metrics_path = os.path.join(opts.output, "metrics.jsonl")
-        if self.rank == 0 and not opts.resume and os.path.exists(self.metrics_path):
-            os.unlink(self.metrics_path)
+        self.metrics_path = os.path.join(opts.output, rf.METRICS_NAME)
         if self.rank == 0:
-            cfg.save(os.path.join(opts.output, "config.json"))
+            self._prepare_folder()              # TrainRecipe's: the plan's first writes
+        barrier(self.world)
         self._announce()
+        if self.plan.note:
+            self.log(self.plan.note)
+        if self.plan.mode == "finished":
+            return self._already_finished()
         self.model.train()
         self.graphed = GraphedStep(self._forward, self.params, enabled=self.graph_off is None)
         test = None
@@ -318,8 +332,8 @@ class ClassifyRecipe(TrainRecipe):
         torch.manual_seed(seed)                   # augmentations (global RNG)
         loader = self._loader(epoch)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=self.rank != 0 or self.opts.quiet, file=sys.stderr,
-                   dynamic_ncols=True)
+                   disable=self.rank != 0 or self.opts.quiet or not _isatty(sys.stderr),
+                   file=sys.stderr, dynamic_ncols=True)
         t0, seen, n = time.time(), 0, 0
         loss_sum = torch.zeros((), device=self.device)          # read once, at the end
         hit_sum = torch.zeros(len(self.ks), device=self.device)
@@ -366,10 +380,24 @@ class ClassifyRecipe(TrainRecipe):
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
             state["scale_policy"] = policy.state_dict()
-        ckpt.atomic_torch_save(state, self.state_path)
-        save_trainable(self.ck_path, self.model, self.cfg.method,
-                       dict(self.cfg.to_dict(), epoch=epoch, accuracy=acc,
-                            classnames=list(self.data.classnames)))
+        files = trainable_writers(self.model, self.cfg.method,
+                                  dict(self.cfg.to_dict(), epoch=epoch, accuracy=acc,
+                                       classnames=list(self.data.classnames)))
+        files[rf.STATE_NAME] = lambda path: torch.save(state, path)
+        self.latest = ckpt.write_set(self.opts.output, epoch, files)
+
+    def _already_finished(self):
+        """A finished run resumed: its saved test accuracy; the final files if missing."""
+        if self.rank != 0:
+            return None
+        test = (self.plan.saved.get("accuracy") or {}).get("test")
+        if test is None:
+            return None
+        if not rf.is_published(self.opts.output, self.latest):
+            self._finish(test)
+        else:
+            self.log(f"after training: test {format_acc(_acc(test))}")
+        return _acc(test)
 
     def _finish(self, test: dict) -> None:
         trainable, total = count_parameters(self.model)
@@ -387,7 +415,7 @@ class ClassifyRecipe(TrainRecipe):
         md = (f"# {c.recipe}: {c.method} on {c.model}, {self.data.name}, seed {c.seed}\n\n"
               f"{trainable:,} trainable of {total:,} parameters; test: the last epoch's model\n\n"
               f"| metric | % |\n|---|---|\n{rows}")
-        ckpt.atomic_write(os.path.join(out, "summary.md"), lambda tmp: open(tmp, "w").write(md))
+        rf.publish_final(out, self.latest, md)     # adapters + JSON from the last set, summary.md
         self.log(f"after training: test {format_acc(_acc(test))}")
         self.log(f"checkpoint: {self.ck_path}; metrics: {self.metrics_path}")
 
@@ -455,7 +483,7 @@ def run(cfg: Config, opts: RunOptions, seeds=None, log=print) -> dict:
     from heba.train import protocols
     if not seeds:
         return ClassifyRecipe(cfg, opts, log).run()
-    protocols._check_seeds(seeds, opts)      # and every seed folder writable, first
+    protocols._check_seeds(seeds, opts, cfg)   # and every seed folder's plan, first
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:                      # every seed's data checked before anything is written
         build_data(c)
@@ -482,7 +510,8 @@ def find_checkpoint(path: str) -> Optional[str]:
         for name in ("adapters.safetensors", "last.pt", "best.pt"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        return None
+        latest = ckpt.read_set(path)            # an unfinished heba run: its latest epoch
+        return latest.file(rf.CKPT_NAME) if latest else None
     return path if os.path.isfile(path) else None
 
 

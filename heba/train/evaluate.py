@@ -83,12 +83,13 @@ def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
     from heba.clip import checkpoints as ckpt
     from heba.train import backbones
     from heba.train import data as run_data
+    from heba.train import preflight
     from heba.train.config import MODEL_FIELDS, Config, make_config
     from heba.train.recipe import make_bank
     from heba.train.runtime import resolve_precision, set_cpu_threads, setup_distributed
     kind, file = ckpt.find_checkpoint(path)
     if kind == "heba":
-        saved = ckpt.read_config(file)
+        saved = ckpt.read_config(file, require=MODEL_FIELDS)
         cfg = Config.from_dict(dict(saved, **overrides))
         bad = [f"{k}: checkpoint {saved.get(k)!r} vs now {overrides[k]!r}"
                for k in MODEL_FIELDS if k in overrides and overrides[k] != saved.get(k)]
@@ -101,11 +102,15 @@ def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
         state = ckpt.read_published(file)
         cfg = make_config("heba", **dict(overrides, **ckpt.published_layout(state)))
     _, _, device = setup_distributed(opts.device)
+    preflight.check_options(opts)
+    preflight.check_config(cfg)
+    preflight.check_backend(opts.backend, device)
     if device.type == "cpu":
         set_cpu_threads(opts.threads)
     precision = resolve_precision(cfg.precision, device, cfg.gpu_precision)
     precision = "fp32" if cfg.eval_precision == "fp32" else precision
     data = run_data.build(cfg)
+    preflight.check_images([ds for _, ds in data.evals.values()])
     bb = backbones.load(cfg, opts.allow_download)
     run_data.set_transforms(data, bb.train_transform, bb.eval_transform)
     model = backbones.attach(bb.model, cfg, opts.backend)

@@ -26,6 +26,8 @@ from heba.clip.checkpoints import atomic_write
 from heba.train import data as run_data
 from heba.train.config import Config, UsageError
 from heba.train.evaluate import format_acc, harmonic_mean
+from heba.train import run_folder
+from heba.train.preflight import check_images
 from heba.train.recipe import RunOptions, TrainRecipe, check_output, make_bank
 
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -44,25 +46,34 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def _seed_opts(opts: RunOptions, seed: int) -> RunOptions:
-    return dataclasses.replace(opts, output=os.path.join(opts.output, f"seed{seed}"))
+    """A seed's options: its folder ``<output>/seed<S>``. Under ``--resume``, a seed the
+    interrupted protocol had not started yet starts (a finished one reports its accuracy)."""
+    o = dataclasses.replace(opts, output=os.path.join(opts.output, f"seed{seed}"))
+    if o.resume and not run_folder.inspect(o.output).holds_run:
+        o = dataclasses.replace(o, resume=False)
+    return o
 
 
-def _check_seeds(seeds, opts: RunOptions):
-    """Distinct seeds, and every seed's run folder writable, before any seed runs."""
+def _check_seeds(seeds, opts: RunOptions, cfg: Config):
+    """Distinct seeds, and what every seed's run does with its folder, before any seed runs."""
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers >= 0, got {list(seeds)}")
+    if opts.resume and not any(run_folder.inspect(os.path.join(opts.output, f"seed{s}"))
+                               .holds_run for s in seeds):
+        raise UsageError(f"--resume: no seed folder of {opts.output} holds a run to resume")
     for s in seeds:
-        check_output(_seed_opts(opts, s))
+        check_output(dataclasses.replace(cfg, seed=s), _seed_opts(opts, s))
 
 
 def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
     """Train and test base-to-novel once per seed; returns and writes the table."""
-    _check_seeds(seeds, opts)
     if cfg.split != "base2novel":
         raise UsageError("several --seeds run the base-to-novel protocol: drop --split all")
+    _check_seeds(seeds, opts, cfg)
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:                      # every seed's data checked before anything is written
-        run_data.build(c)
+        d = run_data.build(c)
+        check_images([d.train] + [ds for _, ds in d.evals.values()])
     rows = {}
     for c in runs:
         log(f"== base-to-novel, {c.dataset or 'demo'}, seed {c.seed}")
@@ -85,15 +96,17 @@ def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
 
 def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print) -> dict:
     """Train on ``cfg``'s data set (all classes) per seed, test on each target; the table."""
-    _check_seeds(seeds, opts)
     if cfg.source != "coop":
         raise UsageError(f"{name} needs --root DIR holding imagenet and the targets")
     cfg = dataclasses.replace(cfg, split="all")
+    _check_seeds(seeds, opts, cfg)
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:
-        run_data.build(c)
-    for t in targets:                   # every target readable before anything is written
-        run_data.target(t, cfg.root, cfg.seed, None, cfg.test_per_class)
+        d = run_data.build(c)
+        check_images([d.train] + [ds for _, ds in d.evals.values()])
+    # every target readable, its images too, before anything is written
+    check_images([run_data.target(t, cfg.root, cfg.seed, None, cfg.test_per_class)[1]
+                  for t in targets])
     rows = {}
     for c in runs:
         log(f"== {name}: train on {c.dataset}, seed {c.seed}")

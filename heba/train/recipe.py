@@ -4,14 +4,21 @@
 the knobs saved with the run) under :class:`RunOptions` (where and how fast:
 device, output folder, resume, fast-path switches; not part of the result).
 One process, or one per GPU under ``torchrun`` (DistributedDataParallel over
-the adapter parameters only). A run is a folder::
+the adapter parameters only). A run is a folder (:mod:`heba.train.run_folder`)::
 
     <output>/config.json            the configuration (and the recipe it came from)
     <output>/split_<sub>.json       the images it used (as ``heba-train split`` writes them)
-    <output>/adapters.safetensors   the adapters; adapters.json = config + epoch + accuracy
-    <output>/train_state.pt         optimizer, scheduler, epoch, scale-policy RNG (--resume)
     <output>/metrics.jsonl          one line per epoch and evaluation
+    <output>/epoch_<N>/             the latest saved epoch, committed as one set: adapters
+                                    (.safetensors + .json = config + epoch + accuracy),
+                                    train_state.pt (optimizer, scheduler, RNG), manifest.json
+    <output>/adapters.safetensors   the finished run's adapters (+ adapters.json)
     <output>/summary.md             the final accuracies
+
+Everything a run can fail on is checked before its first write
+(:mod:`heba.train.preflight`: what ``--resume`` / ``--overwrite`` / the demo do
+with an existing folder, unreadable images, bad values); a kill between any two
+writes leaves a folder that ``--resume`` continues (tested by fault injection).
 
 Every random draw of an epoch follows from ``(seed, epoch, rank)``, so a
 resumed run is the uninterrupted one, bit for bit (tested).
@@ -42,16 +49,19 @@ from heba.clip.wiring import count_parameters
 from heba.train import backbones
 from heba.train import data as run_data
 from heba.train import optim
-from heba.train.config import RESUME_FIELDS, Config, UsageError
+from heba.train import preflight
+from heba.train import run_folder as rf
+from heba.train.config import Config, UsageError
 from heba.train.evaluate import evaluate, format_acc
 from heba.train.prompts import PromptBank, class_prompts, read_descriptions
 from heba.train.runtime import (PRECISIONS, autocast_ctx, barrier, resolve_precision,
                                 set_cpu_threads, setup_distributed)
 from heba.train.step import AdapterStep, draw_step
 
-CKPT_NAME = "adapters.safetensors"
-STATE_NAME = "train_state.pt"
-CONFIG_NAME = "config.json"
+CKPT_NAME, CKPT_JSON, STATE_NAME, CONFIG_NAME = (rf.CKPT_NAME, rf.CKPT_JSON, rf.STATE_NAME,
+                                                  rf.CONFIG_NAME)
+check_same = preflight.check_same
+ACC_ORDER = {"base": 0, "novel": 1, "hm": 2, "all": 3}
 BAR_EVERY = 10          # training steps between progress-bar updates (each reads the loss)
 
 
@@ -73,6 +83,7 @@ class RunOptions:
     cuda_graphs: bool = True
     cast_once: bool = True
     checkpoint_blocks: int = 0
+    demo_default: bool = False      # the bare demo's folder: replaces only a previous demo run
 
 
 def make_bank(classnames, cfg: Config, tokenizer, device, dataset: Optional[str] = None):
@@ -100,22 +111,21 @@ class TrainRecipe:
         """Check everything that can fail on bad input, then build; nothing is written here."""
         cfg, opts = self.cfg, self.opts
         self.rank, self.world, self.device = setup_distributed(opts.device)
+        self.plan = preflight.validate(cfg, opts, self.device)
         if self.device.type == "cpu":
             set_cpu_threads(opts.threads)
         self.precision = resolve_precision(cfg.precision, self.device, cfg.gpu_precision)
         self.eval_precision = "fp32" if cfg.eval_precision == "fp32" else self.precision
-        self._check_output()
-        if opts.checkpoint_blocks < 0:
-            raise UsageError(f"--checkpoint-blocks must be >= 0 (0: off), "
-                             f"got {opts.checkpoint_blocks}")
+        self.ck_path = os.path.join(opts.output, CKPT_NAME)
+        self.latest = self.plan.latest
         self.data = run_data.build(cfg)            # the data set first: cheapest to check
+        preflight.check_images([self.data.train] + [ds for _, ds in self.data.evals.values()])
         bb = backbones.load(cfg, opts.allow_download)
         run_data.set_transforms(self.data, bb.train_transform, bb.eval_transform)
         self.tokenizer, self.eval_transform = bb.tokenizer, bb.eval_transform
         self.train_bank = make_bank(self.data.train_classes, cfg, bb.tokenizer, self.device)
         self.banks = {s: make_bank(names, cfg, bb.tokenizer, self.device)
                       for s, (names, _) in self.data.evals.items()}
-        saved = self._saved_config()
         torch.manual_seed(cfg.seed)               # the same adapter init on every rank
         self.model = backbones.attach(bb.model, cfg, opts.backend).to(self.device)
         self.fast_notes = self._fast_setup()
@@ -123,7 +133,7 @@ class TrainRecipe:
                                 cfg.neg_per_class, cfg.candidates)
         self.params = [p for p in self.model.heba_adapters.parameters() if p.requires_grad]
         self._build_optimizer()
-        self.start_epoch = 0 if saved is None else self._load_state(saved)
+        self.start_epoch = 0 if self.latest is None else self._load_state(self.plan)
         self.graph_off = graphs_reason(self.opts, self.device, self.world, self.precision,
                                        self.model, self.step, self.opt)
         self.fast_notes.append("CUDA graphs " + ("on (forward + backward, one graph per "
@@ -135,18 +145,6 @@ class TrainRecipe:
             self.train_step = DDP(self.step, device_ids=[self.device.index]
                                   if self.device.type == "cuda" else None,
                                   gradient_as_bucket_view=True)
-
-    def _check_output(self):
-        check_output(self.opts)
-        self.ck_path = os.path.join(self.opts.output, CKPT_NAME)
-        self.state_path = os.path.join(self.opts.output, STATE_NAME)
-
-    def _saved_config(self):
-        if not self.opts.resume:
-            return None
-        saved = ckpt.read_config(self.ck_path)
-        check_same(saved, self.cfg.to_dict(), RESUME_FIELDS, self.ck_path)
-        return saved
 
     def _fast_setup(self) -> list:
         """Cast the frozen backbone once and checkpoint frozen blocks, as the options ask."""
@@ -196,34 +194,31 @@ class TrainRecipe:
         g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
         return torch.utils.data.DataLoader(ds, shuffle=True, generator=g, **kw)
 
-    def _load_state(self, saved) -> int:
-        ckpt.load_adapters(self.ck_path, self.model)
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        if state.get("epoch") != saved.get("epoch"):
-            raise UsageError(f"{self.opts.output}: {STATE_NAME} (epoch {state.get('epoch')}) "
-                             f"and {CKPT_NAME} (epoch {saved.get('epoch')}) disagree")
+    def _load_state(self, plan) -> int:
+        """The adapters, optimizer, scheduler and scale-policy RNG of the set resumed from."""
+        ckpt.load_adapters(plan.latest.file(CKPT_NAME), self.model)
+        state = plan.state
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         policy = getattr(self.model, "heba_policy", None)
         if "scale_policy" in state and policy is not None:
             policy.load_state_dict(state["scale_policy"])     # the slow-fast stream goes on
-        return state["epoch"]
+        return plan.start_epoch
 
     # --- train ---------------------------------------------------------------------------
 
     def train(self) -> Optional[dict]:
         """Every epoch from ``start_epoch``; returns the final accuracies (rank 0)."""
         cfg, opts = self.cfg, self.opts
-        os.makedirs(opts.output, exist_ok=True)
-        self.metrics_path = os.path.join(opts.output, "metrics.jsonl")
-        if self.rank == 0 and not opts.resume and os.path.exists(self.metrics_path):
-            os.unlink(self.metrics_path)           # --overwrite: a fresh log
+        self.metrics_path = os.path.join(opts.output, rf.METRICS_NAME)
         if self.rank == 0:
-            cfg.save(os.path.join(opts.output, CONFIG_NAME))
-            from heba.data.coop import write_split_json
-            for sub, split in self.data.splits.items():     # the exact images of this run
-                write_split_json(split, os.path.join(opts.output, f"split_{sub}.json"))
+            self._prepare_folder()
+        barrier(self.world)
         self._announce()
+        if self.plan.note:
+            self.log(self.plan.note)
+        if self.plan.mode == "finished":
+            return self._already_finished()
         self.acc_before = None
         if self.start_epoch == 0 and opts.eval_before:
             if self.rank == 0:
@@ -256,6 +251,36 @@ class TrainRecipe:
             self._finish(acc)
         return acc
 
+    def _prepare_folder(self):
+        """The first writes, after every check: what the plan says happens to the folder."""
+        plan, out = self.plan, self.opts.output
+        os.makedirs(out, exist_ok=True)
+        if plan.mode == "overwrite":
+            rf.clear(out)
+        if plan.mode in ("resume", "finished"):
+            rf.trim_metrics(self.metrics_path, plan.start_epoch)   # no epoch listed twice
+        ckpt.remove_stale(out, keep=plan.start_epoch if plan.latest else None)
+        if not os.path.exists(os.path.join(out, CONFIG_NAME)):
+            self.cfg.save(os.path.join(out, CONFIG_NAME))
+        for sub, split in getattr(self.data, "splits", {}).items():   # the exact images
+            path = os.path.join(out, f"split_{sub}.json")
+            if not os.path.exists(path):
+                text = json.dumps(split.to_json()) + "\n"
+                ckpt.atomic_write(path, lambda tmp, t=text: rf.write_text(tmp, t))
+
+    def _already_finished(self):
+        """A finished run resumed: its saved accuracy; the final files if a kill left them out."""
+        if self.rank != 0:
+            return None                             # as train(): the accuracy is rank 0's
+        acc = self.plan.saved.get("accuracy")
+        if not rf.is_published(self.opts.output, self.latest):
+            rf.publish_final(self.opts.output, self.latest, self._summary(acc or {}))
+            self.log(f"{self.opts.output}: wrote the final adapters and summary.md")
+        if acc:
+            acc = dict(sorted(acc.items(), key=lambda kv: ACC_ORDER.get(kv[0], 9)))
+            self.log(f"after training:  {format_acc(acc)}")
+        return acc
+
     def _announce(self):
         cfg, d = self.cfg, self.data
         trainable, total = count_parameters(self.model)
@@ -281,9 +306,11 @@ class TrainRecipe:
         torch.manual_seed(seed)                   # augmentations (global RNG)
         self.gen.manual_seed(seed)                # candidates and prompts
         loader = self._loader(epoch)
+        # A bar only on a terminal: in a log file its carriage returns are noise (the
+        # per-epoch line says the same).
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=self.rank != 0 or self.opts.quiet, file=sys.stderr,
-                   dynamic_ncols=True)
+                   disable=self.rank != 0 or self.opts.quiet or not _isatty(sys.stderr),
+                   file=sys.stderr, dynamic_ncols=True)
         t0, seen, n = time.time(), 0, 0
         # Summed on the device; read by the host every BAR_EVERY steps, not every step.
         loss_sum = torch.zeros((), device=self.device)
@@ -331,30 +358,33 @@ class TrainRecipe:
 
     def record(self, obj: dict) -> None:
         if self.rank == 0:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(obj) + "\n")
+            rf.append_record(self.metrics_path, obj)
 
     def save_checkpoint(self, epoch: int, acc: Optional[dict]) -> None:
-        """Adapters + config (safetensors + JSON) and the optimizer state, each atomically."""
+        """Commit epoch ``epoch`` as one set (:func:`heba.clip.checkpoints.write_set`):
+        the adapters + their JSON (config, epoch, accuracy) and the optimizer state."""
         state = dict(optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
                      epoch=epoch)
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
             state["scale_policy"] = policy.state_dict()
-        ckpt.atomic_torch_save(state, self.state_path)
-        ckpt.save_adapters(self.ck_path, self.model, dict(self.cfg.to_dict(), epoch=epoch,
-                                                          accuracy=acc))
+        files = ckpt.adapter_writers(self.model, dict(self.cfg.to_dict(), epoch=epoch,
+                                                      accuracy=acc))
+        files[STATE_NAME] = lambda path: torch.save(state, path)
+        self.latest = ckpt.write_set(self.opts.output, epoch, files)
+
+    def _summary(self, acc: dict) -> str:
+        rows = "".join(f"| {k} | {v:.2f} |\n" for k, v in acc.items())
+        return (f"# {self.cfg.recipe}: {self.cfg.method} on {self.cfg.model}, "
+                f"{self.cfg.dataset or 'demo'}, seed {self.cfg.seed}\n\n| split | accuracy % |\n"
+                f"|---|---|\n{rows}")
 
     def _finish(self, acc):
+        """The last set is committed: publish its adapters and the summary at the top."""
+        rf.publish_final(self.opts.output, self.latest, self._summary(acc))
         if self.acc_before is not None:
             self.log(f"before training: {format_acc(self.acc_before)}")
         self.log(f"after training:  {format_acc(acc)}")
-        rows = "".join(f"| {k} | {v:.2f} |\n" for k, v in acc.items())
-        text = (f"# {self.cfg.recipe}: {self.cfg.method} on {self.cfg.model}, "
-                f"{self.cfg.dataset or 'demo'}, seed {self.cfg.seed}\n\n| split | accuracy % |\n"
-                f"|---|---|\n{rows}")
-        ckpt.atomic_write(os.path.join(self.opts.output, "summary.md"),
-                          lambda tmp: open(tmp, "w").write(text))
         self.log(f"adapters: {self.ck_path}; metrics: {self.metrics_path}")
 
     def cleanup(self) -> None:
@@ -373,15 +403,9 @@ class TrainRecipe:
         return dict(accuracy=acc, output=self.opts.output)
 
 
-def check_output(opts: RunOptions) -> None:
-    """The run folder may be written: no checkpoint there, or --resume / --overwrite."""
-    out = opts.output
-    has = os.path.exists(ckpt._config_path(os.path.join(out, CKPT_NAME)))
-    if has and not (opts.resume or opts.overwrite):
-        raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it "
-                         f"or --overwrite to start over")
-    if opts.resume and not has:
-        raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT_NAME} + json)")
+def check_output(cfg: Config, opts: RunOptions) -> None:
+    """What the run would do with its folder is allowed (:func:`preflight.plan_output`)."""
+    preflight.plan_output(cfg, opts)
 
 
 def graphs_reason(opts, device, world, precision, model, step,
@@ -407,9 +431,9 @@ def graphs_reason(opts, device, world, precision, model, step,
     return policy_graphs_reason(getattr(model, "heba_policy", None))
 
 
-def check_same(saved: dict, cfg: dict, fields, path):
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {cfg.get(k)!r}" for k in fields
-            if saved.get(k) != cfg.get(k)]
-    if diff:
-        raise UsageError(f"checkpoint {path} is from another configuration ({'; '.join(diff)})")
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 

@@ -28,6 +28,7 @@ import torch
 
 from heba.train.backbones import Backbone
 from heba.train.config import UsageError
+from heba.train.preflight import one_line
 
 __all__ = ["load", "attach", "wants_quick_gelu", "dassl_transforms", "NetworkGuard"]
 
@@ -151,7 +152,7 @@ def load(cfg, allow_download: bool = False) -> Backbone:
             raise UsageError(f"{name} / {pre} is not in the local cache and downloading is "
                              f"off: pass --allow-download, or --pretrained /path/to/file")
         raise UsageError(f"cannot build {name} with pretrained={pre}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                         f"{type(err).__name__}: {one_line(err)}") from None
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
@@ -168,11 +169,20 @@ def _load_weights_file(model, path):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                               for k, v in state.items()})
+        result = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                        for k, v in state.items()}, strict=False)
     except Exception as err:
         raise UsageError(f"cannot load weights {path}: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{one_line(err)}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise UsageError(f"cannot load weights {path} into the tiny model: "
+                         f"{len(result.missing_keys)} missing tensor(s) "
+                         f"({_few(result.missing_keys)}), {len(result.unexpected_keys)} "
+                         f"unexpected ({_few(result.unexpected_keys)})")
+
+
+def _few(names, k=3):
+    return ", ".join(list(names)[:k]) + (", ..." if len(names) > k else "") if names else "none"
 
 
 def attach(model, cfg, backend: str = "auto"):

@@ -1,0 +1,372 @@
+"""Preflight: every check a run can fail on bad input, made before anything is written.
+
+:meth:`heba.train.recipe.TrainRecipe.setup` calls :func:`validate` first (the
+options, the configuration's values, the backend on this device, a
+``--pretrained`` weights file, and what the output folder holds: the
+:class:`Plan`), then :func:`check_images` once the data set is listed. Each
+failure is a :class:`~heba.train.config.UsageError`,
+:class:`~heba.clip.checkpoints.CheckpointError` or
+:class:`~heba.data.coop.DataError` with one line that names the argument or the
+file; ``heba-train`` prints it and exits with status 2.
+
+Unreadable images: **the run fails before training, naming the file.** Every
+image a run will read (its training shots and its test images) is opened and
+decoded (JPEG at reduced size, which still reads every byte) on a few threads,
+so a corrupt, truncated or empty file stops the run before the model loads,
+not after the last epoch. (Dassl's ``read_image`` retries such a file forever;
+skipping it would silently change the training batches or the test set.)
+
+What happens with an output folder (``-o``; the Plan's ``note`` says it in the log):
+
+* nothing of heba's there: a fresh run.
+* a run there, no flag: refused (``--resume`` or ``--overwrite``).
+* ``--resume``: continues after the latest saved epoch; a run killed before its
+  first epoch was saved starts again at epoch 1; a finished run trains nothing,
+  reports its saved accuracy and exits 0 (so a protocol over seeds can be
+  resumed as a whole). ``--resume`` with ``--overwrite``: refused.
+* ``--overwrite``: the previous run's files are removed, others stay.
+* the bare demo (no ``-o``) writes ``runs/demo`` and replaces only a previous
+  *demo* run there; any other run in ``runs/demo`` is refused.
+
+Example::
+
+    >>> from heba.train.config import make_config
+    >>> check_config(make_config("heba", lr=-1.0))
+    Traceback (most recent call last):
+    ...
+    heba.train.config.UsageError: --lr must be a number >= 0, got -1.0
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+from heba.clip import checkpoints as ckpt
+from heba.train import run_folder as rf
+from heba.train.config import RESUME_FIELDS, UsageError, check
+
+# The lowest value each integer field allows (None: not checked); HINTS complete the message.
+INT_MIN = dict(epochs=1, batch_size=1, shots=1, test_batch_size=1, seed=0, neg_per_class=0,
+               rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1,
+               warmup_epochs=0)
+HINTS = dict(test_per_class=" (leave it out to test on every image)")
+
+
+@dataclass
+class Plan:
+    """What a run does with its output folder (module docstring)."""
+
+    mode: str                                   # fresh | overwrite | resume | finished
+    start_epoch: int = 0
+    latest: Optional[ckpt.CheckpointSet] = None  # the set resumed from
+    saved: Optional[dict] = None                # its adapters.json
+    state: Optional[dict] = None                # its train_state.pt
+    note: Optional[str] = None                  # one log line: what happens
+
+
+def validate(cfg, opts, device) -> Plan:
+    """Every check that needs no data set and no model; returns the output folder's Plan."""
+    check_options(opts)
+    check_config(cfg)
+    check_backend(opts.backend, device)
+    pre = cfg.pretrained
+    if pre not in (None, "", "none", "builtin") and os.path.isfile(pre):
+        check_weights_file(pre)
+    return plan_output(cfg, opts)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(opts) -> None:
+    """The run options' values (:class:`heba.train.recipe.RunOptions`)."""
+    if opts.threads is not None and opts.threads < 1:
+        raise UsageError(f"--threads must be >= 1 (leave it out to use the idle cores), "
+                         f"got {opts.threads}")
+    for name, hint in (("workers", ""), ("eval_every", " (0: evaluate at the end only)"),
+                       ("checkpoint_blocks", " (0: off)")):
+        if getattr(opts, name) < 0:
+            raise UsageError(f"{_flag(name)} must be >= 0{hint}, got {getattr(opts, name)}")
+    if opts.resume and opts.overwrite:
+        raise UsageError(f"--resume and --overwrite exclude each other: --resume continues "
+                         f"the run in {opts.output}, --overwrite deletes it and starts over")
+
+
+def check_config(cfg) -> None:
+    """The configuration's choices (:func:`heba.train.config.check`) and value ranges."""
+    check(cfg)
+    for name, low in INT_MIN.items():
+        v = getattr(cfg, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise UsageError(f"{_flag(name)} must be an integer >= {low}{HINTS.get(name, '')}, "
+                             f"got {v!r}")
+    if cfg.start is not None and cfg.end is not None and cfg.end < cfg.start:
+        raise UsageError(f"--end ({cfg.end}) must be >= --start ({cfg.start})")
+    _number(cfg, "lr", lambda x: x >= 0, "a number >= 0")
+    _number(cfg, "momentum", lambda x: 0 <= x < 1, "in [0, 1)")
+    _number(cfg, "weight_decay", lambda x: x >= 0, "a number >= 0")
+    _number(cfg, "label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)")
+    _number(cfg, "scale_factor", lambda x: x > 0, "a positive number")
+    _number(cfg, "slow_fast_ratio", lambda x: 0 <= x <= 1, "a probability in [0, 1]")
+    _number(cfg, "grad_clip", lambda x: x >= 0, "a number >= 0 (0: off)")
+    _number(cfg, "val_split", lambda x: 0 <= x < 1, "a fraction in [0, 1)")
+    for name in ("base_scale", "novel_scale", "alpha"):
+        _number(cfg, name, lambda x: True, "a finite number")
+
+
+def _number(cfg, name, ok, what):
+    v = getattr(cfg, name, None)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+            or not ok(v):
+        raise UsageError(f"{_flag(name)} must be {what}, got {v!r}")
+
+
+def check_backend(backend: str, device) -> None:
+    """A backend asked for by name must run on ``device`` (``auto`` falls back by itself)."""
+    if backend in ("auto", "reference"):
+        return
+    from heba.backends import backend_status
+    ok, why = backend_status(backend, device)
+    if not ok:
+        raise UsageError(f"--backend {backend} cannot run on {device}: {why} "
+                         f"(--backend auto picks what runs here)")
+
+
+# --- the output folder -----------------------------------------------------------------------
+
+def plan_output(cfg, opts) -> Plan:
+    """What the run does with ``opts.output`` (module docstring); raises on a refusal."""
+    out = opts.output
+    _check_writable(out)
+    state = rf.inspect(out)
+    if opts.resume:
+        return _plan_resume(cfg, state)
+    if not state.holds_run:
+        return Plan("fresh")
+    if opts.overwrite:
+        return Plan("overwrite", note=f"{out}: --overwrite: the previous run's files are "
+                                      f"removed")
+    if getattr(opts, "demo_default", False):
+        if _source(state) == "demo":
+            return Plan("overwrite", note=f"{out}: replacing the previous demo run (the demo "
+                                          f"rewrites its own folder; -o DIR keeps a run)")
+        raise UsageError(f"{out} holds a run that is not the demo's; the demo never replaces "
+                         f"it: pass -o DIR for the demo, or --overwrite to replace that run")
+    if state.latest is not None:
+        what = (f"a checkpoint (epoch {state.latest}"
+                + (", finished)" if state.finished else ")"))
+    else:
+        what = "a finished run" if state.finished else "a started run (no epoch saved yet)"
+    raise UsageError(f"{out} already holds {what}: pass --resume to continue it or "
+                     f"--overwrite to start over")
+
+
+def _check_writable(out: str) -> None:
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"-o {out} is a file, not a folder (the run folder to write)")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"-o {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: {parent} is not writable")
+
+
+def _source(state: rf.FolderState) -> Optional[str]:
+    """The data source of the run in a folder (``"demo"`` for the demo's), from any JSON."""
+    paths = [os.path.join(state.path, rf.CONFIG_NAME), os.path.join(state.path, rf.CKPT_JSON)]
+    paths += [os.path.join(ckpt.epoch_dir(state.path, e), rf.CKPT_JSON) for e in state.epochs]
+    for p in paths:
+        obj = rf.read_json(p)
+        if obj is not None:
+            return obj.get("source")
+    return None
+
+
+def _plan_resume(cfg, state: rf.FolderState) -> Plan:
+    out = state.path
+    if state.latest is None:
+        if rf.STATE_NAME in state.files:
+            raise UsageError(f"--resume: {out} was written by an older heba-train (one "
+                             f"{rf.STATE_NAME} at the top, no epoch_<N>/ set): it cannot be "
+                             f"resumed; evaluate its adapters, or --overwrite")
+        if rf.CONFIG_NAME in state.files and not state.finished:
+            saved = ckpt.read_json_object(os.path.join(out, rf.CONFIG_NAME),
+                                          require=RESUME_FIELDS)
+            check_same(saved, cfg.to_dict(), RESUME_FIELDS, os.path.join(out, rf.CONFIG_NAME))
+            return Plan("resume", note=f"{out}: no epoch was saved before the run stopped: "
+                                       f"starting again at epoch 1")
+        if state.finished:
+            raise UsageError(f"--resume: {out} holds a finished run's adapters but no "
+                             f"epoch_<N>/ set to resume from: evaluate it, or --overwrite")
+        raise UsageError(f"--resume: {out} holds no run to resume (no {rf.CONFIG_NAME}, no "
+                         f"epoch_<N>/ checkpoint)")
+    latest = ckpt.read_set(out)
+    missing = [n for n in (rf.CKPT_NAME, rf.CKPT_JSON, rf.STATE_NAME) if n not in latest.files]
+    if missing:
+        raise ckpt.CheckpointError(f"{latest.path} lacks {', '.join(missing)}: not a training "
+                                   f"checkpoint")
+    saved = ckpt.read_config(latest.file(rf.CKPT_NAME), require=RESUME_FIELDS + ("epoch",))
+    check_same(saved, cfg.to_dict(), RESUME_FIELDS, latest.path)
+    train_state = load_train_state(latest.file(rf.STATE_NAME))
+    if not (train_state.get("epoch") == saved["epoch"] == latest.epoch):
+        raise ckpt.CheckpointError(f"{latest.path}: {rf.STATE_NAME} (epoch "
+                                   f"{train_state.get('epoch')}) and {rf.CKPT_JSON} (epoch "
+                                   f"{saved['epoch']}) disagree")
+    if latest.epoch >= cfg.epochs:
+        return Plan("finished", latest.epoch, latest, saved, train_state,
+                    note=f"{out} has already finished: epoch {latest.epoch} of {cfg.epochs} "
+                         f"is saved, nothing is trained; its final accuracy follows")
+    return Plan("resume", latest.epoch, latest, saved, train_state,
+                note=f"{out}: resuming after epoch {latest.epoch} of {cfg.epochs}")
+
+
+def load_train_state(path: str) -> dict:
+    """``train_state.pt`` (optimizer, scheduler, epoch, RNG), or :class:`CheckpointError`."""
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ckpt.CheckpointError(f"cannot read {path}: {type(err).__name__}: "
+                                   f"{one_line(err)}") from None
+    need = ("optimizer", "scheduler", "epoch")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise ckpt.CheckpointError(f"{path} is not a training state (expected the keys "
+                                   f"{', '.join(need)})")
+    return state
+
+
+def check_same(saved: dict, cfg: dict, fields, path) -> None:
+    """The ``fields`` a checkpoint must share with the run that loads or resumes it."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {cfg.get(k)!r}" for k in fields
+            if saved.get(k) != cfg.get(k)]
+    if diff:
+        raise UsageError(f"checkpoint {path} is from another configuration ({'; '.join(diff)})")
+
+
+# --- files the run reads ---------------------------------------------------------------------
+
+_ADAPTER_KEY = re.compile(r"^(module\.)?((visual|text)_adapter\.\d+\.|(text_)?blocks\.\d+\."
+                          r"adapter\.)")
+
+
+def check_weights_file(path: str, flag: str = "--pretrained") -> None:
+    """``path`` must be backbone weights: safetensors, ``torch.save`` or TorchScript.
+
+    A text file, an empty file, or an adapter checkpoint (heba's or a published one)
+    is refused in one line.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UsageError(f"{flag} {path} is an empty file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    try:
+        keys = _weight_keys(path, head, size)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"{flag} {path} cannot be read as weights ({type(err).__name__}: "
+                         f"{one_line(err)})") from None
+    if keys is None:                            # TorchScript (OpenAI's release): its own loader
+        return
+    if keys == []:
+        raise UsageError(f"{flag} {path} holds no tensors")
+    if all(_ADAPTER_KEY.match(k) or k.endswith(ckpt.IGNORED) for k in keys):
+        raise UsageError(f"{flag} {path} holds adapter weights, not a backbone: evaluate it "
+                         f"with `heba-train evaluate --checkpoint {path}`")
+
+
+def _weight_keys(path, head, size):
+    import torch
+    if zipfile.is_zipfile(path):
+        names = zipfile.ZipFile(path).namelist()
+        if any(n.split("/")[-1] == "constants.pkl" for n in names):
+            return None
+        return _tensor_keys(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    if _is_safetensors(head, size):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    if head[:1] == b"\x80":                     # a pickle: torch.save's legacy format
+        return _tensor_keys(torch.load(path, map_location="cpu", weights_only=True))
+    raise UsageError(f"--pretrained {path} is not a weights file (expected safetensors, "
+                     f"torch.save or TorchScript; it starts with {head[:12]!r})")
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    return 0 < n < size and head[8:9] == b"{"
+
+
+def _tensor_keys(obj):
+    import torch
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        return []
+    return [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+
+
+def check_images(datasets, log=None) -> int:
+    """Open and decode every image of ``datasets`` (each with ``.items`` of ``.path``).
+
+    Raises :class:`heba.data.coop.DataError` naming the first unreadable file (and how
+    many more there are); returns how many images were checked.
+    """
+    from heba.data.coop import DataError
+    paths = sorted({it.path for ds in datasets for it in getattr(ds, "items", ())
+                    if getattr(it, "path", None)})
+    todo = [p for p in paths if _stamp(p) not in _CHECKED]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        errors = list(pool.map(image_error, todo))
+    bad = [(p, e) for p, e in zip(todo, errors) if e]
+    _CHECKED.update(_stamp(p) for p, e in zip(todo, errors) if not e)
+    if bad:
+        more = f"; {len(bad) - 1} more unreadable" if len(bad) > 1 else ""
+        raise DataError(f"image {bad[0][0]} cannot be read ({bad[0][1]}){more}: every image "
+                        f"is checked before training; repair or remove it")
+    return len(paths)
+
+
+# Images found readable in this process, by (path, size, mtime): a protocol's seeds and
+# the runs it starts check each image once.
+_CHECKED: set = set()
+
+
+def _stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None, None)
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+def image_error(path: str) -> Optional[str]:
+    """Why ``path`` cannot be decoded as an image (None when it can)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (64, 64))      # decode at 1/8 size: still every byte read
+            img.load()
+    except Exception as err:
+        return f"{type(err).__name__}: {one_line(err)}"
+    return None
+
+
+def one_line(err, limit: int = 240) -> str:
+    """``str(err)`` on one line (whitespace runs collapsed), cut at ``limit`` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
