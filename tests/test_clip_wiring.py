@@ -18,7 +18,7 @@ from tests.clip_utils import (BASE_SCALE, EPS, NOVEL_SCALE, PREFIX, SCALE_FACTOR
                               spec_encode_text, spec_lowrank_tower, spec_tower, texts, tiny_clip)
 
 
-# Expectations come from outside heba: the published constants and SPEC.md's block equations
+# Expectations come from outside heba: the published constants and docs/semantics.md's block equations
 # written out with plain torch (tests/clip_utils.py), run on a pristine copy of the model.
 
 VIS_D, TXT_D, PATCH = 64, 48, 8          # tiny_clip's widths and patch size

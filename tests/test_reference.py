@@ -67,7 +67,7 @@ def independent_low_rank(x, p, alpha):
 
 
 def _param_grad_rule(grads, scale):
-    """SPEC.md: parameter gradients are the true gradient divided by scale."""
+    """docs/semantics.md: parameter gradients are the true gradient divided by scale."""
     return {k: (g if k == "x" else g / scale) for k, g in grads.items()}
 
 

@@ -1,6 +1,6 @@
 """Attach HeBA / AdapterTune adapters to an open_clip CLIP model, and take them off again.
 
-Where the adapters go (SPEC.md, "Where HeBA sits in a CLIP transformer block"),
+Where the adapters go (docs/semantics.md, "Where HeBA sits in a CLIP transformer block"),
 in every residual block from layer ``start`` to ``end`` (1-based) of a tower::
 
     x = x + attn(A_attn(ln_1(x)))                 # A_attn: width D
