@@ -575,7 +575,7 @@ def stage_bench_e2e(ctx, res, timeout):
     methods = os.environ.get("HEBA_GPU_CHECK_E2E_METHODS",
                              "adaptertune-r16" if ctx.dry else "heba").split(",")
     impls = os.environ.get("HEBA_GPU_CHECK_E2E_IMPLS", "eager,heba" if ctx.dry
-                           else "eager,heba,heba-triton,heba-cuda,compile").split(",")
+                           else "eager,heba,heba-triton,heba-cuda,compile,compile-ro").split(",")
     chosen = _e2e_ids(ids, methods, impls)
     if not chosen:
         res.status, res.note = "failed", f"no training-step benchmark for {methods} x {impls}"

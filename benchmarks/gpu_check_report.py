@@ -133,7 +133,7 @@ def _sweep(by):
     lines = []
     if r:
         lines += ["## Correctness", "", "Every output and every gradient against the float64 "
-                  "reference, ||out - ref|| / ||ref|| vs SPEC.md's tolerance.", "",
+                  "reference, ||out - ref|| / ||ref|| vs docs/semantics.md's tolerance.", "",
                   _status(r), "", sweep_table(r["data"].get("rows", []))]
     for tool in ("memcheck", "racecheck"):
         s = by.get(tool)

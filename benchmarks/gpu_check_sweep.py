@@ -5,7 +5,7 @@
 Each check runs the public ``heba.ops`` function on one backend, forward and
 backward with a random upstream gradient, and compares the output and every
 gradient (x and each parameter) with the float64 reference on the same
-(rounded) inputs by ``||out - ref|| / ||ref||`` against SPEC.md's tolerance for
+(rounded) inputs by ``||out - ref|| / ||ref||`` against docs/semantics.md's tolerance for
 the dtype (under autocast, the autocast dtype's). Non-finite values where the
 reference is finite fail whatever the error. Fused buffers are NaN-filled
 (``HEBA_DEBUG_NAN_FILL=1``) so an unwritten tile fails too.

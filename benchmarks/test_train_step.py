@@ -1,33 +1,42 @@
-"""One training step of adapters on a frozen CLIP ViT-B/16: baselines and heba's fast path.
+"""The published HeBA training step on a frozen CLIP ViT-B/16: the published code's eager step,
+torch.compile of it, and heba's fast path (heba-train's step), in one run.
 
-    pytest benchmarks/test_train_step.py --benchmark-only --benchmark-json=benchmarks/results/train.json
-    python -m benchmarks.train_report benchmarks/results/train.json
+    pytest benchmarks/test_train_step.py --benchmark-only --benchmark-json=results/train.json
+    python -m benchmarks.train_report results/train.json
 
-The step: 128 images 224x224 and 100 class prompts of 77 tokens (end-of-text
-at 8..20 tokens, like "a photo of a {class}."), both towers of
-``open_clip.create_model("ViT-B-16", pretrained=None)`` (random weights),
-logits, label-smoothed cross-entropy (0.1), backward, SGD (momentum 0.9) on the
-adapters; bf16. Methods: HeBA (adapters in all 12 blocks of both towers) and
-AdapterTune r=16 (after every block of both towers). Contenders, same run,
-same device:
+The recipe (VLM-HeBA ``configs/trainers/HeBA/base2new.yaml``, ``trainers/heba.py``): batch
+16 of 224x224 images, ~50 base classes (Caltech101 / Food101 / Flowers / UCF101 base
+halves; one prompt each, 12..32 tokens like "a photo of a <class>, <description>"), the
+published candidate set (the batch's classes + up to 5 negatives each: with 50 classes and
+16 images nearly always every class), HeBA adapters in all 12 blocks of both towers with
+the slow-fast scale on (0.025, x2.25 with probability 0.2, one draw per block and tower),
+label smoothing 0.1, SGD momentum 0.9, weight decay 5e-4; bf16. Random weights
+(``open_clip.create_model("ViT-B-16", pretrained=None)``); AdapterTune r=16 (image tower)
+for comparison. Contenders:
 
-* ``eager``: fp32 backbone under ``torch.autocast(bf16)``, reference adapters,
-  full 77-token text tower, ``F.cross_entropy`` (what a plain training script does);
-* ``compile``: ``torch.compile`` of that loss function (backward through AOTAutograd);
-* ``heba``: heba's default: :func:`heba.clip.fast.prepare_frozen` (cast once),
-  backend ``"auto"``, text truncated to a multiple of 8, prompts padded to a
-  multiple of 8, the whole step a CUDA graph (:class:`heba.clip.fast.TrainStep`);
-* ``heba-<backend>``: the same with one backend (reference / triton / cuda);
-* ``heba-ckpt``: the default with every frozen block checkpointed.
+* ``eager``: the published code's step, written out: fp32 backbone under
+  ``torch.autocast(bf16)``, reference adapters, slow-fast drawn on the host per block
+  (``ScalePolicy(draws="host")``), the candidate set built on the host (``torch.unique``,
+  a per-class membership loop, ``randperm``, as published), the full 77-token text
+  tower, ``F.cross_entropy``, ``optimizer.step()``;
+* ``compile`` / ``compile-ro``: ``torch.compile`` of that loss function, modes
+  ``default`` and ``reduce-overhead`` (backward through AOTAutograd), with the slow-fast
+  scale drawn on the device (host draws would recompile at every step);
+* ``heba``: heba-train's step: backbone cast once (:func:`heba.clip.fast.prepare_frozen`),
+  backend ``"auto"``, device-side slow-fast draws, the static candidate slots and
+  prompt picks on the device (:mod:`heba.train.step`), the text tower cut at the bank's
+  longest prompt, fused SGD, forward + backward one CUDA graph (:class:`GraphedStep`);
+* ``heba-<backend>``: the same with one backend; ``heba-ckpt``: with every frozen block
+  checkpointed.
 
-The HeBA scale policy runs with ``slow_fast_ratio=1.0`` for every contender:
-the compute is the same for any scale, and a per-call random host scale would
-make torch.compile recompile and keeps CUDA graphs off (see ``TrainStep``).
-``extra_info``: ms per step (CUDA events, median), images/s, peak memory of a
-step (``torch.cuda.max_memory_allocated``, weights and optimizer included),
-whether graphs were on, and the first-step loss's relative difference to the
-eager baseline (a contender more than 2e-2 off is not timed). ``test_max_batch``
-finds the largest batch that fits with and without checkpointing.
+``extra_info``: ms per step (CUDA events, median), images/s, peak memory of a step
+(``torch.cuda.max_memory_allocated``, weights and optimizer included), kernels and kernel
+launch calls per step (torch profiler: GPU kernel records, and the host's
+``cudaLaunchKernel`` / ``cudaGraphLaunch`` calls), whether graphs were on, and the
+relative difference of a check loss (slow-fast off, every class a candidate, initial
+weights) to the eager one: a contender more than 2e-2 off is not timed.
+``test_max_batch`` finds the largest batch of heba's step with and without checkpointing.
+A dry run (``HEBA_BENCH_DRY_RUN=1``) runs all of it on the CPU at tiny shapes.
 """
 
 from __future__ import annotations
@@ -38,29 +47,33 @@ import time
 
 import pytest
 pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.cases import DRY_RUN
-from heba.backends import backend_status
-from heba.clip import attach_adaptertune, attach_heba
-from heba.clip.fast import TrainStep, checkpoint_frozen_blocks, find_max_batch, prepare_frozen
-from heba.clip.wiring import ScalePolicy
+from benchmarks.cases import DRY_RUN  # noqa: E402
+from heba.backends import backend_status  # noqa: E402
+from heba.clip import attach_adaptertune, attach_heba  # noqa: E402
+from heba.clip.fast import (GraphedStep, checkpoint_frozen_blocks, find_max_batch,  # noqa: E402
+                            prepare_frozen)
+from heba.clip.wiring import ScalePolicy  # noqa: E402
+from heba.train.prompts import PromptBank  # noqa: E402
+from heba.train.step import AdapterStep, draw_step  # noqa: E402
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
 DTYPE = torch.bfloat16
-SMOOTHING = 0.1
+SMOOTHING, NEG, LR = 0.1, 5, 0.0075
 if DRY_RUN:   # a tiny CLIP so the harness runs end to end on the CPU in seconds
-    BATCH, PROMPTS, CONTEXT, IMAGE = 4, 10, 16, 32
-    EOT_RANGE = (3, 7)
+    BATCH, CLASSES, CONTEXT, IMAGE = 4, 10, 16, 32
+    EOT_RANGE = (3, 9)
 else:
-    BATCH, PROMPTS, CONTEXT, IMAGE = 128, 100, 77, 224
-    EOT_RANGE = (8, 20)
+    BATCH, CLASSES, CONTEXT, IMAGE = 16, 50, 77, 224
+    EOT_RANGE = (12, 32)
 METHODS = ("heba", "adaptertune-r16")
-IMPLS = ("eager", "compile", "heba", "heba-reference", "heba-triton", "heba-cuda", "heba-ckpt")
+IMPLS = ("eager", "compile", "compile-ro", "heba", "heba-reference", "heba-triton", "heba-cuda",
+         "heba-ckpt")
 
 
-def make_model(method: str, backend: str):
+def make_model(method: str, backend: str, host_draws: bool):
     import open_clip
     torch.manual_seed(0)
     if DRY_RUN:
@@ -72,72 +85,156 @@ def make_model(method: str, backend: str):
         model = open_clip.create_model("ViT-B-16", pretrained=None)
     model = model.to(DEVICE).train()
     if method == "heba":
-        attach_heba(model, "both", policy=ScalePolicy(slow_fast_ratio=1.0), backend=backend)
+        policy = ScalePolicy(seed=1, draws="host" if host_draws else "device")
+        attach_heba(model, "both", policy=policy, backend=backend)
     else:
-        attach_adaptertune(model, "both", rank=16, every=1, backend=backend)
+        attach_adaptertune(model, "visual", rank=16, every=1, backend=backend)
     return model
 
 
-def make_batch(model):
+def make_bank(model) -> PromptBank:
+    """One prompt per class: sot, random words, eot (the largest id) at 12..32 tokens."""
     g = torch.Generator().manual_seed(1)
     vocab = model.vocab_size
-    imgs = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g).to(DEVICE)
-    texts = torch.zeros(PROMPTS, CONTEXT, dtype=torch.long)
-    for i in range(PROMPTS):
+    tokens = torch.zeros(CLASSES, CONTEXT, dtype=torch.long)
+    for i in range(CLASSES):
         n = int(torch.randint(EOT_RANGE[0], EOT_RANGE[1] + 1, (1,), generator=g))
-        texts[i, 0] = vocab - 2                                       # start of text
-        texts[i, 1:n - 1] = torch.randint(1, vocab - 2, (n - 2,), generator=g)
-        texts[i, n - 1] = vocab - 1                                   # end of text (largest id)
-    labels = torch.randint(0, PROMPTS, (BATCH,), generator=g).to(DEVICE)
-    return imgs, texts.to(DEVICE), labels
+        tokens[i, 0] = vocab - 2
+        tokens[i, 1:n - 1] = torch.randint(1, vocab - 2, (n - 2,), generator=g)
+        tokens[i, n - 1] = vocab - 1
+    return PromptBank([[str(c)] for c in range(CLASSES)], lambda texts: tokens, DEVICE)
 
 
-def plain_loss(model, imgs, texts, labels):
-    """The baseline's loss: open_clip's own encoders, full context, F.cross_entropy."""
+def make_batches(n=4):
+    """``n`` batches of random images and labels (a dry run: the same labels in each, so
+    that torch.compile, which specialises on the candidate count, compiles once)."""
+    g = torch.Generator().manual_seed(2)
+    labels = [torch.randint(0, CLASSES, (BATCH,), generator=g) for _ in range(n)]
+    if DRY_RUN:
+        labels = [labels[0]] * n
+    return [(torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g).to(DEVICE), y.to(DEVICE))
+            for y in labels]
+
+
+def published_candidates(labels, n_classes):
+    """VLM-HeBA ``CustomCLIP.forward`` (training): the candidate classes and the renumbered
+    labels, on the host as published (``unique``, a membership test per class, ``randperm``)."""
+    if n_classes <= labels.shape[0]:
+        return torch.arange(n_classes, device=labels.device), labels
+    pos, inverse = torch.unique(labels, return_inverse=True)
+    is_neg = torch.tensor([c not in pos for c in range(n_classes)], device=labels.device)
+    neg = torch.nonzero(is_neg).squeeze(1)
+    n_neg = min(neg.shape[0], len(pos) * NEG)
+    neg = neg[torch.randperm(neg.shape[0])[:n_neg].to(labels.device)]
+    return torch.cat([pos, neg]), inverse
+
+
+def published_loss(model, bank, imgs, labels, every_class=False):
+    """The published step's loss: autocast over the fp32 model, full text context."""
     with torch.autocast(DEVICE, dtype=DTYPE):
+        if every_class:
+            classes = torch.arange(bank.n_classes, device=labels.device)
+        else:
+            classes, labels = published_candidates(labels, bank.n_classes)
+        pick = torch.randint(0, bank.n_prompts, (classes.shape[0],)).to(labels.device)
+        txt = model.encode_text(bank.tokens[classes, pick], normalize=True)
         img = model.encode_image(imgs, normalize=True)
-        txt = model.encode_text(texts, normalize=True)
         logits = model.logit_scale.exp() * img.float() @ txt.float().t()
     return F.cross_entropy(logits, labels, label_smoothing=SMOOTHING)
 
 
-def contender(method: str, impl: str):
-    """``(step, loss, info)``: ``step()`` runs one training step, ``loss()`` a forward only."""
-    backend = {"eager": "reference", "compile": "reference", "heba": "auto",
-               "heba-ckpt": "auto"}.get(impl, impl.replace("heba-", ""))
-    model = make_model(method, backend)
-    imgs, texts, labels = make_batch(model)
-    opt = torch.optim.SGD(model.heba_adapters.parameters(), lr=1e-3, momentum=0.9)
-    if impl in ("eager", "compile"):
-        # A dry run compiles with aot_eager (dynamo + AOTAutograd, no C++ build): the CPU
-        # inductor build of a CLIP forward and backward takes minutes on two cores.
-        compile_kw = dict(backend="aot_eager") if DRY_RUN else {}
-        fn = plain_loss if impl == "eager" else torch.compile(plain_loss, **compile_kw)
+def _backend(impl):
+    return {"eager": "reference", "compile": "reference", "compile-ro": "reference",
+            "heba": "auto", "heba-ckpt": "auto"}.get(impl, impl.replace("heba-", ""))
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = fn(model, imgs, texts, labels)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return step, lambda: fn(model, imgs, texts, labels), dict(graphs=False, text_len=CONTEXT)
+
+def contender(method: str, impl: str):
+    """``(step, check, info)``: ``step()`` one training step on the next batch; ``check()``
+    the loss with slow-fast off and every class a candidate (no gradient)."""
+    model = make_model(method, _backend(impl), host_draws=impl == "eager")
+    bank, batches = make_bank(model), make_batches()
+    it = iter(range(1 << 62))
+    policy = getattr(model, "heba_policy", None)
+    if not impl.startswith("heba"):
+        return _published_contender(model, bank, batches, impl, it, policy)
     prepare_frozen(model, DTYPE)
     if impl == "heba-ckpt":
         checkpoint_frozen_blocks(model)
-    train = TrainStep(model, opt, dtype=DTYPE, label_smoothing=SMOOTHING)
-    padded, valid, length = train.prepare(texts)
-    info = dict(graphs=train.graphs, graphs_reason=train.graphs_reason, text_len=length,
-                padded_prompts=padded.shape[0])
-    return (lambda: train(imgs, texts, labels),
-            lambda: train.loss(imgs, padded, labels, valid, length), info)
+    step = AdapterStep(model, bank, SMOOTHING, NEG)
+    params = [p for p in model.heba_adapters.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4,
+                          fused=DEVICE == "cuda" or None)
+
+    def fn(*x):
+        with torch.autocast(DEVICE, dtype=DTYPE, cache_enabled=DEVICE != "cuda"):
+            return step(*x)
+    graphed = GraphedStep(fn, params, enabled=DEVICE == "cuda")
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+
+    def run():
+        imgs, labels = batches[next(it) % len(batches)]
+        mask, pick = draw_step(labels, bank, NEG, "batch", gen)
+        opt.zero_grad(set_to_none=True)
+        loss = graphed(imgs, labels, mask, pick)[0]
+        opt.step()
+        return loss
+
+    def check():
+        imgs, labels = batches[0]
+        every = torch.ones(CLASSES, dtype=torch.bool, device=DEVICE)
+        return _no_slow_fast(policy, lambda: fn(imgs, labels, every,
+                                                torch.zeros_like(labels[:1]).expand(CLASSES))[0])
+    info = dict(graphs=graphed.reason is None and DEVICE == "cuda", text_len=step.text_len,
+                graphed=graphed)
+    return run, check, info
+
+
+def _published_contender(model, bank, batches, impl, it, policy):
+    opt = torch.optim.SGD(model.heba_adapters.parameters(), lr=LR, momentum=0.9,
+                          weight_decay=5e-4)
+    # A dry run compiles with the "eager" backend (dynamo's tracing, graph breaks and
+    # guards, no AOTAutograd / inductor build: those of a CLIP forward and backward take
+    # minutes on two CPU cores).
+    kw = dict(backend="eager") if DRY_RUN else {}
+    if impl == "compile-ro":
+        if DRY_RUN:
+            pytest.skip("reduce-overhead is CUDA graphs: GPU only (a dry run would repeat "
+                        "'compile')")
+        kw["mode"] = "reduce-overhead"
+    fn = published_loss if impl == "eager" else torch.compile(published_loss, **kw)
+
+    def run():
+        imgs, labels = batches[next(it) % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = fn(model, bank, imgs, labels)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def check():
+        imgs, labels = batches[0]
+        return _no_slow_fast(policy, lambda: fn(model, bank, imgs, labels, True))
+    return run, check, dict(graphs=False, text_len=CONTEXT)
+
+
+def _no_slow_fast(policy, fn):
+    """``fn()`` without gradient and with the slow-fast scale off (a deterministic loss)."""
+    ratio = None if policy is None else policy.slow_fast_ratio
+    if policy is not None:
+        policy.slow_fast_ratio = 1.0
+    try:
+        with torch.no_grad():
+            return float(fn())
+    finally:
+        if policy is not None:
+            policy.slow_fast_ratio = ratio
 
 
 @functools.lru_cache(maxsize=None)
 def reference_loss(method: str) -> float:
-    """The eager baseline's loss on the initial weights (the correctness check)."""
-    _, loss, _ = contender(method, "eager")
-    with torch.no_grad():
-        out = float(loss())
+    """The eager baseline's check loss on the initial weights."""
+    _, check, _ = contender(method, "eager")
+    out = check()
     _free()
     return out
 
@@ -171,19 +268,42 @@ def _peak_bytes(step) -> int:
     return torch.cuda.max_memory_allocated()
 
 
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                 "cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchCooperativeKernel")
+
+
+def launches_per_step(step, n=3) -> dict:
+    """``{"kernels_per_step", "launch_calls_per_step"}`` over ``n`` steps (torch profiler):
+    GPU kernel records (a replayed graph's kernels each count), and host launch API calls
+    (a graph replay is one). None on the CPU."""
+    if DEVICE != "cuda":
+        return dict(kernels_per_step=None, launch_calls_per_step=None)
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == DeviceType.CUDA
+                  and not e.name.startswith(("Memcpy", "Memset")))
+    calls = sum(1 for e in events if e.name in _LAUNCH_CALLS)
+    return dict(kernels_per_step=kernels / n, launch_calls_per_step=calls / n)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("method", METHODS)
 def test_train_step(benchmark, method, impl):
-    backend = impl.replace("heba-", "")
-    if backend in ("triton", "cuda"):
+    backend = _backend(impl)
+    if impl.startswith("heba-") and backend in ("triton", "cuda"):
         ok, why = backend_status(backend, DEVICE)
         if not ok:
             pytest.skip(f"backend {backend} unavailable: {why}")
     ref = reference_loss(method)
     try:
-        step, loss, info = contender(method, impl)
-        with torch.no_grad():
-            first = float(loss())            # compiles torch.compile contenders
+        step, check, info = contender(method, impl)
+        first = check()                      # compiles torch.compile contenders
     except Exception as err:
         _free()
         if impl.startswith("heba"):                  # heba's own step must run
@@ -191,10 +311,13 @@ def test_train_step(benchmark, method, impl):
         # A baseline that cannot run (e.g. torch.compile failing) is recorded, not fatal.
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err)[:300]}")
     rel = abs(first - ref) / abs(ref)
-    assert rel < 2e-2, f"{method}/{impl}: first loss {first} vs eager {ref} (rel {rel:.2e})"
-
-    for _ in range(0 if DRY_RUN else 6):     # warm-up: graph capture, autotuning, compile of bwd
+    assert rel < 2e-2, f"{method}/{impl}: check loss {first} vs eager {ref} (rel {rel:.2e})"
+    for _ in range(2 if DRY_RUN else 8):     # warm-up: graph capture, autotuning, compiles
         step()
+    graphed = info.pop("graphed", None)
+    if graphed is not None and DEVICE == "cuda":
+        assert graphed.reason is None and graphed.replays > 0, graphed.reason
+    info["graphs"] = bool(graphed is not None and graphed.replays > 0)
 
     def synced():
         step()
@@ -204,14 +327,14 @@ def test_train_step(benchmark, method, impl):
     ms = _bench_ms(step)
     benchmark.extra_info.update({
         "method": method, "impl": impl, "device": _device_name(), "dtype": "bf16",
-        "batch": BATCH, "prompts": PROMPTS, "context": CONTEXT, "cuda_ms": ms,
+        "batch": BATCH, "classes": CLASSES, "context": CONTEXT, "cuda_ms": ms,
         "images_per_s": BATCH / ms * 1e3, "peak_mem_bytes": _peak_bytes(step),
-        "first_loss": first, "loss_rel_to_eager": rel, **info,
+        "check_loss": first, "loss_rel_to_eager": rel, **launches_per_step(step), **info,
     })
     benchmark.pedantic(synced, rounds=1 if DRY_RUN else 10, iterations=1,
                        warmup_rounds=0 if DRY_RUN else 1)
-    del step, loss
-    if impl == "compile":
+    del step, check, graphed
+    if impl.startswith("compile"):
         torch._dynamo.reset()
     _free()
 
@@ -219,19 +342,24 @@ def test_train_step(benchmark, method, impl):
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("method", METHODS)
 def test_max_batch(benchmark, method, ckpt):
-    """The largest batch of heba's default step that fits, with and without checkpointing."""
-    model = make_model(method, "auto")
+    """The largest batch of heba's step that fits, with and without checkpointing."""
+    model = make_model(method, "auto", host_draws=False)
     prepare_frozen(model, DTYPE)
     if ckpt:
         checkpoint_frozen_blocks(model)
-    opt = torch.optim.SGD(model.heba_adapters.parameters(), lr=1e-3, momentum=0.9)
-    # Graphs off: one graph per probed batch size would only add capture time and memory.
-    train = TrainStep(model, opt, dtype=DTYPE, label_smoothing=SMOOTHING, cuda_graphs=False)
-    _, texts, _ = make_batch(model)
+    bank = make_bank(model)
+    step = AdapterStep(model, bank, SMOOTHING, NEG)
+    params = [p for p in model.heba_adapters.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
 
-    def run(b):
+    def run(b):     # eager: one graph per probed batch size would only add capture time
         imgs = torch.randn(b, 3, IMAGE, IMAGE, device=DEVICE)
-        train(imgs, texts, torch.zeros(b, dtype=torch.long, device=DEVICE))
+        labels = torch.randint(0, CLASSES, (b,), device=DEVICE)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=DTYPE):
+            loss = step(imgs, labels, *draw_step(labels, bank, NEG, "batch", None))[0]
+        loss.backward()
+        opt.step()
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
@@ -239,5 +367,5 @@ def test_max_batch(benchmark, method, ckpt):
     benchmark.extra_info.update({"method": method, "impl": "heba-ckpt" if ckpt else "heba",
                                  "device": _device_name(), "max_batch": best})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    del model, opt, train
+    del model, opt, step
     _free()

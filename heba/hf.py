@@ -7,7 +7,7 @@ the other when the shapes agree. A transformers ``CLIPEncoderLayer`` computes::
     x = x + self_attn(layer_norm1(x))
     x = x + mlp.fc2(mlp.activation_fn(mlp.fc1(layer_norm2(x))))
 
-and HeBA goes where it goes in open_clip's block (SPEC.md), in layers
+and HeBA goes where it goes in open_clip's block (docs/semantics.md), in layers
 ``start..end`` (1-based) of the chosen towers::
 
     x = x + self_attn(A_att(layer_norm1(x)))                          # A_att: width D

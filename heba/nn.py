@@ -1,7 +1,7 @@
 """Drop-in adapter modules. They hold parameters and call :mod:`heba.ops`; no math here.
 
 Parameter names and shapes are those of the published HeBA and AdapterTune
-code, so their state dicts load with ``strict=True`` (see SPEC.md).
+code, so their state dicts load with ``strict=True`` (see docs/semantics.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class HeBAAdapter(nn.Module):
         grid: visual only; ``(H, W)`` of the patch grid, or None for a square grid.
         batch_first: ``x`` is ``[B, N, D]`` if True, ``[N, B, D]`` if False.
         init: ``"kaiming"`` (up-projection kaiming-normal, fan_out, relu) or ``"zero"``.
-        rescale_param_grad: parameter gradients as if ``scale`` were 1 (SPEC.md).
+        rescale_param_grad: parameter gradients as if ``scale`` were 1 (docs/semantics.md).
         eps: LayerNorm epsilon.
         backend: ``"auto" | "reference" | "triton" | "cuda"``.
 

@@ -73,6 +73,11 @@ def _check_scale(scale, x, name="scale"):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
                         f"got {type(scale).__name__}")
+    if torch.compiler.is_compiling():
+        # Under torch.compile a float that changes between calls (e.g. the slow-fast
+        # scale) becomes symbolic after the first recompile; checking it here would break
+        # the graph. The eager call before compilation has checked it already.
+        return scale
     if not math.isfinite(scale):
         raise ValueError(f"{name} must be finite, got {scale}")
     return float(scale)

@@ -18,7 +18,7 @@ interpreter returns garbage from ``tl.dot`` on 16-bit operands, so on the CPU
 float32: the interpreter sees the same rounded values as the GPU does.
 float32 operands use exact ("ieee") products unless PyTorch itself allows
 TF32 (``torch.set_float32_matmul_precision("high")``), so float32 results
-meet SPEC.md's float32 tolerance.
+meet docs/semantics.md's float32 tolerance.
 """
 
 import contextlib
@@ -32,7 +32,7 @@ __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtype
            "scalar_arg", "device_guard"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
-# rounded to float32, float32 accumulation (SPEC.md section 3), results back in float64.
+# rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
 OP_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 0}
 
 # Globals read inside @triton.jit functions must be constexpr.

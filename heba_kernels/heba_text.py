@@ -1,4 +1,4 @@
-"""Triton kernels for the HeBA text adapter (SPEC.md section 1, modality "text").
+"""Triton kernels for the HeBA text adapter (docs/semantics.md section 1, modality "text").
 
 Math, per token ``x`` (a row of ``[M, D]``; ``W_d [h, D]``, ``W_u [D, h]``,
 LayerNorm weight ``w [D]`` and bias ``b [D]``, no projection biases)::
@@ -18,7 +18,7 @@ LayerNorm weight ``w [D]`` and bias ``b [D]``, no projection biases)::
                 dw = s_p * sum_tokens g * yhat       db = s_p * sum_tokens g
                 dW_u = s_p * sum_tokens dy a^T       dW_d = s_p * sum_tokens du x^T
 
-with ``s_p = 1`` under SPEC.md's gradient-scaling rule (``rescale_param_grad=True``:
+with ``s_p = 1`` under docs/semantics.md's gradient-scaling rule (``rescale_param_grad=True``:
 parameter gradients as if ``scale`` were 1, finite at ``scale = 0``) and
 ``s_p = scale`` for plain gradients. ``dx`` is the true gradient either way.
 
@@ -597,7 +597,7 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
         scale: the outer residual's scale: a Python float, or a 0-d float32 tensor on
             x's device, read by the kernels (0 is fine).
         eps: LayerNorm epsilon.
-        rescale_param_grad: parameter gradients as if ``scale`` were 1 (SPEC.md) if True,
+        rescale_param_grad: parameter gradients as if ``scale`` were 1 (docs/semantics.md) if True,
             plain gradients if False. ``x``'s gradient is the true one either way.
 
     Returns ``[..., D]`` in ``x``'s dtype.

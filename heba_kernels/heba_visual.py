@@ -15,7 +15,7 @@ Forward::
     yhat  = (y_p - mean_p) * rstd_p                 # mean, rstd saved (float32)
     out_p = t_p + scale * (gamma * yhat + beta)     # prefix tokens: out = x
 
-Backward, with ``g = dL/dout`` and SPEC.md's gradient rule folded into two
+Backward, with ``g = dL/dout`` and docs/semantics.md's gradient rule folded into two
 factors, ``(gs, xs) = (1, scale)`` if ``rescale_param_grad`` else ``(scale, 1)``
 (nothing is ever divided by ``scale``)::
 
@@ -641,7 +641,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
 
     ``u`` is the forward's bottleneck, or None to recompute it here from ``x``.
 
-    With ``rescale_param_grad`` the parameters' gradients are those of SPEC.md's rule
+    With ``rescale_param_grad`` the parameters' gradients are those of docs/semantics.md's rule
     (as if ``scale`` were 1); ``x``'s is always the true gradient.
     """
     x = _last_dim_contiguous(x)
@@ -811,7 +811,7 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     ``[h, D, 1, 1]``, ``mid_weight`` ``[h, 1, 3, 3]``, ``up_weight`` ``[D, h, 1, 1]``,
     ``norm_weight``/``norm_bias`` ``[D]``; ``grid=(H, W)`` with ``H * W = N - num_prefix_tokens``.
     Returns ``x + scale * LayerNorm(x + up(gelu(dwconv3x3(down(x)))))`` on the grid tokens
-    and ``x`` on the prefix tokens, in ``x``'s dtype; differentiable, with SPEC.md's
+    and ``x`` on the prefix tokens, in ``x``'s dtype; differentiable, with docs/semantics.md's
     gradient rule when ``rescale_param_grad``.
 
     Example::

@@ -1,4 +1,4 @@
-"""Triton kernels for the AdapterTune low-rank residual adapter (SPEC.md section 2).
+"""Triton kernels for the AdapterTune low-rank residual adapter (docs/semantics.md section 2).
 
 Math, per token ``x`` (a row of ``[M, D]``; ``W_d [r, D]``, ``b_d [r]``,
 ``W_u [D, r]``, ``b_u [D]``, biases optional)::

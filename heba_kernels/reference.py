@@ -1,4 +1,4 @@
-"""The reference backend: SPEC.md written literally in plain PyTorch.
+"""The reference backend: docs/semantics.md written literally in plain PyTorch.
 
 This is the ground truth of every test and the fallback on every device. It is
 written for clarity, not speed: it runs the visual path the way the published
@@ -58,7 +58,7 @@ class _ScaleValue(torch.autograd.Function):
 
 
 def _scaled_residual(t, adapter, scale, rescale_param_grad):
-    """``t + scale * adapter(t)`` with SPEC.md's gradient rule applied if asked."""
+    """``t + scale * adapter(t)`` with docs/semantics.md's gradient rule applied if asked."""
     if rescale_param_grad:
         return t + _ScaleValue.apply(adapter(_GradScale.apply(t, scale)), scale)
     return t + scale * adapter(t)

@@ -1,6 +1,6 @@
 """Tiny random-weight open_clip models and inputs for the model-level tests, and the
 expectations those tests hold them to, taken from outside heba: the published HeBA
-constants, SPEC.md's block equations written out with plain torch (``spec_*``, run on a
+constants, docs/semantics.md's block equations written out with plain torch (``spec_*``, run on a
 pristine copy of the model), and adapter weights drawn under the published state-dict
 names (``heba_weights``, ``lowrank_weights``)."""
 
@@ -78,7 +78,7 @@ def one_thread():
 
 # --- expectations from outside heba ----------------------------------------------------------
 # The published HeBA recipe (github Jahid12012021/VLM-HeBA: trainers/heba.py RobustAdapterBlock
-# and AdapterLearner, configs/trainers/HeBA/base2new.yaml, train.py extend_cfg) and SPEC.md,
+# and AdapterLearner, configs/trainers/HeBA/base2new.yaml, train.py extend_cfg) and docs/semantics.md,
 # written here as numbers: never read from the adapters heba builds.
 EPS = 1e-5                # nn.LayerNorm(input_dim): PyTorch's default eps
 REDUCTION = 4             # RobustAdapterBlock(reduction=4): att D -> D/4, mlp 4D -> 4D/4
@@ -90,7 +90,7 @@ SLOW_FAST_RATIO = 0.8     # SLOW_FAST_RATIO: base scale with probability 0.8 whi
 
 
 def spec_heba(t, w, scale, visual, grid=None, eps=EPS, prefix=PREFIX):
-    """SPEC.md section 1 written out with plain torch, for batch-first tokens ``t`` [B, N, D].
+    """docs/semantics.md section 1 written out with plain torch, for batch-first tokens ``t`` [B, N, D].
 
     ``w``: the adapter's weights under the published names (``down.weight``,
     ``mid.weight``, ``up.weight``, ``norm.weight``, ``norm.bias``); ``grid``:
@@ -116,7 +116,7 @@ def spec_heba(t, w, scale, visual, grid=None, eps=EPS, prefix=PREFIX):
 
 
 def spec_block(blk, x, att=None, mlp=None, attn_mask=None):
-    """One pristine open_clip ResidualAttentionBlock with SPEC.md's adapter placement.
+    """One pristine open_clip ResidualAttentionBlock with docs/semantics.md's adapter placement.
 
     ``att`` / ``mlp``: callables applied to ``ln_1(x)`` and to ``mlp.c_fc(ln_2(x))``
     (None: no adapter).

@@ -1,4 +1,4 @@
-"""Shared test helpers: SPEC.md tolerances, verbose comparisons, reference runs."""
+"""Shared test helpers: docs/semantics.md tolerances, verbose comparisons, reference runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from heba import ops
 
-# SPEC.md section 3: ||out - ref|| / ||ref|| per tensor against a float64 reference.
+# docs/semantics.md section 3: ||out - ref|| / ||ref|| per tensor against a float64 reference.
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
@@ -71,7 +71,7 @@ def check_against_reference(op_name: str, backend: str, x, params: dict, dtype=N
     """Compare ``heba.ops.<op_name>`` on ``backend`` with the float64 reference.
 
     Every output and every gradient (x and each parameter) is compared by
-    relative error with SPEC.md's tolerance for ``dtype`` (x's dtype by default,
+    relative error with docs/semantics.md's tolerance for ``dtype`` (x's dtype by default,
     the autocast dtype under autocast).
     """
     op = getattr(ops, op_name)

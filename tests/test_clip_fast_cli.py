@@ -89,13 +89,19 @@ def test_graphs_reasons():
     assert reason(_args(no_cuda_graphs=True), cuda, 1, "bf16", at, step_at) == "--no-cuda-graphs"
     assert reason(_args(), torch.device("cpu"), 1, "bf16", at, step_at) == "not on a GPU"
     assert reason(_args(), cuda, 2, "bf16", at, step_at) == "DistributedDataParallel"
-    assert reason(_args(), cuda, 1, "fp16", at, step_at) == "fp16 loss scaling"
-    assert "slow-fast" in reason(_args(), cuda, 1, "bf16", heba, AdapterStep(heba, bank, 0))
-    heba.heba_policy.slow_fast_ratio = 1.0
+    assert "fp16 loss scaling" in reason(_args(), cuda, 1, "fp16", at, step_at)
+    fused = type("FusedSGD", (), {"_step_supports_amp_scaling": True})()   # SGD(fused=True)
+    assert reason(_args(), cuda, 1, "fp16", at, step_at, fused) is None
+    # device-side slow-fast draws and static candidate slots: graphs on for the default runs
     assert reason(_args(), cuda, 1, "bf16", heba, AdapterStep(heba, bank, 0)) is None
+    host = tiny_clip()
+    attach_heba(host, "both", policy=ScalePolicy(slow_fast_ratio=0.8, draws="host"))
+    assert "slow-fast" in reason(_args(), cuda, 1, "bf16", host, AdapterStep(host, bank, 0))
+    host.heba_policy.slow_fast_ratio = 1.0
+    assert reason(_args(), cuda, 1, "bf16", host, AdapterStep(host, bank, 0)) is None
     both = tiny_clip()
     attach_adaptertune(both, "both", rank=4)
-    assert "text tower" in reason(_args(), cuda, 1, "bf16", both, AdapterStep(both, bank, 0))
+    assert reason(_args(), cuda, 1, "bf16", both, AdapterStep(both, bank, 0)) is None
 
 
 def test_frozen_text_step_masks_candidates():

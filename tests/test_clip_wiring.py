@@ -18,7 +18,7 @@ from tests.clip_utils import (BASE_SCALE, EPS, NOVEL_SCALE, PREFIX, SCALE_FACTOR
                               spec_encode_text, spec_lowrank_tower, spec_tower, texts, tiny_clip)
 
 
-# Expectations come from outside heba: the published constants and SPEC.md's block equations
+# Expectations come from outside heba: the published constants and docs/semantics.md's block equations
 # written out with plain torch (tests/clip_utils.py), run on a pristine copy of the model.
 
 VIS_D, TXT_D, PATCH = 64, 48, 8          # tiny_clip's widths and patch size
@@ -202,8 +202,11 @@ def test_scale_policy():
     assert pol.scale(False) == 0.025
     pol.set_mode("novel")
     assert pol.scale(False) == 0.010
-    draws = [pol.scale(True) for _ in range(4000)]
-    assert set(draws) == {0.025, 0.025 * 2.25}
+    pol.bind("text", 1)
+    draws = []
+    for _ in range(4000):           # one draw per block and tower forward (tests/test_graph_step)
+        draws.append(float(pol.scale(True, "text", 0)))   # block 0: a new forward's draw
+    assert set(draws) == {float(torch.tensor(0.025)), float(torch.tensor(0.025 * 2.25))}
     frac_fast = sum(d > 0.03 for d in draws) / len(draws)
     assert abs(frac_fast - 0.2) < 0.03, frac_fast
     assert {ScalePolicy(slow_fast_ratio=1.0).scale(True) for _ in range(100)} == {0.025}
@@ -212,7 +215,8 @@ def test_scale_policy():
 
 
 def test_adapters_read_policy_scale():
-    """The scale each adapter call sees is the policy's, drawn per call while training."""
+    """The scale each adapter call sees is the policy's, drawn per block and forward while
+    training (a 0-d tensor on the device)."""
     model = tiny_clip()
     attach_heba(model, towers_="text")
     seen = []
@@ -236,7 +240,8 @@ def test_adapters_read_policy_scale():
                 model.encode_text(texts())
     finally:
         wiring.HeBAAdapter.forward = orig
-    assert len(seen) == 200 and set(seen) == {0.025, 0.025 * 2.25}
+    assert len(seen) == 200
+    assert {float(s) for s in seen} == {float(torch.tensor(0.025)), float(torch.tensor(0.05625))}
 
 
 @pytest.mark.parametrize("every,alpha,towers_", [

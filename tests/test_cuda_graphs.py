@@ -8,7 +8,7 @@ scale as a 0-d float32 tensor on the GPU. The graph is then replayed several
 times after new values are copied into every buffer -- tokens, weights, the
 incoming gradient and the scale -- and each replay's output and every
 gradient is compared with an eager call of the same backend (a float scale)
-and with the float64 reference, at SPEC.md's tolerance for the dtype. A kernel
+and with the float64 reference, at docs/semantics.md's tolerance for the dtype. A kernel
 that bakes the scale in at capture, or reads a buffer the graph does not own,
 fails here.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,7 +59,9 @@ def test_dry_run_tests_and_sweep_report_failures(dry_run):
     _, _, md, data = dry_run
     assert "test_injected_failure" in md and "injected failure" in md
     assert "| 1 | needs open_clip (pip install open_clip_torch) |" in md    # the hidden module
-    assert "30 passed, 1 failed" in md
+    # the stage runs tests/test_errors.py plus one injected failure: every other test passes
+    counts = re.search(r"(\d+) passed, 1 failed", md)
+    assert counts and int(counts.group(1)) >= 10, md[:2000]
     sweep = next(s for s in data["stages"] if s["name"] == "sweep")
     rows = sweep["data"]["rows"]
     assert sweep["status"] == "failed" and "1 fail" in sweep["note"], sweep["note"]

@@ -4,7 +4,7 @@ transformers' CLIPEncoderLayer (models/clip/modeling_clip.py) written out here i
 ``x + out_proj(softmax(q k^T / sqrt(d) [+ causal]) v)`` on ``layer_norm1(x)``, then
 ``x + fc2(quick_gelu(fc1(layer_norm2(x))))``; the vision tower pools the class token (first)
 through ``post_layernorm``, the text tower the end-of-text token (the largest id, the
-``eos_token_id == 2`` rule) after ``final_layer_norm``. HeBA as in SPEC.md section 1;
+``eos_token_id == 2`` rule) after ``final_layer_norm``. HeBA as in docs/semantics.md section 1;
 AdapterTune ``x = layer(x); x = x + alpha * up(gelu(down(x)))`` in layers ``i % every == 0``.
 """
 

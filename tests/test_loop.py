@@ -1,10 +1,10 @@
-"""The training loop checked from outside: numbers written here, SPEC.md's equations, a
+"""The training loop checked from outside: numbers written here, docs/semantics.md's equations, a
 single process against DistributedDataParallel, a DDP-saved published checkpoint.
 
 * The harmonic mean of base and novel accuracy (CoOp / HeBA's "HM"), hand computed.
 * Evaluation (:func:`heba.train.evaluate.evaluate`): the published classifier (the
   normalised mean of each class's normalised prompt features, VLM-HeBA
-  ``CustomCLIP.forward`` at test time), computed here with SPEC.md's equations on a
+  ``CustomCLIP.forward`` at test time), computed here with docs/semantics.md's equations on a
   pristine model; the scale of each split: base classes at ADAPTER_SCALE_BASE (0.025),
   novel classes at 0.025 too by default, as the published code runs (its
   ``use_novel_scale`` flag is never switched on, so ADAPTER_SCALE_NOVEL is never used),
@@ -60,7 +60,7 @@ def tiny_model():
 
 
 def spec_classify(pristine, sd, images, bank, scale):
-    """Published evaluation with SPEC.md's equations: argmax of cosine to the normalised mean
+    """Published evaluation with docs/semantics.md's equations: argmax of cosine to the normalised mean
     of each class's normalised prompt features."""
     vis, txt = per_layer(sd, "visual"), per_layer(sd, "text")
     img = spec_encode_image(pristine, images,
@@ -86,7 +86,7 @@ def record_scales(monkeypatch):
 
 @pytest.mark.parametrize("novel_eval,novel_scale", [("base", BASE_SCALE), ("novel", NOVEL_SCALE)])
 def test_evaluate_scales_accuracies_and_hm(novel_eval, novel_scale, monkeypatch):
-    """Labels are set from SPEC.md's predictions so that base is 75% (3 of 4) and novel 50%
+    """Labels are set from docs/semantics.md's predictions so that base is 75% (3 of 4) and novel 50%
     (1 of 2) right: HM 60 (hand computed). The adapters see each split's scale."""
     pristine, model, tok, sd = tiny_model()
     g = torch.Generator().manual_seed(5)

@@ -1,17 +1,17 @@
 """Adapted CLIP models end to end, on the reference and on the Triton backend.
 
 A training step (loss.backward() through both towers), a checkpoint round trip and,
-on a GPU, a captured CUDA graph, each checked against SPEC.md's block equations
+on a GPU, a captured CUDA graph, each checked against docs/semantics.md's block equations
 written out with plain torch on a pristine copy of the model (tests/clip_utils.py),
 with the published constants. The gradient rule is checked against its definition
-(SPEC.md section 1, the published ``gradient_scale_layer`` pair around each adapter):
+(docs/semantics.md section 1, the published ``gradient_scale_layer`` pair around each adapter):
 the adapters' parameter gradients are the true gradients divided by the scale, the
 gradients reaching the frozen network (the image, the text positional embedding)
 are the true ones.
 
 The Triton cases run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``,
 as in CI): one layer, two images, a 3x5 grid, a few seconds each; without the
-interpreter they run on the GPU, with SPEC.md's tf32 tolerance.
+interpreter they run on the GPU, with docs/semantics.md's tf32 tolerance.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def device_for(backend):
 
 
 def tol(device, fp32=1e-5):
-    return 2e-3 if device == "cuda" else fp32           # SPEC.md: tf32 matrix units < 1e-3
+    return 2e-3 if device == "cuda" else fp32           # docs/semantics.md: tf32 matrix units < 1e-3
 
 
 def loss_weights(seed=7):
@@ -63,7 +63,7 @@ def spec_heba_features(pristine, img, tok, w, scale, pos=None):
 
 
 def spec_step(pristine, img, tok, sd, scale, features):
-    """Plain-autograd loss, features and gradients of SPEC.md's equations (no gradient rule)."""
+    """Plain-autograd loss, features and gradients of docs/semantics.md's equations (no gradient rule)."""
     w = {k: v.detach().clone().requires_grad_(True) for k, v in sd.items()}
     img = img.detach().clone().requires_grad_(True)
     pos = pristine.positional_embedding.detach().clone().requires_grad_(True)
@@ -150,7 +150,7 @@ def test_adaptertune_training_step(backend):
 @pytest.mark.parametrize("backend", ["reference", TRITON])
 def test_checkpoint_round_trip(backend, tmp_path):
     """Weights saved from one backend load into the other (heba's own file, and the published
-    Dassl file ``adapter_learner/model.pth.tar-<epoch>``) and give SPEC.md's features."""
+    Dassl file ``adapter_learner/model.pth.tar-<epoch>``) and give docs/semantics.md's features."""
     layers = layers_for(backend)
     pristine = tiny_clip(layers=layers, image_size=SIZE)
     src = copy.deepcopy(pristine)
@@ -192,13 +192,13 @@ def test_checkpoint_round_trip(backend, tmp_path):
     assert os.path.getsize(back) == os.path.getsize(own)
 
 
-# --- GPU: a captured step replays SPEC.md's step ---------------------------------------------
+# --- GPU: a captured step replays docs/semantics.md's step ---------------------------------------------
 
 @requires_gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_cuda_graph_step_is_the_spec_step(backend):
     """Forward and backward of both towers captured in one CUDA graph, replayed on new inputs:
-    features and gradients equal SPEC.md's equations computed eagerly (float32)."""
+    features and gradients equal docs/semantics.md's equations computed eagerly (float32)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

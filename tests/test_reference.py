@@ -67,7 +67,7 @@ def independent_low_rank(x, p, alpha):
 
 
 def _param_grad_rule(grads, scale):
-    """SPEC.md: parameter gradients are the true gradient divided by scale."""
+    """docs/semantics.md: parameter gradients are the true gradient divided by scale."""
     return {k: (g if k == "x" else g / scale) for k, g in grads.items()}
 
 
@@ -378,3 +378,16 @@ def test_tensor_scale_no_grad_and_compiles_fullgraph():
         s.fill_(0.25)
         second = compiled(x, scale=s)
         assert torch.equal(first, a(x, scale=0.5)) and torch.equal(second, a(x, scale=0.25))
+
+
+@pytest.mark.parametrize("modality", ["visual", "text"])
+def test_compile_fullgraph_with_a_changing_float_scale(modality):
+    """A float scale that changes between calls (slow-fast) becomes symbolic under
+    torch.compile after the first recompile; validation must not break the graph."""
+    torch._dynamo.reset()
+    a = heba.nn.HeBAAdapter(16, modality=modality, backend="reference")
+    compiled = torch.compile(a, fullgraph=True, backend="eager")
+    x = torch.randn(2, 1 + 3 * 3, 16)
+    for scale in (0.025, 0.05625, 0.0125):
+        torch.testing.assert_close(compiled(x, scale=scale), a(x, scale=scale))
+    torch._dynamo.reset()

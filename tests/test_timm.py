@@ -7,7 +7,7 @@ src/models/vit_adapter.py (``AdapterBlock``: ``x = block(x); x = x + adapter(x)`
 adapters in blocks ``idx % every == 0``, width ``model.embed_dim``, every block
 wrapped, keys ``blocks.<i>.block.*`` / ``blocks.<i>.adapter.*``); timm's
 ``vision_transformer.Block`` / ``Attention`` / ``Mlp`` written out for the HeBA
-positions; HeBA's adapter as in SPEC.md section 1.
+positions; HeBA's adapter as in docs/semantics.md section 1.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def test_remove_adapters_gives_the_model_back_bit_for_bit(method):
 # --- HeBA at timm's positions, by hand -----------------------------------------------------
 
 def spec_heba(a, t, scale, grid):
-    """SPEC.md section 1 (visual) on [B, N, D] tokens: prefix passes, the rest an H x W grid."""
+    """docs/semantics.md section 1 (visual) on [B, N, D] tokens: prefix passes, the rest an H x W grid."""
     P, (H, W) = a.num_prefix_tokens, grid
     B, N, D = t.shape
     assert N == P + H * W

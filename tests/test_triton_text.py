@@ -1,4 +1,4 @@
-"""The Triton HeBA text adapter against the float64 reference (SPEC.md section 1).
+"""The Triton HeBA text adapter against the float64 reference (docs/semantics.md section 1).
 
 CPU runs go through Triton's interpreter (TRITON_INTERPRET=1) and use small,
 odd shapes; the CLIP shapes run on a GPU only.

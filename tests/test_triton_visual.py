@@ -79,7 +79,7 @@ def test_square_grid_inferred():
 
 def test_float64_computes_in_float32():
     # heba.ops accepts float64; the kernels accumulate in float32 whatever the input
-    # dtype (SPEC.md 3), so float64 gets float32 accuracy, not the reference's.
+    # dtype (docs/semantics.md 3), so float64 gets float32 accuracy, not the reference's.
     x = _x(2, 3, 4, 40, 1, torch.float64, True)
     check_against_reference("heba_visual", "triton", x,
                             visual_params(40, device=DEVICE, dtype=torch.float64),

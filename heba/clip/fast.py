@@ -58,7 +58,7 @@ from heba.clip.wiring import encode_text, get_adapters, towers
 __all__ = [
     "prepare_frozen", "bucket_length", "bucket_count", "pad_prompts", "encode_text_to",
     "masked_cross_entropy", "TrainStep", "checkpoint_frozen_blocks",
-    "uncheckpoint_frozen_blocks", "find_max_batch", "GraphedStep",
+    "uncheckpoint_frozen_blocks", "find_max_batch", "GraphedStep", "policy_graphs_reason",
 ]
 
 
@@ -178,6 +178,16 @@ def _make_room(graphs: dict, max_graphs: int) -> None:
         graphs.pop(next(iter(graphs)))
 
 
+def policy_graphs_reason(policy, training: bool = True) -> Optional[str]:
+    """Why a HeBA scale policy keeps a training step from being a CUDA graph (None: it does
+    not). Device-side slow-fast draws replay correctly (new draws per replay); host-side
+    random draws would be frozen at their captured values."""
+    if policy is not None and training and policy.random and policy.draws == "host":
+        return ("the HeBA slow-fast scale is drawn on the host (ScalePolicy(draws='host')); a "
+                "graph would replay the scales drawn at capture (draws='device' allows graphs)")
+    return None
+
+
 class TrainStep:
     """One training step of adapters on a frozen CLIP, with as few launches as possible.
 
@@ -201,8 +211,9 @@ class TrainStep:
             rounded up to this multiple (None: no truncation, full context).
         cuda_graphs: capture each step shape as a CUDA graph after ``warmup`` eager
             steps (real steps on real data) and replay it. Off on the CPU, and off
-            while a HeBA slow-fast scale policy is random per call (a graph would
-            freeze the scales it drew at capture): ``graphs_reason`` says why.
+            while a HeBA slow-fast policy draws on the host (a graph would freeze
+            the scales it drew at capture; the default device-side draws replay
+            correctly): ``graphs_reason`` says why.
         max_graphs: graphs kept at once (one per (batch, prompts, text length)).
 
     After each step on a GPU, ``peak_memory_bytes`` is ``torch.cuda.max_memory_allocated``
@@ -274,12 +285,8 @@ class TrainStep:
             return "not a CUDA model"
         if self._broken:
             return self._broken
-        policy = getattr(self.model, "heba_policy", None)
-        if policy is not None and self.model.training and policy.slow_fast_ratio < 1.0:
-            return ("the HeBA slow-fast scale is drawn per adapter call on the host; a graph "
-                    "would replay the scales drawn at capture (ScalePolicy(slow_fast_ratio=1.0) "
-                    "or eval mode allows graphs)")
-        return None
+        return policy_graphs_reason(getattr(self.model, "heba_policy", None),
+                                    self.model.training)
 
     @property
     def graphs(self) -> bool:
@@ -446,9 +453,14 @@ class GraphedStep:
 class CheckpointedBlock(nn.Module):
     """A transformer block whose activations are recomputed in backward.
 
-    HeBA's slow-fast scale is drawn per adapter call from the policy's own
-    (Python) random stream, which ``torch.utils.checkpoint`` does not restore:
-    the scales drawn in forward are recorded and replayed in the recomputation.
+    HeBA's slow-fast scales are drawn once per tower forward (the policy's own
+    counter-based stream, :class:`heba.clip.wiring.ScalePolicy`); by the time
+    backward recomputes this block the tower may have run again and drawn anew
+    (``torch.utils.checkpoint`` restores torch's RNG, not ours). So the scale
+    objects the policy hands out in forward (0-d device tensors, or floats) are
+    recorded and handed out again, in order, in the recomputation: the same
+    values, also inside a captured CUDA graph (the recorded tensors live in the
+    graph's memory and are rewritten by each replay's draw).
     """
 
     def __init__(self, block: nn.Module, policy):
@@ -485,12 +497,12 @@ def _scale_tape(policy, draws: list, replay: bool):
         return
     if replay:
         it = iter(list(draws))
-        policy.scale = lambda training: next(it)
+        policy.scale = lambda *args, **kwargs: next(it)
     else:
         orig = type(policy).scale
 
-        def record(training):
-            s = orig(policy, training)
+        def record(*args, **kwargs):
+            s = orig(policy, *args, **kwargs)
             draws.append(s)
             return s
         policy.scale = record

@@ -237,7 +237,7 @@ class ClassifyRecipe(TrainRecipe):
         self.best = dict(best_val_acc=0.0, best_epoch=None)
         self.start_epoch = 0 if self.latest is None else self._load_state(self.plan)
         self.graph_off = graphs_reason(opts, self.device, self.world, self.precision,
-                                       self.model, self.step)
+                                       self.model, self.step, self.opt)
         self.fast_notes.append("CUDA graphs " + ("on" if self.graph_off is None
                                                  else f"off ({self.graph_off})"))
         self.train_step = self.step
@@ -262,9 +262,8 @@ class ClassifyRecipe(TrainRecipe):
         self.sched.load_state_dict(state["scheduler"])
         self.best = dict(state.get("best", self.best))
         policy = getattr(self.model, "heba_policy", None)
-        if "policy_rng" in state and policy is not None:
-            from heba.train.recipe import _tuple
-            policy._rng.setstate(_tuple(state["policy_rng"]))
+        if "scale_policy" in state and policy is not None:
+            policy.load_state_dict(state["scale_policy"])     # the slow-fast stream goes on
         return plan.start_epoch
 
     # --- train ---------------------------------------------------------------------------
@@ -380,8 +379,7 @@ class ClassifyRecipe(TrainRecipe):
                      epoch=epoch, best=self.best)
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
-            from heba.train.recipe import _listify
-            state["policy_rng"] = _listify(policy._rng.getstate())
+            state["scale_policy"] = policy.state_dict()
         files = trainable_writers(self.model, self.cfg.method,
                                   dict(self.cfg.to_dict(), epoch=epoch, accuracy=acc,
                                        classnames=list(self.data.classnames)))

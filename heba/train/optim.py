@@ -31,8 +31,13 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` names over ``params`` (module docstring)."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(params)
+    # Fused on a GPU (the same update): GradScaler then unscales and skips inside the
+    # optimizer, with no host read of found_inf (a sync per step otherwise), so the fp16
+    # HeBA recipe has no host sync in a step and its forward + backward can be a graph.
+    fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def cosine_factor(epochs: int, steps_per_epoch: int, warmup_epochs: int = 0):

@@ -43,7 +43,8 @@ from typing import Optional
 import torch
 
 from heba.clip import checkpoints as ckpt
-from heba.clip.fast import GraphedStep, checkpoint_frozen_blocks, prepare_frozen
+from heba.clip.fast import (GraphedStep, checkpoint_frozen_blocks, policy_graphs_reason,
+                            prepare_frozen)
 from heba.clip.wiring import count_parameters
 from heba.train import backbones
 from heba.train import data as run_data
@@ -128,13 +129,15 @@ class TrainRecipe:
         torch.manual_seed(cfg.seed)               # the same adapter init on every rank
         self.model = backbones.attach(bb.model, cfg, opts.backend).to(self.device)
         self.fast_notes = self._fast_setup()
-        self.step = AdapterStep(self.model, self.train_bank, cfg.label_smoothing)
+        self.step = AdapterStep(self.model, self.train_bank, cfg.label_smoothing,
+                                cfg.neg_per_class, cfg.candidates)
         self.params = [p for p in self.model.heba_adapters.parameters() if p.requires_grad]
         self._build_optimizer()
         self.start_epoch = 0 if self.latest is None else self._load_state(self.plan)
         self.graph_off = graphs_reason(self.opts, self.device, self.world, self.precision,
-                                       self.model, self.step)
-        self.fast_notes.append("CUDA graphs " + ("on" if self.graph_off is None
+                                       self.model, self.step, self.opt)
+        self.fast_notes.append("CUDA graphs " + ("on (forward + backward, one graph per "
+                                                 "batch shape)" if self.graph_off is None
                                                  else f"off ({self.graph_off})"))
         self.train_step = self.step
         if self.world > 1:
@@ -198,9 +201,8 @@ class TrainRecipe:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         policy = getattr(self.model, "heba_policy", None)
-        if "policy_rng" in state and policy is not None:
-            policy._rng.setstate(_tuple(state["policy_rng"]))
-            policy._calls, policy._last = state.get("policy_block", (0, policy.base_scale))
+        if "scale_policy" in state and policy is not None:
+            policy.load_state_dict(state["scale_policy"])     # the slow-fast stream goes on
         return plan.start_epoch
 
     # --- train ---------------------------------------------------------------------------
@@ -365,8 +367,7 @@ class TrainRecipe:
                      epoch=epoch)
         policy = getattr(self.model, "heba_policy", None)
         if policy is not None:
-            state["policy_rng"] = _listify(policy._rng.getstate())
-            state["policy_block"] = [policy._calls, policy._last]
+            state["scale_policy"] = policy.state_dict()
         files = ckpt.adapter_writers(self.model, dict(self.cfg.to_dict(), epoch=epoch,
                                                       accuracy=acc))
         files[STATE_NAME] = lambda path: torch.save(state, path)
@@ -407,23 +408,27 @@ def check_output(cfg: Config, opts: RunOptions) -> None:
     preflight.plan_output(cfg, opts)
 
 
-def graphs_reason(opts, device, world, precision, model, step) -> Optional[str]:
+def graphs_reason(opts, device, world, precision, model, step,
+                  optimizer=None) -> Optional[str]:
     """Why the training step cannot be a CUDA graph here (None when it can)."""
     if not opts.cuda_graphs:
         return "--no-cuda-graphs"
     if device.type != "cuda":
         return "not on a GPU"
     if world > 1:
+        # torch can capture DDP's NCCL all-reduce (NCCL >= 2.9.6) only with DDP built on a
+        # side stream, >= 11 eager DDP steps before the capture and
+        # TORCH_NCCL_ASYNC_ERROR_HANDLING=0 set before init_process_group (torch's CUDA
+        # graphs notes, "Usage with DistributedDataParallel"); not verified on a multi-GPU
+        # machine yet, so DDP steps stay eager.
         return "DistributedDataParallel"
-    if precision == "fp16":
-        return "fp16 loss scaling"
-    if step.text_adapted:
-        return ("the text tower is adapted: which prompts a step encodes (the candidate "
-                "classes) is decided on the host")
-    policy = getattr(model, "heba_policy", None)
-    if policy is not None and policy.slow_fast_ratio < 1.0:
-        return "HeBA's slow-fast scale is drawn on the host per adapter call"
-    return None
+    if precision == "fp16" and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        # GradScaler.step reads found_inf on the host unless the optimizer unscales and
+        # skips by itself (fused SGD / Adam: _step_supports_amp_scaling)
+        return "fp16 loss scaling with an optimizer that is not fused"
+    # The candidate slots, the prompt picks and the slow-fast scales are device-side with
+    # static shapes (heba.train.step, ScalePolicy): only host-drawn scales stop a graph.
+    return policy_graphs_reason(getattr(model, "heba_policy", None))
 
 
 def _isatty(stream) -> bool:
@@ -432,10 +437,3 @@ def _isatty(stream) -> bool:
     except (AttributeError, ValueError):
         return False
 
-
-def _tuple(x):
-    return tuple(_tuple(i) for i in x) if isinstance(x, list) else x
-
-
-def _listify(x):
-    return [_listify(i) for i in x] if isinstance(x, (tuple, list)) else x

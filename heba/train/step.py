@@ -16,11 +16,25 @@ The published step (VLM-HeBA ``trainers/heba.py``, ``CustomCLIP.forward`` in tra
    ``eps / K * sum(-log p) + (1 - eps) * nll``, which is
    ``F.cross_entropy(label_smoothing=eps)``; tested).
 
-With a frozen text tower (AdapterTune adapts the image tower only) every
-prompt's feature is computed once; the step then selects them with masks on the
-device (``[B, C]`` logits, non-candidates at ``-inf``), so it has static shapes
-and no host sync and can be a CUDA graph. The masked loss equals the loss over
-the gathered candidates (tested).
+Static shapes, no host sync (so that a step is one CUDA graph per batch shape):
+
+* **Adapted text tower (HeBA).** The candidates go into ``K`` fixed slots,
+  ``K = min(C, B * (1 + neg_per_class))`` (:func:`candidate_count`), the most the
+  published set can hold for a batch of ``B``: every class when ``K = C`` (most
+  base-class sets at batch 16: no gather at all, the non-candidates masked),
+  else the candidates in ascending class order, then non-candidate classes as
+  padding (:func:`candidate_slots`, a cumulative sum, no sort, no ``nonzero``).
+  Padded slots are masked to ``-inf`` before the loss
+  (:func:`heba.clip.fast.masked_cross_entropy`, label smoothing over the valid
+  slots), so the loss and every gradient equal the published ones over the
+  gathered candidates (tested). The text tower runs the bank's longest prompt,
+  rounded up to 8 tokens, a length fixed at construction.
+* **Frozen text tower (AdapterTune adapts the image tower only).** Every
+  prompt's feature is computed once; the step selects them with masks on the
+  device (``[B, C]`` logits, non-candidates at ``-inf``).
+
+The per-class prompt (``pick``) and the candidate draw (:func:`draw_step`) run
+on the device from a ``torch.Generator`` there, outside the graph.
 """
 
 from __future__ import annotations
@@ -34,6 +48,60 @@ from torch import nn
 from heba.clip.fast import masked_cross_entropy
 from heba.clip.wiring import encode_text
 from heba.train.prompts import PromptBank
+
+
+def candidate_count(n_classes: int, batch: int, neg_per_class: int, mode: str = "batch") -> int:
+    """``K``: the static number of candidate slots for a batch of ``batch`` images (host ints).
+
+    The published set holds ``u + min(C - u, neg * u) = min(C, (1 + neg) u)`` classes for
+    ``u <= batch`` unique labels, and every class when ``C <= batch`` or ``mode="all"``.
+
+    Example::
+
+        >>> candidate_count(50, 16, 5), candidate_count(500, 16, 5), candidate_count(10, 16, 5)
+        (50, 96, 10)
+    """
+    if mode == "all" or n_classes <= batch:
+        return n_classes
+    return min(n_classes, batch * (1 + neg_per_class))
+
+
+def candidate_slots(mask: torch.Tensor, k: int):
+    """``(classes [K] long, valid [K] bool, slot [C] long)``: the candidates of ``mask [C]`` in
+    ``K`` static slots, and each class's slot.
+
+    ``k == C``: the identity (``classes = slot = arange(C)``, ``valid = mask``). Otherwise
+    the candidates fill the first ``mask.sum()`` slots in ascending class order (the
+    order of the published ``torch.unique`` / ``nonzero``), non-candidates the rest
+    (``valid`` False). Device-side, no host sync. ``k`` must be >= ``mask.sum()``
+    (:func:`candidate_count` guarantees it; not checked, which would sync).
+
+    Example::
+
+        >>> mask = torch.tensor([0, 1, 0, 1, 1], dtype=torch.bool)
+        >>> classes, valid, slot = candidate_slots(mask, 4)
+        >>> classes.tolist(), valid.tolist(), slot[[1, 3, 4]].tolist()
+        ([1, 3, 4, 0], [True, True, True, False], [0, 1, 2])
+    """
+    n = mask.shape[0]
+    ar = torch.arange(n, device=mask.device)
+    if k == n:
+        return ar, mask, ar
+    m = mask.long()
+    pos = torch.cumsum(m, 0) - 1                                  # rank among candidates
+    neg = torch.cumsum(1 - m, 0) - 1 + m.sum()                    # after every candidate
+    slot = torch.where(mask, pos, neg)                            # [C], a permutation
+    classes = torch.empty_like(slot).scatter_(0, slot, ar)        # slot -> class
+    valid = torch.arange(k, device=mask.device) < m.sum()
+    return classes[:k], valid, slot
+
+
+def text_length(tokens: torch.Tensor, multiple: int = 8) -> int:
+    """Tokens the text tower must run for every prompt of ``tokens [..., L]``: the last
+    end-of-text position + 1, rounded up to ``multiple``, at most ``L``. Read once (a host
+    sync), so that every step runs the same length."""
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    return min(tokens.shape[-1], -(-n // multiple) * multiple)
 
 
 def candidate_mask(labels: torch.Tensor, n_classes: int, neg_per_class: int,
@@ -65,18 +133,27 @@ def candidate_mask(labels: torch.Tensor, n_classes: int, neg_per_class: int,
 class AdapterStep(nn.Module):
     """The module DistributedDataParallel wraps: it registers the adapters only.
 
-    ``forward(images [B,3,H,W], labels [B], mask [C] bool, generator)`` returns
-    ``(loss, accuracy over the candidates)``. The frozen CLIP is held by
-    reference.
+    ``forward(images [B,3,H,W], labels [B], mask [C] bool, pick [C])`` returns
+    ``(loss, accuracy over the candidates)``, with static shapes and no host sync
+    (module docstring). The frozen CLIP is held by reference.
+
+    Args:
+        model, bank: the adapted CLIP and the training classes' prompts.
+        label_smoothing: over the candidates (0.1 published).
+        neg_per_class, candidates: as given to :func:`draw_step`; they size the
+            static candidate slots (:func:`candidate_count`).
     """
 
-    def __init__(self, model, bank: PromptBank, label_smoothing: float = 0.1):
+    def __init__(self, model, bank: PromptBank, label_smoothing: float = 0.1,
+                 neg_per_class: int = 5, candidates: str = "batch"):
         super().__init__()
         self.adapters = model.heba_adapters
         self._model = (model,)
         self.bank, self.label_smoothing = bank, label_smoothing
+        self.neg_per_class, self.candidates = neg_per_class, candidates
         self.text_adapted = any(n.startswith(("text_adapter", "text_blocks"))
                                 for n, _ in self.adapters.named_parameters())
+        self.text_len = text_length(bank.tokens)
         self._frozen = None
 
     @property
@@ -91,20 +168,24 @@ class AdapterStep(nn.Module):
         return self._frozen
 
     def logits(self, images, mask, pick):
-        """``([B, K] logits, [C] -> K index)`` for the candidates (adapted text tower)."""
+        """``([B, K] logits, [K] valid slots, [C] -> slot)`` over the static candidate slots
+        (adapted text tower); invalid slots are not masked yet."""
         img = F.normalize(self.model.encode_image(images).float(), dim=-1)        # [B, E]
-        classes = mask.nonzero().squeeze(1)                                       # [K] sorted
+        k = candidate_count(self.bank.n_classes, images.shape[0], self.neg_per_class,
+                            self.candidates)
+        classes, valid, slot = candidate_slots(mask, k)                           # [K], [K], [C]
         tokens = self.bank.tokens[classes, pick[classes]]                          # [K, L]
-        txt = F.normalize(encode_text(self.model, tokens).float(), dim=-1)        # [K, E]
-        where = torch.cumsum(mask.long(), 0) - 1                                  # [C]
-        return self.model.logit_scale.exp().float() * img @ txt.T, where
+        txt = encode_text(self.model, tokens, length=self.text_len)
+        txt = F.normalize(txt.float(), dim=-1)                                    # [K, E]
+        return self.model.logit_scale.exp().float() * img @ txt.T, valid, slot
 
     def forward(self, images, labels, mask, pick):
         """``pick [C]``: the prompt slot of each class this step."""
         if self.text_adapted:
-            logits, where = self.logits(images, mask, pick)
-            target = where[labels]
-            loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            logits, valid, slot = self.logits(images, mask, pick)
+            target = slot[labels]
+            loss = masked_cross_entropy(logits, target, valid, self.label_smoothing)
+            logits = logits.masked_fill(~valid, float("-inf"))
         else:
             img = F.normalize(self.model.encode_image(images).float(), dim=-1)
             feats = self.frozen_features()
