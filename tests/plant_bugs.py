@@ -20,7 +20,9 @@ The Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` is set).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -152,6 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--area", nargs="+", metavar="AREA", help="run only the bugs of these areas")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per bug")
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--results", metavar="JSON",
+                   help="keep every bug's last outcome in JSON (updated by each run, so a "
+                        "rerun --only of a few bugs refreshes their rows); the table then "
+                        "shows every bug of the list recorded there")
     args = p.parse_args(argv)
     names = [b.name for b in BUGS]
     if len(set(names)) != len(names):
@@ -173,6 +179,7 @@ def main(argv=None) -> int:
         return 0
     scratch = make_scratch(ROOT)
     outcomes = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so that the scratch goes
     try:
         for i, bug in enumerate(bugs, 1):
             o = run_bug(bug, scratch, args.timeout)
@@ -181,6 +188,8 @@ def main(argv=None) -> int:
                   flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.results:
+        outcomes = _merge_results(args.results, outcomes, BUGS)
     table = markdown(outcomes)
     print("\n" + table)
     if args.markdown:
@@ -188,6 +197,25 @@ def main(argv=None) -> int:
         with open(args.markdown, "w") as f:
             f.write(table)
     return 0 if all(_expected(o) for o in outcomes) else 1
+
+
+def _merge_results(path: str, outcomes: list, bugs: list) -> list:
+    """Update ``path`` with this run's outcomes; every bug of ``bugs`` recorded there, in list
+    order (an entry whose text has changed since it was recorded is dropped)."""
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    for o in outcomes:
+        saved[o.bug.name] = dict(status=o.status, seconds=round(o.seconds, 1),
+                                 detail=o.detail, commit=head, old=o.bug.old, new=o.bug.new)
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1, sort_keys=True)
+    return [Outcome(b, saved[b.name]["status"], saved[b.name]["seconds"],
+                    saved[b.name]["detail"]) for b in bugs
+            if b.name in saved and (saved[b.name]["old"], saved[b.name]["new"]) == (b.old, b.new)]
 
 
 def _expected(o: Outcome) -> bool:
