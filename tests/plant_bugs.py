@@ -117,7 +117,7 @@ def run_bug(bug: Bug, scratch: str, timeout: float) -> Outcome:
     return Outcome(bug, "error", dt, f"pytest exit {proc.returncode}: {last[-1] if last else ''}")
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[Outcome], note: str = "") -> str:
     caught = sum(o.status == "caught" for o in outcomes)
     accepted = sum(o.status == "survived" and o.bug.accepted for o in outcomes)
     title = f"# Planted bugs: {caught} of {len(outcomes)} caught"
@@ -125,7 +125,8 @@ def markdown(outcomes: list[Outcome]) -> str:
         title += f" ({accepted} accepted survivor{'s' * (accepted > 1)})"
     lines = [title, "",
              "`python -m tests.plant_bugs` (tests/planted_bugs.py): one bug at a time in a "
-             "scratch copy, its tests run with `pytest -x` under TRITON_INTERPRET=1.", "",
+             "scratch copy, its tests run with `pytest -x` under TRITON_INTERPRET=1."
+             + (f" {note}" if note else ""), "",
              "| bug | area | file | status | s | first failure / note |",
              "|---|---|---|---|---:|---|"]
     for o in outcomes:
@@ -188,9 +189,11 @@ def main(argv=None) -> int:
                   flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    note = ""
     if args.results:
-        outcomes = _merge_results(args.results, outcomes, BUGS)
-    table = markdown(outcomes)
+        outcomes, commits = _merge_results(args.results, outcomes, BUGS)
+        note = f"Outcomes recorded at commit(s) {', '.join(commits)} of the tree."
+    table = markdown(outcomes, note)
     print("\n" + table)
     if args.markdown:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
@@ -200,8 +203,9 @@ def main(argv=None) -> int:
 
 
 def _merge_results(path: str, outcomes: list, bugs: list) -> list:
-    """Update ``path`` with this run's outcomes; every bug of ``bugs`` recorded there, in list
-    order (an entry whose text has changed since it was recorded is dropped)."""
+    """Update ``path`` with this run's outcomes; return ``(outcomes, commits)``: every bug of
+    ``bugs`` recorded there, in list order (an entry whose edit has changed since it was
+    recorded is left out), and the commits they were recorded at."""
     saved = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -213,9 +217,11 @@ def _merge_results(path: str, outcomes: list, bugs: list) -> list:
                                  detail=o.detail, commit=head, old=o.bug.old, new=o.bug.new)
     with open(path, "w") as f:
         json.dump(saved, f, indent=1, sort_keys=True)
+    kept = [b for b in bugs if b.name in saved
+            and (saved[b.name]["old"], saved[b.name]["new"]) == (b.old, b.new)]
+    commits = sorted({saved[b.name]["commit"] for b in kept})
     return [Outcome(b, saved[b.name]["status"], saved[b.name]["seconds"],
-                    saved[b.name]["detail"]) for b in bugs
-            if b.name in saved and (saved[b.name]["old"], saved[b.name]["new"]) == (b.old, b.new)]
+                    saved[b.name]["detail"]) for b in kept], commits
 
 
 def _expected(o: Outcome) -> bool:
