@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         for b in bugs:
             print(f"{b.name:28s} {b.area:12s} {b.path}  ->  {' '.join(b.tests)}")
         return 0
+    head = _head()
     scratch = make_scratch(ROOT)
     outcomes = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so that the scratch goes
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     note = ""
     if args.results:
-        outcomes, commits = _merge_results(args.results, outcomes, BUGS)
+        outcomes, commits = _merge_results(args.results, outcomes, BUGS, head)
         note = f"Outcomes recorded at commit(s) {', '.join(commits)} of the tree."
     table = markdown(outcomes, note)
     print("\n" + table)
@@ -202,7 +203,16 @@ def main(argv=None) -> int:
     return 0 if all(_expected(o) for o in outcomes) else 1
 
 
-def _merge_results(path: str, outcomes: list, bugs: list) -> list:
+def _head() -> str:
+    """The commit of the tree the bugs are planted in (``+`` if it has uncommitted changes)."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
+    return git("rev-parse", "--short", "HEAD").strip() + ("+" if git("status", "--porcelain",
+                                                                   "--untracked-files=no")
+                                                          .strip() else "")
+
+
+def _merge_results(path: str, outcomes: list, bugs: list, head: str) -> tuple:
     """Update ``path`` with this run's outcomes; return ``(outcomes, commits)``: every bug of
     ``bugs`` recorded there, in list order (an entry whose edit has changed since it was
     recorded is left out), and the commits they were recorded at."""
@@ -210,8 +220,6 @@ def _merge_results(path: str, outcomes: list, bugs: list) -> list:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True).stdout.strip()
     for o in outcomes:
         saved[o.bug.name] = dict(status=o.status, seconds=round(o.seconds, 1),
                                  detail=o.detail, commit=head, old=o.bug.old, new=o.bug.new)
