@@ -207,9 +207,8 @@ def _head() -> str:
     """The commit of the tree the bugs are planted in (``+`` if it has uncommitted changes)."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
-    return git("rev-parse", "--short", "HEAD").strip() + ("+" if git("status", "--porcelain",
-                                                                   "--untracked-files=no")
-                                                          .strip() else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return git("rev-parse", "--short", "HEAD").strip() + ("+" if dirty else "")
 
 
 def _merge_results(path: str, outcomes: list, bugs: list, head: str) -> tuple:
