@@ -15,6 +15,8 @@ from heba import cli
 from heba.clip import checkpoints as ckpt
 from tests.clip_utils import image_folder, one_thread  # noqa: F401
 
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kills are forked children")
 

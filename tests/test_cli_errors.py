@@ -13,6 +13,8 @@ import torch
 from heba import cli
 from tests.clip_utils import image_folder, one_thread  # noqa: F401
 
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 FAST = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--epochs", "1",

@@ -20,6 +20,8 @@ from heba.clip.wiring import ScalePolicy
 from tests.clip_utils import images, randomize_adapters, texts, tiny_clip
 from tests.helpers import requires_gpu
 
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
 CPU = torch.device("cpu")
 
 
