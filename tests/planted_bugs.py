@@ -120,6 +120,14 @@ WIRING_BUGS = [
          "tests/test_train_recipe.py::test_slow_fast_scale_drawn_once_per_block"),
         "per-block slow-fast: a block's MLP adapter draws its own scale instead of sharing "
         "the attention adapter's (the published code draws once per block)"),
+    Bug("policy-counter-not-advanced", "wiring", WIRING,
+        "        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   "
+        "# [n_blocks, 2]\n        self._counters[t].add_(1)\n",
+        "        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   "
+        "# [n_blocks, 2]\n",
+        ("tests/test_graph_step.py::test_device_draws_match_host_reimplementation",
+         f"{T_WIRING}::test_scale_policy"),
+        "the device slow-fast stream never advances: every forward draws the same scales"),
     Bug("wiring-eot-pooling", "wiring", WIRING,
         "x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]",
         "x = x[:, -1]",
@@ -232,6 +240,12 @@ LOOP = [
         "key = key.masked_fill(pos, -1.0)",
         ("tests/test_clip_cli.py::test_candidate_mask_is_the_published_set",),
         "the batch's classes take the first negative ranks: fewer negatives than published"),
+    Bug("step-candidate-slots-too-few", "loop", STEP,
+        "return min(n_classes, batch * (1 + neg_per_class))",
+        "return min(n_classes, batch * neg_per_class)",
+        ("tests/test_graph_step.py::test_candidate_slots_hold_the_published_set",
+         "tests/test_graph_step.py::test_static_step_equals_published_step"),
+        "static candidate slots sized without the positives: some candidates are cut off"),
     Bug("step-no-label-smoothing", "loop", STEP,
         "loss = masked_cross_entropy(logits, target, valid, self.label_smoothing)",
         "loss = masked_cross_entropy(logits, target, valid)",
