@@ -20,7 +20,9 @@ The Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` is set).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -41,7 +43,8 @@ class Bug:
     old: str             # must occur exactly once in the file
     new: str
     tests: tuple         # pytest node ids or files, relative to the root
-    why: str = ""        # what a user would see if it shipped
+    why: str = ""        # what a user would see if it shipped (and, if accepted, why)
+    accepted: bool = False   # a known survivor the suite need not catch (``why`` says why)
 
 
 @dataclass
@@ -53,9 +56,10 @@ class Outcome:
 
 
 def tracked_files(root: str) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True,
-                         capture_output=True).stdout.decode()
-    return [p for p in out.split("\0") if p]
+    """The files git tracks plus the untracked ones it does not ignore (work in progress)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, check=True, capture_output=True).stdout.decode()
+    return sorted({p for p in out.split("\0") if p})
 
 
 def make_scratch(root: str) -> str:
@@ -113,15 +117,32 @@ def run_bug(bug: Bug, scratch: str, timeout: float) -> Outcome:
     return Outcome(bug, "error", dt, f"pytest exit {proc.returncode}: {last[-1] if last else ''}")
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[Outcome], note: str = "") -> str:
     caught = sum(o.status == "caught" for o in outcomes)
-    lines = [f"# Planted bugs: {caught} of {len(outcomes)} caught", "",
+    accepted = sum(o.status == "survived" and o.bug.accepted for o in outcomes)
+    title = f"# Planted bugs: {caught} of {len(outcomes)} caught"
+    if accepted:
+        title += f" ({accepted} accepted survivor{'s' * (accepted > 1)})"
+    lines = [title, "",
+             "`python -m tests.plant_bugs` (tests/planted_bugs.py): one bug at a time in a "
+             "scratch copy, its tests run with `pytest -x` under TRITON_INTERPRET=1."
+             + (f" {note}" if note else ""), "",
              "| bug | area | file | status | s | first failure / note |",
              "|---|---|---|---|---:|---|"]
     for o in outcomes:
         detail = o.detail.replace("|", "\\|")[:140]
-        lines.append(f"| {o.bug.name} | {o.bug.area} | `{o.bug.path}` | {o.status} | "
+        status = o.status + (" (accepted)" if o.status == "survived" and o.bug.accepted else "")
+        lines.append(f"| {o.bug.name} | {o.bug.area} | `{o.bug.path}` | {status} | "
                      f"{o.seconds:.0f} | {detail} |")
+    areas = sorted({o.bug.area for o in outcomes})
+    lines += ["", "| area | caught | total |", "|---|---:|---:|"]
+    for area in areas:
+        mine = [o for o in outcomes if o.bug.area == area]
+        lines.append(f"| {area} | {sum(o.status == 'caught' for o in mine)} | {len(mine)} |")
+    rest = [o for o in outcomes if o.status != "caught"]
+    if rest:
+        lines += ["", "Not caught:", ""]
+        lines += [f"- **{o.bug.name}** ({o.status}): {o.bug.why}" for o in rest]
     return "\n".join(lines) + "\n"
 
 
@@ -131,8 +152,13 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the bugs and exit")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these bugs")
+    p.add_argument("--area", nargs="+", metavar="AREA", help="run only the bugs of these areas")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per bug")
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--results", metavar="JSON",
+                   help="keep every bug's last outcome in JSON (updated by each run, so a "
+                        "rerun --only of a few bugs refreshes their rows); the table then "
+                        "shows every bug of the list recorded there")
     args = p.parse_args(argv)
     names = [b.name for b in BUGS]
     if len(set(names)) != len(names):
@@ -146,12 +172,16 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         bugs = [b for b in BUGS if b.name in args.only]
+    if args.area:
+        bugs = [b for b in bugs if b.area in args.area]
     if args.list:
         for b in bugs:
             print(f"{b.name:28s} {b.area:12s} {b.path}  ->  {' '.join(b.tests)}")
         return 0
+    head = _head()
     scratch = make_scratch(ROOT)
     outcomes = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so that the scratch goes
     try:
         for i, bug in enumerate(bugs, 1):
             o = run_bug(bug, scratch, args.timeout)
@@ -160,13 +190,49 @@ def main(argv=None) -> int:
                   flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    table = markdown(outcomes)
+    note = ""
+    if args.results:
+        outcomes, commits = _merge_results(args.results, outcomes, BUGS, head)
+        note = f"Outcomes recorded at commit(s) {', '.join(commits)} of the tree."
+    table = markdown(outcomes, note)
     print("\n" + table)
     if args.markdown:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w") as f:
             f.write(table)
-    return 0 if all(o.status == "caught" for o in outcomes) else 1
+    return 0 if all(_expected(o) for o in outcomes) else 1
+
+
+def _head() -> str:
+    """The commit of the tree the bugs are planted in (``+`` if it has uncommitted changes)."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return git("rev-parse", "--short", "HEAD").strip() + ("+" if dirty else "")
+
+
+def _merge_results(path: str, outcomes: list, bugs: list, head: str) -> tuple:
+    """Update ``path`` with this run's outcomes; return ``(outcomes, commits)``: every bug of
+    ``bugs`` recorded there, in list order (an entry whose edit has changed since it was
+    recorded is left out), and the commits they were recorded at."""
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    for o in outcomes:
+        saved[o.bug.name] = dict(status=o.status, seconds=round(o.seconds, 1),
+                                 detail=o.detail, commit=head, old=o.bug.old, new=o.bug.new)
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1, sort_keys=True)
+    kept = [b for b in bugs if b.name in saved
+            and (saved[b.name]["old"], saved[b.name]["new"]) == (b.old, b.new)]
+    commits = sorted({saved[b.name]["commit"] for b in kept})
+    return [Outcome(b, saved[b.name]["status"], saved[b.name]["seconds"],
+                    saved[b.name]["detail"]) for b in kept], commits
+
+
+def _expected(o: Outcome) -> bool:
+    return o.status == "caught" or (o.status == "survived" and o.bug.accepted)
 
 
 if __name__ == "__main__":
