@@ -121,16 +121,11 @@ def load_published_checkpoint(model: nn.Module, source: Union[str, os.PathLike, 
         load_published_checkpoint(model, "output/base2new/.../model.pth.tar-5")
     """
     name = "checkpoint"
-    if not isinstance(source, Mapping):
+    if isinstance(source, Mapping):
+        state = extract_state_dict(source)
+    else:
         name = os.fspath(source)
-        try:
-            source = torch.load(name, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {name} does not exist") from None
-        except Exception as err:
-            raise CheckpointError(f"cannot read checkpoint {name}: {type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    state = extract_state_dict(source)
+        state = read_published(name)
     load_adapter_state(model, state, name)
     return state
 
