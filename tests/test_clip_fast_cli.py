@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from heba import cli
 from heba.clip import attach_adaptertune, attach_heba
 from heba.train import recipe as T
-from heba.clip.fast import GraphedStep
+from heba.train.graph import GraphedStep
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, candidate_mask
 from heba.clip.wiring import ScalePolicy
@@ -84,7 +84,7 @@ def test_graphs_reasons():
     attach_adaptertune(at, "visual", rank=4)
     bank = PromptBank([["a"], ["b"]], lambda t: torch.zeros(len(t), 16, dtype=torch.long))
     step_at = AdapterStep(at, bank, 0.1)
-    reason = T.graphs_reason
+    from heba.train.graph import graphs_reason as reason
     assert reason(_args(), cuda, 1, "bf16", at, step_at) is None
     assert reason(_args(no_cuda_graphs=True), cuda, 1, "bf16", at, step_at) == "--no-cuda-graphs"
     assert reason(_args(), torch.device("cpu"), 1, "bf16", at, step_at) == "not on a GPU"

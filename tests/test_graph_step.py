@@ -295,7 +295,7 @@ def test_graph_replay_draws_new_scales():
 # --- the static candidate set and the sync-free step (heba.train.step) ------------------------
 
 from heba.clip import attach_adaptertune  # noqa: E402
-from heba.clip.fast import GraphedStep  # noqa: E402
+from heba.train.graph import GraphedStep  # noqa: E402
 from heba.train.prompts import PromptBank  # noqa: E402
 from heba.train.step import (AdapterStep, candidate_count, candidate_mask,  # noqa: E402
                              candidate_slots, draw_step)
@@ -474,7 +474,7 @@ def test_graphs_requested_on_cpu_run_the_eager_step():
 def _gpu_run(method, graphs, steps=8, n_classes=30, precision=torch.bfloat16):
     """The heba-train step on a GPU: cast once, autocast, device draws, fused SGD with a
     per-step cosine, GraphedStep; returns (losses, final adapter weights, GraphedStep)."""
-    from heba.clip.fast import prepare_frozen
+    from heba.train.graph import prepare_frozen
     torch.manual_seed(0)
     model = tiny_clip().cuda().train()
     if method == "heba":

@@ -29,7 +29,7 @@ pytest.importorskip("torchvision", reason="torchvision not installed")
 from PIL import Image  # noqa: E402
 
 from heba import cli  # noqa: E402
-from heba.clip.fast import GraphedStep  # noqa: E402
+from heba.train.graph import GraphedStep  # noqa: E402
 from heba.train.classify import ClassifyRecipe, topk_correct  # noqa: E402
 from heba.train.config import make_config  # noqa: E402
 from heba.train.optim import cosine_factor  # noqa: E402

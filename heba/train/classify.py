@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from heba.clip import checkpoints as ckpt
-from heba.clip.fast import GraphedStep, prepare_frozen
 from heba.clip.wiring import count_parameters
 from heba.train import backbones
 from heba.train import optim
@@ -59,7 +58,8 @@ from heba.train import preflight
 from heba.train import run_folder as rf
 from heba.train.config import MODEL_FIELDS, Config, UsageError
 from heba.train.evaluate import format_acc
-from heba.train.recipe import RunOptions, TrainRecipe, _isatty, graphs_reason
+from heba.train.graph import GraphedStep, graphs_reason, prepare_frozen
+from heba.train.recipe import RunOptions, TrainRecipe, _isatty
 from heba.train.runtime import (PRECISIONS, autocast_ctx, barrier, resolve_precision,
                                 set_cpu_threads, setup_distributed)
 

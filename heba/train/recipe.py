@@ -43,8 +43,6 @@ from typing import Optional
 import torch
 
 from heba.clip import checkpoints as ckpt
-from heba.clip.fast import (GraphedStep, checkpoint_frozen_blocks, policy_graphs_reason,
-                            prepare_frozen)
 from heba.clip.wiring import count_parameters
 from heba.train import backbones
 from heba.train import data as run_data
@@ -53,6 +51,7 @@ from heba.train import preflight
 from heba.train import run_folder as rf
 from heba.train.config import Config, UsageError
 from heba.train.evaluate import evaluate, format_acc
+from heba.train.graph import GraphedStep, checkpoint_frozen_blocks, graphs_reason, prepare_frozen
 from heba.train.prompts import PromptBank, class_prompts, read_descriptions
 from heba.train.runtime import (PRECISIONS, autocast_ctx, barrier, resolve_precision,
                                 set_cpu_threads, setup_distributed)
@@ -406,29 +405,6 @@ class TrainRecipe:
 def check_output(cfg: Config, opts: RunOptions) -> None:
     """What the run would do with its folder is allowed (:func:`preflight.plan_output`)."""
     preflight.plan_output(cfg, opts)
-
-
-def graphs_reason(opts, device, world, precision, model, step,
-                  optimizer=None) -> Optional[str]:
-    """Why the training step cannot be a CUDA graph here (None when it can)."""
-    if not opts.cuda_graphs:
-        return "--no-cuda-graphs"
-    if device.type != "cuda":
-        return "not on a GPU"
-    if world > 1:
-        # torch can capture DDP's NCCL all-reduce (NCCL >= 2.9.6) only with DDP built on a
-        # side stream, >= 11 eager DDP steps before the capture and
-        # TORCH_NCCL_ASYNC_ERROR_HANDLING=0 set before init_process_group (torch's CUDA
-        # graphs notes, "Usage with DistributedDataParallel"); not verified on a multi-GPU
-        # machine yet, so DDP steps stay eager.
-        return "DistributedDataParallel"
-    if precision == "fp16" and not getattr(optimizer, "_step_supports_amp_scaling", False):
-        # GradScaler.step reads found_inf on the host unless the optimizer unscales and
-        # skips by itself (fused SGD / Adam: _step_supports_amp_scaling)
-        return "fp16 loss scaling with an optimizer that is not fused"
-    # The candidate slots, the prompt picks and the slow-fast scales are device-side with
-    # static shapes (heba.train.step, ScalePolicy): only host-drawn scales stop a graph.
-    return policy_graphs_reason(getattr(model, "heba_policy", None))
 
 
 def _isatty(stream) -> bool:
