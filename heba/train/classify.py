@@ -202,8 +202,8 @@ def trainable_writers(model, method: str, meta: dict) -> dict:
 def save_trainable(path: str, model, method: str, meta: dict) -> None:
     """``path`` (safetensors) + ``path.json``: :func:`trainable_state` and ``meta``; JSON last."""
     writers = trainable_writers(model, method, meta)
-    ckpt.atomic_write(path, writers[rf.CKPT_NAME])
-    ckpt.atomic_write(ckpt._config_path(path), writers[rf.CKPT_JSON])
+    rf.atomic_write(path, writers[rf.CKPT_NAME])
+    rf.atomic_write(rf.config_path(path), writers[rf.CKPT_JSON])
 
 
 class ClassifyRecipe(TrainRecipe):
@@ -384,7 +384,7 @@ class ClassifyRecipe(TrainRecipe):
                                   dict(self.cfg.to_dict(), epoch=epoch, accuracy=acc,
                                        classnames=list(self.data.classnames)))
         files[rf.STATE_NAME] = lambda path: torch.save(state, path)
-        self.latest = ckpt.write_set(self.opts.output, epoch, files)
+        self.latest = rf.write_set(self.opts.output, epoch, files)
 
     def _already_finished(self):
         """A finished run resumed: its saved test accuracy; the final files if missing."""
@@ -406,7 +406,7 @@ class ClassifyRecipe(TrainRecipe):
                        trainable_params=trainable, total_params=total)
         text = json.dumps(summary, indent=2) + "\n"
         out = self.opts.output
-        ckpt.atomic_write(os.path.join(out, "summary.json"), lambda tmp: open(tmp, "w").write(text))
+        rf.atomic_write(os.path.join(out, "summary.json"), lambda tmp: open(tmp, "w").write(text))
         c = self.cfg
         rows = "".join(f"| test top-{k} | {test[f'top{k}']:.2f} |\n" for k in self.ks)
         if summary["best_epoch"] is not None:
@@ -510,7 +510,7 @@ def find_checkpoint(path: str) -> Optional[str]:
         for name in ("adapters.safetensors", "last.pt", "best.pt"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        latest = ckpt.read_set(path)            # an unfinished heba run: its latest epoch
+        latest = rf.read_set(path)            # an unfinished heba run: its latest epoch
         return latest.file(rf.CKPT_NAME) if latest else None
     return path if os.path.isfile(path) else None
 
@@ -518,7 +518,7 @@ def find_checkpoint(path: str) -> Optional[str]:
 def handles_checkpoint(path: str, over: dict) -> bool:
     """Whether ``heba-train evaluate --checkpoint path`` is a classifier's (timm) evaluation."""
     file = find_checkpoint(path)
-    if file and file.endswith(".safetensors") and os.path.isfile(ckpt._config_path(file)):
+    if file and file.endswith(".safetensors") and os.path.isfile(rf.config_path(file)):
         return is_classification(ckpt.read_config(file).get("model", ""))
     return is_classification(over.get("model", ""))
 

@@ -174,7 +174,7 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, path: str, **more) -> None:
-        from heba.clip.checkpoints import atomic_write
+        from heba.train.run_folder import atomic_write
         text = json.dumps(dict(self.to_dict(), **more), indent=2, sort_keys=True) + "\n"
 
         def write(tmp):

@@ -64,7 +64,7 @@ class Plan:
 
     mode: str                                   # fresh | overwrite | resume | finished
     start_epoch: int = 0
-    latest: Optional[ckpt.CheckpointSet] = None  # the set resumed from
+    latest: Optional[rf.CheckpointSet] = None  # the set resumed from
     saved: Optional[dict] = None                # its adapters.json
     state: Optional[dict] = None                # its train_state.pt
     note: Optional[str] = None                  # one log line: what happens
@@ -186,7 +186,7 @@ def _check_writable(out: str) -> None:
 def _source(state: rf.FolderState) -> Optional[str]:
     """The data source of the run in a folder (``"demo"`` for the demo's), from any JSON."""
     paths = [os.path.join(state.path, rf.CONFIG_NAME), os.path.join(state.path, rf.CKPT_JSON)]
-    paths += [os.path.join(ckpt.epoch_dir(state.path, e), rf.CKPT_JSON) for e in state.epochs]
+    paths += [os.path.join(rf.epoch_dir(state.path, e), rf.CKPT_JSON) for e in state.epochs]
     for p in paths:
         obj = rf.read_json(p)
         if obj is not None:
@@ -212,7 +212,7 @@ def _plan_resume(cfg, state: rf.FolderState) -> Plan:
                              f"epoch_<N>/ set to resume from: evaluate it, or --overwrite")
         raise UsageError(f"--resume: {out} holds no run to resume (no {rf.CONFIG_NAME}, no "
                          f"epoch_<N>/ checkpoint)")
-    latest = ckpt.read_set(out)
+    latest = rf.read_set(out)
     missing = [n for n in (rf.CKPT_NAME, rf.CKPT_JSON, rf.STATE_NAME) if n not in latest.files]
     if missing:
         raise ckpt.CheckpointError(f"{latest.path} lacks {', '.join(missing)}: not a training "

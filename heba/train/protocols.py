@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 
-from heba.clip.checkpoints import atomic_write
+from heba.train.run_folder import atomic_write
 from heba.train import data as run_data
 from heba.train.config import Config, UsageError
 from heba.train.evaluate import format_acc, harmonic_mean

@@ -258,14 +258,14 @@ class TrainRecipe:
             rf.clear(out)
         if plan.mode in ("resume", "finished"):
             rf.trim_metrics(self.metrics_path, plan.start_epoch)   # no epoch listed twice
-        ckpt.remove_stale(out, keep=plan.start_epoch if plan.latest else None)
+        rf.remove_stale(out, keep=plan.start_epoch if plan.latest else None)
         if not os.path.exists(os.path.join(out, CONFIG_NAME)):
             self.cfg.save(os.path.join(out, CONFIG_NAME))
         for sub, split in getattr(self.data, "splits", {}).items():   # the exact images
             path = os.path.join(out, f"split_{sub}.json")
             if not os.path.exists(path):
                 text = json.dumps(split.to_json()) + "\n"
-                ckpt.atomic_write(path, lambda tmp, t=text: rf.write_text(tmp, t))
+                rf.atomic_write(path, lambda tmp, t=text: rf.write_text(tmp, t))
 
     def _already_finished(self):
         """A finished run resumed: its saved accuracy; the final files if a kill left them out."""
@@ -370,7 +370,7 @@ class TrainRecipe:
         files = ckpt.adapter_writers(self.model, dict(self.cfg.to_dict(), epoch=epoch,
                                                       accuracy=acc))
         files[STATE_NAME] = lambda path: torch.save(state, path)
-        self.latest = ckpt.write_set(self.opts.output, epoch, files)
+        self.latest = rf.write_set(self.opts.output, epoch, files)
 
     def _summary(self, acc: dict) -> str:
         rows = "".join(f"| {k} | {v:.2f} |\n" for k, v in acc.items())
