@@ -72,13 +72,18 @@ class Plan:
 
 def validate(cfg, opts, device) -> Plan:
     """Every check that needs no data set and no model; returns the output folder's Plan."""
-    check_options(opts)
-    check_config(cfg)
-    check_backend(opts.backend, device)
+    check_run(cfg, opts, device)
     pre = cfg.pretrained
     if pre not in (None, "", "none", "builtin") and os.path.isfile(pre):
         check_weights_file(pre)
     return plan_output(cfg, opts)
+
+
+def check_run(cfg, opts, device) -> None:
+    """The options, the configuration and the backend (a run, or a checkpoint's evaluation)."""
+    check_options(opts)
+    check_config(cfg)
+    check_backend(opts.backend, device)
 
 
 def _flag(name: str) -> str:
@@ -131,10 +136,13 @@ def _number(cfg, name, ok, what):
 
 
 def check_backend(backend: str, device) -> None:
-    """A backend asked for by name must run on ``device`` (``auto`` falls back by itself)."""
-    if backend in ("auto", "reference"):
+    """``--backend``'s one check on its way to the kernels: a known name
+    (:data:`heba.backends.BACKENDS`) that runs on ``device`` (``auto`` falls back by itself)."""
+    if backend == "auto":
         return
-    from heba.backends import backend_status
+    from heba.backends import BACKENDS, backend_status
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     ok, why = backend_status(backend, device)
     if not ok:
         raise UsageError(f"--backend {backend} cannot run on {device}: {why} "
