@@ -180,7 +180,7 @@ def write_table(folder: str, name: str, result: dict, cols, log) -> None:
     """``<folder>/<name>.json`` and ``<name>.md``: per seed, then mean +- std."""
     os.makedirs(folder, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    atomicwrite_table(os.path.join(folder, f"{name}.json"), lambda tmp: open(tmp, "w").write(text))
+    atomic_write(os.path.join(folder, f"{name}.json"), lambda tmp: open(tmp, "w").write(text))
     head = "| seed | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     body = "".join(f"| {s} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |\n"
                    for s, r in result["per_seed"].items())
@@ -190,5 +190,5 @@ def write_table(folder: str, name: str, result: dict, cols, log) -> None:
     md = f"# {name}: {what} ({result['recipe']} recipe, seeds {result['seeds']})\n\n" + head + body
     if "hm_of_means" in result:
         md += f"\nHM of the mean base and novel accuracies: {result['hm_of_means']:.2f}\n"
-    atomicwrite_table(os.path.join(folder, f"{name}.md"), lambda tmp: open(tmp, "w").write(md))
+    atomic_write(os.path.join(folder, f"{name}.md"), lambda tmp: open(tmp, "w").write(md))
     log(md)

@@ -14,7 +14,7 @@ from torch import nn
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
 from heba.train.graph import (CheckpointedBlock, GraphedStep, checkpoint_frozen_blocks,
-                              find_max_batch, graphs_reason, policy_graphs_reason,
+                              find_max_batch, policy_graphs_reason,
                               prepare_frozen, uncheckpoint_frozen_blocks)
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, masked_cross_entropy
