@@ -30,8 +30,8 @@ What happens with an output folder (``-o``; the Plan's ``note`` says it in the l
 
 Example::
 
-    >>> from heba.train.config import make_config
-    >>> check_config(make_config("heba", lr=-1.0))
+    >>> from heba.train.config import Config
+    >>> check_config(Config(lr=-1.0))
     Traceback (most recent call last):
     ...
     heba.train.config.UsageError: --lr must be a number >= 0, got -1.0
@@ -39,7 +39,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import zipfile
@@ -49,14 +48,7 @@ from typing import Optional
 
 from heba.clip import checkpoints as ckpt
 from heba.train import run_folder as rf
-from heba.train.config import RESUME_FIELDS, UsageError, check
-
-# The lowest value each integer field allows (None: not checked); HINTS complete the message.
-INT_MIN = dict(epochs=1, batch_size=1, shots=1, test_batch_size=1, seed=0, neg_per_class=0,
-               rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1,
-               warmup_epochs=0)
-HINTS = dict(test_per_class=" (leave it out to test on every image)")
-
+from heba.train.config import RESUME_FIELDS, UsageError, check, flag
 
 @dataclass
 class Plan:
@@ -86,10 +78,6 @@ def check_run(cfg, opts, device) -> None:
     check_backend(opts.backend, device)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_options(opts) -> None:
     """The run options' values (:class:`heba.train.recipe.RunOptions`)."""
     if opts.threads is not None and opts.threads < 1:
@@ -98,41 +86,15 @@ def check_options(opts) -> None:
     for name, hint in (("workers", ""), ("eval_every", " (0: evaluate at the end only)"),
                        ("checkpoint_blocks", " (0: off)")):
         if getattr(opts, name) < 0:
-            raise UsageError(f"{_flag(name)} must be >= 0{hint}, got {getattr(opts, name)}")
+            raise UsageError(f"{flag(name)} must be >= 0{hint}, got {getattr(opts, name)}")
     if opts.resume and opts.overwrite:
         raise UsageError(f"--resume and --overwrite exclude each other: --resume continues "
                          f"the run in {opts.output}, --overwrite deletes it and starts over")
 
 
 def check_config(cfg) -> None:
-    """The configuration's choices (:func:`heba.train.config.check`) and value ranges."""
+    """The configuration's values: :func:`heba.train.config.check`, their one check."""
     check(cfg)
-    for name, low in INT_MIN.items():
-        v = getattr(cfg, name, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise UsageError(f"{_flag(name)} must be an integer >= {low}{HINTS.get(name, '')}, "
-                             f"got {v!r}")
-    if cfg.start is not None and cfg.end is not None and cfg.end < cfg.start:
-        raise UsageError(f"--end ({cfg.end}) must be >= --start ({cfg.start})")
-    _number(cfg, "lr", lambda x: x >= 0, "a number >= 0")
-    _number(cfg, "momentum", lambda x: 0 <= x < 1, "in [0, 1)")
-    _number(cfg, "weight_decay", lambda x: x >= 0, "a number >= 0")
-    _number(cfg, "label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)")
-    _number(cfg, "scale_factor", lambda x: x > 0, "a positive number")
-    _number(cfg, "slow_fast_ratio", lambda x: 0 <= x <= 1, "a probability in [0, 1]")
-    _number(cfg, "grad_clip", lambda x: x >= 0, "a number >= 0 (0: off)")
-    _number(cfg, "val_split", lambda x: 0 <= x < 1, "a fraction in [0, 1)")
-    for name in ("base_scale", "novel_scale", "alpha"):
-        _number(cfg, name, lambda x: True, "a finite number")
-
-
-def _number(cfg, name, ok, what):
-    v = getattr(cfg, name, None)
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or not ok(v):
-        raise UsageError(f"{_flag(name)} must be {what}, got {v!r}")
 
 
 def check_backend(backend: str, device) -> None:
