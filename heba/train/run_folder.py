@@ -187,7 +187,7 @@ def config_path(checkpoint: str) -> str:
 
 
 def write_text(tmp: str, text: str) -> None:
-    """Write ``text`` to the file ``tmp`` (a writer for :func:`atomic_write` / :func:`write_set`)."""
+    """Write ``text`` to the file ``tmp`` (a writer of :func:`atomic_write`, :func:`write_set`)."""
     with open(tmp, "w") as f:
         f.write(text)
 
