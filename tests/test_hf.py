@@ -20,9 +20,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers", reason="heba[hf] extra not installed")
 
 from heba.clip.checkpoints import load_adapters, save_adapters  # noqa: E402
-from heba.clip.wiring import ScalePolicy  # noqa: E402
+from heba.adapters import AdaptedOutput, ScalePolicy  # noqa: E402
 from heba.hf import (  # noqa: E402
-    _AdaptedLayer, attach_adaptertune, attach_heba, load_model, remove_adapters, towers,
+    attach_adaptertune, attach_heba, load_model, remove_adapters, towers,
 )
 
 VOCAB, CTX, WIDTH, LAYERS = 100, 16, 64, 3
@@ -222,7 +222,7 @@ def test_adapted_layer_keeps_tuple_outputs():
     """Older transformers layers return ``(hidden_states, attn)``: only the first is adapted."""
     from heba.nn import LowRankAdapter
     a = LowRankAdapter(8, 2, init="small")
-    wrapped = _AdaptedLayer(torch.nn.Identity(), a, None)
+    wrapped = AdaptedOutput(torch.nn.Identity(), a, None)
     x = torch.randn(2, 3, 8)
     y, extra = wrapped((x, "attn"))[0], wrapped((x, "attn"))[1:]
     torch.testing.assert_close(y, a(x))
