@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers", reason="heba[hf] extra not installed")
 
+from heba.adapters import ScalePolicy  # noqa: E402
 from heba.clip.checkpoints import load_adapters, save_adapters  # noqa: E402
-from heba.adapters import AdaptedOutput, ScalePolicy  # noqa: E402
 from heba.hf import (  # noqa: E402
     attach_adaptertune, attach_heba, load_model, remove_adapters, towers,
 )
@@ -216,17 +216,6 @@ def test_adaptertune_computes_the_block_equations(towers_, every, alpha):
     with torch.no_grad():
         assert_all_close(run_image(model, img), spec_image(model, img, lowrank=vis, alpha=alpha))
         assert_all_close(run_text(model, ids), spec_text(model, ids, lowrank=txt, alpha=alpha))
-
-
-def test_adapted_layer_keeps_tuple_outputs():
-    """Older transformers layers return ``(hidden_states, attn)``: only the first is adapted."""
-    from heba.nn import LowRankAdapter
-    a = LowRankAdapter(8, 2, init="small")
-    wrapped = AdaptedOutput(torch.nn.Identity(), a, None)
-    x = torch.randn(2, 3, 8)
-    y, extra = wrapped((x, "attn"))[0], wrapped((x, "attn"))[1:]
-    torch.testing.assert_close(y, a(x))
-    assert extra == ("attn",)
 
 
 @pytest.mark.parametrize("method", ["heba", "adaptertune"])
