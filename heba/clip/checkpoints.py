@@ -35,6 +35,7 @@ from heba.adapters.published import (  # noqa: F401  (re-exported: their old hom
 __all__ = ["CheckpointError", "load_published_checkpoint", "extract_state_dict",
            "find_checkpoint", "published_layout", "read_published",
            "load_adapter_state", "adapter_writers", "save_adapters", "load_adapters",
+           "config_path",
            "atomic_write",
            "atomic_torch_save", "CheckpointSet", "write_set", "read_set", "remove_stale",
            "notify_written"]
@@ -162,12 +163,12 @@ def save_adapters(path: str, model: nn.Module, config: dict) -> None:
     """
     writers = adapter_writers(model, config)
     atomic_write(path, writers["adapters.safetensors"])
-    atomic_write(_config_path(path), writers["adapters.json"])
+    atomic_write(config_path(path), writers["adapters.json"])
 
 
 def read_config(path: str, require=()) -> dict:
     """The JSON beside checkpoint ``path`` (:func:`read_json_object`)."""
-    cfg = _config_path(path)
+    cfg = config_path(path)
     if not os.path.exists(cfg):
         raise CheckpointError(f"checkpoint {path} has no configuration file {cfg}")
     return read_json_object(cfg, require)
@@ -210,9 +211,13 @@ def load_adapters(path: str, model: nn.Module) -> None:
     load_adapter_state(model, state, path)
 
 
-def _config_path(path: str) -> str:
+def config_path(path: str) -> str:
+    """The JSON file beside checkpoint ``path`` (``x.safetensors`` -> ``x.json``)."""
     root = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
     return root + ".json"
+
+
+_config_path = config_path      # its old name, still used by the classification trainer
 
 
 # --- a run's checkpoint, committed as one set ------------------------------------------------

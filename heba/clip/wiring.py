@@ -53,8 +53,7 @@ from torch import nn
 from heba import adapters as core
 from heba.adapters import (  # noqa: F401  (the names this module has always offered)
     AdaptedOutput, HeBAAdapters, HeBALayer, LowRankAdapters, LowRankHolder, ScalePolicy,
-    adapter_state_dict, count_parameters, get_adapters, remove_adapters, slow_fast_bits,
-    slow_fast_key,
+    adapter_state_dict, count_parameters, get_adapters, remove_adapters,
 )
 from heba.nn import HeBAAdapter  # noqa: F401  (tests patch HeBAAdapter.forward through here)
 
