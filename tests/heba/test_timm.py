@@ -28,15 +28,11 @@ from heba.adapters import CheckpointError, ScalePolicy  # noqa: E402
 from heba.timm import (  # noqa: E402
     attach_adaptertune, attach_heba, load_published_checkpoint, remove_adapters,
 )
+from tests.clip_utils import one_thread  # noqa: E402
 from tests.helpers import requires_gpu, requires_triton_cpu  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def tiny_vit(seed=0, depth=3, img_size=(32, 48), reg_tokens=2, num_classes=5, dtype=None,
