@@ -31,7 +31,7 @@ def dry_run(tmp_path_factory):
                # info is cut on purpose; the rest get room for a slow, busy CI machine
                HEBA_GPU_CHECK_TIMEOUTS="info=1,tests=180,sweep=300,bench-ops=300",
                HEBA_GPU_CHECK_BUDGET="900",
-               HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/test_clip_wiring.py",
+               HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/heba/clip/test_wiring.py",
                HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile")
     proc = subprocess.run(["bash", SCRIPT, "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
