@@ -17,6 +17,9 @@ AREAS = ("kernels", "cuda-glue", "reference", "ops", "wiring", "timm-hf", "loop"
 
 REF = "heba_kernels/reference.py"
 WIRING = "heba/clip/wiring.py"
+ATTACH = "heba/adapters/attach.py"
+POLICY = "heba/adapters/policy.py"
+PUBLISHED = "heba/adapters/published.py"
 CKPT = "heba/clip/checkpoints.py"
 SAMPLING = "heba/data/sampling.py"
 COOP = "heba/data/coop.py"
@@ -25,11 +28,13 @@ STEP = "heba/train/step.py"
 EVAL = "heba/train/evaluate.py"
 
 T_REF = "tests/test_reference.py"
-T_WIRING = "tests/test_clip_wiring.py"
-T_CKPT = "tests/test_clip_checkpoints.py"
+T_WIRING = "tests/heba/clip/test_wiring.py"
+T_POLICY = "tests/heba/adapters/test_policy.py"
+T_ATTACH = "tests/heba/adapters/test_attach.py"
+T_CKPT = "tests/heba/adapters/test_published.py"
 T_COOP = "tests/test_data_coop.py"
 T_VISION = "tests/test_data_vision.py"
-T_POLICY = "tests/heba/clip/test_wiring_scale_policy.py"
+T_STREAM = "tests/heba/adapters/test_policy_stream.py"
 T_NN = "tests/heba/test_nn.py"
 
 REFERENCE = [
@@ -77,64 +82,64 @@ REFERENCE = [
 ]
 
 WIRING_BUGS = [
-    Bug("wiring-eps", "wiring", WIRING,
+    Bug("wiring-eps", "wiring", ATTACH,
         "rescale_param_grad=rescale_param_grad, backend=backend)",
         "rescale_param_grad=rescale_param_grad, backend=backend, eps=1e-6)",
         (f"{T_WIRING}::test_layernorm_eps_at_model_level",),
         "the wiring builds adapters with LayerNorm eps 1e-6 instead of the published 1e-5"),
     Bug("wiring-grid-hw-swap", "wiring", WIRING,
-        "return None if grid is None else (int(grid[0]), int(grid[1]))",
-        "return None if grid is None else (int(grid[1]), int(grid[0]))",
+        "grid = None if grid is None else (int(grid[0]), int(grid[1]))",
+        "grid = None if grid is None else (int(grid[1]), int(grid[0]))",
         (f"{T_WIRING}::test_heba_features_are_the_spec_equations",),
         "the visual adapters of a non-square model (e.g. 224x320 input) get a W x H grid"),
     Bug("wiring-att-after-ln2", "wiring", WIRING,
-        'replaced.append((block, "ln_1", block.ln_1))\n'
-        "            block.ln_1 = AdaptedOutput(block.ln_1, att, policy)",
-        'replaced.append((block, "ln_2", block.ln_2))\n'
-        "            block.ln_2 = AdaptedOutput(block.ln_2, att, policy)",
+        'attn_input="ln_1"',
+        'attn_input="ln_2"',
         (f"{T_WIRING}::test_heba_features_are_the_spec_equations",),
         "the attention adapter wraps ln_2 (before the MLP) instead of ln_1"),
-    Bug("wiring-scale-factor", "wiring", WIRING,
+    Bug("wiring-scale-factor", "wiring", POLICY,
         "scale_factor: float = 2.25,",
         "scale_factor: float = 2.5,",
-        (f"{T_WIRING}::test_scale_policy",),
+        (f"{T_POLICY}::test_scale_policy",),
         "slow-fast multiplier 2.5 instead of the published 2.25"),
-    Bug("wiring-slow-fast-inverted", "wiring", WIRING,
+    Bug("wiring-slow-fast-inverted", "wiring", POLICY,
         "torch.where(bits >= self._threshold(), hi, lo)",
         "torch.where(bits >= self._threshold(), lo, hi)",
-        (f"{T_WIRING}::test_scale_policy",),
+        (f"{T_POLICY}::test_scale_policy",),
         "the fast scale drawn 80% of the time instead of 20%"),
-    Bug("wiring-every-ignored", "wiring", WIRING,
-        "len(tr.resblocks), every):",
-        "len(tr.resblocks)):",
-        (f"{T_WIRING}::test_adaptertune_published_placement_and_alpha",),
+    Bug("wiring-every-ignored", "wiring", ATTACH,
+        "range(0, len(blocks), every):",
+        "range(0, len(blocks)):",
+        (f"{T_WIRING}::test_adaptertune_published_placement_and_alpha",
+         f"{T_ATTACH}::test_adaptertune_follows_blocks_every_nth"),
         "AdapterTune every=2 adapts every block"),
-    Bug("wiring-end-exclusive", "wiring", WIRING,
+    Bug("wiring-end-exclusive", "wiring", ATTACH,
         "return range(start - 1, end)",
         "return range(start - 1, end - 1)",
-        (f"{T_WIRING}::test_heba_features_are_the_spec_equations",),
+        (f"{T_WIRING}::test_heba_features_are_the_spec_equations",
+         f"{T_ATTACH}::test_heba_goes_where_the_sites_say"),
         "the last adapted layer (end, 1-based inclusive) left out"),
-    Bug("wiring-per-block-draw-not-shared", "wiring", WIRING,
+    Bug("wiring-per-block-draw-not-shared", "wiring", POLICY,
         "return self._current[tower][block][pos if not self.per_block else 0]",
         "return self._current[tower][block][pos]",
-        (f"{T_POLICY}::test_one_draw_per_block_and_tower_shared_by_both_adapters",
+        (f"{T_STREAM}::test_one_draw_per_block_and_tower_shared_by_both_adapters",
          "tests/heba/train/test_config.py::test_slow_fast_scale_drawn_once_per_block"),
         "per-block slow-fast: a block's MLP adapter draws its own scale instead of sharing "
         "the attention adapter's (the published code draws once per block)"),
-    Bug("policy-counter-not-advanced", "wiring", WIRING,
+    Bug("policy-counter-not-advanced", "wiring", POLICY,
         "        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   "
         "# [n_blocks, 2]\n        self._counters[t].add_(1)\n",
         "        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   "
         "# [n_blocks, 2]\n",
-        (f"{T_POLICY}::test_device_draws_match_host_reimplementation",
-         f"{T_WIRING}::test_scale_policy"),
+        (f"{T_STREAM}::test_device_draws_match_host_reimplementation",
+         f"{T_POLICY}::test_scale_policy"),
         "the device slow-fast stream never advances: every forward draws the same scales"),
     Bug("wiring-eot-pooling", "wiring", WIRING,
         "x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]",
         "x = x[:, -1]",
         (f"{T_WIRING}::test_encode_text_truncation_equals_full",),
         "truncated text pooled at the last kept token, right only for the longest prompt"),
-    Bug("wiring-slot-zero-based", "checkpoints", WIRING,
+    Bug("wiring-slot-zero-based", "checkpoints", ATTACH,
         "slots[i + 1] = HeBALayer(att, mlp)",
         "slots[i] = HeBALayer(att, mlp)",
         (f"{T_CKPT}::test_heba_keys_are_the_published_keys",),
@@ -142,12 +147,12 @@ WIRING_BUGS = [
 ]
 
 CHECKPOINTS = [
-    Bug("ckpt-module-prefix-kept", "checkpoints", CKPT,
-        'k = k[len("module."):] if k.startswith("module.") else k',
-        "k = k",
+    Bug("ckpt-module-prefix-kept", "checkpoints", PUBLISHED,
+        'return key[len("module."):] if key.startswith("module.") else key',
+        "return key",
         ("tests/heba/train/test_loop.py::test_module_prefixed_published_checkpoint_loads",),
         "a checkpoint saved from a DDP-wrapped learner (module.*) no longer loads"),
-    Bug("ckpt-tk-prompts-kept", "checkpoints", CKPT,
+    Bug("ckpt-tk-prompts-kept", "checkpoints", PUBLISHED,
         'IGNORED = ("tk_prompts",)',
         "IGNORED = ()",
         (T_CKPT,),
@@ -164,7 +169,7 @@ CHECKPOINTS = [
          "test_atomic_write_keeps_the_old_file_when_writing_fails",
          "tests/heba/train/test_run_folder.py"),
         "checkpoints written in place: a crash mid-write leaves a truncated file"),
-    Bug("ckpt-layout-end", "checkpoints", CKPT,
+    Bug("ckpt-layout-end", "checkpoints", PUBLISHED,
         "start=min(every), end=max(every))",
         "start=min(every), end=len(every))",
         (f"{T_CKPT}::test_evaluate_cli_loads_published_checkpoint",
@@ -286,31 +291,29 @@ T_CUDA = "tests/test_cuda.py"
 
 TIMM_HF = [
     Bug("timm-register-tokens-ignored", "timm-hf", "heba/timm.py",
-        'num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)), grid=grid,',
-        "num_prefix_tokens=1, grid=grid,",
-        ("tests/test_timm.py::test_heba_computes_the_block_equations",),
+        'num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))',
+        "num_prefix_tokens=1)",
+        ("tests/heba/test_timm.py::test_heba_computes_the_block_equations",),
         "timm ViTs with register tokens: the registers enter the HeBA patch grid"),
     Bug("timm-grid-hw-swap", "timm-hf", "heba/timm.py",
-        "return int(grid[0]), int(grid[1])",
-        "return int(grid[1]), int(grid[0])",
-        ("tests/test_timm.py::test_heba_computes_the_block_equations",),
+        "grid=(int(grid[0]), int(grid[1]))",
+        "grid=(int(grid[1]), int(grid[0]))",
+        ("tests/heba/test_timm.py::test_heba_computes_the_block_equations",),
         "non-square timm grids (e.g. 224x320 input) read as W x H"),
-    Bug("timm-every-from-last", "timm-hf", "heba/timm.py",
-        "for i in range(0, len(model.blocks), every):",
-        "for i in range(every - 1, len(model.blocks), every):",
-        ("tests/test_timm.py::test_adaptertune_computes_the_published_blocks",),
+    Bug("timm-every-from-last", "timm-hf", ATTACH,
+        "for i in range(0, len(blocks), every):",
+        "for i in range(every - 1, len(blocks), every):",
+        ("tests/heba/test_timm.py::test_adaptertune_computes_the_published_blocks",),
         "AdapterTune on timm: blocks every-1, 2*every-1 instead of the published i % every == 0"),
-    Bug("hf-every-from-last", "timm-hf", "heba/hf.py",
-        "for i in range(0, len(layers), every):",
-        "for i in range(every - 1, len(layers), every):",
-        ("tests/test_hf.py::test_adaptertune_computes_the_block_equations",),
+    Bug("hf-every-from-last", "timm-hf", ATTACH,
+        "for i in range(0, len(blocks), every):",
+        "for i in range(every - 1, len(blocks), every):",
+        ("tests/heba/test_hf.py::test_adaptertune_computes_the_block_equations",),
         "AdapterTune on Hugging Face CLIP: other layers than i % every == 0"),
     Bug("hf-att-after-layer-norm2", "timm-hf", "heba/hf.py",
-        'replaced.append((layer, "layer_norm1", layer.layer_norm1))\n'
-        "        layer.layer_norm1 = AdaptedOutput(layer.layer_norm1, att, policy)",
-        'replaced.append((layer, "layer_norm2", layer.layer_norm2))\n'
-        "        layer.layer_norm2 = AdaptedOutput(layer.layer_norm2, att, policy)",
-        ("tests/test_hf.py::test_heba_computes_the_block_equations",),
+        'attn_input="layer_norm1"',
+        'attn_input="layer_norm2"',
+        ("tests/heba/test_hf.py::test_heba_computes_the_block_equations",),
         "the attention adapter of Hugging Face CLIP wraps layer_norm2 instead of layer_norm1"),
 ]
 
@@ -459,7 +462,7 @@ LOOP_RECIPE = [
         'policy.load_state_dict(state["scale_policy"])',
         "pass",
         ("tests/heba/train/test_recipe.py::test_resume_continues",
-         f"{T_POLICY}::test_resume_continues_the_stream"),
+         f"{T_STREAM}::test_resume_continues_the_stream"),
         "a resumed run draws other slow-fast scales than the uninterrupted one"),
     Bug("ddp-sampler-epoch-not-set", "loop", LOOP_PY,
         "sampler.set_epoch(epoch)",

@@ -112,30 +112,40 @@ def evaluate_split(model, ds, device, precision: str, ks, batch_size: int = 128,
 def find_checkpoint(path: str, over: dict) -> tuple[str, str, str]:
     """``(recipe, kind, file)`` of ``heba-train evaluate --checkpoint path``: ``recipe`` is
     ``"classify"`` (a timm classifier's) or ``"clip"``; ``kind`` ``"heba"`` (safetensors +
-    JSON) or ``"published"``. The recipe is the saved configuration's, else the command
-    line's ``--backbone``."""
-    file = _classifier_file(path)
-    if file and file.endswith(".safetensors") and os.path.isfile(rf.config_path(file)):
+    JSON: the file, a run folder's final adapters, else its latest set's) or ``"published"``
+    (a Dassl ``model.pth.tar-<N>`` or its run folder; an AdapterTune ``last.pt`` /
+    ``best.pt`` or their folder). The recipe is the saved configuration's, else the
+    command line's ``--backbone``."""
+    file = _heba_file(path)
+    if file and os.path.isfile(ckpt.config_path(file)):
         classify = vision.is_classification(ckpt.read_config(file).get("model", ""))
     else:
         classify = vision.is_classification(over.get("model", ""))
     if not classify:
-        return ("clip",) + ckpt.find_checkpoint(path)
-    if file is None:
-        raise ckpt.CheckpointError(f"checkpoint {path} does not exist (adapters.safetensors, "
-                                   f"a published last.pt / best.pt, or their folder)")
-    return "classify", "heba" if file.endswith(".safetensors") else "published", file
-
-
-def _classifier_file(path: str):
-    """heba's ``adapters.safetensors`` (or its folder), or a published ``last.pt`` / ``best.pt``."""
+        return ("clip", "heba", file) if file else ("clip",) + ckpt.find_checkpoint(path)
+    if file:
+        return "classify", "heba", file
     if os.path.isdir(path):
-        for name in (rf.CKPT_NAME, "last.pt", "best.pt"):
+        for name in ("last.pt", "best.pt"):
             if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        latest = rf.read_set(path)              # an unfinished heba run: its latest epoch
-        return latest.file(rf.CKPT_NAME) if latest else None
-    return path if os.path.isfile(path) else None
+                return "classify", "published", os.path.join(path, name)
+    elif os.path.isfile(path):
+        return "classify", "published", path
+    raise ckpt.CheckpointError(f"checkpoint {path} does not exist (adapters.safetensors, "
+                               f"a published last.pt / best.pt, or their folder)")
+
+
+def _heba_file(path: str):
+    """heba's adapters file of ``path``: the file itself, a run folder's final
+    ``adapters.safetensors``, else its latest committed set's (an unfinished run); None."""
+    if os.path.isfile(path):
+        return path if path.endswith(".safetensors") else None
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, rf.CKPT_NAME)):
+        return os.path.join(path, rf.CKPT_NAME)
+    latest = rf.read_set(path)
+    return latest.file(rf.CKPT_NAME) if latest and rf.CKPT_NAME in latest.files else None
 
 
 def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:

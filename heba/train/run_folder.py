@@ -180,12 +180,6 @@ def is_published(path: str, latest: "CheckpointSet") -> bool:
     return os.path.isfile(os.path.join(path, SUMMARY_NAME))
 
 
-def config_path(checkpoint: str) -> str:
-    """The JSON beside an adapters file: ``adapters.safetensors`` -> ``adapters.json``."""
-    root = checkpoint[:-len(".safetensors")] if checkpoint.endswith(".safetensors") else checkpoint
-    return root + ".json"
-
-
 def write_text(tmp: str, text: str) -> None:
     """Write ``text`` to the file ``tmp`` (a writer of :func:`atomic_write`, :func:`write_set`)."""
     with open(tmp, "w") as f:

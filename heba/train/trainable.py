@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from heba.clip.checkpoints import CheckpointError
+from heba.clip.checkpoints import CheckpointError, config_path
 from heba.train import run_folder as rf
 
 
@@ -76,7 +76,7 @@ def save_trainable(path: str, model, method: str, meta: dict) -> None:
     """``path`` (safetensors) + ``path.json``: :func:`trainable_state` and ``meta``; JSON last."""
     writers = trainable_writers(model, method, meta)
     rf.atomic_write(path, writers[rf.CKPT_NAME])
-    rf.atomic_write(rf.config_path(path), writers[rf.CKPT_JSON])
+    rf.atomic_write(config_path(path), writers[rf.CKPT_JSON])
 
 
 def load_published_classifier(model, file: str, cfg, backend: str) -> None:
@@ -84,8 +84,7 @@ def load_published_classifier(model, file: str, cfg, backend: str) -> None:
     (``cfg.method == "full"``)."""
     from heba import timm as heba_timm
     if cfg.method == "full":
-        # heba.timm's reader of a published full state dict: its only use outside heba.timm.
-        state = heba_timm._model_state(heba_timm._read(file)[1], file)
+        state = heba_timm.published_model_state(heba_timm.read_checkpoint(file)[1], file)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:

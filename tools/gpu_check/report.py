@@ -1,21 +1,22 @@
-"""The GPU check's report: one markdown file from the stages' results (see benchmarks.gpu_check).
+"""The GPU check's report: one markdown file from the stages' results (see tools.gpu_check.check).
 
 The benchmark tables and plots are those of :mod:`benchmarks.report` and
 :mod:`benchmarks.train_report`; this module adds the stage table, the versions,
-the test summary, the correctness table and the issue's goals.
+the test summary, the correctness table and heba's performance targets.
 """
 
 from __future__ import annotations
 
 import time
 
-from benchmarks import report, train_report
-from benchmarks.gpu_check_sweep import DTYPES
+from benchmarks import report as ops_report, train_report
+from tools.gpu_check.sweep import DTYPES
 
 OPS = ("heba_visual", "heba_text", "low_rank")
-# Issue 11's goals, bf16 forward+backward, batch 256, ratios from the same run:
-# (case, what, threshold): "vs compile" = torch.compile's ms / ours; "floor" = % of the floor.
-GOALS = [("visual-attn-d768", "vs compile", 3.5), ("visual-mlp-d3072", "floor", 100 / 1.3),
+# heba's performance targets (design goals, not measurements), bf16 forward+backward,
+# batch 256, ratios from the same run: (case, what, threshold): "vs compile" =
+# torch.compile's ms / ours; "floor" = % of the copy or matmul floor.
+TARGETS = [("visual-attn-d768", "vs compile", 3.5), ("visual-mlp-d3072", "floor", 100 / 1.3),
          ("text-d512", "vs compile", 3.5), ("lowrank-r16-d768", "vs compile", 3.0)]
 
 
@@ -159,19 +160,20 @@ def _bench_ops(r):
                   "ms: CUDA-event median; vs eager / vs compile: their ms over this one's; "
                   "% of floor: the copy or matmul floor (the larger) over ms; peak MB: beyond the "
                   "inputs; saved MB: kept for backward beyond x and the parameters.", "",
-                  report.table(rows), "", goals_table(rows), "", "![op benchmarks](adapters.png)"]
+                  ops_report.table(rows), "", targets_table(rows), "",
+                  "![op benchmarks](adapters.png)"]
     return "\n".join(lines)
 
 
-def goals_table(rows) -> str:
-    """Issue 11's goals against this run's bf16 forward+backward rows, per fused backend."""
+def targets_table(rows) -> str:
+    """heba's performance targets against this run's bf16 forward+backward rows, per fused backend."""
     idx = {(x["case"], x["impl"]): x for x in rows
            if x["dtype"] == "bf16" and x["mode"] == "fwdbwd"}
-    lines = ["| goal (bf16 fwd+bwd) | backend | measured | met |", "|---|---|---|---|"]
-    for case, what, need in GOALS:
+    lines = ["| target (bf16 fwd+bwd) | backend | measured | met |", "|---|---|---|---|"]
+    for case, what, need in TARGETS:
         for impl in ("triton", "cuda"):
             if (case, impl) in idx:
-                lines.append(_goal_row(case, what, need, impl, idx[(case, impl)],
+                lines.append(_target_row(case, what, need, impl, idx[(case, impl)],
                                        idx.get((case, "compile"))))
     for (case, impl), mine in sorted(idx.items()):
         eager = idx.get((case, "eager"))
@@ -182,7 +184,7 @@ def goals_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _goal_row(case, what, need, impl, mine, comp) -> str:
+def _target_row(case, what, need, impl, mine, comp) -> str:
     if what == "floor":
         goal = f"{case} >= {need:.0f}% of floor"
         val, txt = mine["pct_of_floor"], f"{mine['pct_of_floor']:.0f}% of floor"

@@ -24,20 +24,15 @@ from torch import nn
 
 timm = pytest.importorskip("timm", reason="heba[timm] extra not installed")
 
-from heba.clip.checkpoints import CheckpointError  # noqa: E402
-from heba.clip.wiring import ScalePolicy  # noqa: E402
+from heba.adapters import CheckpointError, ScalePolicy  # noqa: E402
 from heba.timm import (  # noqa: E402
     attach_adaptertune, attach_heba, load_published_checkpoint, remove_adapters,
 )
+from tests.clip_utils import one_thread  # noqa: E402
 from tests.helpers import requires_gpu, requires_triton_cpu  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def tiny_vit(seed=0, depth=3, img_size=(32, 48), reg_tokens=2, num_classes=5, dtype=None,
@@ -433,7 +428,7 @@ def test_missing_timm_is_one_line(monkeypatch):
 def test_importing_heba_timm_and_hf_imports_neither_library():
     code = ("import sys, heba.timm, heba.hf; "
             "print(sorted(m for m in ('timm', 'transformers', 'open_clip') if m in sys.modules))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=env, cwd=root)

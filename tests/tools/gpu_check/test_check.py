@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_check, gpu_check_report
+from tools.gpu_check import check as gpu_check
+from tools.gpu_check import report as check_report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 
 
@@ -30,7 +31,7 @@ def dry_run(tmp_path_factory):
                # info is cut on purpose; the rest get room for a slow, busy CI machine
                HEBA_GPU_CHECK_TIMEOUTS="info=1,tests=180,sweep=300,bench-ops=300",
                HEBA_GPU_CHECK_BUDGET="900",
-               HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/test_clip_wiring.py",
+               HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/heba/clip/test_wiring.py",
                HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile")
     proc = subprocess.run(["bash", SCRIPT, "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -66,7 +67,7 @@ def test_dry_run_tests_and_sweep_report_failures(dry_run):
     rows = sweep["data"]["rows"]
     assert sweep["status"] == "failed" and "1 fail" in sweep["note"], sweep["note"]
     ran = [r for r in rows if r["status"] != "skipped"]
-    assert {r["op"] for r in ran if r["status"] == "pass"} == set(gpu_check_report.OPS)
+    assert {r["op"] for r in ran if r["status"] == "pass"} == set(check_report.OPS)
     assert {r["dtype"] for r in ran} == {"fp32", "bf16", "fp16", "autocast-bf16"}
     bad = [r for r in ran if r["status"] != "pass"]
     assert len(bad) == 1 and bad[0]["errors"]["out"] > 1e-2, bad        # the perturbed output
@@ -100,7 +101,7 @@ def test_e2e_ids_and_goals():
     rows = [dict(case="text-d512", impl=i, dtype="bf16", mode="fwdbwd", cuda_ms=ms,
                  pct_of_floor=50.0, saved_for_backward_bytes=s)
             for i, ms, s in (("eager", 8.0, 900), ("compile", 4.0, 600), ("triton", 1.0, 200))]
-    table = gpu_check_report.goals_table(rows)
+    table = check_report.targets_table(rows)
     assert "| text-d512 >= 3.5x torch.compile | triton | 4.00x | yes |" in table
     assert "| text-d512 saved-for-backward <= 1/3 of the reference's | triton | 0.22 | yes |" \
         in table

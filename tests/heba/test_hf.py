@@ -19,21 +19,16 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers", reason="heba[hf] extra not installed")
 
+from heba.adapters import ScalePolicy  # noqa: E402
 from heba.clip.checkpoints import load_adapters, save_adapters  # noqa: E402
-from heba.clip.wiring import ScalePolicy  # noqa: E402
 from heba.hf import (  # noqa: E402
-    _AdaptedLayer, attach_adaptertune, attach_heba, load_model, remove_adapters, towers,
+    attach_adaptertune, attach_heba, load_model, remove_adapters, towers,
 )
+from tests.clip_utils import one_thread, texts  # noqa: E402
 
-VOCAB, CTX, WIDTH, LAYERS = 100, 16, 64, 3
+VOCAB, CTX, WIDTH, LAYERS = 100, 16, 64, 3     # VOCAB, CTX: those of tests.clip_utils.texts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def config(layers=LAYERS):
@@ -57,17 +52,6 @@ def tiny_hf(seed=0, layers=LAYERS):
 def images(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64)
-
-
-def texts(lengths=(5, 9, 3), seed=0):
-    """Rows as CLIP's tokenizer makes them: start, words, end (the largest id), zeros."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.zeros(len(lengths), CTX, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        out[i, 0] = VOCAB - 2
-        out[i, 1:n - 1] = torch.randint(1, VOCAB - 2, (n - 2,), generator=g)
-        out[i, n - 1] = VOCAB - 1
-    return out
 
 
 def randomize(module, seed=1, std=0.3):
@@ -216,17 +200,6 @@ def test_adaptertune_computes_the_block_equations(towers_, every, alpha):
     with torch.no_grad():
         assert_all_close(run_image(model, img), spec_image(model, img, lowrank=vis, alpha=alpha))
         assert_all_close(run_text(model, ids), spec_text(model, ids, lowrank=txt, alpha=alpha))
-
-
-def test_adapted_layer_keeps_tuple_outputs():
-    """Older transformers layers return ``(hidden_states, attn)``: only the first is adapted."""
-    from heba.nn import LowRankAdapter
-    a = LowRankAdapter(8, 2, init="small")
-    wrapped = _AdaptedLayer(torch.nn.Identity(), a, None)
-    x = torch.randn(2, 3, 8)
-    y, extra = wrapped((x, "attn"))[0], wrapped((x, "attn"))[1:]
-    torch.testing.assert_close(y, a(x))
-    assert extra == ("attn",)
 
 
 @pytest.mark.parametrize("method", ["heba", "adaptertune"])

@@ -15,7 +15,7 @@ pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_
 
 from benchmarks import train_report  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def test_train_step_dry_run_and_report(tmp_path):

@@ -9,7 +9,7 @@ pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_
 import torch
 
 from heba.clip import wiring
-from heba.clip.wiring import (ScalePolicy, attach_adaptertune, attach_heba, count_parameters,
+from heba.clip.wiring import (attach_adaptertune, attach_heba, count_parameters,
                               encode_text, remove_adapters)
 from heba.nn import HeBAAdapter
 from tests.clip_utils import (BASE_SCALE, EPS, NOVEL_SCALE, PREFIX, SCALE_FACTOR, SLOW_FAST_RATIO,
@@ -195,23 +195,6 @@ def test_seq_first_transformer_same_as_batch_first():
     with torch.no_grad():
         a, b = model.encode_image(img), model_sf.encode_image(img)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_scale_policy():
-    pol = ScalePolicy(seed=0)
-    assert pol.scale(False) == 0.025
-    pol.set_mode("novel")
-    assert pol.scale(False) == 0.010
-    pol.bind("text", 1)
-    draws = []
-    for _ in range(4000):           # one draw per block and tower forward (tests/test_graph_step)
-        draws.append(float(pol.scale(True, "text", 0)))   # block 0: a new forward's draw
-    assert set(draws) == {float(torch.tensor(0.025)), float(torch.tensor(0.025 * 2.25))}
-    frac_fast = sum(d > 0.03 for d in draws) / len(draws)
-    assert abs(frac_fast - 0.2) < 0.03, frac_fast
-    assert {ScalePolicy(slow_fast_ratio=1.0).scale(True) for _ in range(100)} == {0.025}
-    with pytest.raises(ValueError):
-        pol.set_mode("all")
 
 
 def test_adapters_read_policy_scale():

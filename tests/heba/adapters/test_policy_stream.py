@@ -1,4 +1,4 @@
-"""Device-side slow-fast scales (heba.clip.wiring.ScalePolicy): the published draw, resumable,
+"""Device-side slow-fast scales (heba.adapters.ScalePolicy): the published draw, resumable,
 graphable, replayed by checkpointed blocks.
 
 The published draw (VLM-HeBA trainers/heba.py ``return_{text,visual}_adapter``, called once

@@ -1,6 +1,6 @@
 """Correctness sweep: every op x every fused backend x {fp32, bf16, fp16, autocast} x shapes.
 
-    python -m benchmarks.gpu_check_sweep --out sweep.json [--size clip|small|tiny] [--jobs N]
+    python -m tools.gpu_check.sweep --out sweep.json [--size clip|small|tiny] [--jobs N]
 
 Each check runs the public ``heba.ops`` function on one backend, forward and
 backward with a random upstream gradient, and compares the output and every
@@ -253,7 +253,7 @@ def main(argv=None):
     if os.path.exists(lines):
         os.remove(lines)
     jobs = max(1, min(args.jobs, len(checks)))
-    base = [sys.executable, "-m", "benchmarks.gpu_check_sweep", "--out", lines, "--size",
+    base = [sys.executable, "-m", "tools.gpu_check.sweep", "--out", lines, "--size",
             args.size, "--device", args.device, "--deadline", str(args.deadline),
             "--backends", args.backends]
     if jobs == 1:

@@ -1,33 +1,34 @@
 """The GPU check: build, every GPU test, a correctness sweep and the benchmarks in one run.
 
     bash scripts/gpu_check.sh --out DIR [--wheels DIR]        # what you run
-    python -m benchmarks.gpu_check --out DIR [--budget S] [--stages a,b]
+    python -m tools.gpu_check --out DIR [--budget S] [--stages a,b]
 
 Stages, in order, each in its own process with its own timeout, each run even
 when an earlier one failed: ``versions``, ``build`` (the CUDA extension in place
 for this GPU's arch, every core), ``info`` (``python -m heba.info``), ``tests``
 (every GPU test, pytest-xdist where installed), ``sweep`` (every op x fused
-backend x dtype against the float64 reference, :mod:`benchmarks.gpu_check_sweep`),
+backend x dtype against the float64 reference, :mod:`tools.gpu_check.sweep`),
 ``memcheck`` and ``racecheck`` (the small sweep under compute-sanitizer),
 ``bench-ops`` (benchmarks/test_adapters.py) and ``bench-e2e``
-(benchmarks/test_train_step.py, needs open_clip). A global budget (8 minutes on
-a GPU) bounds the run: a stage gets at most what is left less a reserve for
-the stages after it (the benchmarks are last and must not starve), pytest stages stop
-starting tests before their limit so their results are still written, and a
-stage that is cut says so. After every stage DIR gets ``gpu_check.md`` (the
-report), ``gpu_check.json`` (everything, raw) and ``gpu_check.log`` (every
-stage's output); at the end also the tests' junit XML, the benchmarks' JSON and
-PNG plots: 8 files at most, all at the top (what the device tool brings back).
+(benchmarks/test_train_step.py, needs open_clip). A global budget (``--budget``,
+default 480 s) bounds the run: a stage gets at most what is left less a reserve
+for the stages after it (the benchmarks are last and must not starve), pytest
+stages stop starting tests before their limit so their results are still
+written, and a stage that is cut says so. After every stage DIR gets
+``gpu_check.md`` (the report), ``gpu_check.json`` (everything, raw) and
+``gpu_check.log`` (every stage's output); at the end also the tests' junit XML,
+the benchmarks' JSON and PNG plots, all at the top of DIR (no sub-folders).
 
 ``HEBA_GPU_CHECK_DRY_RUN=1`` runs the same stages on a CPU at tiny shapes in
 Triton's interpreter, without the CUDA build, the sanitizer and the
-torch.compile contenders, in about two minutes. Switches for tests of this
-script: ``HEBA_GPU_CHECK_INJECT_FAIL=stage[,stage]`` makes those stages fail
+torch.compile contenders. Switches for tests of this tool:
+``HEBA_GPU_CHECK_INJECT_FAIL=stage[,stage]`` makes those stages fail
 (``tests`` adds a failing test, ``sweep`` perturbs one output, any other stage
 runs a failing command instead), ``HEBA_GPU_CHECK_TIMEOUTS=stage=seconds,...``
 overrides stage timeouts, ``HEBA_GPU_CHECK_TESTS`` replaces the tests stage's
-pytest arguments. This module imports only the standard library at the top, so
-it reports even when torch itself is broken.
+pytest arguments, ``HEBA_GPU_CHECK_BENCH_K`` the op benchmarks' ``-k``
+selection. This module imports only the standard library at the top, so it
+reports even when torch itself is broken.
 """
 
 from __future__ import annotations
@@ -44,12 +45,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUGIN = ["-p", "benchmarks.gpu_check_plugin", "-p", "no:cacheprovider"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PLUGIN = ["-p", "tools.gpu_check.plugin", "-p", "no:cacheprovider"]
 GRACE = 20          # seconds a pytest stage keeps to finish after its deadline
 RESERVE = 10        # seconds of the global budget kept for the final report
-HARNESS_TESTS = ("tests/test_gpu_check.py", "tests/test_benchmark_harness.py",
-                 "tests/test_train_step_harness.py")   # CPU dry runs of what stages 5-7 run
+HARNESS_TESTS = ("tests/tools", "tests/benchmarks")   # CPU dry runs of what the stages run
 
 
 def _flag(name: str) -> bool:
@@ -176,7 +176,7 @@ def _simple(ctx, res, cmd, timeout, env=None, stage=None):
 
 def stage_versions(ctx, res, timeout):
     path = os.path.join(ctx.work, "versions.json")
-    rc, _ = _simple(ctx, res, [ctx.py, "-m", "benchmarks.gpu_check", "--probe", path], timeout)
+    rc, _ = _simple(ctx, res, [ctx.py, "-m", "tools.gpu_check", "--probe", path], timeout)
     if os.path.exists(path):
         with open(path) as f:
             ctx.versions = json.load(f)
@@ -311,7 +311,7 @@ def parse_junit(path) -> dict:
                                     "message": (msg[0] if msg else "")[:400]})
         elif skip is not None:
             reason = _skip_reason(skip)
-            from benchmarks.gpu_check_plugin import CUT_REASON
+            from tools.gpu_check.plugin import CUT_REASON
             if CUT_REASON in reason:
                 out["cut"] += 1
             else:
@@ -398,12 +398,12 @@ def _sweep_summary(path):
 def stage_sweep(ctx, res, timeout):
     path = os.path.join(ctx.work, "sweep.json")
     jobs = 2 if ctx.dry else min(8, os.cpu_count() or 1)
-    cmd = [ctx.py, "-m", "benchmarks.gpu_check_sweep", "--out", path, "--size",
+    cmd = [ctx.py, "-m", "tools.gpu_check.sweep", "--out", path, "--size",
            "tiny" if ctx.dry else "clip", "--jobs", jobs,
            "--deadline", time.time() + max(1.0, timeout - GRACE)]
     rc, _ = _simple(ctx, res, cmd, timeout)
     if rc is None:              # killed: keep the rows the workers wrote
-        from benchmarks.gpu_check_sweep import read_rows
+        from tools.gpu_check.sweep import read_rows
         res.data = {"rows": read_rows(path + ".jsonl")}
     else:
         res.data = _sweep_summary(path)
@@ -437,7 +437,7 @@ def stage_sanitizer(tool):
         path = os.path.join(ctx.work, f"{tool}.json")
         cmd = [cs, "--tool", tool, "--error-exitcode", "9", "--print-limit", "20",
                "--target-processes", "application-only",
-               ctx.py, "-m", "benchmarks.gpu_check_sweep", "--out", path, "--size", "small",
+               ctx.py, "-m", "tools.gpu_check.sweep", "--out", path, "--size", "small",
                "--jobs", "1", "--deadline", time.time() + max(1.0, timeout - GRACE)]
         # No caching allocator: every buffer is its own allocation, so memcheck sees overruns.
         env = ctx.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
@@ -495,8 +495,8 @@ def stage_bench_ops(ctx, res, timeout):
              [i for i in compiled if not i.endswith("-fwdbwd]")]]
     path = bench_parts(ctx, res, parts, end, "bench_adapters")
     if path:
-        from benchmarks import report
-        res.data["device"], res.data["rows"] = report.load(path)
+        from benchmarks import report as ops_report
+        res.data["device"], res.data["rows"] = ops_report.load(path)
 
 
 def bench_parts(ctx, res, parts, end, name, env=None):
@@ -630,14 +630,14 @@ def run_stage(ctx, stage, limit, later_reserve=0):
 def write_outputs(ctx, results, final=False):
     """gpu_check.md and gpu_check.json now; at the end also the benchmarks' JSON and plots."""
     from dataclasses import asdict
-    from benchmarks import gpu_check_report
+    from tools.gpu_check import report as check_report
     meta = {"dry": ctx.dry, "budget": ctx.budget, "seconds": time.time() - ctx.t0,
             "started": ctx.started}
     dicts = [asdict(r) for r in results]
     with open(os.path.join(ctx.out, "gpu_check.json"), "w") as f:
         json.dump({**meta, "work": ctx.work, "stages": dicts}, f, indent=1, default=str)
     with open(os.path.join(ctx.out, "gpu_check.md"), "w") as f:
-        f.write(gpu_check_report.render(meta, dicts))
+        f.write(check_report.render(meta, dicts))
     if final:
         _final_artifacts(ctx, {r.name: r for r in results})
 
@@ -650,10 +650,11 @@ def _final_artifacts(ctx, by):
         if os.path.exists(src):
             shutil.copy(src, os.path.join(ctx.out, dst))
     try:
-        from benchmarks import report, train_report
+        from benchmarks import report as ops_report, train_report
         ops, e2e = by.get("bench-ops"), by.get("bench-e2e")
         if ops and ops.data.get("rows"):
-            report.plot(ops.data["rows"], os.path.join(ctx.out, "adapters.png"), ops.data["device"])
+            ops_report.plot(ops.data["rows"], os.path.join(ctx.out, "adapters.png"),
+                            ops.data["device"])
         if e2e and e2e.data.get("steps"):
             train_report.plot(e2e.data["steps"], os.path.join(ctx.out, "train.png"),
                               e2e.data["device"])
@@ -698,12 +699,12 @@ def main(argv=None):
 
 
 def _print_summary(ctx, results):
-    from benchmarks import gpu_check_report
+    from tools.gpu_check import report as check_report
     print(f"\nreport: {os.path.join(ctx.out, 'gpu_check.md')}  (work files: {ctx.work})")
-    print(gpu_check_report.render({"dry": ctx.dry, "budget": ctx.budget,
+    print(check_report.render({"dry": ctx.dry, "budget": ctx.budget,
                                    "seconds": time.time() - ctx.t0, "started": ctx.started},
                                   [r.__dict__ for r in results]).split("\n## Versions")[0])
-    for r in results:             # the failures first: the device tool returns the end
+    for r in results:             # the failures last: a reader of the tail sees them
         bad = [f"{f['test']}: {f['message'][:160]}" for f in
                r.data.get("junit", {}).get("failures", [])]
         bad += [f"{x['op']} {x['case']} {x['backend']} {x['dtype']}: {x['message'][:160]}"
@@ -712,7 +713,7 @@ def _print_summary(ctx, results):
             print(f"\n{r.name}: {len(bad)} failures" + "".join(f"\n  {b}" for b in bad[:15]))
     ops = next((r for r in results if r.name == "bench-ops"), None)
     if ops and ops.data.get("rows"):
-        print("\n" + gpu_check_report.goals_table(ops.data["rows"]))
+        print("\n" + check_report.targets_table(ops.data["rows"]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 from benchmarks import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def test_dry_run_and_report(tmp_path):
