@@ -163,8 +163,8 @@ CHECKPOINTS = [
         (T_CKPT, "tests/heba/clip/test_checkpoints.py"),
         "a run folder with model.pth.tar-5 and -10 evaluates epoch 5"),
     Bug("ckpt-write-in-place", "checkpoints", "heba/train/run_folder.py",
-        "        _write_file(tmp, write)\n        os.replace(tmp, path)",
-        "        _write_file(path, write)",
+        "        make(tmp)\n        os.replace(tmp, path)",
+        "        make(path)",
         ("tests/heba/train/test_run_folder.py::"
          "test_atomic_write_keeps_the_old_file_when_writing_fails",
          "tests/heba/train/test_run_folder.py"),

@@ -157,18 +157,13 @@ def _publish(src: str, dst: str) -> None:
     of a large checkpoint; neither name is ever written in place), else a copy."""
     if os.path.exists(dst) and os.path.samefile(src, dst):
         return                      # already this file (rename would leave the link behind)
-    tmp = temp_name(dst)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    notify_written(dst)
+
+    def link_or_copy(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    replace_with(dst, link_or_copy)
 
 
 def is_published(path: str, latest: "CheckpointSet") -> bool:
@@ -212,11 +207,16 @@ def atomic_write(path: str, write) -> None:
     The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), not
     ``mkstemp``'s 0600.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_with(path, lambda tmp: _write_file(tmp, write))
+
+
+def replace_with(path: str, make) -> None:
+    """``make(tmp)`` into a fresh hidden name beside ``path``, then one ``os.replace``: readers
+    see the old file or the new one; ``tmp`` is removed when either step fails."""
     tmp = temp_name(path)
     try:
-        _write_file(tmp, write)
+        make(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
