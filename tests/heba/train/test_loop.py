@@ -173,7 +173,7 @@ def _run(rank, world, out, result):
         images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
         labels = torch.randint(0, C, (GLOBAL_BATCH,), generator=g)
         batches.append((images[rank * n:(rank + 1) * n], labels[rank * n:(rank + 1) * n]))
-    recipe._loader = lambda epoch: batches           # the loop's data seam: fixed batches
+    recipe.tr.loader = lambda epoch: batches         # the loop's data seam: fixed batches
     init = {"init." + k: v.detach().clone() for k, v in
             recipe.model.heba_adapters.state_dict().items()}
     recipe.train()
@@ -209,3 +209,23 @@ def test_single_process_equals_two_rank_ddp(tmp_path):
         # which no later block mixes into the pooled class token, so its gradient is zero)
         if not k.startswith(f"visual_adapter.{TINY_LAYERS}.mlp_conv."):
             assert not torch.equal(one[k], one["init." + k]), k
+
+
+def test_loader_order_changes_per_epoch():
+    """recipe-same-order-every-epoch, ddp-sampler-epoch-not-set: a new shuffle every epoch
+    (Dassl's RandomSampler draws from the advancing global generator; DistributedSampler
+    after set_epoch), the same one for the same (seed, epoch)."""
+    from types import SimpleNamespace
+
+    from heba.train import loop
+    from heba.train.config import make_config
+    ds = torch.utils.data.TensorDataset(torch.arange(40))
+    for world in (1, 2):                    # 2: the DistributedSampler of rank 0 (set_epoch)
+        fake = SimpleNamespace(cfg=make_config("heba", batch_size=4, seed=1), world=world,
+                               rank=0, opts=SimpleNamespace(workers=0), device=torch.device("cpu"))
+
+        def order(epoch):
+            return torch.cat([b[0] for b in loop.epoch_loader(fake, ds, epoch)]).tolist()
+
+        assert len(set(order(0))) == 40 // world and order(0) == order(0)
+        assert order(0) != order(1) and order(1) != order(2)

@@ -21,7 +21,7 @@ from tests.clip_utils import image_folder, one_thread, tiny_clip  # noqa: F401
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 FAST = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--epochs", "1",
         "--batch-size", "4", "--quiet", "--threads", "1"]
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from heba import cli
-from heba.clip import checkpoints as ckpt
+from heba.clip.checkpoints import CheckpointError
+from heba.train import run_folder as rf
 from tests.clip_utils import image_folder, one_thread  # noqa: F401
 
 pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
@@ -33,10 +34,10 @@ KILLED = 137
 def no_fsync():
     """These are process kills, not power cuts: the page cache survives them, so the
     fsyncs (a tenth of a run here) are skipped."""
-    real = ckpt._fsync
-    ckpt._fsync = lambda path: None
+    real = rf._fsync
+    rf._fsync = lambda path: None
     yield
-    ckpt._fsync = real
+    rf._fsync = real
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,11 @@ def reference(folder, tmp_path_factory):
     """The uninterrupted run: its final weights, its metrics, and every write it made."""
     out = str(tmp_path_factory.mktemp("ref") / "run")
     writes = []
-    ckpt.WRITE_HOOK = writes.append
+    rf.WRITE_HOOK = writes.append
     try:
         assert cli.main([folder, *ARGS, "-o", out]) == 0
     finally:
-        ckpt.WRITE_HOOK = None
+        rf.WRITE_HOOK = None
     return dict(out=out, writes=writes, weights=_weights(out), metrics=_metrics(out))
 
 
@@ -80,7 +81,7 @@ def _killed_at(k, argv):
                     os._exit(KILLED)
                 count[0] += 1
 
-            ckpt.WRITE_HOOK = hook
+            rf.WRITE_HOOK = hook
             code = 0 if cli.main(argv) == 0 else 3
         finally:
             os._exit(code)
@@ -118,7 +119,7 @@ def test_kill_after_every_write_then_resume(folder, reference, tmp_path):
     for k in range(len(writes)):
         out = str(tmp_path / f"k{k}")
         assert _killed_at(k, [folder, *ARGS, "-o", out]) == KILLED, f"write {k} not reached"
-        latest = ckpt.read_set(out)                # the set on disk is always whole
+        latest = rf.read_set(out)                # the set on disk is always whole
         assert (latest.epoch if latest else 0) == _committed(writes, k), (k, writes[k])
         assert cli.main([folder, *ARGS, "-o", out, "--resume"]) == 0, (k, writes[k])
         assert set(os.listdir(out)) == FINAL, (k, writes[k], os.listdir(out))
@@ -164,8 +165,8 @@ def test_damaged_set_is_named(folder, reference, tmp_path):
     state = os.path.join(out, "epoch_2", "train_state.pt")
     with open(state, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(ckpt.CheckpointError, match=r"train_state.pt is 100 bytes"):
-        ckpt.read_set(out)
+    with pytest.raises(CheckpointError, match=r"train_state.pt is 100 bytes"):
+        rf.read_set(out)
 
 
 def test_evaluate_an_unfinished_run(folder, reference, tmp_path, capsys):
@@ -177,3 +178,31 @@ def test_evaluate_an_unfinished_run(folder, reference, tmp_path, capsys):
     assert cli.main(["evaluate", "--checkpoint", out, folder, "--split", "all",
                      "--threads", "1"]) == 0
     assert os.path.join("epoch_1", "adapters.safetensors") in capsys.readouterr().out
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    """ckpt-write-in-place: a write that dies half way leaves the previous file intact
+    and no temporary file behind."""
+    path = str(tmp_path / "adapters.json")
+    rf.atomic_write(path, lambda tmp: open(tmp, "w").write("old"))
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        rf.atomic_write(path, broken)
+    assert open(path).read() == "old"
+    assert os.listdir(tmp_path) == ["adapters.json"]
+
+
+def test_checkpoint_set_changed_in_place_is_named(tmp_path):
+    """set-sha-compared-with-itself: a file of a committed set changed after the commit,
+    same size (so only its sha256 can tell), fails read_set naming the file."""
+    rf.write_set(str(tmp_path), 3, {"a.bin": lambda p: open(p, "wb").write(b"abcd")})
+    assert rf.read_set(str(tmp_path)).epoch == 3
+    with open(tmp_path / "epoch_3" / "a.bin", "wb") as f:
+        f.write(b"abce")
+    with pytest.raises(CheckpointError, match=r"a\.bin does not match its manifest"):
+        rf.read_set(str(tmp_path))

@@ -29,11 +29,11 @@ pytest.importorskip("torchvision", reason="torchvision not installed")
 from PIL import Image  # noqa: E402
 
 from heba import cli  # noqa: E402
-from heba.clip.fast import GraphedStep  # noqa: E402
+from heba.train.graph import GraphedStep  # noqa: E402
 from heba.train.classify import ClassifyRecipe, topk_correct  # noqa: E402
 from heba.train.config import make_config  # noqa: E402
 from heba.train.optim import cosine_factor  # noqa: E402
-from heba.train.recipe import RunOptions  # noqa: E402
+from heba.train.context import RunOptions  # noqa: E402
 from tests.clip_utils import one_thread  # noqa: E402,F401
 from tests.test_data_vision import no_md5, write_cifar10  # noqa: E402,F401
 
@@ -241,13 +241,14 @@ def test_steps_are_the_published_steps(tmp_path):
     g = torch.Generator().manual_seed(5)
     batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g))
                for _ in range(3)]
-    recipe.graphed = GraphedStep(recipe._forward, recipe.params, enabled=False)
-    recipe._loader = lambda epoch: batches
+    loader_len = len(recipe.tr.loader(0))
+    recipe.tr.graphed = GraphedStep(recipe._forward, recipe.tr.params, enabled=False)
+    recipe.tr.loader = lambda epoch: batches        # the loop's data seam: fixed batches
     recipe.model.train()
     recipe.train_epoch(0)
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, published_lambda(2, recipe.loader_len, 5))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, published_lambda(2, loader_len, 5))
     ref.train()
     for x, y in batches:
         opt.zero_grad(set_to_none=True)
@@ -258,7 +259,7 @@ def test_steps_are_the_published_steps(tmp_path):
     got = dict(recipe.model.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(got[name], p, rtol=1e-6, atol=1e-7, msg=name)
-    assert recipe.lr() == pytest.approx(sched.get_last_lr()[0])
+    assert recipe.tr.lr() == pytest.approx(sched.get_last_lr()[0])
     assert not torch.equal(got["head.weight"], recipe_initial_head(cfg))
 
 
