@@ -22,7 +22,7 @@ for comparison. Contenders:
 * ``compile`` / ``compile-ro``: ``torch.compile`` of that loss function, modes
   ``default`` and ``reduce-overhead`` (backward through AOTAutograd), with the slow-fast
   scale drawn on the device (host draws would recompile at every step);
-* ``heba``: heba-train's step: backbone cast once (:func:`heba.clip.fast.prepare_frozen`),
+* ``heba``: heba-train's step: backbone cast once (:func:`heba.train.graph.prepare_frozen`),
   backend ``"auto"``, device-side slow-fast draws, the static candidate slots and
   prompt picks on the device (:mod:`heba.train.step`), the text tower cut at the bank's
   longest prompt, fused SGD, forward + backward one CUDA graph (:class:`GraphedStep`);
@@ -53,7 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.cases import DRY_RUN  # noqa: E402
 from heba.backends import backend_status  # noqa: E402
 from heba.clip import attach_adaptertune, attach_heba  # noqa: E402
-from heba.clip.fast import (GraphedStep, checkpoint_frozen_blocks, find_max_batch,  # noqa: E402
+from heba.train.graph import (GraphedStep, checkpoint_frozen_blocks, find_max_batch,  # noqa: E402
                             prepare_frozen)
 from heba.clip.wiring import ScalePolicy  # noqa: E402
 from heba.train.prompts import PromptBank  # noqa: E402

@@ -75,11 +75,6 @@ INSTALL_HINT = "heba.timm needs timm, which is not installed: pip install 'heba[
 _ADAPTER_KEY = re.compile(r"^blocks\.(\d+)\.adapter\.(down|up)\.(weight|bias)$")
 _WRAPPED_KEY = re.compile(r"^blocks\.(\d+)\.block\.(.+)$")
 
-# Their old names here, still used by the classification trainer; the public ones are
-# heba.adapters.published_model_state / read_checkpoint.
-_model_state = published_model_state
-_read = read_checkpoint
-
 
 def require_timm():
     """Import timm, or raise ImportError with one line naming the extra to install."""

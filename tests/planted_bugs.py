@@ -162,7 +162,7 @@ CHECKPOINTS = [
         "max(tagged)",
         (T_CKPT, "tests/heba/clip/test_checkpoints.py"),
         "a run folder with model.pth.tar-5 and -10 evaluates epoch 5"),
-    Bug("ckpt-write-in-place", "checkpoints", "heba/train/run_folder.py",
+    Bug("ckpt-write-in-place", "checkpoints", CKPT,
         "        make(tmp)\n        os.replace(tmp, path)",
         "        make(path)",
         ("tests/heba/train/test_run_folder.py::"

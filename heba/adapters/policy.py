@@ -118,8 +118,10 @@ class ScalePolicy:
     def __init__(self, base_scale: float = 0.025, novel_scale: float = 0.010,
                  scale_factor: float = 2.25, slow_fast_ratio: float = 0.8,
                  seed: Optional[int] = None, draws: str = "device", per_block: bool = True):
-        if not 0.0 <= slow_fast_ratio <= 1.0:
-            raise ValueError(f"slow_fast_ratio must be in [0, 1], got {slow_fast_ratio}")
+        if (isinstance(slow_fast_ratio, bool) or not isinstance(slow_fast_ratio, (int, float))
+                or not 0.0 <= slow_fast_ratio <= 1.0):
+            raise ValueError(f"slow_fast_ratio must be a probability in [0, 1], "
+                             f"got {slow_fast_ratio!r}")
         if draws not in ("device", "host"):
             raise ValueError(f"draws must be 'device' or 'host', got {draws!r}")
         self.base_scale, self.novel_scale = float(base_scale), float(novel_scale)

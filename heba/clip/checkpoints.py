@@ -7,21 +7,14 @@ published run folder (``<out>/adapter_learner/model.pth.tar-<epoch>``).
 heba's own checkpoints (:func:`save_adapters`) are a safetensors file with the
 adapter weights only, beside a JSON file with the configuration, both written
 atomically (temporary file, then ``os.replace``; the mode a plain ``open`` gives,
-0666 less the umask). A training run's resumable state is one *set* per saved
-epoch (:func:`write_set`: ``<run>/epoch_<N>/`` with the adapters, their JSON,
-the optimizer state and a manifest of sizes and sha256, committed by one
-rename); :func:`read_set` returns the latest and checks it.
+0666 less the umask). A training run's resumable state (one checkpoint set per
+saved epoch) is the trainer's: :mod:`heba.train.run_folder`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import shutil
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -36,16 +29,14 @@ __all__ = ["CheckpointError", "load_published_checkpoint", "extract_state_dict",
            "find_checkpoint", "published_layout", "read_published",
            "load_adapter_state", "adapter_writers", "save_adapters", "load_adapters",
            "config_path",
-           "atomic_write",
-           "atomic_torch_save", "CheckpointSet", "write_set", "read_set", "remove_stale",
-           "notify_written"]
+           "atomic_write", "replace_with", "write_file", "temp_name", "fsync",
+           "atomic_torch_save"]
 
 
 def find_checkpoint(path: str) -> tuple[str, str]:
     """``(kind, file)`` for a checkpoint path: ``"heba"`` (safetensors + JSON) or ``"published"``.
 
-    ``path`` is a file, a heba run folder (its final ``adapters.safetensors``, else its
-    latest ``epoch_<N>/`` set), or a published run folder (``<out>`` or
+    ``path`` is a file, a folder holding ``adapters.safetensors``, or a published run folder (``<out>`` or
     ``<out>/adapter_learner``: the
     ``model.pth.tar-<N>`` of largest ``N``, else ``model-best.pth.tar``).
     """
@@ -56,9 +47,6 @@ def find_checkpoint(path: str) -> tuple[str, str]:
     own = os.path.join(path, "adapters.safetensors")
     if os.path.isfile(own):
         return "heba", own
-    latest = read_set(path)                     # an unfinished heba run: its latest epoch
-    if latest is not None and "adapters.safetensors" in latest.files:
-        return "heba", latest.file("adapters.safetensors")
     folder = os.path.join(path, "adapter_learner")
     folder = folder if os.path.isdir(folder) else path
     tagged = [f for f in os.listdir(folder) if f.startswith("model.pth.tar-")
@@ -73,19 +61,8 @@ def find_checkpoint(path: str) -> tuple[str, str]:
 
 # --- heba's own checkpoints ------------------------------------------------------------------
 
-# Called with a description after every write heba makes to a run folder (a file replaced,
-# a line appended, a folder renamed or removed): the seam the fault-injection tests use to
-# stop a run between any two writes. None in normal use.
-WRITE_HOOK: Optional[Callable[[str], None]] = None
 
-
-def notify_written(what: str) -> None:
-    """Tell :data:`WRITE_HOOK` (if set) that ``what`` was just written."""
-    if WRITE_HOOK is not None:
-        WRITE_HOOK(what)
-
-
-def _temp_name(path: str) -> str:
+def temp_name(path: str) -> str:
     """A fresh hidden name beside ``path`` (``.<name>.<pid>.<random>.tmp``)."""
     return os.path.join(os.path.dirname(os.path.abspath(path)),
                         f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
@@ -97,20 +74,24 @@ def atomic_write(path: str, write) -> None:
     The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), not
     ``mkstemp``'s 0600.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = _temp_name(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_with(path, lambda tmp: write_file(tmp, write))
+
+
+def replace_with(path: str, make) -> None:
+    """``make(tmp)`` into a fresh hidden name beside ``path``, then one ``os.replace``: readers
+    see the old file or the new one; ``tmp`` is removed when either step fails."""
+    tmp = temp_name(path)
     try:
-        _write_file(tmp, write)
+        make(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    notify_written(path)
 
 
-def _write_file(path: str, write) -> None:
+def write_file(path: str, write) -> None:
     """``write(path)`` into a new file of mode 0666 less the umask, flushed to disk.
 
     (Writers that create their own file, as safetensors' does with 0600, get the mode
@@ -121,14 +102,15 @@ def _write_file(path: str, write) -> None:
     write(path)
     if os.stat(path).st_mode & 0o7777 != mode:
         os.chmod(path, mode)
-    _fsync(path)
+    fsync(path)
 
 
 def atomic_torch_save(obj, path: str) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
+    """``os.fsync`` a file or folder (a no-op where the file system does not support it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -217,166 +199,3 @@ def config_path(path: str) -> str:
     return root + ".json"
 
 
-_config_path = config_path      # its old name, still used by the classification trainer
-
-
-# --- a run's checkpoint, committed as one set ------------------------------------------------
-#
-# <run>/epoch_<N>/  adapters.safetensors, adapters.json, train_state.pt, manifest.json
-#
-# (torchtune's layout: one ``epoch_<N>`` folder per saved epoch, the largest N is the one
-# to resume.) The set is written into a hidden partial folder and committed by one rename;
-# a visible ``epoch_<N>`` folder is therefore always complete, and the previous one is only
-# removed after the new one is in place.
-
-EPOCH_PREFIX = "epoch_"
-MANIFEST = "manifest.json"
-_EPOCH_RE = re.compile(r"^epoch_(\d+)$")
-_HIDDEN_RE = re.compile(r"^\.(epoch_\d+\.(partial|stale)-.*|.+\.\d+\.[0-9a-f]{8}\.tmp)$")
-
-
-@dataclass
-class CheckpointSet:
-    """A committed set: ``path`` = ``<run>/epoch_<epoch>``, ``files`` = name -> size, sha256."""
-
-    path: str
-    epoch: int
-    files: dict
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-
-def epoch_dir(folder: str, epoch: int) -> str:
-    return os.path.join(folder, f"{EPOCH_PREFIX}{epoch}")
-
-
-def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], None]]
-              ) -> CheckpointSet:
-    """Commit ``{name: write(path)}`` as ``folder/epoch_<epoch>/``: all of it or none.
-
-    The files go into a hidden ``.epoch_<epoch>.partial-*`` folder and are flushed;
-    ``manifest.json`` (each file's size and sha256) is written last; one rename makes the
-    folder ``epoch_<epoch>``; only then are older ``epoch_<n>`` folders removed (each
-    renamed out of sight first). A kill at any point leaves the previous set or the new
-    one, never a mix; leftovers are hidden and :func:`remove_stale` clears them.
-
-    Example::
-
-        write_set("runs/x", 3, {"a.json": lambda p: open(p, "w").write("{}")})
-        read_set("runs/x").epoch        # 3
-    """
-    final = epoch_dir(folder, epoch)
-    if os.path.exists(final):
-        raise CheckpointError(f"{final} already exists: a set is never written twice")
-    os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{EPOCH_PREFIX}{epoch}.partial-{os.getpid()}-"
-                                   f"{os.urandom(3).hex()}")
-    os.mkdir(partial)                               # 0777 less the umask
-    notify_written(partial)
-    files = {}
-    for name, write in writers.items():
-        path = os.path.join(partial, name)
-        _write_file(path, write)
-        files[name] = _describe(path)
-        notify_written(path)
-    manifest = os.path.join(partial, MANIFEST)
-    text = json.dumps(dict(format="heba-checkpoint-set", version=1, epoch=epoch, files=files),
-                      indent=2, sort_keys=True) + "\n"
-    _write_file(manifest, lambda p: _write_text(p, text))
-    notify_written(manifest)
-    _fsync(partial)
-    os.rename(partial, final)
-    _fsync(folder)
-    notify_written(final)
-    remove_stale(folder, keep=epoch)
-    return CheckpointSet(final, epoch, files)
-
-
-def remove_stale(folder: str, keep: Optional[int]) -> None:
-    """Remove every ``epoch_<n>`` folder but ``keep``'s, and heba's hidden leftovers."""
-    if not os.path.isdir(folder):
-        return
-    for name in sorted(os.listdir(folder)):
-        m = _EPOCH_RE.match(name)
-        path = os.path.join(folder, name)
-        if m and int(m.group(1)) != keep and os.path.isdir(path):
-            hidden = os.path.join(folder, f".{name}.stale-{os.getpid()}-{os.urandom(3).hex()}")
-            os.rename(path, hidden)                 # out of sight at once, then removed
-            notify_written(hidden)
-            path = hidden
-        elif not _HIDDEN_RE.match(name):
-            continue
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.unlink(path)
-        notify_written(f"removed {path}")
-
-
-def stale_entries(folder: str) -> list:
-    """heba's hidden leftovers in ``folder`` (partial / stale sets, temporary files)."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(n for n in os.listdir(folder) if _HIDDEN_RE.match(n))
-
-
-def set_epochs(folder: str) -> list:
-    """The epochs of the ``epoch_<n>`` folders in ``folder``, largest first."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted((int(m.group(1)) for m in map(_EPOCH_RE.match, os.listdir(folder))
-                   if m and os.path.isdir(os.path.join(folder, m.group(0)))), reverse=True)
-
-
-def read_set(folder: str) -> Optional[CheckpointSet]:
-    """The latest committed set of ``folder`` (None if it has none), its files checked.
-
-    Raises :class:`CheckpointError` naming the file when the set was damaged after it
-    was written (a file missing, truncated or changed: its size or sha256 is not the
-    manifest's).
-    """
-    epochs = set_epochs(folder)
-    if not epochs:
-        return None
-    path = epoch_dir(folder, epochs[0])
-    mpath = os.path.join(path, MANIFEST)
-    hint = (f"; delete {path} to resume an earlier epoch if one is left, or start over "
-            f"with --overwrite")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-        files, epoch = dict(manifest["files"]), int(manifest["epoch"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST}: not a set heba-train wrote" + hint) \
-            from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{mpath} does not parse ({type(err).__name__}: "
-                              f"{_first_line(err)})" + hint) from None
-    if epoch != epochs[0]:
-        raise CheckpointError(f"{mpath} says epoch {epoch}, its folder {epochs[0]}" + hint)
-    for name, want in files.items():
-        fpath = os.path.join(path, name)
-        if not os.path.isfile(fpath):
-            raise CheckpointError(f"{fpath} is missing from its checkpoint set" + hint)
-        got = _describe(fpath)
-        if got["bytes"] != want.get("bytes"):
-            raise CheckpointError(f"{fpath} is {got['bytes']} bytes, its manifest says "
-                                  f"{want.get('bytes')} (truncated or replaced)" + hint)
-        if got["sha256"] != want.get("sha256"):
-            raise CheckpointError(f"{fpath} does not match its manifest's sha256 (changed "
-                                  f"after it was written)" + hint)
-    return CheckpointSet(path, epoch, files)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _describe(path: str) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return dict(bytes=os.path.getsize(path), sha256=h.hexdigest())

@@ -243,9 +243,6 @@ NUMBERS = dict(lr=(lambda x: x >= 0, "a number >= 0"),
                weight_decay=(lambda x: x >= 0, "a number >= 0"),
                label_smoothing=(lambda x: 0 <= x < 1, "in [0, 1)"),
                scale_factor=(lambda x: x > 0, "a positive number"),
-               # also checked by heba.clip.wiring.ScalePolicy, but there as a ValueError after
-               # the model is built: here it is the command line's one line, first
-               slow_fast_ratio=(lambda x: 0 <= x <= 1, "a probability in [0, 1]"),
                grad_clip=(lambda x: x >= 0, "a number >= 0 (0: off)"),
                val_split=(lambda x: 0 <= x < 1, "a fraction in [0, 1)"),
                base_scale=(lambda x: True, "a finite number"),
@@ -277,7 +274,19 @@ def check(cfg: Config) -> None:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                               or not math.isfinite(v) or not ok(v)):
             raise UsageError(f"{flag(name)} must be {what}, got {v!r}")
+    _check_scale_policy(cfg)
     _check_combinations(cfg)
+
+
+def _check_scale_policy(cfg: Config) -> None:
+    """The slow-fast fields are the adapter library's to check (:class:`ScalePolicy`); here
+    its message becomes the command line's one line, before any model is built."""
+    from heba.adapters import ScalePolicy
+    try:
+        ScalePolicy.from_config(cfg)
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        raise UsageError(f"{flag(name)} {rest}") from None
 
 
 def _check_combinations(cfg: Config) -> None:

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from heba.clip.wiring import get_adapters, towers
+from heba.adapters import Wrapper, get_adapters
+from heba.clip.wiring import towers
 
 __all__ = ["prepare_frozen", "GraphedStep", "policy_graphs_reason", "graphs_reason",
            "CheckpointedBlock", "checkpoint_frozen_blocks", "uncheckpoint_frozen_blocks",
@@ -217,11 +218,11 @@ class GraphedStep:
 
 # --- 3. memory: activation checkpointing of the frozen blocks, largest batch ------------------
 
-class CheckpointedBlock(nn.Module):
+class CheckpointedBlock(Wrapper):
     """A transformer block whose activations are recomputed in backward.
 
     HeBA's slow-fast scales are drawn once per tower forward (the policy's own
-    counter-based stream, :class:`heba.clip.wiring.ScalePolicy`); by the time
+    counter-based stream, :class:`heba.adapters.ScalePolicy`); by the time
     backward recomputes this block the tower may have run again and drawn anew
     (``torch.utils.checkpoint`` restores torch's RNG, not ours). So the scale
     objects the policy hands out in forward (0-d device tensors, or floats) are
@@ -230,19 +231,12 @@ class CheckpointedBlock(nn.Module):
     graph's memory and are rewritten by each replay's draw).
     """
 
+    wrapped = "block"          # open_clip reads e.g. ``resblocks[0].get_weight_dtype()``
+
     def __init__(self, block: nn.Module, policy):
         super().__init__()
         self.block = block
         self._policy = policy
-
-    def __getattr__(self, name):
-        # open_clip reads e.g. ``resblocks[0].get_weight_dtype()``.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "block":
-                raise
-            return getattr(self.block, name)
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():

@@ -117,15 +117,16 @@ def load_classifier(run: str, classnames: Optional[Sequence[str]] = None, device
     from heba.clip import checkpoints as ckpt
     from heba.train import backbones, preflight
     from heba.train.config import MODEL_FIELDS, Config, UsageError
-    from heba.train.recipe import make_bank
+    from heba.train.evaluate import find_checkpoint
+    from heba.train.prompts import make_bank
     from heba.train.runtime import autocast_ctx, resolve_precision, setup_distributed
-    kind, file = ckpt.find_checkpoint(run)
+    recipe, kind, file = find_checkpoint(run, {})
+    if recipe == "classify":
+        raise UsageError(f"--run {run}: a timm classification run; predict takes CLIP runs")
     if kind != "heba":
         raise UsageError(f"--run {run}: a published checkpoint carries no configuration; "
                          f"predict needs a heba run folder")
     cfg = Config.from_dict(ckpt.read_config(file, require=MODEL_FIELDS))
-    if ":" in cfg.model and cfg.model.split(":", 1)[0] == "timm":
-        raise UsageError(f"--run {run}: a timm classification run; predict takes CLIP runs")
     _, _, dev = setup_distributed(device)
     preflight.check_backend(backend, dev)
     names = list(classnames) if classnames else run_classnames(cfg)

@@ -31,6 +31,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from heba.clip import checkpoints as ckpt
 from heba.clip.checkpoints import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -195,58 +196,16 @@ def notify_written(what: str) -> None:
         WRITE_HOOK(what)
 
 
-def temp_name(path: str) -> str:
-    """A fresh hidden name beside ``path`` (``.<name>.<pid>.<random>.tmp``)."""
-    return os.path.join(os.path.dirname(os.path.abspath(path)),
-                        f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-
-
 def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``: readers never see half a file.
-
-    The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), not
-    ``mkstemp``'s 0600.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    replace_with(path, lambda tmp: _write_file(tmp, write))
-
-
-def replace_with(path: str, make) -> None:
-    """``make(tmp)`` into a fresh hidden name beside ``path``, then one ``os.replace``: readers
-    see the old file or the new one; ``tmp`` is removed when either step fails."""
-    tmp = temp_name(path)
-    try:
-        make(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """:func:`heba.clip.checkpoints.atomic_write`, then :func:`notify_written`."""
+    ckpt.atomic_write(path, write)
     notify_written(path)
 
 
-def _write_file(path: str, write) -> None:
-    """``write(path)`` into a new file of mode 0666 less the umask, flushed to disk.
-
-    (Writers that create their own file, as safetensors' does with 0600, get the mode
-    back afterwards.)
-    """
-    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))   # umask applies
-    mode = os.stat(path).st_mode & 0o7777
-    write(path)
-    if os.stat(path).st_mode & 0o7777 != mode:
-        os.chmod(path, mode)
-    _fsync(path)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:                      # some file systems do not support it for a folder
-        pass
-    finally:
-        os.close(fd)
+def replace_with(path: str, make) -> None:
+    """:func:`heba.clip.checkpoints.replace_with`, then :func:`notify_written`."""
+    ckpt.replace_with(path, make)
+    notify_written(path)
 
 
 # --- a run's checkpoint, committed as one set ------------------------------------------------
@@ -306,17 +265,17 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
     files = {}
     for name, write in writers.items():
         path = os.path.join(partial, name)
-        _write_file(path, write)
+        ckpt.write_file(path, write)
         files[name] = describe(path)
         notify_written(path)
     manifest = os.path.join(partial, MANIFEST)
     text = json.dumps(dict(format="heba-checkpoint-set", version=1, epoch=epoch, files=files),
                       indent=2, sort_keys=True) + "\n"
-    _write_file(manifest, lambda p: write_text(p, text))
+    ckpt.write_file(manifest, lambda p: write_text(p, text))
     notify_written(manifest)
-    _fsync(partial)
+    ckpt.fsync(partial)
     os.rename(partial, final)
-    _fsync(folder)
+    ckpt.fsync(folder)
     notify_written(final)
     remove_stale(folder, keep=epoch)
     return CheckpointSet(final, epoch, files)

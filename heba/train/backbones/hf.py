@@ -167,16 +167,13 @@ def load(cfg, allow_download: bool = False) -> Backbone:
 def attach(model: HFCLIP, cfg, backend: str = "auto"):
     """Wire the adapters ``cfg`` describes on ``model.clip`` (:mod:`heba.hf`); returns ``model``."""
     from heba import hf
-    from heba.clip.wiring import ScalePolicy
+    from heba.adapters import ScalePolicy
     if cfg.method not in ("heba", "adaptertune"):
         raise UsageError(f"--method {cfg.method} is a timm classification baseline; an hf: "
                          f"CLIP takes heba or adaptertune")
     try:
         if cfg.method == "heba":
-            policy = ScalePolicy(base_scale=cfg.base_scale, novel_scale=cfg.novel_scale,
-                                 scale_factor=cfg.scale_factor,
-                                 slow_fast_ratio=cfg.slow_fast_ratio, seed=cfg.seed,
-                                 per_block=cfg.slow_fast_draw == "block")
+            policy = ScalePolicy.from_config(cfg)
             hf.attach_heba(model.clip, towers_=cfg.towers, start=cfg.start, end=cfg.end,
                            reduction=cfg.reduction, policy=policy, backend=backend)
         else:

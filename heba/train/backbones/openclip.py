@@ -190,10 +190,7 @@ def attach(model, cfg, backend: str = "auto"):
     from heba.clip.wiring import ScalePolicy, attach_adaptertune, attach_heba
     try:
         if cfg.method == "heba":
-            policy = ScalePolicy(base_scale=cfg.base_scale, novel_scale=cfg.novel_scale,
-                                 scale_factor=cfg.scale_factor,
-                                 slow_fast_ratio=cfg.slow_fast_ratio, seed=cfg.seed,
-                                 per_block=cfg.slow_fast_draw == "block")
+            policy = ScalePolicy.from_config(cfg)
             attach_heba(model, towers_=cfg.towers, start=cfg.start, end=cfg.end,
                         reduction=cfg.reduction, policy=policy, backend=backend)
         else:

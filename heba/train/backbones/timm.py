@@ -166,16 +166,13 @@ def _freeze_all_but_head(model, full: bool):
 def attach(model, cfg, backend: str = "auto"):
     """Wire ``cfg.method`` (module docstring); the head stays trainable. Returns ``model``."""
     from heba import timm as heba_timm
-    from heba.clip.wiring import ScalePolicy
+    from heba.adapters import ScalePolicy
     try:
         if cfg.method == "adaptertune":
             heba_timm.attach_adaptertune(model, rank=cfg.rank, every=cfg.every, alpha=cfg.alpha,
                                          backend=backend)
         elif cfg.method == "heba":
-            policy = ScalePolicy(base_scale=cfg.base_scale, novel_scale=cfg.novel_scale,
-                                 scale_factor=cfg.scale_factor,
-                                 slow_fast_ratio=cfg.slow_fast_ratio, seed=cfg.seed,
-                                 per_block=cfg.slow_fast_draw == "block")
+            policy = ScalePolicy.from_config(cfg)
             heba_timm.attach_heba(model, start=cfg.start, end=cfg.end, reduction=cfg.reduction,
                                   policy=policy, backend=backend)
         else:

@@ -36,5 +36,5 @@ def test_from_config_reads_the_run_fields():
             pol.per_block, pol.draws) == (0.03, 0.02, 1.5, 0.25, 11, False, "device")
     assert ScalePolicy.from_config(SimpleNamespace(slow_fast_draw="block")).per_block
     assert repr(ScalePolicy.from_config(SimpleNamespace(seed=0))) == repr(ScalePolicy(seed=0))
-    with pytest.raises(ValueError, match=r"slow_fast_ratio must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"slow_fast_ratio must be a probability in \[0, 1\], got 1.5"):
         ScalePolicy.from_config(SimpleNamespace(slow_fast_ratio=1.5))

@@ -213,7 +213,7 @@ def test_eval_precision_fp32_is_dassl_test(tmp_path, monkeypatch):
     from heba.train import evaluate as E
     from heba.train import recipe as R
     from heba.train.config import make_config
-    from tests.test_clip_checkpoints import published_heba
+    from tests.heba.adapters.test_published import published_heba
     seen = []
     monkeypatch.setattr(R, "evaluate", lambda *a, **k: seen.append(a[4]) or {"all": 0.0})
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: seen.append(a[4]) or {"all": 0.0})
@@ -292,7 +292,7 @@ def test_dassl_run_folder_picks_the_last_epoch(tmp_path):
     CHECKPOINT_FREQ saves several epochs: the largest epoch is the trained model (by number:
     '5' > '30' as text)."""
     from heba.clip.checkpoints import find_checkpoint, read_published
-    from tests.test_clip_checkpoints import published_heba
+    from tests.heba.adapters.test_published import published_heba
     ck = published_heba(3, 1, 3, out=str(tmp_path))
     learner = tmp_path / "adapter_learner"
     assert set(ck) == {"state_dict", "epoch", "optimizer", "scheduler", "val_result"}

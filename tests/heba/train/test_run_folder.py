@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from heba import cli
+from heba.clip import checkpoints as ckpt
 from heba.clip.checkpoints import CheckpointError
 from heba.train import run_folder as rf
 from tests.clip_utils import image_folder, one_thread  # noqa: F401
@@ -34,10 +35,10 @@ KILLED = 137
 def no_fsync():
     """These are process kills, not power cuts: the page cache survives them, so the
     fsyncs (a tenth of a run here) are skipped."""
-    real = rf._fsync
-    rf._fsync = lambda path: None
+    real = ckpt.fsync
+    ckpt.fsync = lambda path: None
     yield
-    rf._fsync = real
+    ckpt.fsync = real
 
 
 @pytest.fixture(scope="module")
