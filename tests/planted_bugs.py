@@ -27,8 +27,8 @@ EVAL = "heba/train/evaluate.py"
 T_REF = "tests/test_reference.py"
 T_WIRING = "tests/test_clip_wiring.py"
 T_CKPT = "tests/test_clip_checkpoints.py"
-T_COOP = "tests/test_data_coop.py"
-T_VISION = "tests/test_data_vision.py"
+T_COOP = "tests/heba/data/test_coop.py"
+T_VISION = "tests/heba/data/test_vision.py"
 T_HOLES = "tests/test_planted_holes.py"
 
 REFERENCE = [
