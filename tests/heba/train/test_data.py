@@ -1,0 +1,90 @@
+"""The run's loaders: workers sized for the device, one loader per run, evaluation in one sync."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from heba.data.demo import demo_splits
+from heba.data.folder import ImageList
+from heba.data.testcrops import PreparedCrops, clear_memory
+from heba.train import data as D
+from heba.train.backbones.openclip import dassl_transforms
+from heba.train.config import UsageError
+from tests.heba.data.conftest import image_items  # noqa: F401  (fixture)
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _cfg(seed=3, batch=2, drop_last=False):
+    return SimpleNamespace(seed=seed, batch_size=batch, drop_last=drop_last)
+
+
+def test_workers_auto_is_a_share_of_the_cores_on_a_gpu_only():
+    assert D.resolve_workers("auto", torch.device("cpu")) == 0
+    assert 1 <= D.resolve_workers("auto", torch.device("cuda")) <= 16
+    assert D.resolve_workers("4", torch.device("cuda")) == 4
+    for bad in (-1, "two", 1.5, True):
+        with pytest.raises(UsageError, match="--workers must be an integer >= 0 or 'auto'"):
+            D.resolve_workers(bad, torch.device("cpu"))
+
+
+def _epochs(loader, epochs):
+    return [[(x.clone(), y.clone()) for x, y in loader.epoch(e)] for e in epochs]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v)
+                                    for (x, y), (u, v) in zip(a, b))
+
+
+def test_one_loader_per_run_reproducible_by_seed_and_epoch(image_items):  # noqa: F811
+    ds = ImageList(image_items, dassl_transforms(32, MEAN, STD)[0])
+    one = D.train_loader(ds, _cfg(), "cpu", workers=0)
+    assert one.dataset.pipeline == "fast" and len(one) == 3
+    e0, e1 = _epochs(one, [0, 1])
+    x, y = e0[0]
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 32, 32) and y.dtype == torch.long
+    assert not _same(e0, e1)
+    workers = D.train_loader(ds, _cfg(), "cpu", workers=1)           # persistent worker
+    assert workers.loader.persistent_workers
+    w1, w0 = _epochs(workers, [1, 0])
+    assert _same(w0, e0) and _same(w1, e1), "the batches depend on the workers"
+    resumed = D.train_loader(ds, _cfg(), "cpu")
+    assert _same(_epochs(resumed, [1])[0], e1), "a resumed run sees other batches"
+    pub = D.train_loader(ds, _cfg(), "cpu", pipeline="published")
+    p0 = _epochs(pub, [0])[0]
+    step = 1 / 255 / min(STD)
+    assert all(torch.equal(y, v) and (x - u).abs().max() <= 1.001 * step
+               for (x, y), (u, v) in zip(p0, e0))
+    with pytest.raises(UsageError, match="--pipeline must be one of fast, published"):
+        D.train_loader(ds, _cfg(), "cpu", pipeline="pil")
+
+
+def test_demo_tensors_batched_as_todays_loader():
+    _, train, _ = demo_splits(2, seed=1)
+    cfg = _cfg(seed=1, batch=8, drop_last=True)
+    loader = D.train_loader(train, cfg, "cpu")
+    shuffle, _ = D.epoch_seeds(cfg.seed, 2)
+    g = torch.Generator().manual_seed(shuffle)
+    today = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, generator=g,
+                                        drop_last=True)
+    assert _same(_epochs(loader, [2])[0], list(today))
+
+
+def test_eval_accuracy_counts_on_the_device_as_a_plain_loop(image_items, tmp_path):  # noqa: F811
+    clear_memory()
+    ds = ImageList(image_items, dassl_transforms(24, MEAN, STD)[1])
+
+    def predict(images):                           # a fixed "classifier" of the pixels
+        return (images.mean((1, 2, 3)) * 1000).long() % 3
+
+    ref = sum(int(predict(x[None])[0] == y) for x, y in ds) * 100.0 / len(ds)
+    got = D.eval_accuracy(predict, ds, "cpu", batch_size=2, cache_dir=str(tmp_path))
+    assert got == pytest.approx(ref, abs=1e-9)
+    assert isinstance(D.prepare_eval(ds), PreparedCrops)
+    assert D.prepare_eval(ds.items) is ds.items           # not an image list: left as it is
+    assert D.eval_accuracy(predict, ds, "cpu", batch_size=3) == got
+    clear_memory()
