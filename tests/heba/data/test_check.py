@@ -6,7 +6,7 @@ import pytest
 
 from heba.data import check as C
 from heba.data.coop import DataError
-from tests.heba.data.conftest import write_image
+from tests.heba.data.images import write_image
 
 GOOD = ["a.jpg", "b.png", "c.gif", "d.bmp", "e.webp"]
 

@@ -13,9 +13,14 @@ from heba.data.testcrops import PreparedCrops, clear_memory
 from heba.train import data as D
 from heba.train.backbones.openclip import dassl_transforms
 from heba.train.config import UsageError
-from tests.heba.data.conftest import image_items  # noqa: F401  (fixture)
+from tests.heba.data.images import image_items_in
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture
+def image_items(tmp_path):
+    return image_items_in(tmp_path)
 
 
 def _cfg(seed=3, batch=2, drop_last=False):
@@ -40,7 +45,7 @@ def _same(a, b):
                                     for (x, y), (u, v) in zip(a, b))
 
 
-def test_one_loader_per_run_reproducible_by_seed_and_epoch(image_items):  # noqa: F811
+def test_one_loader_per_run_reproducible_by_seed_and_epoch(image_items):
     ds = ImageList(image_items, dassl_transforms(32, MEAN, STD)[0])
     one = D.train_loader(ds, _cfg(), "cpu", workers=0)
     assert one.dataset.pipeline == "fast" and len(one) == 3
@@ -74,7 +79,7 @@ def test_demo_tensors_batched_as_todays_loader():
     assert _same(_epochs(loader, [2])[0], list(today))
 
 
-def test_eval_accuracy_counts_on_the_device_as_a_plain_loop(image_items, tmp_path):  # noqa: F811
+def test_eval_accuracy_counts_on_the_device_as_a_plain_loop(image_items, tmp_path):
     clear_memory()
     ds = ImageList(image_items, dassl_transforms(24, MEAN, STD)[1])
 
