@@ -55,6 +55,11 @@ def check_images(paths, mode: str = "fast", threads: Optional[int] = None) -> in
     return len(paths)
 
 
+def forget_checked() -> None:
+    """Forget which files were found good (the next check reads them all again)."""
+    _CHECKED.clear()
+
+
 def _stamp(path: str, mode: str):
     try:
         st = os.stat(path)
