@@ -44,8 +44,11 @@ def check_images(paths, mode: str = "fast", threads: Optional[int] = None) -> in
     paths = sorted(set(paths))
     todo = [p for p in paths if _stamp(p, mode) not in _CHECKED]
     n = threads or max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(n) as pool:
-        errors = list(pool.map(lambda p: image_error(p, mode), todo))
+    if n == 1:
+        errors = [image_error(p, mode) for p in todo]
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            errors = list(pool.map(lambda p: image_error(p, mode), todo))
     bad = [(p, e) for p, e in zip(todo, errors) if e]
     _CHECKED.update(_stamp(p, mode) for p, e in zip(todo, errors) if not e)
     if bad:
