@@ -101,7 +101,7 @@ def test_train_pipeline(benchmark, images, size, pipe):
                            iterations=1, warmup_rounds=1)
     else:
         t0 = time.process_time()
-        ds = P.train_images(items, spec, pipe, max_short=512, threads=1)
+        ds = P.train_images(items, spec, pipe, threads=1)
         once = time.process_time() - t0
         tickets = _tickets(ds, spec)
         benchmark.pedantic(lambda: [ds[t] for t in tickets], rounds=ROUNDS, iterations=1,

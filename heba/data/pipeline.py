@@ -9,8 +9,9 @@ Normalize (OpenAI CLIP mean / std). Two pipelines give the same samples:
 * ``"published"``: PIL decode + PIL crop / resize / flip per sample, exactly
   today's image (bit for bit before normalisation);
 * ``"fast"`` (default): the training set decoded once into one uint8 buffer
-  (:class:`DecodedImages`, shorter side at most ``max_short`` pixels, under a
-  memory cap), then per sample only the crop + bicubic resize (torchvision's
+  (:class:`DecodedImages`, shorter side at most :func:`keep_short` pixels,
+  915 at 224: larger images are reduced once, no crop of them enlarged; under
+  a memory cap), then per sample only the crop + bicubic resize (torchvision's
   antialiased bicubic on uint8, PIL's kernel) and the flip. Over the cap it
   falls back to ``"published"`` per sample (the reason is in ``.note``).
 
@@ -252,6 +253,13 @@ def stored_size(h: int, w: int, max_short: Optional[int]) -> tuple:
     return max(1, round(h * f)), max(1, round(w * f))
 
 
+def keep_short(spec: TrainSpec) -> int:
+    """The shorter side kept when decoding once: the least at which the smallest crop
+    (``scale[0]`` of the area at the extreme ratio) is still ``spec.size`` pixels, so a crop
+    of the kept image is never enlarged where the file's would not be (915 at 224)."""
+    return math.ceil(spec.size / math.sqrt(spec.scale[0] * min(spec.ratio[0], 1 / spec.ratio[1])))
+
+
 def default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                       else (os.cpu_count() or 1)))
@@ -398,10 +406,14 @@ class TrainImages(Dataset):
 
 
 def train_images(items: list, spec: TrainSpec, pipeline: str = "fast",
-                 max_short: Optional[int] = 512, cache_bytes: Optional[int] = None,
+                 max_short: Optional[int] = -1, cache_bytes: Optional[int] = None,
                  threads: Optional[int] = None) -> TrainImages:
     """The :class:`TrainImages` of ``items``: decoded once (``"fast"``) when that fits
-    ``cache_bytes`` (default :func:`default_cache_bytes`), else PIL per sample."""
+    ``cache_bytes`` (default :func:`default_cache_bytes`), else PIL per sample.
+
+    ``max_short``: the shorter side kept (-1: :func:`keep_short`; None: the file's size).
+    """
+    max_short = keep_short(spec) if max_short == -1 else max_short
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     paths = [it.path for it in items]

@@ -161,8 +161,7 @@ class TrainLoader:
             if hasattr(ds, "items") else None
         self.dataset, self.mean, self.std, self.note = ds, None, None, "data set batched as is"
         if spec is not None:
-            self.dataset = train_images(ds.items, spec, pipeline, max_short=max(2 * spec.size, 512),
-                                        cache_bytes=cache_bytes)
+            self.dataset = train_images(ds.items, spec, pipeline, cache_bytes=cache_bytes)
             self.mean, self.std, self.note = spec.mean, spec.std, self.dataset.note
         drop = cfg.drop_last and len(ds) >= cfg.batch_size * world
         self.sampler = EpochSampler(len(ds), spec, getattr(self.dataset, "sizes", None), world,

@@ -8,6 +8,8 @@ mean under 0.25 level. ``"published"`` is today's image bit for bit.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchvision import transforms as T
@@ -45,6 +47,8 @@ def test_spec_reads_the_published_transforms():
     ev = P.EvalSpec.from_transform(test)
     assert ev.mean == MEAN and "Resize(size=224, interpolation=bicubic" in ev.key()
     assert P.TrainSpec.from_transform(test) is None
+    side = P.keep_short(spec)                  # the least side whose smallest crop is >= 224
+    assert side == 915 and math.sqrt(0.08 * 0.75) * side >= 224 > math.sqrt(0.06) * (side - 1)
     assert P.EvalSpec.from_transform(train) is None          # random: never prepared once
 
 
