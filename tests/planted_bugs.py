@@ -259,8 +259,9 @@ DATA = [
     Bug("loader-epoch-generator-not-reseeded", "data", "heba/train/data.py",
         "        self.generator.manual_seed(shuffle)\n",
         "",
-        (f"{T_RUNDATA}::test_demo_tensors_batched_as_todays_loader",),
-        "tensor data sets shuffled by a generator that is not reseeded: resume is not bitwise"),
+        (f"{T_RUNDATA}::test_random_transforms_in_workers_follow_seed_and_epoch",),
+        "random transforms in workers seeded from a generator not reseeded per epoch: a "
+        "resumed run draws other augmentations"),
     Bug("testcrops-key-ignores-mtime", "data", "heba/data/testcrops.py",
         "\\0{st.st_size}\\0{st.st_mtime_ns}",
         "\\0{st.st_size}",

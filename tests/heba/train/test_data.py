@@ -46,12 +46,12 @@ def _same(a, b):
 
 
 def test_one_loader_per_run_reproducible_by_seed_and_epoch(image_items):
-    ds = ImageList(image_items, dassl_transforms(32, MEAN, STD)[0])
+    ds = ImageList(image_items, dassl_transforms(48, MEAN, STD)[0])    # no image reduced
     one = D.train_loader(ds, _cfg(), "cpu", workers=0)
     assert one.dataset.pipeline == "fast" and len(one) == 3
     e0, e1 = _epochs(one, [0, 1])
     x, y = e0[0]
-    assert x.dtype == torch.float32 and x.shape == (2, 3, 32, 32) and y.dtype == torch.long
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 48, 48) and y.dtype == torch.long
     assert not _same(e0, e1)
     workers = D.train_loader(ds, _cfg(), "cpu", workers=1)           # persistent worker
     assert workers.loader.persistent_workers
@@ -93,3 +93,22 @@ def test_eval_accuracy_counts_on_the_device_as_a_plain_loop(image_items, tmp_pat
     assert D.prepare_eval(ds.items) is ds.items           # not an image list: left as it is
     assert D.eval_accuracy(predict, ds, "cpu", batch_size=3) == got
     clear_memory()
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """A data set whose items draw from the worker's global generator (a random transform)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return torch.rand(2) + i, i
+
+
+def test_random_transforms_in_workers_follow_seed_and_epoch():
+    cfg = _cfg(batch=3)
+    run = D.train_loader(_Noisy(), cfg, "cpu", workers=1)
+    assert not run.loader.persistent_workers     # worker seeds drawn anew each epoch
+    e0, e1 = _epochs(run, [0, 1])
+    resumed = _epochs(D.train_loader(_Noisy(), cfg, "cpu", workers=1), [1])[0]
+    assert _same(resumed, e1) and not _same(e0, e1)
