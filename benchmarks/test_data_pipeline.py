@@ -3,11 +3,15 @@
 Run (CPU; one process; the numbers are per core: each timing is the process's
 CPU time, all its threads, with torch and the decoders on one thread)::
 
-    python -m pytest benchmarks/test_data_pipeline.py --benchmark-only \
+    OMP_NUM_THREADS=1 python -m pytest benchmarks/test_data_pipeline.py \
         --benchmark-json=data.json
 
-JPEGs (quality 90, random pictures with pixel noise, about a photo's file size) are written on the fly at 500x375
-and 1024x768. Contenders, each over the same images at CLIP's 224:
+(``benchmarks/conftest.py`` skips every benchmark without CUDA; these run on the
+CPU: until that hook spares them, add ``--noconftest``.)
+
+JPEGs (quality 90, random pictures with pixel noise, about a photo's file
+size) are written on the fly at 500x375 and 1024x768. Contenders, each over
+the same images at CLIP's 224:
 
 * train ``today``: PIL decode + RandomResizedCrop bicubic + flip + ToTensor +
   Normalize per sample (the published transforms, float out);

@@ -30,7 +30,8 @@ Example::
     >>> from torchvision import transforms as T
     >>> tf = T.Compose([T.RandomResizedCrop(224, scale=(0.08, 1.0),
     ...                 interpolation=T.InterpolationMode.BICUBIC),
-    ...                 T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)])
+    ...                 T.RandomHorizontalFlip(), T.ToTensor(),
+    ...                 T.Normalize((0.5,) * 3, (0.25,) * 3)])
     >>> TrainSpec.from_transform(tf).size
     224
 """
@@ -155,7 +156,7 @@ def draw_box(height: int, width: int, scale, ratio, g: torch.Generator):
 
 
 def draw_flip(p: Optional[float], g: torch.Generator) -> bool:
-    """RandomHorizontalFlip's draw (``torch.rand(1) < p``) from ``g``; no draw when ``p`` is None."""
+    """RandomHorizontalFlip's draw (``torch.rand(1) < p``) from ``g``; none when ``p`` is None."""
     return p is not None and bool(torch.rand(1, generator=g) < p)
 
 
