@@ -31,7 +31,8 @@ class RunData:
 
 
 def build(cfg, train_tf=None, eval_tf=None) -> RunData:
-    """The datasets of ``cfg``; raises ``DataError`` / ``UsageError`` on bad input (nothing written)."""
+    """The datasets of ``cfg``; raises ``DataError`` / ``UsageError`` on bad input (nothing
+    written)."""
     if cfg.source == "demo":
         return _demo(cfg)
     halves = ("base", "new") if cfg.split == "base2novel" else ("all",)
