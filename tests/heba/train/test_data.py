@@ -76,7 +76,11 @@ def test_demo_tensors_batched_as_todays_loader():
     g = torch.Generator().manual_seed(shuffle)
     today = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, generator=g,
                                         drop_last=True)
-    assert _same(_epochs(loader, [2])[0], list(today))
+    e2, e3 = _epochs(loader, [2, 3])
+    assert _same(e2, list(today))
+    assert not _same(e2, e3), "every epoch sees the images in the same order"
+    # the seeds heba's recipe has always drawn an epoch from (runs resume across versions)
+    assert D.epoch_seeds(3, 2, 1) == (3 * 7_919 + 2, 3 * 100_003 + 2 * 1_009 + 1)
 
 
 def test_eval_accuracy_counts_on_the_device_as_a_plain_loop(image_items, tmp_path):
