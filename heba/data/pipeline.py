@@ -96,8 +96,8 @@ class EvalSpec:
         from torchvision import transforms as T
         parts = list(getattr(tf, "transforms", ()))
         mean_std = _to_tensor_normalize(parts[-2:])
-        head = parts[:-2]
-        ok = all(isinstance(t, (T.Resize, T.CenterCrop)) or _is_rgb_convert(t) for t in head)
+        head = [t for t in parts[:-2] if not _is_rgb_convert(t)]   # images are RGB once read
+        ok = all(isinstance(t, (T.Resize, T.CenterCrop)) for t in head)
         if mean_std is None or not ok:
             return None
         return cls(T.Compose(head), *mean_std)
@@ -108,6 +108,9 @@ class EvalSpec:
 
 
 def _is_rgb_convert(t) -> bool:
+    """A step that only converts to RGB (images are RGB once read): open_clip's."""
+    if type(t).__name__ == "MaybeConvertMode":
+        return getattr(t, "mode", None) == "RGB"
     return callable(t) and getattr(t, "__name__", "") in ("_convert_to_rgb", "convert_to_rgb")
 
 

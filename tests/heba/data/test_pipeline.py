@@ -52,6 +52,15 @@ def test_spec_reads_the_published_transforms():
     assert P.EvalSpec.from_transform(train) is None          # random: never prepared once
 
 
+def test_spec_reads_open_clips_transforms():
+    from open_clip import image_transform
+    spec = P.TrainSpec.from_transform(image_transform(64, is_train=True))
+    assert spec == P.TrainSpec(64, (0.9, 1.0), (3 / 4, 4 / 3), None, MEAN, STD, "bicubic")
+    ev = P.EvalSpec.from_transform(image_transform(64, is_train=False))
+    assert ev is not None and "CenterCrop(size=(64, 64))" in ev.key()
+    assert "ConvertMode" not in ev.key()
+
+
 def _today(items, epoch_seed, shuffle_seed, batch):
     """Today's loader (heba.train.recipe before the pipeline): batches and recorded boxes."""
     train, _ = published_tf()
