@@ -128,7 +128,8 @@ def resolve_workers(workers, device, world: int = 1) -> int:
     except (TypeError, ValueError):
         n = -1
     if n < 0 or isinstance(workers, bool) or str(n) != str(workers).strip():
-        raise UsageError(f"--workers must be an integer >= 0 or 'auto', got {workers!r}")
+        raise UsageError(f"--workers must be >= 0 (an integer, or 'auto': 0 on a CPU, a "
+                         f"share of the cores on a GPU), got {workers!r}")
     return n
 
 

@@ -32,7 +32,7 @@ def test_workers_auto_is_a_share_of_the_cores_on_a_gpu_only():
     assert 1 <= D.resolve_workers("auto", torch.device("cuda")) <= 16
     assert D.resolve_workers("4", torch.device("cuda")) == 4
     for bad in (-1, "two", 1.5, True):
-        with pytest.raises(UsageError, match="--workers must be an integer >= 0 or 'auto'"):
+        with pytest.raises(UsageError, match=r"--workers must be >= 0 \(an integer, or 'auto'"):
             D.resolve_workers(bad, torch.device("cpu"))
 
 
