@@ -70,13 +70,14 @@ def test_one_loader_per_run_reproducible_by_seed_and_epoch(image_items):
 
 def test_demo_tensors_batched_as_todays_loader():
     _, train, _ = demo_splits(2, seed=1)
-    cfg = _cfg(seed=1, batch=8, drop_last=True)
+    cfg = _cfg(seed=1, batch=10, drop_last=True)           # 128 images: 8 left over
     loader = D.train_loader(train, cfg, "cpu")
     shuffle, _ = D.epoch_seeds(cfg.seed, 2)
     g = torch.Generator().manual_seed(shuffle)
-    today = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, generator=g,
+    today = torch.utils.data.DataLoader(train, batch_size=10, shuffle=True, generator=g,
                                         drop_last=True)
     e2, e3 = _epochs(loader, [2, 3])
+    assert len(loader) == len(e2) == 12
     assert _same(e2, list(today))
     assert not _same(e2, e3), "every epoch sees the images in the same order"
     # the seeds heba's recipe has always drawn an epoch from (runs resume across versions)
