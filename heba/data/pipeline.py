@@ -301,7 +301,7 @@ class DecodedImages:
         return orig, stored, sum(h * w * 3 for h, w in stored)
 
     @classmethod
-    def decode(cls, paths: Sequence[str], max_short: Optional[int] = 512,
+    def decode(cls, paths: Sequence[str], max_short: Optional[int] = None,
                threads: Optional[int] = None, plan=None) -> "DecodedImages":
         """Decode ``paths`` (on ``threads`` threads: PIL decodes without the GIL)."""
         import numpy as np

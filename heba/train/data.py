@@ -6,6 +6,21 @@ module only picks one by ``cfg.source`` and turns its items into datasets with
 the backbone's transforms. ``cfg.split="base2novel"`` trains on the base half
 and tests base and new (``"novel"``) classes, each relabelled from 0 as the
 published code does; ``"all"`` trains and tests on every class.
+
+Also how the run reads them (:mod:`heba.data.pipeline`, :mod:`heba.data.testcrops`):
+``train_loader`` is the run's one training loader (``loader.epoch(e)``: batches
+on the device, normalised there), ``resolve_workers`` sizes it (``"auto"``),
+``epoch_seeds`` gives an epoch's order and augmentation seeds, and
+``eval_batches`` / ``eval_accuracy`` evaluate from test crops prepared once,
+reading the device once per test set.
+
+Example::
+
+    >>> from heba.train.config import make_config
+    >>> cfg = make_config("heba", model="tiny", source="demo", shots=1, batch_size=4)
+    >>> loader = train_loader(build(cfg).train, cfg, "cpu")
+    >>> images, labels = next(iter(loader.epoch(0))); tuple(images.shape)
+    (4, 3, 32, 32)
 """
 
 from __future__ import annotations
