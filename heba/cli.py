@@ -148,7 +148,9 @@ def _train_opts(p):
 def _runtime(p):
     g = p.add_argument_group("where it runs")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--backend", choices=("auto", "reference", "triton", "cuda"), default="auto")
+    g.add_argument("--backend", default="auto",
+                   help="kernels: auto (default: the fastest that runs here), reference, triton "
+                        "or cuda (checked before anything runs)")
     g.add_argument("--workers", type=int, default=0, help="data loader workers")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle cores)")
     g.add_argument("--allow-download", action="store_true",
@@ -238,9 +240,9 @@ def make_train_config(args, source_default=None):
     from heba.data.demo import TEMPLATES
     from heba.train.config import UsageError, make_config
     over = config_overrides(args, source_default)
-    from heba.train import backbones, classify
-    if classify.is_classification(over.get("model", "")):     # timm:NAME
-        return classify.config_from_cli(over, args.recipe)
+    from heba.train import backbones, vision
+    if vision.is_classification(over.get("model", "")):       # timm:NAME
+        return vision.classifier_config(over, args.recipe)
     if over.get("model_kwargs"):
         raise UsageError("--model-kwargs is for timm:NAME backbones")
     demo = "source" not in over
@@ -257,7 +259,7 @@ def make_train_config(args, source_default=None):
 
 
 def run_options(args, demo: bool):
-    from heba.train.recipe import RunOptions
+    from heba.train.context import RunOptions
     # The bare demo writes runs/demo and replaces only a previous demo run there
     # (heba.train.preflight); a real run's folder is never replaced without --overwrite.
     output = args.output or ("runs/demo" if demo else "runs/heba")
@@ -271,39 +273,23 @@ def run_options(args, demo: bool):
 
 
 def run(args):
-    from heba.train import protocols
-    from heba.train.recipe import TrainRecipe
+    """The command's work: a split, a checkpoint's evaluation, a run or a protocol."""
     if args.command == "split":
         return _split(args)
     if args.command == "evaluate":
-        from heba.train.evaluate import evaluate_checkpoint
-        over = config_overrides(args)
-        for k in ("shots", "seed"):
-            if getattr(args, k) is not None:
-                over[k] = getattr(args, k)
-        from heba.train import classify
-        if classify.handles_checkpoint(args.checkpoint, over):         # a timm classifier
-            acc = classify.evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
-        else:
-            acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
-        if args.output:
-            import json
-            os.makedirs(args.output, exist_ok=True)
-            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(dict(event="evaluate", checkpoint=args.checkpoint, **acc))
-                        + "\n")
-        return acc
+        return _evaluate(args)
+    from heba.train import protocols, vision
+    from heba.train.config import UsageError
+    from heba.train.recipe import TrainRecipe
     source = {"cross-dataset": "imagenet", "domain-generalization": "imagenet"}.get(args.command)
     cfg = make_train_config(args, source)
     opts = run_options(args, cfg.source == "demo")
     seeds = args.seeds or [cfg.seed]
-    from heba.train import classify
-    from heba.train.config import UsageError
-    if classify.is_classification(cfg.model):
+    if vision.is_classification(cfg.model):
         if args.command != "train":
             raise UsageError(f"{args.command} is a CLIP protocol; a timm backbone trains with "
                              f"`heba-train train` (several --seeds: one run per seed)")
-        return classify.run(cfg, opts, args.seeds)
+        return protocols.classification(cfg, opts, args.seeds)
     if args.command == "train":
         if args.seeds:
             return protocols.base2novel(cfg, opts, seeds)
@@ -313,8 +299,24 @@ def run(args):
     return protocols.transfer(cfg, opts, seeds, targets, args.command.replace("-", "_"))
 
 
+def _evaluate(args):
+    """``heba-train evaluate``: the checkpoint's recipe evaluates it; ``-o`` keeps the line."""
+    from heba.train.evaluate import evaluate_checkpoint
+    over = config_overrides(args)
+    for k in ("shots", "seed"):
+        if getattr(args, k) is not None:
+            over[k] = getattr(args, k)
+    acc = evaluate_checkpoint(args.checkpoint, over, run_options_eval(args))
+    if args.output:
+        import json
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(dict(event="evaluate", checkpoint=args.checkpoint, **acc)) + "\n")
+    return acc
+
+
 def run_options_eval(args):
-    from heba.train.recipe import RunOptions
+    from heba.train.context import RunOptions
     return RunOptions(device=args.device, backend=args.backend, workers=args.workers,
                       threads=args.threads, allow_download=args.allow_download)
 

@@ -13,7 +13,7 @@ The adapted model's ``state_dict`` is then exactly the published one
 the rest of the backbone unchanged), so the published ``best.pt`` / ``last.pt``
 ``"model"`` entry loads into it, and :func:`load_published_checkpoint` does so
 after checking the backbone. ``model.heba_adapters`` is the
-:class:`heba.clip.wiring.LowRankAdapters` container of the same adapter modules
+:class:`heba.adapters.LowRankAdapters` container of the same adapter modules
 (keys ``blocks.<i>.adapter.*``), kept out of the model's module tree so that no
 tensor appears twice in its state dict.
 
@@ -26,8 +26,9 @@ input and MLP hidden state, in blocks ``start..end`` (1-based)::
 with the class and register tokens (``model.num_prefix_tokens``) passed through
 and the patch grid ``model.patch_embed.grid_size`` (non-square grids work). The
 adapters, their container (``model.heba_adapters``: ``visual_adapter.<i>.att_conv``
-/ ``mlp_conv`` for block ``i``, 1-based, the published layout) and the scale policy (:class:`heba.clip.wiring.ScalePolicy`,
-``model.heba_policy``) are those of the open_clip wiring.
+/ ``mlp_conv`` for block ``i``, 1-based, the published layout) and the scale policy (:class:`heba.adapters.ScalePolicy`,
+``model.heba_policy``) are those of every backbone (:mod:`heba.adapters`); this
+module only names timm's sites (:data:`SITES`) and its quirks.
 
 Both freeze the backbone and leave the classifier (``model.get_classifier()``)
 trainable unless ``train_head=False``: a timm classification run trains a new
@@ -57,21 +58,27 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from heba.clip.checkpoints import CheckpointError, load_adapter_state
-from heba.clip.wiring import (
-    AdaptedOutput, HeBAAdapters, HeBALayer, LowRankAdapters, LowRankHolder, ScalePolicy,
-    _freeze, _layer_range, _param_like, _register, get_adapters,
+from heba import adapters as core
+from heba.adapters import (  # noqa: F401  (get_adapters: offered here as always)
+    CheckpointError, HeBAAdapters, LowRankAdapters, ScalePolicy, Wrapper, check_frozen_state,
+    check_unattached, get_adapters, load_adapter_state, published_model_state,
+    read_checkpoint, remove_adapters,
 )
-from heba.clip.wiring import remove_adapters as _remove_adapters
-from heba.nn import HeBAAdapter, LowRankAdapter
+from heba.nn import LowRankAdapter
 
 __all__ = ["AdapterBlock", "attach_adaptertune", "attach_heba", "remove_adapters",
-           "load_published_checkpoint", "ScalePolicy", "get_adapters", "require_timm"]
+           "load_published_checkpoint", "ScalePolicy", "get_adapters", "require_timm",
+           "published_model_state", "read_checkpoint", "SITES"]
 
 INSTALL_HINT = "heba.timm needs timm, which is not installed: pip install 'heba[timm]'"
 
 _ADAPTER_KEY = re.compile(r"^blocks\.(\d+)\.adapter\.(down|up)\.(weight|bias)$")
 _WRAPPED_KEY = re.compile(r"^blocks\.(\d+)\.block\.(.+)$")
+
+# Their old names here, still used by the classification trainer; the public ones are
+# heba.adapters.published_model_state / read_checkpoint.
+_model_state = published_model_state
+_read = read_checkpoint
 
 
 def require_timm():
@@ -83,50 +90,87 @@ def require_timm():
     return timm
 
 
-class AdapterBlock(nn.Module):
+class AdapterBlock(Wrapper):
     """``x = block(x); x = adapter(x)`` (published ``AdapterBlock``: ``.block``, ``.adapter``).
 
     ``adapter`` is a :class:`heba.nn.LowRankAdapter` (``x + alpha * up(gelu(down(x)))``)
-    or None (the block alone). Extra arguments (timm's ``attn_mask``) go to the block.
+    or None (the block alone). Extra arguments (timm's ``attn_mask``) go to the block;
+    other attributes are the block's (timm reads ``blocks[i].attn``).
     """
+
+    wrapped = "block"
 
     def __init__(self, block: nn.Module, adapter: Optional[LowRankAdapter]):
         super().__init__()
         self.block = block
         self.adapter = adapter
 
-    def __getattr__(self, name):
-        # timm reads block attributes (e.g. ``blocks[i].attn`` for fused-attention switches).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "block":
-                raise
-            return getattr(self.block, name)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x = self.block(x, *args, **kwargs)
         return x if self.adapter is None else self.adapter(x)
 
 
-def _check_unattached(model: nn.Module):
-    if model.__dict__.get("_heba_undo") is not None or getattr(model, "heba_adapters", None) \
-            is not None:
-        raise ValueError("adapters are already attached; remove_adapters(model) first")
+# --- timm's sites ----------------------------------------------------------------------------
+
+def towers(model: nn.Module) -> dict:
+    """``{"visual": model}``: a timm ViT is one image tower, its blocks ``model.blocks``."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise TypeError(f"{type(model).__name__} has no timm transformer blocks "
                         f"(model.blocks, an nn.Sequential)")
+    return {"visual": model}
 
 
-def _train_head(model: nn.Module, train_head: bool):
+def _check_block(block: nn.Module, label: str) -> None:
+    require_timm()
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block
+    if not isinstance(block, Block) or type(block).forward is not Block.forward:
+        raise TypeError(f"{label} is a {type(block).__name__}: HeBA wires only timm's "
+                        f"pre-norm vision_transformer.Block (norm1 -> attn, norm2 -> mlp)")
+    if not isinstance(block.mlp, Mlp):
+        raise TypeError(f"{label}: mlp is a {type(block.mlp).__name__}; HeBA needs "
+                        f"timm.layers.Mlp (fc1 -> act -> fc2)")
+
+
+def _tokens(model: nn.Module, tower: str, tr: nn.Module) -> dict:
+    if getattr(model, "dynamic_img_size", False):
+        raise TypeError("dynamic_img_size=True models are not supported: HeBA's 3x3 stencil "
+                        "needs the fixed patch grid")
+    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        raise TypeError("patch_drop_rate > 0 drops grid tokens: HeBA needs the full patch grid")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or len(grid) != 2:
+        raise TypeError(f"{type(model).__name__} has no patch_embed.grid_size (H, W)")
+    return dict(modality="visual", batch_first=True, grid=(int(grid[0]), int(grid[1])),
+                num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))
+
+
+def _width(model: nn.Module, block: nn.Module) -> int:
+    dim = getattr(model, "embed_dim", None)
+    if not isinstance(dim, int):
+        raise TypeError(f"{type(model).__name__} has no int embed_dim (the adapters' width)")
+    return dim
+
+
+SITES = core.Sites(
+    library="timm", towers=towers, blocks=lambda model: model.blocks,
+    attn_input="norm1", mlp_hidden="mlp.fc1", check_block=_check_block, tokens=_tokens,
+    width=_width, block_wrapper=AdapterBlock, config=dict(backbone="timm"))
+
+
+def _head(model: nn.Module, train_head: bool) -> Optional[nn.Module]:
     if not train_head:
-        return
+        return None
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Module):
         raise TypeError(f"{type(model).__name__} has no classifier (get_classifier()); "
                         f"pass train_head=False")
-    for p in head.parameters():
+    return head
+
+
+def _unfreeze(head: Optional[nn.Module]) -> None:
+    for p in head.parameters() if head is not None else ():
         p.requires_grad_(True)
 
 
@@ -143,67 +187,14 @@ def attach_adaptertune(model: nn.Module, rank: int = 16, every: int = 1, alpha: 
         backend: passed to every :class:`heba.nn.LowRankAdapter`.
         train_head: leave ``model.get_classifier()`` trainable (the published recipe).
 
-    Returns ``model.heba_adapters``. The adapters are built in block order, each
-    right after the previous one, as the published code builds them, so under
-    the same seed they start from the same numbers.
+    Returns ``model.heba_adapters`` (:func:`heba.adapters.attach_adaptertune`).
     """
-    _check_unattached(model)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
-    dim = getattr(model, "embed_dim", None)
-    if not isinstance(dim, int):
-        raise TypeError(f"{type(model).__name__} has no int embed_dim (the adapters' width)")
-    config = dict(method="adaptertune", backbone="timm", towers="visual", rank=rank,
-                  every=every, alpha=alpha, init=init)
-    adapters = LowRankAdapters(config)
-    device, dtype = _param_like(model.blocks)
-    built = {}
-    for i in range(0, len(model.blocks), every):   # validates rank/init/backend first
-        built[i] = LowRankAdapter(dim, rank, alpha=alpha, init=init,
-                                  backend=backend).to(device=device, dtype=dtype)
-    flags = _freeze(model)
-    replaced = []
-    for i, block in enumerate(list(model.blocks)):
-        lr = built.get(i)
-        if lr is not None:
-            adapters.blocks[str(i)] = LowRankHolder(lr)
-        replaced.append((model.blocks, str(i), block))
-        setattr(model.blocks, str(i), AdapterBlock(block, lr).train(model.training))
-    _train_head(model, train_head)
-    adapters.train(model.training)
-    # The adapters are registered under model.blocks; the container is not a submodule.
-    model.__dict__["heba_adapters"] = adapters
-    model.__dict__["heba_policy"] = None
-    model.__dict__["_heba_undo"] = dict(flags=flags, replaced=replaced)
+    check_unattached(model)
+    head = _head(model, train_head)
+    adapters = core.attach_adaptertune(model, SITES, towers_="visual", rank=rank, every=every,
+                                       alpha=alpha, init=init, backend=backend)
+    _unfreeze(head)
     return adapters
-
-
-def _timm_block_types():
-    require_timm()
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import Block
-    return Block, Mlp
-
-
-def _check_heba_model(model: nn.Module, layers: range):
-    Block, Mlp = _timm_block_types()
-    if getattr(model, "dynamic_img_size", False):
-        raise TypeError("dynamic_img_size=True models are not supported: HeBA's 3x3 stencil "
-                        "needs the fixed patch grid")
-    if not isinstance(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
-        raise TypeError("patch_drop_rate > 0 drops grid tokens: HeBA needs the full patch grid")
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is None or len(grid) != 2:
-        raise TypeError(f"{type(model).__name__} has no patch_embed.grid_size (H, W)")
-    for i in layers:
-        block = model.blocks[i]
-        if not isinstance(block, Block) or type(block).forward is not Block.forward:
-            raise TypeError(f"block {i} is a {type(block).__name__}: HeBA wires only timm's "
-                            f"pre-norm vision_transformer.Block (norm1 -> attn, norm2 -> mlp)")
-        if not isinstance(block.mlp, Mlp) or not isinstance(block.mlp.fc1, nn.Linear):
-            raise TypeError(f"block {i}: mlp is a {type(block.mlp).__name__}; HeBA needs "
-                            f"timm.layers.Mlp (fc1 -> act -> fc2)")
-    return int(grid[0]), int(grid[1])
 
 
 def attach_heba(model: nn.Module, start: int = 1, end: Optional[int] = None,
@@ -224,66 +215,16 @@ def attach_heba(model: nn.Module, start: int = 1, end: Optional[int] = None,
     adapters; the rest are the ``patch_embed.grid_size`` grid, row-major.
     Returns ``model.heba_adapters``.
     """
-    _check_unattached(model)
-    layers = _layer_range(len(model.blocks), start, end)
-    grid = _check_heba_model(model, layers)
-    policy = policy or ScalePolicy()
-    config = dict(method="heba", backbone="timm", towers="visual", start=start, end=end,
-                  reduction=reduction, init=init, rescale_param_grad=rescale_param_grad)
-    kw = dict(modality="visual", reduction=reduction,
-              num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)), grid=grid,
-              batch_first=True, init=init, rescale_param_grad=rescale_param_grad,
-              backend=backend)
-    device, dtype = _param_like(model.blocks)
-    adapters = HeBAAdapters(config)
-    adapters.visual_adapter.extend([None] * (len(model.blocks) + 1))   # 1-based, slot 0 empty
-    for i in layers:
-        fc1 = model.blocks[i].mlp.fc1
-        att = HeBAAdapter(fc1.in_features, **kw).to(device=device, dtype=dtype)
-        mlp = HeBAAdapter(fc1.out_features, **kw).to(device=device, dtype=dtype)
-        adapters.visual_adapter[i + 1] = HeBALayer(att, mlp)
-    flags = _freeze(model)
-    replaced = []
-    for i in layers:
-        layer, block = adapters.visual_adapter[i + 1], model.blocks[i]
-        replaced.append((block, "norm1", block.norm1))
-        block.norm1 = AdaptedOutput(block.norm1, layer.att_conv, policy)
-        replaced.append((block.mlp, "fc1", block.mlp.fc1))
-        block.mlp.fc1 = AdaptedOutput(block.mlp.fc1, layer.mlp_conv, policy)
-    _register(model, adapters, policy, flags, replaced)
-    _train_head(model, train_head)
+    check_unattached(model)
+    head = _head(model, train_head)
+    adapters = core.attach_heba(model, SITES, towers_="visual", start=start, end=end,
+                                reduction=reduction, policy=policy, init=init,
+                                rescale_param_grad=rescale_param_grad, backend=backend)
+    _unfreeze(head)
     return adapters
 
 
-def remove_adapters(model: nn.Module) -> None:
-    """Undo :func:`attach_adaptertune` / :func:`attach_heba`: original modules, keys and flags."""
-    _remove_adapters(model)
-
-
 # --- the published AdapterTune checkpoint -------------------------------------------------
-
-def _read(source) -> tuple[str, Mapping]:
-    if isinstance(source, Mapping):
-        return "checkpoint", source
-    name = os.fspath(source)
-    try:
-        return name, torch.load(name, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {name} does not exist") from None
-    except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"cannot read checkpoint {name}: {type(err).__name__}: "
-                              f"{first}") from None
-
-
-def _model_state(obj: Mapping, name: str) -> dict:
-    state = obj.get("model", obj) if isinstance(obj, Mapping) else obj
-    if not isinstance(state, Mapping) or not state or \
-            not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{name} is not a published AdapterTune checkpoint: expected "
-                              f"{{'model': timm state_dict, 'optimizer', 'epoch'}}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
 
 def _head_prefix(model: nn.Module) -> str:
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -315,27 +256,6 @@ def _every_of(indices: list, n_blocks: int, name: str) -> int:
     return every
 
 
-def _check_backbone(own: dict, theirs: dict, name: str, check: str):
-    unknown, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
-    if unknown or missing:
-        raise CheckpointError(
-            f"{name} is not of this backbone: {len(unknown)} tensor(s) the model lacks "
-            f"({', '.join(unknown[:3])}), {len(missing)} it misses ({', '.join(missing[:3])})")
-    shapes = [k for k in own if tuple(own[k].shape) != tuple(theirs[k].shape)]
-    if shapes:
-        k = shapes[0]
-        raise CheckpointError(f"{name} is not of this backbone: {len(shapes)} tensor(s) differ "
-                              f"in shape, e.g. {k} {tuple(theirs[k].shape)} vs model "
-                              f"{tuple(own[k].shape)}")
-    if check == "values":
-        diff = [k for k in own if not torch.equal(own[k].detach().cpu(),
-                                                  theirs[k].to(own[k].dtype).cpu())]
-        if diff:
-            raise CheckpointError(f"{name} is not of this backbone's weights: {len(diff)} of "
-                                  f"{len(own)} frozen tensors differ, e.g. {diff[0]} "
-                                  f"(check='shapes' skips the value check)")
-
-
 def load_published_checkpoint(model: nn.Module, source: Union[str, os.PathLike, Mapping],
                               alpha: float = 1.0, check: str = "values",
                               backend: str = "auto") -> dict:
@@ -362,8 +282,8 @@ def load_published_checkpoint(model: nn.Module, source: Union[str, os.PathLike, 
     if check not in ("values", "shapes"):
         raise ValueError(f"check must be 'values' or 'shapes', got {check!r}")
     _check_timm_like(model)
-    name, obj = _read(source)
-    state = _model_state(obj, name)
+    name, obj = read_checkpoint(source)
+    state = published_model_state(obj, name)
     head = _head_prefix(model)
     adapters, heads, backbone = _split(state, head)
     attached = getattr(model, "heba_adapters", None)
@@ -371,7 +291,7 @@ def load_published_checkpoint(model: nn.Module, source: Union[str, os.PathLike, 
         raise CheckpointError(f"{name} holds AdapterTune adapters; the model is wired with "
                               f"{attached.method}: remove_adapters(model) first")
     own_adapters, own_head, own_backbone = _split(model.state_dict(), head)
-    _check_backbone(own_backbone, backbone, name, check)
+    check_frozen_state(own_backbone, backbone, name, check)
     bad = sorted(k for k in set(heads) | set(own_head)
                  if k not in heads or k not in own_head or heads[k].shape != own_head[k].shape)
     if bad:

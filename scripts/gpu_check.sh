@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: versions, the CUDA build, heba.info, every GPU test, the
-# correctness sweep (and under compute-sanitizer), the op and training-step benchmarks,
-# and a report, in one run under a global budget (8 minutes on an H200).
+# heba's GPU check: versions, the CUDA build, heba.info, every GPU test, the correctness
+# sweep (and under compute-sanitizer), the op and training-step benchmarks, and a report,
+# in one run under a global budget (default 480 s; --budget changes it).
 #
 #   bash scripts/gpu_check.sh --out DIR [--wheels DIR] [--budget SECONDS] [--stages a,b,...]
 #
 # --out DIR      where gpu_check.md (the report), gpu_check.json, gpu_check.log, junit XML,
-#                the benchmarks' JSON and PNG plots go (8 files at most)
+#                the benchmarks' JSON and PNG plots go (all at the top of DIR)
 # --wheels DIR   install these wheels first, offline (--no-index --no-deps), into a
-#                private folder put on PYTHONPATH: e.g. open_clip, which the GPU machine lacks
+#                private folder put on PYTHONPATH: for a machine without network that
+#                lacks some of heba's dependencies (open_clip_torch, ftfy, wcwidth, ...)
+# --stages a,b   only these stages: versions,build,info,tests,sweep,memcheck,racecheck,
+#                bench-ops,bench-e2e
 # $PYTHON        the interpreter (default python3): its torch, Triton and pytest are used
-# HEBA_GPU_CHECK_DRY_RUN=1   the same stages on a CPU, tiny shapes, in about two minutes
+# HEBA_GPU_CHECK_DRY_RUN=1   the same stages on a CPU, tiny shapes (tests of the check)
 #
 # Exit status 0 when every stage passed or was skipped with its reason, 1 otherwise.
 set -uo pipefail
@@ -24,7 +27,7 @@ while [ $# -gt 0 ]; do
         --out) OUT_DIR="${2:-}"; shift 2 ;;
         --wheels) WHEELS="${2:-}"; shift 2 ;;
         --budget|--stages) REST+=("$1" "${2:-}"); shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (expected --out DIR [--wheels DIR]" \
                 "[--budget S] [--stages a,b])" >&2; exit 2 ;;
     esac
@@ -49,4 +52,4 @@ if [ -n "$WHEELS" ]; then
         export HEBA_GPU_CHECK_WHEELS="install failed (see the output above)"
     fi
 fi
-exec "$PY" -m benchmarks.gpu_check --out "$OUT_DIR" "${REST[@]}"
+exec "$PY" -m tools.gpu_check --out "$OUT_DIR" "${REST[@]}"

@@ -17,6 +17,9 @@ AREAS = ("kernels", "cuda-glue", "reference", "ops", "wiring", "timm-hf", "loop"
 
 REF = "heba_kernels/reference.py"
 WIRING = "heba/clip/wiring.py"
+ATTACH = "heba/adapters/attach.py"
+POLICY = "heba/adapters/policy.py"
+PUBLISHED = "heba/adapters/published.py"
 CKPT = "heba/clip/checkpoints.py"
 SAMPLING = "heba/data/sampling.py"
 COOP = "heba/data/coop.py"
@@ -25,11 +28,14 @@ STEP = "heba/train/step.py"
 EVAL = "heba/train/evaluate.py"
 
 T_REF = "tests/test_reference.py"
-T_WIRING = "tests/test_clip_wiring.py"
-T_CKPT = "tests/test_clip_checkpoints.py"
+T_WIRING = "tests/heba/clip/test_wiring.py"
+T_POLICY = "tests/heba/adapters/test_policy.py"
+T_ATTACH = "tests/heba/adapters/test_attach.py"
+T_CKPT = "tests/heba/adapters/test_published.py"
 T_COOP = "tests/heba/data/test_coop.py"
 T_VISION = "tests/heba/data/test_vision.py"
-T_HOLES = "tests/test_planted_holes.py"
+T_STREAM = "tests/heba/adapters/test_policy_stream.py"
+T_NN = "tests/heba/test_nn.py"
 PIPE = "heba/data/pipeline.py"
 T_PIPE = "tests/heba/data/test_pipeline.py"
 T_RUNDATA = "tests/heba/train/test_data.py"
@@ -80,64 +86,64 @@ REFERENCE = [
 ]
 
 WIRING_BUGS = [
-    Bug("wiring-eps", "wiring", WIRING,
+    Bug("wiring-eps", "wiring", ATTACH,
         "rescale_param_grad=rescale_param_grad, backend=backend)",
         "rescale_param_grad=rescale_param_grad, backend=backend, eps=1e-6)",
         (f"{T_WIRING}::test_layernorm_eps_at_model_level",),
         "the wiring builds adapters with LayerNorm eps 1e-6 instead of the published 1e-5"),
     Bug("wiring-grid-hw-swap", "wiring", WIRING,
-        "return None if grid is None else (int(grid[0]), int(grid[1]))",
-        "return None if grid is None else (int(grid[1]), int(grid[0]))",
+        "grid = None if grid is None else (int(grid[0]), int(grid[1]))",
+        "grid = None if grid is None else (int(grid[1]), int(grid[0]))",
         (f"{T_WIRING}::test_heba_features_are_the_spec_equations",),
         "the visual adapters of a non-square model (e.g. 224x320 input) get a W x H grid"),
     Bug("wiring-att-after-ln2", "wiring", WIRING,
-        'replaced.append((block, "ln_1", block.ln_1))\n'
-        "            block.ln_1 = AdaptedOutput(block.ln_1, att, policy)",
-        'replaced.append((block, "ln_2", block.ln_2))\n'
-        "            block.ln_2 = AdaptedOutput(block.ln_2, att, policy)",
+        'attn_input="ln_1"',
+        'attn_input="ln_2"',
         (f"{T_WIRING}::test_heba_features_are_the_spec_equations",),
         "the attention adapter wraps ln_2 (before the MLP) instead of ln_1"),
-    Bug("wiring-scale-factor", "wiring", WIRING,
+    Bug("wiring-scale-factor", "wiring", POLICY,
         "scale_factor: float = 2.25,",
         "scale_factor: float = 2.5,",
-        (f"{T_WIRING}::test_scale_policy",),
+        (f"{T_POLICY}::test_scale_policy",),
         "slow-fast multiplier 2.5 instead of the published 2.25"),
-    Bug("wiring-slow-fast-inverted", "wiring", WIRING,
+    Bug("wiring-slow-fast-inverted", "wiring", POLICY,
         "torch.where(bits >= self._threshold(), hi, lo)",
         "torch.where(bits >= self._threshold(), lo, hi)",
-        (f"{T_WIRING}::test_scale_policy",),
+        (f"{T_POLICY}::test_scale_policy",),
         "the fast scale drawn 80% of the time instead of 20%"),
-    Bug("wiring-every-ignored", "wiring", WIRING,
-        "len(tr.resblocks), every):",
-        "len(tr.resblocks)):",
-        (f"{T_WIRING}::test_adaptertune_published_placement_and_alpha",),
+    Bug("wiring-every-ignored", "wiring", ATTACH,
+        "range(0, len(blocks), every):",
+        "range(0, len(blocks)):",
+        (f"{T_WIRING}::test_adaptertune_published_placement_and_alpha",
+         f"{T_ATTACH}::test_adaptertune_follows_blocks_every_nth"),
         "AdapterTune every=2 adapts every block"),
-    Bug("wiring-end-exclusive", "wiring", WIRING,
+    Bug("wiring-end-exclusive", "wiring", ATTACH,
         "return range(start - 1, end)",
         "return range(start - 1, end - 1)",
-        (f"{T_WIRING}::test_heba_features_are_the_spec_equations",),
+        (f"{T_WIRING}::test_heba_features_are_the_spec_equations",
+         f"{T_ATTACH}::test_heba_goes_where_the_sites_say"),
         "the last adapted layer (end, 1-based inclusive) left out"),
-    Bug("wiring-per-block-draw-not-shared", "wiring", WIRING,
+    Bug("wiring-per-block-draw-not-shared", "wiring", POLICY,
         "return self._current[tower][block][pos if not self.per_block else 0]",
         "return self._current[tower][block][pos]",
-        ("tests/test_graph_step.py::test_one_draw_per_block_and_tower_shared_by_both_adapters",
-         "tests/test_train_recipe.py::test_slow_fast_scale_drawn_once_per_block"),
+        (f"{T_STREAM}::test_one_draw_per_block_and_tower_shared_by_both_adapters",
+         "tests/heba/train/test_config.py::test_slow_fast_scale_drawn_once_per_block"),
         "per-block slow-fast: a block's MLP adapter draws its own scale instead of sharing "
         "the attention adapter's (the published code draws once per block)"),
-    Bug("policy-counter-not-advanced", "wiring", WIRING,
+    Bug("policy-counter-not-advanced", "wiring", POLICY,
         "        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   "
         "# [n_blocks, 2]\n        self._counters[t].add_(1)\n",
         "        self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   "
         "# [n_blocks, 2]\n",
-        ("tests/test_graph_step.py::test_device_draws_match_host_reimplementation",
-         f"{T_WIRING}::test_scale_policy"),
+        (f"{T_STREAM}::test_device_draws_match_host_reimplementation",
+         f"{T_POLICY}::test_scale_policy"),
         "the device slow-fast stream never advances: every forward draws the same scales"),
     Bug("wiring-eot-pooling", "wiring", WIRING,
         "x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]",
         "x = x[:, -1]",
         (f"{T_WIRING}::test_encode_text_truncation_equals_full",),
         "truncated text pooled at the last kept token, right only for the longest prompt"),
-    Bug("wiring-slot-zero-based", "checkpoints", WIRING,
+    Bug("wiring-slot-zero-based", "checkpoints", ATTACH,
         "slots[i + 1] = HeBALayer(att, mlp)",
         "slots[i] = HeBALayer(att, mlp)",
         (f"{T_CKPT}::test_heba_keys_are_the_published_keys",),
@@ -145,12 +151,12 @@ WIRING_BUGS = [
 ]
 
 CHECKPOINTS = [
-    Bug("ckpt-module-prefix-kept", "checkpoints", CKPT,
-        'k = k[len("module."):] if k.startswith("module.") else k',
-        "k = k",
-        ("tests/test_loop.py::test_module_prefixed_published_checkpoint_loads",),
+    Bug("ckpt-module-prefix-kept", "checkpoints", PUBLISHED,
+        'return key[len("module."):] if key.startswith("module.") else key',
+        "return key",
+        ("tests/heba/train/test_loop.py::test_module_prefixed_published_checkpoint_loads",),
         "a checkpoint saved from a DDP-wrapped learner (module.*) no longer loads"),
-    Bug("ckpt-tk-prompts-kept", "checkpoints", CKPT,
+    Bug("ckpt-tk-prompts-kept", "checkpoints", PUBLISHED,
         'IGNORED = ("tk_prompts",)',
         "IGNORED = ()",
         (T_CKPT,),
@@ -158,18 +164,20 @@ CHECKPOINTS = [
     Bug("ckpt-latest-lexicographic", "checkpoints", CKPT,
         'max(tagged, key=lambda f: int(f.rsplit("-", 1)[1]))',
         "max(tagged)",
-        (T_CKPT, T_HOLES),
+        (T_CKPT, "tests/heba/clip/test_checkpoints.py"),
         "a run folder with model.pth.tar-5 and -10 evaluates epoch 5"),
-    Bug("ckpt-write-in-place", "checkpoints", CKPT,
-        "        _write_file(tmp, write)\n        os.replace(tmp, path)",
-        "        _write_file(path, write)",
-        (f"{T_HOLES}::test_atomic_write_keeps_the_old_file_when_writing_fails",
-         "tests/test_checkpoint_set.py"),
+    Bug("ckpt-write-in-place", "checkpoints", "heba/train/run_folder.py",
+        "        make(tmp)\n        os.replace(tmp, path)",
+        "        make(path)",
+        ("tests/heba/train/test_run_folder.py::"
+         "test_atomic_write_keeps_the_old_file_when_writing_fails",
+         "tests/heba/train/test_run_folder.py"),
         "checkpoints written in place: a crash mid-write leaves a truncated file"),
-    Bug("ckpt-layout-end", "checkpoints", CKPT,
+    Bug("ckpt-layout-end", "checkpoints", PUBLISHED,
         "start=min(every), end=max(every))",
         "start=min(every), end=len(every))",
-        (f"{T_CKPT}::test_evaluate_cli_loads_published_checkpoint", T_HOLES),
+        (f"{T_CKPT}::test_evaluate_cli_loads_published_checkpoint",
+         "tests/heba/clip/test_checkpoints.py::test_published_layout_reads_first_and_last_layer"),
         "a published checkpoint adapting layers 3..12 read as layers 3..10"),
 ]
 
@@ -177,7 +185,7 @@ DATA = [
     Bug("fewshot-equal-size-group", "data", SAMPLING,
         "if len(group) >= shots else group",
         "if len(group) > shots else group",
-        (T_COOP, T_HOLES),
+        (T_COOP, "tests/heba/data/test_sampling.py"),
         "a class with exactly `shots` images kept in order without a draw: later classes "
         "draw other images than Dassl"),
     Bug("subsample-floor", "data", SAMPLING,
@@ -229,12 +237,12 @@ DATA = [
     Bug("folder-train-images-in-test", "data", "heba/data/folder.py",
         "chosen = {it.path for it in train} if single else set()",
         "chosen = set()",
-        ("tests/test_clip_cli.py::test_folder_split_shots_by_seed",),
+        ("tests/heba/train/test_recipe.py::test_folder_split_shots_by_seed",),
         "a single ImageFolder tree: the few-shot training images are also test images"),
     Bug("folder-test-per-class-off-by-one", "data", "heba/data/folder.py",
         "count[it.label] <= test_per_class",
         "count[it.label] < test_per_class",
-        (f"{T_HOLES}::test_folder_test_per_class_keeps_that_many",),
+        ("tests/heba/data/test_folder.py::test_folder_test_per_class_keeps_that_many",),
         "--test-per-class N keeps N - 1 test images per class"),
     Bug("pipeline-box-aspect-inverted", "data", PIPE,
         "w = int(round(math.sqrt(target * aspect)))",
@@ -298,42 +306,42 @@ LOOP = [
     Bug("step-positives-sort-first", "loop", STEP,
         "key = key.masked_fill(pos, 2.0)",
         "key = key.masked_fill(pos, -1.0)",
-        ("tests/test_clip_cli.py::test_candidate_mask_is_the_published_set",),
+        ("tests/heba/train/test_recipe.py::test_candidate_mask_is_the_published_set",),
         "the batch's classes take the first negative ranks: fewer negatives than published"),
     Bug("step-candidate-slots-too-few", "loop", STEP,
         "return min(n_classes, batch * (1 + neg_per_class))",
         "return min(n_classes, batch * neg_per_class)",
-        ("tests/test_graph_step.py::test_candidate_slots_hold_the_published_set",
-         "tests/test_graph_step.py::test_static_step_equals_published_step"),
+        ("tests/heba/train/test_step.py::test_candidate_slots_hold_the_published_set",
+         "tests/heba/train/test_step.py::test_static_step_equals_published_step"),
         "static candidate slots sized without the positives: some candidates are cut off"),
     Bug("step-no-label-smoothing", "loop", STEP,
         "loss = masked_cross_entropy(logits, target, valid, self.label_smoothing)",
         "loss = masked_cross_entropy(logits, target, valid)",
-        ("tests/test_clip_cli.py::test_step_loss_is_the_published_loss",),
+        ("tests/heba/train/test_recipe.py::test_step_loss_is_the_published_loss",),
         "adapted-text step trains without the published label smoothing 0.1"),
-    Bug("ce-smoothing-over-all-classes", "loop", "heba/clip/fast.py",
+    Bug("ce-smoothing-over-all-classes", "loop", STEP,
         "smooth = -logp.masked_fill(~valid, 0.0).sum(dim=-1) / valid.sum()",
         "smooth = -logp.masked_fill(~valid, 0.0).sum(dim=-1) / valid.shape[0]",
-        ("tests/test_fast_step.py::test_masked_cross_entropy_is_cross_entropy",
-         "tests/test_clip_cli.py::test_step_loss_is_the_published_loss"),
+        ("tests/heba/train/test_step.py::test_masked_cross_entropy_is_cross_entropy",
+         "tests/heba/train/test_recipe.py::test_step_loss_is_the_published_loss"),
         "label smoothing spread over all C classes, not the K candidates: a smaller smoothing"),
     Bug("step-target-off-by-one", "loop", STEP,
         "pos = torch.cumsum(m, 0) - 1                                  # rank among candidates",
         "pos = torch.cumsum(m, 0)                                      # rank among candidates",
-        ("tests/test_clip_cli.py::test_step_loss_is_the_published_loss",
-         "tests/test_graph_step.py::test_candidate_slots_hold_the_published_set"),
+        ("tests/heba/train/test_recipe.py::test_step_loss_is_the_published_loss",
+         "tests/heba/train/test_step.py::test_candidate_slots_hold_the_published_set"),
         "labels renumbered one past their candidate: the model learns the neighbour class"),
-    Bug("eval-hm-arithmetic", "loop", EVAL,
+    Bug("eval-hm-arithmetic", "loop", "heba/train/metrics.py",
         "return 2 * a * b / (a + b) if a + b > 0 else 0.0",
         "return (a + b) / 2 if a + b > 0 else 0.0",
-        ("tests/test_loop.py::test_harmonic_mean_by_hand",),
+        ("tests/heba/train/test_loop.py::test_harmonic_mean_by_hand",),
         "the reported HM is the arithmetic mean"),
     Bug("eval-novel-scale-always", "loop", EVAL,
         'policy.set_mode("novel" if split == "novel" and novel_eval == "novel"\n'
         '                                else "base")',
         'policy.set_mode("novel" if split == "novel" else "base")',
-        ("tests/test_loop.py::test_evaluate_scales_accuracies_and_hm",
-         "tests/test_loop.py::test_published_default_evaluates_novel_at_base_scale"),
+        ("tests/heba/train/test_loop.py::test_evaluate_scales_accuracies_and_hm",
+         "tests/heba/train/test_loop.py::test_published_default_evaluates_novel_at_base_scale"),
         "novel classes evaluated at 0.010 although the published code (novel_eval=base) "
         "uses the base scale"),
 ]
@@ -343,31 +351,29 @@ T_CUDA = "tests/test_cuda.py"
 
 TIMM_HF = [
     Bug("timm-register-tokens-ignored", "timm-hf", "heba/timm.py",
-        'num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)), grid=grid,',
-        "num_prefix_tokens=1, grid=grid,",
-        ("tests/test_timm.py::test_heba_computes_the_block_equations",),
+        'num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1)))',
+        "num_prefix_tokens=1)",
+        ("tests/heba/test_timm.py::test_heba_computes_the_block_equations",),
         "timm ViTs with register tokens: the registers enter the HeBA patch grid"),
     Bug("timm-grid-hw-swap", "timm-hf", "heba/timm.py",
-        "return int(grid[0]), int(grid[1])",
-        "return int(grid[1]), int(grid[0])",
-        ("tests/test_timm.py::test_heba_computes_the_block_equations",),
+        "grid=(int(grid[0]), int(grid[1]))",
+        "grid=(int(grid[1]), int(grid[0]))",
+        ("tests/heba/test_timm.py::test_heba_computes_the_block_equations",),
         "non-square timm grids (e.g. 224x320 input) read as W x H"),
-    Bug("timm-every-from-last", "timm-hf", "heba/timm.py",
-        "for i in range(0, len(model.blocks), every):",
-        "for i in range(every - 1, len(model.blocks), every):",
-        ("tests/test_timm.py::test_adaptertune_computes_the_published_blocks",),
+    Bug("timm-every-from-last", "timm-hf", ATTACH,
+        "for i in range(0, len(blocks), every):",
+        "for i in range(every - 1, len(blocks), every):",
+        ("tests/heba/test_timm.py::test_adaptertune_computes_the_published_blocks",),
         "AdapterTune on timm: blocks every-1, 2*every-1 instead of the published i % every == 0"),
-    Bug("hf-every-from-last", "timm-hf", "heba/hf.py",
-        "for i in range(0, len(layers), every):",
-        "for i in range(every - 1, len(layers), every):",
-        ("tests/test_hf.py::test_adaptertune_computes_the_block_equations",),
+    Bug("hf-every-from-last", "timm-hf", ATTACH,
+        "for i in range(0, len(blocks), every):",
+        "for i in range(every - 1, len(blocks), every):",
+        ("tests/heba/test_hf.py::test_adaptertune_computes_the_block_equations",),
         "AdapterTune on Hugging Face CLIP: other layers than i % every == 0"),
     Bug("hf-att-after-layer-norm2", "timm-hf", "heba/hf.py",
-        'replaced.append((layer, "layer_norm1", layer.layer_norm1))\n'
-        "        layer.layer_norm1 = AdaptedOutput(layer.layer_norm1, att, policy)",
-        'replaced.append((layer, "layer_norm2", layer.layer_norm2))\n'
-        "        layer.layer_norm2 = AdaptedOutput(layer.layer_norm2, att, policy)",
-        ("tests/test_hf.py::test_heba_computes_the_block_equations",),
+        'attn_input="layer_norm1"',
+        'attn_input="layer_norm2"',
+        ("tests/heba/test_hf.py::test_heba_computes_the_block_equations",),
         "the attention adapter of Hugging Face CLIP wraps layer_norm2 instead of layer_norm1"),
 ]
 
@@ -493,40 +499,41 @@ KERNELS = [
         "the weight-gradient reduction's token chunks overlap by one block: tokens counted twice"),
 ]
 
-RECIPE = "heba/train/recipe.py"
-T_RECIPE = "tests/test_train_recipe.py"
+LOOP_PY = "heba/train/loop.py"
+T_RECIPE = "tests/heba/train/test_config.py"
 
 LOOP_RECIPE = [
-    Bug("recipe-lr-never-stepped", "loop", RECIPE,
-        "# Dassl: update_lr() after the last batch\n            self.sched.step()",
-        "# Dassl: update_lr() after the last batch\n            pass",
+    Bug("recipe-lr-never-stepped", "loop", LOOP_PY,
+        "# Dassl: update_lr() after the last batch\n        tr.sched.step()",
+        "# Dassl: update_lr() after the last batch\n        pass",
         (f"{T_RECIPE}::test_config_saved_beside_checkpoint_and_schedule_per_epoch",),
         "the per-epoch cosine never steps: the whole run at the initial learning rate"),
-    Bug("recipe-drop-last-ignored", "loop", RECIPE,
-        "drop = cfg.drop_last and len(ds) >= cfg.batch_size * self.world",
+    Bug("recipe-drop-last-ignored", "loop", LOOP_PY,
+        "drop = cfg.drop_last and len(ds) >= cfg.batch_size * world",
         "drop = False",
         (f"{T_RECIPE}::test_config_saved_beside_checkpoint_and_schedule_per_epoch",),
         "the last partial batch trained on, unlike Dassl (another number of steps per epoch)"),
-    Bug("recipe-same-order-every-epoch", "loop", RECIPE,
+    Bug("recipe-same-order-every-epoch", "loop", LOOP_PY,
         "g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)",
         "g = torch.Generator().manual_seed(cfg.seed * 7_919)",
-        (f"{T_HOLES}::test_loader_order_changes_per_epoch",),
+        ("tests/heba/train/test_loop.py::test_loader_order_changes_per_epoch",),
         "every epoch sees the batches in the same order"),
-    Bug("recipe-resume-policy-rng-lost", "loop", RECIPE,
+    Bug("recipe-resume-policy-rng-lost", "loop", LOOP_PY,
         'policy.load_state_dict(state["scale_policy"])',
         "pass",
-        ("tests/test_clip_cli.py::test_resume_continues",
-         "tests/test_graph_step.py::test_resume_continues_the_stream"),
+        ("tests/heba/train/test_recipe.py::test_resume_continues",
+         f"{T_STREAM}::test_resume_continues_the_stream"),
         "a resumed run draws other slow-fast scales than the uninterrupted one"),
-    Bug("ddp-sampler-epoch-not-set", "loop", RECIPE,
+    Bug("ddp-sampler-epoch-not-set", "loop", LOOP_PY,
         "sampler.set_epoch(epoch)",
         "pass",
-        (f"{T_HOLES}::test_loader_order_changes_per_epoch", "tests/test_clip_ddp.py"),
+        ("tests/heba/train/test_loop.py::test_loader_order_changes_per_epoch",
+         "tests/heba/train/test_ddp.py"),
         "under DDP every epoch sees the same split and order of the images"),
     Bug("optim-warmup-off-by-one", "loop", "heba/train/optim.py",
         "return float(step + 1) / float(max(1, warm))",
         "return float(step) / float(max(1, warm))",
-        ("tests/test_train_timm.py::test_schedule_is_the_published_warmup_cosine",),
+        ("tests/heba/train/test_classify.py::test_schedule_is_the_published_warmup_cosine",),
         "the first warm-up step at lr 0 (the published LambdaLR starts at 1 / W)"),
     Bug("config-heba-lr", "loop", "heba/train/config.py",
         "lr: float = 0.0075",
@@ -540,7 +547,7 @@ OPS = [
         "if H * W != n_grid:",
         "if H * W > n_grid:",
         ("tests/test_errors.py::test_shape_errors",
-         f"{T_HOLES}::test_grid_with_fewer_cells_than_tokens_and_infinite_scale_are_errors"),
+         f"{T_NN}::test_grid_with_fewer_cells_than_tokens_and_infinite_scale_are_errors"),
         "grid=(H, W) with fewer cells than patch tokens accepted: trailing tokens never adapted"),
     Bug("ops-square-grid-floor", "ops", "heba/ops.py",
         "if side * side != n_grid:",
@@ -551,7 +558,7 @@ OPS = [
         "if not math.isfinite(scale):",
         "if math.isnan(scale):",
         ("tests/test_errors.py::test_scale_float_or_0d_tensor_on_x_device",
-         f"{T_HOLES}::test_grid_with_fewer_cells_than_tokens_and_infinite_scale_are_errors"),
+         f"{T_NN}::test_grid_with_fewer_cells_than_tokens_and_infinite_scale_are_errors"),
         "scale=inf accepted: NaN / Inf everywhere instead of a clear error"),
     Bug("ops-tensor-scale-not-detached", "ops", "heba/ops.py",
         "return scale.detach().to(torch.float32).contiguous()",
@@ -561,16 +568,16 @@ OPS = [
 ]
 
 RUN_FOLDER = "heba/train/run_folder.py"
-T_SET = "tests/test_checkpoint_set.py"
+T_SET = "tests/heba/train/test_run_folder.py"
 
 RUN_FILES = [
-    Bug("set-sha-compared-with-itself", "checkpoints", CKPT,
+    Bug("set-sha-compared-with-itself", "checkpoints", RUN_FOLDER,
         'if got["sha256"] != want.get("sha256"):',
         'if got["sha256"] != got.get("sha256"):',
         (f"{T_SET}::test_damaged_set_is_named",
-         f"{T_HOLES}::test_checkpoint_set_changed_in_place_is_named"),
+         "tests/heba/train/test_run_folder.py::test_checkpoint_set_changed_in_place_is_named"),
         "a checkpoint set changed after it was written resumes silently"),
-    Bug("set-oldest-first", "checkpoints", CKPT,
+    Bug("set-oldest-first", "checkpoints", RUN_FOLDER,
         "if m and os.path.isdir(os.path.join(folder, m.group(0)))), reverse=True)",
         "if m and os.path.isdir(os.path.join(folder, m.group(0)))))",
         (T_SET,),
@@ -588,12 +595,13 @@ RUN_FILES = [
     Bug("preflight-resume-finished-off-by-one", "loop", "heba/train/preflight.py",
         "if latest.epoch >= cfg.epochs:",
         "if latest.epoch > cfg.epochs:",
-        ("tests/test_cli_errors.py::test_resume_of_a_finished_run_says_so",),
+        ("tests/heba/test_cli.py::test_resume_of_a_finished_run_says_so",),
         "--resume of a finished run trains an epoch past the end instead of saying so"),
-    Bug("preflight-momentum-one", "loop", "heba/train/preflight.py",
-        '_number(cfg, "momentum", lambda x: 0 <= x < 1, "in [0, 1)")',
-        '_number(cfg, "momentum", lambda x: 0 <= x <= 1, "in [0, 1)")',
-        ("tests/test_cli_errors.py::test_bad_value", f"{T_HOLES}::test_momentum_one_is_refused"),
+    Bug("preflight-momentum-one", "loop", "heba/train/config.py",
+        'momentum=(lambda x: 0 <= x < 1, "in [0, 1)")',
+        'momentum=(lambda x: 0 <= x <= 1, "in [0, 1)")',
+        ("tests/heba/test_cli.py::test_bad_value",
+         "tests/heba/train/test_preflight.py::test_momentum_one_is_refused"),
         "--momentum 1 accepted: SGD never forgets a gradient and the run diverges"),
 ]
 

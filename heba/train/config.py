@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -174,7 +175,7 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, path: str, **more) -> None:
-        from heba.clip.checkpoints import atomic_write
+        from heba.train.run_folder import atomic_write
         text = json.dumps(dict(self.to_dict(), **more), indent=2, sort_keys=True) + "\n"
 
         def write(tmp):
@@ -231,27 +232,58 @@ def make_config(recipe: str = "heba", **overrides) -> Config:
     return cfg
 
 
+# The lowest value of each integer field (None: not set, not checked); HINTS complete the message.
+INT_MIN = dict(epochs=1, batch_size=1, shots=1, test_batch_size=1, seed=0, neg_per_class=0,
+               rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1,
+               warmup_epochs=0)
+HINTS = dict(test_per_class=" (leave it out to test on every image)")
+# Each float field's range, in words (None: not set, not checked).
+NUMBERS = dict(lr=(lambda x: x >= 0, "a number >= 0"),
+               momentum=(lambda x: 0 <= x < 1, "in [0, 1)"),
+               weight_decay=(lambda x: x >= 0, "a number >= 0"),
+               label_smoothing=(lambda x: 0 <= x < 1, "in [0, 1)"),
+               scale_factor=(lambda x: x > 0, "a positive number"),
+               # also checked by heba.clip.wiring.ScalePolicy, but there as a ValueError after
+               # the model is built: here it is the command line's one line, first
+               slow_fast_ratio=(lambda x: 0 <= x <= 1, "a probability in [0, 1]"),
+               grad_clip=(lambda x: x >= 0, "a number >= 0 (0: off)"),
+               val_split=(lambda x: 0 <= x < 1, "a fraction in [0, 1)"),
+               base_scale=(lambda x: True, "a finite number"),
+               novel_scale=(lambda x: True, "a finite number"),
+               alpha=(lambda x: True, "a finite number"))
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def check(cfg: Config) -> None:
-    """Raise :class:`UsageError` (one line) for a value no run can use."""
+    """Raise :class:`UsageError` (one line naming the flag) for a value no run can use: the
+    one check of every field (:func:`make_config` and :mod:`heba.train.preflight` call it)."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"{name} must be one of {', '.join(allowed)}, "
                              f"got {getattr(cfg, name)!r}")
-    for name in ("epochs", "batch_size", "shots"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
-    if cfg.neg_per_class < 0:
-        raise UsageError(f"--neg-per-class must be >= 0, got {cfg.neg_per_class}")
+    for name, low in INT_MIN.items():
+        v = getattr(cfg, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise UsageError(f"{flag(name)} must be an integer >= {low}{HINTS.get(name, '')}, "
+                             f"got {v!r}")
+    if cfg.start is not None and cfg.end is not None and cfg.end < cfg.start:
+        raise UsageError(f"--end ({cfg.end}) must be >= --start ({cfg.start})")
+    for name, (ok, what) in NUMBERS.items():
+        v = getattr(cfg, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v) or not ok(v)):
+            raise UsageError(f"{flag(name)} must be {what}, got {v!r}")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: Config) -> None:
     if cfg.method in ("head-only", "full") and not str(cfg.model).startswith("timm:"):
         raise UsageError(f"--method {cfg.method} is a timm classification baseline "
                          f"(--backbone timm:NAME); {cfg.model} takes heba or adaptertune")
-    if cfg.warmup_epochs < 0 or cfg.grad_clip < 0:
-        raise UsageError(f"--warmup-epochs and --grad-clip must be >= 0, got "
-                         f"{cfg.warmup_epochs} and {cfg.grad_clip}")
-    if not 0.0 <= cfg.val_split < 1.0:
-        raise UsageError(f"--val-split must be a fraction in [0, 1), got {cfg.val_split}")
     if cfg.source in ("coop", "vision") and (not cfg.dataset or not cfg.root):
         raise UsageError("--dataset NAME needs --root DIR (the folder holding the data sets)")
     if cfg.descriptions and not os.path.exists(cfg.descriptions):

@@ -1,4 +1,4 @@
-"""Test accuracy of an adapted model: one classifier per test set, base / novel / HM.
+"""Test accuracy: a CLIP's base / novel / HM, a classifier's top-k; evaluating a checkpoint.
 
 The published evaluation (VLM-HeBA ``CustomCLIP.forward`` at test time): the
 classifier of a test set is the normalised mean of its classes' prompt
@@ -8,14 +8,35 @@ autocast; heba's default ``eval_precision="train"`` evaluates at the run's
 precision, ``"fp32"`` as published). Novel classes are evaluated at the base
 scale by default (``novel_eval="base"``: the published code never switches to
 its declared novel scale); ``"novel"`` uses ``novel_scale``.
+
+A classifier (the AdapterTune protocol) reports its loss and top-1 / top-5 on a
+split (:func:`evaluate_split`). :func:`evaluate_checkpoint` evaluates any
+checkpoint, heba's or a published trainer's, with the recipe it belongs to
+(:func:`find_checkpoint` says which).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from heba.clip import checkpoints as ckpt
+from heba.train import backbones
+from heba.train import data as run_data
+from heba.train import preflight
+from heba.train import run_folder as rf
+from heba.train import vision
+from heba.train.config import MODEL_FIELDS, Config, UsageError, make_config
+from heba.train.context import runtime
+from heba.train.metrics import format_acc, harmonic_mean, topk_correct, topk_acc
+from heba.train.prompts import make_bank
 from heba.train.runtime import autocast_ctx
+from heba.train.trainable import load_published_classifier, load_trainable_file
+
+__all__ = ["evaluate", "accuracy", "evaluate_split", "harmonic_mean", "format_acc",
+           "find_checkpoint", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
@@ -48,6 +69,7 @@ def evaluate(model, evals: dict, banks: dict, device, precision: str, batch_size
 
 
 def accuracy(model, ds, txt, device, precision, batch_size, workers) -> float:
+    """Top-1 % of ``model``'s images of ``ds`` against the class features ``txt [C, E]``."""
     correct = total = 0
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
     for images, labels in loader:
@@ -59,55 +81,108 @@ def accuracy(model, ds, txt, device, precision, batch_size, workers) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    """>>> harmonic_mean(80.0, 60.0)
-    68.57142857142857
-    """
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+@torch.no_grad()
+def evaluate_split(model, ds, device, precision: str, ks, batch_size: int = 128,
+                   workers: int = 0, label_smoothing: float = 0.0) -> dict:
+    """``{"loss", "top1", "top5"}`` (% of ``ds``; ``top<k>`` for ``k`` in ``ks``) of ``model``."""
+    was = model.training
+    model.eval()
+    loss = torch.zeros((), device=device)
+    hits = torch.zeros(len(ks), device=device)
+    n = 0
+    try:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            with autocast_ctx(device, precision):
+                logits = model(images).float()
+            loss += F.cross_entropy(logits, labels, label_smoothing=label_smoothing,
+                                    reduction="sum")
+            hits += topk_correct(logits, labels, ks)
+            n += len(labels)
+    finally:
+        model.train(was)
+    out = {"loss": loss.item() / max(n, 1)}
+    out.update({f"top{k}": 100.0 * h / max(n, 1) for k, h in zip(ks, hits.tolist())})
+    return out
 
 
-def format_acc(acc: dict) -> str:
-    names = {"base": "base", "novel": "novel", "hm": "HM", "all": "accuracy"}
-    return "  ".join(f"{names.get(k, k)} {v:5.1f}%" for k, v in acc.items())
+# --- a checkpoint, by the recipe it belongs to -----------------------------------------------
+
+def find_checkpoint(path: str, over: dict) -> tuple[str, str, str]:
+    """``(recipe, kind, file)`` of ``heba-train evaluate --checkpoint path``: ``recipe`` is
+    ``"classify"`` (a timm classifier's) or ``"clip"``; ``kind`` ``"heba"`` (safetensors +
+    JSON: the file, a run folder's final adapters, else its latest set's) or ``"published"``
+    (a Dassl ``model.pth.tar-<N>`` or its run folder; an AdapterTune ``last.pt`` /
+    ``best.pt`` or their folder). The recipe is the saved configuration's, else the
+    command line's ``--backbone``."""
+    file = _heba_file(path)
+    if file and os.path.isfile(ckpt.config_path(file)):
+        classify = vision.is_classification(ckpt.read_config(file).get("model", ""))
+    else:
+        classify = vision.is_classification(over.get("model", ""))
+    if not classify:
+        return ("clip", "heba", file) if file else ("clip",) + ckpt.find_checkpoint(path)
+    if file:
+        return "classify", "heba", file
+    if os.path.isdir(path):
+        for name in ("last.pt", "best.pt"):
+            if os.path.isfile(os.path.join(path, name)):
+                return "classify", "published", os.path.join(path, name)
+    elif os.path.isfile(path):
+        return "classify", "published", path
+    raise ckpt.CheckpointError(f"checkpoint {path} does not exist (adapters.safetensors, "
+                               f"a published last.pt / best.pt, or their folder)")
+
+
+def _heba_file(path: str):
+    """heba's adapters file of ``path``: the file itself, a run folder's final
+    ``adapters.safetensors``, else its latest committed set's (an unfinished run); None."""
+    if os.path.isfile(path):
+        return path if path.endswith(".safetensors") else None
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, rf.CKPT_NAME)):
+        return os.path.join(path, rf.CKPT_NAME)
+    latest = rf.read_set(path)
+    return latest.file(rf.CKPT_NAME) if latest and rf.CKPT_NAME in latest.files else None
 
 
 def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
-    """Evaluate a checkpoint: heba's own, or one the published trainer wrote; ``{split: acc}``.
+    """Evaluate a checkpoint, heba's or one a published trainer wrote, with its recipe.
 
     heba's checkpoints carry their configuration (``overrides`` may change the
     data: ``source``, ``dataset``, ``root``, ``split``, ...; the adapters'
-    fields must match). A published ``model.pth.tar-<N>`` carries none: the run
-    is the ``heba`` recipe with ``overrides``, its towers and layers read from
-    the file (published layer ``i`` into block ``i``).
+    fields must match). A published CLIP ``model.pth.tar-<N>`` carries none: the
+    run is the ``heba`` recipe with ``overrides``, its towers and layers read from
+    the file (published layout ``i`` into block ``i``). A published AdapterTune
+    ``best.pt`` / ``last.pt``: ``--backbone timm:NAME --dataset ... --root`` say
+    which backbone and data (``--method full`` for a full fine-tuning run).
+    Returns ``{split: accuracy %}`` (CLIP) or ``{"top-1": .., "top-5": ..}``.
     """
-    from heba.clip import checkpoints as ckpt
-    from heba.train import backbones
-    from heba.train import data as run_data
-    from heba.train import preflight
-    from heba.train.config import MODEL_FIELDS, Config, make_config
-    from heba.train.recipe import make_bank
-    from heba.train.runtime import resolve_precision, set_cpu_threads, setup_distributed
-    kind, file = ckpt.find_checkpoint(path)
+    recipe, kind, file = find_checkpoint(path, overrides)
+    if recipe == "classify":
+        return _evaluate_classifier(kind, file, overrides, opts, log)
+    return _evaluate_clip(kind, file, overrides, opts, log)
+
+
+def _same_model(saved: dict, over: dict, fields, file: str) -> None:
+    bad = [f"{k}: checkpoint {saved.get(k)!r} vs now {over[k]!r}"
+           for k in fields if k in over and over[k] != saved.get(k)]
+    if bad:
+        raise UsageError(f"checkpoint {file} is from another configuration ({'; '.join(bad)})")
+
+
+def _evaluate_clip(kind: str, file: str, overrides: dict, opts, log) -> dict:
+    state = None
     if kind == "heba":
         saved = ckpt.read_config(file, require=MODEL_FIELDS)
+        _same_model(saved, overrides, MODEL_FIELDS, file)
         cfg = Config.from_dict(dict(saved, **overrides))
-        bad = [f"{k}: checkpoint {saved.get(k)!r} vs now {overrides[k]!r}"
-               for k in MODEL_FIELDS if k in overrides and overrides[k] != saved.get(k)]
-        if bad:
-            from heba.train.config import UsageError
-            raise UsageError(f"checkpoint {file} is from another configuration "
-                             f"({'; '.join(bad)})")
-        state = None
     else:
         state = ckpt.read_published(file)
         cfg = make_config("heba", **dict(overrides, **ckpt.published_layout(state)))
-    _, _, device = setup_distributed(opts.device)
-    preflight.check_options(opts)
-    preflight.check_config(cfg)
-    preflight.check_backend(opts.backend, device)
-    if device.type == "cpu":
-        set_cpu_threads(opts.threads)
-    precision = resolve_precision(cfg.precision, device, cfg.gpu_precision)
+    device, precision = runtime(cfg, opts)
     precision = "fp32" if cfg.eval_precision == "fp32" else precision
     data = run_data.build(cfg)
     preflight.check_images([ds for _, ds in data.evals.values()])
@@ -125,3 +200,36 @@ def evaluate_checkpoint(path: str, overrides: dict, opts, log=print) -> dict:
                    opts.workers, cfg.novel_eval)
     log(f"{file}: {format_acc(acc)}")
     return acc
+
+
+def _classifier_config(kind: str, file: str, over: dict):
+    """``(cfg, saved JSON or None)`` of a classifier checkpoint under the command line ``over``."""
+    if kind != "heba":
+        return vision.classifier_config(over, None), None
+    saved = ckpt.read_config(file)
+    _same_model(saved, over, MODEL_FIELDS + ("pretrained",), file)
+    data = {k: v for k, v in vision.data_source(over).items()
+            if k in ("source", "dataset", "root", "val_split", "precision")}
+    return Config.from_dict(dict(saved, **data)), saved
+
+
+def _evaluate_classifier(kind: str, file: str, over: dict, opts, log) -> dict:
+    cfg, saved = _classifier_config(kind, file, over)
+    device, precision = runtime(cfg, opts)
+    data = vision.build_data(cfg)
+    if saved is not None and saved.get("classnames") not in (None, list(data.classnames)):
+        raise UsageError(f"{file} was trained on other classes than {cfg.dataset} has here")
+    lib = backbones.library(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = lib.load(cfg, opts.allow_download, num_classes=data.num_classes).model
+    if kind == "heba":
+        model = lib.attach(model, cfg, opts.backend)
+        load_trainable_file(model, cfg.method, file)
+    else:
+        load_published_classifier(model, file, cfg, opts.backend)
+    data.test.transform = vision.eval_transform(lib, model)
+    acc = evaluate_split(model.to(device), data.test, device, precision,
+                         vision.topk(data.num_classes), cfg.test_batch_size, opts.workers,
+                         cfg.label_smoothing)
+    log(f"{file}: test {format_acc(topk_acc(acc))}  loss {acc['loss']:.6f}")
+    return topk_acc(acc)

@@ -30,8 +30,8 @@ What happens with an output folder (``-o``; the Plan's ``note`` says it in the l
 
 Example::
 
-    >>> from heba.train.config import make_config
-    >>> check_config(make_config("heba", lr=-1.0))
+    >>> from heba.train.config import Config
+    >>> check_config(Config(lr=-1.0))
     Traceback (most recent call last):
     ...
     heba.train.config.UsageError: --lr must be a number >= 0, got -1.0
@@ -39,7 +39,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import zipfile
@@ -49,14 +48,7 @@ from typing import Optional
 
 from heba.clip import checkpoints as ckpt
 from heba.train import run_folder as rf
-from heba.train.config import RESUME_FIELDS, UsageError, check
-
-# The lowest value each integer field allows (None: not checked); HINTS complete the message.
-INT_MIN = dict(epochs=1, batch_size=1, shots=1, test_batch_size=1, seed=0, neg_per_class=0,
-               rank=1, every=1, reduction=1, start=1, end=1, test_per_class=1,
-               warmup_epochs=0)
-HINTS = dict(test_per_class=" (leave it out to test on every image)")
-
+from heba.train.config import RESUME_FIELDS, UsageError, check, flag
 
 @dataclass
 class Plan:
@@ -64,7 +56,7 @@ class Plan:
 
     mode: str                                   # fresh | overwrite | resume | finished
     start_epoch: int = 0
-    latest: Optional[ckpt.CheckpointSet] = None  # the set resumed from
+    latest: Optional[rf.CheckpointSet] = None  # the set resumed from
     saved: Optional[dict] = None                # its adapters.json
     state: Optional[dict] = None                # its train_state.pt
     note: Optional[str] = None                  # one log line: what happens
@@ -72,17 +64,18 @@ class Plan:
 
 def validate(cfg, opts, device) -> Plan:
     """Every check that needs no data set and no model; returns the output folder's Plan."""
-    check_options(opts)
-    check_config(cfg)
-    check_backend(opts.backend, device)
+    check_run(cfg, opts, device)
     pre = cfg.pretrained
     if pre not in (None, "", "none", "builtin") and os.path.isfile(pre):
         check_weights_file(pre)
     return plan_output(cfg, opts)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def check_run(cfg, opts, device) -> None:
+    """The options, the configuration and the backend (a run, or a checkpoint's evaluation)."""
+    check_options(opts)
+    check_config(cfg)
+    check_backend(opts.backend, device)
 
 
 def check_options(opts) -> None:
@@ -93,48 +86,25 @@ def check_options(opts) -> None:
     for name, hint in (("workers", ""), ("eval_every", " (0: evaluate at the end only)"),
                        ("checkpoint_blocks", " (0: off)")):
         if getattr(opts, name) < 0:
-            raise UsageError(f"{_flag(name)} must be >= 0{hint}, got {getattr(opts, name)}")
+            raise UsageError(f"{flag(name)} must be >= 0{hint}, got {getattr(opts, name)}")
     if opts.resume and opts.overwrite:
         raise UsageError(f"--resume and --overwrite exclude each other: --resume continues "
                          f"the run in {opts.output}, --overwrite deletes it and starts over")
 
 
 def check_config(cfg) -> None:
-    """The configuration's choices (:func:`heba.train.config.check`) and value ranges."""
+    """The configuration's values: :func:`heba.train.config.check`, their one check."""
     check(cfg)
-    for name, low in INT_MIN.items():
-        v = getattr(cfg, name, None)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise UsageError(f"{_flag(name)} must be an integer >= {low}{HINTS.get(name, '')}, "
-                             f"got {v!r}")
-    if cfg.start is not None and cfg.end is not None and cfg.end < cfg.start:
-        raise UsageError(f"--end ({cfg.end}) must be >= --start ({cfg.start})")
-    _number(cfg, "lr", lambda x: x >= 0, "a number >= 0")
-    _number(cfg, "momentum", lambda x: 0 <= x < 1, "in [0, 1)")
-    _number(cfg, "weight_decay", lambda x: x >= 0, "a number >= 0")
-    _number(cfg, "label_smoothing", lambda x: 0 <= x < 1, "in [0, 1)")
-    _number(cfg, "scale_factor", lambda x: x > 0, "a positive number")
-    _number(cfg, "slow_fast_ratio", lambda x: 0 <= x <= 1, "a probability in [0, 1]")
-    _number(cfg, "grad_clip", lambda x: x >= 0, "a number >= 0 (0: off)")
-    _number(cfg, "val_split", lambda x: 0 <= x < 1, "a fraction in [0, 1)")
-    for name in ("base_scale", "novel_scale", "alpha"):
-        _number(cfg, name, lambda x: True, "a finite number")
-
-
-def _number(cfg, name, ok, what):
-    v = getattr(cfg, name, None)
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or not ok(v):
-        raise UsageError(f"{_flag(name)} must be {what}, got {v!r}")
 
 
 def check_backend(backend: str, device) -> None:
-    """A backend asked for by name must run on ``device`` (``auto`` falls back by itself)."""
-    if backend in ("auto", "reference"):
+    """``--backend``'s one check on its way to the kernels: a known name
+    (:data:`heba.backends.BACKENDS`) that runs on ``device`` (``auto`` falls back by itself)."""
+    if backend == "auto":
         return
-    from heba.backends import backend_status
+    from heba.backends import BACKENDS, backend_status
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     ok, why = backend_status(backend, device)
     if not ok:
         raise UsageError(f"--backend {backend} cannot run on {device}: {why} "
@@ -186,7 +156,7 @@ def _check_writable(out: str) -> None:
 def _source(state: rf.FolderState) -> Optional[str]:
     """The data source of the run in a folder (``"demo"`` for the demo's), from any JSON."""
     paths = [os.path.join(state.path, rf.CONFIG_NAME), os.path.join(state.path, rf.CKPT_JSON)]
-    paths += [os.path.join(ckpt.epoch_dir(state.path, e), rf.CKPT_JSON) for e in state.epochs]
+    paths += [os.path.join(rf.epoch_dir(state.path, e), rf.CKPT_JSON) for e in state.epochs]
     for p in paths:
         obj = rf.read_json(p)
         if obj is not None:
@@ -212,7 +182,7 @@ def _plan_resume(cfg, state: rf.FolderState) -> Plan:
                              f"epoch_<N>/ set to resume from: evaluate it, or --overwrite")
         raise UsageError(f"--resume: {out} holds no run to resume (no {rf.CONFIG_NAME}, no "
                          f"epoch_<N>/ checkpoint)")
-    latest = ckpt.read_set(out)
+    latest = rf.read_set(out)
     missing = [n for n in (rf.CKPT_NAME, rf.CKPT_JSON, rf.STATE_NAME) if n not in latest.files]
     if missing:
         raise ckpt.CheckpointError(f"{latest.path} lacks {', '.join(missing)}: not a training "

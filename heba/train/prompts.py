@@ -179,3 +179,12 @@ class PromptBank:
     def features(self, model, chunk: int = 1024) -> torch.Tensor:
         """The evaluation classifier ``[C, E]``: normalised mean of the prompts' features."""
         return F.normalize(self.encode_all(model, chunk).mean(1), dim=-1)
+
+
+def make_bank(classnames, cfg, tokenizer, device, dataset: Optional[str] = None) -> PromptBank:
+    """The :class:`PromptBank` of ``classnames`` as ``cfg`` prompts them (its descriptions for
+    ``dataset``, default ``cfg.dataset``; its ``ctx_init`` and templates)."""
+    desc = read_descriptions(cfg.descriptions, dataset or cfg.dataset) if cfg.descriptions \
+        else None
+    prompts = class_prompts(classnames, desc, cfg.ctx_init, cfg.templates)
+    return PromptBank(prompts, tokenizer, device=device)

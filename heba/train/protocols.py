@@ -8,6 +8,8 @@
   (published targets: the other 10); the mean over targets.
 * **domain generalization** (``domain_generalization``): the same ImageNet
   model tested on ImageNet-V2, -Sketch, -A and -R (test only).
+* **classification** (``classification``, a timm backbone): one AdapterTune run
+  per seed; test top-1 / top-5 per seed, mean +- std (published: seeds 0, 1, 2).
 
 Every seed's run is an ordinary run folder (``<output>/seed<S>``, resumable);
 the protocol writes ``<output>/<protocol>.json`` and ``<output>/<protocol>.md``.
@@ -22,13 +24,17 @@ import json
 import os
 import statistics
 
-from heba.clip.checkpoints import atomic_write
 from heba.train import data as run_data
-from heba.train.config import Config, UsageError
-from heba.train.evaluate import format_acc, harmonic_mean
 from heba.train import run_folder
+from heba.train.classify import ClassifyRecipe
+from heba.train.config import Config, UsageError
+from heba.train.context import RunOptions
+from heba.train.metrics import format_acc, harmonic_mean
 from heba.train.preflight import check_images
-from heba.train.recipe import RunOptions, TrainRecipe, check_output, make_bank
+from heba.train.prompts import make_bank
+from heba.train.recipe import TrainRecipe, check_output
+from heba.train.run_folder import atomic_write
+from heba.train.vision import build_data
 
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
@@ -45,7 +51,7 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values)
 
 
-def _seed_opts(opts: RunOptions, seed: int) -> RunOptions:
+def seed_opts(opts: RunOptions, seed: int) -> RunOptions:
     """A seed's options: its folder ``<output>/seed<S>``. Under ``--resume``, a seed the
     interrupted protocol had not started yet starts (a finished one reports its accuracy)."""
     o = dataclasses.replace(opts, output=os.path.join(opts.output, f"seed{seed}"))
@@ -54,7 +60,7 @@ def _seed_opts(opts: RunOptions, seed: int) -> RunOptions:
     return o
 
 
-def _check_seeds(seeds, opts: RunOptions, cfg: Config):
+def check_seeds(seeds, opts: RunOptions, cfg: Config):
     """Distinct seeds, and what every seed's run does with its folder, before any seed runs."""
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds must be distinct integers >= 0, got {list(seeds)}")
@@ -62,14 +68,14 @@ def _check_seeds(seeds, opts: RunOptions, cfg: Config):
                                .holds_run for s in seeds):
         raise UsageError(f"--resume: no seed folder of {opts.output} holds a run to resume")
     for s in seeds:
-        check_output(dataclasses.replace(cfg, seed=s), _seed_opts(opts, s))
+        check_output(dataclasses.replace(cfg, seed=s), seed_opts(opts, s))
 
 
 def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
     """Train and test base-to-novel once per seed; returns and writes the table."""
     if cfg.split != "base2novel":
         raise UsageError("several --seeds run the base-to-novel protocol: drop --split all")
-    _check_seeds(seeds, opts, cfg)
+    check_seeds(seeds, opts, cfg)
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:                      # every seed's data checked before anything is written
         d = run_data.build(c)
@@ -77,7 +83,7 @@ def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
     rows = {}
     for c in runs:
         log(f"== base-to-novel, {c.dataset or 'demo'}, seed {c.seed}")
-        acc = TrainRecipe(c, _seed_opts(opts, c.seed), log).run()["accuracy"]
+        acc = TrainRecipe(c, seed_opts(opts, c.seed), log).run()["accuracy"]
         if acc is not None:
             rows[c.seed] = {k: acc[k] for k in ("base", "novel", "hm")}
     if not rows:                        # not rank 0 under torchrun
@@ -90,7 +96,7 @@ def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
                   mean={k: v[0] for k, v in summary.items()},
                   std={k: v[1] for k, v in summary.items()},
                   hm_of_means=harmonic_mean(b, n))
-    _write(opts.output, "base2novel", result, cols, log)
+    write_table(opts.output, "base2novel", result, cols, log)
     return result
 
 
@@ -99,7 +105,7 @@ def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print
     if cfg.source != "coop":
         raise UsageError(f"{name} needs --root DIR holding imagenet and the targets")
     cfg = dataclasses.replace(cfg, split="all")
-    _check_seeds(seeds, opts, cfg)
+    check_seeds(seeds, opts, cfg)
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:
         d = run_data.build(c)
@@ -110,7 +116,7 @@ def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print
     rows = {}
     for c in runs:
         log(f"== {name}: train on {c.dataset}, seed {c.seed}")
-        recipe = TrainRecipe(c, _seed_opts(opts, c.seed), log)
+        recipe = TrainRecipe(c, seed_opts(opts, c.seed), log)
         recipe.setup()
         try:
             acc = recipe.train()
@@ -128,7 +134,33 @@ def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print
                   targets=list(targets), per_seed=rows,
                   mean={k: mean_std(r[k] for r in rows.values())[0] for k in cols},
                   std={k: mean_std(r[k] for r in rows.values())[1] for k in cols})
-    _write(opts.output, name, result, cols, log)
+    write_table(opts.output, name, result, cols, log)
+    return result
+
+
+def classification(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
+    """One classifier run per seed (``<output>/seed<S>``) and ``classification.json`` / ``.md``;
+    no seeds: one run in ``<output>``."""
+    if not seeds:
+        return ClassifyRecipe(cfg, opts, log).run()
+    check_seeds(seeds, opts, cfg)       # and every seed folder's plan, first
+    runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
+    for c in runs:                      # every seed's data checked before anything is written
+        build_data(c)
+    rows = {}
+    for c in runs:
+        log(f"== classification, {c.dataset}, seed {c.seed}")
+        acc = ClassifyRecipe(c, seed_opts(opts, c.seed), log).run()["accuracy"]
+        if acc is not None:
+            rows[c.seed] = acc
+    if not rows:
+        return {}
+    cols = tuple(k for k in ("top-1", "top-5") if all(k in r for r in rows.values()))
+    ms = {k: mean_std(r[k] for r in rows.values()) for k in cols}
+    result = dict(protocol="classification", dataset=cfg.dataset, recipe=cfg.recipe,
+                  seeds=list(rows), per_seed=rows, mean={k: v[0] for k, v in ms.items()},
+                  std={k: v[1] for k, v in ms.items()})
+    write_table(opts.output, "classification", result, cols, log)
     return result
 
 
@@ -144,7 +176,7 @@ def _targets(recipe: TrainRecipe, targets, log) -> dict:
     return out
 
 
-def _write(folder: str, name: str, result: dict, cols, log) -> None:
+def write_table(folder: str, name: str, result: dict, cols, log) -> None:
     """``<folder>/<name>.json`` and ``<name>.md``: per seed, then mean +- std."""
     os.makedirs(folder, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"

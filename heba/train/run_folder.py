@@ -23,13 +23,15 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
-from heba.clip import checkpoints as ckpt
+from heba.clip.checkpoints import CheckpointError
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -64,7 +66,7 @@ def inspect(path: str) -> FolderState:
     if not os.path.isdir(path):
         return FolderState(path, os.path.exists(path), (), [], None)
     files = tuple(f for f in RUN_FILES if os.path.exists(os.path.join(path, f)))
-    epochs = ckpt.set_epochs(path)
+    epochs = set_epochs(path)
     return FolderState(path, True, files, epochs, epochs[0] if epochs else None)
 
 
@@ -88,7 +90,7 @@ def clear(path: str) -> None:
     """
     for name in (CKPT_JSON, CKPT_NAME, SUMMARY_NAME, STATE_NAME):
         _remove(os.path.join(path, name))
-    ckpt.remove_stale(path, keep=None)
+    remove_stale(path, keep=None)
     for name in sorted(os.listdir(path)):
         if name.startswith("split_") and name.endswith(".json"):
             _remove(os.path.join(path, name))
@@ -103,7 +105,7 @@ def _remove(path: str) -> None:
         os.unlink(path)
     else:
         return
-    ckpt.notify_written(f"removed {path}")
+    notify_written(f"removed {path}")
 
 
 def trim_metrics(path: str, epoch: int) -> None:
@@ -131,7 +133,7 @@ def trim_metrics(path: str, epoch: int) -> None:
         _remove(path)
         return
     text = "".join(line + "\n" for line in keep)
-    ckpt.atomic_write(path, lambda tmp: write_text(tmp, text))
+    atomic_write(path, lambda tmp: write_text(tmp, text))
 
 
 def append_record(path: str, record: dict) -> None:
@@ -140,14 +142,14 @@ def append_record(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    ckpt.notify_written(path)
+    notify_written(path)
 
 
-def publish_final(path: str, latest: ckpt.CheckpointSet, summary: str) -> None:
+def publish_final(path: str, latest: "CheckpointSet", summary: str) -> None:
     """The finished run's adapters (copied from its last set) and ``summary.md`` at the top."""
     for name in (CKPT_NAME, CKPT_JSON):             # the JSON last: it marks the run finished
         _publish(latest.file(name), os.path.join(path, name))
-    ckpt.atomic_write(os.path.join(path, SUMMARY_NAME), lambda tmp: write_text(tmp, summary))
+    atomic_write(os.path.join(path, SUMMARY_NAME), lambda tmp: write_text(tmp, summary))
 
 
 def _publish(src: str, dst: str) -> None:
@@ -155,29 +157,256 @@ def _publish(src: str, dst: str) -> None:
     of a large checkpoint; neither name is ever written in place), else a copy."""
     if os.path.exists(dst) and os.path.samefile(src, dst):
         return                      # already this file (rename would leave the link behind)
-    tmp = ckpt._temp_name(dst)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    ckpt.notify_written(dst)
+
+    def link_or_copy(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    replace_with(dst, link_or_copy)
 
 
-def is_published(path: str, latest: ckpt.CheckpointSet) -> bool:
+def is_published(path: str, latest: "CheckpointSet") -> bool:
     """Whether the top-level adapters and summary are those of ``latest``."""
     for name in (CKPT_NAME, CKPT_JSON):
         top = os.path.join(path, name)
-        if not os.path.isfile(top) or ckpt._describe(top) != latest.files[name]:
+        if not os.path.isfile(top) or describe(top) != latest.files[name]:
             return False
     return os.path.isfile(os.path.join(path, SUMMARY_NAME))
 
 
 def write_text(tmp: str, text: str) -> None:
+    """Write ``text`` to the file ``tmp`` (a writer of :func:`atomic_write`, :func:`write_set`)."""
     with open(tmp, "w") as f:
         f.write(text)
+
+
+# --- atomic writes ---------------------------------------------------------------------------
+
+# Called with a description after every write heba makes to a run folder (a file replaced,
+# a line appended, a folder renamed or removed): the seam the fault-injection tests use to
+# stop a run between any two writes. None in normal use.
+WRITE_HOOK: Optional[Callable[[str], None]] = None
+
+
+def notify_written(what: str) -> None:
+    """Tell :data:`WRITE_HOOK` (if set) that ``what`` was just written."""
+    if WRITE_HOOK is not None:
+        WRITE_HOOK(what)
+
+
+def temp_name(path: str) -> str:
+    """A fresh hidden name beside ``path`` (``.<name>.<pid>.<random>.tmp``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)),
+                        f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def atomic_write(path: str, write) -> None:
+    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``: readers never see half a file.
+
+    The file gets the mode a plain ``open(path, "w")`` would (0666 less the umask), not
+    ``mkstemp``'s 0600.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_with(path, lambda tmp: _write_file(tmp, write))
+
+
+def replace_with(path: str, make) -> None:
+    """``make(tmp)`` into a fresh hidden name beside ``path``, then one ``os.replace``: readers
+    see the old file or the new one; ``tmp`` is removed when either step fails."""
+    tmp = temp_name(path)
+    try:
+        make(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    notify_written(path)
+
+
+def _write_file(path: str, write) -> None:
+    """``write(path)`` into a new file of mode 0666 less the umask, flushed to disk.
+
+    (Writers that create their own file, as safetensors' does with 0600, get the mode
+    back afterwards.)
+    """
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))   # umask applies
+    mode = os.stat(path).st_mode & 0o7777
+    write(path)
+    if os.stat(path).st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+    _fsync(path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:                      # some file systems do not support it for a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- a run's checkpoint, committed as one set ------------------------------------------------
+#
+# <run>/epoch_<N>/  adapters.safetensors, adapters.json, train_state.pt, manifest.json
+#
+# (torchtune's layout: one ``epoch_<N>`` folder per saved epoch, the largest N is the one
+# to resume.) The set is written into a hidden partial folder and committed by one rename;
+# a visible ``epoch_<N>`` folder is therefore always complete, and the previous one is only
+# removed after the new one is in place.
+
+EPOCH_PREFIX = "epoch_"
+MANIFEST = "manifest.json"
+_EPOCH_RE = re.compile(r"^epoch_(\d+)$")
+_HIDDEN_RE = re.compile(r"^\.(epoch_\d+\.(partial|stale)-.*|.+\.\d+\.[0-9a-f]{8}\.tmp)$")
+
+
+@dataclass
+class CheckpointSet:
+    """A committed set: ``path`` = ``<run>/epoch_<epoch>``, ``files`` = name -> size, sha256."""
+
+    path: str
+    epoch: int
+    files: dict
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def epoch_dir(folder: str, epoch: int) -> str:
+    return os.path.join(folder, f"{EPOCH_PREFIX}{epoch}")
+
+
+def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], None]]
+              ) -> CheckpointSet:
+    """Commit ``{name: write(path)}`` as ``folder/epoch_<epoch>/``: all of it or none.
+
+    The files go into a hidden ``.epoch_<epoch>.partial-*`` folder and are flushed;
+    ``manifest.json`` (each file's size and sha256) is written last; one rename makes the
+    folder ``epoch_<epoch>``; only then are older ``epoch_<n>`` folders removed (each
+    renamed out of sight first). A kill at any point leaves the previous set or the new
+    one, never a mix; leftovers are hidden and :func:`remove_stale` clears them.
+
+    Example::
+
+        write_set("runs/x", 3, {"a.json": lambda p: open(p, "w").write("{}")})
+        read_set("runs/x").epoch        # 3
+    """
+    final = epoch_dir(folder, epoch)
+    if os.path.exists(final):
+        raise CheckpointError(f"{final} already exists: a set is never written twice")
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{EPOCH_PREFIX}{epoch}.partial-{os.getpid()}-"
+                                   f"{os.urandom(3).hex()}")
+    os.mkdir(partial)                               # 0777 less the umask
+    notify_written(partial)
+    files = {}
+    for name, write in writers.items():
+        path = os.path.join(partial, name)
+        _write_file(path, write)
+        files[name] = describe(path)
+        notify_written(path)
+    manifest = os.path.join(partial, MANIFEST)
+    text = json.dumps(dict(format="heba-checkpoint-set", version=1, epoch=epoch, files=files),
+                      indent=2, sort_keys=True) + "\n"
+    _write_file(manifest, lambda p: write_text(p, text))
+    notify_written(manifest)
+    _fsync(partial)
+    os.rename(partial, final)
+    _fsync(folder)
+    notify_written(final)
+    remove_stale(folder, keep=epoch)
+    return CheckpointSet(final, epoch, files)
+
+
+def remove_stale(folder: str, keep: Optional[int]) -> None:
+    """Remove every ``epoch_<n>`` folder but ``keep``'s, and heba's hidden leftovers."""
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        m = _EPOCH_RE.match(name)
+        path = os.path.join(folder, name)
+        if m and int(m.group(1)) != keep and os.path.isdir(path):
+            hidden = os.path.join(folder, f".{name}.stale-{os.getpid()}-{os.urandom(3).hex()}")
+            os.rename(path, hidden)                 # out of sight at once, then removed
+            notify_written(hidden)
+            path = hidden
+        elif not _HIDDEN_RE.match(name):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.unlink(path)
+        notify_written(f"removed {path}")
+
+
+def stale_entries(folder: str) -> list:
+    """heba's hidden leftovers in ``folder`` (partial / stale sets, temporary files)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if _HIDDEN_RE.match(n))
+
+
+def set_epochs(folder: str) -> list:
+    """The epochs of the ``epoch_<n>`` folders in ``folder``, largest first."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted((int(m.group(1)) for m in map(_EPOCH_RE.match, os.listdir(folder))
+                   if m and os.path.isdir(os.path.join(folder, m.group(0)))), reverse=True)
+
+
+def read_set(folder: str) -> Optional[CheckpointSet]:
+    """The latest committed set of ``folder`` (None if it has none), its files checked.
+
+    Raises :class:`CheckpointError` naming the file when the set was damaged after it
+    was written (a file missing, truncated or changed: its size or sha256 is not the
+    manifest's).
+    """
+    epochs = set_epochs(folder)
+    if not epochs:
+        return None
+    path = epoch_dir(folder, epochs[0])
+    mpath = os.path.join(path, MANIFEST)
+    hint = (f"; delete {path} to resume an earlier epoch if one is left, or start over "
+            f"with --overwrite")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+        files, epoch = dict(manifest["files"]), int(manifest["epoch"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a set heba-train wrote" + hint) \
+            from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{mpath} does not parse ({type(err).__name__}: "
+                              f"{_first_line(err)})" + hint) from None
+    if epoch != epochs[0]:
+        raise CheckpointError(f"{mpath} says epoch {epoch}, its folder {epochs[0]}" + hint)
+    for name, want in files.items():
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"{fpath} is missing from its checkpoint set" + hint)
+        got = describe(fpath)
+        if got["bytes"] != want.get("bytes"):
+            raise CheckpointError(f"{fpath} is {got['bytes']} bytes, its manifest says "
+                                  f"{want.get('bytes')} (truncated or replaced)" + hint)
+        if got["sha256"] != want.get("sha256"):
+            raise CheckpointError(f"{fpath} does not match its manifest's sha256 (changed "
+                                  f"after it was written)" + hint)
+    return CheckpointSet(path, epoch, files)
+
+
+def describe(path: str) -> dict:
+    """``{"bytes", "sha256"}`` of the file ``path`` (a set's manifest entry)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return dict(bytes=os.path.getsize(path), sha256=h.hexdigest())
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

@@ -25,7 +25,7 @@ Static shapes, no host sync (so that a step is one CUDA graph per batch shape):
   else the candidates in ascending class order, then non-candidate classes as
   padding (:func:`candidate_slots`, a cumulative sum, no sort, no ``nonzero``).
   Padded slots are masked to ``-inf`` before the loss
-  (:func:`heba.clip.fast.masked_cross_entropy`, label smoothing over the valid
+  (:func:`masked_cross_entropy`, label smoothing over the valid
   slots), so the loss and every gradient equal the published ones over the
   gathered candidates (tested). The text tower runs the bank's longest prompt,
   rounded up to 8 tokens, a length fixed at construction.
@@ -45,9 +45,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heba.clip.fast import masked_cross_entropy
 from heba.clip.wiring import encode_text
 from heba.train.prompts import PromptBank
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         valid: Optional[torch.Tensor] = None,
+                         label_smoothing: float = 0.0) -> torch.Tensor:
+    """Label-smoothed cross-entropy over the valid classes only.
+
+    ``logits [B, C]``, ``labels [B]`` (indices of valid classes), ``valid [C]`` bool
+    (None: all valid). Equals ``F.cross_entropy(logits[:, valid], labels,
+    label_smoothing=...)`` with the smoothing spread over the valid classes, and
+    padded classes get exactly zero gradient. No host sync (graph-safe).
+    """
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    logp = logits.float().log_softmax(dim=-1)
+    nll = -logp.gather(1, labels[:, None]).squeeze(1)
+    if label_smoothing == 0.0:
+        return nll.mean()
+    if valid is None:
+        smooth = -logp.mean(dim=-1)
+    else:
+        smooth = -logp.masked_fill(~valid, 0.0).sum(dim=-1) / valid.sum()
+    return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).mean()
 
 
 def candidate_count(n_classes: int, batch: int, neg_per_class: int, mode: str = "batch") -> int:

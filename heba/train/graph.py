@@ -1,0 +1,345 @@
+"""The training step's speed and memory: a frozen backbone cast once, CUDA graphs, checkpointing.
+
+What makes a plain adapter step slow, and what this module does about it:
+
+* **Per-step weight casts.** Under ``torch.autocast`` every matmul of an fp32
+  backbone casts its weight to bf16 again at every step (~150M parameters for
+  ViT-B/16). The backbone is frozen (no optimizer, no master copy needed), so
+  :func:`prepare_frozen` casts it once; autocast's casts then become no-ops.
+  The adapters stay fp32 master weights (the optimizer updates them in fp32);
+  their low-precision compute comes from autocast (heba's fused backends cast
+  the adapter weights per call). LayerNorm parameters and ``logit_scale`` stay
+  fp32 (autocast runs ``layer_norm`` in fp32; a bf16 ``logit_scale`` would be
+  off by up to 0.4% after ``exp``).
+* **Launch overhead.** :class:`GraphedStep` captures forward and backward of a
+  step with static shapes (:class:`heba.train.step.AdapterStep`: static
+  candidate slots, one text length) once per input shape as a CUDA graph and
+  replays it; :func:`graphs_reason` says when a run cannot use one.
+* **Memory.** :func:`checkpoint_frozen_blocks` recomputes the frozen blocks'
+  activations in backward (``torch.utils.checkpoint``, non-reentrant), and
+  :func:`find_max_batch` finds the largest batch that fits by bisection.
+
+Example (CPU: every call is eager)::
+
+    >>> import torch
+    >>> w = torch.randn(3, requires_grad=True)
+    >>> step = GraphedStep(lambda x: ((x * w).sum(),), [w])
+    >>> loss, = step(torch.randn(3))
+    >>> w.grad.shape, step.replays
+    (torch.Size([3]), 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from heba.clip.wiring import get_adapters, towers
+
+__all__ = ["prepare_frozen", "GraphedStep", "policy_graphs_reason", "graphs_reason",
+           "CheckpointedBlock", "checkpoint_frozen_blocks", "uncheckpoint_frozen_blocks",
+           "find_max_batch"]
+
+
+# --- 1. cast the frozen backbone once ---------------------------------------------------------
+
+def prepare_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Cast the frozen backbone of ``model`` to ``dtype`` once; keep trainable weights fp32.
+
+    Cast: every frozen floating parameter and buffer outside ``model.heba_adapters``,
+    except LayerNorm parameters and 0-d scalars (``logit_scale``, ``logit_bias``),
+    which stay float32. Kept float32: every adapter parameter and anything else
+    with ``requires_grad`` (the optimizer's master weights). Run the step under
+    ``torch.autocast(device, dtype)`` (heba-train does): the adapters then
+    compute in ``dtype`` and the LayerNorms in float32, as with an fp32 backbone.
+
+    Not undone by ``remove_adapters``; cast back with ``model.float()`` if needed.
+    Returns ``model``.
+    """
+    adapters = get_adapters(model)          # raises if no adapters are attached
+    for p in adapters.parameters():
+        p.data = p.data.float()
+    keep = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
+            for p in m.parameters(recurse=False)}
+    keep |= {id(p) for p in adapters.parameters()}
+    for p in model.parameters():
+        if id(p) in keep or p.requires_grad or not p.is_floating_point() or p.dim() == 0:
+            if p.requires_grad and p.is_floating_point():
+                p.data = p.data.float()
+            continue
+        p.data = p.data.to(dtype)
+    keep_buffers = {id(b) for b in adapters.buffers()}
+    for m in model.modules():
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and id(b) not in keep_buffers:
+                setattr(m, name, b.to(dtype))   # e.g. the text tower's causal mask (0 / -inf)
+    return model
+
+
+# --- 2. CUDA graphs of the step ----------------------------------------------------------------
+
+def _on_side_stream(fn: Callable):
+    """``fn()`` on a side stream, as CUDA graphs want their warm-up steps (cuBLAS
+    workspaces, Triton autotuning, optimizer state are created outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _make_room(graphs: dict, max_graphs: int) -> None:
+    """Drop the oldest captured graphs until one more fits under ``max_graphs``."""
+    while len(graphs) >= max_graphs:
+        graphs.pop(next(iter(graphs)))
+
+
+def policy_graphs_reason(policy, training: bool = True) -> Optional[str]:
+    """Why a HeBA scale policy keeps a training step from being a CUDA graph (None: it does
+    not). Device-side slow-fast draws replay correctly (new draws per replay); host-side
+    random draws would be frozen at their captured values."""
+    if policy is not None and training and policy.random and policy.draws == "host":
+        return ("the HeBA slow-fast scale is drawn on the host (ScalePolicy(draws='host')); a "
+                "graph would replay the scales drawn at capture (draws='device' allows graphs)")
+    return None
+
+
+def graphs_reason(opts, device, world, precision, model, step,
+                  optimizer=None) -> Optional[str]:
+    """Why the training step cannot be a CUDA graph here (None when it can)."""
+    if not opts.cuda_graphs:
+        return "--no-cuda-graphs"
+    if device.type != "cuda":
+        return "not on a GPU"
+    if world > 1:
+        # torch can capture DDP's NCCL all-reduce (NCCL >= 2.9.6) only with DDP built on a
+        # side stream, >= 11 eager DDP steps before the capture and
+        # TORCH_NCCL_ASYNC_ERROR_HANDLING=0 set before init_process_group (torch's CUDA
+        # graphs notes, "Usage with DistributedDataParallel"); not verified on a multi-GPU
+        # machine yet, so DDP steps stay eager.
+        return "DistributedDataParallel"
+    if precision == "fp16" and not getattr(optimizer, "_step_supports_amp_scaling", False):
+        # GradScaler.step reads found_inf on the host unless the optimizer unscales and
+        # skips by itself (fused SGD / Adam: _step_supports_amp_scaling)
+        return "fp16 loss scaling with an optimizer that is not fused"
+    # The candidate slots, the prompt picks and the slow-fast scales are device-side with
+    # static shapes (heba.train.step, ScalePolicy): only host-drawn scales stop a graph.
+    return policy_graphs_reason(getattr(model, "heba_policy", None))
+
+
+class GraphedStep:
+    """Forward and backward of a training step, replayed as one CUDA graph per input shape.
+
+    ``fn(*inputs)`` returns a tuple of tensors whose first is the loss;
+    ``GraphedStep(fn, params)(*inputs)`` runs ``fn`` and ``loss.backward()`` and
+    returns the outputs detached, with every ``p.grad`` of ``params`` set. The
+    optimizer step stays outside the graph (a few foreach launches), so learning-rate
+    schedules, ``GradScaler``-free optimizers and ``zero_grad(set_to_none=True)``
+    between steps need no recapture: the gradients live in the graph's memory and
+    ``p.grad`` is pointed at them after every replay.
+
+    The first ``warmup`` calls per shape run eagerly on a side stream (cuBLAS
+    workspaces, Triton autotuning, lazily built state), then the shape is captured.
+    ``fn`` must have no host synchronisation and no host-side randomness (a graph
+    replays what it recorded; :func:`graphs_reason` decides for heba-train). Inputs
+    are copied into static buffers on each replay. Off the GPU (or
+    with ``enabled=False``) every call is eager. A capture that fails switches to
+    eager for good, with a warning that says why (``reason``).
+    """
+
+    def __init__(self, fn: Callable, params, *, enabled: bool = True, warmup: int = 3,
+                 max_graphs: int = 4):
+        self.fn, self.params = fn, list(params)
+        self.warmup, self.max_graphs = warmup, max_graphs
+        self.reason: Optional[str] = None if enabled else "disabled"
+        self._graphs: dict = {}
+        self._seen: dict = {}
+        self._pool = None
+        self.replays = 0
+
+    def _eager(self, inputs):
+        outs = self.fn(*inputs)
+        outs[0].backward()
+        return tuple(o.detach() for o in outs)
+
+    def __call__(self, *inputs: torch.Tensor):
+        if self.reason is not None or not inputs[0].is_cuda:
+            return self._eager(inputs)
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key in self._graphs:
+            return self._replay(key, inputs)
+        if self._seen.get(key, 0) < self.warmup:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            return _on_side_stream(lambda: self._eager(inputs))
+        try:
+            self._capture(key, inputs)
+        except Exception as err:
+            self.reason = f"capture failed ({type(err).__name__}: {str(err)[:200]})"
+            warnings.warn(f"GraphedStep: CUDA graphs off: {self.reason}")
+            self._graphs.clear()
+            for p in self.params:
+                p.grad = None
+            return self._eager(inputs)
+        return self._replay(key, inputs)
+
+    def _capture(self, key, inputs):
+        static = [t.clone() for t in inputs]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        for p in self.params:
+            p.grad = None            # backward allocates the gradients inside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outs = self.fn(*static)
+            outs[0].backward()
+        grads = [p.grad for p in self.params]
+        _make_room(self._graphs, self.max_graphs)
+        self._graphs[key] = (graph, static, tuple(o.detach() for o in outs), grads)
+
+    def _replay(self, key, inputs):
+        graph, static, outs, grads = self._graphs[key]
+        for dst, src in zip(static, inputs):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        self.replays += 1
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        # The graphs share one memory pool: hand out copies, not the static outputs.
+        return tuple(o.clone() for o in outs)
+
+
+# --- 3. memory: activation checkpointing of the frozen blocks, largest batch ------------------
+
+class CheckpointedBlock(nn.Module):
+    """A transformer block whose activations are recomputed in backward.
+
+    HeBA's slow-fast scales are drawn once per tower forward (the policy's own
+    counter-based stream, :class:`heba.clip.wiring.ScalePolicy`); by the time
+    backward recomputes this block the tower may have run again and drawn anew
+    (``torch.utils.checkpoint`` restores torch's RNG, not ours). So the scale
+    objects the policy hands out in forward (0-d device tensors, or floats) are
+    recorded and handed out again, in order, in the recomputation: the same
+    values, also inside a captured CUDA graph (the recorded tensors live in the
+    graph's memory and are rewritten by each replay's draw).
+    """
+
+    def __init__(self, block: nn.Module, policy):
+        super().__init__()
+        self.block = block
+        self._policy = policy
+
+    def __getattr__(self, name):
+        # open_clip reads e.g. ``resblocks[0].get_weight_dtype()``.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.block(*args, **kwargs)
+        draws: list = []
+        calls = [0]
+
+        def run(*a, **k):
+            calls[0] += 1
+            with _scale_tape(self._policy, draws, replay=calls[0] > 1):
+                return self.block(*a, **k)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def _scale_tape(policy, draws: list, replay: bool):
+    if policy is None:
+        yield
+        return
+    if replay:
+        it = iter(list(draws))
+        policy.scale = lambda *args, **kwargs: next(it)
+    else:
+        orig = type(policy).scale
+
+        def record(*args, **kwargs):
+            s = orig(policy, *args, **kwargs)
+            draws.append(s)
+            return s
+        policy.scale = record
+    try:
+        yield
+    finally:
+        del policy.scale          # the class's method again
+
+
+def checkpoint_frozen_blocks(model: nn.Module, every: int = 1) -> int:
+    """Wrap every ``every``-th residual block of each tower (blocks ``every-1, 2*every-1, ...``,
+    0-based) in :class:`CheckpointedBlock`. Returns how many were wrapped.
+
+    Saves the blocks' activations (the frozen backbone's bulk) at the price of
+    recomputing their forward in backward. Undo with :func:`uncheckpoint_frozen_blocks`
+    (before ``remove_adapters``).
+    """
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    policy = getattr(model, "heba_policy", None)
+    n = 0
+    for tr in towers(model).values():
+        for i in range(every - 1, len(tr.resblocks), every):
+            if isinstance(tr.resblocks[i], CheckpointedBlock):
+                raise ValueError("blocks are already checkpointed")
+            tr.resblocks[i] = CheckpointedBlock(tr.resblocks[i], policy)
+            n += 1
+    return n
+
+
+def uncheckpoint_frozen_blocks(model: nn.Module) -> int:
+    """Undo :func:`checkpoint_frozen_blocks`; returns how many blocks were unwrapped."""
+    n = 0
+    for tr in towers(model).values():
+        for i, blk in enumerate(tr.resblocks):
+            if isinstance(blk, CheckpointedBlock):
+                tr.resblocks[i] = blk.block
+                n += 1
+    return n
+
+
+def find_max_batch(run: Callable[[int], object], start: int = 16, limit: int = 1 << 14) -> int:
+    """The largest batch ``b <= limit`` for which ``run(b)`` does not run out of GPU memory.
+
+    Doubles from ``start`` until ``run`` raises ``torch.cuda.OutOfMemoryError``,
+    then bisects. ``run(b)`` should do one full training step at batch ``b``
+    (build inputs inside, so they are freed after). Returns 0 if batch 1 fails.
+    """
+    def fits(b):
+        try:
+            run(b)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    lo, hi = 0, max(1, min(start, limit))
+    while fits(hi):
+        lo = hi
+        if hi == limit:
+            return lo
+        hi = min(2 * hi, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+

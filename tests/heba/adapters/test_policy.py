@@ -1,0 +1,40 @@
+"""The scale policy: published constants, slow-fast draw frequency, construction from a
+configuration. (The device stream's bits, resume and graph replay: tests/test_graph_step.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from heba.adapters import ScalePolicy
+
+
+def test_scale_policy():
+    pol = ScalePolicy(seed=0)
+    assert pol.scale(False) == 0.025
+    pol.set_mode("novel")
+    assert pol.scale(False) == 0.010
+    pol.bind("text", 1)
+    draws = []
+    for _ in range(4000):           # one draw per block and tower forward (tests/test_graph_step)
+        draws.append(float(pol.scale(True, "text", 0)))   # block 0: a new forward's draw
+    assert set(draws) == {float(torch.tensor(0.025)), float(torch.tensor(0.025 * 2.25))}
+    frac_fast = sum(d > 0.03 for d in draws) / len(draws)
+    assert abs(frac_fast - 0.2) < 0.03, frac_fast
+    assert {ScalePolicy(slow_fast_ratio=1.0).scale(True) for _ in range(100)} == {0.025}
+    with pytest.raises(ValueError):
+        pol.set_mode("all")
+
+
+def test_from_config_reads_the_run_fields():
+    cfg = SimpleNamespace(base_scale=0.03, novel_scale=0.02, scale_factor=1.5,
+                          slow_fast_ratio=0.25, seed=11, slow_fast_draw="call", other=1)
+    pol = ScalePolicy.from_config(cfg)
+    assert (pol.base_scale, pol.novel_scale, pol.scale_factor, pol.slow_fast_ratio, pol.seed,
+            pol.per_block, pol.draws) == (0.03, 0.02, 1.5, 0.25, 11, False, "device")
+    assert ScalePolicy.from_config(SimpleNamespace(slow_fast_draw="block")).per_block
+    assert repr(ScalePolicy.from_config(SimpleNamespace(seed=0))) == repr(ScalePolicy(seed=0))
+    with pytest.raises(ValueError, match=r"slow_fast_ratio must be in \[0, 1\], got 1.5"):
+        ScalePolicy.from_config(SimpleNamespace(slow_fast_ratio=1.5))

@@ -1,0 +1,208 @@
+"""Checkpoints are atomic as a set: a kill between any two writes, then ``--resume``, gives
+the uninterrupted run (fault injection at every write point, not timing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+import pytest
+import torch
+
+from heba import cli
+from heba.clip.checkpoints import CheckpointError
+from heba.train import run_folder as rf
+from tests.clip_utils import image_folder, one_thread  # noqa: F401
+
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kills are forked children")
+
+# Two epochs (a set replaces a set), adapters on the last image block only (fast).
+ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "1", "--epochs", "2",
+        "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "4",
+        "--no-eval-before", "--quiet", "--threads", "1"]
+FINAL = {"config.json", "split_all.json", "metrics.jsonl", "epoch_2", "adapters.safetensors",
+         "adapters.json", "summary.md"}
+KILLED = 137
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_fsync():
+    """These are process kills, not power cuts: the page cache survives them, so the
+    fsyncs (a tenth of a run here) are skipped."""
+    real = rf._fsync
+    rf._fsync = lambda path: None
+    yield
+    rf._fsync = real
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("ds"), per_class=2)
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory):
+    """The uninterrupted run: its final weights, its metrics, and every write it made."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    writes = []
+    rf.WRITE_HOOK = writes.append
+    try:
+        assert cli.main([folder, *ARGS, "-o", out]) == 0
+    finally:
+        rf.WRITE_HOOK = None
+    return dict(out=out, writes=writes, weights=_weights(out), metrics=_metrics(out))
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "adapters.safetensors"))
+
+
+def _metrics(out):
+    return [(r["event"], r["epoch"]) for r in map(json.loads, open(os.path.join(out,
+                                                                               "metrics.jsonl")))]
+
+
+def _killed_at(k, argv):
+    """Run ``heba-train argv`` in a forked child that dies (os._exit) right after write ``k``."""
+    pid = os.fork()
+    if pid == 0:                                   # the child: never returns into pytest
+        code = 1
+        try:
+            count = [0]
+
+            def hook(what):
+                if count[0] == k:
+                    os._exit(KILLED)
+                count[0] += 1
+
+            rf.WRITE_HOOK = hook
+            code = 0 if cli.main(argv) == 0 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _committed(writes, k):
+    """The epoch of the last set committed by write ``k`` (0: none yet)."""
+    done = [int(m.group(1)) for w in writes[:k + 1] for m in [re.search(r"/epoch_(\d+)$", w)]
+            if m]
+    return max(done, default=0)
+
+
+def test_write_points_are_the_expected_sequence(reference):
+    """config first; per epoch the metrics, then the set (files, manifest, rename), then the
+    previous set removed; the final adapters and summary last."""
+    names = [os.path.basename(w) for w in reference["writes"]]
+    assert names[:2] == ["config.json", "split_all.json"]
+    renamed = [i for i, w in enumerate(reference["writes"]) if re.search(r"/epoch_\d+$", w)]
+    assert len(renamed) == 2
+    first_set = names[renamed[0] - 4:renamed[0]]
+    assert first_set == ["adapters.safetensors", "adapters.json", "train_state.pt",
+                         "manifest.json"]
+    assert names[-3:] == ["adapters.safetensors", "adapters.json", "summary.md"]
+    assert any("removed" in w and "epoch_1" in w for w in reference["writes"])
+    assert set(os.listdir(reference["out"])) == FINAL
+
+
+def test_kill_after_every_write_then_resume(folder, reference, tmp_path):
+    """After each write point: the folder holds the previous committed set (or the new one),
+    and --resume finishes the run with the uninterrupted weights, bit for bit, every epoch
+    listed once in metrics.jsonl, and no temporary file or folder left."""
+    writes = reference["writes"]
+    for k in range(len(writes)):
+        out = str(tmp_path / f"k{k}")
+        assert _killed_at(k, [folder, *ARGS, "-o", out]) == KILLED, f"write {k} not reached"
+        latest = rf.read_set(out)                # the set on disk is always whole
+        assert (latest.epoch if latest else 0) == _committed(writes, k), (k, writes[k])
+        assert cli.main([folder, *ARGS, "-o", out, "--resume"]) == 0, (k, writes[k])
+        assert set(os.listdir(out)) == FINAL, (k, writes[k], os.listdir(out))
+        got = _weights(out)
+        for name, ref in reference["weights"].items():
+            assert torch.equal(got[name], ref), (k, writes[k], name)
+        assert _metrics(out) == reference["metrics"], (k, writes[k])
+
+
+def test_resume_drops_a_half_written_line_and_leftovers(folder, reference, tmp_path):
+    """A kill inside a write: a metrics line cut short, a temporary file, a partial set."""
+    out = str(tmp_path / "mid")
+    k = next(i for i, w in enumerate(reference["writes"]) if re.search(r"/epoch_1$", w))
+    assert _killed_at(k, [folder, *ARGS, "-o", out]) == KILLED
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"event": "train", "epo')
+    open(os.path.join(out, ".summary.md.123.0badcafe.tmp"), "w").close()
+    os.mkdir(os.path.join(out, ".epoch_2.partial-123-abcdef"))
+    assert cli.main([folder, *ARGS, "-o", out, "--resume"]) == 0
+    assert set(os.listdir(out)) == FINAL
+    assert _metrics(out) == reference["metrics"]
+
+
+def test_files_get_the_umask_mode(reference):
+    """Every file the run writes has the mode a plain open() gives (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    out = reference["out"]
+    files = [os.path.join(out, f) for f in os.listdir(out)]
+    files += [os.path.join(out, "epoch_2", f) for f in os.listdir(os.path.join(out, "epoch_2"))]
+    for path in files:
+        if os.path.isfile(path):
+            assert stat.S_IMODE(os.stat(path).st_mode) == want, path
+
+
+def test_damaged_set_is_named(folder, reference, tmp_path):
+    """A set changed after it was written (a file truncated) is refused in one line."""
+    import shutil
+    out = str(tmp_path / "dam")
+    shutil.copytree(reference["out"], out)
+    os.remove(os.path.join(out, "adapters.json"))      # not finished: resume reads the set
+    state = os.path.join(out, "epoch_2", "train_state.pt")
+    with open(state, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"train_state.pt is 100 bytes"):
+        rf.read_set(out)
+
+
+def test_evaluate_an_unfinished_run(folder, reference, tmp_path, capsys):
+    """``evaluate --checkpoint <run>`` of a run stopped after epoch 1: its epoch_1 set."""
+    out = str(tmp_path / "part")
+    k = next(i for i, w in enumerate(reference["writes"]) if re.search(r"/epoch_1$", w))
+    assert _killed_at(k, [folder, *ARGS, "-o", out]) == KILLED
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--checkpoint", out, folder, "--split", "all",
+                     "--threads", "1"]) == 0
+    assert os.path.join("epoch_1", "adapters.safetensors") in capsys.readouterr().out
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    """ckpt-write-in-place: a write that dies half way leaves the previous file intact
+    and no temporary file behind."""
+    path = str(tmp_path / "adapters.json")
+    rf.atomic_write(path, lambda tmp: open(tmp, "w").write("old"))
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        rf.atomic_write(path, broken)
+    assert open(path).read() == "old"
+    assert os.listdir(tmp_path) == ["adapters.json"]
+
+
+def test_checkpoint_set_changed_in_place_is_named(tmp_path):
+    """set-sha-compared-with-itself: a file of a committed set changed after the commit,
+    same size (so only its sha256 can tell), fails read_set naming the file."""
+    rf.write_set(str(tmp_path), 3, {"a.bin": lambda p: open(p, "wb").write(b"abcd")})
+    assert rf.read_set(str(tmp_path)).epoch == 3
+    with open(tmp_path / "epoch_3" / "a.bin", "wb") as f:
+        f.write(b"abce")
+    with pytest.raises(CheckpointError, match=r"a\.bin does not match its manifest"):
+        rf.read_set(str(tmp_path))

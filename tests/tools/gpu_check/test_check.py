@@ -1,0 +1,107 @@
+"""scripts/gpu_check.sh runs end to end on the CPU (HEBA_GPU_CHECK_DRY_RUN=1) and reports.
+
+One dry run with a failing test and a wrong sweep output injected, one stage cut
+by its timeout and open_clip hidden: the report must show every stage, fill its
+tables, and report the failures, the cut and the skip with their reasons
+instead of hiding them. The numbers of a dry run mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tools.gpu_check import check as gpu_check
+from tools.gpu_check import report as check_report
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = dict(os.environ, PYTHON=sys.executable, HEBA_GPU_CHECK_DRY_RUN="1",
+               HEBA_HIDE_OPEN_CLIP="1", HEBA_GPU_CHECK_INJECT_FAIL="tests,sweep",
+               # info is cut on purpose; the rest get room for a slow, busy CI machine
+               HEBA_GPU_CHECK_TIMEOUTS="info=1,tests=180,sweep=300,bench-ops=300",
+               HEBA_GPU_CHECK_BUDGET="900",
+               HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/heba/clip/test_wiring.py",
+               HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile")
+    proc = subprocess.run(["bash", SCRIPT, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    md = (out / "gpu_check.md").read_text()
+    data = json.loads((out / "gpu_check.json").read_text())
+    return proc, out, md, data
+
+
+def test_dry_run_reports_every_stage(dry_run):
+    proc, out, md, data = dry_run
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]   # failures injected
+    status = {s["name"]: s["status"] for s in data["stages"]}
+    assert status == {"versions": "passed", "build": "skipped", "info": "cut", "tests": "failed",
+                      "sweep": "failed", "memcheck": "skipped", "racecheck": "skipped",
+                      "bench-ops": "passed", "bench-e2e": "skipped"}, status
+    for name, state in status.items():
+        assert f"| {name} | {state} |" in md, name
+    assert "**FAILED (failed or cut: info, tests, sweep)**" in md
+    assert "dry run: no CUDA build" in md and "dry run: no sanitizer" in md
+    assert "stopped at its limit of 1 s" in md and "### info" in md     # the cut, with its output
+    assert sorted(os.listdir(out)) == ["adapters.png", "bench_adapters.json", "gpu_check.json",
+                                       "gpu_check.log", "gpu_check.md", "junit_tests.xml"]
+
+
+def test_dry_run_tests_and_sweep_report_failures(dry_run):
+    _, _, md, data = dry_run
+    assert "test_injected_failure" in md and "injected failure" in md
+    assert "| 1 | needs open_clip (pip install open_clip_torch) |" in md    # the hidden module
+    # the stage runs tests/test_errors.py plus one injected failure: every other test passes
+    counts = re.search(r"(\d+) passed, 1 failed", md)
+    assert counts and int(counts.group(1)) >= 10, md[:2000]
+    sweep = next(s for s in data["stages"] if s["name"] == "sweep")
+    rows = sweep["data"]["rows"]
+    assert sweep["status"] == "failed" and "1 fail" in sweep["note"], sweep["note"]
+    ran = [r for r in rows if r["status"] != "skipped"]
+    assert {r["op"] for r in ran if r["status"] == "pass"} == set(check_report.OPS)
+    assert {r["dtype"] for r in ran} == {"fp32", "bf16", "fp16", "autocast-bf16"}
+    bad = [r for r in ran if r["status"] != "pass"]
+    assert len(bad) == 1 and bad[0]["errors"]["out"] > 1e-2, bad        # the perturbed output
+    assert "| heba_visual | tiny d32 4x4 | 2x17x32 | triton | fp32 | out |" in md
+    assert "**FAIL** out: 5.00e-02 > 1e-04" in md
+    assert "- cuda: not run here (the cuda backend runs on CUDA tensors" in md
+
+
+def test_dry_run_benchmark_tables(dry_run):
+    _, _, md, _ = dry_run
+    assert "| lowrank-r16-d768 | bf16 | fwdbwd | eager (published, seq-first) |" in md
+    assert "| lowrank-r16-d768 | bf16 | fwdbwd | heba triton |" in md
+    assert "| lowrank-r16-d768 >= 3.0x torch.compile | triton | no torch.compile row |" in md
+    assert "bench-e2e | skipped" in md and "open_clip is not installed here (hidden by" in md
+
+
+def test_bad_arguments_fail_in_one_line(tmp_path):
+    for args, msg in (([], "--out DIR is required"),
+                      (["--out", str(tmp_path), "--wheels", str(tmp_path)], "holds no .whl"),
+                      (["--bogus"], "unknown argument '--bogus'")):
+        proc = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr)
+
+
+def test_e2e_ids_and_goals():
+    ids = [f"benchmarks/test_train_step.py::test_train_step[{m}-{i}]"
+           for m in ("heba", "adaptertune-r16") for i in ("eager", "compile", "heba-triton")]
+    got = gpu_check._e2e_ids(ids, ["heba"], ["heba-triton", "eager"])
+    assert got == [ids[2], ids[0]], got
+    rows = [dict(case="text-d512", impl=i, dtype="bf16", mode="fwdbwd", cuda_ms=ms,
+                 pct_of_floor=50.0, saved_for_backward_bytes=s)
+            for i, ms, s in (("eager", 8.0, 900), ("compile", 4.0, 600), ("triton", 1.0, 200))]
+    table = check_report.targets_table(rows)
+    assert "| text-d512 >= 3.5x torch.compile | triton | 4.00x | yes |" in table
+    assert "| text-d512 saved-for-backward <= 1/3 of the reference's | triton | 0.22 | yes |" \
+        in table

@@ -1,0 +1,1 @@
+"""Tools for people who use heba: not part of the installed package."""
