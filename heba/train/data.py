@@ -195,12 +195,28 @@ class TrainLoader:
     def __len__(self):
         return len(self.loader)
 
-    def epoch(self, epoch: int):
-        """The batches of ``epoch`` (0-based): ``(images, labels)`` on the device."""
+    def epoch(self, epoch: int) -> "EpochBatches":
+        """The batches of ``epoch`` (0-based): ``(images, labels)`` on the device; has a len."""
+        return EpochBatches(self, epoch)
+
+    def _iter_epoch(self, epoch: int):
         shuffle, aug = epoch_seeds(self.cfg.seed, epoch, self.rank)
         self.sampler.set_epoch(epoch, shuffle, aug)
         self.generator.manual_seed(shuffle)
         return _to_device(self.loader, self.device, self.mean, self.std)
+
+
+class EpochBatches:
+    """One epoch of a :class:`TrainLoader`: ``len()`` batches; iterating sets the epoch."""
+
+    def __init__(self, loader: TrainLoader, epoch: int):
+        self.loader, self.epoch = loader, epoch
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return self.loader._iter_epoch(self.epoch)
 
 
 def train_loader(ds, cfg, device, world: int = 1, rank: int = 0, workers=0,

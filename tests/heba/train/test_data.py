@@ -50,6 +50,7 @@ def test_one_loader_per_run_reproducible_by_seed_and_epoch(image_items):
     one = D.train_loader(ds, _cfg(), "cpu", workers=0)
     assert one.dataset.pipeline == "fast" and len(one) == 3
     e0, e1 = _epochs(one, [0, 1])
+    assert len(one.epoch(5)) == len(e0) == 3
     x, y = e0[0]
     assert x.dtype == torch.float32 and x.shape == (2, 3, 48, 48) and y.dtype == torch.long
     assert not _same(e0, e1)
