@@ -31,6 +31,7 @@ epoch, accuracy, class names) and ``train_state.pt`` (optimizer, scheduler,
 epoch, best validation; ``--resume``), the finished run's adapters copied to the
 top; ``metrics.jsonl``
 (``train`` / ``eval`` records with ``top1`` / ``top5`` / ``loss``);
+``metrics.png`` (loss, learning rate, top-1 / top-5 per epoch, :mod:`heba.train.plots`);
 ``summary.md`` and ``summary.json`` (the published summary's keys:
 ``best_val_acc``, ``best_epoch``, ``test_acc``, plus ``test_acc5``).
 
@@ -60,6 +61,7 @@ from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate_checkpoint, evaluate_split
 from heba.train.metrics import format_acc, topk_acc, topk_correct
 from heba.train.graph import prepare_frozen
+from heba.train.plots import write_run_plot
 from heba.train.runtime import PRECISIONS, autocast_ctx
 from heba.train.trainable import load_trainable, load_trainable_file, trainable_state, \
     trainable_writers
@@ -232,6 +234,7 @@ class ClassifyRecipe:
         rf.publish_final(self.opts.output, self.latest, md)   # adapters + JSON, summary.md
         run.say(f"after training: test {format_acc(topk_acc(test))}")
         run.say(f"checkpoint: {run.ck_path}; metrics: {run.metrics_path}")
+        write_run_plot(self.opts.output, run.say)       # metrics.png (rank 0: _finish's caller)
 
     def cleanup(self) -> None:
         """Release the graphs and the model (the process group is the caller's)."""

@@ -16,6 +16,7 @@ the adapter parameters only). A run is a folder (:mod:`heba.train.run_folder`)::
                                     train_state.pt (optimizer, scheduler, RNG), manifest.json
     <output>/adapters.safetensors   the finished run's adapters (+ adapters.json)
     <output>/summary.md             the final accuracies
+    <output>/metrics.png            loss, learning rate and accuracy per epoch (matplotlib)
 
 Everything a run can fail on is checked before its first write
 (:mod:`heba.train.preflight`: what ``--resume`` / ``--overwrite`` / the demo do
@@ -50,6 +51,7 @@ from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate
 from heba.train.graph import checkpoint_frozen_blocks, prepare_frozen
 from heba.train.metrics import format_acc
+from heba.train.plots import write_run_plot
 from heba.train.prompts import make_bank
 from heba.train.runtime import PRECISIONS, autocast_ctx, barrier
 from heba.train.step import AdapterStep, draw_step
@@ -229,10 +231,10 @@ class TrainRecipe:
         """The last set is committed: publish its adapters and the summary at the top."""
         run = self.ctx
         rf.publish_final(self.opts.output, self.latest, self._summary(acc))
-        if self.acc_before is not None:
-            run.say(f"before training: {format_acc(self.acc_before)}")
+        # "before training:" was printed once, when it was measured (_evaluate_before)
         run.say(f"after training:  {format_acc(acc)}")
         run.say(f"adapters: {run.ck_path}; metrics: {run.metrics_path}")
+        write_run_plot(self.opts.output, run.say)       # metrics.png (rank 0: _finish's caller)
 
     def cleanup(self) -> None:
         """Release the graphs and the model (the process group is the caller's)."""
