@@ -61,7 +61,7 @@ from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate_checkpoint, evaluate_split
 from heba.train.metrics import format_acc, topk_acc, topk_correct
 from heba.train.graph import prepare_frozen
-from heba.train.plots import write_run_plot
+from heba.train.plots import RUN_PLOT, write_run_plot
 from heba.train.runtime import PRECISIONS, autocast_ctx
 from heba.train.trainable import load_trainable, load_trainable_file, trainable_state, \
     trainable_writers
@@ -211,6 +211,8 @@ class ClassifyRecipe:
             self._finish(test)
         else:
             self.ctx.say(f"after training: test {format_acc(topk_acc(test))}")
+            if not os.path.isfile(os.path.join(self.opts.output, RUN_PLOT)):
+                write_run_plot(self.opts.output, self.ctx.say)   # a kill came before it
         return topk_acc(test)
 
     def _finish(self, test: dict) -> None:

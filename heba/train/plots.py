@@ -3,12 +3,11 @@
 :func:`write_run_plot` draws a run folder's ``metrics.jsonl`` into
 ``<run>/metrics.png``: the training loss, the learning rate and the test
 accuracy per epoch (every accuracy the run records: base / novel / HM for a
-base-to-novel run, ``all`` for a CLIP run on every class, validation and test top-1 / top-5 for a
-classifier; epoch 0 is the
-accuracy before training). :func:`write_protocol_plot` draws a protocol's
-table (``<folder>/<name>.json``: per seed and mean +- std) into
-``<folder>/<name>.png``: one group per column, a bar for the mean with its
-standard deviation and a dot per seed.
+base-to-novel run, ``all`` for a CLIP run on every class, validation and test
+top-1 / top-5 for a classifier; epoch 0 is the accuracy before training).
+:func:`write_protocol_plot` draws a protocol's table (``<folder>/<name>.json``:
+per seed and mean +- std) into ``<folder>/<name>.png``: one group per column, a
+bar for the mean with its standard deviation and a dot per seed.
 
 matplotlib is optional (``pip install 'heba[plots]'``): without it both
 functions say so in one line and return ``None``. They use matplotlib's

@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,7 +52,7 @@ from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate
 from heba.train.graph import checkpoint_frozen_blocks, prepare_frozen
 from heba.train.metrics import format_acc
-from heba.train.plots import write_run_plot
+from heba.train.plots import RUN_PLOT, write_run_plot
 from heba.train.prompts import make_bank
 from heba.train.runtime import PRECISIONS, autocast_ctx, barrier
 from heba.train.step import AdapterStep, draw_step
@@ -216,6 +217,8 @@ class TrainRecipe:
         if not rf.is_published(self.opts.output, self.latest):
             rf.publish_final(self.opts.output, self.latest, self._summary(acc or {}))
             run.say(f"{self.opts.output}: wrote the final adapters and summary.md")
+        if not os.path.isfile(os.path.join(self.opts.output, RUN_PLOT)):
+            write_run_plot(self.opts.output, run.say)   # a kill came before the figure
         if acc:
             acc = dict(sorted(acc.items(), key=lambda kv: ACC_ORDER.get(kv[0], 9)))
             run.say(f"after training:  {format_acc(acc)}")
