@@ -8,6 +8,7 @@
     heba-train evaluate --checkpoint output/.../adapter_learner/model.pth.tar-30 \\
         --dataset eurosat --root /data --split base2novel           # a published checkpoint
     heba-train split --dataset eurosat --root /data --shots 16 --seed 1 --json split.json
+    heba-train predict --run runs/demo photos/ --top-k 3 --out predictions.csv  # new images
     torchrun --nproc_per_node=4 -m heba.cli --dataset imagenet --root /data ...
     heba-train --backbone timm:vit_small_patch16_224 --dataset cifar10 --root /data  # AdapterTune
     heba-train --backbone hf:/models/clip-vit-base-patch16 --dataset eurosat --root /data
@@ -15,6 +16,10 @@
 The recipe (``--recipe heba``, the default: the published HeBA settings, see
 :mod:`heba.train.config`) gives every default; each option overrides one
 field, and the resulting configuration is saved beside every checkpoint.
+Without ``-o`` a run writes ``runs/<protocol or split>-<data set>-<method>``
+(:func:`default_output`; the demo: ``runs/demo``). ``--dataset`` names a data set in
+CoOp's layout for a CLIP backbone and a torchvision data set for a ``timm:`` one; a
+name the backbone cannot read is refused with the list of those it can.
 Bad input is reported in one line with exit status 2, before anything is written.
 """
 
@@ -429,13 +434,11 @@ def run(args):
         from heba.train.predict import run_predict
         return run_predict(args)
     from heba.train import protocols, vision
-    from heba.train.config import UsageError, combination_warnings
+    from heba.train.config import UsageError
     from heba.train.recipe import TrainRecipe
     source = {"cross-dataset": "imagenet", "domain-generalization": "imagenet"}.get(args.command)
     cfg = make_train_config(args, source)
     opts = run_options(args, cfg.source == "demo", default_output(cfg, args.command))
-    for line in combination_warnings(cfg):
-        print(f"heba-train: warning: {line}", file=sys.stderr)
     seeds = args.seeds or [cfg.seed]
     if vision.is_classification(cfg.model):
         if args.command != "train":

@@ -56,7 +56,7 @@ from torch import nn
 from heba.train import backbones
 from heba.train import loop
 from heba.train import run_folder as rf
-from heba.train.config import Config, UsageError
+from heba.train.config import Config, UsageError, combination_warnings
 from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate_checkpoint, evaluate_split
 from heba.train.metrics import format_acc, topk_acc, topk_correct
@@ -140,6 +140,8 @@ class ClassifyRecipe:
         loop.announce(run, self.model, f"{d.name} ({cfg.root}): {d.num_classes} classes, "
                                        f"{len(d.train)} train / {len(d.val)} val / "
                                        f"{len(d.test)} test images", self.fast_notes)
+        for line in combination_warnings(cfg):      # after every check: the run goes ahead
+            run.say(f"warning: {line}")
         if run.plan.mode == "finished":
             return self._already_finished()
         self.model.train()

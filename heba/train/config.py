@@ -291,7 +291,7 @@ def _check_scale_policy(cfg: Config) -> None:
 
 def combination_warnings(cfg: Config) -> list:
     """One line per setting that ``cfg`` quietly makes do something else than it says (the
-    run goes ahead; the command line prints each as a warning).
+    run goes ahead; each recipe logs them as warnings after its checks).
 
     >>> combination_warnings(make_config("adaptertune", epochs=3))  # doctest: +ELLIPSIS
     ['--warmup-epochs 5 with --epochs 3: the warm-up is longer than the run, ...']

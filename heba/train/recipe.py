@@ -47,7 +47,7 @@ from heba.train import data as run_data
 from heba.train import loop
 from heba.train import preflight
 from heba.train import run_folder as rf
-from heba.train.config import Config, UsageError
+from heba.train.config import Config, UsageError, combination_warnings
 from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate
 from heba.train.graph import checkpoint_frozen_blocks, prepare_frozen
@@ -137,6 +137,8 @@ class TrainRecipe:
         n_all = sum(len(names) for names, _ in d.evals.values())
         loop.announce(run, self.model, f"{src}: {n_all} classes, {len(d.train_classes)} "
                                        f"trained, {cfg.shots} shots", self.fast_notes)
+        for line in combination_warnings(cfg):      # after every check: the run goes ahead
+            run.say(f"warning: {line}")
         if run.plan.mode == "finished":
             return self._already_finished()
         self.acc_before = self._evaluate_before()

@@ -291,11 +291,11 @@ def test_default_folders_differ_per_method_and_warn_of_a_long_warm_up(data, tmp_
     monkeypatch.chdir(tmp_path)
     rc, out, err = run([data, *FAST], capsys)
     assert rc == 0, err
-    assert out.count("before training:") == 1 and "warning" not in err
+    assert out.count("before training:") == 1 and "warning" not in out + err
     rc, out, err = run([data, *FAST, "--method", "adaptertune", "--rank", "4"], capsys)
     assert rc == 0, err
     assert sorted(os.listdir("runs")) == ["base2novel-ds-adaptertune", "base2novel-ds-heba"]
-    warnings = [line for line in err.splitlines() if "warning" in line]
+    warnings = [line for line in (out + err).splitlines() if "warning" in line]
     assert len(warnings) == 1 and "--warmup-epochs 5 with --epochs 1" in warnings[0], err
     for name in os.listdir("runs"):
         with open(os.path.join("runs", name, "metrics.png"), "rb") as f:
