@@ -252,7 +252,7 @@ def test_overwrite_replaces_only_the_run(data, finished, tmp_path, capsys):
     assert sorted(os.listdir(out)) == sorted(["notes.txt", "config.json", "split_base.json",
                                               "split_new.json", "metrics.jsonl", "epoch_2",
                                               "adapters.safetensors", "adapters.json",
-                                              "summary.md"])
+                                              "summary.md", "metrics.png"])
     epochs = [json.loads(line)["epoch"] for line in open(out / "metrics.jsonl")
               if json.loads(line)["event"] == "train"]
     assert epochs == [1, 2]
