@@ -32,7 +32,7 @@ import sys
 COMMANDS = ("train", "evaluate", "split", "cross-dataset", "domain-generalization", "predict")
 EPILOG = """\
 A bare `heba-train` runs the built-in demo (HeBA adapters on a tiny CLIP shipped with the
-package, generated images, about a minute on 2 CPU cores; it writes runs/demo).
+package, generated images, one to two minutes on 2 CPU cores; it writes runs/demo).
 `train` is the default command: `heba-train --dataset eurosat --root /data` is
 `heba-train train --dataset eurosat --root /data`.
 Run `heba-train <command> -h` for each command's options and their defaults."""

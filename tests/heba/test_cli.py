@@ -307,7 +307,8 @@ def test_default_folders_differ_per_method_and_warn_of_a_long_warm_up(data, tmp_
                                 "cifar10 is a torchvision data set"]),
     (["--dataset", "eurosatt"], ["CLIP backbone", "oxford_pets, eurosat"]),
     (["--backbone", "timm:vit_tiny_patch16_224", "--dataset", "eurosat"],
-     ["a timm backbone trains on", "cifar10", "svhn"]),
+     ["a timm backbone trains on", "cifar10", "svhn",
+      "eurosat is a data set in CoOp's layout: train a CLIP backbone on it"]),
 ])
 def test_dataset_name_checked_for_the_backbone(tmp_path, capsys, argv, expected):
     rc, _, err = run([*argv, "--root", str(tmp_path), "-o", str(tmp_path / "o")], capsys)
