@@ -207,8 +207,10 @@ def _train_opts(p):
                         "the model's own training transform" + recipe_default("augment"))
     g.add_argument("--eval-every", type=int, default=0,
                    help="evaluate every N epochs, 0: at the end only (default: %(default)s)")
-    g.add_argument("--no-eval-before", action="store_true",
-                   help="skip the evaluation before training")
+    g.add_argument("--no-eval-before", "--skip-zero-shot", dest="no_eval_before",
+                   action="store_true",
+                   help="skip the evaluation before training (the zero-shot accuracy); a run "
+                        "evaluates after its last epoch (and every --eval-every N epochs)")
     g.add_argument("--output", "-o", default=None,
                    help="run folder (default: runs/<protocol or split>-<data set>-<method>, "
                         "e.g. runs/base2novel-eurosat-heba, runs/cross-dataset-imagenet-heba, "
@@ -237,8 +239,17 @@ def _runtime(p):
     g.add_argument("--backend", default="auto",
                    help="kernels: auto (the fastest that runs here), reference, triton or cuda "
                         "(checked before anything runs) (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=0,
-                   help="data loader workers (default: %(default)s)")
+    g.add_argument("--workers", default="auto",
+                   help="data loader worker processes: an integer, or auto: 0 on a CPU, this "
+                        "process's share of the cores less one on a GPU, at most 16 "
+                        "(default: %(default)s)")
+    g.add_argument("--pipeline", choices=("fast", "published"), default="fast",
+                   help="training images: fast (decoded once, uint8 crop + flip per sample, "
+                        "normalised on the device) or published (PIL per sample); the same "
+                        "boxes and flips, pixels within 1/255 (default: %(default)s)")
+    g.add_argument("--check-images", choices=("fast", "full"), default="fast",
+                   help="before training: fast (header + end-of-image marker of every file) or "
+                        "full (decode every image) (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the idle cores)")
     g.add_argument("--allow-download", action="store_true",
@@ -421,7 +432,8 @@ def run_options(args, demo: bool, default: str = None):
                       threads=args.threads, allow_download=args.allow_download, quiet=args.quiet,
                       eval_every=args.eval_every, eval_before=not args.no_eval_before,
                       cuda_graphs=not args.no_cuda_graphs, cast_once=not args.no_cast_once,
-                      checkpoint_blocks=args.checkpoint_blocks)
+                      checkpoint_blocks=args.checkpoint_blocks, pipeline=args.pipeline,
+                      check_images=args.check_images)
 
 
 def run(args):
@@ -473,7 +485,8 @@ def _evaluate(args):
 def run_options_eval(args):
     from heba.train.context import RunOptions
     return RunOptions(device=args.device, backend=args.backend, workers=args.workers,
-                      threads=args.threads, allow_download=args.allow_download)
+                      threads=args.threads, allow_download=args.allow_download,
+                      check_images=args.check_images)
 
 
 def _split(args):

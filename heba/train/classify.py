@@ -120,6 +120,7 @@ class ClassifyRecipe:
         self.best = dict(best_val_acc=0.0, best_epoch=None)
         if run.plan.state is not None:
             self.best = dict(run.plan.state.get("best", self.best))
+        self.fast_notes.append(self.tr.data_note)
         self.fast_notes.append("CUDA graphs " + ("on" if self.tr.graph_off is None
                                                  else f"off ({self.tr.graph_off})"))
 

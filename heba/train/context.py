@@ -40,7 +40,9 @@ class RunOptions:
     resume: bool = False
     device: str = "auto"
     backend: str = "auto"
-    workers: int = 0
+    workers: object = "auto"        # an integer, or "auto" (heba.train.data.resolve_workers)
+    pipeline: str = "fast"          # training images: "fast" | "published" (heba.data.pipeline)
+    check_images: str = "fast"      # the image check: "fast" | "full" (heba.data.check)
     threads: Optional[int] = None
     allow_download: bool = False
     quiet: bool = False

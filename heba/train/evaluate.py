@@ -70,15 +70,14 @@ def evaluate(model, evals: dict, banks: dict, device, precision: str, batch_size
 
 def accuracy(model, ds, txt, device, precision, batch_size, workers) -> float:
     """Top-1 % of ``model``'s images of ``ds`` against the class features ``txt [C, E]``."""
-    correct = total = 0
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
+    from heba.train.data import eval_accuracy
+
+    def predict(images):
         with autocast_ctx(device, precision):
             img = F.normalize(model.encode_image(images).float(), dim=-1)
-        correct += (img @ txt.float().T).argmax(1).eq(labels).sum().item()
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
+        return (img @ txt.float().T).argmax(1)
+
+    return eval_accuracy(predict, ds, device, batch_size, workers)
 
 
 @torch.no_grad()
@@ -91,9 +90,8 @@ def evaluate_split(model, ds, device, precision: str, ks, batch_size: int = 128,
     hits = torch.zeros(len(ks), device=device)
     n = 0
     try:
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
-        for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
+        from heba.train.data import eval_batches
+        for images, labels in eval_batches(ds, batch_size, device, workers):
             with autocast_ctx(device, precision):
                 logits = model(images).float()
             loss += F.cross_entropy(logits, labels, label_smoothing=label_smoothing,
@@ -185,7 +183,7 @@ def _evaluate_clip(kind: str, file: str, overrides: dict, opts, log) -> dict:
     device, precision = runtime(cfg, opts)
     precision = "fp32" if cfg.eval_precision == "fp32" else precision
     data = run_data.build(cfg)
-    preflight.check_images([ds for _, ds in data.evals.values()])
+    preflight.check_images([ds for _, ds in data.evals.values()], mode=opts.check_images)
     bb = backbones.load(cfg, opts.allow_download)
     run_data.set_transforms(data, bb.train_transform, bb.eval_transform)
     model = backbones.attach(bb.model, cfg, opts.backend)

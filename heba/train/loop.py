@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from heba.clip.wiring import count_parameters
+from heba.train import data as run_data
 from heba.train import optim
 from heba.train import run_folder as rf
 from heba.train.context import Run
@@ -38,8 +39,8 @@ BAR_EVERY = 10          # training steps between progress-bar updates (each read
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of an epoch's augmentations (torch's global RNG) and draws."""
-    return seed * 100_003 + epoch * 1_009 + rank
+    """The seed of an epoch's augmentations and draws (:func:`heba.train.data.epoch_seeds`)."""
+    return run_data.epoch_seeds(seed, epoch, rank)[1]
 
 
 def isatty(stream) -> bool:
@@ -48,22 +49,6 @@ def isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def epoch_loader(run: Run, ds, epoch: int):
-    """The epoch's batches: shuffled by (seed, epoch); the last partial one dropped as Dassl."""
-    cfg, world = run.cfg, run.world
-    drop = cfg.drop_last and len(ds) >= cfg.batch_size * world
-    kw = dict(batch_size=cfg.batch_size, num_workers=run.opts.workers, drop_last=drop,
-              pin_memory=run.device.type == "cuda")
-    if world > 1:
-        from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(ds, num_replicas=world, rank=run.rank,
-                                     shuffle=True, seed=cfg.seed, drop_last=drop)
-        sampler.set_epoch(epoch)
-        return torch.utils.data.DataLoader(ds, sampler=sampler, **kw)
-    g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
-    return torch.utils.data.DataLoader(ds, shuffle=True, generator=g, **kw)
 
 
 @dataclass
@@ -76,9 +61,10 @@ class Training:
     opt: torch.optim.Optimizer
     sched: object
     scaler: torch.amp.GradScaler
-    loader: Callable                    # epoch -> its batches (:func:`epoch_loader`)
+    loader: Callable                    # epoch -> its batches (TrainLoader.epoch)
     start_epoch: int = 0
     graph_off: Optional[str] = None     # why the step is not a CUDA graph (None: it is)
+    data_note: str = ""                 # how the training images are read (TrainLoader.note)
     graphed: Optional[GraphedStep] = None
 
     def lr(self) -> float:
@@ -91,14 +77,17 @@ def build_training(run: Run, model, step, params, ds, load_weights: Callable[[st
     fp16 loss scaler; under ``--resume`` the saved set's weights (``load_weights(path)``),
     optimizer, scheduler and slow-fast stream; the CUDA-graph decision; DDP on several ranks."""
     cfg, device = run.cfg, run.device
+    batches = run_data.train_loader(ds, cfg, device, run.world, run.rank, run.opts.workers,
+                                    run.opts.pipeline)     # one loader for the run
     opt = optim.build_optimizer(params, cfg)
     if cfg.schedule == "epoch":                # Dassl: CosineAnnealingLR(T_max=epochs)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(cfg.epochs))
     else:                                      # per step, AdapterTune's warm-up
-        sched = optim.step_schedule(opt, cfg, len(epoch_loader(run, ds, 0)))
+        sched = optim.step_schedule(opt, cfg, len(batches))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16"
                                   and device.type == "cuda")
-    tr = Training(step, step, params, opt, sched, scaler, lambda e: epoch_loader(run, ds, e))
+    tr = Training(step, step, params, opt, sched, scaler, batches.epoch, data_note=batches.note)
+
     if run.plan.latest is not None:
         load_weights(run.plan.latest.file(rf.CKPT_NAME))
         tr.start_epoch = restore(tr, model, run.plan)

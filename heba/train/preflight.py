@@ -10,9 +10,11 @@ failure is a :class:`~heba.train.config.UsageError`,
 file; ``heba-train`` prints it and exits with status 2.
 
 Unreadable images: **the run fails before training, naming the file.** Every
-image a run will read (its training shots and its test images) is opened and
-decoded (JPEG at reduced size, which still reads every byte) on a few threads,
-so a corrupt, truncated or empty file stops the run before the model loads,
+image a run will read (its training shots and its test images) is checked on
+a few threads by :func:`heba.data.check.check_images`: ``--check-images fast``
+(default) reads each header and checks the file is whole (JPEG end-of-image
+marker, PNG IEND, ...), ``full`` decodes every image; either way an empty,
+truncated, damaged or non-image file stops the run before the model loads,
 not after the last epoch. (Dassl's ``read_image`` retries such a file forever;
 skipping it would silently change the training batches or the test set.)
 
@@ -42,7 +44,6 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -83,7 +84,9 @@ def check_options(opts) -> None:
     if opts.threads is not None and opts.threads < 1:
         raise UsageError(f"--threads must be >= 1 (leave it out to use the idle cores), "
                          f"got {opts.threads}")
-    for name, hint in (("workers", ""), ("eval_every", " (0: evaluate at the end only)"),
+    from heba.train.data import resolve_workers
+    resolve_workers(opts.workers, "cpu")
+    for name, hint in (("eval_every", " (0: evaluate at the end only)"),
                        ("checkpoint_blocks", " (0: off)")):
         if getattr(opts, name) < 0:
             raise UsageError(f"{flag(name)} must be >= 0{hint}, got {getattr(opts, name)}")
@@ -289,51 +292,19 @@ def _tensor_keys(obj):
     return [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
 
 
-def check_images(datasets, log=None) -> int:
-    """Open and decode every image of ``datasets`` (each with ``.items`` of ``.path``).
-
-    Raises :class:`heba.data.coop.DataError` naming the first unreadable file (and how
-    many more there are); returns how many images were checked.
-    """
-    from heba.data.coop import DataError
-    paths = sorted({it.path for ds in datasets for it in getattr(ds, "items", ())
-                    if getattr(it, "path", None)})
-    todo = [p for p in paths if _stamp(p) not in _CHECKED]
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-        errors = list(pool.map(image_error, todo))
-    bad = [(p, e) for p, e in zip(todo, errors) if e]
-    _CHECKED.update(_stamp(p) for p, e in zip(todo, errors) if not e)
-    if bad:
-        more = f"; {len(bad) - 1} more unreadable" if len(bad) > 1 else ""
-        raise DataError(f"image {bad[0][0]} cannot be read ({bad[0][1]}){more}: every image "
-                        f"is checked before training; repair or remove it")
-    return len(paths)
+def check_images(datasets, log=None, mode: str = "fast") -> int:
+    """Check every image of ``datasets`` (each with ``.items`` of ``.path``) with
+    :func:`heba.data.check.check_images` (``mode``: ``"fast"`` header + end marker,
+    ``"full"`` decode); raises :class:`heba.data.coop.DataError` naming the first bad file."""
+    from heba.data.check import check_images as check_paths
+    return check_paths([it.path for ds in datasets for it in getattr(ds, "items", ())
+                        if getattr(it, "path", None)], mode)
 
 
-# Images found readable in this process, by (path, size, mtime): a protocol's seeds and
-# the runs it starts check each image once.
-_CHECKED: set = set()
-
-
-def _stamp(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (path, None, None)
-    return (path, st.st_size, st.st_mtime_ns)
-
-
-def image_error(path: str) -> Optional[str]:
-    """Why ``path`` cannot be decoded as an image (None when it can)."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (64, 64))      # decode at 1/8 size: still every byte read
-            img.load()
-    except Exception as err:
-        return f"{type(err).__name__}: {one_line(err)}"
-    return None
+def image_error(path: str, mode: str = "full") -> Optional[str]:
+    """Why ``path`` cannot be read as an image (None when it can; :mod:`heba.data.check`)."""
+    from heba.data.check import image_error as error
+    return error(path, mode)
 
 
 def one_line(err, limit: int = 240) -> str:

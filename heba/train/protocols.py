@@ -81,7 +81,7 @@ def base2novel(cfg: Config, opts: RunOptions, seeds, log=print) -> dict:
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:                      # every seed's data checked before anything is written
         d = run_data.build(c)
-        check_images([d.train] + [ds for _, ds in d.evals.values()])
+        check_images([d.train] + [ds for _, ds in d.evals.values()], mode=opts.check_images)
     rows = {}
     for c in runs:
         log(f"== base-to-novel, {c.dataset or 'demo'}, seed {c.seed}")
@@ -111,10 +111,10 @@ def transfer(cfg: Config, opts: RunOptions, seeds, targets, name: str, log=print
     runs = [dataclasses.replace(cfg, seed=s) for s in seeds]
     for c in runs:
         d = run_data.build(c)
-        check_images([d.train] + [ds for _, ds in d.evals.values()])
+        check_images([d.train] + [ds for _, ds in d.evals.values()], mode=opts.check_images)
     # every target readable, its images too, before anything is written
     check_images([run_data.target(t, cfg.root, cfg.seed, None, cfg.test_per_class)[1]
-                  for t in targets])
+                  for t in targets], mode=opts.check_images)
     rows = {}
     for c in runs:
         log(f"== {name}: train on {c.dataset}, seed {c.seed}")

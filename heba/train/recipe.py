@@ -86,7 +86,8 @@ class TrainRecipe:
         cfg, opts = self.cfg, self.opts
         self.ctx = run = start(cfg, opts, self._log)
         self.data = run_data.build(cfg)            # the data set first: cheapest to check
-        preflight.check_images([self.data.train] + [ds for _, ds in self.data.evals.values()])
+        preflight.check_images([self.data.train] + [ds for _, ds in self.data.evals.values()],
+                               mode=opts.check_images)
         bb = backbones.load(cfg, opts.allow_download)
         run_data.set_transforms(self.data, bb.train_transform, bb.eval_transform)
         self.tokenizer, self.eval_transform = bb.tokenizer, bb.eval_transform
@@ -103,6 +104,7 @@ class TrainRecipe:
                                       lambda path: ckpt.load_adapters(path, self.model),
                                       bucket_view=True)
         self.latest = run.plan.latest
+        self.fast_notes.append(self.tr.data_note)
         self.fast_notes.append("CUDA graphs " + ("on (forward + backward, one graph per "
                                                  "batch shape)" if self.tr.graph_off is None
                                                  else f"off ({self.tr.graph_off})"))

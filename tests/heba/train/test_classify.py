@@ -9,7 +9,7 @@ evaluated once after the last epoch), ``src/train/optim.py`` (AdamW over the
 ``src/datasets/torchvision_datasets.py`` (eval transform Resize(256), CenterCrop,
 ImageNet normalisation), ``src/models/vit_adapter.py`` (``x = block(x); x = x +
 up(gelu(down(x)))``) and ``configs/base.yaml`` (the defaults). Data: CIFAR-10's
-real pickle layout (tests/test_data_vision.py's writer) and ImageFolder trees.
+real pickle layout (tests/heba/data/test_vision.py's writer) and ImageFolder trees.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from heba.train.config import make_config  # noqa: E402
 from heba.train.optim import cosine_factor  # noqa: E402
 from heba.train.context import RunOptions  # noqa: E402
 from tests.clip_utils import one_thread  # noqa: E402,F401
-from tests.test_data_vision import no_md5, write_cifar10  # noqa: E402,F401
+from tests.heba.data.test_vision import no_md5, write_cifar10  # noqa: E402,F401
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

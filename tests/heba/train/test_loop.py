@@ -212,20 +212,18 @@ def test_single_process_equals_two_rank_ddp(tmp_path):
 
 
 def test_loader_order_changes_per_epoch():
-    """recipe-same-order-every-epoch, ddp-sampler-epoch-not-set: a new shuffle every epoch
+    """loader-same-order-every-epoch, pipeline-ddp-epoch-not-set: a new shuffle every epoch
     (Dassl's RandomSampler draws from the advancing global generator; DistributedSampler
     after set_epoch), the same one for the same (seed, epoch)."""
-    from types import SimpleNamespace
-
-    from heba.train import loop
+    from heba.train import data as run_data
     from heba.train.config import make_config
-    ds = torch.utils.data.TensorDataset(torch.arange(40))
+    ds = torch.utils.data.TensorDataset(torch.arange(40), torch.zeros(40, dtype=torch.long))
     for world in (1, 2):                    # 2: the DistributedSampler of rank 0 (set_epoch)
-        fake = SimpleNamespace(cfg=make_config("heba", batch_size=4, seed=1), world=world,
-                               rank=0, opts=SimpleNamespace(workers=0), device=torch.device("cpu"))
+        loader = run_data.train_loader(ds, make_config("heba", batch_size=4, seed=1), "cpu",
+                                       world=world, rank=0, workers=0)
 
         def order(epoch):
-            return torch.cat([b[0] for b in loop.epoch_loader(fake, ds, epoch)]).tolist()
+            return torch.cat([b[0] for b in loader.epoch(epoch)]).tolist()
 
         assert len(set(order(0))) == 40 // world and order(0) == order(0)
         assert order(0) != order(1) and order(1) != order(2)
