@@ -8,6 +8,7 @@
     heba-train evaluate --checkpoint output/.../adapter_learner/model.pth.tar-30 \\
         --dataset eurosat --root /data --split base2novel           # a published checkpoint
     heba-train split --dataset eurosat --root /data --shots 16 --seed 1 --json split.json
+    heba-train predict --run runs/demo photos/ --top-k 3 --out predictions.csv  # new images
     torchrun --nproc_per_node=4 -m heba.cli --dataset imagenet --root /data ...
     heba-train --backbone timm:vit_small_patch16_224 --dataset cifar10 --root /data  # AdapterTune
     heba-train --backbone hf:/models/clip-vit-base-patch16 --dataset eurosat --root /data
@@ -15,6 +16,10 @@
 The recipe (``--recipe heba``, the default: the published HeBA settings, see
 :mod:`heba.train.config`) gives every default; each option overrides one
 field, and the resulting configuration is saved beside every checkpoint.
+Without ``-o`` a run writes ``runs/<protocol or split>-<data set>-<method>``
+(:func:`default_output`; the demo: ``runs/demo``). ``--dataset`` names a data set in
+CoOp's layout for a CLIP backbone and a torchvision data set for a ``timm:`` one; a
+name the backbone cannot read is refused with the list of those it can.
 Bad input is reported in one line with exit status 2, before anything is written.
 """
 
@@ -24,113 +29,191 @@ import argparse
 import os
 import sys
 
-COMMANDS = ("train", "evaluate", "split", "cross-dataset", "domain-generalization")
-EPILOG = "Run `heba-train <command> -h` for each command's options."
+COMMANDS = ("train", "evaluate", "split", "cross-dataset", "domain-generalization", "predict")
+EPILOG = """\
+A bare `heba-train` runs the built-in demo (HeBA adapters on a tiny CLIP shipped with the
+package, generated images, one to two minutes on 2 CPU cores; it writes runs/demo).
+`train` is the default command: `heba-train --dataset eurosat --root /data` is
+`heba-train train --dataset eurosat --root /data`.
+Run `heba-train <command> -h` for each command's options and their defaults."""
+HELP_FORMAT = argparse.RawDescriptionHelpFormatter
+
+
+def recipe_default(field: str, demo=None) -> str:
+    """``(default: the recipe's: heba 30, heba-xd 10, adaptertune 50)`` for a Config field
+    (one value when every recipe agrees; ``demo``: the bare demo's own value)."""
+    from heba.train.config import RECIPES, Config
+    base = Config()
+    values = {name: over.get(field, getattr(base, field)) for name, over in RECIPES.items()}
+    shown = {k: "none" if v is None else v for k, v in values.items()}
+    if len(set(map(str, shown.values()))) == 1:
+        text = f"the recipe's, {next(iter(shown.values()))}"
+    else:
+        text = "the recipe's: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+    if demo is not None:
+        text += f"; the bare demo: {demo}"
+    return f" (default: {text})".replace("%", "%%")
+
+
+def clip_datasets() -> list:
+    """The ``--dataset`` names of a CLIP backbone: CoOp's layout (:mod:`heba.data.coop`)."""
+    from heba.data.coop import DATASETS
+    return list(DATASETS)
+
+
+def timm_datasets() -> list:
+    """The ``--dataset`` names of a ``timm:NAME`` backbone (:mod:`heba.train.vision`)."""
+    from heba.train.vision import DATASET_NAMES
+    return [n for n in DATASET_NAMES if n != "imagefolder"]
 
 
 def _data(p, positional=True):
     if positional:
         p.add_argument("folder", nargs="?", default=None,
                        help="ImageFolder root (root/<class>/<image>, or root/train + "
-                            "root/test); none and no --dataset: the built-in generated data")
+                            "root/test) (default: none; with no --dataset either, the built-in "
+                            "demo's generated data)")
     p.add_argument("--dataset", default=None,
-                   help="a data set in CoOp's layout (oxford_pets, eurosat, dtd, caltech101, "
-                        "oxford_flowers, stanford_cars, sun397, ucf101, food101, fgvc_aircraft, "
-                        "imagenet, imagenetv2, imagenet_sketch, imagenet_a, imagenet_r)")
-    p.add_argument("--root", default=None, help="the folder holding the CoOp data set folders")
+                   help="the data set under --root; its name depends on the backbone. CLIP "
+                        "backbones (open_clip, hf:) read CoOp's layout: "
+                        + ", ".join(clip_datasets()) + ". timm:NAME backbones read "
+                        "torchvision's: " + ", ".join(timm_datasets()) + " (default: none)")
+    p.add_argument("--root", default=None,
+                   help="the folder holding the data set folders (default: none)")
 
 
 def _model(p):
     g = p.add_argument_group("model and adapters")
     g.add_argument("--recipe", default=None,
-                   help="defaults of every field: heba (published HeBA, the default), heba-xd, "
-                        "adaptertune")
+                   help="the defaults of every field: heba (the published HeBA settings), "
+                        "heba-xd (its cross-dataset settings) or adaptertune (default: heba; "
+                        "adaptertune with --method adaptertune or a timm:NAME backbone)")
     g.add_argument("--method", choices=("heba", "adaptertune", "head-only", "full"),
-                   default=None, help="head-only, full: the published AdapterTune baselines "
-                                      "(timm backbones)")
+                   default=None, help="the adapters; head-only and full are the published "
+                                      "AdapterTune baselines (timm backbones)"
+                                      + recipe_default("method"))
     g.add_argument("--model", "--backbone", dest="model", default=None,
-                   help="open_clip model (default ViT-B-16; 'tiny' = the built-in demo model), "
-                        "timm:NAME (an image classifier, the AdapterTune protocol) or hf:DIR "
-                        "(a local transformers CLIP folder)")
+                   help="open_clip model ('tiny' = the built-in demo model), timm:NAME (an "
+                        "image classifier, the AdapterTune protocol) or hf:DIR (a local "
+                        "transformers CLIP folder) (default: ViT-B-16; the bare demo: tiny)")
     g.add_argument("--model-kwargs", default=None,
-                   help='timm: JSON keyword arguments of timm.create_model ({"depth": 2})')
+                   help='timm: JSON keyword arguments of timm.create_model, e.g. {"depth": 2} '
+                        "(default: none)")
     g.add_argument("--pretrained", default=None,
-                   help="open_clip tag (default openai), a weights file, or 'none'; tiny: "
-                        "'builtin' (default), 'none' or a file; timm: published (default), "
-                        "timm, a tag, a file or none; hf: folder (default) or none")
+                   help="the weights: open_clip tag, a weights file or 'none' (default: "
+                        "openai); tiny: 'builtin', 'none' or a file (default: builtin); timm: "
+                        "published, timm, a tag, a file or none (default: published); hf: "
+                        "folder or none (default: folder)")
     g.add_argument("--quick-gelu", choices=("auto", "on", "off"), default=None,
                    help="QuickGELU activations (auto: for the openai tag, as those weights were "
-                        "trained; pass 'on' for an OpenAI weights file)")
-    g.add_argument("--towers", choices=("both", "visual", "text"), default=None)
-    g.add_argument("--start", type=int, default=None, help="heba: first adapted layer (1-based)")
-    g.add_argument("--end", type=int, default=None, help="heba: last adapted layer")
-    g.add_argument("--reduction", type=int, default=None, help="heba: bottleneck reduction")
-    g.add_argument("--rank", type=int, default=None, help="adaptertune: low-rank width")
-    g.add_argument("--every", type=int, default=None, help="adaptertune: every k-th block")
-    g.add_argument("--alpha", type=float, default=None, help="adaptertune: residual scale")
-    g.add_argument("--base-scale", type=float, default=None)
-    g.add_argument("--novel-scale", type=float, default=None)
+                        "trained; pass 'on' for an OpenAI weights file)"
+                        + recipe_default("quick_gelu"))
+    g.add_argument("--towers", choices=("both", "visual", "text"), default=None,
+                   help="the towers that get adapters" + recipe_default("towers"))
+    for name, what in (("start", "heba: first adapted layer (1-based)"),
+                       ("end", "heba: last adapted layer (none: the last)"),
+                       ("reduction", "heba: bottleneck reduction"),
+                       ("rank", "adaptertune: low-rank width"),
+                       ("every", "adaptertune: every k-th block")):
+        g.add_argument(f"--{name}", type=int, default=None, help=what + recipe_default(name))
+    g.add_argument("--alpha", type=float, default=None,
+                   help="adaptertune: residual scale" + recipe_default("alpha"))
+    g.add_argument("--base-scale", type=float, default=None,
+                   help="heba: adapter output scale of base classes (slow)"
+                        + recipe_default("base_scale"))
+    g.add_argument("--novel-scale", type=float, default=None,
+                   help="heba: adapter output scale declared for novel classes"
+                        + recipe_default("novel_scale"))
     g.add_argument("--novel-eval", choices=("base", "novel"), default=None,
                    help="scale of novel classes at test: base (what the published code runs) "
-                        "or novel (its declared --novel-scale)")
-    g.add_argument("--scale-factor", type=float, default=None, help="slow-fast factor")
+                        "or novel (its declared --novel-scale)" + recipe_default("novel_eval"))
+    g.add_argument("--scale-factor", type=float, default=None,
+                   help="slow-fast factor: the fast scale is the base scale times this"
+                        + recipe_default("scale_factor"))
     g.add_argument("--slow-fast-ratio", type=float, default=None,
-                   help="probability of the base scale per adapter call while training")
+                   help="probability of the base scale per adapter call while training"
+                        + recipe_default("slow_fast_ratio"))
     g.add_argument("--slow-fast-draw", choices=("block", "call"), default=None,
-                   help="draw the slow-fast scale once per block (published) or per adapter")
-    g.add_argument("--split", choices=("base2novel", "all"), default=None)
+                   help="draw the slow-fast scale once per block (published) or per adapter"
+                        + recipe_default("slow_fast_draw"))
+    g.add_argument("--split", choices=("base2novel", "all"), default=None,
+                   help="base2novel: train on the base half of the classes, test base and "
+                        "novel; all: every class" + recipe_default("split"))
     g.add_argument("--test-per-class", type=int, default=None,
-                   help="cap on test images per class (>= 1; leave it out for all of them)")
+                   help="cap on test images per class, >= 1 (default: every test image)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                    help="autocast precision (auto: on CUDA the recipe's, heba: fp16 with "
-                        "loss scaling as published, adaptertune: bf16; fp32 on the CPU)")
+                        "loss scaling as published, adaptertune: bf16; fp32 on the CPU)"
+                        + recipe_default("precision"))
     g.add_argument("--eval-precision", choices=("train", "fp32"), default=None,
-                   help="test-time precision: train (the run's, default) or fp32 (as the "
-                        "published test(), which runs without autocast)")
+                   help="test-time precision: train (the run's) or fp32 (as the published "
+                        "test(), which runs without autocast)" + recipe_default("eval_precision"))
     g.add_argument("--descriptions", default=None,
                    help="class descriptions: the published trainers/gpt3_prompts/<name>.py, "
-                        "CuPL's JSON, or the folder of either (read, never executed)")
+                        "CuPL's JSON, or the folder of either (read, never executed) (default: "
+                        "none: --ctx-init + the class name; the bare demo: its own templates)")
     g.add_argument("--template", action="append", default=None,
-                   help="prompt template with {} for the class (repeatable; replaces the "
-                        "descriptions rule)")
-    g.add_argument("--ctx-init", default=None, help='prompt start (default "a photo of a")')
+                   help="prompt template with {} for the class, repeatable; replaces the "
+                        "descriptions rule (default: none)")
+    g.add_argument("--ctx-init", default=None,
+                   help="prompt start" + recipe_default("ctx_init"))
 
 
 def _train_opts(p):
     g = p.add_argument_group("training")
-    g.add_argument("--shots", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--shots", type=int, default=None,
+                   help="training images per class" + recipe_default("shots"))
+    g.add_argument("--seed", type=int, default=None,
+                   help="the seed of the few-shot draw, the adapters and the data order"
+                        + recipe_default("seed"))
     g.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="run the protocol once per seed and write per-seed + mean +- std")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
+                   help="run the protocol once per seed (<output>/seed<S>) and write per-seed "
+                        "+ mean +- std (default: one run with --seed)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="training epochs" + recipe_default("epochs", demo=10))
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="training batch size" + recipe_default("batch_size"))
     g.add_argument("--no-drop-last", dest="drop_last", action="store_const", const=False,
-                   default=None, help="keep the last partial batch (published: dropped)")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
+                   default=None, help="keep the last partial batch, i.e. drop_last False "
+                                      "(published HeBA: dropped)" + recipe_default("drop_last"))
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate" + recipe_default("lr"))
+    g.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum" + recipe_default("momentum"))
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay" + recipe_default("weight_decay"))
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
-                   help="sgd (HeBA, Dassl's) or adamw (AdapterTune)")
+                   help="sgd (HeBA, Dassl's) or adamw (AdapterTune)" + recipe_default("optimizer"))
     g.add_argument("--warmup-epochs", type=int, default=None,
-                   help="linear warm-up epochs of the per-step cosine (AdapterTune: 5)")
+                   help="linear warm-up epochs of the per-step cosine (--schedule step)"
+                        + recipe_default("warmup_epochs"))
     g.add_argument("--grad-clip", type=float, default=None,
-                   help="max gradient norm, 0: off (AdapterTune: 1.0)")
+                   help="max gradient norm, 0: off" + recipe_default("grad_clip"))
     g.add_argument("--val-split", type=float, default=None,
-                   help="timm: held-out fraction of the training set (published 0.1)")
+                   help="timm: held-out fraction of the training set"
+                        + recipe_default("val_split"))
     g.add_argument("--schedule", choices=("epoch", "step"), default=None,
-                   help="cosine stepped per epoch (published) or per step")
-    g.add_argument("--label-smoothing", type=float, default=None)
+                   help="cosine stepped per epoch (published HeBA) or per step (AdapterTune, "
+                        "with --warmup-epochs)" + recipe_default("schedule"))
+    g.add_argument("--label-smoothing", type=float, default=None,
+                   help="label smoothing of the loss" + recipe_default("label_smoothing"))
     g.add_argument("--candidates", choices=("batch", "all"), default=None,
-                   help="batch: the batch's classes + negatives (published); all: every class")
+                   help="the candidate-set loss: batch (the batch's classes + negatives, "
+                        "published) or all (every class)" + recipe_default("candidates"))
     g.add_argument("--neg-per-class", type=int, default=None,
-                   help="negatives per unique class of a batch (published: 5)")
+                   help="negatives per unique class of a batch" + recipe_default("neg_per_class"))
     g.add_argument("--augment", choices=("dassl", "openclip"), default=None,
-                   help="dassl: random resized crop (0.08, 1) + flip (published)")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N epochs (0: end)")
-    g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before")
+                   help="dassl: random resized crop (0.08, 1) + flip (published); openclip: "
+                        "the model's own training transform" + recipe_default("augment"))
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N epochs, 0: at the end only (default: %(default)s)")
+    g.add_argument("--no-eval-before", action="store_true",
+                   help="skip the evaluation before training")
     g.add_argument("--output", "-o", default=None,
-                   help="run folder (default runs/heba; the bare demo: runs/demo, where it "
-                        "replaces only its own previous run)")
+                   help="run folder (default: runs/<protocol or split>-<data set>-<method>, "
+                        "e.g. runs/base2novel-eurosat-heba, runs/cross-dataset-imagenet-heba, "
+                        "runs/classification-cifar10-adaptertune; the bare demo: runs/demo, "
+                        "where it replaces only its own previous run)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output after its last saved epoch (a finished "
                         "run: report its accuracy, train nothing)")
@@ -138,57 +221,91 @@ def _train_opts(p):
                    help="delete the run in --output and start over (not with --resume)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     f = p.add_argument_group("speed and memory (results are the same up to rounding)")
-    f.add_argument("--no-cuda-graphs", action="store_true")
+    f.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run each step eagerly instead of replaying a CUDA graph (GPU only)")
     f.add_argument("--no-cast-once", action="store_true",
                    help="keep the frozen backbone fp32 and let autocast cast it every step")
     f.add_argument("--checkpoint-blocks", type=int, default=0, metavar="K",
-                   help="recompute every K-th frozen block in backward (0: none)")
+                   help="recompute every K-th frozen block in backward, 0: none "
+                        "(default: %(default)s)")
 
 
 def _runtime(p):
     g = p.add_argument_group("where it runs")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when visible, else the CPU (default: %(default)s)")
     g.add_argument("--backend", default="auto",
-                   help="kernels: auto (default: the fastest that runs here), reference, triton "
-                        "or cuda (checked before anything runs)")
-    g.add_argument("--workers", type=int, default=0, help="data loader workers")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle cores)")
+                   help="kernels: auto (the fastest that runs here), reference, triton or cuda "
+                        "(checked before anything runs) (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="data loader workers (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the idle cores)")
     g.add_argument("--allow-download", action="store_true",
                    help="let open_clip / timm download weights (never without this flag)")
+
+
+TRAIN_COMMANDS = (("train", "train (several --seeds: the base-to-novel protocol)"),
+                  ("cross-dataset", "train on ImageNet, all classes; test on 10 other data sets"),
+                  ("domain-generalization", "train on ImageNet; test on ImageNet-V2/-Sketch/-A/-R"))
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="heba-train", description="Few-shot HeBA / AdapterTune adapters on a frozen CLIP.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    for name, helptext in (("train", "train (several --seeds: base-to-novel protocol)"),
-                           ("cross-dataset", "ImageNet, all classes -> the 10 other data sets"),
-                           ("domain-generalization", "ImageNet -> ImageNet-V2/-Sketch/-A/-R")):
-        p = sub.add_parser(name, help=helptext)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
+                                help="the command (default: train)")
+    from heba.train.protocols import CROSS_TARGETS, DG_TARGETS
+    for name, helptext in TRAIN_COMMANDS:
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:]
+                           + ".", formatter_class=HELP_FORMAT)
         _data(p, positional=name == "train")
         _model(p)
         _train_opts(p)
         _runtime(p)
         if name != "train":
-            p.add_argument("--targets", nargs="+", default=None, help="target data sets")
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint (heba's or the published one)")
+            p.add_argument("--targets", nargs="+", default=None,
+                           help="the data sets tested on (default: "
+                                + " ".join(CROSS_TARGETS if name == "cross-dataset"
+                                           else DG_TARGETS) + ")")
+    _evaluate_parser(sub)
+    _split_parser(sub)
+    from heba.train.predict import add_predict_parser
+    add_predict_parser(sub)
+    return parser
+
+
+def _evaluate_parser(sub):
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint (heba's or the published one)",
+                       description="Evaluate a checkpoint on its data set's test split.",
+                       formatter_class=HELP_FORMAT)
     _data(e)
     _model(e)
     _runtime(e)
     e.add_argument("--checkpoint", required=True,
-                   help="adapters.safetensors or its folder; a published model.pth.tar-<N>, "
+                   help="adapters.safetensors or its run folder; a published model.pth.tar-<N>, "
                         "or the published run folder (<out>/adapter_learner)")
-    e.add_argument("--shots", type=int, default=None)
-    e.add_argument("--seed", type=int, default=None)
-    e.add_argument("--output", "-o", default=None, help="append the result to metrics.jsonl here")
-    s = sub.add_parser("split", help="write the exact split a run would use, as JSON")
+    e.add_argument("--shots", type=int, default=None,
+                   help="the few-shot draw's shots (default: the checkpoint's)")
+    e.add_argument("--seed", type=int, default=None,
+                   help="the few-shot draw's seed (default: the checkpoint's)")
+    e.add_argument("--output", "-o", default=None,
+                   help="append the result to metrics.jsonl in this folder (default: none)")
+
+
+def _split_parser(sub):
+    s = sub.add_parser("split", help="write the exact split a run would use, as JSON",
+                       description="Write the images a CoOp-layout run would use, as JSON "
+                                   "(the same file a run writes as split_<subsample>.json).",
+                       formatter_class=HELP_FORMAT)
     _data(s, positional=False)
-    s.add_argument("--shots", type=int, required=True)
-    s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--subsample", choices=("all", "base", "new"), default="all")
-    s.add_argument("--json", required=True, help="output file")
-    return parser
+    s.add_argument("--shots", type=int, required=True, help="training images per class")
+    s.add_argument("--seed", type=int, required=True, help="the seed of the few-shot draw")
+    s.add_argument("--subsample", choices=("all", "base", "new"), default="all",
+                   help="the classes: all, base (the half a base-to-novel run trains and tests "
+                        "as base) or new (its novel half) (default: %(default)s)")
+    s.add_argument("--json", required=True, help="the file to write")
 
 
 def parse_args(argv=None):
@@ -245,6 +362,8 @@ def make_train_config(args, source_default=None):
         return vision.classifier_config(over, args.recipe)
     if over.get("model_kwargs"):
         raise UsageError("--model-kwargs is for timm:NAME backbones")
+    if over.get("source") == "coop":
+        check_clip_dataset(over["dataset"], over.get("model", "ViT-B-16"))
     demo = "source" not in over
     method = over.get("method", "heba")
     recipe = args.recipe or ("adaptertune" if method == "adaptertune" else "heba")
@@ -258,11 +377,44 @@ def make_train_config(args, source_default=None):
     return make_config(recipe, **over)
 
 
-def run_options(args, demo: bool):
+def default_output(cfg, command: str = "train") -> str:
+    """The run folder when ``-o`` is not given: ``runs/demo`` for the demo, else
+    ``runs/<protocol or split>-<data set>-<method>``, so that protocols, data sets and methods
+    never share a folder.
+
+    >>> from heba.train.config import make_config
+    >>> default_output(make_config("heba", source="coop", dataset="eurosat", root="/data"))
+    'runs/base2novel-eurosat-heba'
+    """
+    from heba.train import vision
+    if cfg.source == "demo":
+        return "runs/demo"
+    if vision.is_classification(cfg.model):
+        kind = "classification"
+    else:
+        kind = command if command != "train" else cfg.split
+    data = cfg.root if cfg.dataset == "imagefolder" else cfg.dataset
+    data = os.path.basename(os.path.normpath(str(data)))
+    return f"runs/{kind}-{data}-{cfg.method}"
+
+
+def check_clip_dataset(name: str, model: str) -> None:
+    """``--dataset`` of a CLIP backbone names a data set in CoOp's layout (one line if not)."""
+    from heba.train.config import UsageError
+    if name not in clip_datasets():
+        hint = (f"; {name} is a torchvision data set: train a timm:NAME backbone on it"
+                if name.lower() in timm_datasets() else "")
+        raise UsageError(f"--dataset {name}: a CLIP backbone ({model}) reads one of CoOp's "
+                         f"data sets: {', '.join(clip_datasets())}{hint}")
+
+
+def run_options(args, demo: bool, default: str = None):
+    """The :class:`RunOptions` of the command line; ``default``: the folder without ``-o``
+    (:func:`default_output`; the demo's ``runs/demo`` when not given)."""
     from heba.train.context import RunOptions
     # The bare demo writes runs/demo and replaces only a previous demo run there
     # (heba.train.preflight); a real run's folder is never replaced without --overwrite.
-    output = args.output or ("runs/demo" if demo else "runs/heba")
+    output = args.output or default or ("runs/demo" if demo else "runs/heba")
     return RunOptions(output=output, overwrite=args.overwrite, resume=args.resume,
                       demo_default=demo and args.output is None,
                       device=args.device, backend=args.backend, workers=args.workers,
@@ -278,12 +430,15 @@ def run(args):
         return _split(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "predict":
+        from heba.train.predict import run_predict
+        return run_predict(args)
     from heba.train import protocols, vision
     from heba.train.config import UsageError
     from heba.train.recipe import TrainRecipe
     source = {"cross-dataset": "imagenet", "domain-generalization": "imagenet"}.get(args.command)
     cfg = make_train_config(args, source)
-    opts = run_options(args, cfg.source == "demo")
+    opts = run_options(args, cfg.source == "demo", default_output(cfg, args.command))
     seeds = args.seeds or [cfg.seed]
     if vision.is_classification(cfg.model):
         if args.command != "train":

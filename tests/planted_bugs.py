@@ -32,10 +32,14 @@ T_WIRING = "tests/heba/clip/test_wiring.py"
 T_POLICY = "tests/heba/adapters/test_policy.py"
 T_ATTACH = "tests/heba/adapters/test_attach.py"
 T_CKPT = "tests/heba/adapters/test_published.py"
-T_COOP = "tests/test_data_coop.py"
-T_VISION = "tests/test_data_vision.py"
+T_COOP = "tests/heba/data/test_coop.py"
+T_VISION = "tests/heba/data/test_vision.py"
 T_STREAM = "tests/heba/adapters/test_policy_stream.py"
 T_NN = "tests/heba/test_nn.py"
+PIPE = "heba/data/pipeline.py"
+T_PIPE = "tests/heba/data/test_pipeline.py"
+T_RUNDATA = "tests/heba/train/test_data.py"
+T_CHECK = "tests/heba/data/test_check.py"
 
 REFERENCE = [
     Bug("ref-gelu-tanh", "reference", REF,
@@ -240,6 +244,62 @@ DATA = [
         "count[it.label] < test_per_class",
         ("tests/heba/data/test_folder.py::test_folder_test_per_class_keeps_that_many",),
         "--test-per-class N keeps N - 1 test images per class"),
+    Bug("pipeline-box-aspect-inverted", "data", PIPE,
+        "w = int(round(math.sqrt(target * aspect)))",
+        "w = int(round(math.sqrt(target / aspect)))",
+        (T_PIPE,),
+        "crop boxes of another shape than torchvision's RandomResizedCrop draws"),
+    Bug("pipeline-order-no-base-seed", "data", PIPE,
+        "    torch.empty((), dtype=torch.int64).random_(generator=g)    # the iterator's base seed\n",
+        "",
+        (T_PIPE, f"{T_RUNDATA}::test_demo_tensors_batched_as_todays_loader"),
+        "the epoch's sample order is not the one the published-style loader drew"),
+    Bug("pipeline-fast-flip-ignored", "data", PIPE,
+        "return (out.flip(-1) if flip else out).contiguous()",
+        "return out.contiguous()",
+        (f"{T_PIPE}::test_same_boxes_and_images_as_today",),
+        "the fast pipeline never flips: half the augmentation of the published recipe lost"),
+    Bug("pipeline-normalise-no-255", "data", PIPE,
+        ".to(dtype).div_(255)",
+        ".to(dtype)",
+        (f"{T_PIPE}::test_normalize_on_device_is_to_tensor_then_normalize",),
+        "uint8 batches normalised without the 1/255 of ToTensor: inputs 255x too large"),
+    Bug("loader-epoch-generator-not-reseeded", "data", "heba/train/data.py",
+        "        self.generator.manual_seed(shuffle)\n",
+        "",
+        (f"{T_RUNDATA}::test_random_transforms_in_workers_follow_seed_and_epoch",),
+        "random transforms in workers seeded from a generator not reseeded per epoch: a "
+        "resumed run draws other augmentations"),
+    Bug("testcrops-key-ignores-mtime", "data", "heba/data/testcrops.py",
+        "\\0{st.st_size}\\0{st.st_mtime_ns}",
+        "\\0{st.st_size}",
+        ("tests/heba/data/test_testcrops.py::test_over_the_memory_cap_a_cache_file_is_reused",),
+        "an image rewritten in place is evaluated from its old cached crop"),
+    Bug("check-jpeg-end-not-checked", "data", "heba/data/check.py",
+        '_ENDS = {"JPEG": _jpeg_end, ',
+        "_ENDS = {",
+        (f"{T_CHECK}::test_fast_check_names_what_is_wrong",),
+        "the fast check decodes every JPEG in full: no faster than the full check"),
+    Bug("loader-same-order-every-epoch", "data", "heba/train/data.py",
+        "return seed * 7_919 + epoch, seed * 100_003 + epoch * 1_009 + rank",
+        "return seed * 7_919, seed * 100_003 + epoch * 1_009 + rank",
+        (f"{T_RUNDATA}::test_demo_tensors_batched_as_todays_loader",),
+        "every epoch sees the images in the same order"),
+    Bug("pipeline-ddp-epoch-not-set", "data", PIPE,
+        "        s.set_epoch(epoch)\n",
+        "",
+        (f"{T_PIPE}::test_distributed_order_is_distributed_sampler",),
+        "under DDP every epoch sees the same split and order of the images"),
+    Bug("loader-drop-last-ignored", "data", "heba/train/data.py",
+        "drop = cfg.drop_last and len(ds) >= cfg.batch_size * world",
+        "drop = False",
+        (f"{T_RUNDATA}::test_demo_tensors_batched_as_todays_loader",),
+        "the last partial batch trained on, unlike Dassl (another number of steps per epoch)"),
+    Bug("check-empty-not-named", "data", "heba/data/check.py",
+        '        return "empty file"\n',
+        '        pass\n',
+        (f"{T_CHECK}::test_fast_check_names_what_is_wrong",),
+        "an empty file reported as an unidentified image, not as empty"),
 ]
 
 LOOP = [

@@ -50,15 +50,8 @@ def _data(tmp_path):
 
 def _run(argv, data):
     from heba.cli import main
-    from heba.train import predict
     argv = [data + a[len("/data"):] if a.startswith("/data") else a for a in argv[1:]]
-    if argv[0] == "predict":                  # the predict command's own argument parser
-        import argparse
-        ap = argparse.ArgumentParser()
-        predict.add_predict_parser(ap.add_subparsers(dest="command"))
-        predict.run_predict(ap.parse_args(argv + ["--device", "cpu"]))
-        return 0
-    if argv[0] not in ("evaluate", "split"):
+    if argv[0] not in ("evaluate", "split", "predict"):
         argv += TINY
     return main(argv)
 
@@ -72,5 +65,9 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     demo = ["heba-train", "-o", "runs/demo", "--shots", "2"]  # the run "Use a trained run" names
     for argv in [demo] + [c for c in commands if c not in skipped]:
         assert _run(argv, data) == 0, " ".join(argv)
-    assert os.path.isfile("runs/eurosat/base2novel.json") and os.path.isfile("split.json")
-    assert os.path.isfile("predictions.csv")
+    # the default folders the README names: one per protocol, data set and method
+    assert sorted(os.listdir("runs")) == ["base2novel-eurosat-heba",
+                                          "base2novel-my_folder-adaptertune", "demo"]
+    assert os.path.isfile("runs/base2novel-eurosat-heba/base2novel.json")
+    assert os.path.isfile("runs/base2novel-eurosat-heba/base2novel.png")
+    assert os.path.isfile("split.json") and os.path.isfile("predictions.csv")

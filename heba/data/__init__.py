@@ -7,6 +7,13 @@
   splits for a seed.
 - ``heba.data.vision``: torchvision data sets read from local roots with the
   AdapterTune protocol's seeded validation split and transforms.
+- ``heba.data.synthetic`` / ``heba.data.demo``: the built-in generated shapes.
+- ``heba.data.pipeline``: the training samples as uint8 (published draws,
+  decoded once or PIL per sample), normalised on the device.
+- ``heba.data.testcrops``: the deterministic test crops, prepared once.
+- ``heba.data.check``: is every image whole (header + end marker, or decode).
+
+README.md beside this file: the pipelines, their defaults and measurements.
 
 This package imports nothing on its own; import the module you need.
 """

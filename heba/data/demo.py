@@ -1,4 +1,4 @@
-"""The built-in demo data: generated coloured shapes (:mod:`heba.clip.synthetic`), no files.
+"""The built-in demo data: generated coloured shapes (:mod:`heba.data.synthetic`), no files.
 
 A fixed pool of ``pool_per_class`` images per class (``"shifted"`` style), from
 which ``shots`` are drawn by ``seed``, and a separate fixed test set; the 64
@@ -41,7 +41,7 @@ class TensorImages(Dataset):
 def demo_splits(shots: int, seed: int, test_per_class: Optional[int] = None,
                 pool_per_class: int = 48, classes: Optional[list] = None):
     """``(classes, train TensorImages, test TensorImages)`` of the generated data set."""
-    from heba.clip import synthetic
+    from heba.data import synthetic
     classes = classes or synthetic.all_classes()
     if shots > pool_per_class:
         raise DataError(f"the built-in data set has {pool_per_class} training images per "

@@ -100,12 +100,6 @@ class ImageList(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
+        from heba.data.pipeline import read_rgb
         item = self.items[i]
-        try:
-            with Image.open(item.path) as img:
-                img = img.convert("RGB")
-        except Exception as err:    # checked before training; this is a file changed since
-            raise DataError(f"image {item.path} cannot be read ({type(err).__name__}: "
-                            f"{' '.join(str(err).split())})") from None
-        return self.transform(img), item.label
+        return self.transform(read_rgb(item.path)), item.label

@@ -31,6 +31,7 @@ epoch, accuracy, class names) and ``train_state.pt`` (optimizer, scheduler,
 epoch, best validation; ``--resume``), the finished run's adapters copied to the
 top; ``metrics.jsonl``
 (``train`` / ``eval`` records with ``top1`` / ``top5`` / ``loss``);
+``metrics.png`` (loss, learning rate, top-1 / top-5 per epoch, :mod:`heba.train.plots`);
 ``summary.md`` and ``summary.json`` (the published summary's keys:
 ``best_val_acc``, ``best_epoch``, ``test_acc``, plus ``test_acc5``).
 
@@ -55,11 +56,12 @@ from torch import nn
 from heba.train import backbones
 from heba.train import loop
 from heba.train import run_folder as rf
-from heba.train.config import Config, UsageError
+from heba.train.config import Config, UsageError, combination_warnings
 from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate_checkpoint, evaluate_split
 from heba.train.metrics import format_acc, topk_acc, topk_correct
 from heba.train.graph import prepare_frozen
+from heba.train.plots import RUN_PLOT, write_run_plot
 from heba.train.runtime import PRECISIONS, autocast_ctx
 from heba.train.trainable import load_trainable, load_trainable_file, trainable_state, \
     trainable_writers
@@ -138,6 +140,8 @@ class ClassifyRecipe:
         loop.announce(run, self.model, f"{d.name} ({cfg.root}): {d.num_classes} classes, "
                                        f"{len(d.train)} train / {len(d.val)} val / "
                                        f"{len(d.test)} test images", self.fast_notes)
+        for line in combination_warnings(cfg):      # after every check: the run goes ahead
+            run.say(f"warning: {line}")
         if run.plan.mode == "finished":
             return self._already_finished()
         self.model.train()
@@ -209,6 +213,8 @@ class ClassifyRecipe:
             self._finish(test)
         else:
             self.ctx.say(f"after training: test {format_acc(topk_acc(test))}")
+            if not os.path.isfile(os.path.join(self.opts.output, RUN_PLOT)):
+                write_run_plot(self.opts.output, self.ctx.say)   # a kill came before it
         return topk_acc(test)
 
     def _finish(self, test: dict) -> None:
@@ -232,6 +238,7 @@ class ClassifyRecipe:
         rf.publish_final(self.opts.output, self.latest, md)   # adapters + JSON, summary.md
         run.say(f"after training: test {format_acc(topk_acc(test))}")
         run.say(f"checkpoint: {run.ck_path}; metrics: {run.metrics_path}")
+        write_run_plot(self.opts.output, run.say)       # metrics.png (rank 0: _finish's caller)
 
     def cleanup(self) -> None:
         """Release the graphs and the model (the process group is the caller's)."""

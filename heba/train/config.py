@@ -289,6 +289,26 @@ def _check_scale_policy(cfg: Config) -> None:
         raise UsageError(f"{flag(name)} {rest}") from None
 
 
+def combination_warnings(cfg: Config) -> list:
+    """One line per setting that ``cfg`` quietly makes do something else than it says (the
+    run goes ahead; each recipe logs them as warnings after its checks).
+
+    >>> combination_warnings(make_config("adaptertune", epochs=3))  # doctest: +ELLIPSIS
+    ['--warmup-epochs 5 with --epochs 3: the warm-up is longer than the run, ...']
+    """
+    out = []
+    if cfg.warmup_epochs and cfg.schedule != "step":
+        out.append(f"--warmup-epochs {cfg.warmup_epochs} has no effect with --schedule "
+                   f"{cfg.schedule} (the warm-up is the per-step cosine's: --schedule step)")
+    elif cfg.warmup_epochs >= cfg.epochs > 0:
+        longer = "longer than" if cfg.warmup_epochs > cfg.epochs else "as long as"
+        out.append(f"--warmup-epochs {cfg.warmup_epochs} with --epochs {cfg.epochs}: the "
+                   f"warm-up is {longer} the run, so the learning rate only rises, up to "
+                   f"{cfg.lr * cfg.epochs / cfg.warmup_epochs:.3g} (--lr {cfg.lr:g}), and "
+                   f"never follows the cosine")
+    return out
+
+
 def _check_combinations(cfg: Config) -> None:
     if cfg.method in ("head-only", "full") and not str(cfg.model).startswith("timm:"):
         raise UsageError(f"--method {cfg.method} is a timm classification baseline "

@@ -3,11 +3,11 @@
 :func:`write_run_plot` draws a run folder's ``metrics.jsonl`` into
 ``<run>/metrics.png``: the training loss, the learning rate and the test
 accuracy per epoch (every accuracy the run records: base / novel / HM for a
-base-to-novel run, ``all`` or top-1 / top-5 otherwise; epoch 0 is the
-accuracy before training). :func:`write_protocol_plot` draws a protocol's
-table (``<folder>/<name>.json``: per seed and mean +- std) into
-``<folder>/<name>.png``: one group per column, a bar for the mean with its
-standard deviation and a dot per seed.
+base-to-novel run, ``all`` for a CLIP run on every class, validation and test
+top-1 / top-5 for a classifier; epoch 0 is the accuracy before training).
+:func:`write_protocol_plot` draws a protocol's table (``<folder>/<name>.json``:
+per seed and mean +- std) into ``<folder>/<name>.png``: one group per column, a
+bar for the mean with its standard deviation and a dot per seed.
 
 matplotlib is optional (``pip install 'heba[plots]'``): without it both
 functions say so in one line and return ``None``. They use matplotlib's
@@ -60,10 +60,17 @@ def read_metrics(run_dir: str) -> tuple[dict, dict]:
             if rec.get("event") == "train" and "epoch" in rec:
                 train[rec["epoch"]] = rec
             elif rec.get("event") == "eval" and "epoch" in rec:
-                evals[rec["epoch"]] = {k: v for k, v in rec.items()
-                                       if k not in ("event", "epoch")
-                                       and isinstance(v, (int, float))}
+                evals.setdefault(rec["epoch"], {}).update(_accuracies(rec))
     return train, evals
+
+
+def _accuracies(rec: dict) -> dict:
+    """An eval record's accuracies ``{name: %}``; a classifier's split names them
+    (``val top1``, ``test top1``) and its loss is not an accuracy."""
+    split = rec.get("split")
+    return {(f"{split} {k}" if split else k): v for k, v in rec.items()
+            if k not in ("event", "epoch", "loss") and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
 
 
 def write_run_plot(run_dir: str, log=print) -> Optional[str]:
@@ -96,7 +103,8 @@ def write_run_plot(run_dir: str, log=print) -> Optional[str]:
 
 
 def _order(name: str):
-    known = ("base", "novel", "hm", "all", "top1", "top5")
+    known = ("base", "novel", "hm", "all", "top1", "top5", "val top1", "val top5", "test top1",
+             "test top5")
     return (known.index(name) if name in known else len(known), name)
 
 

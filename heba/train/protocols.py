@@ -12,7 +12,8 @@
   per seed; test top-1 / top-5 per seed, mean +- std (published: seeds 0, 1, 2).
 
 Every seed's run is an ordinary run folder (``<output>/seed<S>``, resumable);
-the protocol writes ``<output>/<protocol>.json`` and ``<output>/<protocol>.md``.
+the protocol writes ``<output>/<protocol>.json``, ``<output>/<protocol>.md`` and a figure
+of them, ``<output>/<protocol>.png`` (:mod:`heba.train.plots`).
 std is the population standard deviation over seeds (``np.std``, ddof 0), as the
 published ``parse_test_res.py`` reports it (0 for one seed).
 """
@@ -30,6 +31,7 @@ from heba.train.classify import ClassifyRecipe
 from heba.train.config import Config, UsageError
 from heba.train.context import RunOptions
 from heba.train.metrics import format_acc, harmonic_mean
+from heba.train.plots import write_protocol_plot
 from heba.train.preflight import check_images
 from heba.train.prompts import make_bank
 from heba.train.recipe import TrainRecipe, check_output
@@ -180,7 +182,8 @@ def write_table(folder: str, name: str, result: dict, cols, log) -> None:
     """``<folder>/<name>.json`` and ``<name>.md``: per seed, then mean +- std."""
     os.makedirs(folder, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write(os.path.join(folder, f"{name}.json"), lambda tmp: open(tmp, "w").write(text))
+    json_path = os.path.join(folder, f"{name}.json")
+    atomic_write(json_path, lambda tmp: open(tmp, "w").write(text))
     head = "| seed | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     body = "".join(f"| {s} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |\n"
                    for s, r in result["per_seed"].items())
@@ -192,3 +195,4 @@ def write_table(folder: str, name: str, result: dict, cols, log) -> None:
         md += f"\nHM of the mean base and novel accuracies: {result['hm_of_means']:.2f}\n"
     atomic_write(os.path.join(folder, f"{name}.md"), lambda tmp: open(tmp, "w").write(md))
     log(md)
+    write_protocol_plot(json_path, log)     # <name>.png: per seed and mean +- std

@@ -16,6 +16,7 @@ the adapter parameters only). A run is a folder (:mod:`heba.train.run_folder`)::
                                     train_state.pt (optimizer, scheduler, RNG), manifest.json
     <output>/adapters.safetensors   the finished run's adapters (+ adapters.json)
     <output>/summary.md             the final accuracies
+    <output>/metrics.png            loss, learning rate and accuracy per epoch (matplotlib)
 
 Everything a run can fail on is checked before its first write
 (:mod:`heba.train.preflight`: what ``--resume`` / ``--overwrite`` / the demo do
@@ -35,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -45,11 +47,12 @@ from heba.train import data as run_data
 from heba.train import loop
 from heba.train import preflight
 from heba.train import run_folder as rf
-from heba.train.config import Config, UsageError
+from heba.train.config import Config, UsageError, combination_warnings
 from heba.train.context import RunOptions, start
 from heba.train.evaluate import evaluate
 from heba.train.graph import checkpoint_frozen_blocks, prepare_frozen
 from heba.train.metrics import format_acc
+from heba.train.plots import RUN_PLOT, write_run_plot
 from heba.train.prompts import make_bank
 from heba.train.runtime import PRECISIONS, autocast_ctx, barrier
 from heba.train.step import AdapterStep, draw_step
@@ -134,6 +137,8 @@ class TrainRecipe:
         n_all = sum(len(names) for names, _ in d.evals.values())
         loop.announce(run, self.model, f"{src}: {n_all} classes, {len(d.train_classes)} "
                                        f"trained, {cfg.shots} shots", self.fast_notes)
+        for line in combination_warnings(cfg):      # after every check: the run goes ahead
+            run.say(f"warning: {line}")
         if run.plan.mode == "finished":
             return self._already_finished()
         self.acc_before = self._evaluate_before()
@@ -214,6 +219,8 @@ class TrainRecipe:
         if not rf.is_published(self.opts.output, self.latest):
             rf.publish_final(self.opts.output, self.latest, self._summary(acc or {}))
             run.say(f"{self.opts.output}: wrote the final adapters and summary.md")
+        if not os.path.isfile(os.path.join(self.opts.output, RUN_PLOT)):
+            write_run_plot(self.opts.output, run.say)   # a kill came before the figure
         if acc:
             acc = dict(sorted(acc.items(), key=lambda kv: ACC_ORDER.get(kv[0], 9)))
             run.say(f"after training:  {format_acc(acc)}")
@@ -229,10 +236,10 @@ class TrainRecipe:
         """The last set is committed: publish its adapters and the summary at the top."""
         run = self.ctx
         rf.publish_final(self.opts.output, self.latest, self._summary(acc))
-        if self.acc_before is not None:
-            run.say(f"before training: {format_acc(self.acc_before)}")
+        # "before training:" was printed once, when it was measured (_evaluate_before)
         run.say(f"after training:  {format_acc(acc)}")
         run.say(f"adapters: {run.ck_path}; metrics: {run.metrics_path}")
+        write_run_plot(self.opts.output, run.say)       # metrics.png (rank 0: _finish's caller)
 
     def cleanup(self) -> None:
         """Release the graphs and the model (the process group is the caller's)."""

@@ -75,11 +75,14 @@ def data_source(over: dict) -> dict:
     elif over.get("source") == "coop":
         over["source"] = "vision"
     if over.get("source") == "vision":
-        known = DATASET_NAMES
-        if str(over.get("dataset")).lower() not in known:
-            raise UsageError(f"--dataset {over.get('dataset')}: a timm backbone trains on "
+        known, name = DATASET_NAMES, over.get("dataset")
+        if str(name).lower() not in known:
+            from heba.data.coop import DATASETS as COOP
+            hint = (f"; {name} is a data set in CoOp's layout: train a CLIP backbone on it"
+                    if name in COOP else "")
+            raise UsageError(f"--dataset {name}: a timm backbone trains on "
                              f"{', '.join(n for n in known if n != 'imagefolder')} (under "
-                             f"--root DIR) or an ImageFolder path")
+                             f"--root DIR) or an ImageFolder path{hint}")
     return over
 
 

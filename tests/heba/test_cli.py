@@ -252,7 +252,7 @@ def test_overwrite_replaces_only_the_run(data, finished, tmp_path, capsys):
     assert sorted(os.listdir(out)) == sorted(["notes.txt", "config.json", "split_base.json",
                                               "split_new.json", "metrics.jsonl", "epoch_2",
                                               "adapters.safetensors", "adapters.json",
-                                              "summary.md"])
+                                              "summary.md", "metrics.png"])
     epochs = [json.loads(line)["epoch"] for line in open(out / "metrics.jsonl")
               if json.loads(line)["event"] == "train"]
     assert epochs == [1, 2]
@@ -277,7 +277,43 @@ def test_bare_demo_replaces_only_a_demo_run(finished, tmp_path, capsys, monkeypa
     assert json.load(open("runs/demo/adapters.json"))["source"] == "demo"
     assert sorted(os.listdir("runs/demo")) == sorted(["config.json", "metrics.jsonl",
                                                       "epoch_1", "adapters.safetensors",
-                                                      "adapters.json", "summary.md"])
+                                                      "adapters.json", "summary.md",
+                                                      "metrics.png"])
+
+
+# --- default folders, warnings, one line per measurement ------------------------------------
+
+def test_default_folders_differ_per_method_and_warn_of_a_long_warm_up(data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Without -o: runs/<split>-<data>-<method>, so an AdapterTune run never lands in a HeBA
+    run's folder; a warm-up longer than the run is one warning line; the accuracy before
+    training is printed once; each finished run has its figure."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run([data, *FAST], capsys)
+    assert rc == 0, err
+    assert out.count("before training:") == 1 and "warning" not in out + err
+    rc, out, err = run([data, *FAST, "--method", "adaptertune", "--rank", "4"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir("runs")) == ["base2novel-ds-adaptertune", "base2novel-ds-heba"]
+    warnings = [line for line in (out + err).splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "--warmup-epochs 5 with --epochs 1" in warnings[0], err
+    for name in os.listdir("runs"):
+        with open(os.path.join("runs", name, "metrics.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "cifar10"], ["CLIP backbone", "eurosat", "imagenet_r",
+                                "cifar10 is a torchvision data set"]),
+    (["--dataset", "eurosatt"], ["CLIP backbone", "oxford_pets, eurosat"]),
+    (["--backbone", "timm:vit_tiny_patch16_224", "--dataset", "eurosat"],
+     ["a timm backbone trains on", "cifar10", "svhn",
+      "eurosat is a data set in CoOp's layout: train a CLIP backbone on it"]),
+])
+def test_dataset_name_checked_for_the_backbone(tmp_path, capsys, argv, expected):
+    rc, _, err = run([*argv, "--root", str(tmp_path), "-o", str(tmp_path / "o")], capsys)
+    one_line_error(rc, err, *expected)
+    assert os.listdir(tmp_path) == []
 
 
 # --- logs -----------------------------------------------------------------------------------

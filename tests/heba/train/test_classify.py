@@ -188,6 +188,8 @@ def test_cifar10_run_files_metrics_and_the_published_test_accuracy(cifar, c10_ru
     assert meta["classnames"] == names and meta["epoch"] == 3
     assert meta["optimizer"] == "adamw" and meta["model_kwargs"] == KW
     assert "test top-1" in open(os.path.join(c10_run, "summary.md")).read()
+    with open(os.path.join(c10_run, "metrics.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"                  # the run's figure
 
 
 def test_evaluate_loads_the_checkpoint(cifar, c10_run, capsys, no_md5):

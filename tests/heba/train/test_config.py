@@ -173,3 +173,19 @@ def test_slow_fast_scale_drawn_once_per_block(monkeypatch):
         for _ in range(10):
             attach.encode_image(images(n=1))
     assert any(a != b for a, b in zip(seen[::2], seen[1::2]))       # per call: independent
+
+
+@pytest.mark.parametrize("over, expected", [
+    (dict(epochs=3), ["--warmup-epochs 5 with --epochs 3", "longer than the run",
+                      "up to 0.0006 (--lr 0.001)"]),
+    (dict(epochs=5), ["--warmup-epochs 5 with --epochs 5", "as long as the run"]),
+    (dict(epochs=6), []),
+    (dict(epochs=3, schedule="epoch"), ["--warmup-epochs 5 has no effect with --schedule epoch"]),
+])
+def test_combination_warnings(over, expected):
+    from heba.train.config import combination_warnings
+    lines = combination_warnings(make_config("adaptertune", **over))
+    assert len(lines) == (1 if expected else 0), lines
+    for text in expected:
+        assert text in lines[0]
+    assert combination_warnings(make_config("heba", epochs=1)) == []

@@ -7,7 +7,6 @@ accuracy, and ``predict`` must agree with the classifier's scores.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -66,9 +65,13 @@ def test_default_classes_and_text_classifier(run):
 
 
 def _args(*argv):
-    ap = argparse.ArgumentParser()
-    predict.add_predict_parser(ap.add_subparsers(dest="command"))
-    return ap.parse_args(["predict", *argv])
+    from heba.cli import parse_args
+    return parse_args(["predict", *argv])
+
+
+def test_the_trained_run_has_its_figure(run):
+    with open(os.path.join(run, "metrics.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_predict_csv_and_json_agree_with_scores(run, images, tmp_path, capsys):
@@ -90,9 +93,10 @@ def test_predict_csv_and_json_agree_with_scores(run, images, tmp_path, capsys):
                                atol=1e-6)
     assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
     assert [t["class"] for t in table[-3:]] == rows[-1]["classes"]
-    out = tmp_path / "preds.json"
-    predict.run_predict(_args("--run", run, one, "--top-k", "2", "--out", str(out),
-                              "--classes", "red circle,blue square"))
+    out = tmp_path / "preds.json"                   # `heba-train predict` itself
+    from heba.cli import main
+    assert main(["predict", "--run", run, one, "--top-k", "2", "--out", str(out),
+                 "--classes", "red circle,blue square"]) == 0
     data = json.loads(out.read_text())
     assert len(data) == 1 and sorted(data[0]["classes"]) == ["blue square", "red circle"]
     assert sum(data[0]["scores"]) == pytest.approx(1.0, abs=1e-5)
@@ -102,7 +106,12 @@ def test_predict_csv_and_json_agree_with_scores(run, images, tmp_path, capsys):
     (["/no/such/image.png"], "no such image, folder or list file"),
     (["IMAGES", "--top-k", "0"], "--top-k and --batch-size must be >= 1"),
 ])
-def test_bad_input_is_one_clear_error(run, images, argv, msg):
+def test_bad_input_is_one_clear_error(run, images, argv, msg, capsys):
     argv = [images if a == "IMAGES" else a for a in argv]
     with pytest.raises(UsageError, match=msg):
         predict.run_predict(_args("--run", run, *argv))
+    from heba.cli import main
+    capsys.readouterr()
+    assert main(["predict", "--run", run, *argv]) == 2       # the command line: one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0] and err[0].startswith("heba-train: error: ")

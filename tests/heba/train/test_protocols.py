@@ -47,6 +47,9 @@ def test_base2novel_over_seeds(root, tmp_path, capsys):
     assert rc == 0, err
     res = json.load(open(os.path.join(out, "base2novel.json")))
     assert res["seeds"] == [1, 2] and set(res["per_seed"]) == {"1", "2"}
+    for figure in ("base2novel.png", "seed1/metrics.png", "seed2/metrics.png"):
+        with open(os.path.join(out, figure), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", figure
     for k in ("base", "novel", "hm"):
         vals = [res["per_seed"][s][k] for s in ("1", "2")]
         assert res["mean"][k] == pytest.approx(statistics.fmean(vals))
@@ -115,8 +118,8 @@ def _one_line(rc, err, *patterns):
 def test_bad_input_one_line_nothing_written(root, tmp_path, capsys):
     out = str(tmp_path / "o")
     base = ["--root", root, *FAST, "-o", out]
-    _one_line(*run(["--dataset", "cifar", *base], capsys)[::2], "unknown dataset 'cifar'",
-              "oxford_pets")
+    _one_line(*run(["--dataset", "cifar", *base], capsys)[::2], "--dataset cifar",
+              "CLIP backbone", "oxford_pets")
     _one_line(*run(["--dataset", "eurosat", *base, "--shots", "0"], capsys)[::2], "shots")
     _one_line(*run(["--dataset", "oxford_pets", *base], capsys)[::2], "oxford_pets")
     _one_line(*run(["cross-dataset", *base, "--targets", "eurosat", "oxford_pets"],

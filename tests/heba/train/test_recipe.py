@@ -157,6 +157,7 @@ def test_train_evaluate_and_files(folder, tmp_path, capsys):
     rc, stdout, err = run([folder, *FAST, "--epochs", "2", "-o", out], capsys)
     assert rc == 0, err
     assert "before training: base" in stdout and "after training:  base" in stdout
+    assert stdout.count("before training:") == 1            # printed when it is measured
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     train_lines = [l for l in lines if l["event"] == "train"]
     assert [l["epoch"] for l in train_lines] == [1, 2]

@@ -27,7 +27,7 @@ ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "1", "--epochs", "
         "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "4",
         "--no-eval-before", "--quiet", "--threads", "1"]
 FINAL = {"config.json", "split_all.json", "metrics.jsonl", "epoch_2", "adapters.safetensors",
-         "adapters.json", "summary.md"}
+         "adapters.json", "summary.md", "metrics.png"}
 KILLED = 137
 
 
