@@ -671,6 +671,12 @@ EVALUATION = [
         "if k in own_backbone}, name, check)",
         (f"{T_TIMM}::test_published_file_is_loaded_strictly",),
         "a best.pt of another architecture variant (extra tensors) loads silently"),
+    Bug("classifier-file-unexpected-keys-ignored", "checkpoints", "heba/train/trainable.py",
+        "missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))",
+        "missing, unknown = sorted(set(own) - set(state)), []",
+        (f"{T_EVAL}::test_classifier_checkpoint_is_loaded_strictly",),
+        "a classifier's adapters.safetensors with adapters the model lacks evaluates (or "
+        "resumes) silently without them"),
 ]
 
 BUGS = [*KERNELS, *REFERENCE, *OPS, *CUDA_GLUE, *WIRING_BUGS, *TIMM_HF, *CHECKPOINTS,

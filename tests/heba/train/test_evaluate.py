@@ -293,3 +293,59 @@ def test_classifier_evaluation_is_deterministic_and_draws_nothing(method):
     assert first == second
     for i, (a, b) in enumerate(zip(seen1, seen2)):
         assert torch.equal(a, b), f"batch {i}'s logits differ between two evaluations"
+
+
+# --- a classifier checkpoint is read strictly ----------------------------------------------------
+
+def class_folder(root, classes=("ant", "bee", "cat"), per_split=2):
+    """``root/{train,test}/<class>/<i>.png``: random 16x16 images."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_split):
+                a = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(a.numpy()).save(root / split / name / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.parametrize("change", [None, "unexpected-key", "missing-key", "wrong-shape"])
+def test_classifier_checkpoint_is_loaded_strictly(tmp_path, change):
+    """heba's classifier file (a run's final adapters or a resume set's: the trained tensors
+    and the head) evaluates as saved; one tensor too many, too few or misshapen is refused
+    in one line naming it and the file."""
+    pytest.importorskip("timm", reason="heba[timm] extra not installed")
+    from safetensors.torch import load_file, save_file
+    from heba.clip.checkpoints import CheckpointError
+    from heba.train.context import RunOptions
+    from heba.train.evaluate import evaluate_checkpoint
+    from heba.train.trainable import save_trainable
+    cfg = make_config("adaptertune", model="timm:vit_tiny_patch16_224", pretrained="none",
+                      model_kwargs=dict(KW, img_size=16, patch_size=8), source="vision",
+                      dataset="imagefolder", root=class_folder(tmp_path / "ds"), method="heba",
+                      towers="visual", start=1, end=2, reduction=4)
+    lib = backbones.library(cfg.model)
+    model = lib.attach(lib.load(cfg, num_classes=3).model, cfg, "reference")
+    path = str(tmp_path / "run" / "adapters.safetensors")
+    save_trainable(path, randomize_adapters(model), "heba",
+                   dict(cfg.to_dict(), classnames=["ant", "bee", "cat"]))
+    state = load_file(path)
+    key = {"unexpected-key": "visual_adapter.3.att_conv.down.weight", "missing-key": "head.bias",
+           "wrong-shape": "visual_adapter.2.mlp_conv.up.weight"}.get(change)
+    if change == "unexpected-key":
+        state[key] = torch.randn(8, 32, 1, 1)
+    elif change == "missing-key":
+        del state[key]
+    elif change == "wrong-shape":
+        state[key] = torch.randn(128, 31, 1, 1)
+    save_file(state, path)
+    opts = RunOptions(threads=1, backend="reference")
+    if change is None:
+        acc = evaluate_checkpoint(path, {}, opts, log=lambda *a: None)
+        assert set(acc) == {"top-1"} and 0.0 <= acc["top-1"] <= 100.0
+        return
+    with pytest.raises(CheckpointError) as err:
+        evaluate_checkpoint(path, {}, opts, log=lambda *a: None)
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and path in msg, msg
