@@ -12,8 +12,8 @@ and evaluated twice. The expectations come from outside the code under test:
   features (VLM-HeBA ``CustomCLIP.forward`` at test time), the prediction their
   argmax; a classifier's logits ``model(images)``, its loss the (label-smoothed)
   cross-entropy and its top-k the label among the k largest logits;
-* invariants: the two evaluations give the same logits bit for bit; no output
-  carries an autograd graph and no parameter gets a gradient; the slow-fast draw
+* invariants: the two evaluations give the same logits bit for bit; autograd saves
+  no tensor, no output carries a graph and no parameter gets a gradient; the slow-fast draw
   is off (the result does not depend on the policy's seed or counters, and the
   counters do not move); the model comes back in training mode.
 
@@ -149,12 +149,33 @@ class Recorder:
         return self.images + self.texts
 
 
+class SavedTensors:
+    """Counts the tensors autograd saves for a backward pass inside the ``with``: none when
+    no graph is built, whatever happens to the outputs afterwards."""
+
+    def __enter__(self):
+        self.count = 0
+
+        def pack(t):
+            self.count += 1
+            return t
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
 def run_clip_eval(model, tok, splits, novel_eval="base"):
     banks = {s: PromptBank(PROMPTS, tok) for s in splits}
     rec = Recorder(model, banks)
-    acc = evaluate(model, splits, banks, torch.device("cpu"), "fp32", batch_size=4,
-                   novel_eval=novel_eval)
+    with SavedTensors() as saved:
+        acc = evaluate(model, splits, banks, torch.device("cpu"), "fp32", batch_size=4,
+                       novel_eval=novel_eval)
     del model.encode_image
+    assert saved.count == 0, f"evaluation saved {saved.count} tensors for a backward pass"
     return acc, rec, banks
 
 
@@ -247,10 +268,12 @@ def run_split_eval(model, ds, smoothing=0.1):
     seen = []
     hook = model.register_forward_hook(lambda m, i, o: seen.append(o))
     try:
-        out = evaluate_split(model, ds, torch.device("cpu"), "fp32", (1, 5), batch_size=4,
-                             label_smoothing=smoothing)
+        with SavedTensors() as saved:
+            out = evaluate_split(model, ds, torch.device("cpu"), "fp32", (1, 5), batch_size=4,
+                                 label_smoothing=smoothing)
     finally:
         hook.remove()
+    assert saved.count == 0, f"evaluation saved {saved.count} tensors for a backward pass"
     return out, seen
 
 
