@@ -589,5 +589,79 @@ RUN_FILES = [
         "--momentum 1 accepted: SGD never forgets a gradient and the run diverges"),
 ]
 
+
+T_EVAL = "tests/heba/train/test_evaluate.py"
+T_OWN_CKPT = "tests/heba/clip/test_checkpoints.py"
+T_TIMM = "tests/heba/test_timm.py"
+
+# What differs between training and evaluation, and loaders that are silently lenient.
+EVALUATION = [
+    Bug("eval-left-in-training-mode", "loop", EVAL,
+        "    model.eval()\n    policy = getattr",
+        "    policy = getattr",
+        (f"{T_EVAL}::test_clip_evaluation_is_deterministic_and_draws_nothing",
+         f"{T_EVAL}::test_clip_evaluation_is_the_published_evaluation"),
+        "CLIP evaluation with the slow-fast draw on: base / novel accuracy changes from one "
+        "evaluation to the next and the resumed stream moves"),
+    Bug("eval-builds-graphs", "loop", EVAL,
+        "@torch.no_grad()\ndef evaluate(",
+        "def evaluate(",
+        (f"{T_EVAL}::test_clip_evaluation_is_the_published_evaluation",),
+        "CLIP evaluation records an autograd graph it never uses: memory grows with the "
+        "test set's text prompts and images"),
+    Bug("eval-model-left-in-eval-mode", "loop", EVAL,
+        "        model.train(was)\n    if \"base\" in out",
+        "    if \"base\" in out",
+        (f"{T_EVAL}::test_clip_evaluation_is_the_published_evaluation",),
+        "the epochs after a validation train in eval mode: no slow-fast draw, no dropout"),
+    Bug("eval-novel-scale-ignored", "loop", EVAL,
+        'policy.set_mode("novel" if split == "novel" and novel_eval == "novel"\n'
+        '                                else "base")',
+        'policy.set_mode("base")',
+        (f"{T_EVAL}::test_novel_scale_evaluation_is_the_published_novel_test",),
+        "--novel-eval novel evaluates the novel classes at the base scale"),
+    Bug("eval-split-left-in-training-mode", "loop", EVAL,
+        "    model.eval()\n    loss = torch.zeros",
+        "    loss = torch.zeros",
+        (f"{T_EVAL}::test_classifier_evaluation_is_deterministic_and_draws_nothing",
+         f"{T_EVAL}::test_classifier_evaluation_is_the_published_evaluation"),
+        "classifier test accuracy with dropout and the slow-fast draw on: a different top-1 "
+        "at each evaluation"),
+    Bug("eval-split-builds-graphs", "loop", EVAL,
+        "@torch.no_grad()\ndef evaluate_split(",
+        "def evaluate_split(",
+        (f"{T_EVAL}::test_classifier_evaluation_is_the_published_evaluation",),
+        "classifier evaluation records autograd graphs: memory grows with the test set"),
+    Bug("published-foreign-keys-ignored", "checkpoints", PUBLISHED,
+        'if k.split(".")[-1] not in IGNORED}',
+        'if "adapter" in k}',
+        (f"{T_CKPT}::test_published_heba_file_is_loaded_strictly",),
+        "another trainer's checkpoint (a prompt learner beside adapters) loads silently"),
+    Bug("own-unexpected-keys-ignored", "checkpoints", CKPT,
+        "    load_adapter_state(model, state, path)",
+        "    load_adapter_state(model, {k: v for k, v in state.items()\n"
+        "                               if k in get_adapters(model).state_dict()}, path)",
+        (f"{T_OWN_CKPT}::test_own_checkpoint_is_loaded_strictly",),
+        "an adapters.safetensors of more layers than the model loads silently (evaluate, "
+        "--resume), the extra adapters dropped"),
+    Bug("own-json-required-fields-ignored", "checkpoints", CKPT,
+        "missing = [k for k in require if k not in obj]",
+        "missing = [k for k in require if k in ()]",
+        (f"{T_OWN_CKPT}::test_own_configuration_lacking_a_model_field_is_refused",),
+        "a configuration without its model fields evaluates with the defaults in their place"),
+    Bug("timm-published-unexpected-keys-ignored", "checkpoints", "heba/timm.py",
+        "check_frozen_state(own_backbone, backbone, name, check)",
+        "check_frozen_state(own_backbone, {k: v for k, v in backbone.items() "
+        "if k in own_backbone}, name, check)",
+        (f"{T_TIMM}::test_published_file_is_loaded_strictly",),
+        "a best.pt of another architecture variant (extra tensors) loads silently"),
+    Bug("classifier-file-unexpected-keys-ignored", "checkpoints", "heba/train/trainable.py",
+        "missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))",
+        "missing, unknown = sorted(set(own) - set(state)), []",
+        (f"{T_EVAL}::test_classifier_checkpoint_is_loaded_strictly",),
+        "a classifier's adapters.safetensors with adapters the model lacks evaluates (or "
+        "resumes) silently without them"),
+]
+
 BUGS = [*KERNELS, *REFERENCE, *OPS, *CUDA_GLUE, *WIRING_BUGS, *TIMM_HF, *CHECKPOINTS,
-        *RUN_FILES, *DATA, *LOOP, *LOOP_RECIPE]
+        *RUN_FILES, *DATA, *LOOP, *LOOP_RECIPE, *EVALUATION]

@@ -174,3 +174,45 @@ def test_adaptertune_checkpoint_lands_in_place(tmp_path):
     # a HeBA checkpoint into an AdapterTune model: named as such
     with pytest.raises(CheckpointError, match="holds heba adapters.*wired with adaptertune"):
         load_published_checkpoint(model, published_heba(4, 1, 1))
+
+
+# --- strict loading of a published file: each mismatch refused, naming the key and the file -----
+
+def _adapter_copy(model):
+    return {k: v.clone() for k, v in model.heba_adapters.state_dict().items()}
+
+
+def _refused_in_one_line(model, path, key, what):
+    before = _adapter_copy(model)
+    with pytest.raises(CheckpointError) as err:
+        load_published_checkpoint(model, path)
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and path in msg and what in msg, msg
+    for k, v in model.heba_adapters.state_dict().items():       # nothing half-loaded
+        assert torch.equal(v, before[k]), f"{k} changed by a refused load"
+
+
+@pytest.mark.parametrize("change", ["unexpected-adapter-key", "unexpected-other-key",
+                                    "missing-key", "wrong-shape"])
+def test_published_heba_file_is_loaded_strictly(tmp_path, change):
+    """A Dassl ``model.pth.tar-<N>`` with one tensor too many, too few or misshapen is refused
+    with one line naming that tensor and the file; the model keeps its weights."""
+    model = tiny_clip(layers=3)
+    attach_heba(model, start=2, end=3)
+    ck = published_heba(3, 2, 3)
+    sd = ck["state_dict"]
+    if change == "unexpected-adapter-key":
+        key, what = "visual_adapter.3.att_conv.gate.weight", "unknown"
+        sd[key] = torch.randn(4)
+    elif change == "unexpected-other-key":          # e.g. another trainer's prompt learner
+        key, what = "prompt_learner.ctx", "unknown"
+        sd[key] = torch.randn(4, TXT_D)
+    elif change == "missing-key":
+        key, what = "text_adapter.3.mlp_conv.up.weight", "missing"
+        del sd[key]
+    else:
+        key, what = "visual_adapter.2.att_conv.mid.weight", "shape"
+        sd[key] = torch.randn(VIS_D // 4, 1, 3, 1)
+    path = str(tmp_path / "model.pth.tar-30")
+    torch.save(ck, path)
+    _refused_in_one_line(model, path, key, what)
