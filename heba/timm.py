@@ -299,8 +299,13 @@ def load_published_checkpoint(model: nn.Module, source: Union[str, os.PathLike, 
         rank = int(adapters[f"blocks.{idx[0]}.adapter.down.weight"].shape[0])
         attach_adaptertune(model, rank=rank, every=_every_of(idx, len(model.blocks), name),
                            alpha=alpha, backend=backend)
-    if adapters or attached is not None:
-        load_adapter_state(model, {k: v for k, v in adapters.items()}, name)
+        try:
+            load_adapter_state(model, dict(adapters), name)
+        except CheckpointError:
+            remove_adapters(model)              # refused: the model is left as it came
+            raise
+    elif attached is not None:
+        load_adapter_state(model, dict(adapters), name)
     with torch.no_grad():
         model.get_classifier().load_state_dict(heads, strict=True)
     return dict(obj)

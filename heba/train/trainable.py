@@ -83,8 +83,10 @@ def load_published_classifier(model, file: str, cfg, backend: str) -> None:
     """A published AdapterTune checkpoint: adapters + head (checked backbone), or everything
     (``cfg.method == "full"``)."""
     from heba import timm as heba_timm
+    from heba.adapters.published import check_frozen_state
     if cfg.method == "full":
         state = heba_timm.published_model_state(heba_timm.read_checkpoint(file)[1], file)
+        check_frozen_state(model.state_dict(), state, file, check="shapes")   # names the key
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
