@@ -210,6 +210,7 @@ def train_epoch(run: Run, tr: Training, epoch: int, inputs: Callable, tally: Tal
     t0, seen, n = time.time(), 0, 0
     first_bad = torch.zeros((), dtype=torch.long, device=run.device)   # 0: every loss finite
     for images, labels in bar:
+        rf.check_stop()                         # SIGINT / SIGTERM: stop between steps
         images = images.to(run.device, non_blocking=True)
         labels = labels.to(run.device, non_blocking=True)
         step_inputs = inputs(images, labels)
@@ -294,6 +295,7 @@ def run_epochs(run: Run, tr: Training, forward: Callable, train_epoch: Callable[
     tr.graphed = GraphedStep(forward, tr.params, enabled=tr.graph_off is None)
     result = None
     for epoch in range(tr.start_epoch, run.cfg.epochs):
+        rf.check_stop()
         rec = train_epoch(epoch)
         run.record(rec)
         saved, result = end_epoch(epoch + 1, rec)

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -152,11 +153,12 @@ def append_record(path: str, record: dict) -> None:
 
     Strict JSON: a non-finite number is written as ``null`` (never a bare ``NaN``)."""
     line = json.dumps(finite_json(record), allow_nan=False) + "\n"
-    with writing(path), open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    notify_written(path)
+    with writing(path):
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        notify_written(path)
 
 
 def finite_json(obj):
@@ -224,14 +226,14 @@ def atomic_write(path: str, write) -> None:
     """:func:`heba.clip.checkpoints.atomic_write`, then :func:`notify_written`."""
     with writing(path):
         ckpt.atomic_write(path, write)
-    notify_written(path)
+        notify_written(path)
 
 
 def replace_with(path: str, make) -> None:
     """:func:`heba.clip.checkpoints.replace_with`, then :func:`notify_written`."""
     with writing(path):
         ckpt.replace_with(path, make)
-    notify_written(path)
+        notify_written(path)
 
 
 # --- one write at a time: errors in one line, signals after the write ------------------------
@@ -263,7 +265,7 @@ def writing(path: str):
     finally:
         _DEPTH[0] -= 1
         if _DEPTH[0] == 0 and _PENDING:
-            raise Interrupted(_PENDING.pop())
+            raise Interrupted(_PENDING[0])
 
 
 def _on_signal(signum, frame) -> None:
@@ -271,10 +273,22 @@ def _on_signal(signum, frame) -> None:
         if signum == signal.SIGTERM:
             os._exit(128 + signum)      # quietly (no traceback from a worker)
         return
-    if _DEPTH[0]:
-        _PENDING[:] = [signum]
-    else:
+    # The run is stopping: an object torn down half-built on the way out (a DataLoader
+    # iterator interrupted while it starts its workers) must not print a traceback.
+    sys.unraisablehook = _quiet
+    _PENDING[:] = [signum]      # kept: an exception raised inside an at-fork callback (a
+    if not _DEPTH[0]:           # worker starting) is swallowed; check_stop raises it again
         raise Interrupted(signum)
+
+
+def check_stop() -> None:
+    """A safe point: raise :class:`Interrupted` if SIGINT / SIGTERM arrived and is pending."""
+    if _PENDING and not _DEPTH[0]:
+        raise Interrupted(_PENDING[0])
+
+
+def _quiet(unraisable) -> None:
+    pass
 
 
 def handle_signals() -> Callable[[], None]:
@@ -285,10 +299,13 @@ def handle_signals() -> Callable[[], None]:
         return lambda: None
     _OWNER[0], _PENDING[:] = os.getpid(), []
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
 
     def restore():
         for s, h in old.items():
             signal.signal(s, h)
+        sys.unraisablehook = hook
+        _PENDING[:] = []
     return restore
 
 
@@ -419,8 +436,9 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
                                    f"{os.urandom(3).hex()}")
     with writing(partial):
         os.mkdir(partial)                           # 0777 less the umask
-    notify_written(partial)
     try:
+        with writing(partial):
+            notify_written(partial)
         files = _write_partial(partial, epoch, writers)
         with writing(final):
             os.rename(partial, final)
@@ -442,15 +460,15 @@ def _write_partial(partial: str, epoch: int, writers: Mapping) -> dict:
         path = os.path.join(partial, name)
         with writing(path):
             ckpt.write_file(path, write)
-        files[name] = describe(path)
-        notify_written(path)
+            files[name] = describe(path)
+            notify_written(path)
     manifest = os.path.join(partial, MANIFEST)
     text = json.dumps(dict(format="heba-checkpoint-set", version=1, epoch=epoch, files=files),
                       indent=2, sort_keys=True) + "\n"
     with writing(manifest):
         ckpt.write_file(manifest, lambda p: write_text(p, text))
+        notify_written(manifest)
         ckpt.fsync(partial)
-    notify_written(manifest)
     return files
 
 
