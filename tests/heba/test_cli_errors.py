@@ -130,7 +130,6 @@ def test_diverged_run_stops_without_saving_nan(data, tmp_path, capsys):
     metrics = os.path.join(out, "metrics.jsonl")
     for text in open(metrics).read().splitlines() if os.path.exists(metrics) else []:
         json.loads(text, parse_constant=pytest.fail)
-    print(line)
 
 
 # --- signals to a real process ------------------------------------------------------------------
