@@ -399,12 +399,11 @@ def error_line(err) -> str:
 
     An error raised in a DataLoader worker arrives wrapped ("Caught DataError in
     DataLoader worker process 0. Original Traceback ..."): its last line is the message.
-    An ``OSError`` from a write names the file and the cause
-    (:func:`heba.clip.checkpoints.write_error`).
-    """
+    An ``OSError`` names the file and the cause by its name (a write's is already
+    ``cannot write PATH: cause``, :func:`heba.clip.checkpoints.write_error`)."""
     if isinstance(err, OSError) and not isinstance(err, _write_error_type()):
-        from heba.clip.checkpoints import write_error
-        err = write_error(err, getattr(err, "filename", None) or "a file")
+        cause = os.strerror(err.errno).lower() if err.errno else " ".join(str(err).split())
+        return f"{err.filename}: {cause}" if isinstance(err.filename, str) else cause
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
         last = lines[-1]

@@ -9,6 +9,9 @@ record, the recipe's evaluation, :func:`save_epoch`), and :func:`release`.
 
 Every random draw of an epoch follows from ``(seed, epoch, rank)``
 (:func:`epoch_seed`), so a resumed run is the uninterrupted one, bit for bit.
+A non-finite loss (tracked on the device, read once per epoch) or adapter value
+stops the run (:class:`Diverged`) before the epoch is recorded or saved; SIGINT /
+SIGTERM stop it between steps (:func:`heba.train.run_folder.check_stop`).
 
 Example::
 

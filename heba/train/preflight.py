@@ -16,6 +16,20 @@ so a corrupt, truncated or empty file stops the run before the model loads,
 not after the last epoch. (Dassl's ``read_image`` retries such a file forever;
 skipping it would silently change the training batches or the test set.)
 
+Every place a run writes is proved writable first (:func:`probe_folder`: the folder
+made if missing, a probe file created, flushed and removed, what was made removed
+again), so ``/proc``, a name too long, a file where a folder should be or a
+read-only disk is one line before any model loads; ``split --json`` and
+``evaluate -o`` too (:func:`check_command_writes`). The data set folder must be a
+folder, and it and ``-o`` must not nest. A run owns its folder
+(:func:`heba.train.run_folder.lock`): a second process is refused before it writes
+or removes anything.
+
+``--resume`` re-checks what changes the result: every configuration field saved
+with the run, ``--workers`` (each DataLoader worker seeds its own augmentations),
+and, once the data is listed, that each ``split_<sub>.json`` still lists the images
+drawn now (:func:`heba.train.loop.open_folder`).
+
 What happens with an output folder (``-o``; the Plan's ``note`` says it in the log):
 
 * nothing of heba's there: a fresh run.

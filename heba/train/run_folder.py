@@ -10,9 +10,18 @@
     <run>/adapters.safetensors     the finished run's adapters (+ adapters.json: hard links
     <run>/summary.md               to the last set's files), once that set is committed
 
+    <run>/.heba-train.lock         held (fcntl.flock) by the one process running it
+
 Only ``epoch_<N>/`` is read by ``--resume``; the top-level adapters are the result
 (they exist once the run has finished). ``metrics.jsonl`` is trimmed on resume to
-the records of the committed epochs, so an epoch is never listed twice.
+the records of the committed epochs, so an epoch is never listed twice (records
+the run did not write, as ``heba-train evaluate -o``'s, stay).
+
+A write that fails is one :class:`WriteError` line naming the path and the cause
+(``no space left on device``); a set that fails half-way is removed at once. A set
+is written beside the previous one, which goes only after the new one is committed:
+a run needs room for two sets. SIGINT / SIGTERM (:func:`handle_signals`) wait for the
+write in progress, then stop the run (:class:`Interrupted`).
 
 Example::
 
