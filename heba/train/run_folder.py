@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -452,14 +453,24 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
         with writing(final):
             os.rename(partial, final)
             ckpt.fsync(folder)
-    except BaseException:
+    except BaseException as err:
         # A write failed (a full disk): the partial set goes at once, so it does not keep
         # the disk full; the previous set is untouched. (A kill leaves it for remove_stale.)
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, WriteError) and err.errno == errno.ENOSPC:
+            raise _more(err, f" (the unfinished set was removed; a run needs room for two "
+                             f"sets: the previous one stays until the new one is "
+                             f"committed)") from None
         raise
     notify_written(final)
     remove_stale(folder, keep=epoch)
     return CheckpointSet(final, epoch, files)
+
+
+def _more(err: WriteError, text: str) -> WriteError:
+    out = WriteError(str(err) + text)
+    out.errno = err.errno
+    return out
 
 
 def _write_partial(partial: str, epoch: int, writers: Mapping) -> dict:
