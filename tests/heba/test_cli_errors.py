@@ -166,3 +166,30 @@ def test_signal_stops_cleanly_and_resume_continues(data, tmp_path, sig, workers)
     from heba.train import run_folder as rf
     assert rf.read_set(out).epoch >= 1 and rf.stale_entries(out) == []
     assert not os.path.exists(os.path.join(out, rf.LOCK_NAME))
+
+
+# --- one process per run folder -------------------------------------------------------------------
+
+def test_second_run_on_a_folder_is_refused_before_writing(data, tmp_path, capsys):
+    """folder-lock: a run folder held by another live process (a real one): ``--resume``
+    and ``--overwrite`` are refused in one line, exit 2, and the folder is unchanged."""
+    out = str(tmp_path / "run")
+    assert cli.main([data, *FAST, "--epochs", "1", "-o", out]) == 0
+    capsys.readouterr()
+    hold = ("import sys, time; from heba.train import run_folder as rf; rf.lock(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", hold, out], stdout=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=REPO), text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)
+                  if os.path.isfile(os.path.join(out, n))}
+        for flag in ("--resume", "--overwrite"):
+            one_line(*run([data, *FAST, "--epochs", "1", "-o", out, flag], capsys)[::2], 2,
+                     f"{out} is in use by another heba-train process (pid {proc.pid})")
+        assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)
+                if os.path.isfile(os.path.join(out, n))} == before
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cli.main([data, *FAST, "--epochs", "1", "-o", out, "--resume"]) == 0
