@@ -10,9 +10,11 @@ the CPU threads and the precision. Both recipes (:mod:`heba.train.recipe`,
 
 Example::
 
+    >>> import tempfile
     >>> from heba.train.config import make_config
+    >>> out = tempfile.mkdtemp() + "/run"       # proved writable, not created
     >>> run = start(make_config("heba", model="tiny", source="demo"),
-    ...             RunOptions(output="/nonexistent/run", device="cpu", threads=1))
+    ...             RunOptions(output=out, device="cpu", threads=1))
     >>> run.rank, run.world, run.device.type, run.precision, run.plan.mode
     (0, 1, 'cpu', 'fp32', 'fresh')
 """
