@@ -34,6 +34,7 @@ import torch
 from heba.clip.wiring import count_parameters
 from heba.train import data as run_data
 from heba.train import optim
+from heba.train import preflight
 from heba.train import run_folder as rf
 from heba.train.context import Run
 from heba.train.graph import GraphedStep, graphs_reason
@@ -70,6 +71,7 @@ class Training:
     start_epoch: int = 0
     graph_off: Optional[str] = None     # why the step is not a CUDA graph (None: it is)
     data_note: str = ""                 # how the training images are read (TrainLoader.note)
+    workers: Optional[int] = None       # the worker count the result depends on (or None)
     graphed: Optional[GraphedStep] = None
 
     def lr(self) -> float:
@@ -91,9 +93,11 @@ def build_training(run: Run, model, step, params, ds, load_weights: Callable[[st
         sched = optim.step_schedule(opt, cfg, len(batches))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16"
                                   and device.type == "cuda")
-    tr = Training(step, step, params, opt, sched, scaler, batches.epoch, data_note=batches.note)
+    tr = Training(step, step, params, opt, sched, scaler, batches.epoch, data_note=batches.note,
+                  workers=batches.seeded_workers)
 
     if run.plan.latest is not None:
+        preflight.check_workers(run.plan.state, tr.workers, run.plan.latest.path)
         load_weights(run.plan.latest.file(rf.CKPT_NAME))
         tr.start_epoch = restore(tr, model, run.plan)
     tr.graph_off = graphs_reason(run.opts, device, run.world, run.precision, model, step, opt)
@@ -304,7 +308,7 @@ def save_epoch(run: Run, tr: Training, model, epoch: int, writers: dict, **more)
     if not all(bool(torch.isfinite(p.detach()).all()) for p in tr.params):
         raise Diverged(f"epoch {epoch}: an adapter value is not finite; nothing is saved")
     state = dict(optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(), epoch=epoch,
-                 workers=run.opts.workers, **more)
+                 workers=tr.workers, **more)
     policy = getattr(model, "heba_policy", None)
     if policy is not None:
         state["scale_policy"] = policy.state_dict()

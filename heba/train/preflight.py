@@ -28,8 +28,8 @@ folder, and it and ``-o`` must not nest. A run owns its folder
 or removes anything.
 
 ``--resume`` re-checks what changes the result: every configuration field saved
-with the run, ``--workers`` (each DataLoader worker seeds its own augmentations),
-and, once the data is listed, that each ``split_<sub>.json`` still lists the images
+with the run, ``--workers`` where loader workers seed the augmentations
+(:func:`check_workers`, once the loader is built), and, once the data is listed, that each ``split_<sub>.json`` still lists the images
 drawn now (:func:`heba.train.loop.open_folder`).
 
 What happens with an output folder (``-o``; the Plan's ``note`` says it in the log):
@@ -180,20 +180,37 @@ def probe_folder(path: str, flag: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    for attempt in range(3):
+        try:
+            return _probe_in(target, missing)
+        except FileNotFoundError as err:     # another process (a DDP rank) probing the same
+            if attempt == 2:                 # parents removed one they had made: try again
+                failed = err
+        except OSError as err:
+            failed = err
+            break
+    where = failed.filename if isinstance(failed.filename, str) else target
+    raise UsageError(f"{flag} {path}: cannot write in {where} ({_cause(failed)})") from None
+
+
+def _probe_in(target: str, missing: list) -> None:
+    """Make the ``missing`` folders (outermost first), probe ``target``, remove the folders
+    this call made. A folder another process makes meanwhile is left to that process."""
     made = []
     try:
         for folder in reversed(missing):
-            os.mkdir(folder)
-            made.append(folder)
+            try:
+                os.mkdir(folder)
+                made.append(folder)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
         _probe_file(target)
-    except OSError as err:
-        where = err.filename if isinstance(err.filename, str) else target
-        raise UsageError(f"{flag} {path}: cannot write in {where} ({_cause(err)})") from None
     finally:
         for folder in reversed(made):
             try:
                 os.rmdir(folder)
-            except OSError:
+            except OSError:                  # not empty: another process writes there now
                 pass
 
 
@@ -299,7 +316,6 @@ def _plan_resume(cfg, state: rf.FolderState, opts=None) -> Plan:
     saved = ckpt.read_config(latest.file(rf.CKPT_NAME), require=RESUME_FIELDS + ("epoch",))
     check_same(saved, cfg.to_dict(), result_fields(saved, cfg), latest.path)
     train_state = load_train_state(latest.file(rf.STATE_NAME))
-    check_workers(train_state, opts, latest.path)
     if not (train_state.get("epoch") == saved["epoch"] == latest.epoch):
         raise ckpt.CheckpointError(f"{latest.path}: {rf.STATE_NAME} (epoch "
                                    f"{train_state.get('epoch')}) and {rf.CKPT_JSON} (epoch "
@@ -338,15 +354,15 @@ def result_fields(saved: dict, cfg) -> tuple:
     return tuple(dict.fromkeys(list(RESUME_FIELDS) + names))
 
 
-def check_workers(train_state: dict, opts, path: str) -> None:
-    """``--workers``: each DataLoader worker draws its augmentations from its own seed, so
-    the result depends on the number of workers; a resume keeps the saved one."""
+def check_workers(train_state: dict, workers, path: str) -> None:
+    """A resume keeps the saved worker count where the result depends on it (``workers``:
+    :attr:`heba.train.data.TrainLoader.seeded_workers` of this run, None where it does not)."""
     saved = train_state.get("workers")
-    if opts is None or saved is None or saved == opts.workers:
+    if "workers" not in train_state or saved == workers:      # (a set saved before it was kept)
         return
-    raise UsageError(f"--resume: {path} was trained with --workers {saved}, now "
-                     f"--workers {opts.workers}: the random augmentations depend on it; "
-                     f"resume with --workers {saved}")
+    raise UsageError(f"--resume: {path} was trained with {saved} loader worker(s), now "
+                     f"{workers}: this data set's random transforms run in the workers, so "
+                     f"the result depends on it; resume with --workers {saved}")
 
 
 def check_same(saved: dict, cfg: dict, fields, path) -> None:

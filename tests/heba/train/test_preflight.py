@@ -57,3 +57,27 @@ def test_data_folder_that_is_a_file_or_nests_with_output(tmp_path):
     with pytest.raises(UsageError, match="is inside -o"):
         check_data_paths(cfg, str(tmp_path))
     check_data_paths(cfg, str(tmp_path / "dsx"))          # a sibling with a common prefix
+
+
+def test_resume_keeps_the_worker_count_the_result_depends_on(tmp_path, capsys):
+    """resume-workers-unsaved: where a data set's own random transforms run in the loader
+    workers (the demo's tensors, batched as they are), the run saves its worker count and a
+    resume with another is refused in one line; where every draw is made in the main
+    process (the image pipelines), no count is kept and any is accepted."""
+    import glob
+    from heba import cli
+    from heba.train.config import UsageError
+    from heba.train.preflight import check_workers, load_train_state
+    out = str(tmp_path / "run")
+    assert cli.main(["-o", out, "--epochs", "1", "--shots", "1", "--batch-size", "4",
+                     "--no-eval-before", "--quiet", "--threads", "1", "--workers", "0"]) == 0
+    state = load_train_state(glob.glob(os.path.join(out, "epoch_*", "train_state.pt"))[0])
+    assert "workers" in state and state["workers"] == 0
+    check_workers(state, 0, "set")
+    with pytest.raises(UsageError) as err:
+        check_workers(state, 2, "set")
+    msg = str(err.value)
+    assert "\n" not in msg and "0 loader worker(s), now 2" in msg and "--workers 0" in msg
+    check_workers({"workers": None}, None, "set")             # image pipelines: no count
+    check_workers({}, 3, "set")                               # a set saved before it was kept
+
