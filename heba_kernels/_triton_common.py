@@ -28,8 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from heba_kernels.runtime import ONE, Scale, launch, new_buffer, triton_interpreting
+
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
-           "scalar_arg", "device_guard"]
+           "scaled_sum", "device_guard"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -137,14 +139,6 @@ def check_dtypes(op_name, x, *weights):
                             f"bfloat16 and float64 tensors, got {t.dtype}")
 
 
-def scalar_arg(value, dummy):
-    """``(value, ptr, FROM_PTR)`` for :func:`_scalar`: a Python float is passed by value
-    (``ptr`` is the unused ``dummy`` tensor), a 0-d float32 tensor by pointer."""
-    if isinstance(value, torch.Tensor):
-        return 0.0, value, True
-    return float(value), dummy, False
-
-
 def device_guard(t):
     """Context in which to launch kernels on ``t``: Triton launches on the *current*
     CUDA device and its current stream, so make ``t``'s device current (as the CUDA
@@ -160,7 +154,7 @@ def op_code(dtype):
 
 def launch_flags(device, op_dtype):
     """``(UPCAST, IEEE)`` constexpr flags for a launch on ``device`` with operands ``op_dtype``."""
-    upcast = device.type != "cuda"   # the CPU runs through Triton's interpreter
+    upcast = device.type != "cuda" or triton_interpreting()   # Triton's interpreter
     ieee = op_dtype in (torch.float32, torch.float64) \
         and torch.get_float32_matmul_precision() == "highest"
     return upcast, ieee
@@ -178,9 +172,17 @@ def num_sms(device):
     return 1
 
 
-def atb(a, b, op_dtype, out_dtype, scale=1.0, colsum=False):
-    """``scale * a^T @ b`` (and ``scale * a.sum(0)`` if ``colsum``) reduced over the rows;
-    ``scale`` a float or a 0-d float32 tensor.
+def scaled_sum(part, scale: Scale, out_dtype):
+    """``scale * part.sum(0)`` in ``out_dtype``, summed in float32 in a fixed order
+    (deterministic); the multiplication is skipped when ``scale`` is the constant 1."""
+    total = part.sum(0)
+    if not scale.is_one():
+        total = total * scale.joined()
+    return total.to(out_dtype)
+
+
+def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):
+    """``scale * a^T @ b`` (and ``scale * a.sum(0)`` if ``colsum``) reduced over the rows.
 
     Args:
         a: ``[M, I]``, b: ``[M, J]``, each with unit column stride (any row stride, any
@@ -196,33 +198,34 @@ def atb(a, b, op_dtype, out_dtype, scale=1.0, colsum=False):
     if M == 0:
         c = torch.zeros(I, J, device=dev, dtype=out_dtype)
         return c, (torch.zeros(I, device=dev, dtype=out_dtype) if colsum else None)
+    grid, meta = atb_plan(M, I, J, op_dtype, dev)
+    splits, rows_per_split = grid[2], meta.pop("ROWS_PER_SPLIT")
+    c_part = new_buffer((splits, I, J), torch.float32, dev)
+    s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
+    launch(_atb_kernel, grid, a, b, c_part, s_part, M, I, J, rows_per_split, a.stride(0),
+           b.stride(0), COLSUM=colsum, **meta)
+    s = scaled_sum(s_part, scale, out_dtype) if colsum else None
+    return scaled_sum(c_part, scale, out_dtype), s
+
+
+def atb_plan(M, I, J, op_dtype, dev, sms=None, gpu=None):
+    """``(grid, meta)`` of :func:`atb`'s launch; ``sms``/``gpu`` default to ``dev``'s."""
+    if gpu is None:
+        gpu = dev.type == "cuda" and not triton_interpreting()
+        sms = num_sms(dev) if gpu else 1
     BLOCK_K = 32
     BLOCK_I = 64 if I >= 64 else max(16, triton.next_power_of_2(I))
     BLOCK_J = 64 if J >= 64 else max(16, triton.next_power_of_2(J))
     tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
     # Enough token chunks to fill the GPU about four times over; in the interpreter
     # two chunks, so the tests exercise the partial-sum path.
-    target = 4 * num_sms(dev) if dev.type == "cuda" else 2
+    target = 4 * sms if gpu else 2
     splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(M, BLOCK_K)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(M, rows_per_split)
-    c_part = torch.empty(splits, I, J, device=dev, dtype=torch.float32)
-    s_part = torch.empty(splits, I, device=dev, dtype=torch.float32) if colsum else c_part
-    upcast, ieee = launch_flags(dev, op_dtype)
+    ieee = op_dtype in (torch.float32, torch.float64) \
+        and torch.get_float32_matmul_precision() == "highest"
     grid = (triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J), splits)
-    _atb_kernel[grid](a, b, c_part, s_part, M, I, J, rows_per_split, a.stride(0), b.stride(0),
-                      COLSUM=colsum, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                      OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=4)
-    # scale: a float (skipped when 1: multiplying by 1 is exact) or a 0-d float32 tensor
-    # (always applied: no host read of its value).
-    apply = isinstance(scale, torch.Tensor) or scale != 1.0
-    c = c_part.sum(0)
-    if apply:
-        c = c * scale
-    s = None
-    if colsum:
-        s = s_part.sum(0)
-        if apply:
-            s = s * scale
-        s = s.to(out_dtype)
-    return c.to(out_dtype), s
+    return grid, dict(ROWS_PER_SPLIT=rows_per_split, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I,
+                      BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu, IEEE=ieee,
+                      num_warps=4)

@@ -81,7 +81,8 @@ import triton.language as tl
 
 from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, atb,
                                          check_dtypes, device_guard, launch_flags, op_code,
-                                         scalar_arg)
+                                         scaled_sum)
+from heba_kernels.runtime import ONE, Scale, launch, new_buffer
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
 
@@ -454,9 +455,9 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     H = down_weight.shape[0]
     x2 = _rows(x)
     M = x2.shape[0]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    out = new_buffer(x.shape, x.dtype, x.device)
+    mean = new_buffer((M,), torch.float32, x.device)
+    rstd = new_buffer((M,), torch.float32, x.device)
     if M == 0:
         return out, mean, rstd
     out2 = out.view(M, D)
@@ -464,8 +465,8 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     upcast, ieee = launch_flags(x.device, op_dtype)
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=False)
     grid = (triton.cdiv(M, BLOCK_M),)
-    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
-    _heba_text_fwd_kernel[grid](
+    scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
+    launch(_heba_text_fwd_kernel, grid,
         x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
         M, D, H, x2.stride(0), out2.stride(0), scale_v, scale_p, float(eps),
         SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
@@ -481,12 +482,12 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
     op_dtype = down_weight.dtype
-    p_scale = 1.0 if rescale_param_grad else scale        # a float or a 0-d tensor
+    p_scale = ONE if rescale_param_grad else scale        # the parameters' gradient factor
     dev = x.device
-    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
-    dy = torch.empty(M, D, device=dev, dtype=x.dtype)                  # dL/dy      [M, D]
-    a_buf = torch.empty(M, H, device=dev, dtype=op_dtype)             # gelu(u)    [M, H]
-    du_buf = torch.empty(M, H, device=dev, dtype=op_dtype)            # dL/du      [M, H]
+    dx = new_buffer(x.shape, x.dtype, dev)
+    dy = new_buffer((M, D), x.dtype, dev)                  # dL/dy      [M, D]
+    a_buf = new_buffer((M, H), op_dtype, dev)             # gelu(u)    [M, H]
+    du_buf = new_buffer((M, H), op_dtype, dev)            # dL/du      [M, H]
     if M == 0:
         dnw = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
         dnb = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
@@ -495,27 +496,27 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
         upcast, ieee = launch_flags(dev, op_dtype)
         BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=True)
         grid = (triton.cdiv(M, BLOCK_M),)
-        dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
-        dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
-        scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
+        dnw_part = new_buffer((grid[0], D), torch.float32, dev)
+        dnb_part = new_buffer((grid[0], D), torch.float32, dev)
+        scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
         common = dict(SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                       OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
                       num_stages=2)
         if BLOCK_H > WIDE_H:
-            u_buf = torch.empty(M, H, device=dev, dtype=torch.float32)  # u, float32 [M, H]
-            _heba_text_bwd_kernel_dx_wide[grid](
+            u_buf = new_buffer((M, H), torch.float32, dev)  # u, float32 [M, H]
+            launch(_heba_text_bwd_kernel_dx_wide, grid,
                 x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
                 dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
                 M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
                 BLOCK_HC=_WIDE_BLOCK_HC, **common)
         else:
-            _heba_text_bwd_kernel_dx[grid](
+            launch(_heba_text_bwd_kernel_dx, grid,
                 x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
                 dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
                 M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
                 BLOCK_H=BLOCK_H, **common)
-        dnw = (dnw_part.sum(0) * p_scale).to(norm_weight.dtype)
-        dnb = (dnb_part.sum(0) * p_scale).to(norm_weight.dtype)
+        dnw = scaled_sum(dnw_part, p_scale, norm_weight.dtype)
+        dnb = scaled_sum(dnb_part, p_scale, norm_weight.dtype)
     d_up, _ = atb(dy, a_buf, op_dtype, up_weight.dtype, scale=p_scale)        # [D, H]
     d_down, _ = atb(du_buf, x2, op_dtype, down_weight.dtype, scale=p_scale)   # [H, D]
     return dx, d_down, d_up, dnw, dnb
@@ -532,7 +533,7 @@ def _heba_text_fwd_op(x: torch.Tensor, down_weight: torch.Tensor, up_weight: tor
     # unused here: it is an input so that the backward sees it.
     with device_guard(x):
         return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias,
-                             scale if scale_t is None else scale_t, eps)
+                             Scale(scale, scale_t), eps)
 
 
 @_heba_text_fwd_op.register_fake
@@ -552,7 +553,7 @@ def _heba_text_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tenso
                                  torch.Tensor]:
     with device_guard(x):
         return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd,
-                             scale if scale_t is None else scale_t, rescale_param_grad)
+                             Scale(scale, scale_t), rescale_param_grad)
 
 
 @_heba_text_bwd_op.register_fake
@@ -603,9 +604,7 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
     Returns ``[..., D]`` in ``x``'s dtype.
     """
     check_dtypes("heba_text", x, down_weight, up_weight, norm_weight, norm_bias)
-    tensor = isinstance(scale, torch.Tensor)
     out, _, _ = torch.ops.heba.triton_text_fwd(
         x, down_weight.contiguous(), up_weight.contiguous(), norm_weight.contiguous(),
-        norm_bias.contiguous(), 0.0 if tensor else float(scale), scale if tensor else None,
-        float(eps), bool(rescale_param_grad))
+        norm_bias.contiguous(), *Scale.of(scale), float(eps), bool(rescale_param_grad))
     return out

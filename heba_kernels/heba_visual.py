@@ -82,15 +82,15 @@ interpreter; matmul operands are then upcast to float32, since the interpreter's
 buffers with NaN so a tile a kernel forgets to write fails loudly in tests).
 """
 
-import functools
-import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import _scalar, check_dtypes, device_guard, scalar_arg
+from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, check_dtypes,
+                                         device_guard, launch_flags, num_sms, op_code)
+from heba_kernels.runtime import ONE, Scale, launch, new_buffer, triton_interpreting
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd"]
 
@@ -101,18 +101,6 @@ SAVE_U_MIN_DIM = 2048
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _gelu(v):
-    return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(v):
-    cdf = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * v * v) * 0.3989422804014327          # 1 / sqrt(2 pi)
-    return cdf + v * pdf
 
 
 @triton.jit
@@ -148,7 +136,7 @@ def _stencil(src_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexp
 @triton.jit
 def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-             DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+             OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """``z[p, d] = (Wu s_p)[d]`` for a block of tokens and columns, ``s [HW, h]``: [BT, BD] fp32."""
     z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     s_rows = s_img_ptr + p.to(tl.int64) * h                                        # [BT]
@@ -159,7 +147,7 @@ def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
                     other=0.0)                                                     # [BT, BH]
         wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + c[:, None],
                        mask=c_mask[:, None] & d_mask[None, :], other=0.0)          # [BH, BD] = Wu^T
-        z = tl.dot(s.to(DOT_DTYPE), wu_t.to(DOT_DTYPE), z, input_precision=DOT_PREC)
+        z = _mma(_op_cast(s, OP, UPCAST), _op_cast(wu_t, OP, UPCAST), z, IEEE)
     return z
 
 
@@ -168,7 +156,7 @@ def _heba_visual_fwd_kernel_down(
     x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B, HW, h]
     stride_xb, stride_xn, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -186,7 +174,7 @@ def _heba_visual_fwd_kernel_down(
                     other=0.0)                                                     # [BT, BD]
         wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
                        mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
-        acc = tl.dot(t.to(DOT_DTYPE), wd_t.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
     u_rows = u_ptr + (b * HW + p) * h                                              # [BT]
     tl.store(u_rows[:, None] + c[None, :], acc.to(u_ptr.dtype.element_ty),
              mask=p_mask[:, None] & c_mask[None, :])
@@ -226,7 +214,7 @@ def _heba_visual_fwd_kernel(
     HW, D, h, P, scale, scale_ptr, eps,
     SCALE_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -247,7 +235,7 @@ def _heba_visual_fwd_kernel(
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
         z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
         n_b = tl.sum(d_mask.to(tl.float32), axis=0)
@@ -268,7 +256,7 @@ def _heba_visual_fwd_kernel(
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
         z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
@@ -294,7 +282,7 @@ def _heba_visual_bwd_dy_image(
     b, p, p_mask, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
     HW, D, h, P, gs, ACCUMULATE,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """LayerNorm backward of one image's token block; adds its dgamma/dbeta to the slot
     (``ACCUMULATE`` False: the slot's first image, which overwrites it)."""
@@ -314,7 +302,7 @@ def _heba_visual_bwd_dy_image(
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
         z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         yhat = (t + z - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
@@ -335,7 +323,7 @@ def _heba_visual_bwd_dy_image(
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
         z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         yhat = (t + z - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
@@ -353,7 +341,7 @@ def _heba_visual_bwd_kernel_dy(
     B, HW, D, h, P, gs, gs_ptr,
     GS_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
     (``S`` programs along the batch axis), summing their dgamma/dbeta into slot
@@ -371,7 +359,7 @@ def _heba_visual_bwd_kernel_dy(
             x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr,
             dnw_part_ptr + slot, dnb_part_ptr + slot, b, p, p_mask,
             stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         # The next image reads back this slot, written by other threads of the program.
         tl.debug_barrier()
 
@@ -382,7 +370,7 @@ def _heba_visual_bwd_kernel_dv(
     stride_db, stride_dn,
     B, H, W, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program ``(t, c, s)``: images ``s, s + S, ...`` in order, as the _dy kernel; the
     dWm partial of slot ``s * nT + t`` is accumulated on chip (9 taps padded to 16)."""
@@ -407,7 +395,7 @@ def _heba_visual_bwd_kernel_dv(
                          other=0.0)                                                # [BT, BD]
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
                          mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BH]
-            ds = tl.dot(dy.to(DOT_DTYPE), wu.to(DOT_DTYPE), ds, input_precision=DOT_PREC)
+            ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
         u_img = u_ptr + b * HW * h
         v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
         dv = ds * _gelu_grad(v)                                                    # [BT, BH]
@@ -427,7 +415,7 @@ def _heba_visual_bwd_kernel_dwu(
     stride_db, stride_dn,
     HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -446,7 +434,7 @@ def _heba_visual_bwd_kernel_dwu(
                        + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)  # [BD, BT]
         s = tl.load(s_ptr + (b * HW + p[:, None]) * h + c[None, :],
                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)             # [BT, BH]
-        acc = tl.dot(dy_t.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = _mma(_op_cast(dy_t, OP, UPCAST), _op_cast(s, OP, UPCAST), acc, IEEE)
     out = dwu_part_ptr + pid_s.to(tl.int64) * D * h
     tl.store(out + d[:, None] * h + c[None, :], acc, mask=d_mask[:, None] & c_mask[None, :])
 
@@ -458,7 +446,7 @@ def _heba_visual_bwd_kernel_dx(
     HW, D, h, P, xs, xs_ptr,
     XS_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -478,7 +466,7 @@ def _heba_visual_bwd_kernel_dx(
                      other=0.0)                                                    # [BT, BH]
         wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
                      mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
-        acc = tl.dot(du.to(DOT_DTYPE), wd.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
     n = (P + p).to(tl.int64)
     dx_tile = dx_ptr + b * stride_db + n[:, None] * stride_dn + d[None, :]
     dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
@@ -499,7 +487,7 @@ def _heba_visual_bwd_kernel_dwd(
     stride_xb, stride_xn,
     HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -518,61 +506,112 @@ def _heba_visual_bwd_kernel_dwd(
                       + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)   # [BD, BT]
         du = tl.load(du_ptr + (b * HW + p[:, None]) * h + c[None, :],
                      mask=p_mask[:, None] & c_mask[None, :], other=0.0)            # [BT, BH]
-        acc = tl.dot(t_t.to(DOT_DTYPE), du.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = _mma(_op_cast(t_t, OP, UPCAST), _op_cast(du, OP, UPCAST), acc, IEEE)
     out = dwd_part_ptr + pid_s.to(tl.int64) * h * D
     tl.store(out + c[None, :] * D + d[:, None], acc, mask=d_mask[:, None] & c_mask[None, :])
 
 
-# --------------------------------------------------------------------------- launchers
+# --------------------------------------------------------------------------- launch plans
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+class Launch(NamedTuple):
+    """One kernel launch of a plan: ``step`` names it in the launcher, ``kernel`` is the
+    Triton kernel's name, ``grid`` its grid and ``meta`` its block sizes. The launchers
+    launch exactly their plan; benchmarks/roofline.py models the same plan."""
+
+    step: str
+    kernel: str
+    grid: tuple
+    meta: dict
 
 
-def _new(shape, dtype, device):
-    """A fresh buffer; NaN-filled under HEBA_DEBUG_NAN_FILL=1 so unwritten tiles show."""
-    if os.environ.get("HEBA_DEBUG_NAN_FILL", "0") not in ("", "0"):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
-            device: torch.device) -> dict:
-    """Block sizes and matmul operand dtype. ``tl.dot`` needs every dimension >= 16."""
-    interpret = _interpreting()
-    if interpret or device.type != "cuda":
-        block_t = 16
-    else:
-        # The row kernels run one program per (image, token block): halve the block when
-        # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
-        block_t = 32 if B * triton.cdiv(HW, 32) >= _num_sms(device) else 16
-    # 16-bit weights: tensor-core operands in that dtype, float32 accumulation. Float32
-    # weights: IEEE float32 products, so float32 meets SPEC's 1e-4 rather than tf32's 1e-3.
-    # The interpreter's tl.dot is wrong on 16-bit operands: upcast there.
-    dot_dtype = tl.float32 if interpret else _TL_DTYPES.get(weight_dtype, tl.float32)
+def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype, sms: int,
+            gpu: bool) -> dict:
+    """Block sizes and operand flags. ``tl.dot`` needs every dimension >= 16. ``gpu`` False:
+    Triton's interpreter (whose cost is per program: bigger D chunks run faster there)."""
+    # The row kernels run one program per (image, token block): halve the block when
+    # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
+    block_t = (32 if B * triton.cdiv(HW, 32) >= sms else 16) if gpu else 16
+    upcast, ieee = not gpu, weight_dtype in (torch.float32, torch.float64) \
+        and torch.get_float32_matmul_precision() == "highest"
     return dict(
         BLOCK_T=block_t,
         BLOCK_H=min(64, max(16, triton.next_power_of_2(h))),
-        # (the interpreter's cost is per program: bigger D chunks run faster there)
-        BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
-        DOT_DTYPE=dot_dtype,
-        DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
+        BLOCK_D=min(64 if gpu else 128, max(16, triton.next_power_of_2(D))),
+        # 16-bit weights: tensor-core operands in that dtype, float32 accumulation; float32
+        # weights: IEEE products unless torch allows TF32 (_triton_common's scheme).
+        OP=op_code(weight_dtype), UPCAST=upcast, IEEE=ieee,
         # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
         # D64, D = 768..4096, bf16): down 48 regs, fwd 80, _dy 128, _dv 128 + 20 B spill
         # (fp16 32 B, fp32 x with bf16 w 44 B; fp32 192 regs, no spill), _dwu/_dx/_dwd
         # 46-62, dwconv 48; smem <= 49 KiB. _dv alone spilled: it runs with BLOCK_H 32
-        # (105 registers, no spill; see heba_visual_bwd).
-        num_warps=4 if interpret else 8,
+        # (105 registers, no spill; see visual_bwd_plan).
+        num_warps=8 if gpu else 4,
     )
+
+
+def _partial_images(B: int, n_t: int, sms: int, gpu: bool) -> int:
+    """Programs ``S`` along the batch axis of the _dy and _dv kernels: each sums the
+    dgamma/dbeta/dWm partials of images ``s, s + S, ...`` into its own slot, so those
+    buffers hold ``S * nT`` slots, not ``B * nT`` (at B=1024, a 24x24 grid, D=4096 on an
+    H200: 8 * 132 programs, 74 MB instead of 1.28 GB). Two in the interpreter, so that
+    the tests run the summing path."""
+    if not gpu:
+        return min(B, 2)
+    return max(1, min(B, (8 * sms) // n_t))
+
+
+def _wgrad_splits(n_tiles: int, n_h: int, n_d: int, sms: int, gpu: bool) -> tuple[int, int]:
+    """``(splits, tiles per split)`` of the split-K weight-gradient kernels: enough splits to
+    fill the GPU (3 in the interpreter, so the split path is tested)."""
+    split = max(1, min(n_tiles, (2 * sms) // (n_h * n_d))) if gpu else min(n_tiles, 3)
+    per_split = triton.cdiv(n_tiles, split)
+    return triton.cdiv(n_tiles, per_split), per_split
+
+
+def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
+    """The forward's launches for ``B`` images of an ``H x W`` grid, width ``D``, bottleneck ``h``."""
+    HW = H * W
+    cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
+    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
+    return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg),
+            Launch("dwconv", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
+            Launch("fwd", "_heba_visual_fwd_kernel", (n_t, B), cfg)]
+
+
+def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
+    """The backward's launches (``recompute_u``: the down kernel runs again first)."""
+    HW = H * W
+    cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
+    BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
+    n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
+    n_s = _partial_images(B, n_t, sms, gpu)
+    split, per_split = _wgrad_splits(B * n_t, n_h, n_d, sms, gpu)
+    # h in 32-column blocks in _dv: at 64 the kernel spills 20-44 B (128 registers) in every
+    # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
+    dv_cfg = dict(cfg, BLOCK_H=min(32, BH))
+    wg_cfg = dict(cfg, SPLIT=split, PER_SPLIT=per_split)
+    plan = [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg)] \
+        if recompute_u else []
+    return plan + [
+        Launch("dwconv", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
+        Launch("dy", "_heba_visual_bwd_kernel_dy", (n_t, n_s), cfg),
+        Launch("dv", "_heba_visual_bwd_kernel_dv", (n_t, triton.cdiv(h, dv_cfg["BLOCK_H"]), n_s),
+               dv_cfg),
+        Launch("dwu", "_heba_visual_bwd_kernel_dwu", (n_d, n_h, split), wg_cfg),
+        Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
+        Launch("dwd", "_heba_visual_bwd_kernel_dwd", (n_d, n_h, split), wg_cfg),
+        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d, B), cfg)]
+
+
+def _on_gpu(device: torch.device) -> tuple[int, bool]:
+    """``(SMs, gpu)`` for plans: a CUDA device runs compiled kernels, anything else the
+    interpreter."""
+    gpu = device.type == "cuda" and not triton_interpreting()
+    return (num_sms(device) if gpu else 1), gpu
+
+
+# --------------------------------------------------------------------------- launchers
 
 
 def _token_strides(t: torch.Tensor, batch_first: bool) -> Tuple[int, int]:
@@ -584,22 +623,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _partial_images(B: int, n_t: int, device: torch.device) -> int:
-    """Programs ``S`` along the batch axis of the _dy and _dv kernels: each sums the
-    dgamma/dbeta/dWm partials of images ``s, s + S, ...`` into its own slot, so those
-    buffers hold ``S * nT`` slots, not ``B * nT`` (at B=1024, a 24x24 grid, D=4096 on an
-    H200: 8 * 132 programs, 74 MB instead of 1.28 GB). Two in the interpreter, so that
-    the tests run the summing path."""
-    if _interpreting() or device.type != "cuda":
-        return min(B, 2)
-    return max(1, min(B, (8 * _num_sms(device)) // n_t))
+def _kw(step: Launch) -> dict:
+    """The kernel's compile-time arguments of a plan step."""
+    return {k: v for k, v in step.meta.items() if k not in ("SPLIT", "PER_SPLIT")}
 
 
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                    scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
+                    scale: Scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
                     eps: float):
-    """Forward launcher. Returns ``(out, u, mean, rstd)``. ``scale``: a float or a 0-d
-    float32 tensor on x's device (read by the kernel).
+    """Forward launcher. Returns ``(out, u, mean, rstd)``.
 
     ``out`` has ``x``'s shape and dtype (contiguous); ``u`` ``[B, HW, h]`` in the
     weights' dtype; ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
@@ -608,34 +640,33 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     B = x.shape[0] if batch_first else x.shape[1]
     D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
     dev = x.device
-    out = _new(x.shape, x.dtype, dev)
-    u = _new((B, HW, h), down_weight.dtype, dev)
-    mean = _new((B, HW), torch.float32, dev)
-    rstd = _new((B, HW), torch.float32, dev)
+    out = new_buffer(x.shape, x.dtype, dev)
+    u = new_buffer((B, HW, h), down_weight.dtype, dev)
+    mean = new_buffer((B, HW), torch.float32, dev)
+    rstd = new_buffer((B, HW), torch.float32, dev)
     if B == 0:
         return out, u, mean, rstd
     wd = down_weight.reshape(h, D).contiguous()
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
+    down, dwconv, fwd = visual_fwd_plan(B, H, W, D, h, down_weight.dtype, *_on_gpu(dev))
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
-    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
-    _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
-    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), not saved
-    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
-    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
-    _heba_visual_fwd_kernel[(n_t, B)](
-        x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
-        HW, D, h, P, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **cfg)
+    launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, HW, D, h, P,
+           **_kw(down))
+    s = new_buffer((B, HW, h), down_weight.dtype, dev)                # gelu(v), not saved
+    launch(_heba_visual_kernel_dwconv, dwconv.grid, u, wm, s, H, W, HW, h, MIRROR=False,
+           GELU=True, BLOCK_T=dwconv.meta["BLOCK_T"], BLOCK_H=dwconv.meta["BLOCK_H"],
+           num_warps=dwconv.meta["num_warps"])
+    scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
+    launch(_heba_visual_fwd_kernel, fwd.grid, x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob,
+           son, HW, D, h, P, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
     return out, u, mean, rstd
 
 
 def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
-                    norm_weight, norm_bias, scale, num_prefix_tokens: int, H: int,
+                    norm_weight, norm_bias, scale: Scale, num_prefix_tokens: int, H: int,
                     W: int, batch_first: bool, rescale_param_grad: bool):
     """Backward launcher. Returns the gradients of ``x`` and the five parameters.
 
@@ -649,8 +680,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     B = x.shape[0] if batch_first else x.shape[1]
     D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
     dev = x.device
-    gs, xs = (1.0, scale) if rescale_param_grad else (scale, 1.0)   # floats or 0-d tensors
-    dx = _new(x.shape, x.dtype, dev)
+    gs, xs = (ONE, scale) if rescale_param_grad else (scale, ONE)
+    dx = new_buffer(x.shape, x.dtype, dev)
     if B == 0:
         return (dx, torch.zeros_like(down_weight), torch.zeros_like(mid_weight),
                 torch.zeros_like(up_weight), torch.zeros_like(norm_weight),
@@ -659,59 +690,50 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw = norm_weight.contiguous()
-    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
-    BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
-    n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
+    plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, down_weight.dtype,
+                                                  *_on_gpu(dev), recompute_u=u is None)}
+    cfg = plan["dwconv"].meta
+    BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
+    n_t = triton.cdiv(HW, BT)
     sxb, sxn = _token_strides(x, batch_first)
     sgb, sgn = _token_strides(g, batch_first)
     sdb, sdn = _token_strides(dx, batch_first)
 
     if u is None:                                                     # recompute u = t Wd^T
-        u = _new((B, HW, h), down_weight.dtype, dev)
-        _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
-    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
-    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
-        num_warps=cfg["num_warps"])
-    n_s = _partial_images(B, n_t, dev)
-    dnw_part = _new((n_s * n_t, D), torch.float32, dev)
-    dnb_part = _new((n_s * n_t, D), torch.float32, dev)
-    gs_v, gs_p, gs_from_ptr = scalar_arg(gs, mean)
-    _heba_visual_bwd_kernel_dy[(n_t, n_s)](
-        x, g, s, wu, nw, mean, rstd, dx, dnw_part, dnb_part,
-        sxb, sxn, sgb, sgn, sdb, sdn, B, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **cfg)
+        u = new_buffer((B, HW, h), down_weight.dtype, dev)
+        launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, HW, D, h,
+               P, **cfg)
+    s = new_buffer((B, HW, h), down_weight.dtype, dev)                # gelu(v), recomputed
+    launch(_heba_visual_kernel_dwconv, plan["dwconv"].grid, u, wm, s, H, W, HW, h,
+           MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
+    n_s = plan["dy"].grid[1]
+    dnw_part = new_buffer((n_s * n_t, D), torch.float32, dev)
+    dnb_part = new_buffer((n_s * n_t, D), torch.float32, dev)
+    gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
+    launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, s, wu, nw, mean, rstd, dx,
+           dnw_part, dnb_part, sxb, sxn, sgb, sgn, sdb, sdn, B, HW, D, h, P, gs_v, gs_p,
+           GS_PTR=gs_from_ptr, **cfg)
 
-    dv = _new((B, HW, h), torch.float32, dev)
-    dwm_part = _new((n_s * n_t, h, 9), torch.float32, dev)
-    # h in 32-column blocks here: at 64 the kernel spills 20-44 B (128 registers) in every
-    # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
-    dv_bh = min(32, BH)
-    _heba_visual_bwd_kernel_dv[(n_t, triton.cdiv(h, dv_bh), n_s)](
-        dx, u, wm, wu, dv, dwm_part, sdb, sdn, B, H, W, HW, D, h, P, **dict(cfg, BLOCK_H=dv_bh))
+    dv = new_buffer((B, HW, h), torch.float32, dev)
+    dwm_part = new_buffer((n_s * n_t, h, 9), torch.float32, dev)
+    launch(_heba_visual_bwd_kernel_dv, plan["dv"].grid, dx, u, wm, wu, dv, dwm_part, sdb, sdn,
+           B, H, W, HW, D, h, P, **_kw(plan["dv"]))
 
-    # Weight gradients reduce over every token: split-K over token tiles, enough
-    # splits to fill the GPU (3 in the interpreter, so the split path is tested).
-    n_tiles = B * n_t
-    if _interpreting() or dev.type != "cuda":
-        split = min(n_tiles, 3)
-    else:
-        split = max(1, min(n_tiles, (2 * _num_sms(dev)) // (n_h * n_d)))
-    per_split = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, per_split)
-    dwu_part = _new((split, D, h), torch.float32, dev)
-    _heba_visual_bwd_kernel_dwu[(n_d, n_h, split)](
-        dx, s, dwu_part, sdb, sdn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
-    du = _new((B, HW, h), down_weight.dtype, dev)                     # dwconv^T(dv)
-    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH,
-        num_warps=cfg["num_warps"])
-    dwd_part = _new((split, h, D), torch.float32, dev)
-    _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
-        x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+    # Weight gradients reduce over every token: split-K over token tiles.
+    split, per_split = plan["dwu"].meta["SPLIT"], plan["dwu"].meta["PER_SPLIT"]
+    dwu_part = new_buffer((split, D, h), torch.float32, dev)
+    launch(_heba_visual_bwd_kernel_dwu, plan["dwu"].grid, dx, s, dwu_part, sdb, sdn, HW, D, h,
+           P, B * n_t, n_t, per_split, **cfg)
+    du = new_buffer((B, HW, h), down_weight.dtype, dev)               # dwconv^T(dv)
+    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, HW, h,
+           MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
+    dwd_part = new_buffer((split, h, D), torch.float32, dev)
+    launch(_heba_visual_bwd_kernel_dwd, plan["dwd"].grid, x, du, dwd_part, sxb, sxn, HW, D, h,
+           P, B * n_t, n_t, per_split, **cfg)
     # Last: turns dy (still read by the kernels above) into dx, in place.
-    xs_v, xs_p, xs_from_ptr = scalar_arg(xs, mean)
-    _heba_visual_bwd_kernel_dx[(n_t, n_d, B)](
-        g, du, wd, dx, sgb, sgn, sdb, sdn, HW, D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
+    xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
+    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, HW,
+           D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
 
     return (dx,
             dwd_part.sum(0).reshape(down_weight.shape).to(down_weight.dtype),
@@ -735,8 +757,7 @@ def _triton_visual_fwd(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: t
     ``scale``; ``rescale_param_grad`` is only read by the backward."""
     with device_guard(x):
         return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                               scale if scale_t is None else scale_t, num_prefix_tokens, H, W,
-                               batch_first, eps)
+                               Scale(scale, scale_t), num_prefix_tokens, H, W, batch_first, eps)
 
 
 @_triton_visual_fwd.register_fake
@@ -762,8 +783,8 @@ def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torc
     ``u`` None: recomputed from ``x``."""
     with device_guard(x):
         return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
-                               norm_weight, norm_bias, scale if scale_t is None else scale_t,
-                               num_prefix_tokens, H, W, batch_first, rescale_param_grad)
+                               norm_weight, norm_bias, Scale(scale, scale_t), num_prefix_tokens,
+                               H, W, batch_first, rescale_param_grad)
 
 
 @_triton_visual_bwd.register_fake
@@ -823,10 +844,8 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     """
     check_dtypes("heba_visual", x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)
     H, W = grid
-    tensor = isinstance(scale, torch.Tensor)
     out, _, _, _ = torch.ops.heba.triton_visual_fwd(
-        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-        0.0 if tensor else float(scale), scale if tensor else None,
+        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *Scale.of(scale),
         int(num_prefix_tokens), int(H), int(W), bool(batch_first), float(eps),
         bool(rescale_param_grad))
     return out

@@ -54,6 +54,7 @@ import triton.language as tl
 
 from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
                                          device_guard, launch_flags, op_code)
+from heba_kernels.runtime import Scale, launch, new_buffer
 
 __all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd"]
 
@@ -202,7 +203,7 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     R = down_weight.shape[0]
     x2 = _rows(x)
     M = x2.shape[0]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = new_buffer(x.shape, x.dtype, x.device)
     if M == 0:
         return out
     out2 = out.view(M, D)
@@ -210,7 +211,7 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     upcast, ieee = launch_flags(x.device, op_dtype)
     BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=False)
     grid = (triton.cdiv(M, BLOCK_M),)
-    _low_rank_fwd_kernel[grid](
+    launch(_low_rank_fwd_kernel, grid,
         x2, down_weight, down_bias if down_bias is not None else down_weight,
         up_weight, up_bias if up_bias is not None else up_weight, out2,
         M, D, R, x2.stride(0), out2.stride(0), float(alpha),
@@ -232,22 +233,22 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
     M = x2.shape[0]
     op_dtype = down_weight.dtype
     wdt = down_weight.dtype
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    a_buf = torch.empty(M, R, device=x.device, dtype=op_dtype)        # gelu(u)   [M, R]
-    du_buf = torch.empty(M, R, device=x.device, dtype=op_dtype)       # dL/du     [M, R]
+    dx = new_buffer(x.shape, x.dtype, x.device)
+    a_buf = new_buffer((M, R), op_dtype, x.device)        # gelu(u)   [M, R]
+    du_buf = new_buffer((M, R), op_dtype, x.device)       # dL/du     [M, R]
     if M > 0:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(x.device, op_dtype)
         BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=True)
         grid = (triton.cdiv(M, BLOCK_M),)
-        _low_rank_bwd_kernel_dx[grid](
+        launch(_low_rank_bwd_kernel_dx, grid,
             x2, g2, down_weight, down_bias if down_bias is not None else down_weight,
             up_weight, dx2, a_buf, du_buf,
             M, D, R, x2.stride(0), g2.stride(0), dx2.stride(0), float(alpha),
             HAS_BD=down_bias is not None,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
-    d_up_w, d_up_b = atb(g2, a_buf, op_dtype, wdt, scale=float(alpha), colsum=True)   # [D, R], [D]
+    d_up_w, d_up_b = atb(g2, a_buf, op_dtype, wdt, scale=Scale(float(alpha)), colsum=True)
     d_down_w, d_down_b = atb(du_buf, x2, op_dtype, wdt, colsum=True)                 # [R, D], [R]
     return dx, d_down_w, d_down_b, d_up_w, d_up_b
 

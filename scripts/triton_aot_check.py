@@ -118,7 +118,6 @@ def _launch_attrs(fn, sig, shape):
 def _visual_cases():
     """Every visual kernel at the blocks ``heba_visual._config`` picks for ViT-B/16
     (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), batch 32, 14x14."""
-    import triton.language as tl
     f32 = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
            "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
     tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
@@ -129,10 +128,10 @@ def _visual_cases():
     for xdt, wdt in DTYPES:
         for D in (768, 1024, 3072, 4096):
             h = D // 4
-            dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(wdt, tl.float32)
             cfg = dict(BLOCK_T=32, BLOCK_H=min(64, triton.next_power_of_2(h)),
-                       BLOCK_D=min(64, triton.next_power_of_2(D)), DOT_DTYPE=dot,
-                       DOT_PREC="ieee" if dot == tl.float32 else "tf32")
+                       BLOCK_D=min(64, triton.next_power_of_2(D)),
+                       OP=_triton_common.op_code(wdt), UPCAST=False,
+                       IEEE=wdt == torch.float32)
             for kern in kernels:
                 consts = dict(cfg)
                 if kern.endswith("_dv"):

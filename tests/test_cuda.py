@@ -29,9 +29,14 @@ from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_ref
                            forward_backward, low_rank_params, requires_gpu, text_params, tokens,
                            visual_params)
 
+def _extension_built():
+    st = backends.extension_status()
+    return st.state in ("prebuilt", "loaded"), st.detail
+
+
 CUDA_OPS = ("cuda_visual_fwd", "cuda_visual_bwd", "cuda_text_fwd", "cuda_text_bwd",
             "cuda_low_rank_fwd", "cuda_low_rank_bwd")
-EXT_BUILT, EXT_WHY = backends._cuda_ext_status()
+EXT_BUILT, EXT_WHY = _extension_built()
 if not EXT_BUILT and torch.cuda.is_available():
     # Not built at install (e.g. an isolated `pip install .`): on a GPU machine the
     # backend compiles on first use, so do that here rather than skip its tests.
@@ -42,7 +47,7 @@ if not EXT_BUILT and torch.cuda.is_available():
         except Exception as err:                       # the reason becomes the skip's
             EXT_WHY = f"{type(err).__name__}: {err}"
         else:
-            EXT_BUILT, EXT_WHY = backends._cuda_ext_status()
+            EXT_BUILT, EXT_WHY = _extension_built()
 
 requires_ext = pytest.mark.skipif(
     not EXT_BUILT, reason=f"the CUDA extension heba_kernels._C is not built here: {EXT_WHY}")
@@ -60,7 +65,7 @@ def test_extension_registers_its_ops():
         schema = str(getattr(torch.ops.heba, name).default._schema)
         assert schema.startswith(f"heba::{name}("), schema
     for op in backends.OPS:
-        assert ("cuda", op) in backends._LOADED, backends._IMPORT_ERRORS.get(("cuda", op))
+        assert ("cuda", op) in backends.registry.fns, backends.registry.errors.get(("cuda", op))
 
 
 @requires_ext
@@ -493,9 +498,9 @@ def test_cuda_backend_without_extension_says_how_to_build(monkeypatch):
     why = ("the CUDA extension heba_kernels._C was not built or does not load (ImportError: "
            "simulated); reinstall on a machine with nvcc and a CUDA build of torch: "
            "`pip install --no-build-isolation .`")
-    monkeypatch.setattr(backends, "_cuda_ext_status", lambda: (False, why))
-    monkeypatch.setattr(backends, "_LOADED",
-                        {k: v for k, v in backends._LOADED.items() if k[0] != "cuda"})
+    monkeypatch.setattr(backends.registry, "cuda_state", lambda: (False, why))
+    monkeypatch.setattr(backends.registry, "fns",
+                        {k: v for k, v in backends.registry.fns.items() if k[0] != "cuda"})
     x = tokens(2, 1 + 3 * 3, 16)
     with pytest.raises(heba.BackendUnavailableError, match="pip install --no-build-isolation"):
         _visual_call(x, "cuda")

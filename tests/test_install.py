@@ -226,9 +226,9 @@ def test_load_compiler_error_is_one_line_with_the_log(jit_env, monkeypatch, caps
 @pytest.fixture
 def no_cuda_loaded(monkeypatch):
     """The registry as after a pure-Python install: no cuda (and no triton) ops loaded."""
-    monkeypatch.setattr(backends, "_LOADED",
-                        {k: v for k, v in backends._LOADED.items() if k[0] == "reference"})
-    monkeypatch.setattr(backends, "_CUDA_JIT", {"failed": None})
+    monkeypatch.setattr(backends.registry, "fns",
+                        {k: v for k, v in backends.registry.fns.items() if k[0] == "reference"})
+    monkeypatch.setattr(backends.registry, "cuda_failed", None)
 
 
 def test_explicit_cuda_on_a_cuda_tensor_compiles_then_dispatches(no_cuda_loaded, monkeypatch):
@@ -269,11 +269,11 @@ def test_auto_tries_cuda_once_then_falls_back_with_one_warning(no_cuda_loaded, m
 
 
 def test_no_build_for_cpu_tensors_or_when_triton_wins(monkeypatch):
-    monkeypatch.setattr(backends, "_CUDA_JIT", {"failed": None})
+    monkeypatch.setattr(backends.registry, "cuda_failed", None)
     monkeypatch.setattr(_extension, "load", lambda: pytest.fail("compiled without a request"))
-    loaded = {k: v for k, v in backends._LOADED.items() if k[0] != "cuda"}
+    loaded = {k: v for k, v in backends.registry.fns.items() if k[0] != "cuda"}
     loaded[("triton", "heba_visual")] = "triton-visual"
-    monkeypatch.setattr(backends, "_LOADED", loaded)
+    monkeypatch.setattr(backends.registry, "fns", loaded)
     assert backends.resolve("heba_visual", "auto", torch.device("cpu"))[0] == "reference"
     assert backends.resolve("heba_visual", "auto", torch.device("cuda")) == \
         ("triton", "triton-visual")
