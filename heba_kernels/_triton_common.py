@@ -31,7 +31,8 @@ import triton.language as tl
 from heba_kernels.runtime import ONE, Scale, launch, new_buffer, triton_interpreting
 
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
-           "scaled_sum", "device_guard"]
+           "scaled_sum", "device_guard", "atb_plan",
+           "plan_device"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -198,7 +199,8 @@ def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):
     if M == 0:
         c = torch.zeros(I, J, device=dev, dtype=out_dtype)
         return c, (torch.zeros(I, device=dev, dtype=out_dtype) if colsum else None)
-    grid, meta = atb_plan(M, I, J, op_dtype, dev)
+    grid, meta = atb_plan(M, I, J, op_dtype, *plan_device(dev))
+    meta = dict(meta)
     splits, rows_per_split = grid[2], meta.pop("ROWS_PER_SPLIT")
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
@@ -208,11 +210,15 @@ def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):
     return scaled_sum(c_part, scale, out_dtype), s
 
 
-def atb_plan(M, I, J, op_dtype, dev, sms=None, gpu=None):
-    """``(grid, meta)`` of :func:`atb`'s launch; ``sms``/``gpu`` default to ``dev``'s."""
-    if gpu is None:
-        gpu = dev.type == "cuda" and not triton_interpreting()
-        sms = num_sms(dev) if gpu else 1
+def plan_device(device) -> tuple[int, bool]:
+    """``(SMs, gpu)`` that the launch plans take: a CUDA device runs compiled kernels,
+    anything else (or ``TRITON_INTERPRET=1``) Triton's interpreter."""
+    gpu = device.type == "cuda" and not triton_interpreting()
+    return (num_sms(device) if gpu else 1), gpu
+
+
+def atb_plan(M, I, J, op_dtype, sms, gpu):
+    """``(grid, meta)`` of :func:`atb`'s launch for ``a [M, I]``, ``b [M, J]``."""
     BLOCK_K = 32
     BLOCK_I = 64 if I >= 64 else max(16, triton.next_power_of_2(I))
     BLOCK_J = 64 if J >= 64 else max(16, triton.next_power_of_2(J))

@@ -81,10 +81,10 @@ import triton.language as tl
 
 from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, atb,
                                          check_dtypes, device_guard, launch_flags, op_code,
-                                         scaled_sum)
-from heba_kernels.runtime import ONE, Scale, launch, new_buffer
+                                         atb_plan, plan_device, scaled_sum)
+from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
-__all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
+__all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd", "text_plan"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -449,6 +449,22 @@ def _config(H, op_dtype, backward):
 _WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
 
+def text_plan(M, D, H, op_dtype, sms, gpu, backward):
+    """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
+    of width ``D``, bottleneck ``H``: the row kernel, then (backward) the two weight-gradient
+    reductions of :func:`~heba_kernels._triton_common.atb`."""
+    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, num_warps=num_warps)
+    grid = (triton.cdiv(M, BLOCK_M),)
+    if not backward:
+        return [Launch("fwd", "_heba_text_fwd_kernel", grid, meta)]
+    wide = BLOCK_H > WIDE_H
+    row = Launch("dx", "_heba_text_bwd_kernel_dx_wide" if wide else "_heba_text_bwd_kernel_dx",
+                 grid, dict(meta, BLOCK_HC=_WIDE_BLOCK_HC) if wide else meta)
+    return [row] + [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
+                    for step, i, j in (("d_up", D, H), ("d_down", H, D))]
+
+
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
     """Forward for ``x [..., D]``: ``(out [..., D] contiguous, mean [M], rstd [M])``."""
     D = x.shape[-1]
@@ -463,8 +479,10 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     out2 = out.view(M, D)
     op_dtype = down_weight.dtype
     upcast, ieee = launch_flags(x.device, op_dtype)
-    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=False)
-    grid = (triton.cdiv(M, BLOCK_M),)
+    (fwd,) = text_plan(M, D, H, op_dtype, *plan_device(x.device), backward=False)
+    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (fwd.meta[k] for k in
+                                            ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps"))
+    grid = fwd.grid
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     launch(_heba_text_fwd_kernel, grid,
         x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
@@ -494,8 +512,10 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     else:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(dev, op_dtype)
-        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=True)
-        grid = (triton.cdiv(M, BLOCK_M),)
+        row = text_plan(M, D, H, op_dtype, *plan_device(dev), backward=True)[0]
+        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (row.meta[k] for k in
+                                                ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps"))
+        grid = row.grid
         dnw_part = new_buffer((grid[0], D), torch.float32, dev)
         dnb_part = new_buffer((grid[0], D), torch.float32, dev)
         scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)

@@ -82,17 +82,18 @@ interpreter; matmul operands are then upcast to float32, since the interpreter's
 buffers with NaN so a tile a kernel forgets to write fails loudly in tests).
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, check_dtypes,
-                                         device_guard, launch_flags, num_sms, op_code)
-from heba_kernels.runtime import ONE, Scale, launch, new_buffer, triton_interpreting
+                                         device_guard, op_code, plan_device)
+from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_interpreting
 
-__all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd"]
+__all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
+           "visual_bwd_plan"]
 
 # Keep the bottleneck ``u`` for backward from this width up (matmul-bound); below it,
 # recompute ``u`` in backward (memory-bound). A speed/memory choice only: the
@@ -514,17 +515,6 @@ def _heba_visual_bwd_kernel_dwd(
 # --------------------------------------------------------------------------- launch plans
 
 
-class Launch(NamedTuple):
-    """One kernel launch of a plan: ``step`` names it in the launcher, ``kernel`` is the
-    Triton kernel's name, ``grid`` its grid and ``meta`` its block sizes. The launchers
-    launch exactly their plan; benchmarks/roofline.py models the same plan."""
-
-    step: str
-    kernel: str
-    grid: tuple
-    meta: dict
-
-
 def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype, sms: int,
             gpu: bool) -> dict:
     """Block sizes and operand flags. ``tl.dot`` needs every dimension >= 16. ``gpu`` False:
@@ -604,13 +594,6 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
         Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d, B), cfg)]
 
 
-def _on_gpu(device: torch.device) -> tuple[int, bool]:
-    """``(SMs, gpu)`` for plans: a CUDA device runs compiled kernels, anything else the
-    interpreter."""
-    gpu = device.type == "cuda" and not triton_interpreting()
-    return (num_sms(device) if gpu else 1), gpu
-
-
 # --------------------------------------------------------------------------- launchers
 
 
@@ -650,7 +633,7 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    down, dwconv, fwd = visual_fwd_plan(B, H, W, D, h, down_weight.dtype, *_on_gpu(dev))
+    down, dwconv, fwd = visual_fwd_plan(B, H, W, D, h, down_weight.dtype, *plan_device(dev))
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
     launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, HW, D, h, P,
@@ -691,7 +674,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     wu = up_weight.reshape(D, h).contiguous()
     nw = norm_weight.contiguous()
     plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, down_weight.dtype,
-                                                  *_on_gpu(dev), recompute_u=u is None)}
+                                                  *plan_device(dev), recompute_u=u is None)}
     cfg = plan["dwconv"].meta
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     n_t = triton.cdiv(HW, BT)

@@ -53,10 +53,11 @@ import triton
 import triton.language as tl
 
 from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
-                                         device_guard, launch_flags, op_code)
-from heba_kernels.runtime import Scale, launch, new_buffer
+                                         atb_plan, device_guard, launch_flags, op_code,
+                                         plan_device)
+from heba_kernels.runtime import Launch, Scale, launch, new_buffer
 
-__all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd"]
+__all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd", "low_rank_plan"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -197,6 +198,19 @@ def _config(R, op_dtype, backward):
     return BLOCK_M, BLOCK_N, BLOCK_R, num_warps
 
 
+def low_rank_plan(M, D, R, op_dtype, sms, gpu, backward):
+    """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
+    of width ``D``, rank ``R``: the row kernel, then (backward) the two reductions."""
+    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=backward)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=num_warps)
+    grid = (triton.cdiv(M, BLOCK_M),)
+    if not backward:
+        return [Launch("fwd", "_low_rank_fwd_kernel", grid, meta)]
+    return [Launch("dx", "_low_rank_bwd_kernel_dx", grid, meta)] + [
+        Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
+        for step, i, j in (("d_up", D, R), ("d_down", R, D))]
+
+
 def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     """``x + alpha * (up(gelu(down(x))))`` for ``x [..., D]``; returns a contiguous tensor."""
     D = x.shape[-1]
@@ -209,8 +223,10 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     out2 = out.view(M, D)
     op_dtype = down_weight.dtype
     upcast, ieee = launch_flags(x.device, op_dtype)
-    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=False)
-    grid = (triton.cdiv(M, BLOCK_M),)
+    (fwd,) = low_rank_plan(M, D, R, op_dtype, *plan_device(x.device), backward=False)
+    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = (fwd.meta[k] for k in
+                                            ("BLOCK_M", "BLOCK_N", "BLOCK_R", "num_warps"))
+    grid = fwd.grid
     launch(_low_rank_fwd_kernel, grid,
         x2, down_weight, down_bias if down_bias is not None else down_weight,
         up_weight, up_bias if up_bias is not None else up_weight, out2,
@@ -239,8 +255,10 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
     if M > 0:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(x.device, op_dtype)
-        BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=True)
-        grid = (triton.cdiv(M, BLOCK_M),)
+        row = low_rank_plan(M, D, R, op_dtype, *plan_device(x.device), backward=True)[0]
+        BLOCK_M, BLOCK_N, BLOCK_R, num_warps = (row.meta[k] for k in
+                                                ("BLOCK_M", "BLOCK_N", "BLOCK_R", "num_warps"))
+        grid = row.grid
         launch(_low_rank_bwd_kernel_dx, grid,
             x2, g2, down_weight, down_bias if down_bias is not None else down_weight,
             up_weight, dx2, a_buf, du_buf,

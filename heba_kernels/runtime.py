@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["triton_interpreting", "debug_nan_fill", "new_buffer", "Scale", "ONE", "launch",
-           "record_launches"]
+           "record_launches", "Launch"]
 
 
 def _flag(name: str) -> bool:
@@ -91,6 +91,18 @@ ONE = Scale(1.0, None)
 
 
 # --------------------------------------------------------------------------- launches
+
+
+class Launch(NamedTuple):
+    """One kernel launch of a plan: ``step`` names it in the launcher, ``kernel`` is the
+    Triton kernel's name, ``grid`` its grid and ``meta`` its block sizes. The launchers
+    launch exactly their plan; benchmarks/roofline.py models the same plan."""
+
+    step: str
+    kernel: str
+    grid: tuple
+    meta: dict
+
 
 _RECORDERS: list = []
 
