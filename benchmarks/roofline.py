@@ -158,6 +158,11 @@ def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
         c.flops = gemms * 2 * Mp * D * BH
         c.l2 = st.grid[0] * (gemms * (BM * D * e + BH * D * w))
         out.append(c)
+        if st.step == "dx" and "BLOCK_H" in m:     # text: dgamma, dbeta partial sums + casts
+            for _ in range(2):
+                out.append(Cost("torch sum", (), hbm=(st.grid[0] + 1) * D * 4))
+                if w != 4:
+                    out.append(Cost("torch cast", (), hbm=D * (4 + w)))
     return out
 
 
