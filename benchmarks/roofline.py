@@ -5,7 +5,8 @@ Everything here is **modelled**, not measured: it runs on a CPU. For every case 
 the L2-to-SM bytes and the FLOPs issued, taking the launches (kernel, grid, block sizes)
 from the very plan functions the launchers call (``visual_fwd_plan``, ``visual_bwd_plan``,
 ``text_plan``, ``low_rank_plan``), so the model cannot drift from the launchers
-(tests/benchmarks/test_roofline.py ties them to a launch recorder). Beside them:
+(tests/benchmarks/test_roofline.py ties them to a launch recorder, and checks that the
+fused ops launch nothing else: no torch sum, cast or multiplication). Beside them:
 
 * **ideal**: read ``x`` and write ``out`` forward, read ``x`` and ``g`` and write ``dx``
   backward, the minimal GEMM FLOPs (two token-wise projections forward, four backward);
@@ -83,6 +84,10 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         plan = visual_fwd_plan(B, H, W, D, h, wdt, gpu.sms, True)
     out, dwconv_seen = [], 0
     for st in plan:
+        if st.step in ("dwu", "dwd", "reduce"):   # dWu = dy^T s, dWd = du^T t, the one sum
+            out.append(_atb_cost(st, T, D, h, e, w) if st.step == "dwu" else
+                       _atb_cost(st, T, h, D, w, e) if st.step == "dwd" else _reduce_cost(st, w))
+            continue
         m = st.meta
         BT, BH, BD = m["BLOCK_T"], m["BLOCK_H"], m["BLOCK_D"]
         Tp = B * _pad(H * W, BT)
@@ -113,56 +118,57 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.hbm = tok + hid + T * h * 4 + D * h * w
             c.flops = 2 * Tp * Dp * hp + 2 * 2 * 9 * Tp * hp
             c.l2 = st.grid[0] * st.grid[1] * B * (BT * Dp * e + Dp * BH * w + 18 * BT * BH * w)
-        elif st.step in ("dwu", "dwd"):
-            c.hbm = tok + hid + m["SPLIT"] * D * h * 4
-            c.flops = 2 * Tp * Dp * hp
-            c.l2 = st.grid[0] * st.grid[1] * Tp * (BD * e + BH * w)
         elif st.step == "dx":
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
             c.flops = 2 * Tp * Dp * hp
             c.l2 = nprog * (2 * BT * BD * e + BT * hp * w + hp * BD * w)
         out.append(c)
-    if backward:                      # torch: five partial sums, five casts to the weights' dtype
-        n_s, n_t = plan[-6].grid[1], plan[-6].grid[0]
-        split = plan[-4].meta["SPLIT"]
-        for name, slots, size in (("sum dWd", split, h * D), ("sum dWm", n_s * n_t, 9 * h),
-                                  ("sum dWu", split, h * D), ("sum dgamma", n_s * n_t, D),
-                                  ("sum dbeta", n_s * n_t, D)):
-            out.append(Cost(f"torch {name}", (), hbm=(slots + 1) * size * 4))
-            if w != 4:
-                out.append(Cost("torch cast", (), hbm=size * (4 + w)))
     return out
+
+
+def _atb_cost(st, M, I, J, ea, eb, colsum=False) -> Cost:
+    """``_atb_kernel`` over ``a [M, I]`` (``ea`` bytes) and ``b [M, J]`` (``eb`` bytes):
+    both read once from HBM, float32 partial slots written; every program loads its
+    chunk's ``[rows, BLOCK_I]`` and ``[rows, BLOCK_J]`` tiles."""
+    m = st.meta
+    gi, gj, splits = st.grid
+    Mp = _pad(M, m["BLOCK_K"])
+    c = Cost(st.kernel, st.grid)
+    c.hbm = M * (I * ea + J * eb) + splits * I * J * 4 + (splits * I * 4 if colsum else 0)
+    c.flops = 2 * Mp * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
+    c.l2 = gi * gj * Mp * (m["BLOCK_I"] * ea + m["BLOCK_J"] * eb)
+    return c
+
+
+def _reduce_cost(st, w) -> Cost:
+    """``_reduce_partials_kernel``: every float32 slot read once, each output written once."""
+    c = Cost(st.kernel, st.grid)
+    c.hbm = c.l2 = sum(slots * n * 4 + n * w for slots, n in st.work)
+    c.flops = sum(slots * n for slots, n in st.work)
+    return c
 
 
 def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
     """Token-wise ops: row kernel (``sweeps`` token tensors read/written, ``gemms`` GEMM
-    passes of M x D x hidden), then atb reductions (split-K partials + torch sum/cast)."""
+    passes of M x D x hidden), the two atb reductions (split-K partials), the one sum."""
     out = []
     for st in plan:
         m = st.meta
-        c = Cost(st.kernel, st.grid)
-        if st.kernel == "_atb_kernel":
-            I, J = (D, Hd) if st.step == "d_up" else (Hd, D)
-            gi, gj, splits = st.grid
-            c.hbm = M * (D * e + Hd * w) + splits * I * J * 4
-            c.flops = 2 * _pad(M, m["BLOCK_K"]) * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
-            c.l2 = gi * gj * _pad(M, m["BLOCK_K"]) * (m["BLOCK_I"] + m["BLOCK_J"]) * \
-                (e if I == D else w)
-            out += [c, Cost("torch sum", (), hbm=(splits + 1) * I * J * 4)]
-            if w != 4:
-                out.append(Cost("torch cast", (), hbm=I * J * (4 + w)))
+        if st.kernel == "_atb_kernel":    # d_up: dy or g [M, D] with a; d_down: du with x
+            colsum = "BLOCK_R" in plan[0].meta          # low-rank: bias gradients too
+            out.append(_atb_cost(st, M, D, Hd, e, w, colsum) if st.step == "d_up"
+                       else _atb_cost(st, M, Hd, D, w, e, colsum))
             continue
+        if st.step == "reduce":
+            out.append(_reduce_cost(st, w))
+            continue
+        c = Cost(st.kernel, st.grid)
         BM, BH = m["BLOCK_M"], m.get("BLOCK_H", m.get("BLOCK_R"))
         Mp = _pad(M, BM)
         c.hbm = sweeps[0] * M * D * e + sweeps[1] * M * Hd * w + 2 * Hd * D * w
         c.flops = gemms * 2 * Mp * D * BH
         c.l2 = st.grid[0] * (gemms * (BM * D * e + BH * D * w))
         out.append(c)
-        if st.step == "dx" and "BLOCK_H" in m:     # text: dgamma, dbeta partial sums + casts
-            for _ in range(2):
-                out.append(Cost("torch sum", (), hbm=(st.grid[0] + 1) * D * 4))
-                if w != 4:
-                    out.append(Cost("torch cast", (), hbm=D * (4 + w)))
     return out
 
 

@@ -106,6 +106,7 @@ def _visual_bwd_fake(grad_out, x, down_weight, mid_weight, up_weight, norm_weigh
 def _visual_setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, _norm_bias, scale, scale_t,
      num_prefix_tokens, grid_h, grid_w, batch_first, _eps, rescale_param_grad) = inputs
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the saved outputs
     _out, u, g, z, mean, rstd = output
     ctx.save_for_backward(x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean, rstd,
                           scale_t)
@@ -166,6 +167,7 @@ def _text_bwd_fake(grad_out, x, down_weight, up_weight, norm_weight, u, g, z, me
 def _text_setup_context(ctx, inputs, output):
     (x, down_weight, up_weight, norm_weight, _norm_bias, scale, scale_t, _eps,
      rescale_param_grad) = inputs
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the saved outputs
     _out, u, g, z, mean, rstd = output
     ctx.save_for_backward(x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd, scale_t)
     ctx.args = (scale, rescale_param_grad)

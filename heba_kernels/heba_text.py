@@ -37,9 +37,11 @@ of the LayerNorm backward and the per-program partial sums of ``dw``/``db``,
 once more for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and
 ``da``, and a last time for ``dx``. ``a`` and ``du`` (``[M, h]``, the weights'
 dtype) are written for the projection gradients, which are reductions over
-all tokens done by :func:`heba_kernels._triton_common.atb`: float32 partials
-per token chunk in separate slots, summed afterwards. ``dw``/``db`` partials
-are ``[programs, D]`` float32, summed afterwards. No atomics anywhere: **the
+all tokens done by :func:`heba_kernels._triton_common.atb_partials`: float32
+partials per token chunk in separate slots. ``dw``/``db`` partials are
+``[programs, D]`` float32. All four partial buffers are summed in ONE launch
+(:func:`~heba_kernels._triton_common.reduce_partials`), in float32, in a fixed
+order, straight into the parameters' dtype. No atomics anywhere: **the
 backward is deterministic** (bitwise identical run to run on the same device).
 
 Wide bottlenecks (``h > WIDE_H`` = 512, e.g. the text MLP adapter of ViT-L/14,
@@ -79,9 +81,10 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, atb,
-                                         check_dtypes, device_guard, launch_flags, op_code,
-                                         atb_plan, plan_device, scaled_sum)
+from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
+                                         atb_partials, atb_plan, check_dtypes, device_guard,
+                                         launch_flags, op_code, plan_device, reduce_partials,
+                                         reduce_plan)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd", "text_plan"]
@@ -461,8 +464,11 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
     wide = BLOCK_H > WIDE_H
     row = Launch("dx", "_heba_text_bwd_kernel_dx_wide" if wide else "_heba_text_bwd_kernel_dx",
                  grid, dict(meta, BLOCK_HC=_WIDE_BLOCK_HC) if wide else meta)
-    return [row] + [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
-                    for step, i, j in (("d_up", D, H), ("d_down", H, D))]
+    atbs = [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
+            for step, i, j in (("d_up", D, H), ("d_down", H, D))]
+    s_up, s_down = (st.grid[2] for st in atbs)
+    return [row] + atbs + [reduce_plan([(s_up, D * H), (s_down, H * D), (grid[0], D),
+                                        (grid[0], D)])]
 
 
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
@@ -535,10 +541,15 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
                 dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
                 M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
                 BLOCK_H=BLOCK_H, **common)
-        dnw = scaled_sum(dnw_part, p_scale, norm_weight.dtype)
-        dnb = scaled_sum(dnb_part, p_scale, norm_weight.dtype)
-    d_up, _ = atb(dy, a_buf, op_dtype, up_weight.dtype, scale=p_scale)        # [D, H]
-    d_down, _ = atb(du_buf, x2, op_dtype, down_weight.dtype, scale=p_scale)   # [H, D]
+    up, _ = atb_partials(dy, a_buf, op_dtype)                                  # [D, H]
+    down, _ = atb_partials(du_buf, x2, op_dtype)                               # [H, D]
+    parts = [Partial(up, (D, H), up_weight.dtype, True),
+             Partial(down, (H, D), down_weight.dtype, True)]
+    if M > 0:
+        parts += [Partial(dnw_part, (D,), norm_weight.dtype, True),
+                  Partial(dnb_part, (D,), norm_weight.dtype, True)]
+    d_up, d_down, *norm = reduce_partials(parts, p_scale)    # one launch for all four
+    dnw, dnb = norm if M > 0 else (dnw, dnb)
     return dx, d_down, d_up, dnw, dnb
 
 
@@ -588,6 +599,7 @@ def _heba_text_setup_context(ctx, inputs, output):
     (x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
      rescale_param_grad) = inputs
     _, mean, rstd = output
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd, scale_t)
     ctx.scale = scale

@@ -88,8 +88,9 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, check_dtypes,
-                                         device_guard, op_code, plan_device)
+from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
+                                         atb_partials, atb_plan, check_dtypes, device_guard,
+                                         op_code, plan_device, reduce_partials, reduce_plan)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_interpreting
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
@@ -411,36 +412,6 @@ def _heba_visual_bwd_kernel_dv(
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dwu(
-    dy_ptr, s_ptr, dwu_part_ptr,          # s [B, HW, h]; dWu part [SPLIT, D, h] fp32
-    stride_db, stride_dn,
-    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
-    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)                           # dWu
-    for i in range(0, tiles_per_split):
-        it = pid_s * tiles_per_split + i           # token tile (image, block); past the end: masked
-        b = (it // tiles_per_image).to(tl.int64)
-        p = (it % tiles_per_image) * BLOCK_T + tl.arange(0, BLOCK_T)
-        p_mask = (p < HW) & (it < n_tiles)
-        dy_t = tl.load(dy_ptr + b * stride_db + (P + p)[None, :].to(tl.int64) * stride_dn
-                       + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)  # [BD, BT]
-        s = tl.load(s_ptr + (b * HW + p[:, None]) * h + c[None, :],
-                    mask=p_mask[:, None] & c_mask[None, :], other=0.0)             # [BT, BH]
-        acc = _mma(_op_cast(dy_t, OP, UPCAST), _op_cast(s, OP, UPCAST), acc, IEEE)
-    out = dwu_part_ptr + pid_s.to(tl.int64) * D * h
-    tl.store(out + d[:, None] * h + c[None, :], acc, mask=d_mask[:, None] & c_mask[None, :])
-
-
-@triton.jit
 def _heba_visual_bwd_kernel_dx(
     g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B, HW, h]; dx holds dy on entry (grid tokens)
     stride_gb, stride_gn, stride_db, stride_dn,
@@ -482,36 +453,6 @@ def _heba_visual_bwd_kernel_dx(
                      row.to(dx_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
-def _heba_visual_bwd_kernel_dwd(
-    x_ptr, du_ptr, dwd_part_ptr,          # du [B, HW, h]; dWd part [SPLIT, h, D] fp32
-    stride_xb, stride_xn,
-    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
-    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)                           # dWd^T
-    for i in range(0, tiles_per_split):
-        it = pid_s * tiles_per_split + i
-        b = (it // tiles_per_image).to(tl.int64)
-        p = (it % tiles_per_image) * BLOCK_T + tl.arange(0, BLOCK_T)
-        p_mask = (p < HW) & (it < n_tiles)
-        t_t = tl.load(x_ptr + b * stride_xb + (P + p)[None, :].to(tl.int64) * stride_xn
-                      + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)   # [BD, BT]
-        du = tl.load(du_ptr + (b * HW + p[:, None]) * h + c[None, :],
-                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)            # [BT, BH]
-        acc = _mma(_op_cast(t_t, OP, UPCAST), _op_cast(du, OP, UPCAST), acc, IEEE)
-    out = dwd_part_ptr + pid_s.to(tl.int64) * h * D
-    tl.store(out + c[None, :] * D + d[:, None], acc, mask=d_mask[:, None] & c_mask[None, :])
-
-
 # --------------------------------------------------------------------------- launch plans
 
 
@@ -551,14 +492,6 @@ def _partial_images(B: int, n_t: int, sms: int, gpu: bool) -> int:
     return max(1, min(B, (8 * sms) // n_t))
 
 
-def _wgrad_splits(n_tiles: int, n_h: int, n_d: int, sms: int, gpu: bool) -> tuple[int, int]:
-    """``(splits, tiles per split)`` of the split-K weight-gradient kernels: enough splits to
-    fill the GPU (3 in the interpreter, so the split path is tested)."""
-    split = max(1, min(n_tiles, (2 * sms) // (n_h * n_d))) if gpu else min(n_tiles, 3)
-    per_split = triton.cdiv(n_tiles, split)
-    return triton.cdiv(n_tiles, per_split), per_split
-
-
 def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     """The forward's launches for ``B`` images of an ``H x W`` grid, width ``D``, bottleneck ``h``."""
     HW = H * W
@@ -576,11 +509,13 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
     n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
     n_s = _partial_images(B, n_t, sms, gpu)
-    split, per_split = _wgrad_splits(B * n_t, n_h, n_d, sms, gpu)
     # h in 32-column blocks in _dv: at 64 the kernel spills 20-44 B (128 registers) in every
     # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
     dv_cfg = dict(cfg, BLOCK_H=min(32, BH))
-    wg_cfg = dict(cfg, SPLIT=split, PER_SPLIT=per_split)
+    T = B * HW
+    d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
+    d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
+    slots = n_s * n_t
     plan = [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg)] \
         if recompute_u else []
     return plan + [
@@ -588,10 +523,12 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
         Launch("dy", "_heba_visual_bwd_kernel_dy", (n_t, n_s), cfg),
         Launch("dv", "_heba_visual_bwd_kernel_dv", (n_t, triton.cdiv(h, dv_cfg["BLOCK_H"]), n_s),
                dv_cfg),
-        Launch("dwu", "_heba_visual_bwd_kernel_dwu", (n_d, n_h, split), wg_cfg),
+        d_up,
         Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
-        Launch("dwd", "_heba_visual_bwd_kernel_dwd", (n_d, n_h, split), wg_cfg),
-        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d, B), cfg)]
+        d_down,
+        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d, B), cfg),
+        reduce_plan([(d_down.grid[2], h * D), (slots, h * 9), (d_up.grid[2], D * h),
+                     (slots, D), (slots, D)])]
 
 
 # --------------------------------------------------------------------------- launchers
@@ -608,7 +545,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _kw(step: Launch) -> dict:
     """The kernel's compile-time arguments of a plan step."""
-    return {k: v for k, v in step.meta.items() if k not in ("SPLIT", "PER_SPLIT")}
+    return dict(step.meta)
+
+
+def _grid_tokens(t: torch.Tensor, P: int, batch_first: bool) -> torch.Tensor:
+    """The grid tokens of a ``[B, N, D]`` (or ``[N, B, D]``) tensor as a ``[B, HW, D]`` view."""
+    return t[:, P:] if batch_first else t[P:].transpose(0, 1)
 
 
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
@@ -702,28 +644,24 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     launch(_heba_visual_bwd_kernel_dv, plan["dv"].grid, dx, u, wm, wu, dv, dwm_part, sdb, sdn,
            B, H, W, HW, D, h, P, **_kw(plan["dv"]))
 
-    # Weight gradients reduce over every token: split-K over token tiles.
-    split, per_split = plan["dwu"].meta["SPLIT"], plan["dwu"].meta["PER_SPLIT"]
-    dwu_part = new_buffer((split, D, h), torch.float32, dev)
-    launch(_heba_visual_bwd_kernel_dwu, plan["dwu"].grid, dx, s, dwu_part, sdb, sdn, HW, D, h,
-           P, B * n_t, n_t, per_split, **cfg)
+    # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
+    dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, down_weight.dtype)  # [S, D, h]
     du = new_buffer((B, HW, h), down_weight.dtype, dev)               # dwconv^T(dv)
     launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, HW, h,
            MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
-    dwd_part = new_buffer((split, h, D), torch.float32, dev)
-    launch(_heba_visual_bwd_kernel_dwd, plan["dwd"].grid, x, du, dwd_part, sxb, sxn, HW, D, h,
-           P, B * n_t, n_t, per_split, **cfg)
+    dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), down_weight.dtype)  # [S, h, D]
     # Last: turns dy (still read by the kernels above) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, HW,
            D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
-
-    return (dx,
-            dwd_part.sum(0).reshape(down_weight.shape).to(down_weight.dtype),
-            dwm_part.sum(0).reshape(mid_weight.shape).to(mid_weight.dtype),
-            dwu_part.sum(0).reshape(up_weight.shape).to(up_weight.dtype),
-            dnw_part.sum(0).to(norm_weight.dtype),
-            dnb_part.sum(0).to(norm_bias.dtype))
+    # Every partial buffer summed in one launch, straight into the parameters' dtypes.
+    grads = reduce_partials([
+        Partial(dwd_part, down_weight.shape, down_weight.dtype),
+        Partial(dwm_part, mid_weight.shape, mid_weight.dtype),
+        Partial(dwu_part, up_weight.shape, up_weight.dtype),
+        Partial(dnw_part, norm_weight.shape, norm_weight.dtype),
+        Partial(dnb_part, norm_bias.shape, norm_bias.dtype)])
+    return (dx, *grads)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -785,6 +723,7 @@ def _setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad) = inputs
     _, u, mean, rstd = output
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
     ctx.mark_non_differentiable(u, mean, rstd)
     if x.shape[-1] < SAVE_U_MIN_DIM:
         u = None                  # memory-bound width: the backward recomputes it

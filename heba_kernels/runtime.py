@@ -95,13 +95,15 @@ ONE = Scale(1.0, None)
 
 class Launch(NamedTuple):
     """One kernel launch of a plan: ``step`` names it in the launcher, ``kernel`` is the
-    Triton kernel's name, ``grid`` its grid and ``meta`` its block sizes. The launchers
+    Triton kernel's name, ``grid`` its grid and ``meta`` its block sizes (the kernel's
+compile-time arguments). The launchers
     launch exactly their plan; benchmarks/roofline.py models the same plan."""
 
     step: str
     kernel: str
     grid: tuple
     meta: dict
+    work: tuple = ()     # a reduction's (slots, outputs) per partial buffer, for the model
 
 
 _RECORDERS: list = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import heba.nn
 from benchmarks import roofline
@@ -76,3 +77,39 @@ def test_unknown_gpu_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         roofline.main(["--gpus", "A1"])
     assert info.value.code == 2 and "unknown GPU 'A1'" in capsys.readouterr().err
+
+
+class _Ops(TorchDispatchMode):
+    """The ops dispatched outside heba's custom ops (each custom op counts as one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("op", ["heba_visual", "heba_text", "low_rank"])
+def test_fused_ops_launch_nothing_beside_their_plan(op):
+    # No torch sum, cast, multiplication or zero-filled gradient around the kernels: a
+    # forward + backward dispatches the two custom ops (whose launches the plans list)
+    # and detaches only.
+    torch.manual_seed(0)
+    if op == "heba_visual":
+        m, x, kw = heba.nn.HeBAAdapter(24, grid=(4, 4), backend="triton"), \
+            torch.randn(2, 17, 24), dict(scale=0.5)
+    elif op == "heba_text":
+        m, x, kw = heba.nn.HeBAAdapter(32, modality="text", backend="triton"), \
+            torch.randn(2, 7, 32), dict(scale=0.5)
+    else:
+        m, x, kw = heba.nn.LowRankAdapter(32, 8, init="small", backend="triton"), \
+            torch.randn(2, 7, 32), {}
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    with _Ops() as seen:
+        m(x, **kw).backward(g)
+    others = [o for o in seen.ops if not o.startswith("heba::") and o != "aten::detach"]
+    assert others == [] and len([o for o in seen.ops if o.startswith("heba::")]) == 2, seen.ops
