@@ -82,7 +82,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                                recompute_u=D < SAVE_U_MIN_DIM)
     else:
         plan = visual_fwd_plan(B, H, W, D, h, wdt, gpu.sms, True)
-    out, dwconv_seen = [], 0
+    out = []
     for st in plan:
         if st.step in ("dwu", "dwd", "reduce"):   # dWu = dy^T s, dWd = du^T t, the one sum
             out.append(_atb_cost(st, T, D, h, e, w) if st.step == "dwu" else
@@ -100,24 +100,24 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         if st.step == "down":
             c.hbm, c.flops = tok + hid + h * D * w, 2 * Tp * Dp * hp
             c.l2 = nprog * (BT * Dp * e + Dp * BH * w)
-        elif st.step in ("dwconv", "dwconv_t"):
-            src = T * h * (4 if st.step == "dwconv_t" else w)
-            c.hbm, c.flops = src + hid, 2 * 9 * Tp * hp
-            c.l2 = nprog * 9 * BT * BH * (4 if st.step == "dwconv_t" else w)
-            dwconv_seen += 1
-        elif st.step == "fwd":        # two sweeps over D, each recomputing z = Wu s
-            c.hbm = 2 * tok + hid + 2 * B * P * D * e + D * h * w + 8 * T
-            c.flops = 2 * 2 * Tp * Dp * hp
-            c.l2 = nprog * 2 * (BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w)
-        elif st.step == "dy":         # two sweeps, each recomputing z; dy written
-            c.hbm = 3 * tok + hid + D * h * w + 8 * T + 2 * st.grid[0] * st.grid[1] * D * 4
-            c.flops = 2 * 2 * Tp * Dp * hp
-            c.l2 = st.grid[0] * B * 2 * (2 * BT * Dp * e + _cdiv(D, BD) * BT * hp * w
-                                         + Dp * hp * w)
-        elif st.step == "dv":
-            c.hbm = tok + hid + T * h * 4 + D * h * w
-            c.flops = 2 * Tp * Dp * hp + 2 * 2 * 9 * Tp * hp
-            c.l2 = st.grid[0] * st.grid[1] * B * (BT * Dp * e + Dp * BH * w + 18 * BT * BH * w)
+        elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv float32 in, du out
+            c.hbm, c.flops = T * h * 4 + hid, 2 * 9 * Tp * hp
+            c.l2 = nprog * 9 * BT * BH * 4
+        elif st.step == "fwd":        # s = gelu(dwconv(u)) of the block, then two sweeps
+            c.hbm = 2 * tok + 3 * hid + 2 * B * P * D * e + D * h * w + 8 * T
+            c.flops = 2 * 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
+            c.l2 = nprog * (2 * (BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w)
+                            + 10 * BT * hp * w)
+        elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
+            BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
+            slots = st.grid[0] * st.grid[1]
+            c.hbm = (3 * tok + 3 * hid + D * h * w + 8 * T + T * h * 4
+                     + slots * (2 * D + 9 * h) * 4)
+            c.flops = 3 * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
+            c.l2 = st.grid[0] * B * (2 * (2 * BT * Dp * e + _cdiv(D, BD) * BT * hp * w
+                                          + Dp * hp * w) + 10 * BT * hp * w
+                                     + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
+                                     + 18 * BT * hp * w + BT * hp * 4)
         elif st.step == "dx":
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
             c.flops = 2 * Tp * Dp * hp

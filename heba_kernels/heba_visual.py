@@ -35,18 +35,24 @@ Kernels (one image per program along the batch axis; tokens in blocks of
 
 * ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B, HW, h]`` buffer in
   the weights' dtype (saved for backward at large ``D``, else run again in backward).
-* ``_heba_visual_kernel_dwconv``: the 3x3 stencil needs each token's neighbours,
-  which live in other token blocks, so it runs as its own pass over the
-  bottleneck: ``s = gelu(dwconv(u))`` forward (and again in backward), and
-  ``du = dwconv^T(dv)`` (taps mirrored) backward.
-* ``_heba_visual_fwd_kernel``: per token block, the up-projection ``Wu s``, the
+* ``_heba_visual_fwd_kernel``: per token block, first ``s = gelu(dwconv(u))`` of
+  its own rows (the 3x3 stencil reads neighbours from other token blocks of
+  ``u``, complete since the down launch; ``s`` goes to a scratch buffer the
+  program reads back after a barrier), then the up-projection ``Wu s``, the
   residual, LayerNorm (Welford merge over D chunks, then a second sweep that
   recomputes ``z = Wu s`` rather than storing ``y``), ``t + scale * a``, and the
   prefix copy.
-* backward: ``_dy`` (LayerNorm backward, dgamma/dbeta partials; writes ``dy``
-  into the ``dx`` buffer), ``_dv`` (``Wu^T dy``, GELU', ``dv`` to a float32
-  buffer, dWm partials), ``_dwu`` and ``_dwd`` (split-K over token tiles into
-  float32 partials), ``_dx`` (``dx = g + xs (dy + Wd^T du)``, in place).
+* backward: ``_dy``, per image of its slot, three phases on its own rows:
+  ``s`` again, the LayerNorm backward (dgamma/dbeta partials; writes ``dy``
+  into the ``dx`` buffer), then ``Wu^T dy``, GELU', ``dv`` to a float32 buffer
+  and the dWm partials; ``_heba_visual_kernel_dwconv`` with ``MIRROR``:
+  ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of neighbouring blocks);
+  dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials` (split-K
+  ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+  (``dx = g + xs (dy + Wd^T du)``, in place); finally ONE launch of
+  :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
+  buffers into the parameters' dtypes. Forward 2 launches, backward 6 (7 when
+  ``u`` is recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and, only when ``D >= SAVE_U_MIN_DIM`` (2048), ``u`` (``h`` values per
@@ -62,9 +68,9 @@ bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
 dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
-buffer. Parameter gradients are float32 partials summed by ``torch.sum``:
-deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number of
-slots: the _dy and _dv kernels run ``S`` programs along the batch axis
+buffer. Parameter gradients are float32 partials summed in one launch in a fixed
+order: deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number
+of slots: the _dy kernel runs ``S`` programs along the batch axis
 (``_partial_images``: ``8 * SMs // nT`` on a GPU), program ``s`` summing images
 ``s, s + S, ...`` in that fixed order into its own slot, so those buffers are
 ``S * nT * (2 D + 9 h) * 4`` bytes whatever the batch (74 MB at a 24x24 grid,
@@ -154,6 +160,21 @@ def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
 
 
 @triton.jit
+def _gelu_stencil_block(u_img, wm_ptr, s_img, p, p_mask, H, W, h,
+                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``s[p, :] = gelu(dwconv3x3(u)[p, :])`` for one token block of one image (all of ``h``,
+    written in s's dtype), then a barrier: the program reads its own rows back. The stencil
+    needs neighbours from other token blocks of ``u``, complete since the down launch."""
+    for h0 in range(0, h, BLOCK_H):
+        c = h0 + tl.arange(0, BLOCK_H)
+        c_mask = c < h
+        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
+        tl.store(s_img + p[:, None].to(tl.int64) * h + c[None, :],
+                 _gelu(v).to(s_img.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    tl.debug_barrier()
+
+
+@triton.jit
 def _heba_visual_fwd_kernel_down(
     x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B, HW, h]
     stride_xb, stride_xn, HW, D, h, P,
@@ -211,9 +232,9 @@ def _heba_visual_kernel_dwconv(
 
 @triton.jit
 def _heba_visual_fwd_kernel(
-    x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,   # s = gelu(v) [B, HW, h]
-    stride_xb, stride_xn, stride_ob, stride_on,
-    HW, D, h, P, scale, scale_ptr, eps,
+    x_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,
+    stride_xb, stride_xn, stride_ob, stride_on,           # u, s = gelu(dwconv(u)) [B, HW, h]
+    H, W, HW, D, h, P, scale, scale_ptr, eps,
     SCALE_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -227,6 +248,7 @@ def _heba_visual_fwd_kernel(
     x_rows = x_ptr + b * stride_xb + n * stride_xn                                 # [BT]
     o_rows = out_ptr + b * stride_ob + n * stride_on
     s_img = s_ptr + b * HW * h
+    _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_img, p, p_mask, H, W, h, BLOCK_T, BLOCK_H)
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
     # so y never has to be held for the whole row nor stored.
@@ -336,79 +358,81 @@ def _heba_visual_bwd_dy_image(
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dy(
-    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
-    dy_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; partials [S*nT, D] fp32
-    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    B, HW, D, h, P, gs, gs_ptr,
-    GS_PTR: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+def _heba_visual_bwd_dv_image(
+    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, b, p, p_mask, stride_db, stride_dn,
+    H, W, HW, D, h, P, ACCUMULATE,
+    BLOCK_T: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
-    (``S`` programs along the batch axis), summing their dgamma/dbeta into slot
-    ``s * nT + t``: the partial buffers stay ``[S * nT, D]`` whatever the batch."""
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_s = tl.num_programs(1)
-    gs = _scalar(gs, gs_ptr, GS_PTR)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_t) * D
-    for i in range(0, tl.cdiv(B - pid_s, n_s)):
-        b = pid_s.to(tl.int64) + i * n_s
-        _heba_visual_bwd_dy_image(
-            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr,
-            dnw_part_ptr + slot, dnb_part_ptr + slot, b, p, p_mask,
-            stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
-        # The next image reads back this slot, written by other threads of the program.
-        tl.debug_barrier()
-
-
-@triton.jit
-def _heba_visual_bwd_kernel_dv(
-    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32; [S*nT, h, 9]
-    stride_db, stride_dn,
-    B, H, W, HW, D, h, P,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Program ``(t, c, s)``: images ``s, s + S, ...`` in order, as the _dy kernel; the
-    dWm partial of slot ``s * nT + t`` is accumulated on chip (9 taps padded to 16)."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    n_s = tl.num_programs(2)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
+    """``dv = (Wu^T dy) * gelu'(v)`` of one image's token block (dy as this program wrote
+    it), h in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps padded to 16)."""
+    dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
+    u_img = u_ptr + b * HW * h
     taps = tl.arange(0, 16)
-    dwm = tl.zeros((BLOCK_H, 16), dtype=tl.float32)                                # [BH, 9 taps]
-    for i in range(0, tl.cdiv(B - pid_s, n_s)):
-        b = pid_s.to(tl.int64) + i * n_s
-        dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
-        ds = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)                        # Wu^T dy
+    for h0 in range(0, h, BLOCK_HV):
+        c = h0 + tl.arange(0, BLOCK_HV)
+        c_mask = c < h
+        ds = tl.zeros((BLOCK_T, BLOCK_HV), dtype=tl.float32)                       # Wu^T dy
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
             dy = tl.load(dy_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
                          other=0.0)                                                # [BT, BD]
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
-                         mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BH]
+                         mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BHV]
             ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
-        u_img = u_ptr + b * HW * h
-        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
-        dv = ds * _gelu_grad(v)                                                    # [BT, BH]
+        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_HV)
+        dv = ds * _gelu_grad(v)                                                    # [BT, BHV]
         tl.store(dv_ptr + (b * HW + p)[:, None] * h + c[None, :], dv,
                  mask=p_mask[:, None] & c_mask[None, :])
+        dwm = tl.zeros((BLOCK_HV, 16), dtype=tl.float32)                           # [BHV, taps]
         for k in tl.static_range(9):
             un = _shifted(u_img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
             dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
-    part = dwm_part_ptr + (pid_s.to(tl.int64) * tl.num_programs(0) + pid_t) * h * 9
-    tl.store(part + c[:, None] * 9 + taps[None, :], dwm,
-             mask=c_mask[:, None] & (taps[None, :] < 9))
+        slot = dwm_slot + c[:, None] * 9 + taps[None, :]
+        ok = c_mask[:, None] & (taps[None, :] < 9)
+        tl.store(slot, tl.load(slot, mask=ok & ACCUMULATE, other=0.0) + dwm, mask=ok)
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dy(
+    x_ptr, g_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
+    dy_ptr, dv_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; dv [B, HW, h]
+    dwm_part_ptr,                                 # partials [S*nT, D], [S*nT, h, 9] fp32
+    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+    B, H, W, HW, D, h, P, gs, gs_ptr,
+    GS_PTR: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
+    BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
+    (``S`` programs along the batch axis). Per image, three phases on the program's own rows:
+    ``s = gelu(dwconv(u))``, the LayerNorm backward (``dy``, dgamma/dbeta), then ``dv`` and
+    dWm; the partials summed into slot ``s * nT + t``: the partial buffers stay
+    ``[S * nT, ...]`` whatever the batch."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_s = tl.num_programs(1)
+    gs = _scalar(gs, gs_ptr, GS_PTR)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    slot = pid_s.to(tl.int64) * tl.num_programs(0) + pid_t
+    for i in range(0, tl.cdiv(B - pid_s, n_s)):
+        b = pid_s.to(tl.int64) + i * n_s
+        _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_ptr + b * HW * h, p, p_mask, H, W, h,
+                            BLOCK_T, BLOCK_H)
+        _heba_visual_bwd_dy_image(
+            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr,
+            dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, b, p, p_mask,
+            stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+        tl.debug_barrier()               # dy rows written by other threads, read back next
+        _heba_visual_bwd_dv_image(
+            dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, b, p, p_mask,
+            stride_db, stride_dn, H, W, HW, D, h, P, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP,
+            UPCAST, IEEE)
+        # The next image reads back the slots, written by other threads of the program.
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -473,10 +497,9 @@ def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype, sms: int
         # weights: IEEE products unless torch allows TF32 (_triton_common's scheme).
         OP=op_code(weight_dtype), UPCAST=upcast, IEEE=ieee,
         # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
-        # D64, D = 768..4096, bf16): down 48 regs, fwd 80, _dy 128, _dv 128 + 20 B spill
-        # (fp16 32 B, fp32 x with bf16 w 44 B; fp32 192 regs, no spill), _dwu/_dx/_dwd
-        # 46-62, dwconv 48; smem <= 49 KiB. _dv alone spilled: it runs with BLOCK_H 32
-        # (105 registers, no spill; see visual_bwd_plan).
+        # D64, D = 768..4096): down 48 regs, fwd (with the stencil phase) 80, _dy (with the
+        # stencil and dv phases, dv in 32-column chunks) 169-176 in 16-bit and mixed
+        # configs, no spill (fp32: 128 + 28 B), _dx 46-62, dwconv 48; smem <= 49 KiB.
         num_warps=8 if gpu else 4,
     )
 
@@ -498,7 +521,6 @@ def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
     n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
     return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg),
-            Launch("dwconv", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
             Launch("fwd", "_heba_visual_fwd_kernel", (n_t, B), cfg)]
 
 
@@ -509,9 +531,10 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
     n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
     n_s = _partial_images(B, n_t, sms, gpu)
-    # h in 32-column blocks in _dv: at 64 the kernel spills 20-44 B (128 registers) in every
-    # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
-    dv_cfg = dict(cfg, BLOCK_H=min(32, BH))
+    # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
+    # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
+    # 32, 105 registers, none.
+    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH))
     T = B * HW
     d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
     d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
@@ -519,10 +542,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     plan = [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg)] \
         if recompute_u else []
     return plan + [
-        Launch("dwconv", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
-        Launch("dy", "_heba_visual_bwd_kernel_dy", (n_t, n_s), cfg),
-        Launch("dv", "_heba_visual_bwd_kernel_dv", (n_t, triton.cdiv(h, dv_cfg["BLOCK_H"]), n_s),
-               dv_cfg),
+        Launch("dy", "_heba_visual_bwd_kernel_dy", (n_t, n_s), dy_cfg),
         d_up,
         Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
         d_down,
@@ -575,18 +595,16 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    down, dwconv, fwd = visual_fwd_plan(B, H, W, D, h, down_weight.dtype, *plan_device(dev))
+    down, fwd = visual_fwd_plan(B, H, W, D, h, down_weight.dtype, *plan_device(dev))
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
     launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, HW, D, h, P,
            **_kw(down))
-    s = new_buffer((B, HW, h), down_weight.dtype, dev)                # gelu(v), not saved
-    launch(_heba_visual_kernel_dwconv, dwconv.grid, u, wm, s, H, W, HW, h, MIRROR=False,
-           GELU=True, BLOCK_T=dwconv.meta["BLOCK_T"], BLOCK_H=dwconv.meta["BLOCK_H"],
-           num_warps=dwconv.meta["num_warps"])
+    s = new_buffer((B, HW, h), down_weight.dtype, dev)    # gelu(v), scratch of the fwd kernel
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
-    launch(_heba_visual_fwd_kernel, fwd.grid, x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob,
-           son, HW, D, h, P, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
+    launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd, sxb,
+           sxn, sob, son, H, W, HW, D, h, P, scale_v, scale_p, float(eps),
+           SCALE_PTR=scale_from_ptr, **_kw(fwd))
     return out, u, mean, rstd
 
 
@@ -617,7 +635,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     nw = norm_weight.contiguous()
     plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, down_weight.dtype,
                                                   *plan_device(dev), recompute_u=u is None)}
-    cfg = plan["dwconv"].meta
+    cfg = plan["dwconv_t"].meta
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     n_t = triton.cdiv(HW, BT)
     sxb, sxn = _token_strides(x, batch_first)
@@ -629,20 +647,15 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
         launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, HW, D, h,
                P, **cfg)
     s = new_buffer((B, HW, h), down_weight.dtype, dev)                # gelu(v), recomputed
-    launch(_heba_visual_kernel_dwconv, plan["dwconv"].grid, u, wm, s, H, W, HW, h,
-           MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
     n_s = plan["dy"].grid[1]
     dnw_part = new_buffer((n_s * n_t, D), torch.float32, dev)
     dnb_part = new_buffer((n_s * n_t, D), torch.float32, dev)
-    gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
-    launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, s, wu, nw, mean, rstd, dx,
-           dnw_part, dnb_part, sxb, sxn, sgb, sgn, sdb, sdn, B, HW, D, h, P, gs_v, gs_p,
-           GS_PTR=gs_from_ptr, **cfg)
-
     dv = new_buffer((B, HW, h), torch.float32, dev)
     dwm_part = new_buffer((n_s * n_t, h, 9), torch.float32, dev)
-    launch(_heba_visual_bwd_kernel_dv, plan["dv"].grid, dx, u, wm, wu, dv, dwm_part, sdb, sdn,
-           B, H, W, HW, D, h, P, **_kw(plan["dv"]))
+    gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
+    launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd, dx,
+           dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn, sdb, sdn, B, H, W, HW, D, h,
+           P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
     dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, down_weight.dtype)  # [S, D, h]

@@ -320,8 +320,8 @@ op = (2, False) if w_ty == "*bf16" else (0, True)
 blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, OP=op[0], UPCAST=False, IEEE=op[1])
 jobs = [(fn, blocks, ()) for fn in (
     hv._heba_visual_fwd_kernel_down, hv._heba_visual_fwd_kernel,
-    hv._heba_visual_bwd_kernel_dy, hv._heba_visual_bwd_kernel_dv,
     hv._heba_visual_bwd_kernel_dx)]
+jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32), ())]
 jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64),
           ("src_ptr",) if m else ()) for m in (False, True)]
 for fn, consts, f32_extra in jobs:
@@ -371,7 +371,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 8, res.stdout
+    assert res.stdout.count("compiled") == 7, res.stdout
 
 
 def _grads(a, x, scale=0.6):
