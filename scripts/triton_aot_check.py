@@ -52,10 +52,9 @@ def _cases():
                                 DX=xs, DY=xs, A_OUT=ws, DU_OUT=ws, DNW_PART="fp32",
                                 DNB_PART="fp32", U_BUF="fp32", scale_ptr="fp32")
                     kernel, c["SCALE_PTR"] = "_heba_text_bwd_kernel_dx", False
-                    if BH > heba_text.WIDE_H:
-                        kernel = "_heba_text_bwd_kernel_dx_wide"
-                        c["BLOCK_HC"] = heba_text._WIDE_BLOCK_HC
-                        c["_shown"] = f"{BM}x{BN}x{c.pop('BLOCK_H')}(h chunks {c['BLOCK_HC']})"
+                    c["WIDE"], c["BLOCK_HC"] = BH > heba_text.WIDE_H, heba_text._WIDE_BLOCK_HC
+                    if c["WIDE"]:
+                        c["_shown"] = f"{BM}x{BN}x{BH}(h chunks {c['BLOCK_HC']})"
                     yield ("heba_text bwd", H, xdt, wdt, kernel, ptrs, ("scale",), c, nw)
                 else:
                     ptrs = dict(X=xs, WD=ws, WU=ws, NW=ws, NB=ws, OUT=xs, MEAN="fp32",
