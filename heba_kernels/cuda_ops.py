@@ -45,6 +45,7 @@ import math
 import torch
 
 from heba_kernels import _extension
+from heba_kernels.runtime import Scale
 
 _extension.load()  # registers torch.ops.heba.cuda_* (prebuilt, JIT-cached or compiled now)
 
@@ -58,11 +59,11 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _scale_args(scale):
-    """``(float scale, scale_t)`` for the ops: ``(0.0, scale)`` for a tensor (the
-    kernels read it and ignore the float), ``(float(scale), None)`` otherwise."""
-    if isinstance(scale, torch.Tensor):
-        return 0.0, scale
-    return float(scale), None
+    """``(float scale, scale_t)`` for the ops from the :class:`~heba_kernels.runtime.Scale`
+    that :mod:`heba.ops` hands over (or a float / 0-d tensor): ``(0.0, tensor)`` for a
+    tensor (the kernels read it and ignore the float), ``(value, None)`` otherwise."""
+    s = Scale.of(scale)
+    return float(s.value), s.tensor
 
 
 def _prepare_x(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ VISION = "heba/data/vision.py"
 STEP = "heba/train/step.py"
 EVAL = "heba/train/evaluate.py"
 
-T_REF = "tests/test_reference.py"
+T_REF = "tests/heba_kernels/test_reference.py"
 T_WIRING = "tests/test_clip_wiring.py"
 T_CKPT = "tests/test_clip_checkpoints.py"
 T_COOP = "tests/test_data_coop.py"
@@ -279,7 +279,7 @@ LOOP = [
 ]
 
 CUDA_OPS = "heba_kernels/cuda_ops.py"
-T_CUDA = "tests/test_cuda.py"
+T_CUDA = "tests/heba_kernels/test_cuda_ops.py"
 
 TIMM_HF = [
     Bug("timm-register-tokens-ignored", "timm-hf", "heba/timm.py",
@@ -327,6 +327,11 @@ CUDA_GLUE = [
         "ctx.args = (scale, True)",
         (f"{T_CUDA}::test_glue_on_cpu_stand_ins",),
         "rescale_param_grad=False ignored by the CUDA text backward"),
+    Bug("glue-text-bwd-scale-order", "cuda-glue", CUDA_OPS,
+        "rstd, scale, scale_t, rescale_param_grad)",
+        "rstd, scale_t, scale, rescale_param_grad)",
+        (f"{T_CUDA}::test_glue_calls_match_the_cpp_schemas",),
+        "the text backward passes the scale tensor where the schema takes the float"),
     Bug("glue-2d-transposed-in-place", "cuda-glue", CUDA_OPS,
         "(x.dim() >= 3 and x.transpose(0, 1).is_contiguous())",
         "x.transpose(0, 1).is_contiguous()",
@@ -338,9 +343,9 @@ VIS = "heba_kernels/heba_visual.py"
 TXT = "heba_kernels/heba_text.py"
 LR = "heba_kernels/low_rank.py"
 COMMON = "heba_kernels/_triton_common.py"
-T_TVIS = "tests/test_triton_visual.py"
-T_TTXT = "tests/test_triton_text.py"
-T_TLR = "tests/test_triton_low_rank.py"
+T_TVIS = "tests/heba_kernels/test_heba_visual.py"
+T_TTXT = "tests/heba_kernels/test_heba_text.py"
+T_TLR = "tests/heba_kernels/test_low_rank.py"
 
 KERNELS = [
     Bug("vis-eps-ignored", "kernels", VIS,

@@ -364,7 +364,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, x_ty, w_ty], env=env,
                          cwd=root, capture_output=True, text=True, timeout=600)

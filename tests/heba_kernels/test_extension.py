@@ -5,7 +5,7 @@ the cache key, the one log line and the one-line errors are tested here with the
 compilation mocked, so these tests run anywhere in a few seconds. The real
 compilation (about a minute) runs on demand:
 
-    HEBA_TEST_CUDA_BUILD=1 pytest tests/test_install.py -m cuda_build
+    HEBA_TEST_CUDA_BUILD=1 pytest tests/heba_kernels/test_extension.py -m cuda_build
 
 It needs nvcc and a CUDA build of torch, not a GPU: the library loads without one.
 """
@@ -30,7 +30,7 @@ import torch
 from heba import backends
 from heba_kernels import _extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 
 
@@ -433,7 +433,7 @@ def test_heba_train_dependencies_are_core():
 @pytest.mark.cuda_build
 @pytest.mark.skipif(os.environ.get("HEBA_TEST_CUDA_BUILD") != "1",
                     reason="compiles the CUDA extension for real (about a minute); "
-                           "run with HEBA_TEST_CUDA_BUILD=1 pytest tests/test_install.py -m cuda_build")
+                           "run with HEBA_TEST_CUDA_BUILD=1 pytest tests/heba_kernels/test_extension.py -m cuda_build")
 def test_real_jit_build_then_cached_load(tmp_path):
     code = textwrap.dedent("""
         import sys, torch
