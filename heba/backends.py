@@ -32,7 +32,7 @@ import torch
 from heba_kernels import _extension
 from heba_kernels.runtime import triton_interpreting
 
-__all__ = ["BACKENDS", "OPS", "IMPLS", "AUTO_ORDER", "BackendUnavailableError", "Registry",
+__all__ = ["BACKENDS", "OPS", "IMPLS", "AUTO_ORDER", "ROUNDS_IN_KERNEL", "BackendUnavailableError", "Registry",
            "registry", "backend_status", "check_backend_name", "implemented", "resolve",
            "extension_status", "triton_interpreting"]
 
@@ -51,6 +51,12 @@ IMPLS: dict[tuple[str, str], str] = {
     ("cuda", "heba_text"): "heba_kernels.cuda_ops:heba_text",
     ("cuda", "low_rank"): "heba_kernels.cuda_ops:low_rank",
 }
+
+# Backends whose kernels take the weights as they are under autocast, with the autocast
+# dtype as ``op_dtype``, and round the matmul operands in registers: no weight casts
+# before the op, no gradient casts after it (the gradients come out in the weights'
+# dtype). heba.ops casts the weights for the other fused backends.
+ROUNDS_IN_KERNEL: frozenset[str] = frozenset({"triton"})
 
 # Preference of "auto" on a CUDA device, per op, fastest first. The reference
 # closes every list implicitly. On other devices "auto" is the reference.

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from heba.backends import resolve
+from heba.backends import ROUNDS_IN_KERNEL, resolve
 from heba_kernels.runtime import Scale
 
 __all__ = ["heba_visual", "heba_text", "low_rank", "resolve_grid"]
@@ -120,7 +120,8 @@ def resolve_grid(n_tokens: int, num_prefix_tokens: int,
 
 
 def _autocast_params(x, params):
-    """Under autocast, cast the weights to the autocast dtype (fused backends only)."""
+    """Under autocast, cast the weights to the autocast dtype (for the fused backends that
+    do not round them in their kernels, see ``heba.backends.ROUNDS_IN_KERNEL``)."""
     dtype = torch.get_autocast_dtype(x.device.type)
     return [None if p is None else p.to(dtype) for p in params]
 
@@ -133,7 +134,10 @@ def _call(op, backend, x, params, **kwargs):
         # Fused kernels see autocast as a dtype choice: low-precision weights,
         # float32 accumulation, x's dtype out. The reference runs under
         # autocast as PyTorch does, since it defines what autocast means here.
-        params = _autocast_params(x, params)
+        if name in ROUNDS_IN_KERNEL:   # the kernels round the weights: no cast launches
+            kwargs["op_dtype"] = torch.get_autocast_dtype(x.device.type)
+        else:
+            params = _autocast_params(x, params)
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, *params, **kwargs)
     return fn(x, *params, **kwargs)

@@ -436,7 +436,7 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
                                         (grid[0], D)])]
 
 
-def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
+def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, op_dtype=None):
     """Forward for ``x [..., D]``: ``(out [..., D] contiguous, mean [M], rstd [M])``."""
     D = x.shape[-1]
     H = down_weight.shape[0]
@@ -448,7 +448,7 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
     if M == 0:
         return out, mean, rstd
     out2 = out.view(M, D)
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     upcast, ieee = launch_flags(x.device, op_dtype)
     (fwd,) = text_plan(M, D, H, op_dtype, *plan_device(x.device), backward=False)
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (fwd.meta[k] for k in
@@ -464,13 +464,13 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
 
 
 def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
-                  rescale_param_grad):
+                  rescale_param_grad, op_dtype=None):
     """Gradients ``(dx, d down.weight, d up.weight, d norm.weight, d norm.bias)``."""
     D = x.shape[-1]
     H = down_weight.shape[0]
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     p_scale = ONE if rescale_param_grad else scale        # the parameters' gradient factor
     dev = x.device
     dx = new_buffer(x.shape, x.dtype, dev)
@@ -517,18 +517,19 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
 @torch.library.custom_op("heba::triton_text_fwd", mutates_args=())
 def _heba_text_fwd_op(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
                       norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
-                      scale_t: Optional[torch.Tensor], eps: float, rescale_param_grad: bool
+                      scale_t: Optional[torch.Tensor], eps: float, rescale_param_grad: bool,
+                      op_dtype: Optional[torch.dtype]
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The scale is scale_t (0-d float32) if given, else scale. rescale_param_grad is
     # unused here: it is an input so that the backward sees it.
     with device_guard(x):
         return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias,
-                             Scale(scale, scale_t), eps)
+                             Scale(scale, scale_t), eps, op_dtype)
 
 
 @_heba_text_fwd_op.register_fake
 def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
-      rescale_param_grad):
+      rescale_param_grad, op_dtype):
     M = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
@@ -538,17 +539,17 @@ def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
 def _heba_text_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
                       up_weight: torch.Tensor, norm_weight: torch.Tensor, mean: torch.Tensor,
                       rstd: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
-                      rescale_param_grad: bool
+                      rescale_param_grad: bool, op_dtype: Optional[torch.dtype]
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor]:
     with device_guard(x):
         return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd,
-                             Scale(scale, scale_t), rescale_param_grad)
+                             Scale(scale, scale_t), rescale_param_grad, op_dtype)
 
 
 @_heba_text_bwd_op.register_fake
 def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, scale_t,
-      rescale_param_grad):
+      rescale_param_grad, op_dtype):
     return (x.new_empty(x.shape), down_weight.new_empty(down_weight.shape),
             up_weight.new_empty(up_weight.shape), norm_weight.new_empty(norm_weight.shape),
             norm_weight.new_empty(norm_weight.shape))
@@ -556,21 +557,22 @@ def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, scale_t,
 
 def _heba_text_setup_context(ctx, inputs, output):
     (x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
-     rescale_param_grad) = inputs
+     rescale_param_grad, op_dtype) = inputs
     _, mean, rstd = output
     ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd, scale_t)
     ctx.scale = scale
     ctx.rescale_param_grad = rescale_param_grad
+    ctx.op_dtype = op_dtype
 
 
 def _heba_text_backward(ctx, g, _g_mean, _g_rstd):
     x, down_weight, up_weight, norm_weight, mean, rstd, scale_t = ctx.saved_tensors
     dx, d_down, d_up, dnw, dnb = torch.ops.heba.triton_text_bwd(
         g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale, scale_t,
-        ctx.rescale_param_grad)
-    return dx, d_down, d_up, dnw, dnb, None, None, None, None
+        ctx.rescale_param_grad, ctx.op_dtype)
+    return dx, d_down, d_up, dnw, dnb, None, None, None, None, None
 
 
 torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
@@ -580,7 +582,7 @@ torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
 # ----------------------------------------------------------------------------- public function
 
 def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
-              rescale_param_grad):
+              rescale_param_grad, op_dtype=None):
     """HeBA text adapter ``x + scale * LayerNorm(x + W_u gelu(W_d x))``, token-wise.
 
     Args:
@@ -591,11 +593,13 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
         eps: LayerNorm epsilon.
         rescale_param_grad: parameter gradients as if ``scale`` were 1 (docs/semantics.md) if True,
             plain gradients if False. ``x``'s gradient is the true one either way.
+        op_dtype: matmul operand dtype (default None: the weights'); under autocast the
+            autocast dtype with float32 weights, rounded in registers.
 
     Returns ``[..., D]`` in ``x``'s dtype.
     """
     check_dtypes("heba_text", x, down_weight, up_weight, norm_weight, norm_bias)
     out, _, _ = torch.ops.heba.triton_text_fwd(
         x, down_weight.contiguous(), up_weight.contiguous(), norm_weight.contiguous(),
-        norm_bias.contiguous(), *Scale.of(scale), float(eps), bool(rescale_param_grad))
+        norm_bias.contiguous(), *Scale.of(scale), float(eps), bool(rescale_param_grad), op_dtype)
     return out

@@ -575,18 +575,20 @@ def _grid_tokens(t: torch.Tensor, P: int, batch_first: bool) -> torch.Tensor:
 
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
                     scale: Scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
-                    eps: float):
+                    eps: float, op_dtype: Optional[torch.dtype] = None):
     """Forward launcher. Returns ``(out, u, mean, rstd)``.
 
     ``out`` has ``x``'s shape and dtype (contiguous); ``u`` ``[B, HW, h]`` in the
-    weights' dtype; ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
+    operand dtype ``op_dtype`` (default: the weights' dtype; under autocast the autocast
+    dtype, the weights then read in float32 and rounded in registers); ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
     """
     x = _last_dim_contiguous(x)
     B = x.shape[0] if batch_first else x.shape[1]
     D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
     dev = x.device
     out = new_buffer(x.shape, x.dtype, dev)
-    u = new_buffer((B, HW, h), down_weight.dtype, dev)
+    op = op_dtype or down_weight.dtype
+    u = new_buffer((B, HW, h), op, dev)
     mean = new_buffer((B, HW), torch.float32, dev)
     rstd = new_buffer((B, HW), torch.float32, dev)
     if B == 0:
@@ -595,12 +597,12 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    down, fwd = visual_fwd_plan(B, H, W, D, h, down_weight.dtype, *plan_device(dev))
+    down, fwd = visual_fwd_plan(B, H, W, D, h, op, *plan_device(dev))
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
     launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, HW, D, h, P,
            **_kw(down))
-    s = new_buffer((B, HW, h), down_weight.dtype, dev)    # gelu(v), scratch of the fwd kernel
+    s = new_buffer((B, HW, h), op, dev)                   # gelu(v), scratch of the fwd kernel
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd, sxb,
            sxn, sob, son, H, W, HW, D, h, P, scale_v, scale_p, float(eps),
@@ -610,7 +612,8 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
 
 def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
                     norm_weight, norm_bias, scale: Scale, num_prefix_tokens: int, H: int,
-                    W: int, batch_first: bool, rescale_param_grad: bool):
+                    W: int, batch_first: bool, rescale_param_grad: bool,
+                    op_dtype: Optional[torch.dtype] = None):
     """Backward launcher. Returns the gradients of ``x`` and the five parameters.
 
     ``u`` is the forward's bottleneck, or None to recompute it here from ``x``.
@@ -633,7 +636,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw = norm_weight.contiguous()
-    plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, down_weight.dtype,
+    op = op_dtype or down_weight.dtype
+    plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, op,
                                                   *plan_device(dev), recompute_u=u is None)}
     cfg = plan["dwconv_t"].meta
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
@@ -643,10 +647,10 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     sdb, sdn = _token_strides(dx, batch_first)
 
     if u is None:                                                     # recompute u = t Wd^T
-        u = new_buffer((B, HW, h), down_weight.dtype, dev)
+        u = new_buffer((B, HW, h), op, dev)
         launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, HW, D, h,
                P, **cfg)
-    s = new_buffer((B, HW, h), down_weight.dtype, dev)                # gelu(v), recomputed
+    s = new_buffer((B, HW, h), op, dev)                               # gelu(v), recomputed
     n_s = plan["dy"].grid[1]
     dnw_part = new_buffer((n_s * n_t, D), torch.float32, dev)
     dnb_part = new_buffer((n_s * n_t, D), torch.float32, dev)
@@ -658,11 +662,11 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
            P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
-    dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, down_weight.dtype)  # [S, D, h]
-    du = new_buffer((B, HW, h), down_weight.dtype, dev)               # dwconv^T(dv)
+    dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
+    du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
     launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, HW, h,
            MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
-    dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), down_weight.dtype)  # [S, h, D]
+    dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Last: turns dy (still read by the kernels above) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, HW,
@@ -685,21 +689,23 @@ def _triton_visual_fwd(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: t
                        up_weight: torch.Tensor, norm_weight: torch.Tensor,
                        norm_bias: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
                        num_prefix_tokens: int, H: int, W: int, batch_first: bool, eps: float,
-                       rescale_param_grad: bool
+                       rescale_param_grad: bool, op_dtype: Optional[torch.dtype]
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, u, mean, rstd)``; the scale is ``scale_t`` (0-d float32) if given, else
     ``scale``; ``rescale_param_grad`` is only read by the backward."""
     with device_guard(x):
         return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                               Scale(scale, scale_t), num_prefix_tokens, H, W, batch_first, eps)
+                               Scale(scale, scale_t), num_prefix_tokens, H, W, batch_first, eps,
+                               op_dtype)
 
 
 @_triton_visual_fwd.register_fake
 def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
-      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad):
+      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad, op_dtype):
     B = x.shape[0] if batch_first else x.shape[1]
     h = mid_weight.shape[0]
-    return (x.new_empty(x.shape), down_weight.new_empty((B, H * W, h)),
+    return (x.new_empty(x.shape),
+            down_weight.new_empty((B, H * W, h), dtype=op_dtype or down_weight.dtype),
             x.new_empty((B, H * W), dtype=torch.float32),
             x.new_empty((B, H * W), dtype=torch.float32))
 
@@ -710,7 +716,8 @@ def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torc
                        mid_weight: torch.Tensor, up_weight: torch.Tensor,
                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
                        scale_t: Optional[torch.Tensor], num_prefix_tokens: int, H: int, W: int,
-                       batch_first: bool, rescale_param_grad: bool
+                       batch_first: bool, rescale_param_grad: bool,
+                       op_dtype: Optional[torch.dtype]
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
     """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``;
@@ -718,12 +725,12 @@ def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torc
     with device_guard(x):
         return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
                                norm_weight, norm_bias, Scale(scale, scale_t), num_prefix_tokens,
-                               H, W, batch_first, rescale_param_grad)
+                               H, W, batch_first, rescale_param_grad, op_dtype)
 
 
 @_triton_visual_bwd.register_fake
 def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-      scale, scale_t, num_prefix_tokens, H, W, batch_first, rescale_param_grad):
+      scale, scale_t, num_prefix_tokens, H, W, batch_first, rescale_param_grad, op_dtype):
     return (x.new_empty(x.shape), torch.empty_like(down_weight), torch.empty_like(mid_weight),
             torch.empty_like(up_weight), torch.empty_like(norm_weight),
             torch.empty_like(norm_bias))
@@ -734,7 +741,7 @@ def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weigh
 
 def _setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
-     num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad) = inputs
+     num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad, op_dtype) = inputs
     _, u, mean, rstd = output
     ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
     ctx.mark_non_differentiable(u, mean, rstd)
@@ -742,14 +749,14 @@ def _setup_context(ctx, inputs, output):
         u = None                  # memory-bound width: the backward recomputes it
     ctx.save_for_backward(x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight,
                           norm_bias, scale_t)
-    ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad)
+    ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad, op_dtype)
 
 
 def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd):
     *saved, scale_t = ctx.saved_tensors
     scale, *rest = ctx.args
     grads = torch.ops.heba.triton_visual_bwd(grad_out, *saved, scale, scale_t, *rest)
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("heba::triton_visual_fwd", _backward,
@@ -760,7 +767,8 @@ torch.library.register_autograd("heba::triton_visual_fwd", _backward,
 
 
 def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *,
-                scale, num_prefix_tokens, grid, batch_first, eps, rescale_param_grad):
+                scale, num_prefix_tokens, grid, batch_first, eps, rescale_param_grad,
+                op_dtype=None):
     """HeBA visual adapter on the Triton backend (arguments validated by :mod:`heba.ops`).
 
     ``x``: ``[B, N, D]`` (``[N, B, D]`` if not ``batch_first``); ``down_weight``
@@ -768,7 +776,10 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     ``norm_weight``/``norm_bias`` ``[D]``; ``grid=(H, W)`` with ``H * W = N - num_prefix_tokens``.
     Returns ``x + scale * LayerNorm(x + up(gelu(dwconv3x3(down(x)))))`` on the grid tokens
     and ``x`` on the prefix tokens, in ``x``'s dtype; differentiable, with docs/semantics.md's
-    gradient rule when ``rescale_param_grad``.
+    gradient rule when ``rescale_param_grad``. ``op_dtype`` (default None: the weights'
+    dtype) is the matmul operand dtype: under autocast :mod:`heba.ops` passes the autocast
+    dtype with the float32 weights, which the kernels round in registers (no cast
+    launches; the gradients come out in the weights' float32).
 
     Example::
 
@@ -782,5 +793,5 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     out, _, _, _ = torch.ops.heba.triton_visual_fwd(
         x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *Scale.of(scale),
         int(num_prefix_tokens), int(H), int(W), bool(batch_first), float(eps),
-        bool(rescale_param_grad))
+        bool(rescale_param_grad), op_dtype)
     return out

@@ -216,7 +216,7 @@ def low_rank_plan(M, D, R, op_dtype, sms, gpu, backward):
         reduce_plan([(s_up, D * R), (s_up, D), (s_down, R * D), (s_down, R)])]
 
 
-def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
+def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype=None):
     """``x + alpha * (up(gelu(down(x))))`` for ``x [..., D]``; returns a contiguous tensor."""
     D = x.shape[-1]
     R = down_weight.shape[0]
@@ -226,7 +226,7 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     if M == 0:
         return out
     out2 = out.view(M, D)
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     upcast, ieee = launch_flags(x.device, op_dtype)
     (fwd,) = low_rank_plan(M, D, R, op_dtype, *plan_device(x.device), backward=False)
     BLOCK_M, BLOCK_N, BLOCK_R, num_warps = (fwd.meta[k] for k in
@@ -242,7 +242,7 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     return out
 
 
-def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
+def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha, op_dtype=None):
     """Gradients ``(dx, d down.weight, d down.bias, d up.weight, d up.bias)``.
 
     The bias gradients are returned whether or not the biases exist (they cost
@@ -252,7 +252,7 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
     R = down_weight.shape[0]
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     wdt = down_weight.dtype
     dx = new_buffer(x.shape, x.dtype, x.device)
     a_buf = new_buffer((M, R), op_dtype, x.device)        # gelu(u)   [M, R]
@@ -285,36 +285,39 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
 @torch.library.custom_op("heba::triton_low_rank_fwd", mutates_args=())
 def _low_rank_fwd_op(x: torch.Tensor, down_weight: torch.Tensor,
                      down_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
-                     up_bias: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+                     up_bias: Optional[torch.Tensor], alpha: float,
+                     op_dtype: Optional[torch.dtype]) -> torch.Tensor:
     with device_guard(x):
-        return low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha)
+        return low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype)
 
 
 @_low_rank_fwd_op.register_fake
-def _(x, down_weight, down_bias, up_weight, up_bias, alpha):
+def _(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("heba::triton_low_rank_bwd", mutates_args=())
 def _low_rank_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
                      down_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
-                     alpha: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor]:
+                     alpha: float, op_dtype: Optional[torch.dtype]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
     with device_guard(x):
-        return low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha)
+        return low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha, op_dtype)
 
 
 @_low_rank_bwd_op.register_fake
-def _(g, x, down_weight, down_bias, up_weight, alpha):
+def _(g, x, down_weight, down_bias, up_weight, alpha, op_dtype):
     R, D = down_weight.shape
     return (x.new_empty(x.shape), down_weight.new_empty(R, D), down_weight.new_empty(R),
             up_weight.new_empty(D, R), up_weight.new_empty(D))
 
 
 def _low_rank_setup_context(ctx, inputs, output):
-    x, down_weight, down_bias, up_weight, up_bias, alpha = inputs
+    x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype = inputs
     ctx.save_for_backward(x, down_weight, down_bias, up_weight)
     ctx.alpha = alpha
+    ctx.op_dtype = op_dtype
     ctx.has_down_bias = down_bias is not None
     ctx.has_up_bias = up_bias is not None
 
@@ -322,9 +325,9 @@ def _low_rank_setup_context(ctx, inputs, output):
 def _low_rank_backward(ctx, g):
     x, down_weight, down_bias, up_weight = ctx.saved_tensors
     dx, d_down_w, d_down_b, d_up_w, d_up_b = torch.ops.heba.triton_low_rank_bwd(
-        g, x, down_weight, down_bias, up_weight, ctx.alpha)
+        g, x, down_weight, down_bias, up_weight, ctx.alpha, ctx.op_dtype)
     return (dx, d_down_w, d_down_b if ctx.has_down_bias else None, d_up_w,
-            d_up_b if ctx.has_up_bias else None, None)
+            d_up_b if ctx.has_up_bias else None, None, None)
 
 
 torch.library.register_autograd("heba::triton_low_rank_fwd", _low_rank_backward,
@@ -333,7 +336,7 @@ torch.library.register_autograd("heba::triton_low_rank_fwd", _low_rank_backward,
 
 # ----------------------------------------------------------------------------- public function
 
-def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
+def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha, op_dtype=None):
     """AdapterTune low-rank residual ``x + alpha * (W_u gelu(W_d x + b_d) + b_u)``.
 
     Args:
@@ -341,6 +344,8 @@ def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
         down_weight: ``[r, D]``; down_bias: ``[r]`` or None.
         up_weight: ``[D, r]``; up_bias: ``[D]`` or None.
         alpha: residual scale (Python float).
+        op_dtype: matmul operand dtype (default None: the weights'); under autocast the
+            autocast dtype with float32 weights, rounded in registers.
 
     Returns ``[..., D]`` in ``x``'s dtype. Differentiable in every tensor argument.
     """
@@ -348,4 +353,5 @@ def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
     return torch.ops.heba.triton_low_rank_fwd(
         x, down_weight.contiguous(),
         None if down_bias is None else down_bias.contiguous(),
-        up_weight.contiguous(), None if up_bias is None else up_bias.contiguous(), float(alpha))
+        up_weight.contiguous(), None if up_bias is None else up_bias.contiguous(), float(alpha),
+        op_dtype)

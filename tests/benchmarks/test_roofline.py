@@ -92,11 +92,13 @@ class _Ops(TorchDispatchMode):
 
 
 @requires_triton_cpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
 @pytest.mark.parametrize("op", ["heba_visual", "heba_text", "low_rank"])
-def test_fused_ops_launch_nothing_beside_their_plan(op):
+def test_fused_ops_launch_nothing_beside_their_plan(op, autocast):
     # No torch sum, cast, multiplication or zero-filled gradient around the kernels: a
     # forward + backward dispatches the two custom ops (whose launches the plans list)
-    # and detaches only.
+    # and detaches only; under autocast the float32 weights go in as they are (the
+    # kernels round them) and their gradients come out float32, so no casts either.
     torch.manual_seed(0)
     if op == "heba_visual":
         m, x, kw = heba.nn.HeBAAdapter(24, grid=(4, 4), backend="triton"), \
@@ -109,7 +111,8 @@ def test_fused_ops_launch_nothing_beside_their_plan(op):
             torch.randn(2, 7, 32), {}
     x.requires_grad_(True)
     g = torch.randn_like(x)
-    with _Ops() as seen:
+    with _Ops() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         m(x, **kw).backward(g)
     others = [o for o in seen.ops if not o.startswith("heba::") and o != "aten::detach"]
     assert others == [] and len([o for o in seen.ops if o.startswith("heba::")]) == 2, seen.ops
+    assert all(p.grad.dtype == torch.float32 for p in m.parameters())
