@@ -55,15 +55,11 @@ Kernels (one image per program along the batch axis; tokens in blocks of
   ``u`` is recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
-grid token) and, only when ``D >= SAVE_U_MIN_DIM`` (2048), ``u`` (``h`` values per
-grid token in the weights' dtype: ``D/2`` bytes in bf16). Below that width the
-adapter is memory-bound and the backward runs the down kernel again (one more
-read of ``x``, the down GEMM again: half the forward's matmul FLOPs) instead of keeping
-``u`` alive between forward and backward: 8 bytes per token beyond ``x`` (0.4 MB
-at ViT-B/16 batch 256, against 55 MB for the PyTorch reference). At ``D >= 2048``
-the adapter is matmul-bound, recomputing ``u`` would add a sixth to the
-forward+backward FLOPs, and ``u`` is kept: ``D/2 + 8`` bytes per token in
-bf16 (34% of the reference's saved bytes at D=3072). Either way the gradients are
+grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
+bytes in bf16; kept from ``D >= SAVE_U_MIN_DIM``, today every width: the forward
+writes ``u`` anyway, and the model prefers keeping it to a backward that reads
+``x`` again for the down GEMM; see the constant). Below ``SAVE_U_MIN_DIM`` the
+backward runs the down kernel again instead. Either way the gradients are
 bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
@@ -102,10 +98,15 @@ from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
            "visual_bwd_plan"]
 
-# Keep the bottleneck ``u`` for backward from this width up (matmul-bound); below it,
-# recompute ``u`` in backward (memory-bound). A speed/memory choice only: the
-# results are bitwise the same. Re-tune with benchmarks/test_adapters.py on a GPU.
-SAVE_U_MIN_DIM = 2048
+# Keep the bottleneck ``u`` for backward from this width up; below it, recompute ``u`` in
+# backward. The forward writes ``u`` to memory at every width (its stencil phase reads
+# it), so keeping it costs only its lifetime, while recomputing costs a launch, a read of
+# x and the down GEMM. Modelled (benchmarks/roofline.py, H200, bf16, B256 14x14):
+# attention position (D768 h192) recompute 9 launches, 1300 MB, 166 GFLOP, floor
+# 271 us (5.37 ns/token); keep 8 launches, 1204 MB, 149 GFLOP, 251 us (4.97 ns/token),
+# for 19 MB kept per adapter (the reference keeps 135 MB). So: kept at every width. A
+# speed/memory choice only: the results are bitwise the same (tested both ways).
+SAVE_U_MIN_DIM = 0
 
 
 # --------------------------------------------------------------------------- kernels

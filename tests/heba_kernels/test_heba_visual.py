@@ -474,10 +474,9 @@ def test_gelu_is_exact_erf_form():
 
 
 def test_wide_dim_saved_u_batch1():
-    """The width from which u is kept for backward (SAVE_U_MIN_DIM, 2048: the saved-u
-    path of ViT-L's MLP adapters), at batch 1 on a 1x2 grid, 16 D chunks, 4 h chunks."""
-    import heba_kernels.heba_visual as hv
-    D = hv.SAVE_U_MIN_DIM
+    """ViT-L's MLP-adapter width (2048, u kept for backward) at batch 1 on a 1x2 grid,
+    16 D chunks, 4 h chunks."""
+    D = 2048
     x = _x(1, 1, 2, D, 1, torch.bfloat16, True, seed=3)
     params = visual_params(D, 8, device=DEVICE, dtype=torch.bfloat16, seed=3)
     seen = []
