@@ -104,18 +104,21 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.hbm, c.flops = T * h * 4 + hid, 2 * 9 * Tp * hp
             c.l2 = nprog * 9 * BT * BH * 4
         elif st.step == "fwd":        # s = gelu(dwconv(u)) of the block, then two sweeps
-            c.hbm = 2 * tok + 3 * hid + 2 * B * P * D * e + D * h * w + 8 * T
-            c.flops = 2 * 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
-            c.l2 = nprog * (2 * (BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w)
+            keep = m["KEEP_Y"]        # sweep 2 reads y back instead of recomputing z
+            zsweep = BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w
+            c.hbm = 2 * tok + 3 * hid + 2 * B * P * D * e + D * h * w + 8 * T + keep * tok
+            c.flops = (1 if keep else 2) * 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
+            c.l2 = nprog * ((zsweep + 3 * BT * Dp * e if keep else 2 * zsweep)
                             + 10 * BT * hp * w)
         elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
             BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
             slots = st.grid[0] * st.grid[1]
             c.hbm = (3 * tok + 3 * hid + D * h * w + 8 * T + T * h * 4
                      + slots * (2 * D + 9 * h) * 4)
-            c.flops = 3 * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
-            c.l2 = st.grid[0] * B * (2 * (2 * BT * Dp * e + _cdiv(D, BD) * BT * hp * w
-                                          + Dp * hp * w) + 10 * BT * hp * w
+            keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
+            c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
+            zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
+            c.l2 = st.grid[0] * B * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
                                      + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
                                      + 18 * BT * hp * w + BT * hp * 4)
         elif st.step == "dx":

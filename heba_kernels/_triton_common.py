@@ -1,7 +1,7 @@
 """Pieces shared by the Triton kernels of :mod:`heba_kernels.heba_visual`,
 :mod:`heba_kernels.heba_text` and :mod:`heba_kernels.low_rank`: exact GELU and
-its derivative, the operand cast and matmul helpers, the weight-gradient reduction ``C = s * A^T B`` over
-all tokens and the one launch that sums an op's partial buffers.
+its derivative, the operand cast and matmul helpers, the weight-gradient
+reduction ``C = s * A^T B`` over all tokens and the one launch that sums an op's partial buffers.
 
 Weight gradients of a token-wise adapter are reductions over every token,
 ``dW[i, j] = sum_m A[m, i] * B[m, j]`` with ``m`` in the millions and

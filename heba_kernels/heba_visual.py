@@ -59,7 +59,11 @@ grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
 bytes in bf16; kept from ``D >= SAVE_U_MIN_DIM``, today every width: the forward
 writes ``u`` anyway, and the model prefers keeping it to a backward that reads
 ``x`` again for the down GEMM; see the constant). Below ``SAVE_U_MIN_DIM`` the
-backward runs the down kernel again instead. Either way the gradients are
+backward runs the down kernel again instead. From ``D >= KEEP_Y_MIN_DIM`` (2048,
+where the adapter is matmul-bound) the forward also keeps the pre-LayerNorm
+``y = t + Wu s`` (``D`` values per grid token in x's dtype): its second sweep and
+the backward's two sweeps read it instead of recomputing the up-projection
+(1.09x instead of 1.66x the ideal FLOPs at D=3072; see the constant). Either way the gradients are
 bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
@@ -107,6 +111,18 @@ __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan
 # for 19 MB kept per adapter (the reference keeps 135 MB). So: kept at every width. A
 # speed/memory choice only: the results are bitwise the same (tested both ways).
 SAVE_U_MIN_DIM = 0
+
+# Keep the pre-LayerNorm value y = t + Wu s (x's dtype) from this width up, instead of
+# recomputing the up-projection in the forward's second sweep and in both sweeps of the
+# backward's _dy. Modelled forward + backward (benchmarks/roofline.py, bf16, B256 14x14,
+# floor on H200 / H100):
+#   MLP position (D3072 h768): recompute 48.8 / 49.9 ns per token (2372 GFLOP, 1.66x
+#     ideal; 116 GB L2->SM); keep 32.7 / 37.8 ns per token (1560 GFLOP, 1.09x; 79 GB),
+#     for 2 bytes per token and channel kept (308 MB per adapter at B256).
+#   attention position (D768 h192): recompute 4.97 / 7.12 ns per token; keep 5.29 /
+#     7.58 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
+# Numerics: in float32 the same bits; in 16-bit y is rounded once more (tested).
+KEEP_Y_MIN_DIM = 2048
 
 
 # --------------------------------------------------------------------------- kernels
@@ -233,10 +249,10 @@ def _heba_visual_kernel_dwconv(
 
 @triton.jit
 def _heba_visual_fwd_kernel(
-    x_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,
+    x_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
     stride_xb, stride_xn, stride_ob, stride_on,           # u, s = gelu(dwconv(u)) [B, HW, h]
-    H, W, HW, D, h, P, scale, scale_ptr, eps,
-    SCALE_PTR: tl.constexpr,
+    H, W, HW, D, h, P, scale, scale_ptr, eps,             # y [B, HW, D] if KEEP_Y
+    SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -249,6 +265,7 @@ def _heba_visual_fwd_kernel(
     x_rows = x_ptr + b * stride_xb + n * stride_xn                                 # [BT]
     o_rows = out_ptr + b * stride_ob + n * stride_on
     s_img = s_ptr + b * HW * h
+    y_rows = y_ptr + (b * HW + p).to(tl.int64) * D                                # [BT]
     _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_img, p, p_mask, H, W, h, BLOCK_T, BLOCK_H)
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
@@ -263,6 +280,8 @@ def _heba_visual_fwd_kernel(
                      BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
+        if KEEP_Y:       # the pre-LayerNorm value, for sweep 2 and the backward
+            tl.store(y_rows[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         n_b = tl.sum(d_mask.to(tl.float32), axis=0)
         n_a = d0 * 1.0
         c_mean = tl.sum(y, axis=1) / n_b
@@ -275,17 +294,23 @@ def _heba_visual_fwd_kernel(
     tl.store(mean_ptr + b * HW + p, mean, mask=p_mask)
     tl.store(rstd_ptr + b * HW + p, rstd, mask=p_mask)
 
-    # Sweep 2: recompute z (cheaper than a [BT, D] round trip) and write out.
+    if KEEP_Y:
+        tl.debug_barrier()               # y rows written by other threads, read back below
+
+    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written.
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if KEEP_Y:
+            y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            y = t + _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+                             BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        a = (t + z - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        a = (y - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         tl.store(o_rows[:, None] + d[None, :], (t + scale * a).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -302,10 +327,24 @@ def _heba_visual_fwd_kernel(
 
 
 @triton.jit
+def _pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h, KEEP_Y: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+              OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``y = t + Wu s`` of a [BT, BD] tile in float32: the forward's kept y, or recomputed."""
+    if KEEP_Y:
+        y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        y = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) + \
+            _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h, BLOCK_T, BLOCK_H, BLOCK_D, OP,
+                     UPCAST, IEEE)
+    return y
+
+
+@triton.jit
 def _heba_visual_bwd_dy_image(
-    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr, dnw_slot, dnb_slot,
+    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr, dnw_slot, dnb_slot,
     b, p, p_mask, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    HW, D, h, P, gs, ACCUMULATE,
+    HW, D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -316,6 +355,7 @@ def _heba_visual_bwd_dy_image(
     g_rows = g_ptr + b * stride_gb + n * stride_gn
     dy_rows = dy_ptr + b * stride_db + n * stride_dn
     s_img = s_ptr + b * HW * h
+    y_rows = y_ptr + (b * HW + p).to(tl.int64) * D
     mean = tl.load(mean_ptr + b * HW + p, mask=p_mask, other=0.0)
     rstd = tl.load(rstd_ptr + b * HW + p, mask=p_mask, other=0.0)
 
@@ -326,10 +366,9 @@ def _heba_visual_bwd_dy_image(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
-        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        yhat = (t + z - mean[:, None]) * rstd[:, None]
+        yhat = (_pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h,
+                          KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+                - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         dyhat = ga * gamma[None, :]
@@ -347,10 +386,9 @@ def _heba_visual_bwd_dy_image(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
-        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        yhat = (t + z - mean[:, None]) * rstd[:, None]
+        yhat = (_pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h,
+                          KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+                - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         dyhat = ga * gamma[None, :]
@@ -397,12 +435,12 @@ def _heba_visual_bwd_dv_image(
 
 @triton.jit
 def _heba_visual_bwd_kernel_dy(
-    x_ptr, g_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
+    x_ptr, g_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr,
     dy_ptr, dv_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; dv [B, HW, h]
     dwm_part_ptr,                                 # partials [S*nT, D], [S*nT, h, 9] fp32
     stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
     B, H, W, HW, D, h, P, gs, gs_ptr,
-    GS_PTR: tl.constexpr,
+    GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
     BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -423,10 +461,10 @@ def _heba_visual_bwd_kernel_dy(
         _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_ptr + b * HW * h, p, p_mask, H, W, h,
                             BLOCK_T, BLOCK_H)
         _heba_visual_bwd_dy_image(
-            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr,
+            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr,
             dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, b, p, p_mask,
             stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+            HW, D, h, P, gs, i > 0, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         tl.debug_barrier()               # dy rows written by other threads, read back next
         _heba_visual_bwd_dv_image(
             dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, b, p, p_mask,
@@ -500,7 +538,8 @@ def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype, sms: int
         # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
         # D64, D = 768..4096): down 48 regs, fwd (with the stencil phase) 80, _dy (with the
         # stencil and dv phases, dv in 32-column chunks) 169-176 in 16-bit and mixed
-        # configs, no spill (fp32: 128 + 28 B), _dx 46-62, dwconv 48; smem <= 49 KiB.
+        # configs, no spill (fp32: 128, at most 28 B spilled); with KEEP_Y (D >= 2048) 102
+        # in bf16; _dx 46-62, dwconv 48; smem <= 49 KiB.
         num_warps=8 if gpu else 4,
     )
 
@@ -522,7 +561,8 @@ def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
     n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
     return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg),
-            Launch("fwd", "_heba_visual_fwd_kernel", (n_t, B), cfg)]
+            Launch("fwd", "_heba_visual_fwd_kernel", (n_t, B),
+                   dict(cfg, KEEP_Y=D >= KEEP_Y_MIN_DIM))]
 
 
 def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
@@ -535,7 +575,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
     # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
     # 32, 105 registers, none.
-    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH))
+    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM)
     T = B * HW
     d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
     d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
@@ -577,11 +617,13 @@ def _grid_tokens(t: torch.Tensor, P: int, batch_first: bool) -> torch.Tensor:
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
                     scale: Scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
                     eps: float, op_dtype: Optional[torch.dtype] = None):
-    """Forward launcher. Returns ``(out, u, mean, rstd)``.
+    """Forward launcher. Returns ``(out, u, mean, rstd, y)``.
 
     ``out`` has ``x``'s shape and dtype (contiguous); ``u`` ``[B, HW, h]`` in the
     operand dtype ``op_dtype`` (default: the weights' dtype; under autocast the autocast
-    dtype, the weights then read in float32 and rounded in registers); ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
+    dtype, the weights then read in float32 and rounded in registers); ``mean``, ``rstd``
+    ``[B, HW]`` float32 (the LayerNorm statistics); ``y`` the pre-LayerNorm value
+    ``[B, HW, D]`` in x's dtype from ``KEEP_Y_MIN_DIM`` up, else empty.
     """
     x = _last_dim_contiguous(x)
     B = x.shape[0] if batch_first else x.shape[1]
@@ -592,8 +634,9 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     u = new_buffer((B, HW, h), op, dev)
     mean = new_buffer((B, HW), torch.float32, dev)
     rstd = new_buffer((B, HW), torch.float32, dev)
+    y = new_buffer((B, HW, D) if D >= KEEP_Y_MIN_DIM else (0,), x.dtype, dev)
     if B == 0:
-        return out, u, mean, rstd
+        return out, u, mean, rstd, y
     wd = down_weight.reshape(h, D).contiguous()
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
@@ -605,19 +648,20 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
            **_kw(down))
     s = new_buffer((B, HW, h), op, dev)                   # gelu(v), scratch of the fwd kernel
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
-    launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd, sxb,
-           sxn, sob, son, H, W, HW, D, h, P, scale_v, scale_p, float(eps),
-           SCALE_PTR=scale_from_ptr, **_kw(fwd))
-    return out, u, mean, rstd
+    launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd,
+           y if y.numel() else mean, sxb, sxn, sob, son, H, W, HW, D, h, P, scale_v, scale_p,
+           float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
+    return out, u, mean, rstd, y
 
 
-def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
+def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_weight,
                     norm_weight, norm_bias, scale: Scale, num_prefix_tokens: int, H: int,
                     W: int, batch_first: bool, rescale_param_grad: bool,
                     op_dtype: Optional[torch.dtype] = None):
     """Backward launcher. Returns the gradients of ``x`` and the five parameters.
 
-    ``u`` is the forward's bottleneck, or None to recompute it here from ``x``.
+    ``u`` is the forward's bottleneck, or None to recompute it here from ``x``; ``y`` the
+    forward's kept pre-LayerNorm value (when ``D >= KEEP_Y_MIN_DIM``), else None.
 
     With ``rescale_param_grad`` the parameters' gradients are those of docs/semantics.md's rule
     (as if ``scale`` were 1); ``x``'s is always the true gradient.
@@ -658,9 +702,10 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     dv = new_buffer((B, HW, h), torch.float32, dev)
     dwm_part = new_buffer((n_s * n_t, h, 9), torch.float32, dev)
     gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
-    launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd, dx,
-           dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn, sdb, sdn, B, H, W, HW, D, h,
-           P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
+    assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"
+    launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd,
+           mean if y is None else y, dx, dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn,
+           sdb, sdn, B, H, W, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
     dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
@@ -691,8 +736,9 @@ def _triton_visual_fwd(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: t
                        norm_bias: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
                        num_prefix_tokens: int, H: int, W: int, batch_first: bool, eps: float,
                        rescale_param_grad: bool, op_dtype: Optional[torch.dtype]
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, u, mean, rstd)``; the scale is ``scale_t`` (0-d float32) if given, else
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """``(out, u, mean, rstd, y)``; the scale is ``scale_t`` (0-d float32) if given, else
     ``scale``; ``rescale_param_grad`` is only read by the backward."""
     with device_guard(x):
         return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
@@ -708,12 +754,14 @@ def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scal
     return (x.new_empty(x.shape),
             down_weight.new_empty((B, H * W, h), dtype=op_dtype or down_weight.dtype),
             x.new_empty((B, H * W), dtype=torch.float32),
-            x.new_empty((B, H * W), dtype=torch.float32))
+            x.new_empty((B, H * W), dtype=torch.float32),
+            x.new_empty((B, H * W, x.shape[-1]) if x.shape[-1] >= KEEP_Y_MIN_DIM else (0,)))
 
 
 @torch.library.custom_op("heba::triton_visual_bwd", mutates_args=())
 def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
-                       mean: torch.Tensor, rstd: torch.Tensor, down_weight: torch.Tensor,
+                       mean: torch.Tensor, rstd: torch.Tensor, y: Optional[torch.Tensor],
+                       down_weight: torch.Tensor,
                        mid_weight: torch.Tensor, up_weight: torch.Tensor,
                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
                        scale_t: Optional[torch.Tensor], num_prefix_tokens: int, H: int, W: int,
@@ -724,13 +772,13 @@ def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torc
     """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``;
     ``u`` None: recomputed from ``x``."""
     with device_guard(x):
-        return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
+        return heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_weight,
                                norm_weight, norm_bias, Scale(scale, scale_t), num_prefix_tokens,
                                H, W, batch_first, rescale_param_grad, op_dtype)
 
 
 @_triton_visual_bwd.register_fake
-def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+def _(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
       scale, scale_t, num_prefix_tokens, H, W, batch_first, rescale_param_grad, op_dtype):
     return (x.new_empty(x.shape), torch.empty_like(down_weight), torch.empty_like(mid_weight),
             torch.empty_like(up_weight), torch.empty_like(norm_weight),
@@ -743,17 +791,17 @@ def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weigh
 def _setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad, op_dtype) = inputs
-    _, u, mean, rstd = output
+    _, u, mean, rstd, y = output
     ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
-    ctx.mark_non_differentiable(u, mean, rstd)
+    ctx.mark_non_differentiable(u, mean, rstd, y)
     if x.shape[-1] < SAVE_U_MIN_DIM:
         u = None                  # memory-bound width: the backward recomputes it
-    ctx.save_for_backward(x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight,
-                          norm_bias, scale_t)
+    ctx.save_for_backward(x, u, mean, rstd, y if y.numel() else None, down_weight, mid_weight,
+                          up_weight, norm_weight, norm_bias, scale_t)
     ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad, op_dtype)
 
 
-def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd):
+def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd, _grad_y):
     *saved, scale_t = ctx.saved_tensors
     scale, *rest = ctx.args
     grads = torch.ops.heba.triton_visual_bwd(grad_out, *saved, scale, scale_t, *rest)
@@ -791,7 +839,7 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     """
     check_dtypes("heba_visual", x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)
     H, W = grid
-    out, _, _, _ = torch.ops.heba.triton_visual_fwd(
+    out, *_ = torch.ops.heba.triton_visual_fwd(
         x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *Scale.of(scale),
         int(num_prefix_tokens), int(H), int(W), bool(batch_first), float(eps),
         bool(rescale_param_grad), op_dtype)

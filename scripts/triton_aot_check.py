@@ -124,7 +124,7 @@ def _visual_cases():
     (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), batch 32, 14x14."""
     f32 = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
            "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
-    tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
+    tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
     kernels = ["_heba_visual_fwd_kernel_down", "_heba_visual_fwd_kernel",
                "_heba_visual_bwd_kernel_dy", "_heba_visual_bwd_kernel_dx",
                "_heba_visual_kernel_dwconv"]
@@ -141,9 +141,11 @@ def _visual_cases():
                     consts = dict(BLOCK_T=32, BLOCK_H=cfg["BLOCK_H"], MIRROR=True, GELU=False)
                 if kern == "_heba_visual_fwd_kernel":
                     consts["SCALE_PTR"] = False
+                    consts["KEEP_Y"] = D >= heba_visual.KEEP_Y_MIN_DIM   # as visual_fwd_plan
                 if kern.endswith("_dy"):
                     consts["GS_PTR"] = False
                     consts["BLOCK_HV"] = min(32, cfg["BLOCK_H"])   # as visual_bwd_plan
+                    consts["KEEP_Y"] = D >= heba_visual.KEEP_Y_MIN_DIM
                 if kern.endswith("_dx"):
                     consts["XS_PTR"] = False
                 ptrs = {n: ("fp32" if n in f32 or (n == "src_ptr" and kern.endswith("dwconv"))

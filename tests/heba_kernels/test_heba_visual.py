@@ -176,7 +176,7 @@ def test_every_saved_element_written():
     params = visual_params(48, device=DEVICE, dtype=torch.bfloat16)
     for batch_first in (True, False):
         x = _x(3, 5, 4, 48, 2, torch.bfloat16, batch_first)
-        out, u, mean, rstd = hv.heba_visual_fwd(x, *params.values(), Scale(0.5), 2, 5, 4,
+        out, u, mean, rstd, _ = hv.heba_visual_fwd(x, *params.values(), Scale(0.5), 2, 5, 4,
                                                 batch_first, 1e-5)
         for name, t in (("out", out), ("u", u), ("mean", mean), ("rstd", rstd)):
             assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
@@ -261,14 +261,15 @@ import heba_kernels._triton_common as tc
 
 F32_BUFFERS = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
                "dwu_part_ptr", "dwd_part_ptr"}
-TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
+TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
 x_ty, w_ty = sys.argv[1], sys.argv[2]
 op = (2, False) if w_ty == "*bf16" else (0, True)
 blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, OP=op[0], UPCAST=False, IEEE=op[1])
 jobs = [(fn, blocks, ()) for fn in (
-    hv._heba_visual_fwd_kernel_down, hv._heba_visual_fwd_kernel,
-    hv._heba_visual_bwd_kernel_dx)]
-jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32), ())]
+    hv._heba_visual_fwd_kernel_down, hv._heba_visual_bwd_kernel_dx)]
+jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep), ()) for keep in (False, True)]
+jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep), ())
+         for keep in (False, True)]
 jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64),
           ("src_ptr",) if m else ()) for m in (False, True)]
 for fn, consts, f32_extra in jobs:
@@ -318,7 +319,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 7, res.stdout
+    assert res.stdout.count("compiled") == 9, res.stdout
 
 
 def _grads(a, x, scale=0.6):
@@ -365,13 +366,55 @@ def test_saved_bottleneck_or_recomputed_bitwise_same(monkeypatch):
                             dtype=torch.bfloat16), scale=0.7, grid=(4, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kept_pre_norm_value_or_recomputed(monkeypatch, dtype):
+    """From KEEP_Y_MIN_DIM up the forward keeps y = t + Wu s (x's dtype) for its second
+    sweep and the backward: in float32 the same bits as recomputing it, in bfloat16 within
+    the tolerance of the reference; y is saved for the backward only then."""
+    import heba_kernels.heba_visual as hv
+    torch.manual_seed(0)
+    a = heba.nn.HeBAAdapter(48, grid=(4, 5), backend="triton").to(DEVICE, dtype)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = _x(3, 4, 5, 48, 1, dtype, True, seed=12)
+    runs = []
+    for keep in (10 ** 9, 0):
+        monkeypatch.setattr(hv, "KEEP_Y_MIN_DIM", keep)
+        extra = _saved_bytes(a, x) - _saved_bytes_without_y(a, x, hv, monkeypatch, keep)
+        assert extra == (3 * 20 * 48 * x.element_size() if keep == 0 else 0)
+        runs.append(_grads(a, x))
+        for p in a.parameters():
+            p.grad = None
+    for i, (r, k) in enumerate(zip(*runs)):
+        if dtype == torch.float32:
+            assert torch.equal(r, k), f"tensor {i} differs between kept and recomputed y"
+    check_against_reference("heba_visual", "triton", x,
+                            {n: p.detach() for n, p in _visual_named(a)}, scale=0.6, grid=(4, 5))
+
+
+def _saved_bytes_without_y(a, x, hv, monkeypatch, keep):
+    monkeypatch.setattr(hv, "KEEP_Y_MIN_DIM", 10 ** 9)
+    n = _saved_bytes(a, x)
+    monkeypatch.setattr(hv, "KEEP_Y_MIN_DIM", keep)
+    return n
+
+
+def _visual_named(a):
+    names = {"down": "down_weight", "mid": "mid_weight", "up": "up_weight",
+             "norm.weight": "norm_weight", "norm.bias": "norm_bias"}
+    for n, p in a.named_parameters():
+        key = n.rsplit(".weight", 1)[0] if not n.startswith("norm") else n
+        yield names[key], p
+
+
 def test_opcheck_recomputed_u():
     x = _x(2, 3, 4, 32, 1, torch.float32, False).requires_grad_(True)
     params = [p.detach() for p in visual_params(32, device=DEVICE).values()]
     g = torch.randn_like(x)
     torch.library.opcheck(torch.ops.heba.triton_visual_bwd.default,
                           (g, x.detach(), None, torch.rand(2, 12) + 0.1, torch.rand(2, 12) + 0.5,
-                           *params, 0.5, None, 1, 3, 4, False, True, None))
+                           None, *params, 0.5, None, 1, 3, 4, False, True, None))
 
 
 # --------------------------------------------------------------------------- scale as a tensor
