@@ -32,8 +32,11 @@ from benchmarks.launch_count import count_launches
 BATCH, CLASSES, NEG = 16, 50, 5
 
 
-def build(widths: str = "vit-b16", backend: str = "reference", seed: int = 0):
-    """``(model, step, run)``: the adapted CLIP, its AdapterStep, ``run()`` one step."""
+def build(widths: str = "vit-b16", backend: str = "reference", batch: int = BATCH,
+          classes: int = CLASSES, seed: int = 0):
+    """``(model, step, run)``: the adapted CLIP, its AdapterStep, ``run()`` one step
+    (``batch`` images, ``classes`` classes, every one a candidate when ``classes`` is at most
+    ``6 * batch``, as at the published 16 / 50)."""
     import open_clip
     from heba.clip import attach_heba
     from heba.clip.wiring import ScalePolicy
@@ -55,14 +58,14 @@ def build(widths: str = "vit-b16", backend: str = "reference", seed: int = 0):
     model.train()
     attach_heba(model, "both", policy=ScalePolicy(seed=1, draws="device"), backend=backend)
     prepare_frozen(model, torch.bfloat16)
-    bank = PromptBank([[str(c)] for c in range(CLASSES)],
-                      lambda texts: _prompts(model.vocab_size), "cpu")
+    bank = PromptBank([[str(c)] for c in range(classes)],
+                      lambda texts: _prompts(model.vocab_size, classes), "cpu")
     step = AdapterStep(model, bank, 0.1, NEG)
     params = [p for p in model.heba_adapters.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0075, momentum=0.9, weight_decay=5e-4, fused=True)
     g = torch.Generator().manual_seed(2)
-    imgs = torch.randn(BATCH, 3, image, image, generator=g)
-    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    imgs = torch.randn(batch, 3, image, image, generator=g)
+    labels = torch.randint(0, classes, (batch,), generator=g)
     gen = torch.Generator().manual_seed(3)
 
     def run():
@@ -75,11 +78,11 @@ def build(widths: str = "vit-b16", backend: str = "reference", seed: int = 0):
     return model, step, run
 
 
-def _prompts(vocab: int) -> torch.Tensor:
+def _prompts(vocab: int, classes: int) -> torch.Tensor:
     """``[C, 77]``: sot, random words, eot (the largest id) at 12..32 tokens."""
     g = torch.Generator().manual_seed(1)
-    tokens = torch.zeros(CLASSES, 77, dtype=torch.long)
-    for i in range(CLASSES):
+    tokens = torch.zeros(classes, 77, dtype=torch.long)
+    for i in range(classes):
         n = int(torch.randint(12, 33, (1,), generator=g))
         tokens[i, 0] = vocab - 2
         tokens[i, 1:n - 1] = torch.randint(1, vocab - 2, (n - 2,), generator=g)
@@ -139,17 +142,18 @@ def call_launches(call, backend: str) -> dict:
         mod.backend = saved
 
 
-def published_step(widths: str = "vit-b16", fused: str = "triton", measure_fused=False) -> dict:
+def published_step(widths: str = "vit-b16", fused: str = "triton", measure_fused=False,
+                   batch: int = BATCH, classes: int = CLASSES) -> dict:
     """The counts of module docstring: ``step_reference``, ``adapter_calls``,
     ``reference_per_call`` / ``fused_per_call`` (lists), ``fused_step`` (built from them)
     and, with ``measure_fused``, ``fused_step_measured`` (the whole step on ``fused``)."""
-    model, _, run = build(widths, "reference")
+    model, _, run = build(widths, "reference", batch, classes)
     run()                                           # lazily built state (optimizer, caches)
     calls = capture_calls(model, run)
     step_ref = count_launches(run)
     ref = [call_launches(c, "reference")["launches"] for c in calls]
     fus = [call_launches(c, fused)["launches"] for c in calls]
-    out = dict(widths=widths, backend=fused, step_reference=step_ref["launches"],
+    out = dict(widths=widths, backend=fused, batch=batch, classes=classes, step_reference=step_ref["launches"],
                step_reference_dispatches=step_ref["dispatches"], adapter_calls=len(calls),
                reference_per_call=ref, fused_per_call=fus,
                backbone=step_ref["launches"] - sum(ref),
