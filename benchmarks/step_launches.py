@@ -14,6 +14,7 @@ Counted by :func:`benchmarks.launch_count.count_launches` over one real step:
 * ``step[reference]``: the whole step with the reference adapters (measured);
 * per adapter call, in the step's order: the call alone (forward + backward, on the
   input, scale and autocast the step gave it, captured), reference and fused;
+* per adapter call, the roofline model's launches (:mod:`benchmarks.roofline`);
 * the fused step as ``step[reference] - sum(reference calls) + sum(fused calls)``: the
   frozen backbone's ops plus each adapter's own. Measured directly wherever the fused
   backend runs the whole step fast enough (the tiny CLIP in Triton's interpreter; a
@@ -142,18 +143,37 @@ def call_launches(call, backend: str) -> dict:
         mod.backend = saved
 
 
+def roofline_launches(call) -> int:
+    """The roofline model's launches (forward + backward, Triton and torch) of one captured
+    adapter call (:mod:`benchmarks.roofline`, from the launchers' own plans)."""
+    from benchmarks.cases import Case
+    from benchmarks.roofline import GPUS, triton_costs
+    mod, x = call[0], call[1]
+    b, n = (x.shape[0], x.shape[1]) if mod.batch_first else (x.shape[1], x.shape[0])
+    side = int(round((n - mod.num_prefix_tokens) ** 0.5))
+    case = Case("call", f"heba_{mod.modality}", b, n, mod.dim, grid=(side, side))
+    gpu = GPUS["H200"]
+    return len(triton_costs(case, 2, 2, gpu, False) + triton_costs(case, 2, 2, gpu, True))
+
+
 def published_step(widths: str = "vit-b16", fused: str = "triton", measure_fused=False,
-                   batch: int = BATCH, classes: int = CLASSES) -> dict:
+                   batch: int = BATCH, classes: int = CLASSES, per_call: str = "measured"
+                   ) -> dict:
     """The counts of module docstring: ``step_reference``, ``adapter_calls``,
-    ``reference_per_call`` / ``fused_per_call`` (lists), ``fused_step`` (built from them)
-    and, with ``measure_fused``, ``fused_step_measured`` (the whole step on ``fused``)."""
+    ``reference_per_call`` / ``fused_per_call`` (lists; ``per_call="roofline"``: the fused
+    ones from the roofline model instead of counted), ``roofline_per_call``, ``fused_step``
+    (built from them) and, with ``measure_fused``, ``fused_step_measured`` (the whole step
+    on ``fused``)."""
     model, _, run = build(widths, "reference", batch, classes)
     run()                                           # lazily built state (optimizer, caches)
     calls = capture_calls(model, run)
     step_ref = count_launches(run)
     ref = [call_launches(c, "reference")["launches"] for c in calls]
-    fus = [call_launches(c, fused)["launches"] for c in calls]
-    out = dict(widths=widths, backend=fused, batch=batch, classes=classes, step_reference=step_ref["launches"],
+    roof = [roofline_launches(c) for c in calls]
+    fus = roof if per_call == "roofline" else [call_launches(c, fused)["launches"]
+                                               for c in calls]
+    out = dict(widths=widths, backend=fused, batch=batch, classes=classes, per_call=per_call,
+               roofline_per_call=roof, step_reference=step_ref["launches"],
                step_reference_dispatches=step_ref["dispatches"], adapter_calls=len(calls),
                reference_per_call=ref, fused_per_call=fus,
                backbone=step_ref["launches"] - sum(ref),
@@ -170,14 +190,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", choices=("vit-b16", "tiny"), default="vit-b16")
     ap.add_argument("--backend", default="triton", help="the fused backend (default: triton)")
+    ap.add_argument("--per-call", choices=("measured", "roofline"), default="roofline",
+                    help="the fused adapter calls counted in Triton's interpreter (minutes at "
+                         "ViT-B/16 widths) or taken from the roofline model, which the tests "
+                         "tie to the counted ones (default: roofline)")
     args = ap.parse_args(argv)
-    r = published_step(args.widths, args.backend)
+    r = published_step(args.widths, args.backend, per_call=args.per_call)
     n = r["adapter_calls"]
     print(f"published HeBA step ({args.widths}, batch {BATCH}, {CLASSES} classes), counted on "
           f"the CPU:\n  reference adapters: {r['step_reference']} launches "
           f"({r['step_reference_dispatches']} dispatches)\n  frozen backbone, step and "
           f"optimizer: {r['backbone']}\n  {n} adapter calls, {args.backend}: "
-          f"{sum(r['fused_per_call'])} launches ({sum(r['fused_per_call']) / n:.1f} per "
+          f"{sum(r['fused_per_call'])} launches, {r['per_call']} "
+          f"({sum(r['fused_per_call']) / n:.1f} per "
           f"adapter; reference {sum(r['reference_per_call']) / n:.1f})\n  {args.backend} "
           f"step: {r['fused_step']} launches")
     return r

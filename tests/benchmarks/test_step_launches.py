@@ -3,7 +3,9 @@
 The whole step with the fused Triton adapters (in Triton's interpreter, the tiny CLIP: the
 ViT-B/16 widths take minutes there) equals, exactly, the frozen backbone's launches (the
 reference step less its adapter calls) plus each adapter call's own fused launches: the
-decomposition ``python -m benchmarks.step_launches`` applies at ViT-B/16 widths.
+decomposition ``python -m benchmarks.step_launches`` applies at ViT-B/16 widths, and each
+adapter call launches what the roofline model (:mod:`benchmarks.roofline`) says, so the model's
+per-adapter counts times the adapters plus the backbone is the step's count.
 """
 
 import pytest
@@ -30,6 +32,8 @@ def test_fused_step_is_backbone_plus_adapter_calls(capsys):
               f"{r['reference_per_call']})")
     assert r["adapter_calls"] == 8                     # 2 blocks x 2 positions x 2 towers
     assert r["fused_step_measured"] == r["fused_step"], r
+    # each adapter call launches what the roofline model's launch plan says it does
+    assert r["fused_per_call"] == r["roofline_per_call"], r
     assert all(n > 0 for n in r["fused_per_call"] + r["reference_per_call"]), r
     assert 0 < r["backbone"] < r["step_reference"], r
 
