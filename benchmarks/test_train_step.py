@@ -44,8 +44,9 @@ launch calls per step (torch profiler: GPU kernel records, and the host's
 ``cudaLaunchKernel`` / ``cudaGraphLaunch`` calls; GPU only), the launches and dispatches of
 one step counted by the dispatch recorder on every device, the CPU included
 (:mod:`benchmarks.launch_count`: ``launches`` = ATen ops that launch + heba's Triton
-launches; a compiled step shows the ops its compiled code dispatches), whether graphs were
-on, and the
+launches; a compiled step: what it dispatches under the recorder, where dynamo may run
+frames eagerly, so the profiler's kernels per step are a compiled step's own count on a
+GPU), whether graphs were on, and the
 relative difference of a check loss (slow-fast off, every class a candidate, initial
 weights) to the eager one: a contender more than 2e-2 off is not timed.
 ``test_max_batch`` finds the largest batch of heba's step with and without checkpointing.

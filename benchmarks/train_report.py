@@ -114,8 +114,8 @@ def main(argv=None):
           "each count); launch calls/step: the host's kernel and graph launch calls (both "
           "GPU only); launches/step (recorder): ATen ops that launch a kernel + heba's Triton "
           "launches over one step, counted by benchmarks/launch_count.py on any device (a "
-          "replayed graph launches none; a compiled step: the ops its compiled code "
-          "dispatches); eager step launches: the same step without the CUDA graph; "
+          "replayed graph launches none; a compiled step: what it dispatches under the "
+          "recorder, its own kernels are the profiler's kernels/step); eager step launches: the same step without the CUDA graph; "
           "dispatches: every op the dispatcher saw.\n")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(md)
