@@ -5,7 +5,8 @@
 Writes ``train-<gpu>.md`` (per batch: images/s, ms/step, peak GB, kernels and launch calls
 per step from the profiler (GPU), launches and dispatches of one step from the dispatch
 recorder (every device), speed-up vs the published eager step and vs the best
-torch.compile mode at the same batch, largest batch with and without checkpointing) and ``train-<gpu>.png`` (images/s per contender)
+torch.compile mode at the same batch, largest batch with and without checkpointing) and
+``train-<gpu>.png`` (images/s per contender)
 beside it.
 """
 
@@ -115,7 +116,8 @@ def main(argv=None):
           "GPU only); launches/step (recorder): ATen ops that launch a kernel + heba's Triton "
           "launches over one step, counted by benchmarks/launch_count.py on any device (a "
           "replayed graph launches none; a compiled step: what it dispatches under the "
-          "recorder, its own kernels are the profiler's kernels/step); eager step launches: the same step without the CUDA graph; "
+          "recorder, its own kernels are the profiler's kernels/step); eager step launches: "
+          "the same step without the CUDA graph; "
           "dispatches: every op the dispatcher saw.\n")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(md)

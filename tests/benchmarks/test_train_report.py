@@ -25,8 +25,9 @@ def test_train_step_dry_run_and_report(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_train_step.py", "--benchmark-only",
          "-q", "-p", "no:cacheprovider", "-k",
-         "(test_train_step and not adaptertune and (eager-b16 or -compile-b16 or -heba-b16 or heba-b128 "
-         "or ckpt-b16 or compile-max-b16 or loader-b16)) or (test_max_batch and heba-plain)",
+         "(test_train_step and not adaptertune and (eager-b16 or -compile-b16 or -heba-b16 or "
+         "heba-b128 or ckpt-b16 or compile-max-b16 or loader-b16)) or "
+         "(test_max_batch and heba-plain)",
          f"--benchmark-json={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
