@@ -32,9 +32,9 @@ images per class, 5 epochs, batch 32, ``--workers 0 --device cpu``), ``--pipelin
 published`` vs ``fast``, each run in a fresh process with a fresh test-crop cache. Timer:
 wall clock of the whole run (startup included). ``extra_info``: ``train_img_per_s``
 (heba-train's own per-epoch figures: samples over epoch seconds), ``run_img_per_s``
-(training samples + evaluated test images over the whole run's wall clock) and, from a
-second run with ``--skip-zero-shot`` (one evaluation fewer, on crops prepared once),
-``eval_img_per_s`` of one evaluation on prepared crops.
+(training samples + evaluated test images over the whole run's wall clock), ``wall_s``;
+a second run with ``--skip-zero-shot`` has one evaluation fewer (the difference of the
+walls is one evaluation on crops prepared once, where the cores are quiet enough).
 
 ``extra_info``: ``img_per_s_per_core`` (measured), ``ms_per_img``.
 ``HEBA_BENCH_DRY_RUN=1`` runs 4 images per size and one 4-class end-to-end run of the fast
