@@ -26,12 +26,27 @@ the same images at CLIP's 224:
 * collate of a batch of 128 as float32 vs uint8, and normalising it (on the
   CPU here; pinned transfer only where CUDA is).
 
+End to end, ``heba-train`` itself (``test_heba_train_end_to_end``): the tiny CLIP on a
+generated JPEG ImageFolder (500x375; 10 classes, 16 shots of the 5 base classes, 20 test
+images per class, 5 epochs, batch 32, ``--workers 0 --device cpu``), ``--pipeline
+published`` vs ``fast``, each run in a fresh process with a fresh test-crop cache. Timer:
+wall clock of the whole run (startup included). ``extra_info``: ``train_img_per_s``
+(heba-train's own per-epoch figures: samples over epoch seconds), ``run_img_per_s``
+(training samples + evaluated test images over the whole run's wall clock), ``wall_s``;
+a second run with ``--skip-zero-shot`` has one evaluation fewer (the difference of the
+walls is one evaluation on crops prepared once, where the cores are quiet enough).
+
 ``extra_info``: ``img_per_s_per_core`` (measured), ``ms_per_img``.
-``HEBA_BENCH_DRY_RUN=1`` runs 4 images per size (the numbers then mean nothing).
+``HEBA_BENCH_DRY_RUN=1`` runs 4 images per size and one 4-class end-to-end run of the fast
+pipeline (the numbers then mean nothing).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -39,6 +54,7 @@ import pytest
 import torch
 
 from benchmarks.cases import DRY_RUN
+from benchmarks.jpegs import write_image_folder, write_jpegs
 from heba.data import check, pipeline as P, testcrops
 from heba.data.folder import ImageList
 from heba.data.sampling import Item
@@ -63,21 +79,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """``{size name: [Item]}`` of N JPEGs each."""
-    from PIL import Image
     out = {}
-    for name, (w, h) in SIZES.items():
-        d = tmp_path_factory.mktemp(name)
-        rng = np.random.default_rng(0)
-        items = []
-        for k in range(N):
-            small = (rng.random((h // 4, w // 4, 3)) * 255).astype("uint8")
-            big = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.int16)
-            noisy = big + rng.integers(-12, 13, big.shape)     # photo-like detail: JPEG size
-            img = Image.fromarray(noisy.clip(0, 255).astype("uint8"))
-            path = str(d / f"{k:03d}.jpg")
-            img.save(path, quality=90)
-            items.append(Item(path, k % 10, f"c{k % 10}"))
-        out[name] = items
+    for name, size in SIZES.items():
+        paths = write_jpegs(str(tmp_path_factory.mktemp(name)), N, size)
+        out[name] = [Item(p, k % 10, f"c{k % 10}") for k, p in enumerate(paths)]
     return out
 
 
@@ -179,3 +184,66 @@ def test_collate_and_transfer(benchmark, what):
     benchmark.pedantic(run, rounds=5 * ROUNDS, iterations=1, warmup_rounds=1)
     _per_core(benchmark, b)
     benchmark.extra_info.update(batch=b, transfer="pinned, to cuda" if cuda else "none (no CUDA)")
+
+
+# --- heba-train end to end ------------------------------------------------------------------
+
+E2E = (dict(classes=4, shots=2, test=2, epochs=1, batch=4) if DRY_RUN else
+       dict(classes=10, shots=16, test=20, epochs=5, batch=32))
+E2E_VARIANTS = ("full",) if DRY_RUN else ("full", "skip-zero-shot")
+E2E_PIPES = ("fast",) if DRY_RUN else ("published", "fast")     # a dry run: one process
+_RUNS = iter(range(1 << 30))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("folder")), E2E["classes"],
+                              E2E["shots"], E2E["test"], (500, 375))
+
+
+def heba_train_command(folder, pipe, out, skip_zero_shot=False) -> list:
+    """The measured command: heba-train on ``folder``, tiny CLIP, CPU, no loader workers."""
+    cmd = [sys.executable, "-m", "heba.cli", folder, "--model", "tiny", "--shots",
+           str(E2E["shots"]), "--epochs", str(E2E["epochs"]), "--batch-size", str(E2E["batch"]),
+           "--device", "cpu", "--workers", "0", "--pipeline", pipe, "--output", out]
+    return cmd + (["--skip-zero-shot"] if skip_zero_shot else [])
+
+
+def _run_heba_train(folder, pipe, root, skip_zero_shot=False) -> dict:
+    """One heba-train run in a fresh process (fresh test-crop cache); its metrics and wall."""
+    k = next(_RUNS)
+    out, cache = os.path.join(root, f"run{k}"), os.path.join(root, f"cache{k}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HEBA_CACHE_DIR=cache)
+    t0 = time.perf_counter()
+    proc = subprocess.run(heba_train_command(folder, pipe, out, skip_zero_shot), env=env,
+                          capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        events = [json.loads(line) for line in f]
+    train = [e for e in events if e["event"] == "train"]
+    return dict(wall=wall, evals=sum(e["event"] == "eval" for e in events),
+                train_samples=sum(e["img_per_s"] * e["seconds"] for e in train),
+                train_seconds=sum(e["seconds"] for e in train), stdout=proc.stdout)
+
+
+@pytest.mark.benchmark(timer=time.perf_counter, disable_gc=True)
+@pytest.mark.parametrize("variant", E2E_VARIANTS)
+@pytest.mark.parametrize("pipe", E2E_PIPES)
+def test_heba_train_end_to_end(benchmark, image_folder, pipe, variant, tmp_path):
+    """heba-train end to end on the CPU (module docstring): img/s of training and evaluation."""
+    runs = []
+    skip = variant == "skip-zero-shot"
+    benchmark.pedantic(lambda: runs.append(_run_heba_train(image_folder, pipe, str(tmp_path),
+                                                           skip)),
+                       rounds=1, iterations=1)
+    r = runs[-1]
+    test_images = E2E["classes"] * E2E["test"]
+    benchmark.extra_info.update(
+        pipeline=pipe, variant=variant, measured=True, timer="wall clock, whole run",
+        command=" ".join(["heba-train"] + heba_train_command("FOLDER", pipe, "OUT", skip)[3:]),
+        wall_s=r["wall"], evaluations=r["evals"], test_images=test_images,
+        train_samples=round(r["train_samples"]), train_seconds=r["train_seconds"],
+        train_img_per_s=r["train_samples"] / r["train_seconds"],
+        run_img_per_s=(r["train_samples"] + r["evals"] * test_images) / r["wall"],
+        note=r["stdout"].splitlines()[1] if len(r["stdout"].splitlines()) > 1 else "")

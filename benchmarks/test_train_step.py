@@ -27,12 +27,26 @@ for comparison. Contenders:
   prompt picks on the device (:mod:`heba.train.step`), the text tower cut at the bank's
   longest prompt, fused SGD, forward + backward one CUDA graph (:class:`GraphedStep`);
 * ``heba-<backend>``: the same with one backend; ``heba-ckpt``: with every frozen block
-  checkpointed.
+  checkpointed;
+* ``heba-compile`` / ``heba-compile-max``: ``torch.compile`` of heba's own step
+  (:class:`AdapterStep` after ``prepare_frozen``, reference backend: what the compiler makes
+  of the same math without heba's kernels), modes ``default`` and ``max-autotune``;
+* ``heba-loader``: heba's step fed by heba-train's loader (:func:`heba.train.data.train_loader`,
+  ``pipeline="fast"``, ``workers="auto"``) from a generated JPEG ImageFolder (500x375), so
+  the time includes the crops, the transfer and the normalisation.
+
+The published batch is 16; ``heba``, ``heba-<backend>`` and the compiled steps also run at
+batch 128 and 256 (throughput). A dry run uses batches 4 / 6 / 8 for the three.
 
 ``extra_info``: ms per step (CUDA events, median), images/s, peak memory of a step
 (``torch.cuda.max_memory_allocated``, weights and optimizer included), kernels and kernel
 launch calls per step (torch profiler: GPU kernel records, and the host's
-``cudaLaunchKernel`` / ``cudaGraphLaunch`` calls), whether graphs were on, and the
+``cudaLaunchKernel`` / ``cudaGraphLaunch`` calls; GPU only), the launches and dispatches of
+one step counted by the dispatch recorder on every device, the CPU included
+(:mod:`benchmarks.launch_count`: ``launches`` = ATen ops that launch + heba's Triton
+launches; a compiled step: what it dispatches under the recorder, where dynamo may run
+frames eagerly, so the profiler's kernels per step are a compiled step's own count on a
+GPU), whether graphs were on, and the
 relative difference of a check loss (slow-fast off, every class a candidate, initial
 weights) to the eager one: a contender more than 2e-2 off is not timed.
 ``test_max_batch`` finds the largest batch of heba's step with and without checkpointing.
@@ -43,7 +57,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
+import itertools
 import time
+from types import SimpleNamespace
 
 import pytest
 pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
@@ -51,6 +68,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.cases import DRY_RUN  # noqa: E402
+from benchmarks.launch_count import count_launches  # noqa: E402
 from heba.backends import backend_status  # noqa: E402
 from heba.clip import attach_adaptertune, attach_heba  # noqa: E402
 from heba.train.graph import (GraphedStep, checkpoint_frozen_blocks, find_max_batch,  # noqa: E402
@@ -70,7 +88,12 @@ else:
     EOT_RANGE = (12, 32)
 METHODS = ("heba", "adaptertune-r16")
 IMPLS = ("eager", "compile", "compile-ro", "heba", "heba-reference", "heba-triton", "heba-cuda",
-         "heba-ckpt")
+         "heba-ckpt", "heba-compile", "heba-compile-max", "heba-loader")
+# batch name -> batch (a dry run: tiny); the published recipe's 16, then throughput
+BATCHES = {"16": 4, "128": 6, "256": 8} if DRY_RUN else {"16": 16, "128": 128, "256": 256}
+THROUGHPUT = ("heba", "heba-reference", "heba-triton", "heba-cuda", "heba-compile",
+              "heba-compile-max")
+CASES = [(impl, b) for impl in IMPLS for b in BATCHES if b == "16" or impl in THROUGHPUT]
 
 
 def make_model(method: str, backend: str, host_draws: bool):
@@ -105,14 +128,14 @@ def make_bank(model) -> PromptBank:
     return PromptBank([[str(c)] for c in range(CLASSES)], lambda texts: tokens, DEVICE)
 
 
-def make_batches(n=4):
+def make_batches(n=4, batch=BATCH):
     """``n`` batches of random images and labels (a dry run: the same labels in each, so
     that torch.compile, which specialises on the candidate count, compiles once)."""
     g = torch.Generator().manual_seed(2)
-    labels = [torch.randint(0, CLASSES, (BATCH,), generator=g) for _ in range(n)]
+    labels = [torch.randint(0, CLASSES, (batch,), generator=g) for _ in range(n)]
     if DRY_RUN:
         labels = [labels[0]] * n
-    return [(torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g).to(DEVICE), y.to(DEVICE))
+    return [(torch.randn(batch, 3, IMAGE, IMAGE, generator=g).to(DEVICE), y.to(DEVICE))
             for y in labels]
 
 
@@ -145,14 +168,26 @@ def published_loss(model, bank, imgs, labels, every_class=False):
 
 def _backend(impl):
     return {"eager": "reference", "compile": "reference", "compile-ro": "reference",
-            "heba": "auto", "heba-ckpt": "auto"}.get(impl, impl.replace("heba-", ""))
+            "heba": "auto", "heba-ckpt": "auto", "heba-loader": "auto",
+            "heba-compile": "reference", "heba-compile-max": "reference"
+            }.get(impl, impl.replace("heba-", ""))
 
 
-def contender(method: str, impl: str):
+def _compiled(fn, impl):
+    """``torch.compile(fn)`` for a ``heba-compile*`` contender, else ``fn``. A dry run uses
+    dynamo's "eager" backend (see :func:`_published_contender`), without a mode."""
+    if not impl.startswith("heba-compile"):
+        return fn
+    if DRY_RUN:
+        return torch.compile(fn, backend="eager")
+    return torch.compile(fn, mode="max-autotune" if impl == "heba-compile-max" else "default")
+
+
+def contender(method: str, impl: str, batch: int = BATCH, tmp=None):
     """``(step, check, info)``: ``step()`` one training step on the next batch; ``check()``
     the loss with slow-fast off and every class a candidate (no gradient)."""
     model = make_model(method, _backend(impl), host_draws=impl == "eager")
-    bank, batches = make_bank(model), make_batches()
+    bank, batches = make_bank(model), make_batches(batch=batch)
     it = iter(range(1 << 62))
     policy = getattr(model, "heba_policy", None)
     if not impl.startswith("heba"):
@@ -168,16 +203,25 @@ def contender(method: str, impl: str):
     def fn(*x):
         with torch.autocast(DEVICE, dtype=DTYPE, cache_enabled=DEVICE != "cuda"):
             return step(*x)
-    graphed = GraphedStep(fn, params, enabled=DEVICE == "cuda")
+    fn = _compiled(fn, impl)
+    # a compiled step is its own program (max-autotune captures CUDA graphs itself)
+    graphed = GraphedStep(fn, params, enabled=DEVICE == "cuda" and "compile" not in impl)
     gen = torch.Generator(device=DEVICE).manual_seed(3)
+    feed = _loader_batches(tmp, batch) if impl == "heba-loader" else None
 
-    def run():
-        imgs, labels = batches[next(it) % len(batches)]
+    def run(eager=False):
+        """One step; ``eager``: forward and backward without the CUDA graph (to count what
+        the step launches when it is not replayed)."""
+        imgs, labels = next(feed) if feed else batches[next(it) % len(batches)]
         mask, pick = draw_step(labels, bank, NEG, "batch", gen)
         opt.zero_grad(set_to_none=True)
-        loss = graphed(imgs, labels, mask, pick)[0]
+        if eager:
+            loss = fn(imgs, labels, mask, pick)[0]
+            loss.backward()
+        else:
+            loss = graphed(imgs, labels, mask, pick)[0]
         opt.step()
-        return loss
+        return loss.detach()
 
     def check():
         imgs, labels = batches[0]
@@ -187,6 +231,23 @@ def contender(method: str, impl: str):
     info = dict(graphs=graphed.reason is None and DEVICE == "cuda", text_len=step.text_len,
                 graphed=graphed)
     return run, check, info
+
+
+def _loader_batches(tmp, batch: int):
+    """Endless ``(images, labels)`` from heba-train's loader over a generated JPEG
+    ImageFolder (4 batches of 500x375 pictures, ``CLASSES`` labels), epoch after epoch."""
+    from heba.data.folder import ImageList
+    from heba.data.sampling import Item
+    from heba.train.backbones.openclip import dassl_transforms
+    from heba.train.data import train_loader
+    from benchmarks.jpegs import write_jpegs
+    paths = write_jpegs(str(tmp), 4 * batch, (500, 375))
+    items = [Item(p, k % CLASSES, f"c{k % CLASSES}") for k, p in enumerate(paths)]
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    ds = ImageList(items, dassl_transforms(IMAGE, mean, std)[0])
+    cfg = SimpleNamespace(batch_size=batch, drop_last=True, seed=1)
+    loader = train_loader(ds, cfg, DEVICE, workers="auto", pipeline="fast")
+    return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
 
 
 def _published_contender(model, bank, batches, impl, it, policy):
@@ -231,9 +292,9 @@ def _no_slow_fast(policy, fn):
 
 
 @functools.lru_cache(maxsize=None)
-def reference_loss(method: str) -> float:
+def reference_loss(method: str, batch: int = BATCH) -> float:
     """The eager baseline's check loss on the initial weights."""
-    _, check, _ = contender(method, "eager")
+    _, check, _ = contender(method, "eager", batch)
     out = check()
     _free()
     return out
@@ -292,21 +353,36 @@ def launches_per_step(step, n=3) -> dict:
     return dict(kernels_per_step=kernels / n, launch_calls_per_step=calls / n)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def step_launches(step) -> dict:
+    """The dispatch recorder over one real step (every device): ``launches``, ``dispatches``,
+    ``triton_launches``, ``host_reads`` and, for a step that replays a CUDA graph, the same
+    step run eagerly (``launches_eager``)."""
+    c = count_launches(step)
+    out = dict(launches=c["launches"], dispatches=c["dispatches"], triton_launches=c["triton"],
+               aten_launches=c["aten_kernels"], host_reads=c["host_reads"],
+               top_ops=dict(c["by_op"].most_common(8)))
+    eager = count_launches(lambda: step(eager=True)) \
+        if "eager" in inspect.signature(step).parameters else c
+    out["launches_eager"] = eager["launches"]
+    return out
+
+
+@pytest.mark.parametrize("impl,batch", CASES, ids=[f"{i}-b{b}" for i, b in CASES])
 @pytest.mark.parametrize("method", METHODS)
-def test_train_step(benchmark, method, impl):
+def test_train_step(benchmark, method, impl, batch, tmp_path):
     backend = _backend(impl)
     if impl.startswith("heba-") and backend in ("triton", "cuda"):
         ok, why = backend_status(backend, DEVICE)
         if not ok:
             pytest.skip(f"backend {backend} unavailable: {why}")
-    ref = reference_loss(method)
+    size = BATCHES[batch]
+    ref = reference_loss(method, size)
     try:
-        step, check, info = contender(method, impl)
+        step, check, info = contender(method, impl, size, tmp_path)
         first = check()                      # compiles torch.compile contenders
     except Exception as err:
         _free()
-        if impl.startswith("heba"):                  # heba's own step must run
+        if impl.startswith("heba") and "compile" not in impl:   # heba's own step must run
             raise
         # A baseline that cannot run (e.g. torch.compile failing) is recorded, not fatal.
         pytest.skip(f"{impl} failed to run: {type(err).__name__}: {str(err)[:300]}")
@@ -315,7 +391,7 @@ def test_train_step(benchmark, method, impl):
     for _ in range(2 if DRY_RUN else 8):     # warm-up: graph capture, autotuning, compiles
         step()
     graphed = info.pop("graphed", None)
-    if graphed is not None and DEVICE == "cuda":
+    if graphed is not None and DEVICE == "cuda" and "compile" not in impl:
         assert graphed.reason is None and graphed.replays > 0, graphed.reason
     info["graphs"] = bool(graphed is not None and graphed.replays > 0)
 
@@ -327,14 +403,15 @@ def test_train_step(benchmark, method, impl):
     ms = _bench_ms(step)
     benchmark.extra_info.update({
         "method": method, "impl": impl, "device": _device_name(), "dtype": "bf16",
-        "batch": BATCH, "classes": CLASSES, "context": CONTEXT, "cuda_ms": ms,
-        "images_per_s": BATCH / ms * 1e3, "peak_mem_bytes": _peak_bytes(step),
+        "batch": size, "batch_name": batch, "classes": CLASSES, "context": CONTEXT,
+        "cuda_ms": ms, "images_per_s": size / ms * 1e3, "peak_mem_bytes": _peak_bytes(step),
         "check_loss": first, "loss_rel_to_eager": rel, **launches_per_step(step), **info,
     })
     benchmark.pedantic(synced, rounds=1 if DRY_RUN else 10, iterations=1,
                        warmup_rounds=0 if DRY_RUN else 1)
+    benchmark.extra_info.update(step_launches(step))
     del step, check, graphed
-    if impl.startswith("compile"):
+    if "compile" in impl:
         torch._dynamo.reset()
     _free()
 

@@ -2,9 +2,11 @@
 
     python -m benchmarks.train_report benchmarks/results/train.json [--out benchmarks/results]
 
-Writes ``train-<gpu>.md`` (images/s, ms/step, peak GB, kernels and launch calls per
-step, speed-up vs the published eager step and vs the best torch.compile mode, largest
-batch with and without checkpointing) and ``train-<gpu>.png`` (images/s per contender)
+Writes ``train-<gpu>.md`` (per batch: images/s, ms/step, peak GB, kernels and launch calls
+per step from the profiler (GPU), launches and dispatches of one step from the dispatch
+recorder (every device), speed-up vs the published eager step and vs the best
+torch.compile mode at the same batch, largest batch with and without checkpointing) and
+``train-<gpu>.png`` (images/s per contender)
 beside it.
 """
 
@@ -19,13 +21,17 @@ from collections import defaultdict
 from benchmarks.report import bar_chart
 
 IMPL_ORDER = ["eager", "compile", "compile-ro", "heba", "heba-reference", "heba-triton",
-              "heba-cuda", "heba-ckpt"]
+              "heba-cuda", "heba-ckpt", "heba-compile", "heba-compile-max", "heba-loader"]
 IMPL_LABEL = {"eager": "published eager step (autocast, fp32 backbone, reference adapters)",
               "compile": "torch.compile of it (default)",
               "compile-ro": "torch.compile of it (reduce-overhead)",
               "heba": "heba-train step (cast once, auto backend, static, one CUDA graph)",
               "heba-reference": "heba, reference backend", "heba-triton": "heba, triton backend",
-              "heba-cuda": "heba, cuda backend", "heba-ckpt": "heba + checkpointing"}
+              "heba-cuda": "heba, cuda backend", "heba-ckpt": "heba + checkpointing",
+              "heba-compile": "torch.compile of heba's step, reference backend (default)",
+              "heba-compile-max": "torch.compile of heba's step, reference backend "
+                                  "(max-autotune)",
+              "heba-loader": "heba-train step + its loader (fast pipeline, JPEGs)"}
 
 
 def load(path):
@@ -42,17 +48,24 @@ def _count(x):
     return "n/a" if x is None else f"{x:.0f}"
 
 
-def table(steps, batches) -> str:
-    by_method = defaultdict(dict)
+def _rows(steps):
+    """``{(method, batch): {impl: row}}`` in the benchmark's order."""
+    out = defaultdict(dict)
     for r in steps:
-        by_method[r["method"]][r["impl"]] = r
+        out[(r["method"], r.get("batch_name", str(r.get("batch", ""))))][r["impl"]] = r
+    return out
+
+
+def table(steps, batches) -> str:
     maxb = {(r["method"], r["impl"]): r["max_batch"] for r in batches}
-    lines = ["| method | contender | img/s | ms/step | peak GB | kernels/step | launches/step "
+    lines = ["| method | batch | contender | img/s | ms/step | peak GB | kernels/step "
+             "| launch calls/step | launches/step (recorder) | eager step launches | dispatches "
              "| vs eager | vs best compile | graphs | text len | max batch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, impls in by_method.items():
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, batch), impls in _rows(steps).items():
         eager = impls.get("eager", {}).get("cuda_ms")
-        comps = [impls[c]["cuda_ms"] for c in ("compile", "compile-ro") if c in impls]
+        comps = [impls[c]["cuda_ms"] for c in ("compile", "compile-ro", "heba-compile",
+                                                 "heba-compile-max") if c in impls]
         comp = min(comps) if comps else None
         for impl in IMPL_ORDER:
             r = impls.get(impl)
@@ -61,12 +74,14 @@ def table(steps, batches) -> str:
             ms = r["cuda_ms"]
             ve = f"{eager / ms:.2f}x" if eager else "n/a"
             vc = f"{comp / ms:.2f}x" if comp else "n/a"
-            lines.append(f"| {method} | {IMPL_LABEL.get(impl, impl)} | {r['images_per_s']:.1f} | "
-                         f"{ms:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
+            lines.append(f"| {method} | {r.get('batch', batch)} | {IMPL_LABEL.get(impl, impl)} | "
+                         f"{r['images_per_s']:.1f} | {ms:.2f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
                          f"{_count(r.get('kernels_per_step'))} | "
-                         f"{_count(r.get('launch_calls_per_step'))} | {ve} | {vc} | "
+                         f"{_count(r.get('launch_calls_per_step'))} | "
+                         f"{_count(r.get('launches'))} | {_count(r.get('launches_eager'))} | "
+                         f"{_count(r.get('dispatches'))} | {ve} | {vc} | "
                          f"{'on' if r.get('graphs') else 'off'} | {r.get('text_len', '')} | "
-                         f"{maxb.get((method, impl), '')} |")
+                         f"{maxb.get((method, impl), '') if batch in ('16', 16) else ''} |")
     return "\n".join(lines)
 
 
@@ -75,8 +90,9 @@ def plot(steps, path, device):
     if not methods:
         return
 
-    def images_per_s(method, impl):
-        r = [x for x in steps if (x["method"], x["impl"]) == (method, impl)]
+    def images_per_s(method, impl):     # the published batch
+        r = [x for x in steps if (x["method"], x["impl"]) == (method, impl)
+             and x.get("batch_name", "16") == "16"]
         return r[0]["images_per_s"] if r else 0.0
     bar_chart(path, methods, IMPL_ORDER, images_per_s, group_label=str, series_label=str,
               ylabel="images / s (one training step, CUDA events)",
@@ -96,7 +112,13 @@ def main(argv=None):
           "ms/step: CUDA-event median of one full step (draws, forward, backward, optimizer); "
           "peak GB: torch.cuda.max_memory_allocated over one step, weights and optimizer "
           "included; kernels/step: GPU kernels the torch profiler records (a replayed graph's "
-          "each count); launches/step: the host's kernel and graph launch calls.\n")
+          "each count); launch calls/step: the host's kernel and graph launch calls (both "
+          "GPU only); launches/step (recorder): ATen ops that launch a kernel + heba's Triton "
+          "launches over one step, counted by benchmarks/launch_count.py on any device (a "
+          "replayed graph launches none; a compiled step: what it dispatches under the "
+          "recorder, its own kernels are the profiler's kernels/step); eager step launches: "
+          "the same step without the CUDA graph; "
+          "dispatches: every op the dispatcher saw.\n")
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(md)
     plot(steps, os.path.join(out, f"{stem}.png"), device)

@@ -1,4 +1,5 @@
-"""The data-pipeline benchmark runs (a dry run: 4 images per size) and records per-core rates."""
+"""The data-pipeline benchmark runs (a dry run: 4 images per size, one tiny heba-train run) and
+records per-core rates and heba-train's end-to-end throughput."""
 
 import json
 import os
@@ -25,3 +26,8 @@ def test_dry_run_records_every_contender(tmp_path):
     assert {f"test_image_check[{m}-500x375]" for m in ("fast", "full")} <= set(rows)
     assert {f"test_collate_and_transfer[{w}]" for w in
             ("collate-float32", "collate-uint8", "normalise-uint8")} <= set(rows)
+    e2e = rows["test_heba_train_end_to_end[fast-full]"]
+    assert e2e["pipeline"] == "fast" and e2e["evaluations"] == 2 and e2e["test_images"] == 8
+    assert e2e["train_samples"] == 4 and e2e["train_img_per_s"] > 0 and e2e["run_img_per_s"] > 0
+    assert e2e["command"].startswith("heba-train FOLDER --model tiny") and "--pipeline fast" in \
+        e2e["command"] and "decoded once" in e2e["note"]
