@@ -84,6 +84,12 @@ def _data(p, positional=True):
 
 def _model(p):
     g = p.add_argument_group("model and adapters")
+    _backbone_opts(g)
+    _adapter_opts(g)
+    _eval_and_prompt_opts(g)
+
+
+def _backbone_opts(g):
     g.add_argument("--recipe", default=None,
                    help="the defaults of every field: heba (the published HeBA settings), "
                         "heba-xd (its cross-dataset settings) or adaptertune (default: heba; "
@@ -110,6 +116,9 @@ def _model(p):
                         + recipe_default("quick_gelu"))
     g.add_argument("--towers", choices=("both", "visual", "text"), default=None,
                    help="the towers that get adapters" + recipe_default("towers"))
+
+
+def _adapter_opts(g):
     for name, what in (("start", "heba: first adapted layer (1-based)"),
                        ("end", "heba: last adapted layer (none: the last)"),
                        ("reduction", "heba: bottleneck reduction"),
@@ -136,6 +145,9 @@ def _model(p):
     g.add_argument("--slow-fast-draw", choices=("block", "call"), default=None,
                    help="draw the slow-fast scale once per block (published) or per adapter"
                         + recipe_default("slow_fast_draw"))
+
+
+def _eval_and_prompt_opts(g):
     g.add_argument("--split", choices=("base2novel", "all"), default=None,
                    help="base2novel: train on the base half of the classes, test base and "
                         "novel; all: every class" + recipe_default("split"))
@@ -195,6 +207,12 @@ def _train_opts(p):
     g.add_argument("--schedule", choices=("epoch", "step"), default=None,
                    help="cosine stepped per epoch (published HeBA) or per step (AdapterTune, "
                         "with --warmup-epochs)" + recipe_default("schedule"))
+    _loss_opts(g)
+    _folder_opts(g)
+    _speed_opts(p.add_argument_group("speed and memory (results are the same up to rounding)"))
+
+
+def _loss_opts(g):
     g.add_argument("--label-smoothing", type=float, default=None,
                    help="label smoothing of the loss" + recipe_default("label_smoothing"))
     g.add_argument("--candidates", choices=("batch", "all"), default=None,
@@ -205,6 +223,9 @@ def _train_opts(p):
     g.add_argument("--augment", choices=("dassl", "openclip"), default=None,
                    help="dassl: random resized crop (0.08, 1) + flip (published); openclip: "
                         "the model's own training transform" + recipe_default("augment"))
+
+
+def _folder_opts(g):
     g.add_argument("--eval-every", type=int, default=0,
                    help="evaluate every N epochs, 0: at the end only (default: %(default)s)")
     g.add_argument("--no-eval-before", "--skip-zero-shot", dest="no_eval_before",
@@ -222,7 +243,9 @@ def _train_opts(p):
     g.add_argument("--overwrite", action="store_true",
                    help="delete the run in --output and start over (not with --resume)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    f = p.add_argument_group("speed and memory (results are the same up to rounding)")
+
+
+def _speed_opts(f):
     f.add_argument("--no-cuda-graphs", action="store_true",
                    help="run each step eagerly instead of replaying a CUDA graph (GPU only)")
     f.add_argument("--no-cast-once", action="store_true",
