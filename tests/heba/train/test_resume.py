@@ -1,0 +1,159 @@
+"""``--resume`` restores every piece of a run's training state: one test per piece.
+
+A run stopped after its first epoch's set is committed, then resumed, must be the
+uninterrupted run (:mod:`heba.train.loop`: every draw of an epoch follows from
+``(seed, epoch, rank)``): at the start of every epoch it trains, the same optimizer,
+scheduler and slow-fast state; at every step the same sample order, the same crops and the
+same candidate and prompt draws; at the end the same adapters, bit for bit. Each piece has
+its own test, so a resume that drops one piece names it.
+
+Three epochs, so that a scheduler restored wrong shows in the third epoch's learning rate
+(the second's is read from the optimizer's own state); the visual tower's last two blocks
+only, slow-fast at 0.5, so that the scale draws of two forwards differ; six classes and one
+negative per class, so that a batch's candidate set is a draw.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from heba import cli
+from heba.train import loop
+from heba.train import run_folder as rf
+from tests.clip_utils import image_folder, one_thread  # noqa: F401
+
+pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--epochs", "3",
+        "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "3",
+        "--slow-fast-ratio", "0.5", "--neg-per-class", "1", "--no-eval-before", "--quiet",
+        "--threads", "1"]
+CLASSES = ("red circle", "blue square", "green triangle", "yellow cross", "cyan ring",
+           "white bar")
+STOPPED_AFTER = 1           # epochs committed before the stop
+
+
+class Stop(BaseException):
+    """The process ends here (not an error the command line reports)."""
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "adapters.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("ds"), CLASSES, per_class=3)
+
+
+def _recorded(argv) -> dict:
+    """Run ``heba-train argv``; what each epoch started from and each step was given:
+    ``{"epochs": {epoch: {piece: state}}, "steps": {epoch: [{piece: value}]}}``."""
+    seen = {"epochs": {}, "steps": {}}
+    real = loop.train_epoch
+
+    def train_epoch(run, tr, epoch, inputs, tally):
+        policy = tr.step.model.heba_policy
+        seen["epochs"][epoch] = copy.deepcopy(dict(
+            optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(),
+            slow_fast=policy.state_dict()))
+        steps = seen["steps"][epoch] = []
+
+        def spy(images, labels):
+            out = inputs(images, labels)
+            _, _, mask, pick = out
+            steps.append(dict(order=labels.clone(), crops=images.clone(),
+                              draws=(mask.clone(), pick.clone())))
+            return out
+        return real(run, tr, epoch, spy, tally)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loop, "train_epoch", train_epoch)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        mp.undo()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory):
+    """The uninterrupted run: its records and final adapters."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    return dict(_recorded([folder, *ARGS, "-o", out]), weights=_weights(out))
+
+
+@pytest.fixture(scope="module")
+def stopped(folder, tmp_path_factory):
+    """A run folder holding the first epoch's committed set, nothing after it."""
+    out = str(tmp_path_factory.mktemp("stopped") / "run")
+
+    def hook(what):
+        if re.search(rf"/epoch_{STOPPED_AFTER}$", what):
+            raise Stop(what)
+    rf.WRITE_HOOK = hook
+    try:
+        with pytest.raises(Stop):
+            cli.main([folder, *ARGS, "-o", out])
+    finally:
+        rf.WRITE_HOOK = None
+    assert rf.read_set(out).epoch == STOPPED_AFTER
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(folder, stopped, tmp_path_factory):
+    """The stopped run resumed to its end: its records and final adapters."""
+    out = str(tmp_path_factory.mktemp("resumed") / "run")
+    shutil.copytree(stopped, out)
+    return dict(_recorded([folder, *ARGS, "-o", out, "--resume"]), weights=_weights(out))
+
+
+def _same(a, b) -> bool:
+    """Equal nested state (dicts, lists, tuples, tensors bitwise, numbers)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_the_resumed_run_trains_the_remaining_epochs_only(reference, resumed):
+    assert sorted(resumed["epochs"]) == list(range(STOPPED_AFTER, 3))
+    assert sorted(reference["epochs"]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("piece", ["optimizer", "scheduler", "slow_fast"])
+def test_resume_restores_the_state_each_epoch_starts_from(piece, reference, resumed):
+    """The optimizer (moments, learning rate), the scheduler (its step count) and the slow-fast
+    stream (seed, forward counters) at the start of every resumed epoch."""
+    for epoch, state in resumed["epochs"].items():
+        assert _same(state[piece], reference["epochs"][epoch][piece]), \
+            f"{piece} at the start of epoch {epoch + 1}: {state[piece]} != " \
+            f"{reference['epochs'][epoch][piece]}"
+
+
+@pytest.mark.parametrize("piece", ["order", "crops", "draws"])
+def test_resume_continues_every_random_stream(piece, reference, resumed):
+    """The sampler's epoch (the sample order), the augmentation stream (the crops) and the
+    candidate / prompt draws (the step's generator), step by step."""
+    for epoch, steps in resumed["steps"].items():
+        want = reference["steps"][epoch]
+        assert len(steps) == len(want) > 0
+        for i, (got, ref) in enumerate(zip(steps, want)):
+            assert _same(got[piece], ref[piece]), f"{piece} of epoch {epoch + 1}, step {i}"
+
+
+def test_resume_ends_on_the_uninterrupted_adapters(reference, resumed):
+    for name, ref in reference["weights"].items():
+        assert torch.equal(resumed["weights"][name], ref), name
