@@ -713,6 +713,20 @@ EDGES = [
         "    loader = tr.loader(epoch - tr.start_epoch)",
         (f"{T_RESUME}::test_resume_continues_every_random_stream",),
         "a resumed run replays the first epoch's sample order and crops"),
+    Bug("classifier-val-gets-train-transform", "data", "heba/train/vision.py",
+        "data.val.transform, data.test.transform = train_tf, eval_tf, eval_tf",
+        "data.val.transform, data.test.transform = train_tf, train_tf, eval_tf",
+        ("tests/heba/train/test_vision.py::"
+         "test_evaluation_splits_get_the_published_deterministic_transform",),
+        "a classifier's validation accuracy (and its best epoch) measured on random crops"),
+    Bug("clip-eval-gets-train-transform", "data", "heba/train/data.py",
+        "            ds.transform = eval_tf", "            ds.transform = train_tf",
+        (f"{T_RUNDATA}::test_clip_evaluation_splits_are_the_published_test_pipeline",),
+        "base and novel accuracies measured on random crops: noisy, below the published"),
+    Bug("clip-train-gets-eval-transform", "data", "heba/train/data.py",
+        "        data.train.transform = train_tf", "        data.train.transform = eval_tf",
+        (f"{T_RUNDATA}::test_clip_training_split_is_the_published_augmentation",),
+        "a CLIP run trains on the same centre crops every epoch: no augmentation"),
 ]
 
 BUGS += EDGES
