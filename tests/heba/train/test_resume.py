@@ -5,12 +5,9 @@ uninterrupted run (:mod:`heba.train.loop`: every draw of an epoch follows from
 ``(seed, epoch, rank)``): at the start of every epoch it trains, the same optimizer,
 scheduler and slow-fast state; at every step the same sample order, the same crops and the
 same candidate and prompt draws; at the end the same adapters, bit for bit. Each piece has
-its own test, so a resume that drops one piece names it.
-
-Three epochs, so that a scheduler restored wrong shows in the third epoch's learning rate
-(the second's is read from the optimizer's own state); the visual tower's last two blocks
-only, slow-fast at 0.5, so that the scale draws of two forwards differ; six classes and one
-negative per class, so that a batch's candidate set is a draw.
+its own test, so a resume that drops one piece names it. Both recipes: CLIP (heba) and a
+timm classifier. (The fp16 loss scaler, enabled on a GPU only, is checked on the save and
+restore pair directly.)
 """
 
 from __future__ import annotations
@@ -32,12 +29,21 @@ pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--epochs", "3",
-        "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "3",
-        "--slow-fast-ratio", "0.5", "--neg-per-class", "1", "--no-eval-before", "--quiet",
-        "--threads", "1"]
+# CLIP (heba recipe: SGD, per-epoch cosine); three epochs, so that a scheduler restored wrong
+# shows in the third epoch's learning rate (the second's is read from the optimizer's state);
+# the visual tower's last two blocks only, slow-fast at 0.5, so that the scale draws of two
+# forwards differ; six classes and one negative per class, so that a batch's candidate set is
+# a draw.
+CLIP_ARGS = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--epochs", "3",
+             "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "3",
+             "--slow-fast-ratio", "0.5", "--neg-per-class", "1", "--no-eval-before",
+             "--quiet", "--threads", "1"]
 CLASSES = ("red circle", "blue square", "green triangle", "yellow cross", "cyan ring",
            "white bar")
+# A timm classifier (AdapterTune's AdamW, per-step warm-up and cosine) with HeBA adapters
+# (slow-fast on), on an ImageFolder with a validation split.
+CLASSIFIER_ARGS = ["--quiet", "--epochs", "3", "--batch-size", "4", "--method", "heba",
+                   "--slow-fast-ratio", "0.5", "--warmup-epochs", "1", "--device", "cpu"]
 STOPPED_AFTER = 1           # epochs committed before the stop
 
 
@@ -50,9 +56,15 @@ def _weights(out):
     return load_file(os.path.join(out, "adapters.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("ds"), CLASSES, per_class=3)
+@pytest.fixture(scope="module", params=["clip", "classifier"])
+def command(request, tmp_path_factory):
+    """The data and arguments of a run of each recipe (``-o`` and ``--resume`` added later)."""
+    root = tmp_path_factory.mktemp("ds")
+    if request.param == "clip":
+        return [image_folder(root, CLASSES, per_class=3), *CLIP_ARGS]
+    pytest.importorskip("timm", reason="needs timm (pip install 'heba[timm]')")
+    from tests.heba.train.test_classify import TINY, image_folder as split_folders
+    return [split_folders(root, n_train=6, n_test=2), *TINY, *CLASSIFIER_ARGS]
 
 
 def _recorded(argv) -> dict:
@@ -69,10 +81,9 @@ def _recorded(argv) -> dict:
         steps = seen["steps"][epoch] = []
 
         def spy(images, labels):
-            out = inputs(images, labels)
-            _, _, mask, pick = out
+            out = inputs(images, labels)        # CLIP: + the candidate mask and prompt picks
             steps.append(dict(order=labels.clone(), crops=images.clone(),
-                              draws=(mask.clone(), pick.clone())))
+                              draws=tuple(t.clone() for t in out[2:])))
             return out
         return real(run, tr, epoch, spy, tally)
     mp = pytest.MonkeyPatch()
@@ -85,14 +96,14 @@ def _recorded(argv) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(folder, tmp_path_factory):
+def reference(command, tmp_path_factory):
     """The uninterrupted run: its records and final adapters."""
     out = str(tmp_path_factory.mktemp("ref") / "run")
-    return dict(_recorded([folder, *ARGS, "-o", out]), weights=_weights(out))
+    return dict(_recorded([*command, "-o", out]), weights=_weights(out))
 
 
 @pytest.fixture(scope="module")
-def stopped(folder, tmp_path_factory):
+def stopped(command, tmp_path_factory):
     """A run folder holding the first epoch's committed set, nothing after it."""
     out = str(tmp_path_factory.mktemp("stopped") / "run")
 
@@ -102,7 +113,7 @@ def stopped(folder, tmp_path_factory):
     rf.WRITE_HOOK = hook
     try:
         with pytest.raises(Stop):
-            cli.main([folder, *ARGS, "-o", out])
+            cli.main([*command, "-o", out])
     finally:
         rf.WRITE_HOOK = None
     assert rf.read_set(out).epoch == STOPPED_AFTER
@@ -110,11 +121,11 @@ def stopped(folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed(folder, stopped, tmp_path_factory):
+def resumed(command, stopped, tmp_path_factory):
     """The stopped run resumed to its end: its records and final adapters."""
     out = str(tmp_path_factory.mktemp("resumed") / "run")
     shutil.copytree(stopped, out)
-    return dict(_recorded([folder, *ARGS, "-o", out, "--resume"]), weights=_weights(out))
+    return dict(_recorded([*command, "-o", out, "--resume"]), weights=_weights(out))
 
 
 def _same(a, b) -> bool:
@@ -146,7 +157,7 @@ def test_resume_restores_the_state_each_epoch_starts_from(piece, reference, resu
 @pytest.mark.parametrize("piece", ["order", "crops", "draws"])
 def test_resume_continues_every_random_stream(piece, reference, resumed):
     """The sampler's epoch (the sample order), the augmentation stream (the crops) and the
-    candidate / prompt draws (the step's generator), step by step."""
+    candidate / prompt draws (the CLIP step's generator), step by step."""
     for epoch, steps in resumed["steps"].items():
         want = reference["steps"][epoch]
         assert len(steps) == len(want) > 0
