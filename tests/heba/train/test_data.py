@@ -123,9 +123,10 @@ def test_random_transforms_in_workers_follow_seed_and_epoch():
 
 # --- the transform each split of a CLIP run is given ---------------------------------------
 
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    """A base-to-novel CLIP run on an ImageFolder after setup: its data and training."""
+@pytest.fixture(scope="module", params=["fast", "published"])
+def clip_run(request, tmp_path_factory):
+    """A base-to-novel CLIP run on an ImageFolder after setup (``--pipeline`` each way): its
+    data and training."""
     pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
     from heba import cli
     from heba.train.recipe import TrainRecipe
@@ -134,7 +135,7 @@ def clip_run(tmp_path_factory):
     folder = image_folder(root / "ds", per_class=4)
     args = cli.parse_args([folder, "--model", "tiny", "--pretrained", "none", "--shots", "2",
                            "--batch-size", "2", "--quiet", "--threads", "1", "--device", "cpu",
-                           "-o", str(root / "out")])
+                           "--pipeline", request.param, "-o", str(root / "out")])
     recipe = TrainRecipe(cli.make_train_config(args), cli.run_options(args, demo=False),
                          log=lambda *a, **k: None)
     n = torch.get_num_threads()
