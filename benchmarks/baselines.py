@@ -6,7 +6,7 @@
 * ``channels_last``: the strongest eager form of the visual path we know:
   batch-first tokens viewed as a channels-last image, so that cuDNN runs the
   depthwise conv (in bf16 an NCHW depthwise conv takes PyTorch's slow native
-  kernel). Checked against the reference in ``tests/test_baselines.py``.
+  kernel). Checked against the reference in ``tests/benchmarks/test_baselines.py``.
 """
 
 from __future__ import annotations

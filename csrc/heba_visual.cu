@@ -6,7 +6,7 @@
 // every projection is one 2-D GEMM over x's memory, no copies):
 //
 //   u = x @ Wd^T                      [rows, h]   cuBLAS
-//   g = gelu(dwconv3x3(u))            [rows, h]   _visual_stencil_fwd_kernel (0 on prefix rows)
+//   g = gelu(dwconv3x3(u))            [rows, h]   _visual_stencil_kernel (0 on prefix rows)
 //   z = g @ Wu^T                      [rows, D]   cuBLAS
 //   out = residual_ln_fwd(x, z)                   (prefix rows copied)
 //
@@ -16,7 +16,7 @@
 //   dWu = dy^T @ g,  dg = dy @ Wu
 //   dv  = dg * gelu'(v)          (v recomputed from u)        _visual_stencil_bwd_kernel_dv
 //   dWm[c, k] = sum_p dv[p, c] * u[p + off_k, c]              (same kernel, partial sums)
-//   du[q, c]  = sum_k Wm[c, k] * dv[q - off_k, c]              _visual_stencil_bwd_kernel_du
+//   du[q, c]  = sum_k Wm[c, k] * dv[q - off_k, c]              _visual_stencil_kernel, mirrored
 //   dWd = du^T @ x,  dx = grad + dx_scale * (dy + du @ Wd)
 
 #include "common.cuh"
@@ -27,12 +27,16 @@ namespace {
 
 constexpr int kElemThreads = 256;
 
-// g[r, c] = gelu(sum_k Wm[c, k] * u[neighbour_k(r), c]), zero padding; 0 on
-// prefix rows. One thread per (row, channel), channel fastest (coalesced).
-template <typename w_t>
+// The stencil and its adjoint, one kernel with a mirror switch (as the Triton
+// kernel's MIRROR flag):
+//   kMirror false: out[r, c] = gelu(sum_k Wm[c, k] * in[r + off_k, c]), in = u (w_t)
+//   kMirror true:  out[r, c] = sum_k Wm[c, k] * in[r - off_k, c],       in = dv (float)
+// zero padding, 0 on prefix rows. One thread per (row, channel), channel fastest
+// (coalesced).
+template <typename w_t, typename in_t, bool kMirror>
 __global__ void __launch_bounds__(kElemThreads)
-    _visual_stencil_fwd_kernel(const w_t* __restrict__ u, const w_t* __restrict__ wm,
-                               w_t* __restrict__ g, TokenMap tm, PatchGrid grid, int64_t C) {
+    _visual_stencil_kernel(const in_t* __restrict__ in, const w_t* __restrict__ wm,
+                           w_t* __restrict__ out, TokenMap tm, PatchGrid grid, int64_t C) {
   using acc_t = acc_of<w_t>;
   const int64_t total = tm.B * tm.N * C;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -41,16 +45,17 @@ __global__ void __launch_bounds__(kElemThreads)
     int64_t b;
     int i, j;
     if (!stencil_patch_of_row(tm, grid, r, &b, &i, &j)) {
-      g[idx] = from_acc<w_t>(acc_t(0));
+      out[idx] = from_acc<w_t>(acc_t(0));
       continue;
     }
     acc_t v = 0;
 #pragma unroll
     for (int k = 0; k < 9; ++k) {
-      const int64_t rr = stencil_tap_row(tm, grid, b, i, j, k);
-      if (rr >= 0) v += acc_t(to_acc(wm[c * 9 + k])) * acc_t(to_acc(u[rr * C + c]));
+      const int64_t rr = kMirror ? stencil_adjoint_row(tm, grid, b, i, j, k)
+                                 : stencil_tap_row(tm, grid, b, i, j, k);
+      if (rr >= 0) v += acc_t(to_acc(wm[c * 9 + k])) * acc_t(to_acc(in[rr * C + c]));
     }
-    g[idx] = from_acc<w_t>(gelu_fwd(v));
+    out[idx] = from_acc<w_t>(kMirror ? v : gelu_fwd(v));
   }
 }
 
@@ -113,33 +118,6 @@ __global__ void __launch_bounds__(kStencilTx * kStencilTy)
   }
 }
 
-// du[q, c] = sum_k Wm[c, k] * dv[q - off_k, c] (the stencil's adjoint); 0 on
-// prefix rows. One thread per (row, channel).
-template <typename w_t>
-__global__ void __launch_bounds__(kElemThreads)
-    _visual_stencil_bwd_kernel_du(const acc_of<w_t>* __restrict__ dv, const w_t* __restrict__ wm,
-                                  w_t* __restrict__ du, TokenMap tm, PatchGrid grid, int64_t C) {
-  using acc_t = acc_of<w_t>;
-  const int64_t total = tm.B * tm.N * C;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / C, c = idx - r * C;
-    int64_t b;
-    int i, j;
-    if (!stencil_patch_of_row(tm, grid, r, &b, &i, &j)) {
-      du[idx] = from_acc<w_t>(acc_t(0));
-      continue;
-    }
-    acc_t s = 0;
-#pragma unroll
-    for (int k = 0; k < 9; ++k) {
-      const int64_t rr = stencil_adjoint_row(tm, grid, b, i, j, k);
-      if (rr >= 0) s += acc_t(to_acc(wm[c * 9 + k])) * dv[rr * C + c];
-    }
-    du[idx] = from_acc<w_t>(s);
-  }
-}
-
 }  // namespace
 
 cudaError_t visual_stencil_fwd_launch(DType wt, const void* u, const void* wm, void* g,
@@ -149,7 +127,8 @@ cudaError_t visual_stencil_fwd_launch(DType wt, const void* u, const void* wm, v
   if (n == 0) return cudaSuccess;
   return dispatch_w(wt, [&](auto wtag) -> cudaError_t {
     using w_t = decltype(wtag);
-    _visual_stencil_fwd_kernel<w_t><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0, stream>>>(
+    _visual_stencil_kernel<w_t, w_t, false><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0,
+                                               stream>>>(
         static_cast<const w_t*>(u), static_cast<const w_t*>(wm), static_cast<w_t*>(g), tm, grid, C);
     return cudaGetLastError();
   });
@@ -184,7 +163,8 @@ cudaError_t visual_stencil_bwd_launch(DType wt, const void* dg, const void* u, c
         static_cast<acc_t*>(dv), static_cast<acc_t*>(dwm_part), tm, grid, C, chunk);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    _visual_stencil_bwd_kernel_du<w_t><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0, stream>>>(
+    _visual_stencil_kernel<w_t, acc_t, true><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0,
+                                               stream>>>(
         static_cast<const acc_t*>(dv), static_cast<const w_t*>(wm), static_cast<w_t*>(du), tm, grid, C);
     return cudaGetLastError();
   });

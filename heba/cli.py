@@ -262,7 +262,7 @@ TRAIN_COMMANDS = (("train", "train (several --seeds: the base-to-novel protocol)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="heba-train", description="Few-shot HeBA / AdapterTune adapters on a frozen CLIP.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
@@ -320,9 +320,12 @@ def _split_parser(sub):
 
 
 def parse_args(argv=None):
+    """The command line as a namespace; a rejected one is one line on stderr and
+    ``SystemExit(2)`` (:class:`Parser`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["train"] + argv
+    _COMMAND[0] = argv[0]
     return build_parser().parse_args(argv)
 
 
@@ -510,22 +513,53 @@ def _split(args):
 
 
 def main(argv=None) -> int:
-    """Run the command; bad input is one line on stderr and exit status 2 (no traceback)."""
-    args = parse_args(argv)
+    """Run the command; every failure is one line on stderr, never a traceback.
+
+    Exit status: 0 done; 2 bad input (the command line, a value, a file, a folder in use);
+    1 a run that could not go on (a write failed, training diverged); 130 / 143 stopped by
+    SIGINT / SIGTERM (``--resume`` continues the run)."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:                  # -h (0) or a rejected command line (2)
+        return stop.code if isinstance(stop.code, int) else 2
     from heba.clip.checkpoints import CheckpointError
     from heba.data.coop import DataError
+    from heba.train import run_folder as rf
     from heba.train.config import UsageError
+    from heba.train.loop import Diverged
+    restore = rf.handle_signals()
     try:
+        from heba.train.preflight import check_command_writes
+        check_command_writes(args)
         run(args)
     except (UsageError, CheckpointError, DataError) as err:
         print(f"heba-train: error: {error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("heba-train: interrupted", file=sys.stderr)
-        return 130
+    except (OSError, Diverged) as err:          # a write failed (the disk is full, ...)
+        print(f"heba-train: error: {error_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:            # SIGINT, or SIGTERM (run_folder.Interrupted)
+        signum = getattr(err, "signum", 2)
+        print(f"heba-train: stopped by {_signal_name(signum)}{_resume_hint(args)}",
+              file=sys.stderr)
+        return 128 + signum
     finally:
+        rf.unlock_all()
+        restore()
         _cleanup_distributed()
     return 0
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
+
+
+def _resume_hint(args) -> str:
+    if args.command in ("split", "evaluate"):
+        return ""
+    return ("; every committed epoch is kept: run the same command with --resume to "
+            "continue")
 
 
 def error_line(err) -> str:
@@ -533,12 +567,63 @@ def error_line(err) -> str:
 
     An error raised in a DataLoader worker arrives wrapped ("Caught DataError in
     DataLoader worker process 0. Original Traceback ..."): its last line is the message.
-    """
+    An ``OSError`` names the file and the cause by its name (a write's is already
+    ``cannot write PATH: cause``, :func:`heba.clip.checkpoints.write_error`)."""
+    if isinstance(err, OSError) and not isinstance(err, _write_error_type()):
+        cause = os.strerror(err.errno).lower() if err.errno else " ".join(str(err).split())
+        return f"{err.filename}: {cause}" if isinstance(err.filename, str) else cause
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
         last = lines[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return " ".join(lines)
+
+
+def _write_error_type():
+    from heba.clip.checkpoints import WriteError
+    return WriteError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with heba-train's error format: one line ``heba-train: error: ...`` and exit
+    status 2, with a hint where there is one (``did you mean --epochs?``)."""
+
+    def error(self, message):
+        print(f"heba-train: error: {message}{_hint(self, message)}", file=sys.stderr)
+        self.exit(2)
+
+
+def _hint(parser, message: str) -> str:
+    """``; did you mean X?`` for a misspelt option or an invalid choice (difflib)."""
+    import difflib
+    import re
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if m:
+        words, choices = [m.group(1)], re.findall(r"'([^']*)'", m.group(2)) or \
+            [c.strip() for c in m.group(2).split(",")]
+    elif message.startswith("unrecognized arguments: "):
+        words = [w.split("=", 1)[0] for w in message.split(": ", 1)[1].split()
+                 if w.startswith("-")]
+        choices = _option_strings(parser, _COMMAND[0])
+    else:
+        return ""
+    for word in words:
+        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
+
+
+def _option_strings(parser, command) -> list:
+    """Every option of ``parser`` and of its sub-command ``command`` (if any)."""
+    names = [o for a in parser._actions for o in a.option_strings]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            names += _option_strings(action.choices[command], None)
+    return names
+
+
+_COMMAND = [None]       # the sub-command being parsed (for the hint's option names)
 
 
 def _cleanup_distributed():

@@ -7,7 +7,8 @@ import platform
 import torch
 
 from heba import __version__
-from heba.backends import BACKENDS, OPS, _AUTO_ORDER, _IMPORT_ERRORS, backend_status, implemented
+from heba.backends import (AUTO_ORDER, BACKENDS, OPS, backend_status, extension_status,
+                           implemented, registry)
 
 
 _EXTENSION_WORDS = {
@@ -21,8 +22,7 @@ _EXTENSION_WORDS = {
 
 def _extension_line() -> str:
     """Where heba_kernels._C comes from here: prebuilt, JIT-cached, JIT-buildable or why not."""
-    from heba_kernels import _extension
-    st = _extension.status()
+    st = extension_status()
     return f"{'':<10} extension: heba_kernels._C {_EXTENSION_WORDS[st.state]}"
 
 
@@ -42,12 +42,12 @@ def report() -> str:
         lines.append(f"{'':<10} ops: {ops}")
         if backend == "cuda":
             lines.append(_extension_line())
-    for (backend, op), err in _IMPORT_ERRORS.items():
+    for (backend, op), err in registry.errors.items():
         lines.append(f"import error: {backend}/{op}: {err}")
     lines.append("")
     lines.append("auto on CUDA picks, per op, the first available of: "
                  + "; ".join(f"{op}: {' > '.join(order)} > reference"
-                             for op, order in _AUTO_ORDER.items()))
+                             for op, order in AUTO_ORDER.items()))
     lines.append("auto on other devices: reference")
     return "\n".join(lines)
 

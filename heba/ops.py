@@ -12,7 +12,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from heba.backends import resolve
+from heba.backends import ROUNDS_IN_KERNEL, resolve
+from heba_kernels.runtime import Scale
 
 __all__ = ["heba_visual", "heba_text", "low_rank", "resolve_grid"]
 
@@ -55,10 +56,12 @@ def _check_params(x, params: dict):
                             f"adapter with .to({x.dtype}) or run under torch.autocast")
 
 
-def _check_scale(scale, x, name="scale"):
-    """A Python float, or a 0-d floating tensor on x's device (returned detached, as a
-    contiguous float32 0-d tensor: the kernels read it from memory, so a captured CUDA
-    graph replays with whatever value it holds then). No gradient flows to ``scale``."""
+def _check_scale(scale, x, name="scale") -> Scale:
+    """The one check and normalisation of ``scale``: a Python float, or a 0-d floating
+    tensor on x's device, returned as the :class:`~heba_kernels.runtime.Scale` the
+    kernels take (a tensor detached, as a contiguous float32 0-d tensor: the kernels read
+    it from memory, so a captured CUDA graph replays with whatever value it holds then).
+    No gradient flows to ``scale``."""
     if isinstance(scale, torch.Tensor):
         if not scale.dtype.is_floating_point:
             raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
@@ -69,7 +72,7 @@ def _check_scale(scale, x, name="scale"):
         if scale.device != x.device:
             raise ValueError(f"{name} is a tensor on {scale.device} but x is on {x.device}; "
                              f"put it on x's device")
-        return scale.detach().to(torch.float32).contiguous()
+        return Scale(0.0, scale.detach().to(torch.float32).contiguous())
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
                         f"got {type(scale).__name__}")
@@ -77,10 +80,10 @@ def _check_scale(scale, x, name="scale"):
         # Under torch.compile a float that changes between calls (e.g. the slow-fast
         # scale) becomes symbolic after the first recompile; checking it here would break
         # the graph. The eager call before compilation has checked it already.
-        return scale
+        return Scale(scale, None)
     if not math.isfinite(scale):
         raise ValueError(f"{name} must be finite, got {scale}")
-    return float(scale)
+    return Scale(float(scale), None)
 
 
 def _check_alpha(alpha):
@@ -117,18 +120,24 @@ def resolve_grid(n_tokens: int, num_prefix_tokens: int,
 
 
 def _autocast_params(x, params):
-    """Under autocast, cast the weights to the autocast dtype (fused backends only)."""
+    """Under autocast, cast the weights to the autocast dtype (for the fused backends that
+    do not round them in their kernels, see ``heba.backends.ROUNDS_IN_KERNEL``)."""
     dtype = torch.get_autocast_dtype(x.device.type)
     return [None if p is None else p.to(dtype) for p in params]
 
 
 def _call(op, backend, x, params, **kwargs):
     name, fn = resolve(op, backend, x.device)
+    if name == "reference" and "scale" in kwargs:
+        kwargs["scale"] = kwargs["scale"].joined()   # the reference takes a float or a tensor
     if name != "reference" and _autocast_on(x.device):
         # Fused kernels see autocast as a dtype choice: low-precision weights,
         # float32 accumulation, x's dtype out. The reference runs under
         # autocast as PyTorch does, since it defines what autocast means here.
-        params = _autocast_params(x, params)
+        if name in ROUNDS_IN_KERNEL:   # the kernels round the weights: no cast launches
+            kwargs["op_dtype"] = torch.get_autocast_dtype(x.device.type)
+        else:
+            params = _autocast_params(x, params)
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, *params, **kwargs)
     return fn(x, *params, **kwargs)

@@ -1,15 +1,19 @@
-"""Pieces shared by the Triton kernels of :mod:`heba_kernels.heba_text` and
-:mod:`heba_kernels.low_rank`: exact GELU and its derivative, the operand cast
-and matmul helpers, and the weight-gradient reduction ``C = s * A^T B`` over
-all tokens.
+"""Pieces shared by the Triton kernels of :mod:`heba_kernels.heba_visual`,
+:mod:`heba_kernels.heba_text` and :mod:`heba_kernels.low_rank`: exact GELU and
+its derivative, the operand cast and matmul helpers, the weight-gradient
+reduction ``C = s * A^T B`` over all tokens and the one launch that sums an op's partial buffers.
 
 Weight gradients of a token-wise adapter are reductions over every token,
 ``dW[i, j] = sum_m A[m, i] * B[m, j]`` with ``m`` in the millions and
 ``i, j`` small. :func:`atb` splits the token axis into ``S`` chunks; program
 ``(i, j, s)`` writes its float32 partial ``[BLOCK_I, BLOCK_J]`` tile of chunk
-``s`` to its own slot of a ``[S, I, J]`` buffer (no atomics), and the ``S``
-partials are summed afterwards with ``torch.sum(dim=0)``. Both steps have a
-fixed order, so the result is bitwise deterministic run to run.
+``s`` to its own slot of a ``[S, I, J]`` buffer (no atomics). An op's backward
+then sums ALL its float32 partial buffers (weight gradients, LayerNorm and bias
+gradients) in one launch of ``_reduce_partials_kernel`` (:func:`reduce_partials`),
+slot by slot in a fixed order, in float32, each written straight in its
+parameter's dtype and multiplied by the op's scale where the gradient rule says
+so: no separate ``torch.sum``, cast or multiplication launches. Both steps have
+a fixed order, so the result is bitwise deterministic run to run.
 
 Operand dtypes: the kernels round every matmul operand to the weights' dtype
 (``OP``: 0 float32, 1 float16, 2 bfloat16) and accumulate in float32. Triton's
@@ -23,13 +27,18 @@ meet docs/semantics.md's float32 tolerance.
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_interpreting
+
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
-           "scalar_arg", "device_guard"]
+           "device_guard", "atb_plan", "atb_partials", "Partial", "reduce_partials",
+           "reduce_plan",
+           "plan_device"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -93,10 +102,12 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J], S_PART [S, I]
-                M, I, J, rows_per_split, stride_am, stride_bm,
+                M, I, J, rows_per_split, R, stride_ab, stride_am, stride_bb, stride_bm,
                 COLSUM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr,
                 BLOCK_J: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
                 IEEE: tl.constexpr):
+    """Row ``m`` of A is ``A + (m // R) * stride_ab + (m % R) * stride_am`` (B alike): a
+    ``[M, I]`` matrix (``R = M``) or the ``[Bt, R, I]`` rows of a strided 3-D view."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -112,9 +123,10 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
         rows = m0 + tl.arange(0, BLOCK_K)                             # [BLOCK_K]
         r_ok = rows < m_end
         rows64 = rows.to(tl.int64)
-        a = tl.load(A + rows64[:, None] * stride_am + offs_i[None, :],
+        outer, inner = rows64 // R, rows64 % R
+        a = tl.load(A + (outer * stride_ab + inner * stride_am)[:, None] + offs_i[None, :],
                     mask=r_ok[:, None] & i_ok[None, :], other=0.0)    # [BLOCK_K, BLOCK_I]
-        b = tl.load(B + rows64[:, None] * stride_bm + offs_j[None, :],
+        b = tl.load(B + (outer * stride_bb + inner * stride_bm)[:, None] + offs_j[None, :],
                     mask=r_ok[:, None] & j_ok[None, :], other=0.0)    # [BLOCK_K, BLOCK_J]
         if COLSUM:
             csum += tl.sum(a.to(tl.float32), axis=0)
@@ -126,6 +138,45 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
             tl.store(S_PART + pid_s.to(tl.int64) * I + offs_i, csum, mask=i_ok)
 
 
+# ----------------------------------------------------------------------------- partial sums
+
+@triton.jit
+def _reduce_one(P, O, S, N, pid, scale, SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """``O[n] = (scale *) sum_s P[s, n]`` for one block of ``n``, ``s`` in order, float32."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)                          # [BLOCK]
+    ok = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = P + offs                      # stepped by N per slot: 64-bit pointer arithmetic
+    for _ in range(0, S):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += N
+    if SCALED:
+        acc = acc * scale
+    tl.store(O + offs, acc.to(O.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _reduce_partials_kernel(P0, O0, S0, N0, P1, O1, S1, N1, P2, O2, S2, N2,
+                            P3, O3, S3, N3, P4, O4, S4, N4,   # P_k [S_k, N_k] fp32, O_k [N_k]
+                            scale, scale_ptr, SCALE_PTR: tl.constexpr, SCALED: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """Every partial buffer of one op's backward in one launch: program ``(i, k)`` reduces
+    block ``i`` of buffer ``k``; bit ``k`` of ``SCALED`` multiplies buffer ``k`` by scale."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
+    if k == 0:
+        _reduce_one(P0, O0, S0, N0, pid, scale, SCALED & 1, BLOCK)
+    elif k == 1:
+        _reduce_one(P1, O1, S1, N1, pid, scale, (SCALED >> 1) & 1, BLOCK)
+    elif k == 2:
+        _reduce_one(P2, O2, S2, N2, pid, scale, (SCALED >> 2) & 1, BLOCK)
+    elif k == 3:
+        _reduce_one(P3, O3, S3, N3, pid, scale, (SCALED >> 3) & 1, BLOCK)
+    else:
+        _reduce_one(P4, O4, S4, N4, pid, scale, (SCALED >> 4) & 1, BLOCK)
+
+
 # ----------------------------------------------------------------------------- launch helpers
 
 def check_dtypes(op_name, x, *weights):
@@ -135,14 +186,6 @@ def check_dtypes(op_name, x, *weights):
         if t is not None and t.dtype not in OP_CODES:
             raise TypeError(f"the triton backend of {op_name} supports float32, float16, "
                             f"bfloat16 and float64 tensors, got {t.dtype}")
-
-
-def scalar_arg(value, dummy):
-    """``(value, ptr, FROM_PTR)`` for :func:`_scalar`: a Python float is passed by value
-    (``ptr`` is the unused ``dummy`` tensor), a 0-d float32 tensor by pointer."""
-    if isinstance(value, torch.Tensor):
-        return 0.0, value, True
-    return float(value), dummy, False
 
 
 def device_guard(t):
@@ -160,7 +203,7 @@ def op_code(dtype):
 
 def launch_flags(device, op_dtype):
     """``(UPCAST, IEEE)`` constexpr flags for a launch on ``device`` with operands ``op_dtype``."""
-    upcast = device.type != "cuda"   # the CPU runs through Triton's interpreter
+    upcast = device.type != "cuda" or triton_interpreting()   # Triton's interpreter
     ieee = op_dtype in (torch.float32, torch.float64) \
         and torch.get_float32_matmul_precision() == "highest"
     return upcast, ieee
@@ -178,51 +221,111 @@ def num_sms(device):
     return 1
 
 
-def atb(a, b, op_dtype, out_dtype, scale=1.0, colsum=False):
-    """``scale * a^T @ b`` (and ``scale * a.sum(0)`` if ``colsum``) reduced over the rows;
-    ``scale`` a float or a 0-d float32 tensor.
+class Partial(NamedTuple):
+    """One float32 partial buffer ``part [S, *shape]`` to be summed over its first axis into
+    a ``shape`` tensor of ``dtype``, multiplied by the op's scale if ``scaled``."""
+    part: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+    scaled: bool = False
+
+
+MAX_PARTIALS = 5        # buffers one _reduce_partials_kernel launch takes
+REDUCE_BLOCK = 1024     # outputs per program of the reduction
+
+
+def reduce_plan(sizes) -> Launch:
+    """The reduction's launch for partial buffers of ``(slots, outputs)`` ``sizes``."""
+    if not 0 < len(sizes) <= MAX_PARTIALS:
+        raise ValueError(f"reduce_plan takes 1 to {MAX_PARTIALS} buffers, got {len(sizes)}")
+    blocks = max(triton.cdiv(n, REDUCE_BLOCK) for _, n in sizes)
+    return Launch("reduce", "_reduce_partials_kernel", (max(1, blocks), len(sizes)),
+                  dict(BLOCK=REDUCE_BLOCK, num_warps=4), tuple(sizes))
+
+
+def reduce_partials(partials, scale: Scale = ONE):
+    """Sum every :class:`Partial` of an op in ONE launch, in a fixed order (deterministic),
+    in float32, each written straight in its own dtype: no separate sums or casts.
+    Returns the reduced tensors in ``partials``' order."""
+    outs = [new_buffer(p.shape, p.dtype, p.part.device) for p in partials]
+    live = [(p, o) for p, o in zip(partials, outs) if o.numel() > 0]
+    if not live:
+        return outs
+    step = reduce_plan([(p.part.shape[0], o.numel()) for p, o in live])
+    args, scaled = [], 0
+    for k in range(MAX_PARTIALS):
+        p, o = live[k] if k < len(live) else live[0]
+        args += [p.part, o, p.part.shape[0] if k < len(live) else 0, o.numel()]
+        scaled |= int(k < len(live) and p.scaled and not scale.is_one()) << k
+    value, ptr, from_ptr = scale.kernel_args(live[0][0].part)
+    launch(_reduce_partials_kernel, step.grid, *args, value, ptr, SCALE_PTR=from_ptr,
+           SCALED=scaled, **step.meta)
+    return outs
+
+
+def atb_partials(a, b, op_dtype, colsum=False):
+    """Float32 partials of ``a^T @ b`` (and of ``a.sum(0)`` if ``colsum``) over the rows.
 
     Args:
-        a: ``[M, I]``, b: ``[M, J]``, each with unit column stride (any row stride, any
-            of float32/float16/bfloat16); matmul operands are rounded to ``op_dtype``.
-        out_dtype: dtype of the results.
+        a: ``[M, I]`` or ``[Bt, R, I]``, b: ``[M, J]`` or ``[Bt, R, J]`` (the same rows),
+            each with unit last stride (any other strides, e.g. the grid tokens of a
+            ``[B, N, D]`` tensor); matmul operands are rounded to ``op_dtype``.
 
-    Returns ``(C [I, J], colsum [I] or None)``. Deterministic: float32 partials per
-    token chunk, summed in a fixed order.
+    Returns ``(C_part [S, I, J], colsum_part [S, I] or None)`` for :func:`reduce_partials`:
+    one launch, one float32 slot per token chunk (no atomics).
     """
-    M, I = a.shape
-    J = b.shape[1]
-    dev = a.device
+    a3 = a if a.dim() == 3 else a.unsqueeze(0)
+    b3 = b if b.dim() == 3 else b.unsqueeze(0)
+    Bt, R, I = a3.shape
+    J, M, dev = b3.shape[2], Bt * R, a.device
     if M == 0:
-        c = torch.zeros(I, J, device=dev, dtype=out_dtype)
-        return c, (torch.zeros(I, device=dev, dtype=out_dtype) if colsum else None)
+        c = torch.zeros(1, I, J, device=dev, dtype=torch.float32)
+        return c, (torch.zeros(1, I, device=dev, dtype=torch.float32) if colsum else None)
+    grid, meta = atb_plan(M, I, J, op_dtype, *plan_device(dev))
+    meta = dict(meta)
+    splits, rows_per_split = grid[2], meta.pop("ROWS_PER_SPLIT")
+    c_part = new_buffer((splits, I, J), torch.float32, dev)
+    s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
+    launch(_atb_kernel, grid, a3, b3, c_part, s_part, M, I, J, rows_per_split, R,
+           a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), COLSUM=colsum, **meta)
+    return c_part, (s_part if colsum else None)
+
+
+def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):
+    """``scale * a^T @ b`` (and ``scale * a.sum(0)`` if ``colsum``) in ``out_dtype``: the
+    partials of :func:`atb_partials` and their :func:`reduce_partials` (two launches). An
+    op with several reductions collects all its partials into one reduction instead."""
+    c_part, s_part = atb_partials(a, b, op_dtype, colsum)
+    I, J = c_part.shape[1:]
+    parts = [Partial(c_part, (I, J), out_dtype, True)]
+    if colsum:
+        parts.append(Partial(s_part, (I,), out_dtype, True))
+    outs = reduce_partials(parts, scale)
+    return outs[0], (outs[1] if colsum else None)
+
+
+def plan_device(device) -> tuple[int, bool]:
+    """``(SMs, gpu)`` that the launch plans take: a CUDA device runs compiled kernels,
+    anything else (or ``TRITON_INTERPRET=1``) Triton's interpreter."""
+    gpu = device.type == "cuda" and not triton_interpreting()
+    return (num_sms(device) if gpu else 1), gpu
+
+
+def atb_plan(M, I, J, op_dtype, sms, gpu):
+    """``(grid, meta)`` of :func:`atb`'s launch for ``a [M, I]``, ``b [M, J]``."""
     BLOCK_K = 32
     BLOCK_I = 64 if I >= 64 else max(16, triton.next_power_of_2(I))
     BLOCK_J = 64 if J >= 64 else max(16, triton.next_power_of_2(J))
     tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
     # Enough token chunks to fill the GPU about four times over; in the interpreter
     # two chunks, so the tests exercise the partial-sum path.
-    target = 4 * num_sms(dev) if dev.type == "cuda" else 2
+    target = 4 * sms if gpu else 2
     splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(M, BLOCK_K)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(M, rows_per_split)
-    c_part = torch.empty(splits, I, J, device=dev, dtype=torch.float32)
-    s_part = torch.empty(splits, I, device=dev, dtype=torch.float32) if colsum else c_part
-    upcast, ieee = launch_flags(dev, op_dtype)
+    ieee = op_dtype in (torch.float32, torch.float64) \
+        and torch.get_float32_matmul_precision() == "highest"
     grid = (triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J), splits)
-    _atb_kernel[grid](a, b, c_part, s_part, M, I, J, rows_per_split, a.stride(0), b.stride(0),
-                      COLSUM=colsum, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
-                      OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=4)
-    # scale: a float (skipped when 1: multiplying by 1 is exact) or a 0-d float32 tensor
-    # (always applied: no host read of its value).
-    apply = isinstance(scale, torch.Tensor) or scale != 1.0
-    c = c_part.sum(0)
-    if apply:
-        c = c * scale
-    s = None
-    if colsum:
-        s = s_part.sum(0)
-        if apply:
-            s = s * scale
-        s = s.to(out_dtype)
-    return c.to(out_dtype), s
+    return grid, dict(ROWS_PER_SPLIT=rows_per_split, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I,
+                      BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu, IEEE=ieee,
+                      num_warps=4)

@@ -45,6 +45,7 @@ import math
 import torch
 
 from heba_kernels import _extension
+from heba_kernels.runtime import Scale
 
 _extension.load()  # registers torch.ops.heba.cuda_* (prebuilt, JIT-cached or compiled now)
 
@@ -58,11 +59,11 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _scale_args(scale):
-    """``(float scale, scale_t)`` for the ops: ``(0.0, scale)`` for a tensor (the
-    kernels read it and ignore the float), ``(float(scale), None)`` otherwise."""
-    if isinstance(scale, torch.Tensor):
-        return 0.0, scale
-    return float(scale), None
+    """``(float scale, scale_t)`` for the ops from the :class:`~heba_kernels.runtime.Scale`
+    that :mod:`heba.ops` hands over (or a float / 0-d tensor): ``(0.0, tensor)`` for a
+    tensor (the kernels read it and ignore the float), ``(value, None)`` otherwise."""
+    s = Scale.of(scale)
+    return float(s.value), s.tensor
 
 
 def _prepare_x(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,7 @@ def _visual_bwd_fake(grad_out, x, down_weight, mid_weight, up_weight, norm_weigh
 def _visual_setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, _norm_bias, scale, scale_t,
      num_prefix_tokens, grid_h, grid_w, batch_first, _eps, rescale_param_grad) = inputs
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the saved outputs
     _out, u, g, z, mean, rstd = output
     ctx.save_for_backward(x, down_weight, mid_weight, up_weight, norm_weight, u, g, z, mean, rstd,
                           scale_t)
@@ -166,6 +168,7 @@ def _text_bwd_fake(grad_out, x, down_weight, up_weight, norm_weight, u, g, z, me
 def _text_setup_context(ctx, inputs, output):
     (x, down_weight, up_weight, norm_weight, _norm_bias, scale, scale_t, _eps,
      rescale_param_grad) = inputs
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the saved outputs
     _out, u, g, z, mean, rstd = output
     ctx.save_for_backward(x, down_weight, up_weight, norm_weight, u, g, z, mean, rstd, scale_t)
     ctx.args = (scale, rescale_param_grad)

@@ -37,14 +37,16 @@ of the LayerNorm backward and the per-program partial sums of ``dw``/``db``,
 once more for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and
 ``da``, and a last time for ``dx``. ``a`` and ``du`` (``[M, h]``, the weights'
 dtype) are written for the projection gradients, which are reductions over
-all tokens done by :func:`heba_kernels._triton_common.atb`: float32 partials
-per token chunk in separate slots, summed afterwards. ``dw``/``db`` partials
-are ``[programs, D]`` float32, summed afterwards. No atomics anywhere: **the
+all tokens done by :func:`heba_kernels._triton_common.atb_partials`: float32
+partials per token chunk in separate slots. ``dw``/``db`` partials are
+``[programs, D]`` float32. All four partial buffers are summed in ONE launch
+(:func:`~heba_kernels._triton_common.reduce_partials`), in float32, in a fixed
+order, straight into the parameters' dtype. No atomics anywhere: **the
 backward is deterministic** (bitwise identical run to run on the same device).
 
 Wide bottlenecks (``h > WIDE_H`` = 512, e.g. the text MLP adapter of ViT-L/14,
 h = 768): ``u``, ``a`` and ``da`` no longer fit in registers as ``[BLOCK_M, h]``
-tiles, so ``_heba_text_bwd_kernel_dx_wide`` runs the same math with ``h`` in
+tiles, so ``_heba_text_bwd_kernel_dx`` with ``WIDE`` runs the same math with ``h`` in
 256-column chunks: ``u`` (float32) and ``a`` to ``[M, h]`` buffers, ``y``
 recomputed from ``a`` read back chunk by chunk, ``du`` to its buffer before the
 ``dx`` sweep. Same rounding points (``a``, ``dy``, ``du`` rounded to the operand
@@ -79,11 +81,13 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, _scalar, atb,
-                                         check_dtypes, device_guard, launch_flags, op_code,
-                                         scalar_arg)
+from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
+                                         atb_partials, atb_plan, check_dtypes, device_guard,
+                                         launch_flags, op_code, plan_device, reduce_partials,
+                                         reduce_plan)
+from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
-__all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd"]
+__all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd", "text_plan"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -158,109 +162,44 @@ def _heba_text_fwd_kernel(X, WD, WU, NW, NB, OUT, MEAN, RSTD,   # X [M, D], WD [
                  out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
-                             DX, DY, A_OUT, DU_OUT, DNW_PART, DNB_PART,
-                             M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
-                             SCALE_PTR: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
-                             IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    scale = _scalar(scale, scale_ptr, SCALE_PTR)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
-    h_ok = offs_h < H
-    offs_n = tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
-
-    # Recompute u = x @ W_d^T and a = gelu(u).
-    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                 # [BLOCK_M, BLOCK_H]
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + offs_n
-        c_ok = cols < D
-        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
-                       mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
-        u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
-    a = _op_cast(_gelu(u), OP, UPCAST)                                 # [BLOCK_M, BLOCK_H]
-    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-
-    # Sweep 1: c1 = mean(dyhat * yhat), c2 = mean(dyhat); this program's dw, db partials.
-    c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + offs_n
-        c_ok = cols < D
-        mask = row_ok[:, None] & c_ok[None, :]
-        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
-                       mask=h_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_N]
-        y = _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)
-        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
-        dyhat = g * w[None, :]
-        c1 += tl.sum(dyhat * yhat, axis=1)
-        c2 += tl.sum(dyhat, axis=1)
-        tl.store(DNW_PART + pid * D + cols, tl.sum(g * yhat, axis=0), mask=c_ok)
-        tl.store(DNB_PART + pid * D + cols, tl.sum(g, axis=0), mask=c_ok)
-    c1 = c1 / D
-    c2 = c2 / D
-
-    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1), written for dx and dW_u; da = dy @ W_u.
-    da = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                # [BLOCK_M, BLOCK_H]
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + offs_n
-        c_ok = cols < D
-        mask = row_ok[:, None] & c_ok[None, :]
-        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None],
-                                mask=h_ok[:, None] & c_ok[None, :], other=0.0), OP, UPCAST)
-        y = _mma(a, wu_t, x, IEEE)
-        yhat = (y - mean[:, None]) * rstd[:, None]
-        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
-        dy = rstd[:, None] * (g * w[None, :] - c2[:, None] - yhat * c1[:, None])
-        dy = tl.where(mask, dy, 0.0)                                   # [BLOCK_M, BLOCK_N]
-        tl.store(DY + rows64[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
-        da = _mma(_op_cast(dy, OP, UPCAST), tl.trans(wu_t), da, IEEE)
-    du = da * _gelu_grad(u)                                            # 0 in padded columns
-    hm_mask = row_ok[:, None] & h_ok[None, :]
-    h_ptrs = rows64[:, None] * H + offs_h[None, :]
-    tl.store(A_OUT + h_ptrs, a.to(A_OUT.dtype.element_ty), mask=hm_mask)
-    tl.store(DU_OUT + h_ptrs, du.to(DU_OUT.dtype.element_ty), mask=hm_mask)
-    # Sweep 3 reads back dy that other threads of this program wrote in sweep 2.
-    tl.debug_barrier()
-
-    # Sweep 3: dx = g + scale * (dy + du @ W_d).
-    du_op = _op_cast(du, OP, UPCAST)
-    for n0 in range(0, D, BLOCK_N):
-        cols = n0 + offs_n
-        c_ok = cols < D
-        mask = row_ok[:, None] & c_ok[None, :]
-        wd = tl.load(WD + offs_h[:, None] * D + cols[None, :],
-                     mask=h_ok[:, None] & c_ok[None, :], other=0.0)    # [BLOCK_H, BLOCK_N]
-        dy = tl.load(DY + rows64[:, None] * D + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        dx = g + scale * _mma(du_op, _op_cast(wd, OP, UPCAST), dy, IEEE)
-        tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :],
-                 dx.to(DX.dtype.element_ty), mask=mask)
-
-
 # Above this BLOCK_H the backward's three [BLOCK_M, BLOCK_H] float32 tiles no longer fit
 # in registers (scripts/triton_aot_check.py, sm_90: h=768/1024 at 16x16x1024 used 255
 # registers and spilled 380-396 bytes); from there the wide kernel below tiles h.
 WIDE_H = 512
+
+
+@triton.jit
+def _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP: tl.constexpr,
+            UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """y = x + a @ W_u^T for one column chunk, ``a [BLOCK_M, BLOCK_H]`` in registers."""
+    x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                   mask=h_ok[:, None] & c_ok[None, :], other=0.0)      # [BLOCK_H, BLOCK_N]
+    return _mma(a, _op_cast(wu_t, OP, UPCAST), x, IEEE)
+
+
+@triton.jit
+def _text_bwd_wide_du(DY, WU, U_BUF, DU_OUT, rows64, row_ok, offs_n, D, H,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HC: tl.constexpr,
+                      OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """da = dy @ W_u and du = da * gelu'(u), chunk by chunk of h, to DU_OUT."""
+    for h0 in range(0, H, BLOCK_HC):
+        offs_h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = offs_h < H
+        da = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
+        for n0 in range(0, D, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < D
+            dy = tl.load(DY + rows64[:, None] * D + cols[None, :],
+                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wu = tl.load(WU + cols[:, None] * H + offs_h[None, :],
+                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)     # [BLOCK_N, BLOCK_HC]
+            da = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), da, IEEE)
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        hm = row_ok[:, None] & h_ok[None, :]
+        u = tl.load(U_BUF + h_ptrs, mask=hm, other=0.0)
+        tl.store(DU_OUT + h_ptrs, (da * _gelu_grad(u)).to(DU_OUT.dtype.element_ty), mask=hm)
 
 
 @triton.jit
@@ -306,24 +245,42 @@ def _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
 
 
 @triton.jit
-def _heba_text_bwd_kernel_dx_wide(X, G, WD, WU, NW, MEAN, RSTD,
-                                  DX, DY, A_OUT, DU_OUT, U_BUF, DNW_PART, DNB_PART,
-                                  M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
-                                  SCALE_PTR: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_HC: tl.constexpr, OP: tl.constexpr,
-                                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """_heba_text_bwd_kernel_dx for h > WIDE_H: the same math, h in BLOCK_HC chunks, with
-    u (float32), a and du kept in [M, h] buffers instead of registers."""
+def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
+                             DX, DY, A_OUT, DU_OUT, U_BUF, DNW_PART, DNB_PART,
+                             M, D, H, stride_xm, stride_gm, stride_dxm, scale, scale_ptr,
+                             SCALE_PTR: tl.constexpr, WIDE: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_HC: tl.constexpr, OP: tl.constexpr,
+                             UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The backward of ``BLOCK_M`` tokens. ``WIDE`` False: ``u``, ``a``, ``da`` and ``du``
+    live in ``[BLOCK_M, BLOCK_H]`` registers (h <= WIDE_H). ``WIDE`` True: the same math
+    with h in ``BLOCK_HC`` chunks, ``u`` (float32), ``a`` and ``du`` kept in ``[M, h]``
+    buffers (``U_BUF``, ``A_OUT``, ``DU_OUT``) and read back after a barrier."""
     pid = tl.program_id(0)
     scale = _scalar(scale, scale_ptr, SCALE_PTR)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    _text_bwd_wide_hidden(X, WD, A_OUT, U_BUF, rows64, row_ok, offs_n, D, H, stride_xm,
-                          BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
-    tl.debug_barrier()                        # A_OUT is read back by other threads
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    offs_n = tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
+
+    # Recompute u = x @ W_d^T and a = gelu(u).
+    if WIDE:
+        _text_bwd_wide_hidden(X, WD, A_OUT, U_BUF, rows64, row_ok, offs_n, D, H, stride_xm,
+                              BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
+        tl.debug_barrier()                    # A_OUT is read back by other threads
+    else:
+        u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)             # [BLOCK_M, BLOCK_H]
+        for n0 in range(0, D, BLOCK_N):
+            cols = n0 + offs_n
+            c_ok = cols < D
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                           mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
+            u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+        a = _op_cast(_gelu(u), OP, UPCAST)                             # [BLOCK_M, BLOCK_H]
     mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
 
@@ -334,8 +291,12 @@ def _heba_text_bwd_kernel_dx_wide(X, G, WD, WU, NW, MEAN, RSTD,
         cols = n0 + offs_n
         c_ok = cols < D
         mask = row_ok[:, None] & c_ok[None, :]
-        y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
-                             BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        if WIDE:
+            y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                                 BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        else:
+            y = _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP,
+                        UPCAST, IEEE)
         yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
@@ -348,39 +309,43 @@ def _heba_text_bwd_kernel_dx_wide(X, G, WD, WU, NW, MEAN, RSTD,
     c1 = c1 / D
     c2 = c2 / D
 
-    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1) to DY.
+    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1), written for dx and dW_u; da = dy @ W_u
+    # on the fly (narrow) or after the sweep from dy read back (wide).
+    if not WIDE:
+        da = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)            # [BLOCK_M, BLOCK_H]
     for n0 in range(0, D, BLOCK_N):
         cols = n0 + offs_n
         c_ok = cols < D
         mask = row_ok[:, None] & c_ok[None, :]
-        y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
-                             BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        if WIDE:
+            y = _text_bwd_wide_y(X, WU, A_OUT, rows64, row_ok, cols, c_ok, H, stride_xm,
+                                 BLOCK_M, BLOCK_HC, OP, UPCAST, IEEE)
+        else:
+            y = _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP,
+                        UPCAST, IEEE)
         yhat = (y - mean[:, None]) * rstd[:, None]
         g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
         dy = rstd[:, None] * (g * w[None, :] - c2[:, None] - yhat * c1[:, None])
+        dy = tl.where(mask, dy, 0.0)                                   # [BLOCK_M, BLOCK_N]
         tl.store(DY + rows64[:, None] * D + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
-    tl.debug_barrier()                        # DY is read back by other threads
-
-    # da = dy @ W_u and du = da * gelu'(u), chunk by chunk of h, to DU_OUT.
-    for h0 in range(0, H, BLOCK_HC):
-        offs_h = h0 + tl.arange(0, BLOCK_HC)
-        h_ok = offs_h < H
-        da = tl.zeros((BLOCK_M, BLOCK_HC), dtype=tl.float32)
-        for n0 in range(0, D, BLOCK_N):
-            cols = n0 + offs_n
-            c_ok = cols < D
-            dy = tl.load(DY + rows64[:, None] * D + cols[None, :],
-                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            wu = tl.load(WU + cols[:, None] * H + offs_h[None, :],
-                         mask=c_ok[:, None] & h_ok[None, :], other=0.0)     # [BLOCK_N, BLOCK_HC]
-            da = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), da, IEEE)
+        if not WIDE:
+            wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                                    mask=h_ok[:, None] & c_ok[None, :], other=0.0), OP, UPCAST)
+            da = _mma(_op_cast(dy, OP, UPCAST), tl.trans(wu_t), da, IEEE)
+    if WIDE:
+        tl.debug_barrier()                    # DY is read back by other threads
+        _text_bwd_wide_du(DY, WU, U_BUF, DU_OUT, rows64, row_ok, offs_n, D, H,
+                          BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
+    else:
+        du = da * _gelu_grad(u)                                        # 0 in padded columns
+        hm_mask = row_ok[:, None] & h_ok[None, :]
         h_ptrs = rows64[:, None] * H + offs_h[None, :]
-        hm = row_ok[:, None] & h_ok[None, :]
-        u = tl.load(U_BUF + h_ptrs, mask=hm, other=0.0)
-        tl.store(DU_OUT + h_ptrs, (da * _gelu_grad(u)).to(DU_OUT.dtype.element_ty), mask=hm)
-    tl.debug_barrier()                        # DU_OUT is read back by other threads
+        tl.store(A_OUT + h_ptrs, a.to(A_OUT.dtype.element_ty), mask=hm_mask)
+        tl.store(DU_OUT + h_ptrs, du.to(DU_OUT.dtype.element_ty), mask=hm_mask)
+    # Sweep 3 reads back dy (and, wide, du) that other threads of this program wrote.
+    tl.debug_barrier()
 
     # Sweep 3: dx = g + scale * (dy + du @ W_d).
     for n0 in range(0, D, BLOCK_N):
@@ -389,13 +354,18 @@ def _heba_text_bwd_kernel_dx_wide(X, G, WD, WU, NW, MEAN, RSTD,
         mask = row_ok[:, None] & c_ok[None, :]
         acc = tl.load(DY + rows64[:, None] * D + cols[None, :], mask=mask,
                       other=0.0).to(tl.float32)
-        for h0 in range(0, H, BLOCK_HC):
-            offs_h = h0 + tl.arange(0, BLOCK_HC)
-            h_ok = offs_h < H
-            du = tl.load(DU_OUT + rows64[:, None] * H + offs_h[None, :],
-                         mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        if WIDE:
+            for h0 in range(0, H, BLOCK_HC):
+                offs_hc = h0 + tl.arange(0, BLOCK_HC)
+                hc_ok = offs_hc < H
+                du_c = tl.load(DU_OUT + rows64[:, None] * H + offs_hc[None, :],
+                               mask=row_ok[:, None] & hc_ok[None, :], other=0.0)
+                wd = tl.load(WD + offs_hc[:, None] * D + cols[None, :],
+                             mask=hc_ok[:, None] & c_ok[None, :], other=0.0)
+                acc = _mma(_op_cast(du_c, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
+        else:
             wd = tl.load(WD + offs_h[:, None] * D + cols[None, :],
-                         mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+                         mask=h_ok[:, None] & c_ok[None, :], other=0.0)    # [BLOCK_H, BLOCK_N]
             acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
         g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
@@ -448,24 +418,44 @@ def _config(H, op_dtype, backward):
 _WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
 
-def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps):
+def text_plan(M, D, H, op_dtype, sms, gpu, backward):
+    """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
+    of width ``D``, bottleneck ``H``: the row kernel, then (backward) the two weight-gradient
+    reductions of :func:`~heba_kernels._triton_common.atb`."""
+    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, num_warps=num_warps)
+    grid = (triton.cdiv(M, BLOCK_M),)
+    if not backward:
+        return [Launch("fwd", "_heba_text_fwd_kernel", grid, meta)]
+    row = Launch("dx", "_heba_text_bwd_kernel_dx", grid,
+                 dict(meta, WIDE=BLOCK_H > WIDE_H, BLOCK_HC=_WIDE_BLOCK_HC))
+    atbs = [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
+            for step, i, j in (("d_up", D, H), ("d_down", H, D))]
+    s_up, s_down = (st.grid[2] for st in atbs)
+    return [row] + atbs + [reduce_plan([(s_up, D * H), (s_down, H * D), (grid[0], D),
+                                        (grid[0], D)])]
+
+
+def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, op_dtype=None):
     """Forward for ``x [..., D]``: ``(out [..., D] contiguous, mean [M], rstd [M])``."""
     D = x.shape[-1]
     H = down_weight.shape[0]
     x2 = _rows(x)
     M = x2.shape[0]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    out = new_buffer(x.shape, x.dtype, x.device)
+    mean = new_buffer((M,), torch.float32, x.device)
+    rstd = new_buffer((M,), torch.float32, x.device)
     if M == 0:
         return out, mean, rstd
     out2 = out.view(M, D)
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     upcast, ieee = launch_flags(x.device, op_dtype)
-    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=False)
-    grid = (triton.cdiv(M, BLOCK_M),)
-    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
-    _heba_text_fwd_kernel[grid](
+    (fwd,) = text_plan(M, D, H, op_dtype, *plan_device(x.device), backward=False)
+    BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (fwd.meta[k] for k in
+                                            ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps"))
+    grid = fwd.grid
+    scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
+    launch(_heba_text_fwd_kernel, grid,
         x2, down_weight, up_weight, norm_weight, norm_bias, out2, mean, rstd,
         M, D, H, x2.stride(0), out2.stride(0), scale_v, scale_p, float(eps),
         SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H,
@@ -474,50 +464,51 @@ def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps)
 
 
 def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
-                  rescale_param_grad):
+                  rescale_param_grad, op_dtype=None):
     """Gradients ``(dx, d down.weight, d up.weight, d norm.weight, d norm.bias)``."""
     D = x.shape[-1]
     H = down_weight.shape[0]
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
-    op_dtype = down_weight.dtype
-    p_scale = 1.0 if rescale_param_grad else scale        # a float or a 0-d tensor
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
+    p_scale = ONE if rescale_param_grad else scale        # the parameters' gradient factor
     dev = x.device
-    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
-    dy = torch.empty(M, D, device=dev, dtype=x.dtype)                  # dL/dy      [M, D]
-    a_buf = torch.empty(M, H, device=dev, dtype=op_dtype)             # gelu(u)    [M, H]
-    du_buf = torch.empty(M, H, device=dev, dtype=op_dtype)            # dL/du      [M, H]
+    dx = new_buffer(x.shape, x.dtype, dev)
+    dy = new_buffer((M, D), x.dtype, dev)                  # dL/dy      [M, D]
+    a_buf = new_buffer((M, H), op_dtype, dev)             # gelu(u)    [M, H]
+    du_buf = new_buffer((M, H), op_dtype, dev)            # dL/du      [M, H]
     if M == 0:
         dnw = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
         dnb = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
     else:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(dev, op_dtype)
-        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=True)
-        grid = (triton.cdiv(M, BLOCK_M),)
-        dnw_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
-        dnb_part = torch.empty(grid[0], D, device=dev, dtype=torch.float32)
-        scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
+        row = text_plan(M, D, H, op_dtype, *plan_device(dev), backward=True)[0]
+        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (row.meta[k] for k in
+                                                ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps"))
+        grid = row.grid
+        dnw_part = new_buffer((grid[0], D), torch.float32, dev)
+        dnb_part = new_buffer((grid[0], D), torch.float32, dev)
+        scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
         common = dict(SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                       OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
                       num_stages=2)
-        if BLOCK_H > WIDE_H:
-            u_buf = torch.empty(M, H, device=dev, dtype=torch.float32)  # u, float32 [M, H]
-            _heba_text_bwd_kernel_dx_wide[grid](
-                x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
-                dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
-                M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
-                BLOCK_HC=_WIDE_BLOCK_HC, **common)
-        else:
-            _heba_text_bwd_kernel_dx[grid](
-                x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
-                dx2, dy, a_buf, du_buf, dnw_part, dnb_part,
-                M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
-                BLOCK_H=BLOCK_H, **common)
-        dnw = (dnw_part.sum(0) * p_scale).to(norm_weight.dtype)
-        dnb = (dnb_part.sum(0) * p_scale).to(norm_weight.dtype)
-    d_up, _ = atb(dy, a_buf, op_dtype, up_weight.dtype, scale=p_scale)        # [D, H]
-    d_down, _ = atb(du_buf, x2, op_dtype, down_weight.dtype, scale=p_scale)   # [H, D]
+        wide = BLOCK_H > WIDE_H
+        u_buf = new_buffer((M, H), torch.float32, dev) if wide else dnw_part   # u, wide only
+        launch(_heba_text_bwd_kernel_dx, grid,
+            x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+            dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
+            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+            WIDE=wide, BLOCK_H=BLOCK_H, BLOCK_HC=_WIDE_BLOCK_HC, **common)
+    up, _ = atb_partials(dy, a_buf, op_dtype)                                  # [D, H]
+    down, _ = atb_partials(du_buf, x2, op_dtype)                               # [H, D]
+    parts = [Partial(up, (D, H), up_weight.dtype, True),
+             Partial(down, (H, D), down_weight.dtype, True)]
+    if M > 0:
+        parts += [Partial(dnw_part, (D,), norm_weight.dtype, True),
+                  Partial(dnb_part, (D,), norm_weight.dtype, True)]
+    d_up, d_down, *norm = reduce_partials(parts, p_scale)    # one launch for all four
+    dnw, dnb = norm if M > 0 else (dnw, dnb)
     return dx, d_down, d_up, dnw, dnb
 
 
@@ -526,18 +517,19 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
 @torch.library.custom_op("heba::triton_text_fwd", mutates_args=())
 def _heba_text_fwd_op(x: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
                       norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
-                      scale_t: Optional[torch.Tensor], eps: float, rescale_param_grad: bool
+                      scale_t: Optional[torch.Tensor], eps: float, rescale_param_grad: bool,
+                      op_dtype: Optional[torch.dtype]
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The scale is scale_t (0-d float32) if given, else scale. rescale_param_grad is
     # unused here: it is an input so that the backward sees it.
     with device_guard(x):
         return heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias,
-                             scale if scale_t is None else scale_t, eps)
+                             Scale(scale, scale_t), eps, op_dtype)
 
 
 @_heba_text_fwd_op.register_fake
 def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
-      rescale_param_grad):
+      rescale_param_grad, op_dtype):
     M = x.numel() // x.shape[-1]
     return (x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
@@ -547,17 +539,17 @@ def _(x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
 def _heba_text_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
                       up_weight: torch.Tensor, norm_weight: torch.Tensor, mean: torch.Tensor,
                       rstd: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
-                      rescale_param_grad: bool
+                      rescale_param_grad: bool, op_dtype: Optional[torch.dtype]
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                  torch.Tensor]:
     with device_guard(x):
         return heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd,
-                             scale if scale_t is None else scale_t, rescale_param_grad)
+                             Scale(scale, scale_t), rescale_param_grad, op_dtype)
 
 
 @_heba_text_bwd_op.register_fake
 def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, scale_t,
-      rescale_param_grad):
+      rescale_param_grad, op_dtype):
     return (x.new_empty(x.shape), down_weight.new_empty(down_weight.shape),
             up_weight.new_empty(up_weight.shape), norm_weight.new_empty(norm_weight.shape),
             norm_weight.new_empty(norm_weight.shape))
@@ -565,20 +557,22 @@ def _(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale, scale_t,
 
 def _heba_text_setup_context(ctx, inputs, output):
     (x, down_weight, up_weight, norm_weight, norm_bias, scale, scale_t, eps,
-     rescale_param_grad) = inputs
+     rescale_param_grad, op_dtype) = inputs
     _, mean, rstd = output
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, down_weight, up_weight, norm_weight, mean, rstd, scale_t)
     ctx.scale = scale
     ctx.rescale_param_grad = rescale_param_grad
+    ctx.op_dtype = op_dtype
 
 
 def _heba_text_backward(ctx, g, _g_mean, _g_rstd):
     x, down_weight, up_weight, norm_weight, mean, rstd, scale_t = ctx.saved_tensors
     dx, d_down, d_up, dnw, dnb = torch.ops.heba.triton_text_bwd(
         g, x, down_weight, up_weight, norm_weight, mean, rstd, ctx.scale, scale_t,
-        ctx.rescale_param_grad)
-    return dx, d_down, d_up, dnw, dnb, None, None, None, None
+        ctx.rescale_param_grad, ctx.op_dtype)
+    return dx, d_down, d_up, dnw, dnb, None, None, None, None, None
 
 
 torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
@@ -588,7 +582,7 @@ torch.library.register_autograd("heba::triton_text_fwd", _heba_text_backward,
 # ----------------------------------------------------------------------------- public function
 
 def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
-              rescale_param_grad):
+              rescale_param_grad, op_dtype=None):
     """HeBA text adapter ``x + scale * LayerNorm(x + W_u gelu(W_d x))``, token-wise.
 
     Args:
@@ -599,13 +593,13 @@ def heba_text(x, down_weight, up_weight, norm_weight, norm_bias, *, scale, eps,
         eps: LayerNorm epsilon.
         rescale_param_grad: parameter gradients as if ``scale`` were 1 (docs/semantics.md) if True,
             plain gradients if False. ``x``'s gradient is the true one either way.
+        op_dtype: matmul operand dtype (default None: the weights'); under autocast the
+            autocast dtype with float32 weights, rounded in registers.
 
     Returns ``[..., D]`` in ``x``'s dtype.
     """
     check_dtypes("heba_text", x, down_weight, up_weight, norm_weight, norm_bias)
-    tensor = isinstance(scale, torch.Tensor)
     out, _, _ = torch.ops.heba.triton_text_fwd(
         x, down_weight.contiguous(), up_weight.contiguous(), norm_weight.contiguous(),
-        norm_bias.contiguous(), 0.0 if tensor else float(scale), scale if tensor else None,
-        float(eps), bool(rescale_param_grad))
+        norm_bias.contiguous(), *Scale.of(scale), float(eps), bool(rescale_param_grad), op_dtype)
     return out

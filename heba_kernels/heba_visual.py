@@ -35,36 +35,42 @@ Kernels (one image per program along the batch axis; tokens in blocks of
 
 * ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B, HW, h]`` buffer in
   the weights' dtype (saved for backward at large ``D``, else run again in backward).
-* ``_heba_visual_kernel_dwconv``: the 3x3 stencil needs each token's neighbours,
-  which live in other token blocks, so it runs as its own pass over the
-  bottleneck: ``s = gelu(dwconv(u))`` forward (and again in backward), and
-  ``du = dwconv^T(dv)`` (taps mirrored) backward.
-* ``_heba_visual_fwd_kernel``: per token block, the up-projection ``Wu s``, the
+* ``_heba_visual_fwd_kernel``: per token block, first ``s = gelu(dwconv(u))`` of
+  its own rows (the 3x3 stencil reads neighbours from other token blocks of
+  ``u``, complete since the down launch; ``s`` goes to a scratch buffer the
+  program reads back after a barrier), then the up-projection ``Wu s``, the
   residual, LayerNorm (Welford merge over D chunks, then a second sweep that
   recomputes ``z = Wu s`` rather than storing ``y``), ``t + scale * a``, and the
   prefix copy.
-* backward: ``_dy`` (LayerNorm backward, dgamma/dbeta partials; writes ``dy``
-  into the ``dx`` buffer), ``_dv`` (``Wu^T dy``, GELU', ``dv`` to a float32
-  buffer, dWm partials), ``_dwu`` and ``_dwd`` (split-K over token tiles into
-  float32 partials), ``_dx`` (``dx = g + xs (dy + Wd^T du)``, in place).
+* backward: ``_dy``, per image of its slot, three phases on its own rows:
+  ``s`` again, the LayerNorm backward (dgamma/dbeta partials; writes ``dy``
+  into the ``dx`` buffer), then ``Wu^T dy``, GELU', ``dv`` to a float32 buffer
+  and the dWm partials; ``_heba_visual_kernel_dwconv`` with ``MIRROR``:
+  ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of neighbouring blocks);
+  dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials` (split-K
+  ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+  (``dx = g + xs (dy + Wd^T du)``, in place); finally ONE launch of
+  :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
+  buffers into the parameters' dtypes. Forward 2 launches, backward 6 (7 when
+  ``u`` is recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
-grid token) and, only when ``D >= SAVE_U_MIN_DIM`` (2048), ``u`` (``h`` values per
-grid token in the weights' dtype: ``D/2`` bytes in bf16). Below that width the
-adapter is memory-bound and the backward runs the down kernel again (one more
-read of ``x``, the down GEMM again: half the forward's matmul FLOPs) instead of keeping
-``u`` alive between forward and backward: 8 bytes per token beyond ``x`` (0.4 MB
-at ViT-B/16 batch 256, against 55 MB for the PyTorch reference). At ``D >= 2048``
-the adapter is matmul-bound, recomputing ``u`` would add a sixth to the
-forward+backward FLOPs, and ``u`` is kept: ``D/2 + 8`` bytes per token in
-bf16 (34% of the reference's saved bytes at D=3072). Either way the gradients are
+grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
+bytes in bf16; kept from ``D >= SAVE_U_MIN_DIM``, today every width: the forward
+writes ``u`` anyway, and the model prefers keeping it to a backward that reads
+``x`` again for the down GEMM; see the constant). Below ``SAVE_U_MIN_DIM`` the
+backward runs the down kernel again instead. From ``D >= KEEP_Y_MIN_DIM`` (2048,
+where the adapter is matmul-bound) the forward also keeps the pre-LayerNorm
+``y = t + Wu s`` (``D`` values per grid token in x's dtype): its second sweep and
+the backward's two sweeps read it instead of recomputing the up-projection
+(1.09x instead of 1.66x the ideal FLOPs at D=3072; see the constant). Either way the gradients are
 bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
 dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
-buffer. Parameter gradients are float32 partials summed by ``torch.sum``:
-deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number of
-slots: the _dy and _dv kernels run ``S`` programs along the batch axis
+buffer. Parameter gradients are float32 partials summed in one launch in a fixed
+order: deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number
+of slots: the _dy kernel runs ``S`` programs along the batch axis
 (``_partial_images``: ``8 * SMs // nT`` on a GPU), program ``s`` summing images
 ``s, s + S, ...`` in that fixed order into its own slot, so those buffers are
 ``S * nT * (2 D + 9 h) * 4`` bytes whatever the batch (74 MB at a 24x24 grid,
@@ -82,37 +88,44 @@ interpreter; matmul operands are then upcast to float32, since the interpreter's
 buffers with NaN so a tile a kernel forgets to write fails loudly in tests).
 """
 
-import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import _scalar, check_dtypes, device_guard, scalar_arg
+from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
+                                         atb_partials, atb_plan, check_dtypes, device_guard,
+                                         op_code, plan_device, reduce_partials, reduce_plan)
+from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_interpreting
 
-__all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd"]
+__all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
+           "visual_bwd_plan"]
 
-# Keep the bottleneck ``u`` for backward from this width up (matmul-bound); below it,
-# recompute ``u`` in backward (memory-bound). A speed/memory choice only: the
-# results are bitwise the same. Re-tune with benchmarks/test_adapters.py on a GPU.
-SAVE_U_MIN_DIM = 2048
+# Keep the bottleneck ``u`` for backward from this width up; below it, recompute ``u`` in
+# backward. The forward writes ``u`` to memory at every width (its stencil phase reads
+# it), so keeping it costs only its lifetime, while recomputing costs a launch, a read of
+# x and the down GEMM. Modelled (benchmarks/roofline.py, H200, bf16, B256 14x14):
+# attention position (D768 h192) recompute 9 launches, 1300 MB, 166 GFLOP, floor
+# 271 us (5.37 ns/token); keep 8 launches, 1204 MB, 149 GFLOP, 251 us (4.97 ns/token),
+# for 19 MB kept per adapter (the reference keeps 135 MB). So: kept at every width. A
+# speed/memory choice only: the results are bitwise the same (tested both ways).
+SAVE_U_MIN_DIM = 0
+
+# Keep the pre-LayerNorm value y = t + Wu s (x's dtype) from this width up, instead of
+# recomputing the up-projection in the forward's second sweep and in both sweeps of the
+# backward's _dy. Modelled forward + backward (benchmarks/roofline.py, bf16, B256 14x14,
+# floor on H200 / H100):
+#   MLP position (D3072 h768): recompute 48.8 / 49.9 ns per token (2372 GFLOP, 1.66x
+#     ideal; 116 GB L2->SM); keep 32.7 / 37.8 ns per token (1560 GFLOP, 1.09x; 79 GB),
+#     for 2 bytes per token and channel kept (308 MB per adapter at B256).
+#   attention position (D768 h192): recompute 4.97 / 7.12 ns per token; keep 5.29 /
+#     7.58 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
+# Numerics: in float32 the same bits; in 16-bit y is rounded once more (tested).
+KEEP_Y_MIN_DIM = 2048
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _gelu(v):
-    return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(v):
-    cdf = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * v * v) * 0.3989422804014327          # 1 / sqrt(2 pi)
-    return cdf + v * pdf
 
 
 @triton.jit
@@ -148,7 +161,7 @@ def _stencil(src_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexp
 @triton.jit
 def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-             DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+             OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """``z[p, d] = (Wu s_p)[d]`` for a block of tokens and columns, ``s [HW, h]``: [BT, BD] fp32."""
     z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     s_rows = s_img_ptr + p.to(tl.int64) * h                                        # [BT]
@@ -159,8 +172,23 @@ def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
                     other=0.0)                                                     # [BT, BH]
         wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + c[:, None],
                        mask=c_mask[:, None] & d_mask[None, :], other=0.0)          # [BH, BD] = Wu^T
-        z = tl.dot(s.to(DOT_DTYPE), wu_t.to(DOT_DTYPE), z, input_precision=DOT_PREC)
+        z = _mma(_op_cast(s, OP, UPCAST), _op_cast(wu_t, OP, UPCAST), z, IEEE)
     return z
+
+
+@triton.jit
+def _gelu_stencil_block(u_img, wm_ptr, s_img, p, p_mask, H, W, h,
+                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``s[p, :] = gelu(dwconv3x3(u)[p, :])`` for one token block of one image (all of ``h``,
+    written in s's dtype), then a barrier: the program reads its own rows back. The stencil
+    needs neighbours from other token blocks of ``u``, complete since the down launch."""
+    for h0 in range(0, h, BLOCK_H):
+        c = h0 + tl.arange(0, BLOCK_H)
+        c_mask = c < h
+        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
+        tl.store(s_img + p[:, None].to(tl.int64) * h + c[None, :],
+                 _gelu(v).to(s_img.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -168,7 +196,7 @@ def _heba_visual_fwd_kernel_down(
     x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B, HW, h]
     stride_xb, stride_xn, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -186,7 +214,7 @@ def _heba_visual_fwd_kernel_down(
                     other=0.0)                                                     # [BT, BD]
         wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
                        mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
-        acc = tl.dot(t.to(DOT_DTYPE), wd_t.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
     u_rows = u_ptr + (b * HW + p) * h                                              # [BT]
     tl.store(u_rows[:, None] + c[None, :], acc.to(u_ptr.dtype.element_ty),
              mask=p_mask[:, None] & c_mask[None, :])
@@ -221,12 +249,12 @@ def _heba_visual_kernel_dwconv(
 
 @triton.jit
 def _heba_visual_fwd_kernel(
-    x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,   # s = gelu(v) [B, HW, h]
-    stride_xb, stride_xn, stride_ob, stride_on,
-    HW, D, h, P, scale, scale_ptr, eps,
-    SCALE_PTR: tl.constexpr,
+    x_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
+    stride_xb, stride_xn, stride_ob, stride_on,           # u, s = gelu(dwconv(u)) [B, HW, h]
+    H, W, HW, D, h, P, scale, scale_ptr, eps,             # y [B, HW, D] if KEEP_Y
+    SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -237,6 +265,8 @@ def _heba_visual_fwd_kernel(
     x_rows = x_ptr + b * stride_xb + n * stride_xn                                 # [BT]
     o_rows = out_ptr + b * stride_ob + n * stride_on
     s_img = s_ptr + b * HW * h
+    y_rows = y_ptr + (b * HW + p).to(tl.int64) * D                                # [BT]
+    _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_img, p, p_mask, H, W, h, BLOCK_T, BLOCK_H)
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
     # so y never has to be held for the whole row nor stored.
@@ -247,9 +277,11 @@ def _heba_visual_fwd_kernel(
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
         z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
+                     BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
+        if KEEP_Y:       # the pre-LayerNorm value, for sweep 2 and the backward
+            tl.store(y_rows[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         n_b = tl.sum(d_mask.to(tl.float32), axis=0)
         n_a = d0 * 1.0
         c_mean = tl.sum(y, axis=1) / n_b
@@ -262,17 +294,23 @@ def _heba_visual_fwd_kernel(
     tl.store(mean_ptr + b * HW + p, mean, mask=p_mask)
     tl.store(rstd_ptr + b * HW + p, rstd, mask=p_mask)
 
-    # Sweep 2: recompute z (cheaper than a [BT, D] round trip) and write out.
+    if KEEP_Y:
+        tl.debug_barrier()               # y rows written by other threads, read back below
+
+    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written.
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if KEEP_Y:
+            y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            y = t + _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+                             BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        a = (t + z - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        a = (y - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         tl.store(o_rows[:, None] + d[None, :], (t + scale * a).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
@@ -289,12 +327,26 @@ def _heba_visual_fwd_kernel(
 
 
 @triton.jit
+def _pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h, KEEP_Y: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+              OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``y = t + Wu s`` of a [BT, BD] tile in float32: the forward's kept y, or recomputed."""
+    if KEEP_Y:
+        y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        y = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) + \
+            _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h, BLOCK_T, BLOCK_H, BLOCK_D, OP,
+                     UPCAST, IEEE)
+    return y
+
+
+@triton.jit
 def _heba_visual_bwd_dy_image(
-    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr, dnw_slot, dnb_slot,
+    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr, dnw_slot, dnb_slot,
     b, p, p_mask, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    HW, D, h, P, gs, ACCUMULATE,
+    HW, D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """LayerNorm backward of one image's token block; adds its dgamma/dbeta to the slot
     (``ACCUMULATE`` False: the slot's first image, which overwrites it)."""
@@ -303,6 +355,7 @@ def _heba_visual_bwd_dy_image(
     g_rows = g_ptr + b * stride_gb + n * stride_gn
     dy_rows = dy_ptr + b * stride_db + n * stride_dn
     s_img = s_ptr + b * HW * h
+    y_rows = y_ptr + (b * HW + p).to(tl.int64) * D
     mean = tl.load(mean_ptr + b * HW + p, mask=p_mask, other=0.0)
     rstd = tl.load(rstd_ptr + b * HW + p, mask=p_mask, other=0.0)
 
@@ -313,10 +366,9 @@ def _heba_visual_bwd_dy_image(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
-        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        yhat = (t + z - mean[:, None]) * rstd[:, None]
+        yhat = (_pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h,
+                          KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+                - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         dyhat = ga * gamma[None, :]
@@ -334,10 +386,9 @@ def _heba_visual_bwd_dy_image(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
-                     BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
-        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        yhat = (t + z - mean[:, None]) * rstd[:, None]
+        yhat = (_pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h,
+                          KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+                - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         dyhat = ga * gamma[None, :]
@@ -346,109 +397,81 @@ def _heba_visual_bwd_dy_image(
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dy(
-    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr,
-    dy_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; partials [S*nT, D] fp32
-    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    B, HW, D, h, P, gs, gs_ptr,
-    GS_PTR: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _heba_visual_bwd_dv_image(
+    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, b, p, p_mask, stride_db, stride_dn,
+    H, W, HW, D, h, P, ACCUMULATE,
+    BLOCK_T: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
-    (``S`` programs along the batch axis), summing their dgamma/dbeta into slot
-    ``s * nT + t``: the partial buffers stay ``[S * nT, D]`` whatever the batch."""
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_s = tl.num_programs(1)
-    gs = _scalar(gs, gs_ptr, GS_PTR)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_t) * D
-    for i in range(0, tl.cdiv(B - pid_s, n_s)):
-        b = pid_s.to(tl.int64) + i * n_s
-        _heba_visual_bwd_dy_image(
-            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, dy_ptr,
-            dnw_part_ptr + slot, dnb_part_ptr + slot, b, p, p_mask,
-            stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-            HW, D, h, P, gs, i > 0, BLOCK_T, BLOCK_H, BLOCK_D, DOT_DTYPE, DOT_PREC)
-        # The next image reads back this slot, written by other threads of the program.
-        tl.debug_barrier()
-
-
-@triton.jit
-def _heba_visual_bwd_kernel_dv(
-    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr,   # dv [B, HW, h] fp32; [S*nT, h, 9]
-    stride_db, stride_dn,
-    B, H, W, HW, D, h, P,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """Program ``(t, c, s)``: images ``s, s + S, ...`` in order, as the _dy kernel; the
-    dWm partial of slot ``s * nT + t`` is accumulated on chip (9 taps padded to 16)."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    n_s = tl.num_programs(2)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
+    """``dv = (Wu^T dy) * gelu'(v)`` of one image's token block (dy as this program wrote
+    it), h in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps padded to 16)."""
+    dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
+    u_img = u_ptr + b * HW * h
     taps = tl.arange(0, 16)
-    dwm = tl.zeros((BLOCK_H, 16), dtype=tl.float32)                                # [BH, 9 taps]
-    for i in range(0, tl.cdiv(B - pid_s, n_s)):
-        b = pid_s.to(tl.int64) + i * n_s
-        dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
-        ds = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)                        # Wu^T dy
+    for h0 in range(0, h, BLOCK_HV):
+        c = h0 + tl.arange(0, BLOCK_HV)
+        c_mask = c < h
+        ds = tl.zeros((BLOCK_T, BLOCK_HV), dtype=tl.float32)                       # Wu^T dy
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
             dy = tl.load(dy_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
                          other=0.0)                                                # [BT, BD]
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
-                         mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BH]
-            ds = tl.dot(dy.to(DOT_DTYPE), wu.to(DOT_DTYPE), ds, input_precision=DOT_PREC)
-        u_img = u_ptr + b * HW * h
-        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
-        dv = ds * _gelu_grad(v)                                                    # [BT, BH]
+                         mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BHV]
+            ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
+        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_HV)
+        dv = ds * _gelu_grad(v)                                                    # [BT, BHV]
         tl.store(dv_ptr + (b * HW + p)[:, None] * h + c[None, :], dv,
                  mask=p_mask[:, None] & c_mask[None, :])
+        dwm = tl.zeros((BLOCK_HV, 16), dtype=tl.float32)                           # [BHV, taps]
         for k in tl.static_range(9):
             un = _shifted(u_img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
             dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
-    part = dwm_part_ptr + (pid_s.to(tl.int64) * tl.num_programs(0) + pid_t) * h * 9
-    tl.store(part + c[:, None] * 9 + taps[None, :], dwm,
-             mask=c_mask[:, None] & (taps[None, :] < 9))
+        slot = dwm_slot + c[:, None] * 9 + taps[None, :]
+        ok = c_mask[:, None] & (taps[None, :] < 9)
+        tl.store(slot, tl.load(slot, mask=ok & ACCUMULATE, other=0.0) + dwm, mask=ok)
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dwu(
-    dy_ptr, s_ptr, dwu_part_ptr,          # s [B, HW, h]; dWu part [SPLIT, D, h] fp32
-    stride_db, stride_dn,
-    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+def _heba_visual_bwd_kernel_dy(
+    x_ptr, g_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr,
+    dy_ptr, dv_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; dv [B, HW, h]
+    dwm_part_ptr,                                 # partials [S*nT, D], [S*nT, h, 9] fp32
+    stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+    B, H, W, HW, D, h, P, gs, gs_ptr,
+    GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
+    BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
-    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)                           # dWu
-    for i in range(0, tiles_per_split):
-        it = pid_s * tiles_per_split + i           # token tile (image, block); past the end: masked
-        b = (it // tiles_per_image).to(tl.int64)
-        p = (it % tiles_per_image) * BLOCK_T + tl.arange(0, BLOCK_T)
-        p_mask = (p < HW) & (it < n_tiles)
-        dy_t = tl.load(dy_ptr + b * stride_db + (P + p)[None, :].to(tl.int64) * stride_dn
-                       + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)  # [BD, BT]
-        s = tl.load(s_ptr + (b * HW + p[:, None]) * h + c[None, :],
-                    mask=p_mask[:, None] & c_mask[None, :], other=0.0)             # [BT, BH]
-        acc = tl.dot(dy_t.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
-    out = dwu_part_ptr + pid_s.to(tl.int64) * D * h
-    tl.store(out + d[:, None] * h + c[None, :], acc, mask=d_mask[:, None] & c_mask[None, :])
+    """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
+    (``S`` programs along the batch axis). Per image, three phases on the program's own rows:
+    ``s = gelu(dwconv(u))``, the LayerNorm backward (``dy``, dgamma/dbeta), then ``dv`` and
+    dWm; the partials summed into slot ``s * nT + t``: the partial buffers stay
+    ``[S * nT, ...]`` whatever the batch."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_s = tl.num_programs(1)
+    gs = _scalar(gs, gs_ptr, GS_PTR)
+    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = p < HW
+    slot = pid_s.to(tl.int64) * tl.num_programs(0) + pid_t
+    for i in range(0, tl.cdiv(B - pid_s, n_s)):
+        b = pid_s.to(tl.int64) + i * n_s
+        _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_ptr + b * HW * h, p, p_mask, H, W, h,
+                            BLOCK_T, BLOCK_H)
+        _heba_visual_bwd_dy_image(
+            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr,
+            dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, b, p, p_mask,
+            stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+            HW, D, h, P, gs, i > 0, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+        tl.debug_barrier()               # dy rows written by other threads, read back next
+        _heba_visual_bwd_dv_image(
+            dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, b, p, p_mask,
+            stride_db, stride_dn, H, W, HW, D, h, P, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP,
+            UPCAST, IEEE)
+        # The next image reads back the slots, written by other threads of the program.
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -458,7 +481,7 @@ def _heba_visual_bwd_kernel_dx(
     HW, D, h, P, xs, xs_ptr,
     XS_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -478,7 +501,7 @@ def _heba_visual_bwd_kernel_dx(
                      other=0.0)                                                    # [BT, BH]
         wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
                      mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
-        acc = tl.dot(du.to(DOT_DTYPE), wd.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
+        acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
     n = (P + p).to(tl.int64)
     dx_tile = dx_ptr + b * stride_db + n[:, None] * stride_dn + d[None, :]
     dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
@@ -493,86 +516,83 @@ def _heba_visual_bwd_kernel_dx(
                      row.to(dx_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
-def _heba_visual_bwd_kernel_dwd(
-    x_ptr, du_ptr, dwd_part_ptr,          # du [B, HW, h]; dWd part [SPLIT, h, D] fp32
-    stride_xb, stride_xn,
-    HW, D, h, P, n_tiles, tiles_per_image, tiles_per_split,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
-    acc = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)                           # dWd^T
-    for i in range(0, tiles_per_split):
-        it = pid_s * tiles_per_split + i
-        b = (it // tiles_per_image).to(tl.int64)
-        p = (it % tiles_per_image) * BLOCK_T + tl.arange(0, BLOCK_T)
-        p_mask = (p < HW) & (it < n_tiles)
-        t_t = tl.load(x_ptr + b * stride_xb + (P + p)[None, :].to(tl.int64) * stride_xn
-                      + d[:, None], mask=d_mask[:, None] & p_mask[None, :], other=0.0)   # [BD, BT]
-        du = tl.load(du_ptr + (b * HW + p[:, None]) * h + c[None, :],
-                     mask=p_mask[:, None] & c_mask[None, :], other=0.0)            # [BT, BH]
-        acc = tl.dot(t_t.to(DOT_DTYPE), du.to(DOT_DTYPE), acc, input_precision=DOT_PREC)
-    out = dwd_part_ptr + pid_s.to(tl.int64) * h * D
-    tl.store(out + c[None, :] * D + d[:, None], acc, mask=d_mask[:, None] & c_mask[None, :])
+# --------------------------------------------------------------------------- launch plans
 
 
-# --------------------------------------------------------------------------- launchers
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _new(shape, dtype, device):
-    """A fresh buffer; NaN-filled under HEBA_DEBUG_NAN_FILL=1 so unwritten tiles show."""
-    if os.environ.get("HEBA_DEBUG_NAN_FILL", "0") not in ("", "0"):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype,
-            device: torch.device) -> dict:
-    """Block sizes and matmul operand dtype. ``tl.dot`` needs every dimension >= 16."""
-    interpret = _interpreting()
-    if interpret or device.type != "cuda":
-        block_t = 16
-    else:
-        # The row kernels run one program per (image, token block): halve the block when
-        # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
-        block_t = 32 if B * triton.cdiv(HW, 32) >= _num_sms(device) else 16
-    # 16-bit weights: tensor-core operands in that dtype, float32 accumulation. Float32
-    # weights: IEEE float32 products, so float32 meets SPEC's 1e-4 rather than tf32's 1e-3.
-    # The interpreter's tl.dot is wrong on 16-bit operands: upcast there.
-    dot_dtype = tl.float32 if interpret else _TL_DTYPES.get(weight_dtype, tl.float32)
+def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype, sms: int,
+            gpu: bool) -> dict:
+    """Block sizes and operand flags. ``tl.dot`` needs every dimension >= 16. ``gpu`` False:
+    Triton's interpreter (whose cost is per program: bigger D chunks run faster there)."""
+    # The row kernels run one program per (image, token block): halve the block when
+    # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
+    block_t = (32 if B * triton.cdiv(HW, 32) >= sms else 16) if gpu else 16
+    upcast, ieee = not gpu, weight_dtype in (torch.float32, torch.float64) \
+        and torch.get_float32_matmul_precision() == "highest"
     return dict(
         BLOCK_T=block_t,
         BLOCK_H=min(64, max(16, triton.next_power_of_2(h))),
-        # (the interpreter's cost is per program: bigger D chunks run faster there)
-        BLOCK_D=min(128 if interpret else 64, max(16, triton.next_power_of_2(D))),
-        DOT_DTYPE=dot_dtype,
-        DOT_PREC="ieee" if dot_dtype == tl.float32 else "tf32",
+        BLOCK_D=min(64 if gpu else 128, max(16, triton.next_power_of_2(D))),
+        # 16-bit weights: tensor-core operands in that dtype, float32 accumulation; float32
+        # weights: IEEE products unless torch allows TF32 (_triton_common's scheme).
+        OP=op_code(weight_dtype), UPCAST=upcast, IEEE=ieee,
         # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
-        # D64, D = 768..4096, bf16): down 48 regs, fwd 80, _dy 128, _dv 128 + 20 B spill
-        # (fp16 32 B, fp32 x with bf16 w 44 B; fp32 192 regs, no spill), _dwu/_dx/_dwd
-        # 46-62, dwconv 48; smem <= 49 KiB. _dv alone spilled: it runs with BLOCK_H 32
-        # (105 registers, no spill; see heba_visual_bwd).
-        num_warps=4 if interpret else 8,
+        # D64, D = 768..4096): down 48 regs, fwd (with the stencil phase) 80, _dy (with the
+        # stencil and dv phases, dv in 32-column chunks) 169-176 in 16-bit and mixed
+        # configs, no spill (fp32: 128, at most 28 B spilled); with KEEP_Y (D >= 2048) 102
+        # in bf16; _dx 46-62, dwconv 48; smem <= 49 KiB.
+        num_warps=8 if gpu else 4,
     )
+
+
+def _partial_images(B: int, n_t: int, sms: int, gpu: bool) -> int:
+    """Programs ``S`` along the batch axis of the _dy and _dv kernels: each sums the
+    dgamma/dbeta/dWm partials of images ``s, s + S, ...`` into its own slot, so those
+    buffers hold ``S * nT`` slots, not ``B * nT`` (at B=1024, a 24x24 grid, D=4096 on an
+    H200: 8 * 132 programs, 74 MB instead of 1.28 GB). Two in the interpreter, so that
+    the tests run the summing path."""
+    if not gpu:
+        return min(B, 2)
+    return max(1, min(B, (8 * sms) // n_t))
+
+
+def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
+    """The forward's launches for ``B`` images of an ``H x W`` grid, width ``D``, bottleneck ``h``."""
+    HW = H * W
+    cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
+    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
+    return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg),
+            Launch("fwd", "_heba_visual_fwd_kernel", (n_t, B),
+                   dict(cfg, KEEP_Y=D >= KEEP_Y_MIN_DIM))]
+
+
+def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
+    """The backward's launches (``recompute_u``: the down kernel runs again first)."""
+    HW = H * W
+    cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
+    BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
+    n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
+    n_s = _partial_images(B, n_t, sms, gpu)
+    # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
+    # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
+    # 32, 105 registers, none.
+    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM)
+    T = B * HW
+    d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
+    d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
+    slots = n_s * n_t
+    plan = [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg)] \
+        if recompute_u else []
+    return plan + [
+        Launch("dy", "_heba_visual_bwd_kernel_dy", (n_t, n_s), dy_cfg),
+        d_up,
+        Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
+        d_down,
+        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d, B), cfg),
+        reduce_plan([(d_down.grid[2], h * D), (slots, h * 9), (d_up.grid[2], D * h),
+                     (slots, D), (slots, D)])]
+
+
+# --------------------------------------------------------------------------- launchers
 
 
 def _token_strides(t: torch.Tensor, batch_first: bool) -> Tuple[int, int]:
@@ -584,62 +604,64 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _partial_images(B: int, n_t: int, device: torch.device) -> int:
-    """Programs ``S`` along the batch axis of the _dy and _dv kernels: each sums the
-    dgamma/dbeta/dWm partials of images ``s, s + S, ...`` into its own slot, so those
-    buffers hold ``S * nT`` slots, not ``B * nT`` (at B=1024, a 24x24 grid, D=4096 on an
-    H200: 8 * 132 programs, 74 MB instead of 1.28 GB). Two in the interpreter, so that
-    the tests run the summing path."""
-    if _interpreting() or device.type != "cuda":
-        return min(B, 2)
-    return max(1, min(B, (8 * _num_sms(device)) // n_t))
+def _kw(step: Launch) -> dict:
+    """The kernel's compile-time arguments of a plan step."""
+    return dict(step.meta)
+
+
+def _grid_tokens(t: torch.Tensor, P: int, batch_first: bool) -> torch.Tensor:
+    """The grid tokens of a ``[B, N, D]`` (or ``[N, B, D]``) tensor as a ``[B, HW, D]`` view."""
+    return t[:, P:] if batch_first else t[P:].transpose(0, 1)
 
 
 def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                    scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
-                    eps: float):
-    """Forward launcher. Returns ``(out, u, mean, rstd)``. ``scale``: a float or a 0-d
-    float32 tensor on x's device (read by the kernel).
+                    scale: Scale, num_prefix_tokens: int, H: int, W: int, batch_first: bool,
+                    eps: float, op_dtype: Optional[torch.dtype] = None):
+    """Forward launcher. Returns ``(out, u, mean, rstd, y)``.
 
     ``out`` has ``x``'s shape and dtype (contiguous); ``u`` ``[B, HW, h]`` in the
-    weights' dtype; ``mean``, ``rstd`` ``[B, HW]`` float32 (the LayerNorm statistics).
+    operand dtype ``op_dtype`` (default: the weights' dtype; under autocast the autocast
+    dtype, the weights then read in float32 and rounded in registers); ``mean``, ``rstd``
+    ``[B, HW]`` float32 (the LayerNorm statistics); ``y`` the pre-LayerNorm value
+    ``[B, HW, D]`` in x's dtype from ``KEEP_Y_MIN_DIM`` up, else empty.
     """
     x = _last_dim_contiguous(x)
     B = x.shape[0] if batch_first else x.shape[1]
     D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
     dev = x.device
-    out = _new(x.shape, x.dtype, dev)
-    u = _new((B, HW, h), down_weight.dtype, dev)
-    mean = _new((B, HW), torch.float32, dev)
-    rstd = _new((B, HW), torch.float32, dev)
+    out = new_buffer(x.shape, x.dtype, dev)
+    op = op_dtype or down_weight.dtype
+    u = new_buffer((B, HW, h), op, dev)
+    mean = new_buffer((B, HW), torch.float32, dev)
+    rstd = new_buffer((B, HW), torch.float32, dev)
+    y = new_buffer((B, HW, D) if D >= KEEP_Y_MIN_DIM else (0,), x.dtype, dev)
     if B == 0:
-        return out, u, mean, rstd
+        return out, u, mean, rstd, y
     wd = down_weight.reshape(h, D).contiguous()
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
+    down, fwd = visual_fwd_plan(B, H, W, D, h, op, *plan_device(dev))
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
-    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
-    _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
-    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), not saved
-    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
-    scale_v, scale_p, scale_from_ptr = scalar_arg(scale, mean)
-    _heba_visual_fwd_kernel[(n_t, B)](
-        x, s, wu, nw, nb, out, mean, rstd, sxb, sxn, sob, son,
-        HW, D, h, P, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **cfg)
-    return out, u, mean, rstd
+    launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, HW, D, h, P,
+           **_kw(down))
+    s = new_buffer((B, HW, h), op, dev)                   # gelu(v), scratch of the fwd kernel
+    scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
+    launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd,
+           y if y.numel() else mean, sxb, sxn, sob, son, H, W, HW, D, h, P, scale_v, scale_p,
+           float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
+    return out, u, mean, rstd, y
 
 
-def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
-                    norm_weight, norm_bias, scale, num_prefix_tokens: int, H: int,
-                    W: int, batch_first: bool, rescale_param_grad: bool):
+def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_weight,
+                    norm_weight, norm_bias, scale: Scale, num_prefix_tokens: int, H: int,
+                    W: int, batch_first: bool, rescale_param_grad: bool,
+                    op_dtype: Optional[torch.dtype] = None):
     """Backward launcher. Returns the gradients of ``x`` and the five parameters.
 
-    ``u`` is the forward's bottleneck, or None to recompute it here from ``x``.
+    ``u`` is the forward's bottleneck, or None to recompute it here from ``x``; ``y`` the
+    forward's kept pre-LayerNorm value (when ``D >= KEEP_Y_MIN_DIM``), else None.
 
     With ``rescale_param_grad`` the parameters' gradients are those of docs/semantics.md's rule
     (as if ``scale`` were 1); ``x``'s is always the true gradient.
@@ -649,8 +671,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     B = x.shape[0] if batch_first else x.shape[1]
     D, h, HW, P = x.shape[2], mid_weight.shape[0], H * W, num_prefix_tokens
     dev = x.device
-    gs, xs = (1.0, scale) if rescale_param_grad else (scale, 1.0)   # floats or 0-d tensors
-    dx = _new(x.shape, x.dtype, dev)
+    gs, xs = (ONE, scale) if rescale_param_grad else (scale, ONE)
+    dx = new_buffer(x.shape, x.dtype, dev)
     if B == 0:
         return (dx, torch.zeros_like(down_weight), torch.zeros_like(mid_weight),
                 torch.zeros_like(up_weight), torch.zeros_like(norm_weight),
@@ -659,66 +681,50 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weig
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw = norm_weight.contiguous()
-    cfg = _config(B, HW, D, h, down_weight.dtype, dev)
-    BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
-    n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
+    op = op_dtype or down_weight.dtype
+    plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, op,
+                                                  *plan_device(dev), recompute_u=u is None)}
+    cfg = plan["dwconv_t"].meta
+    BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
+    n_t = triton.cdiv(HW, BT)
     sxb, sxn = _token_strides(x, batch_first)
     sgb, sgn = _token_strides(g, batch_first)
     sdb, sdn = _token_strides(dx, batch_first)
 
     if u is None:                                                     # recompute u = t Wd^T
-        u = _new((B, HW, h), down_weight.dtype, dev)
-        _heba_visual_fwd_kernel_down[(n_t, n_h, B)](x, wd, u, sxb, sxn, HW, D, h, P, **cfg)
-    s = _new((B, HW, h), down_weight.dtype, dev)                      # gelu(v), recomputed
-    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        u, wm, s, H, W, HW, h, MIRROR=False, GELU=True, BLOCK_T=BT, BLOCK_H=BH,
-        num_warps=cfg["num_warps"])
-    n_s = _partial_images(B, n_t, dev)
-    dnw_part = _new((n_s * n_t, D), torch.float32, dev)
-    dnb_part = _new((n_s * n_t, D), torch.float32, dev)
-    gs_v, gs_p, gs_from_ptr = scalar_arg(gs, mean)
-    _heba_visual_bwd_kernel_dy[(n_t, n_s)](
-        x, g, s, wu, nw, mean, rstd, dx, dnw_part, dnb_part,
-        sxb, sxn, sgb, sgn, sdb, sdn, B, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **cfg)
+        u = new_buffer((B, HW, h), op, dev)
+        launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, HW, D, h,
+               P, **cfg)
+    s = new_buffer((B, HW, h), op, dev)                               # gelu(v), recomputed
+    n_s = plan["dy"].grid[1]
+    dnw_part = new_buffer((n_s * n_t, D), torch.float32, dev)
+    dnb_part = new_buffer((n_s * n_t, D), torch.float32, dev)
+    dv = new_buffer((B, HW, h), torch.float32, dev)
+    dwm_part = new_buffer((n_s * n_t, h, 9), torch.float32, dev)
+    gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
+    assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"
+    launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd,
+           mean if y is None else y, dx, dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn,
+           sdb, sdn, B, H, W, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
-    dv = _new((B, HW, h), torch.float32, dev)
-    dwm_part = _new((n_s * n_t, h, 9), torch.float32, dev)
-    # h in 32-column blocks here: at 64 the kernel spills 20-44 B (128 registers) in every
-    # 16-bit and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none.
-    dv_bh = min(32, BH)
-    _heba_visual_bwd_kernel_dv[(n_t, triton.cdiv(h, dv_bh), n_s)](
-        dx, u, wm, wu, dv, dwm_part, sdb, sdn, B, H, W, HW, D, h, P, **dict(cfg, BLOCK_H=dv_bh))
-
-    # Weight gradients reduce over every token: split-K over token tiles, enough
-    # splits to fill the GPU (3 in the interpreter, so the split path is tested).
-    n_tiles = B * n_t
-    if _interpreting() or dev.type != "cuda":
-        split = min(n_tiles, 3)
-    else:
-        split = max(1, min(n_tiles, (2 * _num_sms(dev)) // (n_h * n_d)))
-    per_split = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, per_split)
-    dwu_part = _new((split, D, h), torch.float32, dev)
-    _heba_visual_bwd_kernel_dwu[(n_d, n_h, split)](
-        dx, s, dwu_part, sdb, sdn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
-    du = _new((B, HW, h), down_weight.dtype, dev)                     # dwconv^T(dv)
-    _heba_visual_kernel_dwconv[(n_t, n_h, B)](
-        dv, wm, du, H, W, HW, h, MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH,
-        num_warps=cfg["num_warps"])
-    dwd_part = _new((split, h, D), torch.float32, dev)
-    _heba_visual_bwd_kernel_dwd[(n_d, n_h, split)](
-        x, du, dwd_part, sxb, sxn, HW, D, h, P, n_tiles, n_t, per_split, **cfg)
+    # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
+    dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
+    du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
+    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, HW, h,
+           MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
+    dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Last: turns dy (still read by the kernels above) into dx, in place.
-    xs_v, xs_p, xs_from_ptr = scalar_arg(xs, mean)
-    _heba_visual_bwd_kernel_dx[(n_t, n_d, B)](
-        g, du, wd, dx, sgb, sgn, sdb, sdn, HW, D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
-
-    return (dx,
-            dwd_part.sum(0).reshape(down_weight.shape).to(down_weight.dtype),
-            dwm_part.sum(0).reshape(mid_weight.shape).to(mid_weight.dtype),
-            dwu_part.sum(0).reshape(up_weight.shape).to(up_weight.dtype),
-            dnw_part.sum(0).to(norm_weight.dtype),
-            dnb_part.sum(0).to(norm_bias.dtype))
+    xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
+    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, HW,
+           D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
+    # Every partial buffer summed in one launch, straight into the parameters' dtypes.
+    grads = reduce_partials([
+        Partial(dwd_part, down_weight.shape, down_weight.dtype),
+        Partial(dwm_part, mid_weight.shape, mid_weight.dtype),
+        Partial(dwu_part, up_weight.shape, up_weight.dtype),
+        Partial(dnw_part, norm_weight.shape, norm_weight.dtype),
+        Partial(dnb_part, norm_bias.shape, norm_bias.dtype)])
+    return (dx, *grads)
 
 
 # --------------------------------------------------------------------------- registered ops
@@ -729,46 +735,51 @@ def _triton_visual_fwd(x: torch.Tensor, down_weight: torch.Tensor, mid_weight: t
                        up_weight: torch.Tensor, norm_weight: torch.Tensor,
                        norm_bias: torch.Tensor, scale: float, scale_t: Optional[torch.Tensor],
                        num_prefix_tokens: int, H: int, W: int, batch_first: bool, eps: float,
-                       rescale_param_grad: bool
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, u, mean, rstd)``; the scale is ``scale_t`` (0-d float32) if given, else
+                       rescale_param_grad: bool, op_dtype: Optional[torch.dtype]
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """``(out, u, mean, rstd, y)``; the scale is ``scale_t`` (0-d float32) if given, else
     ``scale``; ``rescale_param_grad`` is only read by the backward."""
     with device_guard(x):
         return heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-                               scale if scale_t is None else scale_t, num_prefix_tokens, H, W,
-                               batch_first, eps)
+                               Scale(scale, scale_t), num_prefix_tokens, H, W, batch_first, eps,
+                               op_dtype)
 
 
 @_triton_visual_fwd.register_fake
 def _(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
-      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad):
+      num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad, op_dtype):
     B = x.shape[0] if batch_first else x.shape[1]
     h = mid_weight.shape[0]
-    return (x.new_empty(x.shape), down_weight.new_empty((B, H * W, h)),
+    return (x.new_empty(x.shape),
+            down_weight.new_empty((B, H * W, h), dtype=op_dtype or down_weight.dtype),
             x.new_empty((B, H * W), dtype=torch.float32),
-            x.new_empty((B, H * W), dtype=torch.float32))
+            x.new_empty((B, H * W), dtype=torch.float32),
+            x.new_empty((B, H * W, x.shape[-1]) if x.shape[-1] >= KEEP_Y_MIN_DIM else (0,)))
 
 
 @torch.library.custom_op("heba::triton_visual_bwd", mutates_args=())
 def _triton_visual_bwd(grad_out: torch.Tensor, x: torch.Tensor, u: Optional[torch.Tensor],
-                       mean: torch.Tensor, rstd: torch.Tensor, down_weight: torch.Tensor,
+                       mean: torch.Tensor, rstd: torch.Tensor, y: Optional[torch.Tensor],
+                       down_weight: torch.Tensor,
                        mid_weight: torch.Tensor, up_weight: torch.Tensor,
                        norm_weight: torch.Tensor, norm_bias: torch.Tensor, scale: float,
                        scale_t: Optional[torch.Tensor], num_prefix_tokens: int, H: int, W: int,
-                       batch_first: bool, rescale_param_grad: bool
+                       batch_first: bool, rescale_param_grad: bool,
+                       op_dtype: Optional[torch.dtype]
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor]:
     """Gradients of ``(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)``;
     ``u`` None: recomputed from ``x``."""
     with device_guard(x):
-        return heba_visual_bwd(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight,
-                               norm_weight, norm_bias, scale if scale_t is None else scale_t,
-                               num_prefix_tokens, H, W, batch_first, rescale_param_grad)
+        return heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_weight,
+                               norm_weight, norm_bias, Scale(scale, scale_t), num_prefix_tokens,
+                               H, W, batch_first, rescale_param_grad, op_dtype)
 
 
 @_triton_visual_bwd.register_fake
-def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-      scale, scale_t, num_prefix_tokens, H, W, batch_first, rescale_param_grad):
+def _(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
+      scale, scale_t, num_prefix_tokens, H, W, batch_first, rescale_param_grad, op_dtype):
     return (x.new_empty(x.shape), torch.empty_like(down_weight), torch.empty_like(mid_weight),
             torch.empty_like(up_weight), torch.empty_like(norm_weight),
             torch.empty_like(norm_bias))
@@ -779,21 +790,22 @@ def _(grad_out, x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weigh
 
 def _setup_context(ctx, inputs, output):
     (x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, scale, scale_t,
-     num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad) = inputs
-    _, u, mean, rstd = output
-    ctx.mark_non_differentiable(u, mean, rstd)
+     num_prefix_tokens, H, W, batch_first, eps, rescale_param_grad, op_dtype) = inputs
+    _, u, mean, rstd, y = output
+    ctx.set_materialize_grads(False)   # no zero-filled gradients of the statistics
+    ctx.mark_non_differentiable(u, mean, rstd, y)
     if x.shape[-1] < SAVE_U_MIN_DIM:
         u = None                  # memory-bound width: the backward recomputes it
-    ctx.save_for_backward(x, u, mean, rstd, down_weight, mid_weight, up_weight, norm_weight,
-                          norm_bias, scale_t)
-    ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad)
+    ctx.save_for_backward(x, u, mean, rstd, y if y.numel() else None, down_weight, mid_weight,
+                          up_weight, norm_weight, norm_bias, scale_t)
+    ctx.args = (scale, num_prefix_tokens, H, W, batch_first, rescale_param_grad, op_dtype)
 
 
-def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd):
+def _backward(ctx, grad_out, _grad_u, _grad_mean, _grad_rstd, _grad_y):
     *saved, scale_t = ctx.saved_tensors
     scale, *rest = ctx.args
     grads = torch.ops.heba.triton_visual_bwd(grad_out, *saved, scale, scale_t, *rest)
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("heba::triton_visual_fwd", _backward,
@@ -804,7 +816,8 @@ torch.library.register_autograd("heba::triton_visual_fwd", _backward,
 
 
 def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *,
-                scale, num_prefix_tokens, grid, batch_first, eps, rescale_param_grad):
+                scale, num_prefix_tokens, grid, batch_first, eps, rescale_param_grad,
+                op_dtype=None):
     """HeBA visual adapter on the Triton backend (arguments validated by :mod:`heba.ops`).
 
     ``x``: ``[B, N, D]`` (``[N, B, D]`` if not ``batch_first``); ``down_weight``
@@ -812,7 +825,10 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     ``norm_weight``/``norm_bias`` ``[D]``; ``grid=(H, W)`` with ``H * W = N - num_prefix_tokens``.
     Returns ``x + scale * LayerNorm(x + up(gelu(dwconv3x3(down(x)))))`` on the grid tokens
     and ``x`` on the prefix tokens, in ``x``'s dtype; differentiable, with docs/semantics.md's
-    gradient rule when ``rescale_param_grad``.
+    gradient rule when ``rescale_param_grad``. ``op_dtype`` (default None: the weights'
+    dtype) is the matmul operand dtype: under autocast :mod:`heba.ops` passes the autocast
+    dtype with the float32 weights, which the kernels round in registers (no cast
+    launches; the gradients come out in the weights' float32).
 
     Example::
 
@@ -823,10 +839,8 @@ def heba_visual(x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *
     """
     check_dtypes("heba_visual", x, down_weight, mid_weight, up_weight, norm_weight, norm_bias)
     H, W = grid
-    tensor = isinstance(scale, torch.Tensor)
-    out, _, _, _ = torch.ops.heba.triton_visual_fwd(
-        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias,
-        0.0 if tensor else float(scale), scale if tensor else None,
+    out, *_ = torch.ops.heba.triton_visual_fwd(
+        x, down_weight, mid_weight, up_weight, norm_weight, norm_bias, *Scale.of(scale),
         int(num_prefix_tokens), int(H), int(W), bool(batch_first), float(eps),
-        bool(rescale_param_grad))
+        bool(rescale_param_grad), op_dtype)
     return out

@@ -23,8 +23,10 @@ Backward: ``_low_rank_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)
 recomputes ``u`` from ``x``, forms ``da``, ``du`` and ``dx``, and writes ``a``
 and ``du`` (``[M, r]``, the weights' dtype: small next to ``x``) for the
 weight gradients. Those are reductions over all tokens, computed by
-:func:`heba_kernels._triton_common.atb`: float32 partials per token chunk in
-separate slots, summed afterwards, no atomics. **The backward is
+:func:`heba_kernels._triton_common.atb_partials`: float32 partials per token
+chunk in separate slots, no atomics; the four partial buffers are then summed in
+one launch (:func:`~heba_kernels._triton_common.reduce_partials`), in float32 and
+in a fixed order, straight into the weights' dtype. **The backward is
 deterministic** (bitwise identical run to run on the same device).
 
 At the zero-init start (``W_u = 0``): ``da = 0`` exactly, so ``du``, ``dW_d``
@@ -52,10 +54,13 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (_gelu, _gelu_grad, _mma, _op_cast, atb, check_dtypes,
-                                         device_guard, launch_flags, op_code)
+from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast,
+                                         atb_partials, atb_plan, check_dtypes, device_guard,
+                                         launch_flags, op_code, plan_device, reduce_partials,
+                                         reduce_plan)
+from heba_kernels.runtime import Launch, Scale, launch, new_buffer
 
-__all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd"]
+__all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd", "low_rank_plan"]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -196,21 +201,38 @@ def _config(R, op_dtype, backward):
     return BLOCK_M, BLOCK_N, BLOCK_R, num_warps
 
 
-def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
+def low_rank_plan(M, D, R, op_dtype, sms, gpu, backward):
+    """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
+    of width ``D``, rank ``R``: the row kernel, then (backward) the two reductions."""
+    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=backward)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=num_warps)
+    grid = (triton.cdiv(M, BLOCK_M),)
+    if not backward:
+        return [Launch("fwd", "_low_rank_fwd_kernel", grid, meta)]
+    atbs = [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
+            for step, i, j in (("d_up", D, R), ("d_down", R, D))]
+    s_up, s_down = (st.grid[2] for st in atbs)
+    return [Launch("dx", "_low_rank_bwd_kernel_dx", grid, meta)] + atbs + [
+        reduce_plan([(s_up, D * R), (s_up, D), (s_down, R * D), (s_down, R)])]
+
+
+def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype=None):
     """``x + alpha * (up(gelu(down(x))))`` for ``x [..., D]``; returns a contiguous tensor."""
     D = x.shape[-1]
     R = down_weight.shape[0]
     x2 = _rows(x)
     M = x2.shape[0]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = new_buffer(x.shape, x.dtype, x.device)
     if M == 0:
         return out
     out2 = out.view(M, D)
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     upcast, ieee = launch_flags(x.device, op_dtype)
-    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=False)
-    grid = (triton.cdiv(M, BLOCK_M),)
-    _low_rank_fwd_kernel[grid](
+    (fwd,) = low_rank_plan(M, D, R, op_dtype, *plan_device(x.device), backward=False)
+    BLOCK_M, BLOCK_N, BLOCK_R, num_warps = (fwd.meta[k] for k in
+                                            ("BLOCK_M", "BLOCK_N", "BLOCK_R", "num_warps"))
+    grid = fwd.grid
+    launch(_low_rank_fwd_kernel, grid,
         x2, down_weight, down_bias if down_bias is not None else down_weight,
         up_weight, up_bias if up_bias is not None else up_weight, out2,
         M, D, R, x2.stride(0), out2.stride(0), float(alpha),
@@ -220,7 +242,7 @@ def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha):
     return out
 
 
-def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
+def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha, op_dtype=None):
     """Gradients ``(dx, d down.weight, d down.bias, d up.weight, d up.bias)``.
 
     The bias gradients are returned whether or not the biases exist (they cost
@@ -230,25 +252,31 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
     R = down_weight.shape[0]
     x2, g2 = _rows(x), _rows(g)
     M = x2.shape[0]
-    op_dtype = down_weight.dtype
+    op_dtype = op_dtype or down_weight.dtype       # matmul operands (autocast: its dtype)
     wdt = down_weight.dtype
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    a_buf = torch.empty(M, R, device=x.device, dtype=op_dtype)        # gelu(u)   [M, R]
-    du_buf = torch.empty(M, R, device=x.device, dtype=op_dtype)       # dL/du     [M, R]
+    dx = new_buffer(x.shape, x.dtype, x.device)
+    a_buf = new_buffer((M, R), op_dtype, x.device)        # gelu(u)   [M, R]
+    du_buf = new_buffer((M, R), op_dtype, x.device)       # dL/du     [M, R]
     if M > 0:
         dx2 = dx.view(M, D)
         upcast, ieee = launch_flags(x.device, op_dtype)
-        BLOCK_M, BLOCK_N, BLOCK_R, num_warps = _config(R, op_dtype, backward=True)
-        grid = (triton.cdiv(M, BLOCK_M),)
-        _low_rank_bwd_kernel_dx[grid](
+        row = low_rank_plan(M, D, R, op_dtype, *plan_device(x.device), backward=True)[0]
+        BLOCK_M, BLOCK_N, BLOCK_R, num_warps = (row.meta[k] for k in
+                                                ("BLOCK_M", "BLOCK_N", "BLOCK_R", "num_warps"))
+        grid = row.grid
+        launch(_low_rank_bwd_kernel_dx, grid,
             x2, g2, down_weight, down_bias if down_bias is not None else down_weight,
             up_weight, dx2, a_buf, du_buf,
             M, D, R, x2.stride(0), g2.stride(0), dx2.stride(0), float(alpha),
             HAS_BD=down_bias is not None,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
-    d_up_w, d_up_b = atb(g2, a_buf, op_dtype, wdt, scale=float(alpha), colsum=True)   # [D, R], [D]
-    d_down_w, d_down_b = atb(du_buf, x2, op_dtype, wdt, colsum=True)                 # [R, D], [R]
+    up_w, up_b = atb_partials(g2, a_buf, op_dtype, colsum=True)                     # [D, R], [D]
+    down_w, down_b = atb_partials(du_buf, x2, op_dtype, colsum=True)                # [R, D], [R]
+    # One launch sums all four: the up gradients times alpha, the down ones as they are.
+    d_up_w, d_up_b, d_down_w, d_down_b = reduce_partials(
+        [Partial(up_w, (D, R), wdt, scaled=True), Partial(up_b, (D,), wdt, scaled=True),
+         Partial(down_w, (R, D), wdt), Partial(down_b, (R,), wdt)], Scale(float(alpha)))
     return dx, d_down_w, d_down_b, d_up_w, d_up_b
 
 
@@ -257,36 +285,39 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha):
 @torch.library.custom_op("heba::triton_low_rank_fwd", mutates_args=())
 def _low_rank_fwd_op(x: torch.Tensor, down_weight: torch.Tensor,
                      down_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
-                     up_bias: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+                     up_bias: Optional[torch.Tensor], alpha: float,
+                     op_dtype: Optional[torch.dtype]) -> torch.Tensor:
     with device_guard(x):
-        return low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha)
+        return low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype)
 
 
 @_low_rank_fwd_op.register_fake
-def _(x, down_weight, down_bias, up_weight, up_bias, alpha):
+def _(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("heba::triton_low_rank_bwd", mutates_args=())
 def _low_rank_bwd_op(g: torch.Tensor, x: torch.Tensor, down_weight: torch.Tensor,
                      down_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
-                     alpha: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor]:
+                     alpha: float, op_dtype: Optional[torch.dtype]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
     with device_guard(x):
-        return low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha)
+        return low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha, op_dtype)
 
 
 @_low_rank_bwd_op.register_fake
-def _(g, x, down_weight, down_bias, up_weight, alpha):
+def _(g, x, down_weight, down_bias, up_weight, alpha, op_dtype):
     R, D = down_weight.shape
     return (x.new_empty(x.shape), down_weight.new_empty(R, D), down_weight.new_empty(R),
             up_weight.new_empty(D, R), up_weight.new_empty(D))
 
 
 def _low_rank_setup_context(ctx, inputs, output):
-    x, down_weight, down_bias, up_weight, up_bias, alpha = inputs
+    x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype = inputs
     ctx.save_for_backward(x, down_weight, down_bias, up_weight)
     ctx.alpha = alpha
+    ctx.op_dtype = op_dtype
     ctx.has_down_bias = down_bias is not None
     ctx.has_up_bias = up_bias is not None
 
@@ -294,9 +325,9 @@ def _low_rank_setup_context(ctx, inputs, output):
 def _low_rank_backward(ctx, g):
     x, down_weight, down_bias, up_weight = ctx.saved_tensors
     dx, d_down_w, d_down_b, d_up_w, d_up_b = torch.ops.heba.triton_low_rank_bwd(
-        g, x, down_weight, down_bias, up_weight, ctx.alpha)
+        g, x, down_weight, down_bias, up_weight, ctx.alpha, ctx.op_dtype)
     return (dx, d_down_w, d_down_b if ctx.has_down_bias else None, d_up_w,
-            d_up_b if ctx.has_up_bias else None, None)
+            d_up_b if ctx.has_up_bias else None, None, None)
 
 
 torch.library.register_autograd("heba::triton_low_rank_fwd", _low_rank_backward,
@@ -305,7 +336,7 @@ torch.library.register_autograd("heba::triton_low_rank_fwd", _low_rank_backward,
 
 # ----------------------------------------------------------------------------- public function
 
-def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
+def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha, op_dtype=None):
     """AdapterTune low-rank residual ``x + alpha * (W_u gelu(W_d x + b_d) + b_u)``.
 
     Args:
@@ -313,6 +344,8 @@ def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
         down_weight: ``[r, D]``; down_bias: ``[r]`` or None.
         up_weight: ``[D, r]``; up_bias: ``[D]`` or None.
         alpha: residual scale (Python float).
+        op_dtype: matmul operand dtype (default None: the weights'); under autocast the
+            autocast dtype with float32 weights, rounded in registers.
 
     Returns ``[..., D]`` in ``x``'s dtype. Differentiable in every tensor argument.
     """
@@ -320,4 +353,5 @@ def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
     return torch.ops.heba.triton_low_rank_fwd(
         x, down_weight.contiguous(),
         None if down_bias is None else down_bias.contiguous(),
-        up_weight.contiguous(), None if up_bias is None else up_bias.contiguous(), float(alpha))
+        up_weight.contiguous(), None if up_bias is None else up_bias.contiguous(), float(alpha),
+        op_dtype)

@@ -52,10 +52,9 @@ def _cases():
                                 DX=xs, DY=xs, A_OUT=ws, DU_OUT=ws, DNW_PART="fp32",
                                 DNB_PART="fp32", U_BUF="fp32", scale_ptr="fp32")
                     kernel, c["SCALE_PTR"] = "_heba_text_bwd_kernel_dx", False
-                    if BH > heba_text.WIDE_H:
-                        kernel = "_heba_text_bwd_kernel_dx_wide"
-                        c["BLOCK_HC"] = heba_text._WIDE_BLOCK_HC
-                        c["_shown"] = f"{BM}x{BN}x{c.pop('BLOCK_H')}(h chunks {c['BLOCK_HC']})"
+                    c["WIDE"], c["BLOCK_HC"] = BH > heba_text.WIDE_H, heba_text._WIDE_BLOCK_HC
+                    if c["WIDE"]:
+                        c["_shown"] = f"{BM}x{BN}x{BH}(h chunks {c['BLOCK_HC']})"
                     yield ("heba_text bwd", H, xdt, wdt, kernel, ptrs, ("scale",), c, nw)
                 else:
                     ptrs = dict(X=xs, WD=ws, WU=ws, NW=ws, NB=ws, OUT=xs, MEAN="fp32",
@@ -82,6 +81,12 @@ def _cases():
                      _shape=dict(D=768, h=BI))
             yield ("atb (dW)", BJ, xdt, wdt, "_atb_kernel",
                    dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32"), (), c, 4)
+        # the one reduction of an op's partial buffers (float32 in, the weights' dtype out)
+        c = dict(SCALE_PTR=True, SCALED=0b10101, BLOCK=_triton_common.REDUCE_BLOCK,
+                 _shown=f"B{_triton_common.REDUCE_BLOCK}", _shape=dict(D=768, h=192))
+        ptrs = {f"{k}{i}": ("fp32" if k == "P" else ws) for i in range(5) for k in "PO"}
+        yield ("reduce partials", 5, xdt, wdt, "_reduce_partials_kernel",
+               dict(ptrs, scale_ptr="fp32"), ("scale",), c, 4)
 
 
 def _int_value(name, shape):
@@ -92,8 +97,7 @@ def _int_value(name, shape):
                   stride_xm=D, stride_om=D, stride_gm=D, stride_dxm=D, stride_am=h,
                   stride_bm=D, stride_xb=N * D, stride_xn=D, stride_ob=N * D, stride_on=D,
                   stride_gb=N * D, stride_gn=D, stride_db=N * D, stride_dn=D,
-                  rows_per_split=M // 8, n_tiles=32 * 7, tiles_per_image=7,
-                  tiles_per_split=4)
+                  rows_per_split=M // 8, stride_ab=0, stride_bb=0)
     if name == "H" and "HW" in shape:
         return 14                                   # the visual kernels' grid height
     return values.get(name, 7)
@@ -118,34 +122,34 @@ def _launch_attrs(fn, sig, shape):
 def _visual_cases():
     """Every visual kernel at the blocks ``heba_visual._config`` picks for ViT-B/16
     (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), batch 32, 14x14."""
-    import triton.language as tl
     f32 = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
            "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
-    tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr"}
+    tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
     kernels = ["_heba_visual_fwd_kernel_down", "_heba_visual_fwd_kernel",
-               "_heba_visual_bwd_kernel_dy", "_heba_visual_bwd_kernel_dv",
-               "_heba_visual_bwd_kernel_dwu", "_heba_visual_bwd_kernel_dx",
-               "_heba_visual_bwd_kernel_dwd", "_heba_visual_kernel_dwconv"]
+               "_heba_visual_bwd_kernel_dy", "_heba_visual_bwd_kernel_dx",
+               "_heba_visual_kernel_dwconv"]
     for xdt, wdt in DTYPES:
         for D in (768, 1024, 3072, 4096):
             h = D // 4
-            dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(wdt, tl.float32)
             cfg = dict(BLOCK_T=32, BLOCK_H=min(64, triton.next_power_of_2(h)),
-                       BLOCK_D=min(64, triton.next_power_of_2(D)), DOT_DTYPE=dot,
-                       DOT_PREC="ieee" if dot == tl.float32 else "tf32")
+                       BLOCK_D=min(64, triton.next_power_of_2(D)),
+                       OP=_triton_common.op_code(wdt), UPCAST=False,
+                       IEEE=wdt == torch.float32)
             for kern in kernels:
                 consts = dict(cfg)
-                if kern.endswith("_dv"):
-                    consts["BLOCK_H"] = min(32, cfg["BLOCK_H"])    # as heba_visual_bwd launches
-                if kern.endswith("dwconv"):
-                    consts = dict(BLOCK_T=32, BLOCK_H=cfg["BLOCK_H"], MIRROR=False, GELU=True)
+                if kern.endswith("dwconv"):     # du = dwconv^T(dv): dv float32
+                    consts = dict(BLOCK_T=32, BLOCK_H=cfg["BLOCK_H"], MIRROR=True, GELU=False)
                 if kern == "_heba_visual_fwd_kernel":
                     consts["SCALE_PTR"] = False
+                    consts["KEEP_Y"] = D >= heba_visual.KEEP_Y_MIN_DIM   # as visual_fwd_plan
                 if kern.endswith("_dy"):
                     consts["GS_PTR"] = False
+                    consts["BLOCK_HV"] = min(32, cfg["BLOCK_H"])   # as visual_bwd_plan
+                    consts["KEEP_Y"] = D >= heba_visual.KEEP_Y_MIN_DIM
                 if kern.endswith("_dx"):
                     consts["XS_PTR"] = False
-                ptrs = {n: ("fp32" if n in f32 else TY[xdt] if n in tok else TY[wdt])
+                ptrs = {n: ("fp32" if n in f32 or (n == "src_ptr" and kern.endswith("dwconv"))
+                            else TY[xdt] if n in tok else TY[wdt])
                         for n in getattr(heba_visual, kern).arg_names if n.endswith("_ptr")}
                 consts["_shown"] = (f"T{cfg['BLOCK_T']}xH{consts['BLOCK_H']}"
                                     f"xD{cfg['BLOCK_D']}")
@@ -163,7 +167,7 @@ def _compile(args):
               low_rank if kernel.startswith("_low_rank") else _triton_common)
     fn = getattr(module, kernel)
     shape = consts.pop("_shape")
-    if "visual" not in name:
+    if "visual" not in name and "reduce" not in name:
         consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
     shown = consts.pop("_shown")
     sig = {n: ("constexpr" if n in consts else "*" + ptrs.get(n, ptrs.get("*", "fp32"))
@@ -172,7 +176,8 @@ def _compile(args):
     attrs, ones = _launch_attrs(fn, sig, shape)
     consts = dict(consts, **ones)
     sig.update({n: "constexpr" for n in ones})
-    dim = "h" if "text" in name else "J" if "atb" in name else "D" if "visual" in name else "r"
+    dim = ("h" if "text" in name else "J" if "atb" in name else "D" if "visual" in name
+           else "k" if "reduce" in name else "r")
     label = f"{name} {dim}={width:<4} x {TY[xdt]} w {TY[wdt]} {shown} warps={num_warps}"
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),

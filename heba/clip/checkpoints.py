@@ -13,6 +13,7 @@ saved epoch) is the trainer's: :mod:`heba.train.run_folder`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -30,7 +31,7 @@ __all__ = ["CheckpointError", "load_published_checkpoint", "extract_state_dict",
            "load_adapter_state", "adapter_writers", "save_adapters", "load_adapters",
            "config_path",
            "atomic_write", "replace_with", "write_file", "temp_name", "fsync",
-           "atomic_torch_save"]
+           "atomic_torch_save", "WriteError", "write_error"]
 
 
 def find_checkpoint(path: str) -> tuple[str, str]:
@@ -60,6 +61,34 @@ def find_checkpoint(path: str) -> tuple[str, str]:
 
 
 # --- heba's own checkpoints ------------------------------------------------------------------
+
+
+class WriteError(OSError):
+    """A write that failed, on one line: the path and the cause (:func:`write_error`)."""
+
+
+def write_error(err: BaseException, path: str) -> WriteError:
+    """``err`` (raised writing ``path``) as a :class:`WriteError`: ``cannot write PATH: cause``,
+    the cause by its name (``no space left on device``, ``permission denied``, ...)."""
+    if isinstance(err, WriteError):
+        return err
+    code = getattr(err, "errno", None)
+    cause = os.strerror(code).lower() if code else (" ".join(str(err).split()) or
+                                                    type(err).__name__)
+    where = getattr(err, "filename", None) or path
+    out = WriteError(f"cannot write {where}: {cause}")
+    out.errno = code
+    return out
+
+
+def no_space(path: str) -> bool:
+    """Whether the file system holding ``path`` is full (under 64 KiB left to this user)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def temp_name(path: str) -> str:
@@ -99,7 +128,16 @@ def write_file(path: str, write) -> None:
     """
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))   # umask applies
     mode = os.stat(path).st_mode & 0o7777
-    write(path)
+    try:
+        write(path)
+    except OSError:
+        raise
+    except Exception as err:
+        # A writer that hides the cause (torch.save on a full disk: "enforce fail ...
+        # unexpected pos"): name it when the file system is full.
+        if no_space(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from err
+        raise
     if os.stat(path).st_mode & 0o7777 != mode:
         os.chmod(path, mode)
     fsync(path)

@@ -10,9 +10,11 @@ the CPU threads and the precision. Both recipes (:mod:`heba.train.recipe`,
 
 Example::
 
+    >>> import tempfile
     >>> from heba.train.config import make_config
+    >>> out = tempfile.mkdtemp() + "/run"       # proved writable, not created
     >>> run = start(make_config("heba", model="tiny", source="demo"),
-    ...             RunOptions(output="/nonexistent/run", device="cpu", threads=1))
+    ...             RunOptions(output=out, device="cpu", threads=1))
     >>> run.rank, run.world, run.device.type, run.precision, run.plan.mode
     (0, 1, 'cpu', 'fp32', 'fresh')
 """
@@ -33,7 +35,10 @@ from heba.train.runtime import resolve_precision, set_cpu_threads, setup_distrib
 
 @dataclass
 class RunOptions:
-    """How a run executes (not saved with it; the result does not depend on it up to rounding)."""
+    """How a run executes (not saved with it; the result does not depend on it up to
+    rounding, except ``workers``: each DataLoader worker draws its random augmentations from
+    its own seed, so ``workers`` is saved in the run's ``train_state.pt`` and a resume must
+    keep it)."""
 
     output: str = "runs/heba"
     overwrite: bool = False
@@ -103,9 +108,10 @@ def _threads_and_precision(cfg: Config, opts: RunOptions, device) -> str:
 
 def start(cfg: Config, opts: RunOptions, log: Callable = print) -> Run:
     """The :class:`Run` of ``cfg`` under ``opts``: every check that needs no data set and no
-    model first (:func:`heba.train.preflight.validate`); nothing is written."""
+    model first (:func:`heba.train.preflight.validate`); nothing is written but the output
+    folder's lock file (rank 0, an existing folder: the run owns it from here on)."""
     rank, world, device = setup_distributed(opts.device)
-    plan = preflight.validate(cfg, opts, device)
+    plan = preflight.validate(cfg, opts, device, lock=rank == 0)
     precision = _threads_and_precision(cfg, opts, device)
     eval_precision = "fp32" if cfg.eval_precision == "fp32" else precision
     return Run(cfg, opts, log, rank, world, device, plan, precision, eval_precision)

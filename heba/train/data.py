@@ -184,6 +184,10 @@ class TrainLoader:
         self.sampler = EpochSampler(len(ds), spec, getattr(self.dataset, "sizes", None), world,
                                     rank, drop, dist_seed=cfg.seed)
         self.workers = resolve_workers(workers, self.device, world)
+        # The worker count the result depends on: only a data set batched as is draws its
+        # random transforms in the workers (from per-worker seeds); the image pipelines draw
+        # every box and flip in the main process, whatever the count (None).
+        self.seeded_workers = self.workers if spec is None else None
         self.generator = torch.Generator()
         persistent = self.workers > 0 and spec is not None    # no RNG state in the workers
         self.loader = torch.utils.data.DataLoader(

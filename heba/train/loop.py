@@ -9,6 +9,9 @@ record, the recipe's evaluation, :func:`save_epoch`), and :func:`release`.
 
 Every random draw of an epoch follows from ``(seed, epoch, rank)``
 (:func:`epoch_seed`), so a resumed run is the uninterrupted one, bit for bit.
+A non-finite loss (tracked on the device, read once per epoch) or adapter value
+stops the run (:class:`Diverged`) before the epoch is recorded or saved; SIGINT /
+SIGTERM stop it between steps (:func:`heba.train.run_folder.check_stop`).
 
 Example::
 
@@ -18,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -30,9 +34,11 @@ import torch
 from heba.clip.wiring import count_parameters
 from heba.train import data as run_data
 from heba.train import optim
+from heba.train import preflight
 from heba.train import run_folder as rf
 from heba.train.context import Run
 from heba.train.graph import GraphedStep, graphs_reason
+from heba.train.config import UsageError
 from heba.train.runtime import barrier
 
 BAR_EVERY = 10          # training steps between progress-bar updates (each reads the loss)
@@ -65,6 +71,7 @@ class Training:
     start_epoch: int = 0
     graph_off: Optional[str] = None     # why the step is not a CUDA graph (None: it is)
     data_note: str = ""                 # how the training images are read (TrainLoader.note)
+    workers: Optional[int] = None       # the worker count the result depends on (or None)
     graphed: Optional[GraphedStep] = None
 
     def lr(self) -> float:
@@ -86,9 +93,11 @@ def build_training(run: Run, model, step, params, ds, load_weights: Callable[[st
         sched = optim.step_schedule(opt, cfg, len(batches))
     scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16"
                                   and device.type == "cuda")
-    tr = Training(step, step, params, opt, sched, scaler, batches.epoch, data_note=batches.note)
+    tr = Training(step, step, params, opt, sched, scaler, batches.epoch, data_note=batches.note,
+                  workers=batches.seeded_workers)
 
     if run.plan.latest is not None:
+        preflight.check_workers(run.plan.state, tr.workers, run.plan.latest.path)
         load_weights(run.plan.latest.file(rf.CKPT_NAME))
         tr.start_epoch = restore(tr, model, run.plan)
     tr.graph_off = graphs_reason(run.opts, device, run.world, run.precision, model, step, opt)
@@ -120,7 +129,14 @@ def open_folder(run: Run, splits: dict) -> None:
 
 def _prepare_folder(run: Run, splits: dict) -> None:
     plan, out = run.plan, run.opts.output
-    os.makedirs(out, exist_ok=True)
+    with rf.writing(out):
+        os.makedirs(out, exist_ok=True)
+    if not rf.locked(out):                   # a new folder: owned from its first write
+        rf.lock(out)
+        if rf.inspect(out).holds_run:
+            raise UsageError(f"{out}: another process started a run there while this one "
+                             f"was setting up; nothing was written")
+    _check_splits(run, splits)
     if plan.mode == "overwrite":
         rf.clear(out)
     if plan.mode in ("resume", "finished"):
@@ -133,6 +149,22 @@ def _prepare_folder(run: Run, splits: dict) -> None:
         if not os.path.exists(path):
             text = json.dumps(split.to_json()) + "\n"
             rf.atomic_write(path, lambda tmp, t=text: rf.write_text(tmp, t))
+
+
+def _check_splits(run: Run, splits: dict) -> None:
+    """A resumed run trains on the images it started with: each ``split_<sub>.json`` saved
+    in the folder must list exactly the images drawn now (the data may have changed)."""
+    if run.plan.mode not in ("resume", "finished"):
+        return
+    for sub, split in splits.items():
+        path = os.path.join(run.opts.output, f"split_{sub}.json")
+        if not os.path.exists(path):
+            continue
+        saved = rf.read_json(path)
+        if saved != json.loads(json.dumps(split.to_json())):
+            raise UsageError(f"--resume: the data changed since the run started: {path} "
+                             f"lists other images than the split drawn now; restore the "
+                             f"data, or start over with --overwrite")
 
 
 def announce(run: Run, model, what: str, fast_notes: list) -> None:
@@ -172,7 +204,9 @@ def train_epoch(run: Run, tr: Training, epoch: int, inputs: Callable, tally: Tal
     loader = tr.loader(epoch)
     bar = _progress(run, loader, epoch)
     t0, seen, n = time.time(), 0, 0
+    first_bad = torch.zeros((), dtype=torch.long, device=run.device)   # 0: every loss finite
     for images, labels in bar:
+        rf.check_stop()                         # SIGINT / SIGTERM: stop between steps
         images = images.to(run.device, non_blocking=True)
         labels = labels.to(run.device, non_blocking=True)
         step_inputs = inputs(images, labels)
@@ -180,6 +214,7 @@ def train_epoch(run: Run, tr: Training, epoch: int, inputs: Callable, tally: Tal
         outs = tr.graphed(*step_inputs)
         _optimizer_step(cfg, tr)
         n, seen = n + 1, seen + len(labels)
+        first_bad = _first_bad(first_bad, outs[1], n)
         tally.add(outs[1:], len(labels))
         if tally.postfix and not bar.disable and (n % BAR_EVERY == 0 or n == len(loader)):
             bar.set_postfix(loss=f"{outs[1].item():.3f}", lr=f"{tr.lr():.2e}")
@@ -188,6 +223,7 @@ def train_epoch(run: Run, tr: Training, epoch: int, inputs: Callable, tally: Tal
     if cfg.schedule == "epoch":               # Dassl: update_lr() after the last batch
         tr.sched.step()
     dt = time.time() - t0
+    check_finite(run, tr, epoch + 1, first_bad)
     front, back = tally.result(n, seen)
     rec = dict(event="train", epoch=epoch + 1, step=(epoch + 1) * len(loader), **front,
                lr=lr, img_per_s=seen * run.world / max(dt, 1e-9), seconds=dt,
@@ -195,6 +231,38 @@ def train_epoch(run: Run, tr: Training, epoch: int, inputs: Callable, tally: Tal
     if run.device.type == "cuda":
         rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     return rec
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or adapter value; nothing was saved from it."""
+
+
+def _first_bad(first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The first step (1-based) of the epoch with a non-finite loss, kept on the device (no
+    host sync per step): ``step`` if ``loss`` is not finite and none was before."""
+    bad = ~torch.isfinite(loss.detach()).all()
+    return torch.where((first_bad == 0) & bad, torch.full_like(first_bad, step), first_bad)
+
+
+def check_finite(run: Run, tr: Training, epoch: int, first_bad: torch.Tensor) -> None:
+    """Raise :class:`Diverged` (naming the epoch, the step and the last saved epoch) when a
+    loss of ``epoch`` or an adapter value is not finite. One host read; on several ranks
+    the verdict is shared, so every rank stops."""
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in tr.params]).all()
+    flags = torch.stack([first_bad.float(), (~finite).float()])
+    if run.world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    step, params_bad = int(flags[0].item()), bool(flags[1].item())
+    if not step and not params_bad:
+        return
+    where = (f"epoch {epoch} step {step}: the loss is not finite" if step else
+             f"epoch {epoch}: an adapter value is not finite")
+    saved = rf.set_epochs(run.opts.output)
+    last = (f"the last good saved epoch is {saved[0]} ({rf.epoch_dir(run.opts.output, saved[0])})"
+            if saved else "no epoch was saved")
+    raise Diverged(f"training diverged at {where}; nothing is saved from it, {last}; "
+                   f"lower --lr (or check the data) and start over with --overwrite")
 
 
 def _progress(run: Run, loader, epoch: int):
@@ -223,6 +291,7 @@ def run_epochs(run: Run, tr: Training, forward: Callable, train_epoch: Callable[
     tr.graphed = GraphedStep(forward, tr.params, enabled=tr.graph_off is None)
     result = None
     for epoch in range(tr.start_epoch, run.cfg.epochs):
+        rf.check_stop()
         rec = train_epoch(epoch)
         run.record(rec)
         saved, result = end_epoch(epoch + 1, rec)
@@ -236,14 +305,25 @@ def save_epoch(run: Run, tr: Training, model, epoch: int, writers: dict, **more)
     """Commit epoch ``epoch`` as one set (:func:`heba.train.run_folder.write_set`): the
     recipe's ``writers`` (the trained tensors + their JSON) and ``train_state.pt``
     (optimizer, scheduler, epoch, ``more``, the slow-fast stream). Returns the set."""
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in tr.params):
+        raise Diverged(f"epoch {epoch}: an adapter value is not finite; nothing is saved")
     state = dict(optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(), epoch=epoch,
-                 **more)
+                 workers=tr.workers, **more)
     policy = getattr(model, "heba_policy", None)
     if policy is not None:
         state["scale_policy"] = policy.state_dict()
     files = dict(writers)
-    files[rf.STATE_NAME] = lambda path: torch.save(state, path)
+    files[rf.STATE_NAME] = lambda path: _save_torch(state, path)
     return rf.write_set(run.opts.output, epoch, files)
+
+
+def _save_torch(obj, path: str) -> None:
+    """``torch.save`` through memory, then one plain write: a full disk is an ``OSError``
+    naming the cause (torch's own file writer reports "unexpected pos")."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def release(run: Run, tr: Optional[Training]) -> None:
@@ -252,3 +332,4 @@ def release(run: Run, tr: Optional[Training]) -> None:
         tr.graphed = None
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
+    rf.unlock(run.opts.output)

@@ -18,6 +18,20 @@ truncated, damaged or non-image file stops the run before the model loads,
 not after the last epoch. (Dassl's ``read_image`` retries such a file forever;
 skipping it would silently change the training batches or the test set.)
 
+Every place a run writes is proved writable first (:func:`probe_folder`: the folder
+made if missing, a probe file created, flushed and removed, what was made removed
+again), so ``/proc``, a name too long, a file where a folder should be or a
+read-only disk is one line before any model loads; ``split --json`` and
+``evaluate -o`` too (:func:`check_command_writes`). The data set folder must be a
+folder, and it and ``-o`` must not nest. A run owns its folder
+(:func:`heba.train.run_folder.lock`): a second process is refused before it writes
+or removes anything.
+
+``--resume`` re-checks what changes the result: every configuration field saved
+with the run, ``--workers`` where loader workers seed the augmentations
+(:func:`check_workers`, once the loader is built), and, once the data is listed, that each ``split_<sub>.json`` still lists the images
+drawn now (:func:`heba.train.loop.open_folder`).
+
 What happens with an output folder (``-o``; the Plan's ``note`` says it in the log):
 
 * nothing of heba's there: a fresh run.
@@ -63,13 +77,17 @@ class Plan:
     note: Optional[str] = None                  # one log line: what happens
 
 
-def validate(cfg, opts, device) -> Plan:
-    """Every check that needs no data set and no model; returns the output folder's Plan."""
+def validate(cfg, opts, device, lock: bool = False) -> Plan:
+    """Every check that needs no data set and no model; returns the output folder's Plan.
+
+    ``lock``: own the output folder first (:func:`heba.train.run_folder.lock`, rank 0), so
+    the plan is made, and stays true, under the lock."""
     check_run(cfg, opts, device)
     pre = cfg.pretrained
     if pre not in (None, "", "none", "builtin") and os.path.isfile(pre):
         check_weights_file(pre)
-    return plan_output(cfg, opts)
+    check_data_paths(cfg, opts.output)
+    return plan_output(cfg, opts, lock)
 
 
 def check_run(cfg, opts, device) -> None:
@@ -116,13 +134,18 @@ def check_backend(backend: str, device) -> None:
 
 # --- the output folder -----------------------------------------------------------------------
 
-def plan_output(cfg, opts) -> Plan:
-    """What the run does with ``opts.output`` (module docstring); raises on a refusal."""
+def plan_output(cfg, opts, lock: bool = False) -> Plan:
+    """What the run does with ``opts.output`` (module docstring); raises on a refusal.
+
+    The folder is proved writable first (:func:`probe_folder`); ``lock``: an existing
+    folder is locked before it is looked at (a new one, at the run's first write)."""
     out = opts.output
-    _check_writable(out)
+    probe_folder(out, "-o")
+    if lock and os.path.isdir(out):
+        rf.lock(out)
     state = rf.inspect(out)
     if opts.resume:
-        return _plan_resume(cfg, state)
+        return _plan_resume(cfg, state, opts)
     if not state.holds_run:
         return Plan("fresh")
     if opts.overwrite:
@@ -143,17 +166,116 @@ def plan_output(cfg, opts) -> Plan:
                      f"--overwrite to start over")
 
 
-def _check_writable(out: str) -> None:
-    path = os.path.abspath(out)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"-o {out} is a file, not a folder (the run folder to write)")
-    parent = path
-    while not os.path.exists(parent):
+def probe_folder(path: str, flag: str) -> None:
+    """Prove that files can be written in the folder ``path``: the missing folders are
+    made, a probe file is created, written, flushed and removed, then the folders made
+    here are removed again. Any failure is one :class:`UsageError` naming ``flag``,
+    ``path`` and the cause (``permission denied``, ``file name too long``, ...)."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"{flag} {path} is a file, not a folder (the folder to write)")
+    missing, parent = [], target
+    while not os.path.lexists(parent):
+        missing.append(parent)
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UsageError(f"-o {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {out}: {parent} is not writable")
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    for attempt in range(3):
+        try:
+            return _probe_in(target, missing)
+        except FileNotFoundError as err:     # another process (a DDP rank) probing the same
+            if attempt == 2:                 # parents removed one they had made: try again
+                failed = err
+        except OSError as err:
+            failed = err
+            break
+    where = failed.filename if isinstance(failed.filename, str) else target
+    raise UsageError(f"{flag} {path}: cannot write in {where} ({_cause(failed)})") from None
+
+
+def _probe_in(target: str, missing: list) -> None:
+    """Make the ``missing`` folders (outermost first), probe ``target``, remove the folders
+    this call made. A folder another process makes meanwhile is left to that process."""
+    made = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+                made.append(folder)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
+        _probe_file(target)
+    finally:
+        for folder in reversed(made):
+            try:
+                os.rmdir(folder)
+            except OSError:                  # not empty: another process writes there now
+                pass
+
+
+def _probe_file(folder: str) -> None:
+    probe = os.path.join(folder, f".heba-probe-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"heba")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _cause(err: OSError) -> str:
+    return os.strerror(err.errno).lower() if err.errno else one_line(err)
+
+
+def probe_output_file(path: str, flag: str) -> None:
+    """Prove that the file ``path`` can be written (replaced atomically in its folder)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: give the file to write")
+    if not os.path.basename(os.path.abspath(path)):
+        raise UsageError(f"{flag} {path} names no file")
+    probe_folder(os.path.dirname(os.path.abspath(path)) or ".", flag)
+    if len(os.path.basename(path).encode()) > 240:   # room for the temporary file's name
+        raise UsageError(f"{flag} {path}: cannot write it (file name too long)")
+
+
+def probe_appendable(path: str, flag: str) -> None:
+    """Prove that a line can be appended to the file ``path`` (in a folder proved writable)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a folder, not a file to append to")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag}: {path} is not writable (permission denied)")
+
+
+def check_command_writes(args) -> None:
+    """``split --json FILE`` and ``evaluate -o DIR``: where they will write is writable."""
+    if args.command == "split" and getattr(args, "json", None):
+        probe_output_file(args.json, "--json")
+    if args.command == "evaluate" and getattr(args, "output", None):
+        probe_folder(args.output, "-o")
+        probe_appendable(os.path.join(args.output, rf.METRICS_NAME), "-o")
+
+
+def check_data_paths(cfg, out: Optional[str]) -> None:
+    """The data set folder is a folder, and it and the run folder ``out`` do not nest."""
+    if cfg.source == "folder" and cfg.dataset:
+        data, what = cfg.dataset, f"the ImageFolder {cfg.dataset}"
+    elif getattr(cfg, "root", None):
+        data, what = cfg.root, f"--root {cfg.root}"
+    else:
+        return
+    if os.path.exists(data) and not os.path.isdir(data):
+        raise UsageError(f"{what} is a file, not a folder (the folder holding the images)")
+    if not out:
+        return
+    d, o = os.path.realpath(data), os.path.realpath(out)
+    if o == d or o.startswith(d.rstrip(os.sep) + os.sep):
+        raise UsageError(f"-o {out} is inside {what}: the run's files would mix with the "
+                         f"images; pass a folder outside it")
+    if d.startswith(o.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{what} is inside -o {out}: --overwrite would clear its files "
+                         f"and the run's files would mix with the images; pass another -o")
 
 
 def _source(state: rf.FolderState) -> Optional[str]:
@@ -167,7 +289,7 @@ def _source(state: rf.FolderState) -> Optional[str]:
     return None
 
 
-def _plan_resume(cfg, state: rf.FolderState) -> Plan:
+def _plan_resume(cfg, state: rf.FolderState, opts=None) -> Plan:
     out = state.path
     if state.latest is None:
         if rf.STATE_NAME in state.files:
@@ -177,7 +299,8 @@ def _plan_resume(cfg, state: rf.FolderState) -> Plan:
         if rf.CONFIG_NAME in state.files and not state.finished:
             saved = ckpt.read_json_object(os.path.join(out, rf.CONFIG_NAME),
                                           require=RESUME_FIELDS)
-            check_same(saved, cfg.to_dict(), RESUME_FIELDS, os.path.join(out, rf.CONFIG_NAME))
+            check_same(saved, cfg.to_dict(), result_fields(saved, cfg),
+                       os.path.join(out, rf.CONFIG_NAME))
             return Plan("resume", note=f"{out}: no epoch was saved before the run stopped: "
                                        f"starting again at epoch 1")
         if state.finished:
@@ -191,7 +314,7 @@ def _plan_resume(cfg, state: rf.FolderState) -> Plan:
         raise ckpt.CheckpointError(f"{latest.path} lacks {', '.join(missing)}: not a training "
                                    f"checkpoint")
     saved = ckpt.read_config(latest.file(rf.CKPT_NAME), require=RESUME_FIELDS + ("epoch",))
-    check_same(saved, cfg.to_dict(), RESUME_FIELDS, latest.path)
+    check_same(saved, cfg.to_dict(), result_fields(saved, cfg), latest.path)
     train_state = load_train_state(latest.file(rf.STATE_NAME))
     if not (train_state.get("epoch") == saved["epoch"] == latest.epoch):
         raise ckpt.CheckpointError(f"{latest.path}: {rf.STATE_NAME} (epoch "
@@ -218,6 +341,28 @@ def load_train_state(path: str) -> dict:
         raise ckpt.CheckpointError(f"{path} is not a training state (expected the keys "
                                    f"{', '.join(need)})")
     return state
+
+
+# Configuration fields that do not change a run's result (the test-time batch size).
+NOT_RESULT_FIELDS = ("test_batch_size",)
+
+
+def result_fields(saved: dict, cfg) -> tuple:
+    """The fields a resumed run must share with the run it continues: every configuration
+    field the saved file records (all of them change the result), the required ones too."""
+    names = [k for k in cfg.to_dict() if k in saved and k not in NOT_RESULT_FIELDS]
+    return tuple(dict.fromkeys(list(RESUME_FIELDS) + names))
+
+
+def check_workers(train_state: dict, workers, path: str) -> None:
+    """A resume keeps the saved worker count where the result depends on it (``workers``:
+    :attr:`heba.train.data.TrainLoader.seeded_workers` of this run, None where it does not)."""
+    saved = train_state.get("workers")
+    if "workers" not in train_state or saved == workers:      # (a set saved before it was kept)
+        return
+    raise UsageError(f"--resume: {path} was trained with {saved} loader worker(s), now "
+                     f"{workers}: this data set's random transforms run in the workers, so "
+                     f"the result depends on it; resume with --workers {saved}")
 
 
 def check_same(saved: dict, cfg: dict, fields, path) -> None:

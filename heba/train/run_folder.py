@@ -10,9 +10,18 @@
     <run>/adapters.safetensors     the finished run's adapters (+ adapters.json: hard links
     <run>/summary.md               to the last set's files), once that set is committed
 
+    <run>/.heba-train.lock         held (fcntl.flock) by the one process running it
+
 Only ``epoch_<N>/`` is read by ``--resume``; the top-level adapters are the result
 (they exist once the run has finished). ``metrics.jsonl`` is trimmed on resume to
-the records of the committed epochs, so an epoch is never listed twice.
+the records of the committed epochs, so an epoch is never listed twice (records
+the run did not write, as ``heba-train evaluate -o``'s, stay).
+
+A write that fails is one :class:`WriteError` line naming the path and the cause
+(``no space left on device``); a set that fails half-way is removed at once. A set
+is written beside the previous one, which goes only after the new one is committed:
+a run needs room for two sets. SIGINT / SIGTERM (:func:`handle_signals`) wait for the
+write in progress, then stop the run (:class:`Interrupted`).
 
 Example::
 
@@ -23,16 +32,21 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from heba.clip import checkpoints as ckpt
-from heba.clip.checkpoints import CheckpointError
+from heba.clip.checkpoints import CheckpointError, WriteError  # noqa: F401  (re-exported)
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -89,6 +103,11 @@ def clear(path: str) -> None:
     The result goes first and the configuration last, so a folder cleared half-way still
     reads as a run (``--overwrite`` again finishes the job).
     """
+    with writing(path):
+        _clear(path)
+
+
+def _clear(path: str) -> None:
     for name in (CKPT_JSON, CKPT_NAME, SUMMARY_NAME, STATE_NAME):
         _remove(os.path.join(path, name))
     remove_stale(path, keep=None)
@@ -110,10 +129,12 @@ def _remove(path: str) -> None:
 
 
 def trim_metrics(path: str, epoch: int) -> None:
-    """Keep the records of ``path`` up to the committed ``epoch`` (none for 0); drop the rest.
+    """Drop the training records of ``path`` after the committed ``epoch`` (all of them for
+    0); keep every other line (``heba-train evaluate -o``'s records, anything without an
+    integer ``"epoch"``).
 
-    A record is a JSON object per line with an ``"epoch"``; a line cut short by a kill
-    does not parse and goes too. Rewritten atomically, and only when something changes.
+    A line cut short by a kill does not parse and goes too. Rewritten atomically, and only
+    when something changes.
     """
     if not os.path.exists(path):
         return
@@ -125,8 +146,8 @@ def trim_metrics(path: str, epoch: int) -> None:
             rec = json.loads(line)
         except ValueError:
             continue
-        if epoch > 0 and isinstance(rec, dict) and isinstance(rec.get("epoch"), int) \
-                and rec["epoch"] <= epoch:
+        ours = isinstance(rec, dict) and type(rec.get("epoch")) is int
+        if not ours or (epoch > 0 and rec["epoch"] <= epoch):
             keep.append(line)
     if keep == lines:
         return
@@ -138,12 +159,27 @@ def trim_metrics(path: str, epoch: int) -> None:
 
 
 def append_record(path: str, record: dict) -> None:
-    """One line of ``metrics.jsonl``, flushed to disk before the next write."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    notify_written(path)
+    """One line of ``metrics.jsonl``, flushed to disk before the next write.
+
+    Strict JSON: a non-finite number is written as ``null`` (never a bare ``NaN``)."""
+    line = json.dumps(finite_json(record), allow_nan=False) + "\n"
+    with writing(path):
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        notify_written(path)
+
+
+def finite_json(obj):
+    """``obj`` with every NaN / infinity (in dicts, lists, tuples) replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def publish_final(path: str, latest: "CheckpointSet", summary: str) -> None:
@@ -198,14 +234,161 @@ def notify_written(what: str) -> None:
 
 def atomic_write(path: str, write) -> None:
     """:func:`heba.clip.checkpoints.atomic_write`, then :func:`notify_written`."""
-    ckpt.atomic_write(path, write)
-    notify_written(path)
+    with writing(path):
+        ckpt.atomic_write(path, write)
+        notify_written(path)
 
 
 def replace_with(path: str, make) -> None:
     """:func:`heba.clip.checkpoints.replace_with`, then :func:`notify_written`."""
-    ckpt.replace_with(path, make)
-    notify_written(path)
+    with writing(path):
+        ckpt.replace_with(path, make)
+        notify_written(path)
+
+
+# --- one write at a time: errors in one line, signals after the write ------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised at a safe point: never inside a write (:func:`writing`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_DEPTH = [0]                # writes in progress (nested)
+_PENDING: list = []         # a signal that arrived during one
+_OWNER = [None]             # the pid whose handlers stop the run (a forked worker ignores them)
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """One write (or a group of them) to ``path``: an ``OSError`` becomes a one-line
+    :class:`WriteError` naming the path and the cause; SIGINT / SIGTERM wait for its end."""
+    _DEPTH[0] += 1
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as err:
+        raise ckpt.write_error(err, path) from None
+    finally:
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0 and _PENDING:
+            raise Interrupted(_PENDING[0])
+
+
+def _on_signal(signum, frame) -> None:
+    if os.getpid() != _OWNER[0]:    # a forked DataLoader worker: the main process stops it
+        if signum == signal.SIGTERM:
+            os._exit(128 + signum)      # quietly (no traceback from a worker)
+        return
+    # The run is stopping: an object torn down half-built on the way out (a DataLoader
+    # iterator interrupted while it starts its workers) must not print a traceback.
+    sys.unraisablehook = _quiet
+    _PENDING[:] = [signum]      # kept: an exception raised inside an at-fork callback (a
+    if not _DEPTH[0]:           # worker starting) is swallowed; check_stop raises it again
+        raise Interrupted(signum)
+
+
+def check_stop() -> None:
+    """A safe point: raise :class:`Interrupted` if SIGINT / SIGTERM arrived and is pending."""
+    if _PENDING and not _DEPTH[0]:
+        raise Interrupted(_PENDING[0])
+
+
+def _quiet(unraisable) -> None:
+    pass
+
+
+def handle_signals() -> Callable[[], None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` at the next safe point (now, unless a
+    write is in progress). Returns the function that restores the previous handlers."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _OWNER[0], _PENDING[:] = os.getpid(), []
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+
+    def restore():
+        for s, h in old.items():
+            signal.signal(s, h)
+        sys.unraisablehook = hook
+        _PENDING[:] = []
+    return restore
+
+
+# --- one process per run folder ---------------------------------------------------------------
+
+LOCK_NAME = ".heba-train.lock"
+_LOCKS: dict = {}           # real path of a folder -> the open lock file this process holds
+
+
+class FolderBusy(CheckpointError):
+    """The run folder is locked by another process."""
+
+
+def lock(folder: str) -> None:
+    """Own ``folder`` for this process: ``fcntl.flock`` on its hidden lock file, held until
+    :func:`unlock` or the process ends (a killed holder's lock is free at once). Raises
+    :class:`FolderBusy` when another process holds it; nothing else is written."""
+    import fcntl
+    key = os.path.realpath(folder)
+    if key in _LOCKS:
+        return                                  # this process owns it already
+    path = os.path.join(key, LOCK_NAME)
+    while True:
+        with writing(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise FolderBusy(f"{folder} is in use by another heba-train process"
+                             + (f" (pid {holder})" if holder else "")
+                             + ": wait for it to end, or pass another -o") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False                        # the holder removed it as we opened it
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def unlock(folder: str) -> None:
+    """Give ``folder`` back: its lock file removed (while still held), then released."""
+    fd = _LOCKS.pop(os.path.realpath(folder), None)
+    if fd is None:
+        return
+    try:
+        os.unlink(os.path.join(os.path.realpath(folder), LOCK_NAME))
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def unlock_all() -> None:
+    """Every folder this process holds (:func:`unlock`)."""
+    for key in list(_LOCKS):
+        unlock(key)
+
+
+def locked(folder: str) -> bool:
+    """Whether this process holds ``folder``'s lock."""
+    return os.path.realpath(folder) in _LOCKS
 
 
 # --- a run's checkpoint, committed as one set ------------------------------------------------
@@ -257,34 +440,67 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
     final = epoch_dir(folder, epoch)
     if os.path.exists(final):
         raise CheckpointError(f"{final} already exists: a set is never written twice")
-    os.makedirs(folder, exist_ok=True)
+    with writing(folder):
+        os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, f".{EPOCH_PREFIX}{epoch}.partial-{os.getpid()}-"
                                    f"{os.urandom(3).hex()}")
-    os.mkdir(partial)                               # 0777 less the umask
-    notify_written(partial)
-    files = {}
-    for name, write in writers.items():
-        path = os.path.join(partial, name)
-        ckpt.write_file(path, write)
-        files[name] = describe(path)
-        notify_written(path)
-    manifest = os.path.join(partial, MANIFEST)
-    text = json.dumps(dict(format="heba-checkpoint-set", version=1, epoch=epoch, files=files),
-                      indent=2, sort_keys=True) + "\n"
-    ckpt.write_file(manifest, lambda p: write_text(p, text))
-    notify_written(manifest)
-    ckpt.fsync(partial)
-    os.rename(partial, final)
-    ckpt.fsync(folder)
+    with writing(partial):
+        os.mkdir(partial)                           # 0777 less the umask
+    try:
+        with writing(partial):
+            notify_written(partial)
+        files = _write_partial(partial, epoch, writers)
+        with writing(final):
+            os.rename(partial, final)
+            ckpt.fsync(folder)
+    except BaseException as err:
+        # A write failed (a full disk): the partial set goes at once, so it does not keep
+        # the disk full; the previous set is untouched. (A kill leaves it for remove_stale.)
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, WriteError) and err.errno == errno.ENOSPC:
+            raise _more(err, f" (the unfinished set was removed; a run needs room for two "
+                             f"sets: the previous one stays until the new one is "
+                             f"committed)") from None
+        raise
     notify_written(final)
     remove_stale(folder, keep=epoch)
     return CheckpointSet(final, epoch, files)
+
+
+def _more(err: WriteError, text: str) -> WriteError:
+    out = WriteError(str(err) + text)
+    out.errno = err.errno
+    return out
+
+
+def _write_partial(partial: str, epoch: int, writers: Mapping) -> dict:
+    """The set's files and its manifest, written into ``partial``; ``{name: description}``."""
+    files = {}
+    for name, write in writers.items():
+        path = os.path.join(partial, name)
+        with writing(path):
+            ckpt.write_file(path, write)
+            files[name] = describe(path)
+            notify_written(path)
+    manifest = os.path.join(partial, MANIFEST)
+    text = json.dumps(dict(format="heba-checkpoint-set", version=1, epoch=epoch, files=files),
+                      indent=2, sort_keys=True) + "\n"
+    with writing(manifest):
+        ckpt.write_file(manifest, lambda p: write_text(p, text))
+        notify_written(manifest)
+        ckpt.fsync(partial)
+    return files
 
 
 def remove_stale(folder: str, keep: Optional[int]) -> None:
     """Remove every ``epoch_<n>`` folder but ``keep``'s, and heba's hidden leftovers."""
     if not os.path.isdir(folder):
         return
+    with writing(folder):
+        _remove_stale(folder, keep)
+
+
+def _remove_stale(folder: str, keep: Optional[int]) -> None:
     for name in sorted(os.listdir(folder)):
         m = _EPOCH_RE.match(name)
         path = os.path.join(folder, name)

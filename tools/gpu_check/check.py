@@ -368,7 +368,7 @@ def stage_tests(ctx, res, timeout):
     if os.environ.get("HEBA_GPU_CHECK_TESTS"):
         args = shlex.split(os.environ["HEBA_GPU_CHECK_TESTS"])
     elif ctx.dry:
-        args = ["tests/test_errors.py"]
+        args = ["tests/heba/test_ops_validation.py"]
     else:
         args = ["tests"] + [f"--ignore={t}" for t in HARNESS_TESTS]
     if _has("xdist"):

@@ -227,3 +227,77 @@ def test_loader_order_changes_per_epoch():
 
         assert len(set(order(0))) == 40 // world and order(0) == order(0)
         assert order(0) != order(1) and order(1) != order(2)
+
+
+# --- a diverged run; what --resume re-checks ----------------------------------------------------
+
+def test_divergence_names_epoch_step_and_last_saved_epoch(tmp_path):
+    """nan-guard: a non-finite loss at a step, or a non-finite adapter value, stops the run
+    naming the epoch, the step and the last good saved set; save_epoch refuses NaN."""
+    from types import SimpleNamespace
+    from heba.train import loop
+    from heba.train import run_folder as rf
+    out = str(tmp_path)
+    rf.write_set(out, 1, {"a.bin": lambda p: open(p, "wb").write(b"ok")})
+    p = torch.nn.Parameter(torch.randn(3))
+    run = SimpleNamespace(world=1, opts=SimpleNamespace(output=out, workers=0))
+    tr = SimpleNamespace(params=[p])
+    loop.check_finite(run, tr, 2, torch.tensor(0))                  # all finite: goes on
+    with pytest.raises(loop.Diverged, match=r"at epoch 2 step 3: the loss is not finite; .*"
+                                            r"last good saved epoch is 1 \(.*epoch_1\)"):
+        loop.check_finite(run, tr, 2, torch.tensor(3))
+    with torch.no_grad():
+        p[1] = float("nan")
+    with pytest.raises(loop.Diverged, match=r"at epoch 2: an adapter value is not finite"):
+        loop.check_finite(run, tr, 2, torch.tensor(0))
+    with pytest.raises(loop.Diverged, match="nothing is saved"):
+        loop.save_epoch(run, tr, None, 2, {})
+    assert rf.set_epochs(out) == [1]
+
+
+def test_first_bad_step_is_kept_on_the_device():
+    from heba.train.loop import _first_bad
+    bad = torch.zeros((), dtype=torch.long)
+    for step, loss in enumerate([1.0, 2.0, float("inf"), float("nan")], 1):
+        bad = _first_bad(bad, torch.tensor(loss), step)
+    assert bad.item() == 3
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from tests.clip_utils import image_folder
+    return image_folder(tmp_path_factory.mktemp("ds") / "ds", per_class=3)
+
+
+RUN = ["--model", "tiny", "--pretrained", "none", "--shots", "1", "--epochs", "1",
+       "--batch-size", "2", "--split", "all", "--towers", "visual", "--start", "4",
+       "--no-eval-before", "--quiet", "--threads", "1"]
+
+
+def _one_line(capsys, *patterns):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("heba-train: error: "), err
+    for p in patterns:
+        assert p in err[0], (p, err[0])
+
+
+def test_resume_refuses_changed_data_or_options(images, tmp_path, capsys):
+    """resume-rechecks: the data under the run changed (an image gone: split_all.json no
+    longer matches the draw), an option saved with the run changed (--momentum, not in the
+    older list of checked fields): one line each, nothing written. (--workers:
+    tests/heba/train/test_preflight.py::test_resume_keeps_the_worker_count_the_result_depends_on.)"""
+    import shutil
+    from heba import cli
+    data = str(tmp_path / "ds")
+    shutil.copytree(images, data)
+    out = str(tmp_path / "run")
+    assert cli.main([data, *RUN, "-o", out]) == 0
+    capsys.readouterr()
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    assert cli.main([data, *RUN, "-o", out, "--resume", "--momentum", "0.5"]) == 2
+    _one_line(capsys, "momentum: checkpoint 0.9 vs now 0.5")
+    cls = sorted(os.listdir(data))[0]
+    os.remove(os.path.join(data, cls, sorted(os.listdir(os.path.join(data, cls)))[0]))
+    assert cli.main([data, *RUN, "-o", out, "--resume"]) == 2
+    _one_line(capsys, "the data changed since the run started", "split_all.json")
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before

@@ -207,3 +207,71 @@ def test_checkpoint_set_changed_in_place_is_named(tmp_path):
         f.write(b"abce")
     with pytest.raises(CheckpointError, match=r"a\.bin does not match its manifest"):
         rf.read_set(str(tmp_path))
+
+
+# --- a full disk, strict metrics, records kept on resume ---------------------------------------
+
+def test_full_disk_is_one_line_and_leaves_no_partial_set(folder, reference, tmp_path, capsys):
+    """write-error-named: ENOSPC from the write seam while epoch 2's set is written: one line
+    naming the file and the cause, exit 1, the partial set removed, epoch 1's set intact;
+    --resume then finishes the uninterrupted run."""
+    import errno
+    out = str(tmp_path / "full")
+
+    def hook(what):
+        if re.search(r"\.epoch_2\.partial-[^/]*/train_state\.pt$", what):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
+
+    rf.WRITE_HOOK = hook
+    try:
+        rc = cli.main([folder, *ARGS, "-o", out])
+    finally:
+        rf.WRITE_HOOK = None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert re.match(r"heba-train: error: cannot write \S+/\.epoch_2\.partial-\S+/train_state\.pt"
+                    r": no space left on device \(the unfinished set was removed; a run needs "
+                    r"room for two sets", err[0]), err
+    assert rf.stale_entries(out) == [] and rf.read_set(out).epoch == 1
+    assert cli.main([folder, *ARGS, "-o", out, "--resume"]) == 0
+    for name, ref in reference["weights"].items():
+        assert torch.equal(_weights(out)[name], ref), name
+
+
+def test_writer_hiding_a_full_disk_is_named(tmp_path, monkeypatch):
+    """A writer that fails with something other than OSError on a full file system
+    (torch.save: "unexpected pos") becomes ENOSPC, and the partial set goes."""
+    def torch_like(path):
+        open(path, "wb").write(b"12")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(ckpt, "no_space", lambda path: True)
+    with pytest.raises(rf.WriteError, match=r"state\.pt: no space left on device \(the"):
+        rf.write_set(str(tmp_path), 1, {"state.pt": torch_like})
+    assert os.listdir(tmp_path) == []
+
+
+def test_metrics_are_strict_json(tmp_path):
+    """metrics-nan: a non-finite number is written as null, never a bare NaN."""
+    path = str(tmp_path / "metrics.jsonl")
+    rf.append_record(path, dict(event="train", epoch=1, loss=float("nan"),
+                                acc=[float("inf"), 1.5]))
+    line = open(path).read()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line, parse_constant=pytest.fail) == dict(event="train", epoch=1,
+                                                                loss=None, acc=[None, 1.5])
+
+
+def test_resume_keeps_records_it_did_not_write(tmp_path):
+    """trim-foreign-records: trimming on resume drops only the run's records past the
+    committed epoch (and a cut line); ``evaluate -o``'s record stays."""
+    path = str(tmp_path / "metrics.jsonl")
+    lines = [dict(event="eval", epoch=0), dict(event="train", epoch=1),
+             dict(event="evaluate", checkpoint="x", base=1.0), dict(event="train", epoch=2),
+             dict(event="note", epoch="two")]
+    open(path, "w").write("".join(json.dumps(r) + "\n" for r in lines) + '{"event": "tr')
+    rf.trim_metrics(path, 1)
+    got = [json.loads(line) for line in open(path)]
+    assert got == [lines[0], lines[1], lines[2], lines[4]]
+    rf.trim_metrics(path, 0)
+    assert [json.loads(line) for line in open(path)] == [lines[2], lines[4]]

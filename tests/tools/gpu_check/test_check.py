@@ -31,7 +31,7 @@ def dry_run(tmp_path_factory):
                # info is cut on purpose; the rest get room for a slow, busy CI machine
                HEBA_GPU_CHECK_TIMEOUTS="info=1,tests=180,sweep=300,bench-ops=300",
                HEBA_GPU_CHECK_BUDGET="900",
-               HEBA_GPU_CHECK_TESTS="tests/test_errors.py tests/heba/clip/test_wiring.py",
+               HEBA_GPU_CHECK_TESTS="tests/heba/test_ops_validation.py tests/heba/clip/test_wiring.py",
                HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile",
                # one thread per process: the sweep runs two processes side by side, and CI has
                # two cores (more threads only contend for them)
@@ -63,7 +63,7 @@ def test_dry_run_tests_and_sweep_report_failures(dry_run):
     _, _, md, data = dry_run
     assert "test_injected_failure" in md and "injected failure" in md
     assert "| 1 | needs open_clip (pip install open_clip_torch) |" in md    # the hidden module
-    # the stage runs tests/test_errors.py plus one injected failure: every other test passes
+    # the stage runs tests/heba/test_ops_validation.py plus one injected failure: every other test passes
     counts = re.search(r"(\d+) passed, 1 failed", md)
     assert counts and int(counts.group(1)) >= 10, md[:2000]
     sweep = next(s for s in data["stages"] if s["name"] == "sweep")

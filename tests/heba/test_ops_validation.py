@@ -15,8 +15,8 @@ def no_backend_may_run(monkeypatch):
     """Every call in this file must fail in validation: a backend call is a test failure."""
     def boom(*args, **kwargs):
         raise AssertionError("a backend ran before the input was validated")
-    for key in list(heba.backends._LOADED):
-        monkeypatch.setitem(heba.backends._LOADED, key, boom)
+    for key in list(heba.backends.registry.fns):
+        monkeypatch.setitem(heba.backends.registry.fns, key, boom)
 
 
 def visual(dim=16, **kw):
@@ -128,8 +128,8 @@ def test_tensor_scale_reaches_the_backend_as_0d_float32(monkeypatch):
     def record(x, *params, scale, **kwargs):
         seen.append(scale)
         return x
-    for key in list(heba.backends._LOADED):
-        monkeypatch.setitem(heba.backends._LOADED, key, record)
+    for key in list(heba.backends.registry.fns):
+        monkeypatch.setitem(heba.backends.registry.fns, key, record)
     a, t = visual(16), heba.nn.HeBAAdapter(16, modality="text")
     x = tokens(2, 17, 16)
     a(x, scale=0.25)
@@ -159,7 +159,7 @@ def test_weight_shape_errors_in_functional_api():
 
 def test_unavailable_backend_says_why(monkeypatch):
     x = tokens(2, 17, 16)
-    if not heba.backends._INTERPRET:
+    if not heba.backends.triton_interpreting():
         with pytest.raises(heba.BackendUnavailableError, match=r"TRITON_INTERPRET=1"):
             visual(16, backend="triton")(x)
     if not heba.backends.backend_status("cuda")[0]:

@@ -29,9 +29,14 @@ from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_ref
                            forward_backward, low_rank_params, requires_gpu, text_params, tokens,
                            visual_params)
 
+def _extension_built():
+    st = backends.extension_status()
+    return st.state in ("prebuilt", "loaded"), st.detail
+
+
 CUDA_OPS = ("cuda_visual_fwd", "cuda_visual_bwd", "cuda_text_fwd", "cuda_text_bwd",
             "cuda_low_rank_fwd", "cuda_low_rank_bwd")
-EXT_BUILT, EXT_WHY = backends._cuda_ext_status()
+EXT_BUILT, EXT_WHY = _extension_built()
 if not EXT_BUILT and torch.cuda.is_available():
     # Not built at install (e.g. an isolated `pip install .`): on a GPU machine the
     # backend compiles on first use, so do that here rather than skip its tests.
@@ -42,7 +47,7 @@ if not EXT_BUILT and torch.cuda.is_available():
         except Exception as err:                       # the reason becomes the skip's
             EXT_WHY = f"{type(err).__name__}: {err}"
         else:
-            EXT_BUILT, EXT_WHY = backends._cuda_ext_status()
+            EXT_BUILT, EXT_WHY = _extension_built()
 
 requires_ext = pytest.mark.skipif(
     not EXT_BUILT, reason=f"the CUDA extension heba_kernels._C is not built here: {EXT_WHY}")
@@ -60,7 +65,7 @@ def test_extension_registers_its_ops():
         schema = str(getattr(torch.ops.heba, name).default._schema)
         assert schema.startswith(f"heba::{name}("), schema
     for op in backends.OPS:
-        assert ("cuda", op) in backends._LOADED, backends._IMPORT_ERRORS.get(("cuda", op))
+        assert ("cuda", op) in backends.registry.fns, backends.registry.errors.get(("cuda", op))
 
 
 @requires_ext
@@ -493,9 +498,9 @@ def test_cuda_backend_without_extension_says_how_to_build(monkeypatch):
     why = ("the CUDA extension heba_kernels._C was not built or does not load (ImportError: "
            "simulated); reinstall on a machine with nvcc and a CUDA build of torch: "
            "`pip install --no-build-isolation .`")
-    monkeypatch.setattr(backends, "_cuda_ext_status", lambda: (False, why))
-    monkeypatch.setattr(backends, "_LOADED",
-                        {k: v for k, v in backends._LOADED.items() if k[0] != "cuda"})
+    monkeypatch.setattr(backends.registry, "cuda_state", lambda: (False, why))
+    monkeypatch.setattr(backends.registry, "fns",
+                        {k: v for k, v in backends.registry.fns.items() if k[0] != "cuda"})
     x = tokens(2, 1 + 3 * 3, 16)
     with pytest.raises(heba.BackendUnavailableError, match="pip install --no-build-isolation"):
         _visual_call(x, "cuda")
@@ -615,25 +620,6 @@ def test_low_rank_unaligned_input_uses_scalar_loads(dtype):
 
 @requires_gpu
 @requires_ext
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast(dtype):
-    x = tokens(2, 1 + 4 * 5, 48, device="cuda")                      # float32 activations
-    check_against_reference("heba_visual", "cuda", x, visual_params(48, device="cuda"),
-                            autocast_dtype=dtype, scale=0.6, num_prefix_tokens=1, grid=(4, 5))
-    xs = tokens(21, 2, 48, device="cuda")                            # seq-first
-    check_against_reference("heba_visual", "cuda", xs, visual_params(48, device="cuda"),
-                            autocast_dtype=dtype, scale=0.6, num_prefix_tokens=1, grid=(4, 5),
-                            batch_first=False)
-    xt = tokens(3, 7, 40, device="cuda")
-    check_against_reference("heba_text", "cuda", xt, text_params(40, device="cuda"),
-                            autocast_dtype=dtype, scale=0.6)
-    for rank in (8, 96):
-        check_against_reference("low_rank", "cuda", xt, low_rank_params(40, rank, device="cuda"),
-                                autocast_dtype=dtype, alpha=0.8)
-
-
-@requires_gpu
-@requires_ext
 def test_backward_inside_autocast_of_float32_forward():
     """Forward outside autocast (float32 weights), backward inside it: the ops'
     internal GEMMs must stay float32 (the kernels read their results as such)."""
@@ -739,47 +725,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@requires_gpu
-@requires_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_opcheck(dtype):
-    import heba_kernels.cuda_ops  # noqa: F401
-    D, P, H, W, B = 24, 1, 3, 4, 2
-    N = P + H * W
-
-    def leaf(t):
-        return t.detach().clone().requires_grad_(t.is_floating_point())
-
-    x = tokens(B, N, D, device="cuda", dtype=dtype)
-    vp = visual_params(D, device="cuda", dtype=dtype)
-    tp = text_params(D, device="cuda", dtype=dtype)
-    for st in (None, torch.tensor(0.5, device="cuda")):
-        args = (x, *vp.values(), 0.5, st, P, H, W, True, 1e-5, True)
-        torch.library.opcheck(torch.ops.heba.cuda_visual_fwd.default,
-                              tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in args))
-        out, u, g, z, mean, rstd = torch.ops.heba.cuda_visual_fwd(*args)
-        torch.library.opcheck(torch.ops.heba.cuda_visual_bwd.default,
-                              (torch.randn_like(out), x, vp["down_weight"], vp["mid_weight"],
-                               vp["up_weight"], vp["norm_weight"], u, g, z, mean, rstd, 0.5, st,
-                               P, H, W, True, True))
-
-        targs = (x, *tp.values(), 0.5, st, 1e-5, False)
-        torch.library.opcheck(torch.ops.heba.cuda_text_fwd.default,
-                              tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in targs))
-        out, u, g, z, mean, rstd = torch.ops.heba.cuda_text_fwd(*targs)
-        torch.library.opcheck(torch.ops.heba.cuda_text_bwd.default,
-                              (torch.randn_like(out), x, tp["down_weight"], tp["up_weight"],
-                               tp["norm_weight"], u, g, z, mean, rstd, 0.5, st, False))
-
-    for rank, bias in ((6, True), (80, False)):
-        lp = low_rank_params(D, rank, device="cuda", dtype=dtype, bias=bias)
-        largs = (x, *lp.values(), 0.7)
-        torch.library.opcheck(torch.ops.heba.cuda_low_rank_fwd.default,
-                              tuple(leaf(a) if isinstance(a, torch.Tensor) else a for a in largs))
-        torch.library.opcheck(torch.ops.heba.cuda_low_rank_bwd.default,
-                              (torch.randn_like(x), *largs))
-
-
 # ---------------------------------------------------------------------------
 # GPU: a tensor scale equals the float scale bitwise
 # ---------------------------------------------------------------------------
@@ -867,3 +812,115 @@ def test_stencil_bwd_chunks_of_the_extension():
         n, chunk = torch.ops.heba._cuda_stencil_chunks(npos)
         assert 1 <= n <= 256 and chunk >= 1 and n * chunk >= npos, (npos, n, chunk)
         assert (n - 1) * chunk < max(npos, 1), (npos, n, chunk)   # no empty trailing chunk
+
+
+# ---------------------------------------------------------------------------
+# CPU, no extension needed: the glue against the C++ schemas, read from the sources
+# ---------------------------------------------------------------------------
+
+_SRC = __import__("pathlib").Path(__file__).resolve().parents[2]
+# Call-site spellings of a schema argument (the same value under another name).
+_ALIASES = {"xin": "x", "grid[0]": "grid_h", "grid[1]": "grid_w", "ctx.alpha": "alpha"}
+_CASTS = {"float": "float", "int": "int", "bool": "bool"}
+
+
+def _cpp_schemas():
+    """``{name: FunctionSchema}`` of every ``m.def`` in csrc/ops.cpp."""
+    import re
+    src = (_SRC / "csrc" / "ops.cpp").read_text()
+    block = src[src.index("TORCH_LIBRARY_FRAGMENT(heba, m)"):]
+    out = {}
+    for d in re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)', block):
+        schema = torch._C.parse_schema("heba::" + "".join(re.findall(r'"([^"]*)"', d)))
+        out[schema.name.split("::")[1]] = schema
+    return out
+
+
+def _glue_tree():
+    import ast
+    return ast.parse((_SRC / "heba_kernels" / "cuda_ops.py").read_text())
+
+
+def _call_args(call, fn, tree):
+    """``[(name, cast)]`` of an ``_ops.<op>(...)`` call: names as the schema spells them,
+    ``*_scale_args(s)`` as ``(scale, scale_t)``, ``*rest`` from the tuple in ``ctx.args``."""
+    import ast
+    out = []
+    for a in call.args:
+        if isinstance(a, ast.Starred) and isinstance(a.value, ast.Call):
+            assert ast.unparse(a.value.func) == "_scale_args", ast.unparse(a)
+            out += [("scale", "float"), ("scale_t", None)]
+        elif isinstance(a, ast.Starred):        # scale, *rest = ctx.args
+            setup = next(f for f in tree.body if isinstance(f, ast.FunctionDef)
+                         and f.name == fn.name.replace("_backward", "_setup_context"))
+            tup = next(s.value for s in ast.walk(setup) if isinstance(s, ast.Assign)
+                       and ast.unparse(s.targets[0]) == "ctx.args")
+            out += [(ast.unparse(e), None) for e in tup.elts[1:]]
+        elif isinstance(a, ast.Call) and ast.unparse(a.func) in _CASTS:
+            out.append((ast.unparse(a.args[0]), _CASTS[ast.unparse(a.func)]))
+        else:
+            out.append((ast.unparse(a), None))
+    return [(_ALIASES.get(n, n), c) for n, c in out]
+
+
+def test_glue_calls_match_the_cpp_schemas():
+    """Every ``_ops.cuda_*`` call of heba_kernels/cuda_ops.py passes the arguments of
+    csrc/ops.cpp's schema in its order, by name, a cast where it casts matching the
+    schema's type; every fake has the schema's parameters; every setup context unpacks
+    the forward's inputs in the schema's order."""
+    import ast
+    schemas, tree = _cpp_schemas(), _glue_tree()
+    assert set(CUDA_OPS) <= set(schemas), sorted(schemas)
+    seen = set()
+    for fn in (f for f in tree.body if isinstance(f, ast.FunctionDef)):
+        for call in (c for c in ast.walk(fn) if isinstance(c, ast.Call)
+                     and ast.unparse(c.func).startswith("_ops.")):
+            name = ast.unparse(call.func)[len("_ops."):]
+            args = schemas[name].arguments
+            got = _call_args(call, fn, tree)
+            assert [n for n, _ in got] == [a.name for a in args], (name, got)
+            for (n, cast), a in zip(got, args):
+                assert cast is None or str(a.type) == cast, (name, n, cast, str(a.type))
+            seen.add(name)
+        for dec in fn.decorator_list:
+            if isinstance(dec, ast.Call) and ast.unparse(dec.func).endswith("register_fake"):
+                name = dec.args[0].value.split("::")[1]
+                assert [p.arg for p in fn.args.args] == \
+                    [a.name for a in schemas[name].arguments], name
+                seen.add(name + " fake")
+        if fn.name.endswith("_setup_context"):
+            unpack = next(s for s in fn.body if isinstance(s, ast.Assign)
+                          and ast.unparse(s.value) == "inputs")
+            names = [ast.unparse(e).lstrip("_") for e in unpack.targets[0].elts]
+            op = next(n for n in schemas if n.startswith("cuda_" + fn.name[1:-len(
+                "_setup_context")]) and n.endswith("_fwd"))
+            assert names == [a.name for a in schemas[op].arguments], (op, names)
+            seen.add(op + " setup")
+    assert {n for n in CUDA_OPS} <= seen and len(seen) == 3 * len(CUDA_OPS) - 3, sorted(seen)
+
+
+def test_on_first_use_build_flags_are_setup_pys():
+    """The compile flags of the on-first-use build (heba_kernels/_extension.py) are the ones
+    setup.py builds with: setup.py takes them from there, by name, per compiler."""
+    from heba_kernels import _extension
+    src = (_SRC / "setup.py").read_text()
+    assert '"cxx": list(EXT.CXX_FLAGS)' in src and '"nvcc": list(EXT.NVCC_FLAGS)' in src
+    assert "EXT.DEFAULT_ARCH_LIST" in src and "EXT.source_files(CSRC)" in src
+    jit = (_SRC / "heba_kernels" / "_extension.py").read_text()
+    assert "extra_cflags=CXX_FLAGS" in jit and "extra_cuda_cflags=NVCC_FLAGS" in jit
+    assert "-O3" in _extension.CXX_FLAGS and "-O3" in _extension.NVCC_FLAGS
+
+
+def test_scale_reaches_the_schema_as_float_and_tensor():
+    """heba.ops hands every fused backend a runtime.Scale: the glue turns it (and a plain
+    float or 0-d tensor) into the schema's ``(float scale, Tensor? scale_t)``."""
+    if not EXT_BUILT:
+        pytest.skip(f"importing heba_kernels.cuda_ops builds the extension: {EXT_WHY}")
+    from heba_kernels import cuda_ops
+    from heba_kernels.runtime import Scale
+    t = torch.tensor(0.25)
+    assert cuda_ops._scale_args(Scale(0.5, None)) == (0.5, None)
+    assert cuda_ops._scale_args(0.5) == (0.5, None)
+    for s in (Scale(0.0, t), t):
+        value, tensor = cuda_ops._scale_args(s)
+        assert value == 0.0 and tensor is t

@@ -1,19 +1,22 @@
-"""The fused backends (triton, cuda) captured in a CUDA graph, forward and backward.
+"""heba.ops: the public functions' contract on the fused backends, against the reference.
 
-For each fused backend and each op (HeBA visual, HeBA text, low-rank), one
-training-style step (the op's forward, then ``torch.autograd.grad`` of every
-input and parameter for a given incoming gradient) is captured in a
-``torch.cuda.CUDAGraph`` with static input buffers and, for the HeBA ops, the
-scale as a 0-d float32 tensor on the GPU. The graph is then replayed several
-times after new values are copied into every buffer -- tokens, weights, the
-incoming gradient and the scale -- and each replay's output and every
-gradient is compared with an eager call of the same backend (a float scale)
-and with the float64 reference, at docs/semantics.md's tolerance for the dtype. A kernel
-that bakes the scale in at capture, or reads a buffer the graph does not own,
-fails here.
+* Weight gradients accumulate in float32 on every fused backend (CPU: the Triton
+  interpreter; the CUDA backend on a GPU).
+* The fused backends (triton, cuda) captured in a CUDA graph, forward and
+  backward (GPU only). For each fused backend and each op (HeBA visual, HeBA text, low-rank), one
+  training-style step (the op's forward, then ``torch.autograd.grad`` of every
+  input and parameter for a given incoming gradient) is captured in a
+  ``torch.cuda.CUDAGraph`` with static input buffers and, for the HeBA ops, the
+  scale as a 0-d float32 tensor on the GPU. The graph is then replayed several
+  times after new values are copied into every buffer -- tokens, weights, the
+  incoming gradient and the scale -- and each replay's output and every
+  gradient is compared with an eager call of the same backend (a float scale)
+  and with the float64 reference, at docs/semantics.md's tolerance for the dtype. A kernel
+  that bakes the scale in at capture, or reads a buffer the graph does not own,
+  fails here.
 
-GPU only (CUDA graphs need one): every test skips without a GPU or without the
-backend, saying which.
+  GPU only (CUDA graphs need one): every test skips without a GPU or without the
+  backend, saying which.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 
 from heba import backends, ops
 from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, forward_backward,
-                           low_rank_params, requires_gpu, text_params, tokens, visual_params)
+                           low_rank_params, requires_gpu, requires_triton_cpu, text_params,
+                           tokens, visual_params)
 
 FUSED = ("triton", "cuda")
 
@@ -152,3 +156,40 @@ def test_low_rank_graph_replays(backend, dtype, rank):
     x = tokens(3, 50, 96, device="cuda", dtype=dtype)
     _check_replays("low_rank", backend, x,
                    low_rank_params(96, rank, device="cuda", dtype=dtype), False, alpha=0.7)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+_FUSED = [pytest.param("triton", id="triton", marks=requires_triton_cpu),
+          pytest.param("cuda", id="cuda", marks=requires_gpu)]
+
+
+def _device(backend):
+    return "cuda" if backend == "cuda" or torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", _FUSED)
+def test_weight_gradients_accumulate_in_float32(backend):
+    """bfloat16 weights and tokens, 4096 tokens of positive terms: a weight gradient whose
+    running sum over the token chunks were kept in bfloat16 (the sum rounded to 8 bits
+    after every chunk: each added chunk loses up to half a bfloat16 ulp of the growing
+    sum) misses the bfloat16 tolerance (relative error about 8e-2 against 2e-2 at this
+    shape in the interpreter); float32 accumulation meets it."""
+    dev, dt, D, r = _device(backend), torch.bfloat16, 16, 16
+    g = torch.Generator().manual_seed(3)
+    x = (0.5 + torch.rand(2, 2048, D, generator=g)).to(dev, dt)
+    params = dict(down_weight=(0.1 + torch.rand(r, D, generator=g) / D).to(dev, dt),
+                  down_bias=None,
+                  up_weight=(torch.randn(D, r, generator=g) / r).to(dev, dt), up_bias=None)
+    grad = (0.5 + torch.rand(x.shape, generator=g)).to(dev, dt)
+
+    def run(xx, **pp):
+        return ops.low_rank(xx, **pp, alpha=0.5, backend=backend)
+
+    _, _, grads = forward_backward(run, x, params, grad_out=grad)
+    p64 = {k: None if v is None else v.double() for k, v in params.items()}
+    _, _, ref = forward_backward(lambda xx, **pp: ops.low_rank(xx, **pp, alpha=0.5,
+                                                               backend="reference"),
+                                 x.double(), p64, grad_out=grad.double())
+    for k in ("up_weight", "down_weight"):
+        assert_rel_close(f"grad {k}", grads[k], ref[k], TOL[dt])

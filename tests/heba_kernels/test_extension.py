@@ -5,7 +5,7 @@ the cache key, the one log line and the one-line errors are tested here with the
 compilation mocked, so these tests run anywhere in a few seconds. The real
 compilation (about a minute) runs on demand:
 
-    HEBA_TEST_CUDA_BUILD=1 pytest tests/test_install.py -m cuda_build
+    HEBA_TEST_CUDA_BUILD=1 pytest tests/heba_kernels/test_extension.py -m cuda_build
 
 It needs nvcc and a CUDA build of torch, not a GPU: the library loads without one.
 """
@@ -30,7 +30,7 @@ import torch
 from heba import backends
 from heba_kernels import _extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 
 
@@ -226,9 +226,9 @@ def test_load_compiler_error_is_one_line_with_the_log(jit_env, monkeypatch, caps
 @pytest.fixture
 def no_cuda_loaded(monkeypatch):
     """The registry as after a pure-Python install: no cuda (and no triton) ops loaded."""
-    monkeypatch.setattr(backends, "_LOADED",
-                        {k: v for k, v in backends._LOADED.items() if k[0] == "reference"})
-    monkeypatch.setattr(backends, "_CUDA_JIT", {"failed": None})
+    monkeypatch.setattr(backends.registry, "fns",
+                        {k: v for k, v in backends.registry.fns.items() if k[0] == "reference"})
+    monkeypatch.setattr(backends.registry, "cuda_failed", None)
 
 
 def test_explicit_cuda_on_a_cuda_tensor_compiles_then_dispatches(no_cuda_loaded, monkeypatch):
@@ -269,11 +269,11 @@ def test_auto_tries_cuda_once_then_falls_back_with_one_warning(no_cuda_loaded, m
 
 
 def test_no_build_for_cpu_tensors_or_when_triton_wins(monkeypatch):
-    monkeypatch.setattr(backends, "_CUDA_JIT", {"failed": None})
+    monkeypatch.setattr(backends.registry, "cuda_failed", None)
     monkeypatch.setattr(_extension, "load", lambda: pytest.fail("compiled without a request"))
-    loaded = {k: v for k, v in backends._LOADED.items() if k[0] != "cuda"}
+    loaded = {k: v for k, v in backends.registry.fns.items() if k[0] != "cuda"}
     loaded[("triton", "heba_visual")] = "triton-visual"
-    monkeypatch.setattr(backends, "_LOADED", loaded)
+    monkeypatch.setattr(backends.registry, "fns", loaded)
     assert backends.resolve("heba_visual", "auto", torch.device("cpu"))[0] == "reference"
     assert backends.resolve("heba_visual", "auto", torch.device("cuda")) == \
         ("triton", "triton-visual")
@@ -433,7 +433,7 @@ def test_heba_train_dependencies_are_core():
 @pytest.mark.cuda_build
 @pytest.mark.skipif(os.environ.get("HEBA_TEST_CUDA_BUILD") != "1",
                     reason="compiles the CUDA extension for real (about a minute); "
-                           "run with HEBA_TEST_CUDA_BUILD=1 pytest tests/test_install.py -m cuda_build")
+                           "run with HEBA_TEST_CUDA_BUILD=1 pytest tests/heba_kernels/test_extension.py -m cuda_build")
 def test_real_jit_build_then_cached_load(tmp_path):
     code = textwrap.dedent("""
         import sys, torch

@@ -1,0 +1,309 @@
+"""``python -m benchmarks.roofline``: a modelled roofline of every op, backend and shape.
+
+Everything here is **modelled**, not measured: it runs on a CPU. For every case of
+:mod:`benchmarks.cases` it lists, per kernel launch of the Triton backend, the HBM bytes,
+the L2-to-SM bytes and the FLOPs issued, taking the launches (kernel, grid, block sizes)
+from the very plan functions the launchers call (``visual_fwd_plan``, ``visual_bwd_plan``,
+``text_plan``, ``low_rank_plan``), so the model cannot drift from the launchers
+(tests/benchmarks/test_roofline.py ties them to a launch recorder, and checks that the
+fused ops launch nothing else: no torch sum, cast or multiplication). Beside them:
+
+* **ideal**: read ``x`` and write ``out`` forward, read ``x`` and ``g`` and write ``dx``
+  backward, the minimal GEMM FLOPs (two token-wise projections forward, four backward);
+* **eager**: the reference backend's aten ops, counted with a TorchDispatchMode on meta
+  tensors (every op reads its inputs and writes its outputs in full);
+* the modelled floor, ``max(bytes / bandwidth, FLOPs / dense bf16 rate)`` per launch,
+  summed, on the GPUs of :data:`GPUS` (datasheet numbers, parameters of the model).
+
+Model of one launch: every tensor a launch touches moves between HBM and L2 once
+(re-reads within a launch are assumed to hit L2); every program loads its own tiles from
+L2 (re-reads across D sweeps and weight tiles per program count each time); FLOPs are
+those of the padded tiles the kernel issues. The CUDA backend has no plan here yet
+(its grids are chosen in C++); its rows say so. Output: a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.cases import CASES, Case
+from heba_kernels.heba_text import text_plan
+from heba_kernels.heba_visual import SAVE_U_MIN_DIM, visual_bwd_plan, visual_fwd_plan
+from heba_kernels.low_rank import low_rank_plan
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    hbm: float        # bytes/s, datasheet
+    bf16: float       # dense bf16 FLOP/s, datasheet
+    sms: int
+
+
+GPUS = {"H100": GPU("H100 SXM", 3.35e12, 989e12, 132),
+        "H200": GPU("H200 SXM", 4.8e12, 989e12, 132)}
+
+
+@dataclass
+class Cost:
+    """One launch, modelled."""
+    kernel: str
+    grid: tuple
+    hbm: float = 0.0
+    l2: float = 0.0
+    flops: float = 0.0
+
+    def floor_s(self, gpu: GPU) -> float:
+        return max(self.hbm / gpu.hbm, self.flops / gpu.bf16)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pad(n, block):
+    return _cdiv(n, block) * block
+
+
+# --------------------------------------------------------------------------- Triton plans
+
+
+def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[Cost]:
+    """Per-launch costs of the visual op (``e``/``w``: bytes of x's and the weights' dtype)."""
+    B, (H, W), D = case.batch, case.grid, case.dim
+    h, T, P = D // 4, case.batch * H * W, case.tokens - H * W
+    wdt = torch.bfloat16 if w == 2 else torch.float32
+    if backward:
+        plan = visual_bwd_plan(B, H, W, D, h, wdt, gpu.sms, True,
+                               recompute_u=D < SAVE_U_MIN_DIM)
+    else:
+        plan = visual_fwd_plan(B, H, W, D, h, wdt, gpu.sms, True)
+    out = []
+    for st in plan:
+        if st.step in ("dwu", "dwd", "reduce"):   # dWu = dy^T s, dWd = du^T t, the one sum
+            out.append(_atb_cost(st, T, D, h, e, w) if st.step == "dwu" else
+                       _atb_cost(st, T, h, D, w, e) if st.step == "dwd" else _reduce_cost(st, w))
+            continue
+        m = st.meta
+        BT, BH, BD = m["BLOCK_T"], m["BLOCK_H"], m["BLOCK_D"]
+        Tp = B * _pad(H * W, BT)
+        hp, Dp = _pad(h, BH), _pad(D, BD)
+        nprog = 1
+        for g in st.grid:
+            nprog *= g
+        c = Cost(st.kernel, st.grid)
+        tok, hid = T * D * e, T * h * w
+        if st.step == "down":
+            c.hbm, c.flops = tok + hid + h * D * w, 2 * Tp * Dp * hp
+            c.l2 = nprog * (BT * Dp * e + Dp * BH * w)
+        elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv float32 in, du out
+            c.hbm, c.flops = T * h * 4 + hid, 2 * 9 * Tp * hp
+            c.l2 = nprog * 9 * BT * BH * 4
+        elif st.step == "fwd":        # s = gelu(dwconv(u)) of the block, then two sweeps
+            keep = m["KEEP_Y"]        # sweep 2 reads y back instead of recomputing z
+            zsweep = BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w
+            c.hbm = 2 * tok + 3 * hid + 2 * B * P * D * e + D * h * w + 8 * T + keep * tok
+            c.flops = (1 if keep else 2) * 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
+            c.l2 = nprog * ((zsweep + 3 * BT * Dp * e if keep else 2 * zsweep)
+                            + 10 * BT * hp * w)
+        elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
+            BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
+            slots = st.grid[0] * st.grid[1]
+            c.hbm = (3 * tok + 3 * hid + D * h * w + 8 * T + T * h * 4
+                     + slots * (2 * D + 9 * h) * 4)
+            keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
+            c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
+            zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
+            c.l2 = st.grid[0] * B * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
+                                     + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
+                                     + 18 * BT * hp * w + BT * hp * 4)
+        elif st.step == "dx":
+            c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
+            c.flops = 2 * Tp * Dp * hp
+            c.l2 = nprog * (2 * BT * BD * e + BT * hp * w + hp * BD * w)
+        out.append(c)
+    return out
+
+
+def _atb_cost(st, M, I, J, ea, eb, colsum=False) -> Cost:
+    """``_atb_kernel`` over ``a [M, I]`` (``ea`` bytes) and ``b [M, J]`` (``eb`` bytes):
+    both read once from HBM, float32 partial slots written; every program loads its
+    chunk's ``[rows, BLOCK_I]`` and ``[rows, BLOCK_J]`` tiles."""
+    m = st.meta
+    gi, gj, splits = st.grid
+    Mp = _pad(M, m["BLOCK_K"])
+    c = Cost(st.kernel, st.grid)
+    c.hbm = M * (I * ea + J * eb) + splits * I * J * 4 + (splits * I * 4 if colsum else 0)
+    c.flops = 2 * Mp * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
+    c.l2 = gi * gj * Mp * (m["BLOCK_I"] * ea + m["BLOCK_J"] * eb)
+    return c
+
+
+def _reduce_cost(st, w) -> Cost:
+    """``_reduce_partials_kernel``: every float32 slot read once, each output written once."""
+    c = Cost(st.kernel, st.grid)
+    c.hbm = c.l2 = sum(slots * n * 4 + n * w for slots, n in st.work)
+    c.flops = sum(slots * n for slots, n in st.work)
+    return c
+
+
+def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
+    """Token-wise ops: row kernel (``sweeps`` token tensors read/written, ``gemms`` GEMM
+    passes of M x D x hidden), the two atb reductions (split-K partials), the one sum."""
+    out = []
+    for st in plan:
+        m = st.meta
+        if st.kernel == "_atb_kernel":    # d_up: dy or g [M, D] with a; d_down: du with x
+            colsum = "BLOCK_R" in plan[0].meta          # low-rank: bias gradients too
+            out.append(_atb_cost(st, M, D, Hd, e, w, colsum) if st.step == "d_up"
+                       else _atb_cost(st, M, Hd, D, w, e, colsum))
+            continue
+        if st.step == "reduce":
+            out.append(_reduce_cost(st, w))
+            continue
+        c = Cost(st.kernel, st.grid)
+        BM, BH = m["BLOCK_M"], m.get("BLOCK_H", m.get("BLOCK_R"))
+        Mp = _pad(M, BM)
+        c.hbm = sweeps[0] * M * D * e + sweeps[1] * M * Hd * w + 2 * Hd * D * w
+        c.flops = gemms * 2 * Mp * D * BH
+        c.l2 = st.grid[0] * (gemms * (BM * D * e + BH * D * w))
+        out.append(c)
+    return out
+
+
+def token_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[Cost]:
+    M, D = case.batch * case.tokens, case.dim
+    wdt = torch.bfloat16 if w == 2 else torch.float32
+    if case.op == "heba_text":
+        Hd = D // 4
+        plan = text_plan(M, D, Hd, wdt, gpu.sms, True, backward)
+        # forward: x read per sweep (down, stats, out), out written; backward: x, g read,
+        # dy written and read, dx written; a and du written ([M, h])
+        sweeps, gemms = ((2, 0), 3) if not backward else ((5, 2), 5)
+    else:
+        Hd = case.rank
+        plan = low_rank_plan(M, D, Hd, wdt, gpu.sms, True, backward)
+        sweeps, gemms = ((2, 0), 2) if not backward else ((3, 2), 3)
+    return _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms)
+
+
+def triton_costs(case, e, w, gpu, backward):
+    fn = visual_costs if case.op == "heba_visual" else token_costs
+    return fn(case, e, w, gpu, backward)
+
+
+# --------------------------------------------------------------------------- ideal and eager
+
+
+def ideal(case: Case, e: int) -> tuple[float, float]:
+    """``(bytes, FLOPs)`` of forward + backward at the floor."""
+    M, D = case.batch * case.tokens, case.dim
+    hid = case.rank if case.op == "low_rank" else D // 4
+    return 5 * M * D * e, 6 * 2 * M * D * hid
+
+
+class _Counter(TorchDispatchMode):
+    """Counts aten ops and the bytes of their tensor inputs and outputs (meta tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name().startswith(("aten::view", "aten::_unsafe_view", "aten::t.",
+                                   "aten::detach", "aten::expand", "aten::permute",
+                                   "aten::transpose", "aten::reshape", "aten::alias",
+                                   "aten::unsqueeze", "aten::squeeze", "aten::slice",
+                                   "aten::select", "aten::as_strided")):
+            return out                 # views move no data and launch nothing
+        self.ops += 1
+        flat = list(args) + list((kwargs or {}).values()) + \
+            (list(out) if isinstance(out, (tuple, list)) else [out])
+        self.bytes += sum(t.numel() * t.element_size() for t in flat
+                          if isinstance(t, torch.Tensor))
+        return out
+
+
+def eager(case: Case, dtype=torch.bfloat16) -> tuple[int, float]:
+    """``(aten ops, bytes)`` of the reference backend's forward + backward on meta tensors."""
+    import heba.nn
+    from benchmarks.cases import SCALE
+    if case.op == "low_rank":
+        m = heba.nn.LowRankAdapter(case.dim, case.rank, backend="reference")
+    else:
+        m = heba.nn.HeBAAdapter(case.dim, modality="visual" if case.op == "heba_visual"
+                                else "text", backend="reference")
+    m = m.to("meta", dtype)
+    x = torch.empty(case.shape(), device="meta", dtype=dtype, requires_grad=True)
+    with _Counter() as cnt:
+        out = m(x) if case.op == "low_rank" else m(x, scale=SCALE)
+        out.backward(torch.empty_like(out))
+    return cnt.ops, float(cnt.bytes)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def rows(cases=CASES, gpus=("H100", "H200"), e=2, w=2):
+    """One dict per (case, backend): modelled launches, bytes, FLOPs and floors (µs)."""
+    out = []
+    for case in cases:
+        costs = triton_costs(case, e, w, GPUS["H200"], False) + \
+            triton_costs(case, e, w, GPUS["H200"], True)
+        ib, ifl = ideal(case, e)
+        n_eager, eb = eager(case)
+        row = dict(case=case.name, launches=len(costs), triton_launches=sum(
+            not c.kernel.startswith("torch") for c in costs),
+            hbm=sum(c.hbm for c in costs), l2=sum(c.l2 for c in costs),
+            flops=sum(c.flops for c in costs), ideal_bytes=ib, ideal_flops=ifl,
+            eager_ops=n_eager, eager_bytes=eb)
+        for g in gpus:
+            gpu = GPUS[g]
+            row[f"floor_{g}"] = sum(c.floor_s(gpu) for c in costs) * 1e6
+            row[f"ideal_{g}"] = max(ib / gpu.hbm, ifl / gpu.bf16) * 1e6
+            row[f"eager_{g}"] = max(eb / gpu.hbm, ifl / gpu.bf16) * 1e6
+        out.append(row)
+    return out
+
+
+def markdown(rs, gpus=("H100", "H200")) -> str:
+    head = ("| case (fwd+bwd, bf16) | backend | launches (Triton + torch) | HBM MB (x ideal) "
+            "| GFLOP issued (x ideal) | L2->SM GB | "
+            + " | ".join(f"modelled floor {g} µs (ideal / eager)" for g in gpus) + " |")
+    lines = ["Modelled, not measured (benchmarks/roofline.py; datasheet bandwidth and dense "
+             "bf16 rates).", "", head, "|" + "---|" * (6 + len(gpus))]
+    for r in rs:
+        floors = " | ".join(f"{r[f'floor_{g}']:.0f} ({r[f'ideal_{g}']:.0f} / "
+                            f"{r[f'eager_{g}']:.0f})" for g in gpus)
+        lines.append(
+            f"| {r['case']} | triton | {r['launches']} ({r['triton_launches']} + "
+            f"{r['launches'] - r['triton_launches']}) | {r['hbm'] / 1e6:.0f} "
+            f"({r['hbm'] / r['ideal_bytes']:.1f}x) | {r['flops'] / 1e9:.1f} "
+            f"({r['flops'] / r['ideal_flops']:.2f}x) | {r['l2'] / 1e9:.1f} | {floors} |")
+        lines.append(f"| {r['case']} | reference (eager) | {r['eager_ops']} aten ops | "
+                     f"{r['eager_bytes'] / 1e6:.0f} | - | - | "
+                     + " | ".join("-" for _ in gpus) + " |")
+        lines.append(f"| {r['case']} | cuda | not modelled (grids chosen in C++) | - | - | - | "
+                     + " | ".join("-" for _ in gpus) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", default="H100,H200", help="comma-separated names of GPUS")
+    args = ap.parse_args(argv)
+    gpus = tuple(g for g in args.gpus.split(",") if g)
+    for g in gpus:
+        if g not in GPUS:
+            ap.error(f"--gpus: unknown GPU {g!r}; expected some of {', '.join(GPUS)}")
+    print(markdown(rows(gpus=gpus), gpus))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The roofline model's launch plans are the launchers' own: a launch recorder over a real
+forward + backward in the interpreter sees exactly the modelled launches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import heba.nn
+from benchmarks import roofline
+from benchmarks.cases import Case
+from heba_kernels import runtime
+from heba_kernels.heba_text import text_plan
+from heba_kernels.heba_visual import SAVE_U_MIN_DIM, visual_bwd_plan, visual_fwd_plan
+from heba_kernels.low_rank import low_rank_plan
+from tests.helpers import requires_triton_cpu
+
+
+def _recorded(module, x, **kw):
+    with runtime.record_launches() as rec:
+        out = module(x, **kw)
+        out.backward(torch.randn_like(out))
+    return rec
+
+
+def _names(plan):
+    return [(st.kernel, tuple(st.grid)) for st in plan]
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("B,H,W,D", [(3, 3, 5, 40), (2, 4, 4, 24)], ids=["B3-H3-W5-D40",
+                                                                      "B2-H4-W4-D24"])
+def test_visual_plan_is_what_runs(B, H, W, D):
+    torch.manual_seed(0)
+    m = heba.nn.HeBAAdapter(D, modality="visual", grid=(H, W), backend="triton")
+    x = torch.randn(B, 1 + H * W, D, requires_grad=True)
+    rec = _recorded(m, x, scale=0.5)
+    plan = visual_fwd_plan(B, H, W, D, D // 4, torch.float32, 1, False) + \
+        visual_bwd_plan(B, H, W, D, D // 4, torch.float32, 1, False,
+                        recompute_u=D < SAVE_U_MIN_DIM)
+    assert rec == _names(plan)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("op", ["heba_text", "low_rank"])
+def test_token_plans_are_what_runs(op):
+    torch.manual_seed(0)
+    M, D, hid = 2 * 7, 32, 8
+    if op == "heba_text":
+        m = heba.nn.HeBAAdapter(D, modality="text", backend="triton")
+        plan_fn, kw = text_plan, dict(scale=0.5)
+    else:
+        m = heba.nn.LowRankAdapter(D, hid, init="small", backend="triton")
+        plan_fn, kw = low_rank_plan, {}
+    hid = D // 4 if op == "heba_text" else hid
+    rec = _recorded(m, torch.randn(2, 7, D, requires_grad=True), **kw)
+    plan = plan_fn(M, D, hid, torch.float32, 1, False, False) + \
+        plan_fn(M, D, hid, torch.float32, 1, False, True)
+    assert rec == _names(plan)
+
+
+def test_table_lists_every_case_and_says_modelled():
+    cases = [Case("v", "heba_visual", 2, 17, 64, grid=(4, 4)), Case("t", "heba_text", 2, 9, 32),
+             Case("l", "low_rank", 2, 9, 32, rank=16)]
+    rs = roofline.rows(cases)
+    md = roofline.markdown(rs)
+    assert md.startswith("Modelled, not measured")
+    for c in cases:
+        assert f"| {c.name} | triton |" in md and f"| {c.name} | reference (eager) |" in md
+    for r in rs:   # issued work never below the floor's
+        assert r["hbm"] >= r["ideal_bytes"] and r["flops"] >= r["ideal_flops"] * 0.99, r
+        assert r["eager_ops"] > 0 and r["floor_H200"] < r["floor_H100"]
+
+
+def test_unknown_gpu_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        roofline.main(["--gpus", "A1"])
+    assert info.value.code == 2 and "unknown GPU 'A1'" in capsys.readouterr().err
+
+
+class _Ops(TorchDispatchMode):
+    """The ops dispatched outside heba's custom ops (each custom op counts as one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+@pytest.mark.parametrize("op", ["heba_visual", "heba_text", "low_rank"])
+def test_fused_ops_launch_nothing_beside_their_plan(op, autocast):
+    # No torch sum, cast, multiplication or zero-filled gradient around the kernels: a
+    # forward + backward dispatches the two custom ops (whose launches the plans list)
+    # and detaches only; under autocast the float32 weights go in as they are (the
+    # kernels round them) and their gradients come out float32, so no casts either.
+    torch.manual_seed(0)
+    if op == "heba_visual":
+        m, x, kw = heba.nn.HeBAAdapter(24, grid=(4, 4), backend="triton"), \
+            torch.randn(2, 17, 24), dict(scale=0.5)
+    elif op == "heba_text":
+        m, x, kw = heba.nn.HeBAAdapter(32, modality="text", backend="triton"), \
+            torch.randn(2, 7, 32), dict(scale=0.5)
+    else:
+        m, x, kw = heba.nn.LowRankAdapter(32, 8, init="small", backend="triton"), \
+            torch.randn(2, 7, 32), {}
+    x.requires_grad_(True)
+    g = torch.randn_like(x)
+    with _Ops() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        m(x, **kw).backward(g)
+    others = [o for o in seen.ops if not o.startswith("heba::") and o != "aten::detach"]
+    assert others == [] and len([o for o in seen.ops if o.startswith("heba::")]) == 2, seen.ops
+    assert all(p.grad.dtype == torch.float32 for p in m.parameters())
