@@ -33,7 +33,7 @@ SIZE = KW["img_size"]                       # the tiny backbone's input size
 def splits(tmp_path_factory):
     """The train / val / test splits of a classifier run on an ImageFolder, after setup."""
     root = tmp_path_factory.mktemp("ds")
-    folder = image_folder(root, n_train=8, n_test=2)
+    folder = image_folder(root / "ds", n_train=8, n_test=2)
     args = cli.parse_args([folder, *TINY, "--quiet", "--epochs", "1", "--device", "cpu",
                            "-o", str(root / "out")])
     recipe = ClassifyRecipe(cli.make_train_config(args), cli.run_options(args, demo=False),
