@@ -32,10 +32,7 @@ def dry_run(tmp_path_factory):
                HEBA_GPU_CHECK_TIMEOUTS="info=1,tests=180,sweep=300,bench-ops=300",
                HEBA_GPU_CHECK_BUDGET="900",
                HEBA_GPU_CHECK_TESTS="tests/heba/test_ops_validation.py tests/heba/clip/test_wiring.py",
-               HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile",
-               # one thread per process: the sweep runs two processes side by side, and CI has
-               # two cores (more threads only contend for them)
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+               HEBA_GPU_CHECK_BENCH_K="lowrank-r16 and bf16 and fwdbwd and not compile")
     proc = subprocess.run(["bash", SCRIPT, "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     md = (out / "gpu_check.md").read_text()
