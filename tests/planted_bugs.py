@@ -723,3 +723,68 @@ EVALUATION = [
 
 BUGS = [*KERNELS, *REFERENCE, *OPS, *CUDA_GLUE, *WIRING_BUGS, *TIMM_HF, *CHECKPOINTS,
         *RUN_FILES, *DATA, *LOOP, *LOOP_RECIPE, *EVALUATION]
+
+# --- protocol edge values, resume state piece by piece, the transform of each split ---------
+T_PROTO = "tests/heba/train/test_protocols.py"
+T_STEP = "tests/heba/train/test_step.py"
+T_RESUME = "tests/heba/train/test_resume.py"
+LOOP_PY = "heba/train/loop.py"
+
+EDGES = [
+    Bug("repeated-seed-accepted", "loop", "heba/train/protocols.py",
+        "any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):",
+        "any(s < 0 for s in seeds):",
+        (f"{T_PROTO}::test_repeated_seed_is_refused_before_anything_runs",
+         f"{T_PROTO}::test_repeated_seed_is_refused_for_a_classifier"),
+        "--seeds 1 2 1 trains seed 1 twice into one folder and counts it twice in mean +- std"),
+    Bug("text-length-cuts-the-eot", "loop", STEP,
+        "    n = int(tokens.argmax(dim=-1).max()) + 1",
+        "    n = int(tokens.argmax(dim=-1).max())",
+        (f"{T_STEP}::test_text_length_never_cuts_before_the_last_end_of_text",),
+        "a prompt whose end-of-text sits just past a multiple of 8 is cut before it: the text "
+        "feature is read from the wrong token for the longest prompts"),
+    Bug("slow-fast-first-block-assumed", "wiring", POLICY,
+        "if (block, pos) == self._first.get(tower) or tower not in self._current:",
+        "if (block, pos) == (0, 0) or tower not in self._current:",
+        (f"{T_POLICY}::test_towers_adapted_from_a_later_block_redraw_every_forward",),
+        "with --start > 1 the slow-fast scales are drawn once and never again: no slow-fast"),
+    Bug("resume-optimizer-not-restored", "loop", LOOP_PY,
+        '    tr.opt.load_state_dict(state["optimizer"])\n', "",
+        (f"{T_RESUME}::test_resume_restores_the_state_each_epoch_starts_from",),
+        "a resumed run restarts SGD's momentum and the learning rate: not the run it resumes"),
+    Bug("resume-scheduler-not-restored", "loop", LOOP_PY,
+        '    tr.sched.load_state_dict(state["scheduler"])\n', "",
+        (f"{T_RESUME}::test_resume_restores_the_state_each_epoch_starts_from",),
+        "a resumed run's cosine restarts from its first step after the next epoch"),
+    Bug("resume-slow-fast-not-restored", "loop", LOOP_PY,
+        '        policy.load_state_dict(state["scale_policy"])', "        pass",
+        (f"{T_RESUME}::test_resume_restores_the_state_each_epoch_starts_from",),
+        "a resumed run replays the slow-fast draws of the first epochs"),
+    Bug("resume-draw-stream-restarts", "loop", "heba/train/recipe.py",
+        "self.gen.manual_seed(loop.epoch_seed(self.cfg.seed, epoch, self.ctx.rank))",
+        "self.gen.manual_seed(loop.epoch_seed(self.cfg.seed, epoch - self.tr.start_epoch, "
+        "self.ctx.rank))",
+        (f"{T_RESUME}::test_resume_continues_every_random_stream",),
+        "a resumed run replays the first epoch's candidate and prompt draws"),
+    Bug("resume-sampler-epoch-restarts", "loop", LOOP_PY,
+        "    loader = tr.loader(epoch)",
+        "    loader = tr.loader(epoch - tr.start_epoch)",
+        (f"{T_RESUME}::test_resume_continues_every_random_stream",),
+        "a resumed run replays the first epoch's sample order and crops"),
+    Bug("classifier-val-gets-train-transform", "data", "heba/train/vision.py",
+        "data.val.transform, data.test.transform = train_tf, eval_tf, eval_tf",
+        "data.val.transform, data.test.transform = train_tf, train_tf, eval_tf",
+        ("tests/heba/train/test_vision.py::"
+         "test_evaluation_splits_get_the_published_deterministic_transform",),
+        "a classifier's validation accuracy (and its best epoch) measured on random crops"),
+    Bug("clip-eval-gets-train-transform", "data", "heba/train/data.py",
+        "            ds.transform = eval_tf", "            ds.transform = train_tf",
+        (f"{T_RUNDATA}::test_clip_evaluation_splits_are_the_published_test_pipeline",),
+        "base and novel accuracies measured on random crops: noisy, below the published"),
+    Bug("clip-train-gets-eval-transform", "data", "heba/train/data.py",
+        "        data.train.transform = train_tf", "        data.train.transform = eval_tf",
+        (f"{T_RUNDATA}::test_clip_training_split_is_the_published_augmentation",),
+        "a CLIP run trains on the same centre crops every epoch: no augmentation"),
+]
+
+BUGS += EDGES

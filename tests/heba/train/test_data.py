@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -118,3 +119,89 @@ def test_random_transforms_in_workers_follow_seed_and_epoch():
     e0, e1 = _epochs(run, [0, 1])
     resumed = _epochs(D.train_loader(_Noisy(), cfg, "cpu", workers=1), [1])[0]
     assert _same(resumed, e1) and not _same(e0, e1)
+
+
+# --- the transform each split of a CLIP run is given ---------------------------------------
+
+@pytest.fixture(scope="module", params=["fast", "published"])
+def clip_run(request, tmp_path_factory):
+    """A base-to-novel CLIP run on an ImageFolder after setup (``--pipeline`` each way): its
+    data and training."""
+    pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
+    from heba import cli
+    from heba.train.recipe import TrainRecipe
+    from tests.clip_utils import image_folder
+    root = tmp_path_factory.mktemp("clip_ds")
+    folder = image_folder(root / "ds", per_class=4)
+    args = cli.parse_args([folder, "--model", "tiny", "--pretrained", "none", "--shots", "2",
+                           "--batch-size", "2", "--quiet", "--threads", "1", "--device", "cpu",
+                           "--pipeline", request.param, "-o", str(root / "out")])
+    recipe = TrainRecipe(cli.make_train_config(args), cli.run_options(args, demo=False),
+                         log=lambda *a, **k: None)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    recipe.setup()
+    try:
+        yield recipe
+    finally:
+        recipe.cleanup()
+        torch.set_num_threads(n)
+
+
+def _dassl(size, train: bool):
+    """The published (CoOp / Dassl) pipelines, written out: bicubic RandomResizedCrop(scale
+    0.08..1) + flip for training, bicubic Resize + CenterCrop for testing; the tiny CLIP's
+    normalisation."""
+    from torchvision import transforms as T
+    from heba.clip.synthetic import MEAN as TINY_MEAN, STD as TINY_STD
+    bicubic = T.InterpolationMode.BICUBIC
+    crop = ([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=bicubic),
+             T.RandomHorizontalFlip()] if train else
+            [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)])
+    return T.Compose(crop + [T.ToTensor(), T.Normalize(TINY_MEAN, TINY_STD)])
+
+
+def _size(recipe):
+    size = recipe.model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def test_clip_evaluation_splits_are_the_published_test_pipeline(clip_run):
+    """Every evaluation split (base, novel): the deterministic Dassl test transform, and the
+    batches an evaluation reads are those images, the same at every read."""
+    from heba.data.pipeline import read_rgb
+    evals = clip_run.data.evals
+    assert set(evals) == {"base", "novel"}
+    published = _dassl(_size(clip_run), train=False)
+    for name, (_, ds) in evals.items():
+        want = torch.stack([published(read_rgb(it.path)) for it in ds.items])
+        torch.manual_seed(0)
+        direct = torch.stack([ds[i][0] for i in range(len(ds))])
+        torch.manual_seed(1)
+        assert torch.equal(direct, torch.stack([ds[i][0] for i in range(len(ds))])), name
+        assert torch.equal(direct, want), f"{name}: not Resize + CenterCrop"
+        reads = [torch.cat([x for x, _ in D.eval_batches(ds, 3, "cpu")]) for _ in range(2)]
+        assert torch.equal(reads[0], reads[1]), f"{name}: two evaluations read different images"
+        assert torch.allclose(reads[0], want, atol=1e-5), \
+            f"{name}: evaluation batches off by {(reads[0] - want).abs().max():.3g}"
+
+
+def test_clip_training_split_is_the_published_augmentation(clip_run):
+    """The training split: the Dassl training transform (same draws as the written-out one);
+    the run's loader gives other crops at every epoch, none the test crop."""
+    from heba.data.pipeline import read_rgb
+    ds = clip_run.data.train
+    img = read_rgb(ds.items[0].path)
+    published = _dassl(_size(clip_run), train=True)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        got = ds[0][0]
+        torch.manual_seed(seed)
+        assert torch.equal(got, published(img)), f"draw {seed} is not the published pipeline's"
+    centre = _dassl(_size(clip_run), train=False)
+    test_crops = sorted(float(centre(read_rgb(it.path)).sum()) for it in ds.items)
+    epochs = [sorted(float(x.sum()) for xs, _ in clip_run.tr.loader(e) for x in xs)
+              for e in (0, 1)]
+    assert len(epochs[0]) == len(ds.items)
+    assert epochs[0] != epochs[1], "the training crops do not change between epochs"
+    assert all(not math.isclose(a, b, rel_tol=1e-4) for a, b in zip(epochs[0], test_crops))

@@ -1,4 +1,8 @@
-"""heba-train under DistributedDataParallel: two CPU processes (gloo) end with the same adapters."""
+"""heba-train under DistributedDataParallel: two CPU processes (gloo) end with the same adapters.
+
+The two ranks are forked where the platform can (they start with torch, open_clip and heba
+already imported: a spawned rank spends most of its time importing them), spawned elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,13 @@ from tests.clip_utils import image_folder
 import pytest
 pytest.importorskip("open_clip", reason="needs open_clip (pip install open_clip_torch)")
 
+from heba import cli  # noqa: E402  (imported before the ranks fork)
+from heba.train import step as S  # noqa: E402
+from heba.train.recipe import TrainRecipe  # noqa: E402
+
+
+START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
 
 def _free_port():
     with socket.socket() as s:
@@ -24,9 +35,6 @@ def _worker(rank, world, port, folder, out, result_dir):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from safetensors.torch import save_file
-    from heba import cli
-    from heba.train import step as S
-    from heba.train.recipe import TrainRecipe
     args = cli.parse_args([folder, "--model", "tiny", "--pretrained", "none", "--shots", "4",
                            "--epochs", "2", "--batch-size", "2", "--quiet", "--threads", "1",
                            "--no-eval-before", "--split", "all", "--device", "cpu", "-o", out])
@@ -52,7 +60,8 @@ def test_two_ranks_identical_adapters(tmp_path):
     from safetensors.torch import load_file
     folder = image_folder(tmp_path / "ds", per_class=5)
     out = str(tmp_path / "out")
-    mp.spawn(_worker, args=(2, _free_port(), folder, out, str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, _free_port(), folder, out, str(tmp_path)), nprocs=2,
+                       join=True, start_method=START)
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     seen0, seen1 = r0.pop("_seen"), r1.pop("_seen")

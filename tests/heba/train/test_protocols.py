@@ -141,3 +141,26 @@ def test_bad_input_one_line_nothing_written(root, tmp_path, capsys):
     _one_line(*run(["--dataset", "dtd", "--root", str(broken), *FAST, "-o", out],
                    capsys)[::2], "split")
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "s.json")
+
+
+@pytest.mark.parametrize("command", [[], ["cross-dataset", "--targets", "eurosat"],
+                                     ["domain-generalization", "--targets", "imagenet_a"]])
+def test_repeated_seed_is_refused_before_anything_runs(root, tmp_path, capsys, command):
+    """A seed given twice would train the same run twice into one folder and count it twice in
+    the mean +- std: one line naming --seeds, exit 2, nothing written."""
+    out = str(tmp_path / "o")
+    data = [] if command else ["--dataset", "eurosat"]
+    _one_line(*run([*command, *data, "--root", root, "--seeds", "1", "2", "1", *FAST,
+                    "-o", out], capsys)[::2], "--seeds", "distinct", "[1, 2, 1]")
+    assert not os.path.exists(out)
+
+
+def test_repeated_seed_is_refused_for_a_classifier(tmp_path, capsys):
+    """The classification protocol (a timm backbone) refuses a repeated seed the same way."""
+    pytest.importorskip("timm", reason="needs timm (pip install 'heba[timm]')")
+    from tests.heba.train.test_classify import TINY, image_folder
+    folder = image_folder(tmp_path / "ds", n_train=2, n_test=1)
+    out = str(tmp_path / "o")
+    _one_line(*run([folder, *TINY, "--quiet", "--method", "head-only", "--epochs", "1",
+                    "--seeds", "0", "0", "-o", out], capsys)[::2], "--seeds", "distinct")
+    assert not os.path.exists(out)

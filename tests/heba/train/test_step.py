@@ -304,6 +304,21 @@ def test_text_length_gives_identical_features():
         assert (encode_text(model, txt, length=8) - full).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_text_length_never_cuts_before_the_last_end_of_text(multiple):
+    """By definition: the shortest multiple of ``multiple`` (or the full context) that still
+    holds every row's end-of-text token (CLIP's largest id), for the end-of-text at every
+    position of a 16-token context, alone and in a bank with shorter rows."""
+    context = 16
+    for eot in range(2, context):
+        row = texts((eot + 1, 3), context_length=context)                # eot at index `eot`
+        for tokens in (row[:1], row, row.flip(0), row.view(1, 2, context)):
+            want = min(context, -(-(eot + 1) // multiple) * multiple)
+            got = text_length(tokens, multiple)
+            assert got == want, f"end-of-text at {eot}, multiple {multiple}: {got} != {want}"
+            assert tokens[..., :got].amax() == tokens.amax()              # the eot is kept
+
+
 def test_frozen_text_step_masks_candidates():
     """Frozen text tower: the step masks all-class logits (static shapes, no host sync); loss,
     accuracy and gradients equal those over the gathered candidate set."""
