@@ -109,10 +109,13 @@ def build_training(run: Run, model, step, params, ds, load_weights: Callable[[st
 
 
 def restore(tr: Training, model, plan) -> int:
-    """The optimizer, scheduler and scale-policy RNG of the set resumed from; its epoch."""
+    """The optimizer, scheduler, loss scaler and scale-policy RNG of the set resumed from;
+    its epoch."""
     state = plan.state
     tr.opt.load_state_dict(state["optimizer"])
     tr.sched.load_state_dict(state["scheduler"])
+    if state.get("scaler"):                    # {} where the fp16 loss scaler is off
+        tr.scaler.load_state_dict(state["scaler"])
     policy = getattr(model, "heba_policy", None)
     if "scale_policy" in state and policy is not None:
         policy.load_state_dict(state["scale_policy"])     # the slow-fast stream goes on
@@ -307,7 +310,8 @@ def save_epoch(run: Run, tr: Training, model, epoch: int, writers: dict, **more)
     (optimizer, scheduler, epoch, ``more``, the slow-fast stream). Returns the set."""
     if not all(bool(torch.isfinite(p.detach()).all()) for p in tr.params):
         raise Diverged(f"epoch {epoch}: an adapter value is not finite; nothing is saved")
-    state = dict(optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(), epoch=epoch,
+    state = dict(optimizer=tr.opt.state_dict(), scheduler=tr.sched.state_dict(),
+                 scaler=tr.scaler.state_dict(), epoch=epoch,
                  workers=tr.workers, **more)
     policy = getattr(model, "heba_policy", None)
     if policy is not None:
