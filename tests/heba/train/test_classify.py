@@ -461,7 +461,9 @@ def test_two_ranks_train_the_same_weights(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "out")
-    mp.spawn(_ddp_worker, args=(2, port, folder, out, str(tmp_path)), nprocs=2, join=True)
+    start = "fork" if "fork" in mp.get_all_start_methods() else "spawn"   # forked: no re-imports
+    mp.start_processes(_ddp_worker, args=(2, port, folder, out, str(tmp_path)), nprocs=2,
+                       join=True, start_method=start)
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     seen0, seen1 = r0.pop("_seen"), r1.pop("_seen")
     # 18 images - 1 val = 17: 9 per rank (padded), batch 4: 3 steps per epoch on each rank
