@@ -621,7 +621,9 @@ RUN_FILES = [
         "again\n        raise Interrupted(signum)",
         "    if _DEPTH[0]:\n        _PENDING[:] = [signum]\n    else:\n        raise "
         "Interrupted(signum)",
-        ("tests/heba/test_cli_errors.py::test_signal_stops_cleanly",),
+        ("tests/heba/train/test_run_folder.py::"
+         "test_a_swallowed_stop_is_raised_again_at_the_next_safe_point",
+         "tests/heba/test_cli_errors.py::test_signal_stops_cleanly"),
         "SIGTERM arriving while a loader starts its workers is lost: the run goes on"),
     Bug("nan-guard-off", "loop", "heba/train/loop.py",
         "if not step and not params_bad:",

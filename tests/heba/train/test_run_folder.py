@@ -275,3 +275,23 @@ def test_resume_keeps_records_it_did_not_write(tmp_path):
     assert got == [lines[0], lines[1], lines[2], lines[4]]
     rf.trim_metrics(path, 0)
     assert [json.loads(line) for line in open(path)] == [lines[2], lines[4]]
+
+
+def test_a_swallowed_stop_is_raised_again_at_the_next_safe_point():
+    """signals: a stop raised where Python swallows exceptions (an at-fork callback while a
+    loader starts its workers) stays pending, and the next safe point raises it."""
+    import signal
+    restore = rf.handle_signals()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):               # the handler runs between two bytecodes
+                pass
+        except rf.Interrupted:
+            pass                                # swallowed, as an at-fork callback does
+        with pytest.raises(rf.Interrupted) as err:
+            rf.check_stop()
+        assert err.value.signum == signal.SIGTERM
+    finally:
+        restore()
+    rf.check_stop()                             # restored: nothing pending any more
