@@ -405,7 +405,8 @@ def _check_train(info: DatasetInfo, ddir: str, train, val, test) -> None:
                         f"draw would leave them without one")
 
 
-def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "all") -> Split:
+def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "all",
+                need_train: bool = True) -> Split:
     """The published split of data set ``name`` under ``root`` for ``shots`` and ``seed``.
 
     Args:
@@ -415,6 +416,9 @@ def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "a
             test-only ImageNet variants, as published.
         seed: the run's seed (the published ``--seed``).
         subsample: ``all``, ``base`` or ``new`` (``DATASET.SUBSAMPLE_CLASSES``).
+        need_train: refuse a train list that is empty or lacks a class of val /
+            test (default True; False for a transfer target, whose test split alone
+            is used).
 
     Returns:
         ``Split`` with absolute paths (``abspath(expanduser(root))`` joined, links
@@ -430,7 +434,8 @@ def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "a
     ddir = _dataset_dir(info, root)
     train, val, test = READERS[info.kind](info, ddir)
     _check_images(info, train, val, test)
-    _check_train(info, ddir, train, val, test)
+    if need_train:
+        _check_train(info, ddir, train, val, test)
     if not info.test_only:
         rng = random.Random(seed)  # = Dassl's random.seed(seed) at the start of train.py
         train = fewshot(train, shots, rng)
