@@ -790,3 +790,45 @@ EDGES = [
 ]
 
 BUGS += EDGES
+
+
+# Reading images by one 8-bit rule, folder listings without dot names, empty train lists and
+# files given as checkpoints that are none.
+T_FOLDER = "tests/heba/data/test_folder.py"
+T_CLI_ERRORS = "tests/heba/test_cli_errors.py"
+
+IMAGES = [
+    Bug("read-rgb-16-bit-clipped", "data", PIPE,
+        "levels = np.rint(v / 257.0)",
+        "levels = np.clip(v, 0, 255)",
+        (f"{T_PIPE}::test_wide_grey_is_scaled_by_its_modes_range_not_clipped",),
+        "16-bit grey images train as almost all white (every level above 255 clipped)"),
+    Bug("read-rgb-float-above-one-kept", "data", PIPE,
+        "lo >= 0.0 and hi <= 1.0",
+        "lo >= 0.0",
+        (f"{T_PIPE}::test_wide_values_out_of_range_are_refused_in_one_line",),
+        "a float image of values past 1 is read as garbage levels instead of refused"),
+    Bug("check-wide-modes-fast-skipped", "data", "heba/data/check.py",
+        "if img.mode in WIDE_MODES:",
+        'if mode == "full" and img.mode in WIDE_MODES:',
+        (f"{T_CHECK}::test_wide_images_checked_by_the_readers_rule",),
+        "the default check passes a float image the readers refuse: training stops midway"),
+    Bug("folder-dot-files-listed", "data", "heba/data/folder.py",
+        "for f in listdir_nohidden(os.path.join(root, c))",
+        "for f in os.listdir(os.path.join(root, c))",
+        (f"{T_FOLDER}::test_dot_files_are_skipped_as_the_coop_readers_do",),
+        "macOS ._* AppleDouble files in a class folder are read as images and stop the run"),
+    Bug("coop-empty-train-unnamed", "data", COOP,
+        "    if not train:\n",
+        "    if train is None:\n",
+        (f"{T_COOP}::test_bad_input_is_one_line_data_error",),
+        "an empty train list is reported as classes without images, not as the empty list"),
+    Bug("checkpoint-torch-advice-relayed", "data", PUBLISHED,
+        "best.pt); reading it failed with {type(err).__name__}",
+        "best.pt); reading it failed: {err}",
+        (f"{T_CLI_ERRORS}::test_a_file_that_is_no_checkpoint_is_named_in_one_line",),
+        "a text file given as --checkpoint is answered with torch's advice to load it with "
+        "weights_only=False (code execution)"),
+]
+
+BUGS += IMAGES

@@ -21,6 +21,7 @@ unknown, missing or misshapen tensor is an error that names it.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -49,13 +50,20 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping]) -> tuple[str, Any]
         return "checkpoint", source
     name = os.fspath(source)
     try:
-        return name, torch.load(name, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():       # torch's pickle-protocol note is not ours to relay
+            warnings.simplefilter("ignore")
+            return name, torch.load(name, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {name} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {name} is a folder, not a checkpoint file") from None
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"cannot read checkpoint {name}: {type(err).__name__}: "
-                              f"{first}") from None
+        # torch's own message may advise weights_only=False (code execution on load): never
+        # relayed; a file that holds more than tensors is no checkpoint heba reads
+        raise CheckpointError(f"cannot read checkpoint {name}: it is not a heba or published "
+                              f"checkpoint (heba's adapters.safetensors, or a torch.save file "
+                              f"of tensors: a Dassl model.pth.tar-<N>, an AdapterTune last.pt / "
+                              f"best.pt); reading it failed with {type(err).__name__}") from None
 
 
 def read_published(path: str) -> dict:

@@ -12,7 +12,10 @@ header fails here) and checks that the file is whole without decoding it:
   header declares; WebP: the RIFF size is the file's;
 * any other format: decoded in full (there is no cheap test of it).
 
-Empty files and files that are no image are caught by both modes.
+Empty files and files that are no image are caught by both modes. Images of
+more than 8 bits a sample (16-bit grey, 32-bit integer or float) are decoded
+in both modes and refused when :func:`heba.data.pipeline.to_rgb`, the rule
+every reader opens images by, refuses their values.
 ``mode="full"`` decodes every image (JPEG at 1/8 scale: every byte is still
 entropy-decoded). Each failure is one line naming the file; files found good
 are remembered by ``(path, size, mtime, mode)`` for the process.
@@ -30,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from heba.data.coop import DataError
+from heba.data.pipeline import WIDE_MODES, ImageModeError, to_rgb
 
 MODES = ("fast", "full")
 TAIL = 4096
@@ -87,6 +91,9 @@ def image_error(path: str, mode: str = "fast") -> Optional[str]:
     try:
         with Image.open(path) as img:
             fmt = img.format
+            if img.mode in WIDE_MODES:              # the values decide: read_rgb's rule
+                to_rgb(img)
+                return None
             if mode == "full" or fmt not in _ENDS:
                 if fmt == "JPEG":
                     img.draft("RGB", (64, 64))
@@ -95,6 +102,8 @@ def image_error(path: str, mode: str = "fast") -> Optional[str]:
             w, h = img.size
         if w < 1 or h < 1:
             return f"header gives size {w}x{h}"
+    except ImageModeError as err:
+        return f"not 8-bit RGB: {err}"
     except Exception as err:
         return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
     return _ENDS[fmt](path, size, head, tail)

@@ -275,8 +275,9 @@ def _read_fgvc(info: DatasetInfo, ddir: str):
     return tuple(out)
 
 
-def _listdir_nohidden(path: str) -> list[str]:
-    """Dassl's ``listdir_nohidden``: ``os.listdir`` order (not sorted), dot names dropped."""
+def listdir_nohidden(path: str) -> list[str]:
+    """Dassl's ``listdir_nohidden``: ``os.listdir`` order (not sorted), dot names dropped
+    (macOS ``._*`` AppleDouble files, ``.DS_Store``); every reader lists folders by it."""
     return [f for f in os.listdir(path) if not f.startswith(".")]
 
 
@@ -286,7 +287,7 @@ def _class_folder(info, names, folder, image_dir, label) -> list[Item]:
     class_dir = os.path.join(image_dir, folder)
     # listing order kept: it decides which images random.sample picks, as published
     return [Item(os.path.join(class_dir, f), label, names[folder])
-            for f in _listdir_nohidden(class_dir)]
+            for f in listdir_nohidden(class_dir)]
 
 
 def _read_imagenet(info: DatasetInfo, ddir: str):
@@ -318,7 +319,7 @@ def _read_imagenetv2(info: DatasetInfo, ddir: str):
         class_dir = _need_dir(info, os.path.join(image_dir, str(label)), "class folder")
         name = names[folders[label]]
         test += [Item(os.path.join(class_dir, f), label, name)
-                 for f in _listdir_nohidden(class_dir)]
+                 for f in listdir_nohidden(class_dir)]
     return [], [], test
 
 
@@ -330,7 +331,7 @@ def _read_imagenet_folders(info: DatasetInfo, ddir: str):
     """
     names = _read_classnames(info, ddir)
     image_dir = _need_dir(info, os.path.join(ddir, info.image_dir), "image folder")
-    folders = sorted(f for f in _listdir_nohidden(image_dir) if f not in info.ignored)
+    folders = sorted(f for f in listdir_nohidden(image_dir) if f not in info.ignored)
     for folder in folders:
         _need_dir(info, os.path.join(image_dir, folder), "class folder")
     test = [it for label, folder in enumerate(folders)
@@ -378,7 +379,34 @@ def _check_images(info: DatasetInfo, *splits: list[Item]) -> None:
                         f"or not files, first: {missing[0]}")
 
 
-def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "all") -> Split:
+def train_source(info: DatasetInfo, ddir: str) -> str:
+    """The file (or folder) the training images of data set ``info`` are listed in."""
+    if info.kind == "split_json":
+        return f"split file {os.path.join(ddir, info.split_file)}"
+    if info.kind == "fgvc":
+        return f"split file {os.path.join(ddir, FGVC_SPLITS['train'])}"
+    return f"image folder {os.path.join(ddir, info.image_dir, 'train')}"
+
+
+def _check_train(info: DatasetInfo, ddir: str, train, val, test) -> None:
+    """Every class of val / test has a training image, so no draw leaves a class without one
+    (the draw keeps every class of the train list); named here, before a model loads."""
+    if info.test_only:
+        return
+    if not train:
+        raise DataError(f"{info.name}: {train_source(info, ddir)} lists no training image "
+                        f"(its train list is empty): nothing to train on")
+    have = {it.label for it in train}
+    lack = sorted({(it.label, it.classname) for it in val + test if it.label not in have})
+    if lack:
+        names = ", ".join(f"{y} {c!r}" for y, c in lack[:5])
+        raise DataError(f"{info.name}: {train_source(info, ddir)} lists no training image of "
+                        f"{len(lack)} class(es) that val / test hold: {names}; the few-shot "
+                        f"draw would leave them without one")
+
+
+def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "all",
+                need_train: bool = True) -> Split:
     """The published split of data set ``name`` under ``root`` for ``shots`` and ``seed``.
 
     Args:
@@ -388,6 +416,9 @@ def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "a
             test-only ImageNet variants, as published.
         seed: the run's seed (the published ``--seed``).
         subsample: ``all``, ``base`` or ``new`` (``DATASET.SUBSAMPLE_CLASSES``).
+        need_train: refuse a train list that is empty or lacks a class of val /
+            test (default True; False for a transfer target, whose test split alone
+            is used).
 
     Returns:
         ``Split`` with absolute paths (``abspath(expanduser(root))`` joined, links
@@ -395,13 +426,16 @@ def build_split(name: str, root: str, shots: int, seed: int, subsample: str = "a
 
     Raises:
         DataError: unknown name, bad arguments, a missing folder, split file,
-            class list or image, before anything is sampled.
+            class list or image, an empty train list or a class without a
+            training image, before anything is sampled.
     """
     info = _info(name)
     _check_args(info, shots, seed, subsample)
     ddir = _dataset_dir(info, root)
     train, val, test = READERS[info.kind](info, ddir)
     _check_images(info, train, val, test)
+    if need_train:
+        _check_train(info, ddir, train, val, test)
     if not info.test_only:
         rng = random.Random(seed)  # = Dassl's random.seed(seed) at the start of train.py
         train = fewshot(train, shots, rng)

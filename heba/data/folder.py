@@ -17,22 +17,23 @@ from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 
-from heba.data.coop import DataError, Split
+from heba.data.coop import DataError, Split, listdir_nohidden
 from heba.data.sampling import Item, fewshot, subsample_classes
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def scan_tree(root: str) -> dict:
-    """``{class folder: [image paths, sorted]}`` of an ImageFolder tree."""
+    """``{class folder: [image paths, sorted]}`` of an ImageFolder tree; names starting
+    with ``.`` are skipped (:func:`heba.data.coop.listdir_nohidden`)."""
     if not os.path.isdir(root):
         raise DataError(f"dataset directory {root} does not exist")
-    classes = sorted(d for d in os.listdir(root)
-                     if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    classes = sorted(d for d in listdir_nohidden(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(f"dataset directory {root} holds no class folders "
                         f"(expected {root}/<class>/<image>)")
-    tree = {c: sorted(os.path.join(root, c, f) for f in os.listdir(os.path.join(root, c))
+    # dot names (macOS ``._*`` AppleDouble files) skipped, as the CoOp readers do
+    tree = {c: sorted(os.path.join(root, c, f) for f in listdir_nohidden(os.path.join(root, c))
                       if f.lower().endswith(IMAGE_EXTS)) for c in classes}
     empty = [c for c, files in tree.items() if not files]
     if len(empty) == len(tree):

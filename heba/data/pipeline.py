@@ -225,12 +225,59 @@ class EpochSampler(Sampler):
 
 # --- decoding --------------------------------------------------------------------------------
 
+#: Modes whose samples are wider than 8 bits: scaled by :func:`to_rgb`, not clipped.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class ImageModeError(ValueError):
+    """An image whose samples do not fit the 8-bit rule of :func:`to_rgb`."""
+
+
+def to_rgb(img):
+    """``img`` as an 8-bit RGB PIL image, its samples scaled by its mode's range.
+
+    16-bit grey (``I;16``, ``I;16B``): ``round(v / 257)``; 32-bit integer
+    (``I``): the same when every value is in 0..65535; 32-bit float (``F``):
+    ``round(v * 255)`` when every value is in [0, 1]. Other modes (palette,
+    alpha, grey, CMYK, ...) by ``img.convert("RGB")``; 16-bit colour PNGs
+    arrive from PIL already 8-bit (the high byte). Raises :class:`ImageModeError`
+    (its message names the mode) for ``I`` or ``F`` values out of range.
+
+    Example::
+
+        >>> import numpy as np; from PIL import Image
+        >>> to_rgb(Image.fromarray(np.full((1, 1), 65535, np.uint16))).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    if img.mode not in WIDE_MODES:
+        return img.convert("RGB")
+    import numpy as np
+    from PIL import Image
+    v = np.asarray(img).astype(np.float64)                   # [H, W]
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if img.mode == "F":
+        if not (np.isfinite(v).all() and lo >= 0.0 and hi <= 1.0):
+            raise ImageModeError(f"mode F (32-bit float) holds values from {lo:g} to {hi:g}, "
+                                 f"expected [0, 1]: save it as 8-bit RGB or floats in [0, 1]")
+        levels = np.rint(v * 255.0)
+    else:
+        if lo < 0 or hi > 65535:
+            raise ImageModeError(f"mode {img.mode} (32-bit integer) holds values from {lo:g} "
+                                 f"to {hi:g}, expected 0..65535: save it as 8- or 16-bit")
+        levels = np.rint(v / 257.0)
+    return Image.fromarray(levels.astype(np.uint8), "L").convert("RGB")
+
+
 def read_rgb(path: str):
-    """The RGB PIL image of ``path``; :class:`DataError` naming the file when it cannot be read."""
+    """The 8-bit RGB PIL image of ``path`` (:func:`to_rgb`): the one way train, test crops,
+    predict and the image check open an image; :class:`DataError` naming the file when it
+    cannot be read or its samples do not fit 8 bits."""
     from PIL import Image
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
+    except ImageModeError as err:
+        raise DataError(f"image {path} cannot be read as 8-bit RGB: {err}") from None
     except Exception as err:    # checked before training; this is a file changed since
         raise DataError(f"image {path} cannot be read ({type(err).__name__}: "
                         f"{' '.join(str(err).split())})") from None

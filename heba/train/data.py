@@ -96,7 +96,7 @@ def target(name: str, root: str, seed: int, eval_tf, test_per_class=None):
     """``(classnames, test dataset)`` of a transfer target: all its classes, its test split."""
     from heba.data import coop
     from heba.data.folder import ImageList
-    split = coop.build_split(name, root, 1, seed, "all")
+    split = coop.build_split(name, root, 1, seed, "all", need_train=False)   # its test split
     test = _cap(split.test, test_per_class) if test_per_class else split.test
     return split.classnames, ImageList(test, eval_tf)
 

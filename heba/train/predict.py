@@ -81,7 +81,7 @@ class Classifier:
 
         ``inputs``: image files, folders (recursive) or list files (module docstring).
         """
-        from PIL import Image
+        from heba.data.pipeline import read_rgb
         if top_k < 1 or batch_size < 1:
             from heba.train.config import UsageError
             raise UsageError(f"--top-k and --batch-size must be >= 1 (got {top_k}, "
@@ -92,9 +92,8 @@ class Classifier:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
             batch = []
-            for p in chunk:
-                with Image.open(p) as im:
-                    batch.append(self.preprocess(im.convert("RGB")))
+            for p in chunk:         # one 8-bit rule for every image heba reads
+                batch.append(self.preprocess(read_rgb(p)))
             top = self.scores(torch.stack(batch)).topk(k, dim=-1)
             for p, val, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
                 rows.append({"path": p, "classes": [self.classnames[j] for j in idx],
@@ -158,7 +157,7 @@ def collect_images(inputs: Sequence[str]) -> list:
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
             if not found:
                 raise UsageError(f"{item}: the folder holds no images "
                                  f"({', '.join(IMAGE_EXTENSIONS)})")

@@ -196,3 +196,39 @@ def test_second_run_on_a_folder_is_refused_before_writing(data, tmp_path, capsys
         proc.kill()
         proc.wait()
     assert cli.main([data, *FAST, "--epochs", "1", "-o", out, "--resume"]) == 0
+
+
+# --- files that are not what they are given as --------------------------------------------------
+
+def test_a_file_that_is_no_checkpoint_is_named_in_one_line(data, tmp_path, capsys):
+    """evaluate --checkpoint on a text file or a pickle of other objects: one line naming the
+    file as no heba or published checkpoint; torch's advice to load it with
+    weights_only=False (code execution) is never relayed."""
+    import argparse
+    import pickle
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    obj = tmp_path / "last.pt"
+    with open(obj, "wb") as f:
+        pickle.dump({"args": argparse.Namespace(lr=0.1)}, f, protocol=4)
+    for f in (notes, obj):
+        rc, _, err = run(["evaluate", "--checkpoint", str(f), data, "--model", "tiny",
+                          "--pretrained", "none", "--threads", "1"], capsys)
+        line = one_line(rc, err, 2, str(f), "is not a heba or published checkpoint")
+        assert "weights_only" not in line, line
+
+
+def test_an_empty_coop_train_list_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A split file whose train list is empty: one line naming the split file and the cause,
+    raised while the data is listed (the model loader is never reached)."""
+    from heba.clip import tiny
+    from tests import coop_fixtures as fx
+
+    def no_model(*a, **k):
+        raise AssertionError("the model loaded before the data was listed")
+    monkeypatch.setattr(tiny, "load_tiny_clip", no_model)
+    spec = fx.make_split_dataset(tmp_path / "data", "oxford_pets", [(0, 2, 3)] * 3, images=True)
+    rc, _, err = run(["--dataset", "oxford_pets", "--root", str(tmp_path / "data"), *FAST,
+                      "--epochs", "1", "-o", str(tmp_path / "run")], capsys)
+    one_line(rc, err, 2, spec["split_path"], "train list is empty")
+    assert not os.path.exists(tmp_path / "run")

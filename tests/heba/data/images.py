@@ -26,3 +26,36 @@ def image_items_in(tmp_path):
         path = write_image(tmp_path / f"img{k}{ext}", w, h, seed=100 + k)
         items.append(Item(path, k % 3, f"class {k % 3}"))
     return items
+
+
+def write_png16(path, levels):
+    """A 16-bit PNG of ``levels`` (uint16 ``[H, W]`` grey or ``[H, W, 3]`` RGB), written by
+    hand: PIL writes no 16-bit colour PNG."""
+    import struct
+    import zlib
+    h, w = levels.shape[:2]
+    colour = 2 if levels.ndim == 3 else 0
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    rows = b"".join(b"\0" + levels[y].astype(">u2").tobytes() for y in range(h))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour,
+                                                                 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return str(path)
+
+
+def write_wide(path, mode, values):
+    """``values`` ``[H, W]`` saved as a PIL image of ``mode`` (``I;16``, ``I;16B``: PNG / TIFF
+    by extension; ``I``, ``F``: TIFF)."""
+    from PIL import Image
+    if mode == "I;16B":
+        h, w = values.shape
+        img = Image.frombytes("I;16B", (w, h), values.astype(">u2").tobytes())
+    else:
+        dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+        img = Image.fromarray(values.astype(dtype))
+    assert img.mode == mode
+    img.save(path)
+    return str(path)

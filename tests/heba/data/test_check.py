@@ -75,3 +75,29 @@ def test_first_bad_named_and_the_rest_counted(tmp_path):
         C.check_images(bad + [good])
     with pytest.raises(ValueError, match="mode must be one of fast, full"):
         C.check_images([good], "quick")
+
+
+@pytest.mark.parametrize("mode", C.MODES)
+def test_wide_images_checked_by_the_readers_rule(tmp_path, mode):
+    """16-bit grey and float images in range pass; values the readers refuse (float outside
+    [0, 1], 32-bit integers past 65535) are named with the mode, in both modes, before
+    training; a truncated 16-bit PNG is caught."""
+    import numpy as np
+    from tests.heba.data.images import write_wide
+    rng = np.random.default_rng(11)
+    good = [write_wide(tmp_path / "g16.png", "I;16", rng.integers(0, 65536, (20, 30))),
+            write_wide(tmp_path / "g16b.tif", "I;16B", rng.integers(0, 65536, (20, 30))),
+            write_wide(tmp_path / "gf.tif", "F", rng.random((20, 30)))]
+    assert [C.image_error(p, mode) for p in good] == [None] * 3
+    assert C.check_images(good, mode) == 3
+    bad = {"mode F": write_wide(tmp_path / "hdr.tif", "F", rng.uniform(0, 4, (20, 30))),
+           "mode I": write_wide(tmp_path / "big.tif", "I", rng.integers(0, 2 ** 20, (20, 30)))}
+    for words, path in bad.items():
+        with pytest.raises(DataError) as err:
+            C.check_images([path], mode)
+        msg = str(err.value)
+        assert msg.startswith(f"image {path} cannot be read (not 8-bit RGB: {words}") \
+            and "\n" not in msg, msg
+    cut = _cut(write_wide(tmp_path / "cut16.png", "I;16", rng.integers(0, 65536, (90, 120))),
+               0.5)
+    assert C.image_error(cut, mode), "a truncated 16-bit PNG passed"

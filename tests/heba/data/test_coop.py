@@ -343,6 +343,15 @@ BAD = [  # (id, setup(root), name, kwargs, words in the message, check() catches
     ("test-only-subsample", lambda r: fx.make_imagenet_variant(r, "imagenet_a", WNIDS[:3]),
      "imagenet_a", {"subsample": "base"}, ["test-only", "'all'"], False),
     ("seed-negative", _pets, "oxford_pets", {"seed": -1}, ["seed must be"], False),
+    ("train-list-empty", lambda r: fx.make_split_dataset(r, "oxford_pets", [(0, 2, 3)] * 3),
+     "oxford_pets", {}, ["split file", "split_zhou_OxfordPets.json", "lists no training image",
+                         "train list is empty"], False),
+    ("class-without-train", lambda r: fx.make_split_dataset(
+        r, "oxford_pets", [(3, 2, 3), (0, 2, 3), (3, 0, 2)]), "oxford_pets",
+     {"subsample": "base"}, ["split_zhou_OxfordPets.json", "no training image of 1 class(es)",
+                             "1 '"], False),
+    ("fgvc-train-list-empty", lambda r: fx.make_fgvc(r, [(0, 2, 3)] * 2), "fgvc_aircraft", {},
+     ["images_variant_train.txt", "train list is empty"], False),
 ]
 
 
@@ -363,6 +372,13 @@ def test_bad_input_is_one_line_data_error(tmp_path, case):
         assert "\n" not in msg and all(w in msg for w in words), msg
     elif not {"shots", "seed", "subsample"} & set(kwargs):
         check(name, args["root"])  # cheap check passes; the full read catches it
+
+
+def test_transfer_target_needs_no_train_list(tmp_path):
+    """A transfer target is read for its test split: an empty train list is allowed there."""
+    fx.make_split_dataset(tmp_path, "oxford_pets", [(0, 2, 3)] * 3)
+    split = build_split("oxford_pets", str(tmp_path), 1, 1, need_train=False)
+    assert split.train == [] and len(split.test) == 9
 
 
 @pytest.mark.parametrize("build, name", [

@@ -155,3 +155,88 @@ def test_distributed_order_is_distributed_sampler():
         s = DistributedSampler(range(10), num_replicas=3, rank=rank, shuffle=True, seed=4)
         s.set_epoch(2)
         assert P.epoch_order(10, 0, 2, world=3, rank=rank, dist_seed=4) == list(s)
+
+
+# --- images of more than 8 bits a sample ---------------------------------------------------------
+
+def _rgb_levels(path):
+    import numpy as np
+    img = P.read_rgb(path)
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize("mode, ext", [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".tif"),
+                                       ("F", ".tif")])
+def test_wide_grey_is_scaled_by_its_modes_range_not_clipped(tmp_path, mode, ext):
+    """16-bit grey: round(v / 257); 32-bit integer in 0..65535: the same; float in [0, 1]:
+    round(v * 255). The image ``convert("RGB")`` gave was almost all white."""
+    import numpy as np
+    from tests.heba.data.images import write_wide
+    rng = np.random.default_rng(7)
+    v = rng.integers(0, 65536, (9, 13))
+    if mode == "F":
+        v = rng.random((9, 13)).astype(np.float32)
+        v[0, 0], v[0, 1] = 0.0, 1.0
+        expect = np.rint(v.astype(np.float64) * 255)
+    else:
+        expect = np.rint(v / 257)
+    got = _rgb_levels(write_wide(tmp_path / f"wide{ext}", mode, v))
+    assert got.shape == (9, 13, 3) and (got == got[..., :1]).all()
+    bad = np.argwhere(got[..., 0] != expect)
+    assert bad.size == 0, f"{mode}: {len(bad)} pixels off, first at {bad[0].tolist()}: " \
+                          f"{got[tuple(bad[0])][0]} vs {expect[tuple(bad[0])]}"
+
+
+def test_sixteen_bit_colour_png_is_within_a_level_of_v_over_257(tmp_path):
+    import numpy as np
+    from tests.heba.data.images import write_png16
+    v = np.random.default_rng(8).integers(0, 65536, (6, 11, 3))
+    v[0, 0] = (0, 65535, 32768)
+    got = _rgb_levels(write_png16(tmp_path / "rgb16.png", v)).astype(np.int64)
+    diff = np.abs(got - np.rint(v / 257))
+    assert diff.max() <= 1, f"16-bit RGB PNG: {diff.max()} levels off at " \
+                            f"{np.unravel_index(diff.argmax(), diff.shape)}"
+    assert got[0, 0, :2].tolist() == [0, 255]
+
+
+@pytest.mark.parametrize("mode, values, words", [
+    ("F", (-0.5, 0.25), ["mode F", "from -0.5 to 0.25", "[0, 1]"]),
+    ("F", (0.0, 300.0), ["mode F", "from 0 to 300"]),
+    ("I", (0, 70000), ["mode I", "from 0 to 70000", "0..65535"]),
+    ("I", (-3, 10), ["mode I", "from -3 to 10"]),
+])
+def test_wide_values_out_of_range_are_refused_in_one_line(tmp_path, mode, values, words):
+    import numpy as np
+    from tests.heba.data.images import write_wide
+    v = np.random.default_rng(9).uniform(*values, (4, 5))
+    v[0, 0], v[0, 1] = values
+    path = write_wide(tmp_path / "wide.tif", mode, v)
+    with pytest.raises(DataError) as err:
+        P.read_rgb(path)
+    msg = str(err.value)
+    assert "\n" not in msg and f"image {path}" in msg, msg
+    assert all(w in msg for w in words), msg
+
+
+def test_train_and_test_crops_read_wide_images_by_one_rule(tmp_path, image_items):
+    """The fast and published training pipelines and the prepared test crops all see the
+    scaled 16-bit image, not the clipped one."""
+    import numpy as np
+    from heba.data.sampling import Item
+    from heba.data.testcrops import prepare_crops
+    from tests.heba.data.images import write_wide
+    v = np.random.default_rng(10).integers(0, 65536, (60, 70))
+    path = write_wide(tmp_path / "grey16.png", "I;16", v)
+    items = [Item(path, 0, "grey"), *image_items[1:]]
+    spec = P.TrainSpec.from_transform(published_tf()[0])
+    t = (0, 0, 0, 60, 70, False)
+    fast, slow = (P.train_images(items, spec, p, max_short=None)[t][0] for p in P.PIPELINES)
+    ref = P.crop_resize_pil(P.read_rgb(path), t[1:5], SIZE)
+    assert torch.equal(slow, P.pil_to_uint8(ref))
+    assert (fast.float() - slow.float()).abs().max() <= 1
+    assert slow.float().mean() < 200, "clipped to white"
+    ev = P.EvalSpec.from_transform(published_tf()[1])
+    crops = prepare_crops(items, ev, cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(crops.images[0], P.pil_to_uint8(ev.pil(P.read_rgb(path))))
+    assert crops.images[0].float().mean() < 200, "clipped to white"
