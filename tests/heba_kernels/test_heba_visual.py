@@ -30,11 +30,6 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 pytestmark = requires_triton_cpu
 
 
-@pytest.fixture(autouse=True)
-def _nan_fill(monkeypatch):
-    monkeypatch.setenv("HEBA_DEBUG_NAN_FILL", "1")
-
-
 def _x(B, H, W, D, P, dtype, batch_first, seed=0, device=DEVICE):
     N = P + H * W
     shape = (B, N, D) if batch_first else (N, B, D)
