@@ -90,7 +90,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             continue
         m = st.meta
         BT, BH, BD = m["BLOCK_T"], m["BLOCK_H"], m["BLOCK_D"]
-        Tp = B * _pad(H * W, BT)
+        Tp = _pad(T, BT)              # row blocks run over all images' grid tokens
         hp, Dp = _pad(h, BH), _pad(D, BD)
         nprog = 1
         for g in st.grid:
@@ -112,13 +112,13 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                             + 10 * BT * hp * w)
         elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
             BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
-            slots = st.grid[0] * st.grid[1]
+            slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks
             c.hbm = (3 * tok + 3 * hid + D * h * w + 8 * T + T * h * 4
                      + slots * (2 * D + 9 * h) * 4)
             keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
             c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
             zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
-            c.l2 = st.grid[0] * B * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
+            c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
                                      + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
                                      + 18 * BT * hp * w + BT * hp * 4)
         elif st.step == "dx":

@@ -314,8 +314,7 @@ def plan_device(device) -> tuple[int, bool]:
 def atb_plan(M, I, J, op_dtype, sms, gpu):
     """``(grid, meta)`` of :func:`atb`'s launch for ``a [M, I]``, ``b [M, J]``."""
     BLOCK_K = 32
-    BLOCK_I = 64 if I >= 64 else max(16, triton.next_power_of_2(I))
-    BLOCK_J = 64 if J >= 64 else max(16, triton.next_power_of_2(J))
+    BLOCK_I, BLOCK_J = _atb_tiles(I, J, sms)
     tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
     # Enough token chunks to fill the GPU about four times over; in the interpreter
     # two chunks, so the tests exercise the partial-sum path.
@@ -328,4 +327,20 @@ def atb_plan(M, I, J, op_dtype, sms, gpu):
     grid = (triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J), splits)
     return grid, dict(ROWS_PER_SPLIT=rows_per_split, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I,
                       BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu, IEEE=ieee,
-                      num_warps=4)
+                      num_warps=8 if BLOCK_I * BLOCK_J >= 128 * 128 else 4)
+
+
+def _atb_tiles(I: int, J: int, sms: int) -> tuple:
+    """Output tile of :func:`atb`: 128 x 128 where both sides are multiples of 128 and such
+    tiles alone give every SM a program, else up to 64 x 64 (16 at least, for ``tl.dot``).
+    Every program re-reads its chunk of both operands, so the L2->SM traffic halves with
+    the larger tile: dWu of the MLP-position visual adapter (D3072 h768, B256 14x14) 7.4
+    GB at 64 x 64, 3.7 GB at 128 x 128 (modelled, benchmarks/roofline.py). Where 128-tiles
+    would pad (h=192) or need more token splits to fill the GPU (more float32 partials to
+    write and sum: text at D512), 64 is the better trade on the same model."""
+    if I % 128 == 0 and J % 128 == 0 and (I // 128) * (J // 128) >= sms:
+        return 128, 128
+
+    def side(n):
+        return 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    return side(I), side(J)

@@ -30,25 +30,29 @@ factors, ``(gs, xs) = (1, scale)`` if ``rescale_param_grad`` else ``(scale, 1)``
     dWd    = sum_p du_p t_p^T
     dx_p   = g_p + xs * (dy_p + Wd^T du_p)          # prefix tokens: dx = g
 
-Kernels (one image per program along the batch axis; tokens in blocks of
-``BLOCK_T``; ``D`` and ``h`` in chunks, masked, so any width works):
+Kernels. Every kernel tiles the ``B x HW`` grid tokens of all images at once, in
+blocks of ``BLOCK_T`` rows (a block may span two images; each row knows its image and
+grid position, and the stencil reads neighbours of its own image only), so the weights
+are read once per block of up to 128 rows, not once per short block of one image, and
+no rows are padded but the last block's. ``D`` and ``h`` run in chunks, masked, so any
+width works. The intermediate buffers are ``[B * HW, .]``:
 
-* ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B, HW, h]`` buffer in
-  the weights' dtype (saved for backward at large ``D``, else run again in backward).
-* ``_heba_visual_fwd_kernel``: per token block, first ``s = gelu(dwconv(u))`` of
-  its own rows (the 3x3 stencil reads neighbours from other token blocks of
-  ``u``, complete since the down launch; ``s`` goes to a scratch buffer the
-  program reads back after a barrier), then the up-projection ``Wu s``, the
-  residual, LayerNorm (Welford merge over D chunks, then a second sweep that
-  recomputes ``z = Wu s`` rather than storing ``y``), ``t + scale * a``, and the
-  prefix copy.
-* backward: ``_dy``, per image of its slot, three phases on its own rows:
-  ``s`` again, the LayerNorm backward (dgamma/dbeta partials; writes ``dy``
-  into the ``dx`` buffer), then ``Wu^T dy``, GELU', ``dv`` to a float32 buffer
-  and the dWm partials; ``_heba_visual_kernel_dwconv`` with ``MIRROR``:
-  ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of neighbouring blocks);
-  dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials` (split-K
-  ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+* ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in
+  the weights' dtype (kept for backward).
+* ``_heba_visual_fwd_kernel``: per block, first ``s = gelu(dwconv(u))`` of its own
+  rows (the 3x3 stencil reads neighbours from other blocks of ``u``, complete since
+  the down launch; ``s`` goes to a scratch buffer the program reads back after a
+  barrier), then the up-projection ``Wu s``, the residual, LayerNorm (Welford merge
+  over D chunks, then a second sweep that reads the kept ``y`` or recomputes
+  ``z = Wu s``), ``t + scale * a``, and the prefix tokens of every image that starts
+  in the block copied through.
+* backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
+  three phases per block on its own rows: ``s`` again, the LayerNorm backward
+  (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
+  GELU', ``dv`` to a float32 buffer and the dWm partials; ``_heba_visual_kernel_dwconv``
+  with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
+  neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
+  (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
   (``dx = g + xs (dy + Wd^T du)``, in place); finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
   buffers into the parameters' dtypes. Forward 2 launches, backward 6 (7 when
@@ -70,11 +74,10 @@ recomputed. Transient buffers:
 dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
 buffer. Parameter gradients are float32 partials summed in one launch in a fixed
 order: deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number
-of slots: the _dy kernel runs ``S`` programs along the batch axis
-(``_partial_images``: ``8 * SMs // nT`` on a GPU), program ``s`` summing images
-``s, s + S, ...`` in that fixed order into its own slot, so those buffers are
-``S * nT * (2 D + 9 h) * 4`` bytes whatever the batch (74 MB at a 24x24 grid,
-D=4096 on 132 SMs; one slot per image and token block took 1.28 GB at B=1024).
+of slots: the _dy kernel runs ``S`` programs (``_partial_slots``: two per SM on a GPU),
+program ``s`` summing blocks ``s, s + S, ...`` in that fixed order into its own slot, so
+those buffers are ``S * (2 D + 9 h) * 4`` bytes whatever the batch (17 MB at D=4096 on
+132 SMs; one slot per image and token block took 1.28 GB at B=1024).
 
 ``scale`` is a Python float (a kernel argument) or a 0-d float32 tensor on x's
 device, which the kernels load (``SCALE_PTR``/``GS_PTR``/``XS_PTR``), so a
@@ -106,8 +109,8 @@ __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan
 # backward. The forward writes ``u`` to memory at every width (its stencil phase reads
 # it), so keeping it costs only its lifetime, while recomputing costs a launch, a read of
 # x and the down GEMM. Modelled (benchmarks/roofline.py, H200, bf16, B256 14x14):
-# attention position (D768 h192) recompute 9 launches, 1300 MB, 166 GFLOP, floor
-# 271 us (5.37 ns/token); keep 8 launches, 1204 MB, 149 GFLOP, 251 us (4.97 ns/token),
+# attention position (D768 h192) recompute 9 launches, 1280 MB, 149 GFLOP, floor
+# 267 us (5.31 ns/token); keep 8 launches, 1183 MB, 134 GFLOP, 247 us (4.91 ns/token),
 # for 19 MB kept per adapter (the reference keeps 135 MB). So: kept at every width. A
 # speed/memory choice only: the results are bitwise the same (tested both ways).
 SAVE_U_MIN_DIM = 0
@@ -116,32 +119,46 @@ SAVE_U_MIN_DIM = 0
 # recomputing the up-projection in the forward's second sweep and in both sweeps of the
 # backward's _dy. Modelled forward + backward (benchmarks/roofline.py, bf16, B256 14x14,
 # floor on H200 / H100):
-#   MLP position (D3072 h768): recompute 48.8 / 49.9 ns per token (2372 GFLOP, 1.66x
-#     ideal; 116 GB L2->SM); keep 32.7 / 37.8 ns per token (1560 GFLOP, 1.09x; 79 GB),
+#   MLP position (D3072 h768): recompute 44.4 / 46.2 ns per token (2134 GFLOP, 1.50x
+#     ideal; 53 GB L2->SM); keep 30.8 / 37.1 ns per token (1424 GFLOP, 1.00x; 37 GB),
 #     for 2 bytes per token and channel kept (308 MB per adapter at B256).
-#   attention position (D768 h192): recompute 4.97 / 7.12 ns per token; keep 5.29 /
-#     7.58 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
+#   attention position (D768 h192): recompute 4.91 / 7.04 ns per token; keep 5.23 /
+#     7.50 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
 # Numerics: in float32 the same bits; in 16-bit y is rounded once more (tested).
 KEEP_Y_MIN_DIM = 2048
+
+# Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
+BIG_BLOCK_MIN_DIM = 2048
 
 
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _shifted(src_ptr, p, p_mask, c, c_mask, H, W, h, DI: tl.constexpr, DJ: tl.constexpr):
-    """``src[p + (DI, DJ), c]`` for one image's ``src [HW, h]``, zero off the grid: [BT, BH] fp32."""
+def _rows(blk, T, HW, BLOCK_T: tl.constexpr):
+    """Grid-token rows of block ``blk``: ``(r, mask, b, p)``, int64 row ``r`` of the
+    ``[B * HW, .]`` buffers, its image ``b`` and its position ``p`` on the image's grid.
+    Blocks run over ``B x HW`` grid tokens at once, so a block may span two images."""
+    r = blk.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = r // HW
+    return r, r < T, b, r - b * HW
+
+
+@triton.jit
+def _shifted(src_ptr, img, p, p_mask, c, c_mask, H, W, h, DI: tl.constexpr, DJ: tl.constexpr):
+    """``src[img + p + (DI, DJ), c]`` of ``src [B * HW, h]`` (``img``: the row of each token's
+    image's first grid token), zero off the grid: [BT, BH] fp32."""
     i = p // W + DI
     j = p % W + DJ
     ok = p_mask & (i >= 0) & (i < H) & (j >= 0) & (j < W)
-    q = (i * W + j).to(tl.int64)
+    q = img + i * W + j
     val = tl.load(src_ptr + q[:, None] * h + c[None, :], mask=ok[:, None] & c_mask[None, :],
                   other=0.0)
     return val.to(tl.float32)
 
 
 @triton.jit
-def _stencil(src_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexpr,
+def _stencil(src_ptr, wm_ptr, img, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexpr,
              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """3x3 depthwise stencil over the grid: ``sum_k Wm[c, k] src[p +- off_k, c]``, [BT, BH] fp32.
 
@@ -151,24 +168,24 @@ def _stencil(src_ptr, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.constexp
     for k in tl.static_range(9):
         w = tl.load(wm_ptr + c * 9 + k, mask=c_mask, other=0.0).to(tl.float32)    # [BH]
         if MIRROR:
-            nb = _shifted(src_ptr, p, p_mask, c, c_mask, H, W, h, 1 - k // 3, 1 - k % 3)
+            nb = _shifted(src_ptr, img, p, p_mask, c, c_mask, H, W, h, 1 - k // 3, 1 - k % 3)
         else:
-            nb = _shifted(src_ptr, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
+            nb = _shifted(src_ptr, img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
         acc += w[None, :] * nb
     return acc
 
 
 @triton.jit
-def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
+def _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
              OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``z[p, d] = (Wu s_p)[d]`` for a block of tokens and columns, ``s [HW, h]``: [BT, BD] fp32."""
+    """``z[r, d] = (Wu s_r)[d]`` for a block of rows and columns, ``s [B * HW, h]``: [BT, BD] fp32."""
     z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    s_rows = s_img_ptr + p.to(tl.int64) * h                                        # [BT]
+    s_rows = s_ptr + r * h                                                         # [BT]
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
-        s = tl.load(s_rows[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+        s = tl.load(s_rows[:, None] + c[None, :], mask=r_mask[:, None] & c_mask[None, :],
                     other=0.0)                                                     # [BT, BH]
         wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + c[:, None],
                        mask=c_mask[:, None] & d_mask[None, :], other=0.0)          # [BH, BD] = Wu^T
@@ -177,53 +194,62 @@ def _up_tile(s_img_ptr, wu_ptr, p, p_mask, d, d_mask, h,
 
 
 @triton.jit
-def _gelu_stencil_block(u_img, wm_ptr, s_img, p, p_mask, H, W, h,
+def _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, img, p, r_mask, H, W, h,
                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``s[p, :] = gelu(dwconv3x3(u)[p, :])`` for one token block of one image (all of ``h``,
-    written in s's dtype), then a barrier: the program reads its own rows back. The stencil
-    needs neighbours from other token blocks of ``u``, complete since the down launch."""
+    """``s[r, :] = gelu(dwconv3x3(u)[r, :])`` for one block of rows (all of ``h``, written
+    in s's dtype), then a barrier: the program reads its own rows back. The stencil needs
+    neighbours from other blocks of ``u``, complete since the down launch."""
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
-        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
-        tl.store(s_img + p[:, None].to(tl.int64) * h + c[None, :],
-                 _gelu(v).to(s_img.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+        v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
+        tl.store(s_ptr + r[:, None] * h + c[None, :],
+                 _gelu(v).to(s_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
     tl.debug_barrier()
 
 
 @triton.jit
+def _copy_prefix(src_ptr, dst_ptr, b, first, d, d_mask, stride_sb, stride_sn, stride_db,
+                 stride_dn, P):
+    """``dst[b, :P, d] = src[b, :P, d]`` for the rows of the block that start an image
+    (``first``): the prefix tokens pass through."""
+    for k in range(0, P):
+        rows = b * 0 + k                                                           # int64
+        mask = first[:, None] & d_mask[None, :]
+        val = tl.load(src_ptr + (b * stride_sb + rows * stride_sn)[:, None] + d[None, :],
+                      mask=mask)
+        tl.store(dst_ptr + (b * stride_db + rows * stride_dn)[:, None] + d[None, :],
+                 val.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _heba_visual_fwd_kernel_down(
-    x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B, HW, h]
-    stride_xb, stride_xn, HW, D, h, P,
+    x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B * HW, h]
+    stride_xb, stride_xn, T, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
-    x_rows = x_ptr + b * stride_xb + (P + p).to(tl.int64) * stride_xn              # [BT]
+    x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
-        t = tl.load(x_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
+        t = tl.load(x_rows[:, None] + d[None, :], mask=r_mask[:, None] & d_mask[None, :],
                     other=0.0)                                                     # [BT, BD]
         wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
                        mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
         acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
-    u_rows = u_ptr + (b * HW + p) * h                                              # [BT]
-    tl.store(u_rows[:, None] + c[None, :], acc.to(u_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(u_ptr + r[:, None] * h + c[None, :], acc.to(u_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
 def _heba_visual_kernel_dwconv(
-    src_ptr, wm_ptr, dst_ptr,             # src, dst [B, HW, h]; Wm [h, 9]
-    H, W, HW, h,
+    src_ptr, wm_ptr, dst_ptr,             # src, dst [B * HW, h]; Wm [h, 9]
+    H, W, T, HW, h,
     MIRROR: tl.constexpr, GELU: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -231,52 +257,42 @@ def _heba_visual_kernel_dwconv(
     (backward: ``du`` from ``dv``). Shared by both directions: materialising the stencil's
     result once costs one [B, HW, h] round trip, where recomputing it inside the D loops
     of the kernels that consume it would cost nine neighbour loads per D chunk."""
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    c = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
-    img = b * HW * h
-    acc = _stencil(src_ptr + img, wm_ptr, p, p_mask, c, c_mask, H, W, h, MIRROR,
+    acc = _stencil(src_ptr, wm_ptr, b * HW, p, r_mask, c, c_mask, H, W, h, MIRROR,
                    BLOCK_T, BLOCK_H)                                               # [BT, BH]
     if GELU:
         acc = _gelu(acc)
-    tl.store(dst_ptr + img + p[:, None].to(tl.int64) * h + c[None, :],
-             acc.to(dst_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(dst_ptr + r[:, None] * h + c[None, :],
+             acc.to(dst_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
 def _heba_visual_fwd_kernel(
     x_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
-    stride_xb, stride_xn, stride_ob, stride_on,           # u, s = gelu(dwconv(u)) [B, HW, h]
-    H, W, HW, D, h, P, scale, scale_ptr, eps,             # y [B, HW, D] if KEEP_Y
+    stride_xb, stride_xn, stride_ob, stride_on,           # u, s = gelu(dwconv(u)) [B * HW, h]
+    H, W, T, HW, D, h, P, scale, scale_ptr, eps,          # y [B * HW, D] if KEEP_Y
     SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
     scale = _scalar(scale, scale_ptr, SCALE_PTR)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    n = (P + p).to(tl.int64)
-    x_rows = x_ptr + b * stride_xb + n * stride_xn                                 # [BT]
-    o_rows = out_ptr + b * stride_ob + n * stride_on
-    s_img = s_ptr + b * HW * h
-    y_rows = y_ptr + (b * HW + p).to(tl.int64) * D                                # [BT]
-    _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_img, p, p_mask, H, W, h, BLOCK_T, BLOCK_H)
+    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
+    x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
+    o_rows = out_ptr + b * stride_ob + (P + p) * stride_on
+    y_rows = y_ptr + r * D                                                         # [BT]
+    _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, b * HW, p, r_mask, H, W, h, BLOCK_T, BLOCK_H)
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
-    # so y never has to be held for the whole row nor stored.
+    # so y never has to be held for the whole row (and is stored only if KEEP_Y).
     mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
-        mask = p_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+        mask = r_mask[:, None] & d_mask[None, :]
+        z = _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
@@ -291,43 +307,36 @@ def _heba_visual_fwd_kernel(
         mean = mean + delta * (n_b / (n_a + n_b))
         m2 = m2 + c_m2 + delta * delta * (n_a * n_b / (n_a + n_b))
     rstd = 1.0 / tl.sqrt(m2 / D + eps)
-    tl.store(mean_ptr + b * HW + p, mean, mask=p_mask)
-    tl.store(rstd_ptr + b * HW + p, rstd, mask=p_mask)
+    tl.store(mean_ptr + r, mean, mask=r_mask)
+    tl.store(rstd_ptr + r, rstd, mask=r_mask)
 
     if KEEP_Y:
         tl.debug_barrier()               # y rows written by other threads, read back below
 
-    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written.
+    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written; the prefix tokens
+    # of every image that starts in the block copied through.
+    first = r_mask & (p == 0)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
-        mask = p_mask[:, None] & d_mask[None, :]
+        mask = r_mask[:, None] & d_mask[None, :]
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         if KEEP_Y:
             y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
-            y = t + _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h,
+            y = t + _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
                              BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         a = (y - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
         tl.store(o_rows[:, None] + d[None, :], (t + scale * a).to(out_ptr.dtype.element_ty),
                  mask=mask)
-
-    # Prefix tokens pass through, copied by the first token block of each image.
-    if pid_t == 0:
-        for r in range(0, P):
-            r64 = b * 0 + r                      # int64 row index
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_mask = d < D
-                row = tl.load(x_ptr + b * stride_xb + r64 * stride_xn + d, mask=d_mask)
-                tl.store(out_ptr + b * stride_ob + r64 * stride_on + d,
-                         row.to(out_ptr.dtype.element_ty), mask=d_mask)
+        _copy_prefix(x_ptr, out_ptr, b, first, d, d_mask, stride_xb, stride_xn, stride_ob,
+                     stride_on, P)
 
 
 @triton.jit
-def _pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h, KEEP_Y: tl.constexpr,
+def _pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h, KEEP_Y: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
               OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """``y = t + Wu s`` of a [BT, BD] tile in float32: the forward's kept y, or recomputed."""
@@ -335,29 +344,28 @@ def _pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h, KEEP
         y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         y = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) + \
-            _up_tile(s_img, wu_ptr, p, p_mask, d, d_mask, h, BLOCK_T, BLOCK_H, BLOCK_D, OP,
+            _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h, BLOCK_T, BLOCK_H, BLOCK_D, OP,
                      UPCAST, IEEE)
     return y
 
 
 @triton.jit
-def _heba_visual_bwd_dy_image(
+def _heba_visual_bwd_dy_block(
     x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr, dnw_slot, dnb_slot,
-    b, p, p_mask, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    HW, D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr,
+    r, r_mask, b, p, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
+    D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """LayerNorm backward of one image's token block; adds its dgamma/dbeta to the slot
-    (``ACCUMULATE`` False: the slot's first image, which overwrites it)."""
-    n = (P + p).to(tl.int64)
+    """LayerNorm backward of one block of rows; adds its dgamma/dbeta to the slot
+    (``ACCUMULATE`` False: the slot's first block, which overwrites it)."""
+    n = P + p
     x_rows = x_ptr + b * stride_xb + n * stride_xn
     g_rows = g_ptr + b * stride_gb + n * stride_gn
     dy_rows = dy_ptr + b * stride_db + n * stride_dn
-    s_img = s_ptr + b * HW * h
-    y_rows = y_ptr + (b * HW + p).to(tl.int64) * D
-    mean = tl.load(mean_ptr + b * HW + p, mask=p_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + b * HW + p, mask=p_mask, other=0.0)
+    y_rows = y_ptr + r * D
+    mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
 
     # Sweep 1: the two row reductions of LayerNorm backward, and dgamma/dbeta partials.
     c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -365,8 +373,8 @@ def _heba_visual_bwd_dy_image(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
-        mask = p_mask[:, None] & d_mask[None, :]
-        yhat = (_pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h,
+        mask = r_mask[:, None] & d_mask[None, :]
+        yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h,
                           KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
                 - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
@@ -385,8 +393,8 @@ def _heba_visual_bwd_dy_image(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
-        mask = p_mask[:, None] & d_mask[None, :]
-        yhat = (_pre_norm(x_rows, y_rows, s_img, wu_ptr, p, p_mask, d, d_mask, mask, h,
+        mask = r_mask[:, None] & d_mask[None, :]
+        yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h,
                           KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
                 - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
@@ -397,16 +405,16 @@ def _heba_visual_bwd_dy_image(
 
 
 @triton.jit
-def _heba_visual_bwd_dv_image(
-    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, b, p, p_mask, stride_db, stride_dn,
+def _heba_visual_bwd_dv_block(
+    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, r, r_mask, b, p, stride_db, stride_dn,
     H, W, HW, D, h, P, ACCUMULATE,
     BLOCK_T: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """``dv = (Wu^T dy) * gelu'(v)`` of one image's token block (dy as this program wrote
-    it), h in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps padded to 16)."""
-    dy_rows = dy_ptr + b * stride_db + (P + p).to(tl.int64) * stride_dn
-    u_img = u_ptr + b * HW * h
+    """``dv = (Wu^T dy) * gelu'(v)`` of one block of rows (dy as this program wrote it), h
+    in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps padded to 16)."""
+    dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
+    img = b * HW
     taps = tl.arange(0, 16)
     for h0 in range(0, h, BLOCK_HV):
         c = h0 + tl.arange(0, BLOCK_HV)
@@ -415,18 +423,18 @@ def _heba_visual_bwd_dv_image(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_mask = d < D
-            dy = tl.load(dy_rows[:, None] + d[None, :], mask=p_mask[:, None] & d_mask[None, :],
+            dy = tl.load(dy_rows[:, None] + d[None, :], mask=r_mask[:, None] & d_mask[None, :],
                          other=0.0)                                                # [BT, BD]
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
                          mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BHV]
             ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
-        v = _stencil(u_img, wm_ptr, p, p_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_HV)
+        v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_HV)
         dv = ds * _gelu_grad(v)                                                    # [BT, BHV]
-        tl.store(dv_ptr + (b * HW + p)[:, None] * h + c[None, :], dv,
-                 mask=p_mask[:, None] & c_mask[None, :])
+        tl.store(dv_ptr + r[:, None] * h + c[None, :], dv,
+                 mask=r_mask[:, None] & c_mask[None, :])
         dwm = tl.zeros((BLOCK_HV, 16), dtype=tl.float32)                           # [BHV, taps]
         for k in tl.static_range(9):
-            un = _shifted(u_img, p, p_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
+            un = _shifted(u_ptr, img, p, r_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
             dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
         slot = dwm_slot + c[:, None] * 9 + taps[None, :]
         ok = c_mask[:, None] & (taps[None, :] < 9)
@@ -436,158 +444,172 @@ def _heba_visual_bwd_dv_image(
 @triton.jit
 def _heba_visual_bwd_kernel_dy(
     x_ptr, g_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr,
-    dy_ptr, dv_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; dv [B, HW, h]
-    dwm_part_ptr,                                 # partials [S*nT, D], [S*nT, h, 9] fp32
+    dy_ptr, dv_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; dv [B * HW, h]
+    dwm_part_ptr,                                 # partials [S, D], [S, D], [S, h, 9] fp32
     stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    B, H, W, HW, D, h, P, gs, gs_ptr,
+    H, W, T, HW, D, h, P, gs, gs_ptr,
     GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
     BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Program ``(t, s)``: token block ``t`` of images ``s, s + S, s + 2S, ...`` in that order
-    (``S`` programs along the batch axis). Per image, three phases on the program's own rows:
-    ``s = gelu(dwconv(u))``, the LayerNorm backward (``dy``, dgamma/dbeta), then ``dv`` and
-    dWm; the partials summed into slot ``s * nT + t``: the partial buffers stay
-    ``[S * nT, ...]`` whatever the batch."""
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_s = tl.num_programs(1)
+    """Program ``s`` of ``S``: row blocks ``s, s + S, s + 2S, ...`` in that order. Per block,
+    three phases on the program's own rows: ``s = gelu(dwconv(u))``, the LayerNorm backward
+    (``dy``, dgamma/dbeta), then ``dv`` and dWm; the partials summed into slot ``s``: the
+    partial buffers stay ``[S, ...]`` whatever the batch."""
+    pid = tl.program_id(0)
+    n_s = tl.num_programs(0)
     gs = _scalar(gs, gs_ptr, GS_PTR)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    slot = pid_s.to(tl.int64) * tl.num_programs(0) + pid_t
-    for i in range(0, tl.cdiv(B - pid_s, n_s)):
-        b = pid_s.to(tl.int64) + i * n_s
-        _gelu_stencil_block(u_ptr + b * HW * h, wm_ptr, s_ptr + b * HW * h, p, p_mask, H, W, h,
+    slot = pid.to(tl.int64)
+    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
+        r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
+        _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, b * HW, p, r_mask, H, W, h,
                             BLOCK_T, BLOCK_H)
-        _heba_visual_bwd_dy_image(
+        _heba_visual_bwd_dy_block(
             x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr,
-            dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, b, p, p_mask,
+            dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, r, r_mask, b, p,
             stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-            HW, D, h, P, gs, i > 0, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+            D, h, P, gs, i > 0, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         tl.debug_barrier()               # dy rows written by other threads, read back next
-        _heba_visual_bwd_dv_image(
-            dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, b, p, p_mask,
+        _heba_visual_bwd_dv_block(
+            dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, r, r_mask, b, p,
             stride_db, stride_dn, H, W, HW, D, h, P, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP,
             UPCAST, IEEE)
-        # The next image reads back the slots, written by other threads of the program.
+        # The next block reads back the slots, written by other threads of the program.
         tl.debug_barrier()
 
 
 @triton.jit
 def _heba_visual_bwd_kernel_dx(
-    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B, HW, h]; dx holds dy on entry (grid tokens)
+    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry (grid tokens)
     stride_gb, stride_gn, stride_db, stride_dn,
-    HW, D, h, P, xs, xs_ptr,
+    T, HW, D, h, P, xs, xs_ptr,
     XS_PTR: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     xs = _scalar(xs, xs_ptr, XS_PTR)
-    p = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = p < HW
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
-    mask = p_mask[:, None] & d_mask[None, :]
-    du_rows = du_ptr + (b * HW + p) * h                                            # [BT]
+    mask = r_mask[:, None] & d_mask[None, :]
+    du_rows = du_ptr + r * h                                                       # [BT]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)                           # Wd^T du
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
-        du = tl.load(du_rows[:, None] + c[None, :], mask=p_mask[:, None] & c_mask[None, :],
+        du = tl.load(du_rows[:, None] + c[None, :], mask=r_mask[:, None] & c_mask[None, :],
                      other=0.0)                                                    # [BT, BH]
         wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
                      mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
         acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
-    n = (P + p).to(tl.int64)
-    dx_tile = dx_ptr + b * stride_db + n[:, None] * stride_dn + d[None, :]
+    n = P + p
+    dx_tile = dx_ptr + (b * stride_db + n * stride_dn)[:, None] + d[None, :]
     dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + b * stride_gb + n[:, None] * stride_gn + d[None, :], mask=mask,
+    g = tl.load(g_ptr + (b * stride_gb + n * stride_gn)[:, None] + d[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     tl.store(dx_tile, (g + xs * (dy + acc)).to(dx_ptr.dtype.element_ty), mask=mask)
-    if pid_t == 0:                       # prefix tokens: dx = g
-        for r in range(0, P):
-            r64 = b * 0 + r                      # int64 row index
-            row = tl.load(g_ptr + b * stride_gb + r64 * stride_gn + d, mask=d_mask)
-            tl.store(dx_ptr + b * stride_db + r64 * stride_dn + d,
-                     row.to(dx_ptr.dtype.element_ty), mask=d_mask)
+    _copy_prefix(g_ptr, dx_ptr, b, r_mask & (p == 0), d, d_mask, stride_gb, stride_gn,
+                 stride_db, stride_dn, P)                                          # dx = g
 
 
 # --------------------------------------------------------------------------- launch plans
 
 
-def _config(B: int, HW: int, D: int, h: int, weight_dtype: torch.dtype, sms: int,
-            gpu: bool) -> dict:
-    """Block sizes and operand flags. ``tl.dot`` needs every dimension >= 16. ``gpu`` False:
-    Triton's interpreter (whose cost is per program: bigger D chunks run faster there)."""
-    # The row kernels run one program per (image, token block): halve the block when
-    # 32-token blocks would leave SMs idle (B=8 at 14x14 gives 56 programs).
-    block_t = (32 if B * triton.cdiv(HW, 32) >= sms else 16) if gpu else 16
+def _config(T: int, D: int, h: int, weight_dtype: torch.dtype, sms: int, gpu: bool) -> dict:
+    """Block sizes and operand flags for ``T`` grid tokens (all images: blocks run over
+    ``B x HW`` at once). ``tl.dot`` needs every dimension >= 16. ``gpu`` False: Triton's
+    interpreter (whose cost is per program: bigger D chunks run faster there)."""
     upcast, ieee = not gpu, weight_dtype in (torch.float32, torch.float64) \
         and torch.get_float32_matmul_precision() == "highest"
     return dict(
-        BLOCK_T=block_t,
+        BLOCK_T=_block_t(T, D, sms) if gpu else 16,
         BLOCK_H=min(64, max(16, triton.next_power_of_2(h))),
         BLOCK_D=min(64 if gpu else 128, max(16, triton.next_power_of_2(D))),
         # 16-bit weights: tensor-core operands in that dtype, float32 accumulation; float32
         # weights: IEEE products unless torch allows TF32 (_triton_common's scheme).
         OP=op_code(weight_dtype), UPCAST=upcast, IEEE=ieee,
-        # 8 warps. scripts/triton_aot_check.py (sm_90, Triton 3.8, launch-like hints, T32 H64
-        # D64, D = 768..4096): down 48 regs, fwd (with the stencil phase) 80, _dy (with the
-        # stencil and dv phases, dv in 32-column chunks) 169-176 in 16-bit and mixed
-        # configs, no spill (fp32: 128, at most 28 B spilled); with KEEP_Y (D >= 2048) 102
-        # in bf16; _dx 46-62, dwconv 48; smem <= 49 KiB.
         num_warps=8 if gpu else 4,
     )
 
 
-def _partial_images(B: int, n_t: int, sms: int, gpu: bool) -> int:
-    """Programs ``S`` along the batch axis of the _dy and _dv kernels: each sums the
-    dgamma/dbeta/dWm partials of images ``s, s + S, ...`` into its own slot, so those
-    buffers hold ``S * nT`` slots, not ``B * nT`` (at B=1024, a 24x24 grid, D=4096 on an
-    H200: 8 * 132 programs, 74 MB instead of 1.28 GB). Two in the interpreter, so that
-    the tests run the summing path."""
-    if not gpu:
-        return min(B, 2)
-    return max(1, min(B, (8 * sms) // n_t))
+def _block_t(T: int, D: int, sms: int) -> int:
+    """Rows per program. Every program sweeps all of Wu (forward, ``_dy``) or its share of
+    Wd (down, ``_dx``) once per block, so the weights' L2->SM traffic falls as the block
+    grows; blocks run over all images' grid tokens, so a larger block pads nothing but the
+    last one. Modelled (benchmarks/roofline.py, bf16, B256 14x14, forward + backward,
+    with the down/dx blocks below): MLP position (D3072 h768) 32 rows 59.4 GB L2->SM, 64
+    rows 44.6, 128 rows 37.2 (32-row blocks of one image each: 78.5); attention position
+    (D768 h192) 7.8 / 6.1 / 5.3 GB. The largest block that still gives every SM a
+    program, up to 128 rows from ``BIG_BLOCK_MIN_DIM`` and 64 below. Registers
+    (scripts/triton_aot_check.py, sm_90, bf16, 8 warps): at 64 rows, D768, fwd 175, _dy
+    224, no spill; at 128 rows, D3072, down 70, fwd 232, _dy 255 with 20 B spilled, _dx
+    122, dwconv 198 (one 8-warp program per SM for fwd and _dy: to be tuned on a GPU)."""
+    cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
+    bt = cap
+    while bt > 16 and triton.cdiv(T, bt) < sms:
+        bt //= 2
+    return bt
+
+
+def _down_config(cfg: dict, D: int, h: int) -> dict:
+    """The down kernel's blocks: from ``BIG_BLOCK_MIN_DIM`` up, 128 bottleneck columns per
+    program, so x is re-read half as often (``h / BLOCK_H`` programs per row block each
+    read the block's rows of x). Modelled at D3072 h768, B256: 5.5 -> 3.7 GB L2->SM."""
+    if D < BIG_BLOCK_MIN_DIM:
+        return cfg
+    return dict(cfg, BLOCK_H=min(128, max(16, triton.next_power_of_2(h))))
+
+
+def _dx_config(cfg: dict, D: int) -> dict:
+    """The dx kernel's blocks: from ``BIG_BLOCK_MIN_DIM`` up, 128 columns of D per program,
+    so ``du`` and the token tiles are re-read half as often. Modelled at D3072 h768, B256:
+    6.2 -> 4.3 GB L2->SM."""
+    if D < BIG_BLOCK_MIN_DIM:
+        return cfg
+    return dict(cfg, BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
+
+
+def _partial_slots(n_blocks: int, sms: int, gpu: bool) -> int:
+    """Programs ``S`` of the _dy kernel: each sums the dgamma/dbeta/dWm partials of row
+    blocks ``s, s + S, ...`` into its own slot, so those buffers hold ``S`` slots whatever
+    the batch (two SMs' worth of programs on a GPU: at D=4096, h=1024 on 132 SMs 17 MB).
+    Two in the interpreter, so that the tests run the summing path."""
+    return max(1, min(n_blocks, 2 * sms if gpu else 2))
 
 
 def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     """The forward's launches for ``B`` images of an ``H x W`` grid, width ``D``, bottleneck ``h``."""
-    HW = H * W
-    cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
-    n_t, n_h = triton.cdiv(HW, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_H"])
-    return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg),
-            Launch("fwd", "_heba_visual_fwd_kernel", (n_t, B),
+    T = B * H * W
+    cfg = _config(T, D, h, weight_dtype, sms, gpu)
+    down = _down_config(cfg, D, h)
+    n_t, n_h = triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(h, down["BLOCK_H"])
+    return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h), down),
+            Launch("fwd", "_heba_visual_fwd_kernel", (n_t,),
                    dict(cfg, KEEP_Y=D >= KEEP_Y_MIN_DIM))]
 
 
 def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     """The backward's launches (``recompute_u``: the down kernel runs again first)."""
-    HW = H * W
-    cfg = _config(B, HW, D, h, weight_dtype, sms, gpu)
+    T = B * H * W
+    cfg = _config(T, D, h, weight_dtype, sms, gpu)
     BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
-    n_t, n_h, n_d = triton.cdiv(HW, BT), triton.cdiv(h, BH), triton.cdiv(D, BD)
-    n_s = _partial_images(B, n_t, sms, gpu)
+    down, dx = _down_config(cfg, D, h), _dx_config(cfg, D)
+    n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
+    slots = _partial_slots(n_t, sms, gpu)
     # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
     # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
     # 32, 105 registers, none.
     dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM)
-    T = B * HW
     d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
     d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
-    slots = n_s * n_t
-    plan = [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h, B), cfg)] \
-        if recompute_u else []
+    plan = [Launch("down", "_heba_visual_fwd_kernel_down",
+                   (n_t, triton.cdiv(h, down["BLOCK_H"])), down)] if recompute_u else []
     return plan + [
-        Launch("dy", "_heba_visual_bwd_kernel_dy", (n_t, n_s), dy_cfg),
+        Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg),
         d_up,
-        Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h, B), cfg),
+        Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg),
         d_down,
-        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d, B), cfg),
+        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d), dx),
         reduce_plan([(d_down.grid[2], h * D), (slots, h * 9), (d_up.grid[2], D * h),
                      (slots, D), (slots, D)])]
 
@@ -644,12 +666,13 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     down, fwd = visual_fwd_plan(B, H, W, D, h, op, *plan_device(dev))
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
-    launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, HW, D, h, P,
+    launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, B * HW, HW, D, h, P,
            **_kw(down))
     s = new_buffer((B, HW, h), op, dev)                   # gelu(v), scratch of the fwd kernel
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd,
-           y if y.numel() else mean, sxb, sxn, sob, son, H, W, HW, D, h, P, scale_v, scale_p,
+           y if y.numel() else mean, sxb, sxn, sob, son, H, W, B * HW, HW, D, h, P, scale_v,
+           scale_p,
            float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
     return out, u, mean, rstd, y
 
@@ -685,38 +708,38 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, op,
                                                   *plan_device(dev), recompute_u=u is None)}
     cfg = plan["dwconv_t"].meta
-    BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
-    n_t = triton.cdiv(HW, BT)
+    T = B * HW
     sxb, sxn = _token_strides(x, batch_first)
     sgb, sgn = _token_strides(g, batch_first)
     sdb, sdn = _token_strides(dx, batch_first)
 
     if u is None:                                                     # recompute u = t Wd^T
         u = new_buffer((B, HW, h), op, dev)
-        launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, HW, D, h,
-               P, **cfg)
+        launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, T, HW, D,
+               h, P, **_kw(plan["down"]))
     s = new_buffer((B, HW, h), op, dev)                               # gelu(v), recomputed
-    n_s = plan["dy"].grid[1]
-    dnw_part = new_buffer((n_s * n_t, D), torch.float32, dev)
-    dnb_part = new_buffer((n_s * n_t, D), torch.float32, dev)
+    n_s = plan["dy"].grid[0]
+    dnw_part = new_buffer((n_s, D), torch.float32, dev)
+    dnb_part = new_buffer((n_s, D), torch.float32, dev)
     dv = new_buffer((B, HW, h), torch.float32, dev)
-    dwm_part = new_buffer((n_s * n_t, h, 9), torch.float32, dev)
+    dwm_part = new_buffer((n_s, h, 9), torch.float32, dev)
     gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
     assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"
     launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd,
            mean if y is None else y, dx, dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn,
-           sdb, sdn, B, H, W, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
+           sdb, sdn, H, W, T, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
     dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
     du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
-    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, HW, h,
-           MIRROR=True, GELU=False, BLOCK_T=BT, BLOCK_H=BH, num_warps=cfg["num_warps"])
+    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, T, HW, h,
+           MIRROR=True, GELU=False, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
+           num_warps=cfg["num_warps"])
     dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Last: turns dy (still read by the kernels above) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
-    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, HW,
-           D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **cfg)
+    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, T,
+           HW, D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **_kw(plan["dx"]))
     # Every partial buffer summed in one launch, straight into the parameters' dtypes.
     grads = reduce_partials([
         Partial(dwd_part, down_weight.shape, down_weight.dtype),

@@ -15,6 +15,7 @@ few minutes on two cores.
 """
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -76,11 +77,12 @@ def _cases():
                     ptrs = dict(X=xs, WD=ws, BD=ws, WU=ws, BU=ws, OUT=xs)
                     yield ("low_rank fwd", R, xdt, wdt, "_low_rank_fwd_kernel", ptrs,
                            ("alpha",), c, nw)
-        for BI, BJ in ((64, 64), (64, 16), (16, 64)):   # the tiles atb() picks
+        for BI, BJ in ((128, 128), (128, 64), (64, 128), (64, 64), (64, 16), (16, 64)):
             c = dict(BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=True, _shown=f"{BI}x{BJ}",
                      _shape=dict(D=768, h=BI))
             yield ("atb (dW)", BJ, xdt, wdt, "_atb_kernel",
-                   dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32"), (), c, 4)
+                   dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32"), (), c,
+                   8 if BI * BJ >= 128 * 128 else 4)             # as atb_plan
         # the one reduction of an op's partial buffers (float32 in, the weights' dtype out)
         c = dict(SCALE_PTR=True, SCALED=0b10101, BLOCK=_triton_common.REDUCE_BLOCK,
                  _shown=f"B{_triton_common.REDUCE_BLOCK}", _shape=dict(D=768, h=192))
@@ -93,7 +95,7 @@ def _int_value(name, shape):
     """The value a real launch passes for int argument ``name`` at a CLIP shape."""
     D, h, M = shape["D"], shape["h"], shape.get("M", 32 * 77)
     HW, N, P = 196, 197, 1
-    values = dict(M=M, D=D, H=h, R=h, I=h, J=D, h=h, HW=HW, P=P, B=32, W=14,
+    values = dict(M=M, D=D, H=h, R=h, I=h, J=D, h=h, HW=HW, P=P, B=32, W=14, T=32 * HW,
                   stride_xm=D, stride_om=D, stride_gm=D, stride_dxm=D, stride_am=h,
                   stride_bm=D, stride_xb=N * D, stride_xn=D, stride_ob=N * D, stride_on=D,
                   stride_gb=N * D, stride_gn=D, stride_db=N * D, stride_dn=D,
@@ -121,7 +123,8 @@ def _launch_attrs(fn, sig, shape):
 
 def _visual_cases():
     """Every visual kernel at the blocks ``heba_visual._config`` picks for ViT-B/16
-    (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), batch 32, 14x14."""
+    (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), 14x14 grids, batch 32
+    and 256 (the row block grows with the batch), on 132 SMs."""
     f32 = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
            "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
     tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
@@ -129,23 +132,21 @@ def _visual_cases():
                "_heba_visual_bwd_kernel_dy", "_heba_visual_bwd_kernel_dx",
                "_heba_visual_kernel_dwconv"]
     for xdt, wdt in DTYPES:
-        for D in (768, 1024, 3072, 4096):
+        for D, B in itertools.product((768, 1024, 3072, 4096), (32, 256)):
             h = D // 4
-            cfg = dict(BLOCK_T=32, BLOCK_H=min(64, triton.next_power_of_2(h)),
-                       BLOCK_D=min(64, triton.next_power_of_2(D)),
-                       OP=_triton_common.op_code(wdt), UPCAST=False,
-                       IEEE=wdt == torch.float32)
+            plan = {st.kernel: st.meta for st in                  # the blocks the plans pick
+                    heba_visual.visual_fwd_plan(B, 14, 14, D, h, wdt, 132, True)
+                    + heba_visual.visual_bwd_plan(B, 14, 14, D, h, wdt, 132, True, False)}
             for kern in kernels:
+                cfg = {k: v for k, v in plan[kern].items() if k != "num_warps"}
                 consts = dict(cfg)
                 if kern.endswith("dwconv"):     # du = dwconv^T(dv): dv float32
-                    consts = dict(BLOCK_T=32, BLOCK_H=cfg["BLOCK_H"], MIRROR=True, GELU=False)
+                    consts = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], MIRROR=True,
+                                  GELU=False)
                 if kern == "_heba_visual_fwd_kernel":
                     consts["SCALE_PTR"] = False
-                    consts["KEEP_Y"] = D >= heba_visual.KEEP_Y_MIN_DIM   # as visual_fwd_plan
                 if kern.endswith("_dy"):
                     consts["GS_PTR"] = False
-                    consts["BLOCK_HV"] = min(32, cfg["BLOCK_H"])   # as visual_bwd_plan
-                    consts["KEEP_Y"] = D >= heba_visual.KEEP_Y_MIN_DIM
                 if kern.endswith("_dx"):
                     consts["XS_PTR"] = False
                 ptrs = {n: ("fp32" if n in f32 or (n == "src_ptr" and kern.endswith("dwconv"))

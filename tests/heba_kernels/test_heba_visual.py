@@ -265,6 +265,14 @@ jobs = [(fn, blocks, ()) for fn in (
 jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep), ()) for keep in (False, True)]
 jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep), ())
          for keep in (False, True)]
+# The MLP position's large blocks, as the plans pick them (B=256, 14x14, D=3072, 132 SMs).
+import torch
+plan = hv.visual_fwd_plan(256, 14, 14, 3072, 768, torch.bfloat16, 132, True) + \
+    hv.visual_bwd_plan(256, 14, 14, 3072, 768, torch.bfloat16, 132, True, False)
+for st in plan:
+    if st.kernel.startswith("_heba_visual") and not st.kernel.endswith("dwconv"):
+        meta = {k: v for k, v in st.meta.items() if k != "num_warps"}
+        jobs.append((getattr(hv, st.kernel), dict(meta, OP=op[0], IEEE=op[1]), ()))
 jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64),
           ("src_ptr",) if m else ()) for m in (False, True)]
 for fn, consts, f32_extra in jobs:
@@ -314,7 +322,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 9, res.stdout
+    assert res.stdout.count("compiled") == 13, res.stdout
 
 
 def _grads(a, x, scale=0.6):
@@ -432,29 +440,26 @@ def test_second_gpu_while_first_is_current():
 # --------------------------------------------------------------------------- bounded partials
 
 
-def test_partial_slots_bounded_at_clip_scale(monkeypatch):
-    """dgamma/dbeta/dWm partials: S * nT slots, independent of the batch (one slot per
-    image and token block took 1.28 GB at B=1024, 24x24, D=4096)."""
+def test_partial_slots_bounded_at_clip_scale():
+    """dgamma/dbeta/dWm partials: S slots, independent of the batch (one slot per image
+    and token block took 1.28 GB at B=1024, 24x24, D=4096)."""
     import heba_kernels.heba_visual as hv
-    D, h, n_t = 4096, 1024, triton_cdiv(24 * 24, 32)
+    D, h = 4096, 1024
     sizes = []
     for B in (64, 1024, 65536):
-        S = hv._partial_images(B, n_t, 132, True)
-        sizes.append(S * n_t * (2 * D + 9 * h) * 4)
-    assert sizes[1] == sizes[2] < 80e6, sizes              # was 1.28e9 at B=1024
-    assert hv._partial_images(1, 10 ** 6, 132, True) == 1        # a huge grid: one image per slot
+        plan = hv.visual_bwd_plan(B, 24, 24, D, h, torch.bfloat16, 132, True, False)
+        S, = next(st for st in plan if st.step == "dy").grid
+        sizes.append(S * (2 * D + 9 * h) * 4)
+    assert sizes[1] == sizes[2] < 20e6, sizes              # was 1.28e9 at B=1024
+    assert hv._partial_slots(1, 132, True) == 1            # one block: one slot
 
 
-def triton_cdiv(a, b):
-    return -(-a // b)
-
-
-def test_partial_slots_one_slot_sums_every_image(monkeypatch):
-    """One slot for all images (the interpreter's default is two, so every test with
-    B >= 3 also sums several images per slot): the reference's gradients, and the
-    buffers allocated with S * nT rows."""
+def test_partial_slots_one_slot_sums_every_block(monkeypatch):
+    """One slot for all row blocks (the interpreter's default is two, so every test with
+    three or more blocks also sums several blocks per slot): the reference's gradients,
+    and the buffers allocated with S rows."""
     import heba_kernels.heba_visual as hv
-    monkeypatch.setattr(hv, "_partial_images", lambda B, n_t, sms, gpu: 1)
+    monkeypatch.setattr(hv, "_partial_slots", lambda n_blocks, sms, gpu: 1)
     shapes = []
     real_new = hv.new_buffer
     monkeypatch.setattr(hv, "new_buffer", lambda shape, dtype, device:
@@ -462,9 +467,8 @@ def test_partial_slots_one_slot_sums_every_image(monkeypatch):
     x = _x(3, 4, 5, 40, 1, torch.float32, True, seed=1)
     check_against_reference("heba_visual", "triton", x, visual_params(40, device=DEVICE, seed=4),
                             scale=0.5, grid=(4, 5))
-    n_t = triton_cdiv(20, 16)
-    assert (n_t, 40) in shapes and (n_t, 10, 9) in shapes, shapes
-    assert (3 * n_t, 40) not in shapes and (3 * n_t, 10, 9) not in shapes, shapes
+    assert (1, 40) in shapes and (1, 10, 9) in shapes, shapes
+    assert (2, 40) not in shapes and (2, 10, 9) not in shapes, shapes
 
 
 # --------------------------------------------------------------------------- eps, GELU form
