@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.cases import CASES, Case
 from heba_kernels.heba_text import text_plan
-from heba_kernels.heba_visual import SAVE_U_MIN_DIM, visual_bwd_plan, visual_fwd_plan
+from heba_kernels.heba_visual import (SAVE_U_MIN_DIM, halo_chunks, visual_bwd_plan,
+                                      visual_fwd_plan)
 from heba_kernels.low_rank import low_rank_plan
 
 
@@ -103,13 +104,22 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv float32 in, du out
             c.hbm, c.flops = T * h * 4 + hid, 2 * 9 * Tp * hp
             c.l2 = nprog * 9 * BT * BH * 4
-        elif st.step == "fwd":        # s = gelu(dwconv(u)) of the block, then two sweeps
-            keep = m["KEEP_Y"]        # sweep 2 reads y back instead of recomputing z
+        elif st.step == "fwd":        # S programs over the blocks: (u of the block and its
+            keep = m["KEEP_Y"]        # halo,) s = gelu(dwconv(u)), then two sweeps; sweep 2
+            blocks = _cdiv(T, BT)     # reads y back (KEEP_Y) instead of recomputing z
             zsweep = BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w
-            c.hbm = 2 * tok + 3 * hid + 2 * B * P * D * e + D * h * w + 8 * T + keep * tok
+            # x read, out written, u read (or written by the fused down phase), the per-
+            # program scratch (s and the halo's u, reused block after block: written back once)
+            rows = BT + halo_chunks(W, m) * m["BLOCK_E"]
+            c.hbm = (2 * tok + hid + 2 * B * P * D * e + D * h * w + 8 * T + keep * tok
+                     + st.grid[0] * rows * h * w + m["FUSE_DOWN"] * h * D * w)
             c.flops = (1 if keep else 2) * 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
-            c.l2 = nprog * ((zsweep + 3 * BT * Dp * e if keep else 2 * zsweep)
-                            + 10 * BT * hp * w)
+            c.l2 = blocks * ((zsweep + 3 * BT * Dp * e if keep else 2 * zsweep)
+                             + 10 * BT * hp * w)
+            if m["FUSE_DOWN"]:        # the down GEMM over the block and its halo
+                ext = rows - BT
+                c.flops += 2 * blocks * ext * Dp * hp
+                c.l2 += blocks * (ext * (_cdiv(h, BH) * Dp * e + 2 * hp * w) + Dp * hp * w)
         elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
             BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
             slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks

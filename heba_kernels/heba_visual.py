@@ -37,15 +37,18 @@ are read once per block of up to 128 rows, not once per short block of one image
 no rows are padded but the last block's. ``D`` and ``h`` run in chunks, masked, so any
 width works. The intermediate buffers are ``[B * HW, .]``:
 
-* ``_heba_visual_fwd_kernel_down``: ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in
-  the weights' dtype (kept for backward).
-* ``_heba_visual_fwd_kernel``: per block, first ``s = gelu(dwconv(u))`` of its own
-  rows (the 3x3 stencil reads neighbours from other blocks of ``u``, complete since
-  the down launch; ``s`` goes to a scratch buffer the program reads back after a
-  barrier), then the up-projection ``Wu s``, the residual, LayerNorm (Welford merge
-  over D chunks, then a second sweep that reads the kept ``y`` or recomputes
-  ``z = Wu s``), ``t + scale * a``, and the prefix tokens of every image that starts
-  in the block copied through.
+* ``_heba_visual_fwd_kernel_down`` (from ``FUSE_DOWN_BELOW_DIM`` up, where the
+  adapter is matmul-bound): ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in the
+  weights' dtype (kept for backward).
+* ``_heba_visual_fwd_kernel``: ``S`` persistent programs, each looping over blocks
+  with one scratch of its own. Per block: below ``FUSE_DOWN_BELOW_DIM``, ``u`` of the
+  block and of its stencil's halo (``W + 1`` rows each side) into the scratch (the
+  block's own rows also into ``u``, kept for backward), so the forward is one launch;
+  then ``s = gelu(dwconv(u))`` of its own rows into the scratch (read back after a
+  barrier), the up-projection ``Wu s``, the residual, LayerNorm (Welford merge over D
+  chunks, then a second sweep that reads the kept ``y`` or recomputes ``z = Wu s``),
+  ``t + scale * a``, and the prefix tokens of every image that starts in the block
+  copied through.
 * backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
@@ -55,8 +58,8 @@ width works. The intermediate buffers are ``[B * HW, .]``:
   (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
   (``dx = g + xs (dy + Wd^T du)``, in place); finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
-  buffers into the parameters' dtypes. Forward 2 launches, backward 6 (7 when
-  ``u`` is recomputed).
+  buffers into the parameters' dtypes. Forward 1 launch (2 from
+  ``FUSE_DOWN_BELOW_DIM``), backward 6 (7 when ``u`` is recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
@@ -129,6 +132,15 @@ KEEP_Y_MIN_DIM = 2048
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
+
+# Below this width the forward is one launch: each block computes ``u`` of its rows and of
+# its stencil's halo (W + 1 rows on each side) itself, instead of a down launch writing ``u``
+# for the forward kernel to read back. Modelled (benchmarks/roofline.py, bf16, B256 14x14,
+# forward, H200): attention position (D768 h192) two launches 278 MB, 44.6 GFLOP, floor
+# 58 us; one launch 191 MB, 52.0 GFLOP, 53 us (the halo's extra down GEMM, 30 rows per
+# 64-row block, is cheap where the adapter is memory-bound). MLP position (D3072 h768,
+# matmul-bound): two launches 474 GFLOP, 479 us; one 533 GFLOP, 539 us: kept separate.
+FUSE_DOWN_BELOW_DIM = 2048
 
 
 # --------------------------------------------------------------------------- kernels
@@ -269,20 +281,54 @@ def _heba_visual_kernel_dwconv(
 
 
 @triton.jit
-def _heba_visual_fwd_kernel(
-    x_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
-    stride_xb, stride_xn, stride_ob, stride_on,           # u, s = gelu(dwconv(u)) [B * HW, h]
-    H, W, T, HW, D, h, P, scale, scale_ptr, eps,          # y [B * HW, D] if KEEP_Y
-    SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    scale = _scalar(scale, scale_ptr, SCALE_PTR)
-    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
+def _down_halo(x_ptr, wd_ptr, u_ptr, uh_ptr, r0, stride_xb, stride_xn, T, HW, W, D, h, P, n_e,
+               BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr):
+    """``u = t Wd^T`` of the rows ``r0 - W - 1 .. r0 + BLOCK_T + W`` (the block and its
+    stencil's halo, in ``n_e`` chunks of ``BLOCK_E``) into the program's scratch ``uh`` (row
+    ``k``: row ``r0 - W - 1 + k``); the block's own rows also into ``u`` (kept for backward).
+    Rows outside ``[0, T)`` are skipped; rows of another image are computed but never read
+    (the stencil reads its own image only). Ends with a barrier: the stencil reads back."""
+    lo = r0 - W - 1
+    for e in range(0, n_e):
+        k = (e * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)                     # [BE]
+        g = lo + k
+        ok = (g >= 0) & (g < T) & (k < BLOCK_T + 2 * W + 2)
+        bb = g // HW
+        x_rows = x_ptr + bb * stride_xb + (P + g - bb * HW) * stride_xn
+        own = ok & (g >= r0) & (g < r0 + BLOCK_T)
+        for h0 in range(0, h, BLOCK_H):
+            c = h0 + tl.arange(0, BLOCK_H)
+            c_mask = c < h
+            acc = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = d < D
+                t = tl.load(x_rows[:, None] + d[None, :], mask=ok[:, None] & d_mask[None, :],
+                            other=0.0)                                             # [BE, BD]
+                wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
+                               mask=d_mask[:, None] & c_mask[None, :], other=0.0)  # [BD, BH]
+                acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
+            val = acc.to(uh_ptr.dtype.element_ty)
+            tl.store(uh_ptr + k[:, None] * h + c[None, :], val, mask=ok[:, None] & c_mask[None, :])
+            tl.store(u_ptr + g[:, None] * h + c[None, :], val,
+                     mask=own[:, None] & c_mask[None, :])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
+                r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
+                D, h, P, scale, eps, KEEP_Y: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The block's up-projection, residual, LayerNorm and output, ``s`` at rows ``loc`` of
+    the program's scratch: statistics, then ``out`` (and the prefix tokens of every image
+    that starts in the block copied through)."""
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
     o_rows = out_ptr + b * stride_ob + (P + p) * stride_on
     y_rows = y_ptr + r * D                                                         # [BT]
-    _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, b * HW, p, r_mask, H, W, h, BLOCK_T, BLOCK_H)
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
     # so y never has to be held for the whole row (and is stored only if KEEP_Y).
@@ -292,7 +338,7 @@ def _heba_visual_fwd_kernel(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
+        z = _up_tile(s_ptr, wu_ptr, loc, r_mask, d, d_mask, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
@@ -313,8 +359,7 @@ def _heba_visual_fwd_kernel(
     if KEEP_Y:
         tl.debug_barrier()               # y rows written by other threads, read back below
 
-    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written; the prefix tokens
-    # of every image that starts in the block copied through.
+    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written.
     first = r_mask & (p == 0)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -324,7 +369,7 @@ def _heba_visual_fwd_kernel(
         if KEEP_Y:
             y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
-            y = t + _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
+            y = t + _up_tile(s_ptr, wu_ptr, loc, r_mask, d, d_mask, h,
                              BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
@@ -333,6 +378,44 @@ def _heba_visual_fwd_kernel(
                  mask=mask)
         _copy_prefix(x_ptr, out_ptr, b, first, d, d_mask, stride_xb, stride_xn, stride_ob,
                      stride_on, P)
+
+
+@triton.jit
+def _heba_visual_fwd_kernel(
+    x_ptr, wd_ptr, u_ptr, wm_ptr, scr_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,
+    y_ptr, stride_xb, stride_xn, stride_ob, stride_on,    # u [B * HW, h]; y [B * HW, D] if KEEP_Y
+    H, W, T, HW, D, h, P, n_e, scale, scale_ptr, eps,     # scratch [S, BLOCK_T + n_e * BLOCK_E, h]
+    SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr, FUSE_DOWN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``s`` of ``S``: row blocks ``s, s + S, ...``. Per block: with ``FUSE_DOWN``,
+    ``u`` of the block and its stencil's halo (:func:`_down_halo`, into the program's
+    scratch; else ``u`` as the down launch wrote it), ``s = gelu(dwconv(u))`` of its rows
+    into the program's scratch, then :func:`_fwd_sweeps`. The scratch is reused block after
+    block, so ``s`` and the halo stay on chip (L2) instead of a ``[B * HW, h]`` round trip."""
+    pid = tl.program_id(0)
+    n_s = tl.num_programs(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
+    s_scr = scr_ptr + pid.to(tl.int64) * (BLOCK_T + n_e * BLOCK_E) * h
+    loc = tl.arange(0, BLOCK_T).to(tl.int64)
+    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
+        blk = pid + i * n_s
+        r, r_mask, b, p = _rows(blk, T, HW, BLOCK_T)
+        if FUSE_DOWN:
+            r0 = blk.to(tl.int64) * BLOCK_T
+            uh = s_scr + BLOCK_T * h
+            _down_halo(x_ptr, wd_ptr, u_ptr, uh, r0, stride_xb, stride_xn, T, HW, W, D, h, P,
+                       n_e, BLOCK_T, BLOCK_E, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+            _gelu_stencil_block(uh, wm_ptr, s_scr, loc, b * HW - (r0 - W - 1), p, r_mask, H, W,
+                                h, BLOCK_T, BLOCK_H)
+        else:
+            _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h,
+                                BLOCK_T, BLOCK_H)
+        _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
+                    r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
+                    D, h, P, scale, eps, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+        tl.debug_barrier()               # the next block overwrites the scratch
 
 
 @triton.jit
@@ -569,23 +652,36 @@ def _dx_config(cfg: dict, D: int) -> dict:
     return dict(cfg, BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
 
 
-def _partial_slots(n_blocks: int, sms: int, gpu: bool) -> int:
-    """Programs ``S`` of the _dy kernel: each sums the dgamma/dbeta/dWm partials of row
-    blocks ``s, s + S, ...`` into its own slot, so those buffers hold ``S`` slots whatever
-    the batch (two SMs' worth of programs on a GPU: at D=4096, h=1024 on 132 SMs 17 MB).
-    Two in the interpreter, so that the tests run the summing path."""
+def _programs(n_blocks: int, sms: int, gpu: bool) -> int:
+    """Programs ``S`` of the persistent kernels (forward, _dy), each looping over the row
+    blocks ``s, s + S, ...``: two per SM on a GPU. The _dy kernel sums each program's
+    dgamma/dbeta/dWm partials into its own slot, so those buffers hold ``S`` slots whatever
+    the batch (17 MB at D=4096, h=1024 on 132 SMs); the forward reuses one scratch per
+    program. Two in the interpreter, so that the tests run the loops and the summing."""
     return max(1, min(n_blocks, 2 * sms if gpu else 2))
+
+
+def halo_chunks(W: int, meta: dict) -> int:
+    """Chunks of ``BLOCK_E`` rows the fused forward computes ``u`` in: the block and its
+    stencil's halo, ``BLOCK_T + 2 (W + 1)`` rows (0 when the down launch is separate)."""
+    if not meta["FUSE_DOWN"]:
+        return 0
+    return triton.cdiv(meta["BLOCK_T"] + 2 * W + 2, meta["BLOCK_E"])
 
 
 def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     """The forward's launches for ``B`` images of an ``H x W`` grid, width ``D``, bottleneck ``h``."""
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
+    n_t, fuse = triton.cdiv(T, cfg["BLOCK_T"]), D < FUSE_DOWN_BELOW_DIM
+    fwd = Launch("fwd", "_heba_visual_fwd_kernel", (_programs(n_t, sms, gpu),),
+                 dict(cfg, KEEP_Y=D >= KEEP_Y_MIN_DIM, FUSE_DOWN=fuse,
+                      BLOCK_E=min(32, cfg["BLOCK_T"])))
+    if fuse:
+        return [fwd]
     down = _down_config(cfg, D, h)
-    n_t, n_h = triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(h, down["BLOCK_H"])
-    return [Launch("down", "_heba_visual_fwd_kernel_down", (n_t, n_h), down),
-            Launch("fwd", "_heba_visual_fwd_kernel", (n_t,),
-                   dict(cfg, KEEP_Y=D >= KEEP_Y_MIN_DIM))]
+    return [Launch("down", "_heba_visual_fwd_kernel_down",
+                   (n_t, triton.cdiv(h, down["BLOCK_H"])), down), fwd]
 
 
 def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
@@ -595,7 +691,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
     down, dx = _down_config(cfg, D, h), _dx_config(cfg, D)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
-    slots = _partial_slots(n_t, sms, gpu)
+    slots = _programs(n_t, sms, gpu)
     # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
     # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
     # 32, 105 registers, none.
@@ -663,17 +759,20 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     wm = mid_weight.reshape(h, 9).contiguous()
     wu = up_weight.reshape(D, h).contiguous()
     nw, nb = norm_weight.contiguous(), norm_bias.contiguous()
-    down, fwd = visual_fwd_plan(B, H, W, D, h, op, *plan_device(dev))
+    plan = {st.step: st for st in visual_fwd_plan(B, H, W, D, h, op, *plan_device(dev))}
+    fwd = plan["fwd"]
     sxb, sxn = _token_strides(x, batch_first)
     sob, son = _token_strides(out, batch_first)
-    launch(_heba_visual_fwd_kernel_down, down.grid, x, wd, u, sxb, sxn, B * HW, HW, D, h, P,
-           **_kw(down))
-    s = new_buffer((B, HW, h), op, dev)                   # gelu(v), scratch of the fwd kernel
+    if "down" in plan:
+        launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, B * HW, HW,
+               D, h, P, **_kw(plan["down"]))
+    n_e = halo_chunks(W, fwd.meta)          # per program: s of a block, u of its halo
+    scratch = new_buffer((fwd.grid[0], fwd.meta["BLOCK_T"] + n_e * fwd.meta["BLOCK_E"], h),
+                         op, dev)
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
-    launch(_heba_visual_fwd_kernel, fwd.grid, x, u, wm, s, wu, nw, nb, out, mean, rstd,
-           y if y.numel() else mean, sxb, sxn, sob, son, H, W, B * HW, HW, D, h, P, scale_v,
-           scale_p,
-           float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
+    launch(_heba_visual_fwd_kernel, fwd.grid, x, wd, u, wm, scratch, wu, nw, nb, out, mean,
+           rstd, y if y.numel() else mean, sxb, sxn, sob, son, H, W, B * HW, HW, D, h, P, n_e,
+           scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
     return out, u, mean, rstd, y
 
 

@@ -134,9 +134,11 @@ def _visual_cases():
     for xdt, wdt in DTYPES:
         for D, B in itertools.product((768, 1024, 3072, 4096), (32, 256)):
             h = D // 4
-            plan = {st.kernel: st.meta for st in                  # the blocks the plans pick
-                    heba_visual.visual_fwd_plan(B, 14, 14, D, h, wdt, 132, True)
-                    + heba_visual.visual_bwd_plan(B, 14, 14, D, h, wdt, 132, True, False)}
+            # the blocks the plans pick (the backward that recomputes u has the down kernel
+            # at every width; the forward has it from FUSE_DOWN_BELOW_DIM up)
+            plan = {st.kernel: st.meta for st in
+                    heba_visual.visual_bwd_plan(B, 14, 14, D, h, wdt, 132, True, True)
+                    + heba_visual.visual_fwd_plan(B, 14, 14, D, h, wdt, 132, True)}
             for kern in kernels:
                 cfg = {k: v for k, v in plan[kern].items() if k != "num_warps"}
                 consts = dict(cfg)

@@ -262,7 +262,8 @@ op = (2, False) if w_ty == "*bf16" else (0, True)
 blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, OP=op[0], UPCAST=False, IEEE=op[1])
 jobs = [(fn, blocks, ()) for fn in (
     hv._heba_visual_fwd_kernel_down, hv._heba_visual_bwd_kernel_dx)]
-jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep), ()) for keep in (False, True)]
+jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep, FUSE_DOWN=fuse, BLOCK_E=32), ())
+         for keep, fuse in ((False, True), (False, False), (True, False))]
 jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep), ())
          for keep in (False, True)]
 # The MLP position's large blocks, as the plans pick them (B=256, 14x14, D=3072, 132 SMs).
@@ -322,7 +323,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 13, res.stdout
+    assert res.stdout.count("compiled") == 14, res.stdout
 
 
 def _grads(a, x, scale=0.6):
@@ -451,7 +452,7 @@ def test_partial_slots_bounded_at_clip_scale():
         S, = next(st for st in plan if st.step == "dy").grid
         sizes.append(S * (2 * D + 9 * h) * 4)
     assert sizes[1] == sizes[2] < 20e6, sizes              # was 1.28e9 at B=1024
-    assert hv._partial_slots(1, 132, True) == 1            # one block: one slot
+    assert hv._programs(1, 132, True) == 1                 # one block: one slot
 
 
 def test_partial_slots_one_slot_sums_every_block(monkeypatch):
@@ -459,7 +460,7 @@ def test_partial_slots_one_slot_sums_every_block(monkeypatch):
     three or more blocks also sums several blocks per slot): the reference's gradients,
     and the buffers allocated with S rows."""
     import heba_kernels.heba_visual as hv
-    monkeypatch.setattr(hv, "_partial_slots", lambda n_blocks, sms, gpu: 1)
+    monkeypatch.setattr(hv, "_programs", lambda n_blocks, sms, gpu: 1)
     shapes = []
     real_new = hv.new_buffer
     monkeypatch.setattr(hv, "new_buffer", lambda shape, dtype, device:
