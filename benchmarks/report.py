@@ -3,6 +3,7 @@
     python -m benchmarks.report benchmarks/results/run.json [--out benchmarks/results]
 
 Writes ``<gpu>.md`` (times, ratios vs the eager reference and vs torch.compile,
+percent of the measured floor and of the floor modelled by :mod:`benchmarks.roofline`,
 peak memory, bytes saved for backward) and ``<gpu>.png`` beside it.
 """
 
@@ -27,12 +28,32 @@ def load(path):
     return device, rows
 
 
+def _roofline():
+    """benchmarks.roofline, imported only when a table is built (it needs torch and Triton,
+    this module only the standard library); None where it cannot be imported."""
+    try:
+        from benchmarks import roofline
+    except ImportError:
+        return None
+    return roofline
+
+
+def modelled_pct(r, model) -> str:
+    """The row's modelled floor (benchmarks/roofline.py, with the run's measured copy and
+    matmul rates as ceilings) over its measured ms, or "n/a" where the model does not apply."""
+    gpu = model.measured_gpu(r) if model else None
+    floor = None if gpu is None else model.modelled_floor_ms(
+        r["case"], r["mode"], r["dtype"], gpu, impl=r["impl"], shape=r.get("shape"))
+    return "n/a" if floor is None else f"{100.0 * floor / r['cuda_ms']:.0f}%"
+
+
 def table(rows) -> str:
     by_key = defaultdict(dict)
     for r in rows:
         by_key[(r["case"], r["dtype"], r["mode"])][r["impl"]] = r
+    model = _roofline()
     lines = ["| case | dtype | mode | impl | ms | vs eager | vs compile | % of floor "
-             "| peak MB | saved MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| % of modelled floor | peak MB | saved MB |", "|---" * 11 + "|"]
     for (case, dtype, mode), impls in by_key.items():
         eager = impls.get("eager", {}).get("cuda_ms")
         comp = impls.get("compile", {}).get("cuda_ms")
@@ -44,7 +65,8 @@ def table(rows) -> str:
             ve = f"{eager / ms:.2f}x" if eager else "n/a"
             vc = f"{comp / ms:.2f}x" if comp else "n/a"
             lines.append(f"| {case} | {dtype} | {mode} | {IMPL_LABEL[impl]} | {ms:.3f} | {ve} | "
-                         f"{vc} | {r['pct_of_floor']:.0f}% | {r['peak_mem_bytes'] / 1e6:.0f} | "
+                         f"{vc} | {r['pct_of_floor']:.0f}% | {modelled_pct(r, model)} | "
+                         f"{r['peak_mem_bytes'] / 1e6:.0f} | "
                          f"{r['saved_for_backward_bytes'] / 1e6:.0f} |")
     return "\n".join(lines)
 

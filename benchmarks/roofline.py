@@ -20,6 +20,11 @@ Model of one launch: every tensor a launch touches moves between HBM and L2 once
 L2 (re-reads across D sweeps and weight tiles per program count each time); FLOPs are
 those of the padded tiles the kernel issues. The CUDA backend has no plan here yet
 (its grids are chosen in C++); its rows say so. Output: a markdown table.
+
+:func:`modelled_floor_ms` gives one case's floor on any :class:`GPU`, and
+:func:`measured_gpu` builds one from a benchmark run's own measured copy and matmul rates:
+the GPU check's op benchmark table (benchmarks/report.py) prints every Triton row's
+measured time beside that floor, as "% of modelled floor", so each GPU run checks the model.
 """
 
 from __future__ import annotations
@@ -279,6 +284,45 @@ def rows(cases=CASES, gpus=("H100", "H200"), e=2, w=2):
             row[f"eager_{g}"] = max(eb / gpu.hbm, ifl / gpu.bf16) * 1e6
         out.append(row)
     return out
+
+
+# SM counts by device name (torch.cuda.get_device_name), first match wins; others: 132
+DEVICE_SMS = (("H100 PCIe", 114), ("H100", 132), ("H200", 132), ("A100", 108))
+MODES = ("fwd", "fwdbwd")
+
+
+def measured_gpu(row: dict, sms: int | None = None) -> GPU | None:
+    """A :class:`GPU` whose ceilings are a benchmark run's own measured floors (a row of
+    benchmarks/test_adapters.py: ``measured_copy_gbs``, ``measured_matmul_tflops``,
+    ``device``); ``sms`` from the argument, else the device name, else 132. None where
+    the run measured no finite, positive rates (a dry run on the CPU)."""
+    hbm = float(row.get("measured_copy_gbs") or 0.0) * 1e9
+    bf16 = float(row.get("measured_matmul_tflops") or 0.0) * 1e12
+    if not (0 < hbm < float("inf") and 0 < bf16 < float("inf")):
+        return None
+    name = str(row.get("device") or "unknown")
+    if sms is None:
+        sms = next((n for key, n in DEVICE_SMS if key in name), 132)
+    return GPU(f"{name} (measured)", hbm, bf16, sms)
+
+
+def modelled_floor_ms(case_name: str, mode: str, dtype: str, gpu: GPU, impl: str = "triton",
+                      shape=None, cases=CASES) -> float | None:
+    """The modelled floor in ms of the Triton backend on ``gpu`` for the case named
+    ``case_name`` of ``cases``: the forward's launches for ``mode`` "fwd", forward +
+    backward for "fwdbwd", bf16 tokens and weights. None where the model does not apply:
+    another dtype or ``impl``, an unknown case, or a ``shape`` other than the case's."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    case = next((c for c in cases if c.name == case_name), None)
+    if dtype != "bf16" or impl != "triton" or case is None:
+        return None
+    if shape is not None and tuple(shape) != case.shape():
+        return None
+    costs = triton_costs(case, 2, 2, gpu, False)
+    if mode == "fwdbwd":
+        costs = costs + triton_costs(case, 2, 2, gpu, True)
+    return sum(c.floor_s(gpu) for c in costs) * 1e3
 
 
 def markdown(rs, gpus=("H100", "H200")) -> str:

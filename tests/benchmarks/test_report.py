@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 
-from benchmarks import report
+from benchmarks import report, roofline
+from benchmarks.cases import CASES
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -33,3 +34,37 @@ def test_dry_run_and_report(tmp_path):
     md = (tmp_path / "cpu.md").read_text()
     assert "| lowrank-r16-d768 | fp32 | fwdbwd | eager (published, seq-first) |" in md
     assert "torch.compile" in md
+
+
+def _cells(md, prefix):
+    """The cells of the header and of the one row starting with ``prefix``, by column name."""
+    lines = md.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = [ln for ln in lines if ln.startswith(prefix)]
+    assert len(row) == 1, (prefix, md)
+    return dict(zip(head, (c.strip() for c in row[0].strip("|").split("|"))))
+
+
+def test_table_has_the_modelled_floor_of_triton_rows():
+    case = next(c for c in CASES if c.name == "lowrank-r16-d768")
+    run = dict(measured_copy_gbs=3012.5, measured_matmul_tflops=701.25, device="NVIDIA H200",
+               peak_mem_bytes=4e6, saved_for_backward_bytes=1e6, shape=list(case.shape()),
+               case=case.name, pct_of_floor=40.0)
+    gpu = roofline.GPU("run", 3012.5e9, 701.25e12, 132)
+    floor_ms = 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16)
+                         for bwd in (False, True)
+                         for c in roofline.triton_costs(case, 2, 2, gpu, bwd))
+    ms = floor_ms / 0.437
+    rows = [dict(run, impl="eager", dtype="bf16", mode="fwdbwd", cuda_ms=3 * ms),
+            dict(run, impl="triton", dtype="bf16", mode="fwdbwd", cuda_ms=ms),
+            dict(run, impl="triton", dtype="fp32", mode="fwdbwd", cuda_ms=2 * ms),
+            dict(run, impl="triton", dtype="bf16", mode="fwd", cuda_ms=ms,
+                 measured_copy_gbs=float("nan"))]          # a dry run's rates: no ceilings
+    md = report.table(rows)
+    col = "% of modelled floor"
+    pre = f"| {case.name} |"
+    assert _cells(md, f"{pre} bf16 | fwdbwd | heba triton |")[col] == f"{100 * floor_ms / ms:.0f}%"
+    assert _cells(md, f"{pre} bf16 | fwdbwd | eager (published, seq-first) |")[col] == "n/a"
+    assert _cells(md, f"{pre} fp32 | fwdbwd | heba triton |")[col] == "n/a"
+    assert _cells(md, f"{pre} bf16 | fwd | heba triton |")[col] == "n/a"
+    assert md.splitlines()[1] == "|---" * 11 + "|"

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import heba.nn
 from benchmarks import roofline
-from benchmarks.cases import Case
+from benchmarks.cases import CASES, Case
 from heba_kernels import runtime
 from heba_kernels.heba_text import text_plan
 from heba_kernels.heba_visual import SAVE_U_MIN_DIM, visual_bwd_plan, visual_fwd_plan
@@ -116,3 +116,49 @@ def test_fused_ops_launch_nothing_beside_their_plan(op, autocast):
     others = [o for o in seen.ops if not o.startswith("heba::") and o != "aten::detach"]
     assert others == [] and len([o for o in seen.ops if o.startswith("heba::")]) == 2, seen.ops
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+# an odd GPU: its rates and SM count differ from every datasheet entry of roofline.GPUS
+ODD = roofline.GPU("odd", 2.7e12, 6.1e14, 100)
+
+
+def _launch_floors_ms(case, gpu, backward):
+    """Each launch's max(HBM bytes / bandwidth, FLOPs / rate), summed, in ms."""
+    return 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16)
+                     for c in roofline.triton_costs(case, 2, 2, gpu, backward))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_modelled_floor_is_the_sum_of_launch_floors(case):
+    fwd = _launch_floors_ms(case, ODD, False)
+    both = fwd + _launch_floors_ms(case, ODD, True)
+    got_fwd = roofline.modelled_floor_ms(case.name, "fwd", "bf16", ODD)
+    got_both = roofline.modelled_floor_ms(case.name, "fwdbwd", "bf16", ODD, shape=case.shape())
+    assert got_fwd == pytest.approx(fwd, rel=1e-12) and got_both == pytest.approx(both, rel=1e-12)
+    assert 0 < got_fwd < got_both
+    fast = roofline.GPU("fast", 2 * ODD.hbm, 2 * ODD.bf16, ODD.sms)   # every ceiling doubled
+    assert roofline.modelled_floor_ms(case.name, "fwdbwd", "bf16", fast) == \
+        pytest.approx(got_both / 2, rel=1e-12)
+
+
+def test_modelled_floor_does_not_apply():
+    name = CASES[0].name
+    assert roofline.modelled_floor_ms(name, "fwdbwd", "fp32", ODD) is None
+    assert roofline.modelled_floor_ms("no-such-case", "fwd", "bf16", ODD) is None
+    for impl in ("eager", "eager-cl", "compile", "cuda"):
+        assert roofline.modelled_floor_ms(name, "fwd", "bf16", ODD, impl=impl) is None
+    assert roofline.modelled_floor_ms(name, "fwd", "bf16", ODD, shape=(1, 2, 3)) is None
+    with pytest.raises(ValueError, match="mode: expected one of fwd, fwdbwd, got 'bwd'"):
+        roofline.modelled_floor_ms(name, "bwd", "bf16", ODD)
+
+
+def test_measured_gpu_takes_the_run_rates():
+    row = dict(measured_copy_gbs=3012.5, measured_matmul_tflops=701.25, device="NVIDIA H100 PCIe")
+    gpu = roofline.measured_gpu(row)
+    assert (gpu.hbm, gpu.bf16, gpu.sms) == (3012.5e9, 701.25e12, 114)
+    assert roofline.measured_gpu(dict(row, device="NVIDIA H200")).sms == 132
+    assert roofline.measured_gpu(dict(row, device="cpu")).sms == 132
+    assert roofline.measured_gpu(row, sms=78).sms == 78
+    for bad in (float("nan"), 0.0, None, float("inf")):
+        assert roofline.measured_gpu(dict(row, measured_copy_gbs=bad)) is None
+        assert roofline.measured_gpu(dict(row, measured_matmul_tflops=bad)) is None

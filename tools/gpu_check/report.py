@@ -158,8 +158,11 @@ def _bench_ops(r):
         lines += ["", f"Floors measured in this run: copy {peaks['measured_copy_gbs']:.0f} GB/s, "
                   f"bf16 matmul {peaks['measured_matmul_tflops']:.0f} TFLOP/s. "
                   "ms: CUDA-event median; vs eager / vs compile: their ms over this one's; "
-                  "% of floor: the copy or matmul floor (the larger) over ms; peak MB: beyond the "
-                  "inputs; saved MB: kept for backward beyond x and the parameters.", "",
+                  "% of floor: the copy or matmul floor (the larger) over ms; % of modelled "
+                  "floor: the Triton backend's floor modelled by benchmarks/roofline.py from the "
+                  "launch plans, with this run's measured copy and matmul rates as ceilings, "
+                  "over ms (bf16 only); peak MB: beyond the inputs; saved MB: kept for backward "
+                  "beyond x and the parameters.", "",
                   ops_report.table(rows), "", targets_table(rows), "",
                   "![op benchmarks](adapters.png)"]
     return "\n".join(lines)

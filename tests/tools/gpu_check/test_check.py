@@ -80,6 +80,7 @@ def test_dry_run_benchmark_tables(dry_run):
     _, _, md, _ = dry_run
     assert "| lowrank-r16-d768 | bf16 | fwdbwd | eager (published, seq-first) |" in md
     assert "| lowrank-r16-d768 | bf16 | fwdbwd | heba triton |" in md
+    assert "| % of modelled floor |" in md and "% of modelled floor: the Triton backend's" in md
     assert "| lowrank-r16-d768 >= 3.0x torch.compile | triton | no torch.compile row |" in md
     assert "bench-e2e | skipped" in md and "open_clip is not installed here (hidden by" in md
 
