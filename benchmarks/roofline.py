@@ -106,9 +106,9 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         if st.step == "down":
             c.hbm, c.flops = tok + hid + h * D * w, 2 * Tp * Dp * hp
             c.l2 = nprog * (BT * Dp * e + Dp * BH * w)
-        elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv float32 in, du out
-            c.hbm, c.flops = T * h * 4 + hid, 2 * 9 * Tp * hp
-            c.l2 = nprog * 9 * BT * BH * 4
+        elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv in, du out (operand dtype)
+            c.hbm, c.flops = 2 * hid, 2 * 9 * Tp * hp
+            c.l2 = nprog * 9 * BT * BH * w
         elif st.step == "fwd":        # S programs over the blocks: (u of the block and its
             keep = m["KEEP_Y"]        # halo,) s = gelu(dwconv(u)), then two sweeps; sweep 2
             blocks = _cdiv(T, BT)     # reads y back (KEEP_Y) instead of recomputing z
@@ -128,14 +128,14 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
             BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
             slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks
-            c.hbm = (3 * tok + 3 * hid + D * h * w + 8 * T + T * h * 4
+            c.hbm = (3 * tok + 4 * hid + D * h * w + 8 * T
                      + slots * (2 * D + 9 * h) * 4)
             keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
             c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
             zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
             c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
                                      + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
-                                     + 18 * BT * hp * w + BT * hp * 4)
+                                     + 19 * BT * hp * w)
         elif st.step == "dx":
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
             c.flops = 2 * Tp * Dp * hp

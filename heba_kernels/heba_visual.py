@@ -52,7 +52,7 @@ width works. The intermediate buffers are ``[B * HW, .]``:
 * backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
-  GELU', ``dv`` to a float32 buffer and the dWm partials; ``_heba_visual_kernel_dwconv``
+  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype; ``_heba_visual_kernel_dwconv``
   with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
   neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
   (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
@@ -74,7 +74,8 @@ the backward's two sweeps read it instead of recomputing the up-projection
 bitwise the same (the same kernel computes the same ``u``). Everything else is
 recomputed. Transient buffers:
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
-dtype), ``dv`` (``h`` float32 values per token); ``dy`` lives in the ``dx``
+dtype), ``dv`` (``h`` values per token, rounded to the operand dtype like ``du``:
+bf16 halves its round trip); ``dy`` lives in the ``dx``
 buffer. Parameter gradients are float32 partials summed in one launch in a fixed
 order: deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number
 of slots: the _dy kernel runs ``S`` programs (``_partial_slots``: two per SM on a GPU),
@@ -513,7 +514,7 @@ def _heba_visual_bwd_dv_block(
             ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
         v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_HV)
         dv = ds * _gelu_grad(v)                                                    # [BT, BHV]
-        tl.store(dv_ptr + r[:, None] * h + c[None, :], dv,
+        tl.store(dv_ptr + r[:, None] * h + c[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=r_mask[:, None] & c_mask[None, :])
         dwm = tl.zeros((BLOCK_HV, 16), dtype=tl.float32)                           # [BHV, taps]
         for k in tl.static_range(9):
@@ -820,7 +821,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     n_s = plan["dy"].grid[0]
     dnw_part = new_buffer((n_s, D), torch.float32, dev)
     dnb_part = new_buffer((n_s, D), torch.float32, dev)
-    dv = new_buffer((B, HW, h), torch.float32, dev)
+    dv = new_buffer((B, HW, h), op, dev)
     dwm_part = new_buffer((n_s, h, 9), torch.float32, dev)
     gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
     assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"

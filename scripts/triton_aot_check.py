@@ -125,7 +125,7 @@ def _visual_cases():
     """Every visual kernel at the blocks ``heba_visual._config`` picks for ViT-B/16
     (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), 14x14 grids, batch 32
     and 256 (the row block grows with the batch), on 132 SMs."""
-    f32 = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
+    f32 = {"mean_ptr", "rstd_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
            "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
     tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
     kernels = ["_heba_visual_fwd_kernel_down", "_heba_visual_fwd_kernel",
@@ -142,7 +142,7 @@ def _visual_cases():
             for kern in kernels:
                 cfg = {k: v for k, v in plan[kern].items() if k != "num_warps"}
                 consts = dict(cfg)
-                if kern.endswith("dwconv"):     # du = dwconv^T(dv): dv float32
+                if kern.endswith("dwconv"):     # du = dwconv^T(dv)
                     consts = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], MIRROR=True,
                                   GELU=False)
                 if kern == "_heba_visual_fwd_kernel":
@@ -151,8 +151,7 @@ def _visual_cases():
                     consts["GS_PTR"] = False
                 if kern.endswith("_dx"):
                     consts["XS_PTR"] = False
-                ptrs = {n: ("fp32" if n in f32 or (n == "src_ptr" and kern.endswith("dwconv"))
-                            else TY[xdt] if n in tok else TY[wdt])
+                ptrs = {n: ("fp32" if n in f32 else TY[xdt] if n in tok else TY[wdt])
                         for n in getattr(heba_visual, kern).arg_names if n.endswith("_ptr")}
                 consts["_shown"] = (f"T{cfg['BLOCK_T']}xH{consts['BLOCK_H']}"
                                     f"xD{cfg['BLOCK_D']}")

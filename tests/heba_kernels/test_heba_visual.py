@@ -254,7 +254,7 @@ except ImportError as err:
 import heba_kernels.heba_visual as hv
 import heba_kernels._triton_common as tc
 
-F32_BUFFERS = {"mean_ptr", "rstd_ptr", "dv_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
+F32_BUFFERS = {"mean_ptr", "rstd_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
                "dwu_part_ptr", "dwd_part_ptr"}
 TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
 x_ty, w_ty = sys.argv[1], sys.argv[2]
@@ -274,8 +274,8 @@ for st in plan:
     if st.kernel.startswith("_heba_visual") and not st.kernel.endswith("dwconv"):
         meta = {k: v for k, v in st.meta.items() if k != "num_warps"}
         jobs.append((getattr(hv, st.kernel), dict(meta, OP=op[0], IEEE=op[1]), ()))
-jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64),
-          ("src_ptr",) if m else ()) for m in (False, True)]
+jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64), ())
+         for m in (False, True)]
 for fn, consts, f32_extra in jobs:
     sig = {}
     for name in fn.arg_names:
