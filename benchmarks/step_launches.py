@@ -2,12 +2,13 @@
 
     python -m benchmarks.step_launches [--widths vit-b16|tiny] [--backend triton]
 
-The step is heba-train's (:class:`heba.train.step.AdapterStep` after ``prepare_frozen``,
-bf16 autocast, device-side slow-fast draws, fused SGD), batch 16, 50 classes with one
-prompt of 12..32 tokens each (every class a candidate, as on the published base halves),
-HeBA adapters in every block of both towers. ``vit-b16``: open_clip's ViT-B/16 blocks and
-widths (12 + 12 blocks, 768 / 512 wide) at 32 px images (2 x 2 patches: the same ops per
-step as at 224 px, on fewer tokens); ``tiny``: the step benchmark's dry-run CLIP (2 + 2).
+The step is heba-train's (:class:`heba.train.step.AdapterStep` after ``prepare_frozen``: the
+frozen backbone cast once, its attention without q/k/v copies; bf16 autocast, device-side
+slow-fast draws, fused SGD), batch 16, 50 classes with one prompt of 12..32 tokens each (every
+class a candidate, as on the published base halves), HeBA adapters in every block of both
+towers. ``vit-b16``: open_clip's ViT-B/16 blocks and widths (12 + 12 blocks, 768 / 512 wide)
+at 32 px images (2 x 2 patches: the same ops per step as at 224 px, on fewer tokens);
+``tiny``: the step benchmark's dry-run CLIP (2 + 2).
 
 Counted by :func:`benchmarks.launch_count.count_launches` over one real step:
 

@@ -13,14 +13,15 @@ from torch import nn
 
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
-from heba.train.graph import (CheckpointedBlock, GraphedStep, checkpoint_frozen_blocks,
-                              find_max_batch, policy_graphs_reason,
-                              prepare_frozen, uncheckpoint_frozen_blocks)
+from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention,
+                              checkpoint_frozen_blocks, find_max_batch, policy_graphs_reason,
+                              prepare_frozen, route_frozen_attention, uncheckpoint_frozen_blocks,
+                              unroute_frozen_attention)
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, masked_cross_entropy
 from heba.train import context as T
 from tests.clip_utils import images, randomize_adapters, texts, tiny_clip
-from tests.helpers import assert_rel_close, requires_gpu
+from tests.helpers import assert_rel_close, rel_err, requires_gpu
 
 
 def adapted(method, seed=0, slow_fast_ratio=0.8, backend="reference"):
@@ -100,6 +101,231 @@ def test_prepare_frozen_dtypes():
 def test_prepare_frozen_needs_adapters():
     with pytest.raises(ValueError, match="no heba adapters"):
         prepare_frozen(tiny_clip())
+
+
+# --- 1b. frozen attention without copies ---------------------------------------------------
+
+# Relative tolerance of every output and gradient, lean attention vs torch's own forward, in
+# float32. Under bf16 the two paths round differently (torch's adds the in-projection bias to
+# a bf16 product in a second rounding, the lean one uses one addmm): each is compared with the
+# float32 result of torch's forward, and the lean one may be off by at most as much as torch's
+# own bf16 path plus BF16_MARGIN.
+FP32_TOL, BF16_MARGIN = 1e-5, 1e-2
+
+
+def assert_lean_close(name, lean, torch_fwd, fp32=None):
+    """``lean`` vs ``torch_fwd`` (float32, ``fp32`` None), or both vs ``fp32`` (bf16)."""
+    if fp32 is None:
+        assert_rel_close(name, lean, torch_fwd, FP32_TOL)
+        return
+    err, err_torch = rel_err(lean.float(), fp32), rel_err(torch_fwd.float(), fp32)
+    assert err <= err_torch + BF16_MARGIN, \
+        f"{name}: lean bf16 off the float32 result by {err:.3e}, torch's bf16 by {err_torch:.3e}"
+
+
+@pytest.fixture(scope="module")
+def frozen_clip():
+    """``frozen_clip(widths)``: a frozen random-weight CLIP, built once per module: the tiny one
+    (2 + 2 blocks) or ViT-B/16's widths and depth (12 + 12 blocks, 768 / 512 wide, 77 tokens)
+    at 32 px images."""
+    import open_clip
+    built = {}
+
+    def get(widths):
+        if widths not in built:
+            if widths == "tiny":
+                model = tiny_clip(seed=4)
+            else:
+                torch.manual_seed(4)
+                cfg = open_clip.get_model_config("ViT-B-16")
+                model = open_clip.CLIP(**dict(cfg, vision_cfg=dict(cfg["vision_cfg"],
+                                                                   image_size=32)))
+            built[widths] = model.eval().requires_grad_(False)
+        return built[widths]
+    yield get
+    built.clear()
+
+
+def clip_forward_backward(model, imgs, txt, precision, seed=0):
+    """Image and text features of ``model`` and the gradients of a random projection of them
+    with respect to the images and the token embeddings (the text tower's causal mask used)."""
+    leaf = []
+
+    def embed_leaf(mod, args, out):
+        leaf.append(out.detach().requires_grad_(True))
+        return leaf[-1]
+    hook = model.token_embedding.register_forward_hook(embed_leaf)
+    imgs = imgs.clone().requires_grad_(True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            img, tx = model.encode_image(imgs), model.encode_text(txt)
+    finally:
+        hook.remove()
+    g = torch.Generator().manual_seed(seed)
+    (img.float() * torch.randn(img.shape, generator=g)).sum().add(
+        (tx.float() * torch.randn(tx.shape, generator=g)).sum()).backward()
+    return dict(image_features=img, text_features=tx, grad_images=imgs.grad,
+                grad_token_embeddings=leaf[0].grad)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("widths", ["tiny", "vit-b16"])
+def test_lean_attention_matches_torch_on_a_clip(frozen_clip, widths, precision):
+    """Every frozen attention routed: features and input gradients of both towers as with
+    torch's own attention forward; parameters and state_dict keys unchanged."""
+    model = frozen_clip(widths)
+    blocks = len(model.visual.transformer.resblocks) + len(model.transformer.resblocks)
+    context = model.attn_mask.shape[0]
+    imgs = images(3, seed=5)
+    txt = texts((5, context, 3), context_length=context, seed=5)
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+    ref = clip_forward_backward(model, imgs, txt, precision)
+    fp32 = clip_forward_backward(model, imgs, txt, "fp32") if precision == "bf16" else {}
+    assert route_frozen_attention(model) == blocks
+    try:
+        assert type(model.transformer.resblocks[0].attn) is LeanAttention
+        assert list(model.state_dict()) == keys
+        assert [id(p) for p in model.parameters()] == params
+        out = clip_forward_backward(model, imgs, txt, precision)
+    finally:
+        assert unroute_frozen_attention(model) == blocks
+    assert type(model.transformer.resblocks[0].attn) is nn.MultiheadAttention
+    for name in ref:
+        assert_lean_close(f"{widths}-{precision} {name}", out[name], ref[name], fp32.get(name))
+
+
+def _mha_pair(batch_first, seed=0, embed=24, heads=3):
+    torch.manual_seed(seed)
+    ref = nn.MultiheadAttention(embed, heads, batch_first=batch_first).requires_grad_(False)
+    with torch.no_grad():
+        ref.in_proj_bias.normal_()
+        ref.out_proj.bias.normal_()
+    lean = nn.MultiheadAttention(embed, heads, batch_first=batch_first)
+    lean.load_state_dict(ref.state_dict())
+    assert route_frozen_attention(lean.requires_grad_(False)) == 1
+    return ref, lean
+
+
+def _attend(mha, x, **kwargs):
+    x = x.clone().requires_grad_(True)
+    out, weights = mha(x, x, x, **kwargs)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
+    return out, weights, x.grad
+
+
+def _masks(n, length, heads):
+    g = torch.Generator().manual_seed(6)
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    drop = torch.rand(length, length, generator=g) < 0.3
+    drop.fill_diagonal_(False)                 # every query attends to itself
+    return {"none": None, "causal-float": causal,
+            "random-float-3d": torch.randn(n * heads, length, length, generator=g),
+            "bool-2d": drop, "bool-3d": drop.expand(n * heads, -1, -1).clone()}
+
+
+@pytest.mark.parametrize("mask", ["none", "causal-float", "random-float-3d", "bool-2d",
+                                  "bool-3d"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_lean_attention_masks_and_layouts(batch_first, mask):
+    """The lean path (float and bool masks, 2-D and 3-D, both layouts) = torch's forward."""
+    n, length, heads = 2, 7, 3
+    ref, lean = _mha_pair(batch_first)
+    m = _masks(n, length, heads)[mask]
+    x = torch.randn((n, length, 24) if batch_first else (length, n, 24))
+    want, _, want_grad = _attend(ref, x, need_weights=False, attn_mask=m)
+    got, weights, got_grad = _attend(lean, x, need_weights=False, attn_mask=m)
+    assert weights is None
+    assert_lean_close(f"{mask} output", got, want)
+    assert_lean_close(f"{mask} grad x", got_grad, want_grad)
+
+
+@pytest.mark.parametrize("case", ["key_padding_mask", "need_weights", "is_causal",
+                                  "unbatched", "dropout"])
+def test_lean_attention_falls_back_to_torch(case):
+    """What the lean path does not cover runs torch's own forward: the same result, bit for
+    bit, the attention weights included."""
+    n, length = 2, 6
+    ref, lean = _mha_pair(True)
+    x = torch.randn(n, length, 24)
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    kwargs = dict(need_weights=False)
+    if case == "key_padding_mask":
+        kwargs["key_padding_mask"] = torch.tensor([[False] * length, [False] * 4 + [True] * 2])
+    elif case == "need_weights":
+        kwargs = dict(need_weights=True, attn_mask=causal)
+    elif case == "is_causal":
+        kwargs.update(attn_mask=causal, is_causal=True)
+    elif case == "unbatched":
+        x = x[0]
+    else:
+        ref.dropout = lean.dropout = 0.3
+        ref.train(), lean.train()
+    torch.manual_seed(1)
+    want = _attend(ref, x, **kwargs)
+    torch.manual_seed(1)
+    got = _attend(lean, x, **kwargs)
+    for name, a, b in zip(("output", "weights", "grad x"), got, want):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), \
+            f"{case}: {name} differs from torch's forward"
+
+
+def test_route_frozen_attention_only_frozen_plain_modules():
+    """Trainable, kdim/vdim and bias_k attention modules keep torch's forward."""
+    frozen = nn.MultiheadAttention(8, 2).requires_grad_(False)
+    trainable = nn.MultiheadAttention(8, 2)
+    cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4).requires_grad_(False)
+    biased = nn.MultiheadAttention(8, 2, add_bias_kv=True).requires_grad_(False)
+    model = nn.ModuleList([frozen, trainable, cross, biased])
+    assert route_frozen_attention(model) == 1
+    assert [type(m) for m in model] == [LeanAttention] + [nn.MultiheadAttention] * 3
+
+
+def _adapted_step(model, precision, seed=2):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = clip_loss(model, *batch(seed=seed))
+    loss.backward()
+    return dict(loss=loss.detach(), **adapter_grads(model))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepare_frozen_routes_the_frozen_attention(precision):
+    """prepare_frozen routes every block's attention; the adapted step's loss and every adapter
+    gradient are those of torch's attention forward (the backbone cast to bf16 under autocast,
+    or kept float32)."""
+    model = adapted("heba", slow_fast_ratio=1.0)
+    fp32 = _adapted_step(model, "fp32") if precision == "bf16" else {}
+    keys = list(model.state_dict())
+    prepare_frozen(model, torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert list(model.state_dict()) == keys
+    attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attn) == 4 and all(type(m) is LeanAttention for m in attn)
+    lean = _adapted_step(model, precision)
+    assert unroute_frozen_attention(model) == 4
+    ref = _adapted_step(model, precision)
+    for name in ref:
+        assert_lean_close(f"{precision} {name}", lean[name], ref[name], fp32.get(name))
+
+
+def test_lean_attention_drops_the_copies_of_the_step():
+    """The published step (tiny CLIP) launches no clone and 3 select_backward fewer per block
+    with the frozen attention routed (prepare_frozen) than with torch's forward."""
+    from benchmarks.launch_count import count_launches
+    from benchmarks.step_launches import build
+    model, _, run = build("tiny", "reference", batch=2, classes=6)
+    blocks = len(model.visual.transformer.resblocks) + len(model.transformer.resblocks)
+    run()                                       # lazily built state (optimizer, caches)
+    lean = count_launches(run)
+    assert unroute_frozen_attention(model) == blocks
+    torch_fwd = count_launches(run)
+    clones = torch_fwd["by_op"].get("aten.clone", 0)
+    assert clones >= 8 * blocks, torch_fwd["by_op"]          # q/k/v contiguous and more
+    assert lean["by_op"].get("aten.clone", 0) == 0, lean["by_op"]
+    sel = "aten.select_backward"
+    assert lean["by_op"].get(sel, 0) == torch_fwd["by_op"][sel] - 3 * blocks, \
+        (lean["by_op"].get(sel), torch_fwd["by_op"][sel])
+    assert lean["launches"] <= torch_fwd["launches"] - clones - 3 * blocks + blocks, \
+        (lean["launches"], torch_fwd["launches"])           # one stack per block added
 
 
 # --- 2. static shapes -----------------------------------------------------------------------
