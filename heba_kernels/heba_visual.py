@@ -625,9 +625,10 @@ def _block_t(T: int, D: int, sms: int) -> int:
     rows 44.6, 128 rows 37.2 (32-row blocks of one image each: 78.5); attention position
     (D768 h192) 7.8 / 6.1 / 5.3 GB. The largest block that still gives every SM a
     program, up to 128 rows from ``BIG_BLOCK_MIN_DIM`` and 64 below. Registers
-    (scripts/triton_aot_check.py, sm_90, bf16, 8 warps): at 64 rows, D768, fwd 175, _dy
-    224, no spill; at 128 rows, D3072, down 70, fwd 232, _dy 255 with 20 B spilled, _dx
-    122, dwconv 198 (one 8-warp program per SM for fwd and _dy: to be tuned on a GPU)."""
+    (scripts/triton_aot_check.py, sm_90, bf16, 8 warps): at 64 rows, D768, fwd (with the
+    halo's down GEMM) 209, _dy 224, no spill; at 128 rows, D3072, down 107, fwd 241, _dy
+    255 with 20 B spilled, _dx 238, dwconv 198 (one 8-warp program per SM for fwd and _dy;
+    float32 tokens spill up to 380 B at 128 rows: to be tuned on a GPU)."""
     cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     bt = cap
     while bt > 16 and triton.cdiv(T, bt) < sms:
