@@ -136,10 +136,16 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
                                      + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
                                      + 19 * BT * hp * w)
-        elif st.step == "dx":
+        elif st.step == "dx":         # per (row block, D chunk): dx = g + xs (dy + Wd^T du)
+            blocks, n_d = _cdiv(T, BT), st.grid[1]
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
             c.flops = 2 * Tp * Dp * hp
-            c.l2 = nprog * (2 * BT * BD * e + BT * hp * w + hp * BD * w)
+            c.l2 = blocks * n_d * (3 * BT * BD * e + BT * hp * w + hp * BD * w)
+            if m["DW"]:               # and both weight gradients: s and x read, 2 GEMMs,
+                HP = m["BLOCK_HP"]    # one float32 slot of each per row program
+                c.hbm += hid + tok + 2 * st.grid[0] * D * h * 4
+                c.flops += 2 * 2 * Tp * Dp * HP
+                c.l2 += blocks * n_d * (2 * BT * HP * w + BT * BD * e)
         out.append(c)
     return out
 

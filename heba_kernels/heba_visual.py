@@ -52,14 +52,16 @@ width works. The intermediate buffers are ``[B * HW, .]``:
 * backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
-  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype; ``_heba_visual_kernel_dwconv``
-  with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
+  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype;
+  ``_heba_visual_kernel_dwconv`` with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
   neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
-  (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+  (split-K ``A^T B`` over the grid tokens into float32 partials; up to
+  ``FUSED_DW_MAX_H`` bottleneck columns summed by the ``_dx`` programs instead); ``_dx``
   (``dx = g + xs (dy + Wd^T du)``, in place); finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
   buffers into the parameters' dtypes. Forward 1 launch (2 from
-  ``FUSE_DOWN_BELOW_DIM``), backward 6 (7 when ``u`` is recomputed).
+  ``FUSE_DOWN_BELOW_DIM``), backward 4 (6 above ``FUSED_DW_MAX_H``; one more when ``u``
+  is recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
@@ -130,6 +132,15 @@ SAVE_U_MIN_DIM = 0
 #     7.50 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
 # Numerics: in float32 the same bits; in 16-bit y is rounded once more (tested).
 KEEP_Y_MIN_DIM = 2048
+
+# Bottlenecks up to this many columns (padded to a power of two) have their weight
+# gradients summed inside the dx kernel (``_dx_config``): each program keeps its share of
+# dWu and dWd in registers over its row blocks, instead of two split-K launches reading
+# dy, du and x again. Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200), attention
+# position (D768 h192), backward: split-K 6 launches, 835 MB, 89.5 GFLOP, floor 174 us;
+# in the dx kernel 4 launches, 729 MB, 99.3 GFLOP (h padded to 256), 152 us. At h=512 and
+# up the two [BLOCK_D, h] accumulators would not fit in registers.
+FUSED_DW_MAX_H = 256
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
@@ -563,18 +574,13 @@ def _heba_visual_bwd_kernel_dy(
 
 
 @triton.jit
-def _heba_visual_bwd_kernel_dx(
-    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry (grid tokens)
-    stride_gb, stride_gn, stride_db, stride_dn,
-    T, HW, D, h, P, xs, xs_ptr,
-    XS_PTR: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    xs = _scalar(xs, xs_ptr, XS_PTR)
-    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = d < D
+def _dx_block(g_ptr, du_ptr, wd_ptr, dx_ptr, r, r_mask, b, p, d, d_mask, stride_gb, stride_gn,
+              stride_db, stride_dn, D, h, P, xs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+              IEEE: tl.constexpr):
+    """``dx = g + xs (dy + Wd^T du)`` of one block of rows and columns, in place over ``dy``;
+    the prefix tokens of every image that starts in the block get ``dx = g``. Returns the
+    ``dy`` tile as read (x's dtype, widened)."""
     mask = r_mask[:, None] & d_mask[None, :]
     du_rows = du_ptr + r * h                                                       # [BT]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)                           # Wd^T du
@@ -594,6 +600,54 @@ def _heba_visual_bwd_kernel_dx(
     tl.store(dx_tile, (g + xs * (dy + acc)).to(dx_ptr.dtype.element_ty), mask=mask)
     _copy_prefix(g_ptr, dx_ptr, b, r_mask & (p == 0), d, d_mask, stride_gb, stride_gn,
                  stride_db, stride_dn, P)                                          # dx = g
+    return dy
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dx(
+    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry (grid tokens)
+    s_ptr, x_ptr, dwu_part_ptr, dwd_part_ptr,     # DW: s [B * HW, h]; [S, D, h], [S, h, D] fp32
+    stride_gb, stride_gn, stride_db, stride_dn, stride_xb, stride_xn,
+    T, HW, D, h, P, xs, xs_ptr,
+    XS_PTR: tl.constexpr, DW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HP: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program ``(s, j)``: columns ``j`` of D, row blocks ``s, s + S, ...``: ``dx`` (see
+    :func:`_dx_block`). With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) it also
+    sums the program's share of both weight gradients, ``dWu[j, :] = sum dy^T s`` and
+    ``dWd[:, j] = sum du^T t``, in registers over its blocks, written once to its slot ``s``:
+    the two split-K launches, and their second reads of dy and du, are not needed."""
+    pid = tl.program_id(0)
+    n_s = tl.num_programs(0)
+    xs = _scalar(xs, xs_ptr, XS_PTR)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    cp = tl.arange(0, BLOCK_HP)
+    cp_mask = cp < h
+    acc_u = tl.zeros((BLOCK_D, BLOCK_HP), dtype=tl.float32)                        # dWu[j, :]
+    acc_d = tl.zeros((BLOCK_HP, BLOCK_D), dtype=tl.float32)                        # dWd[:, j]
+    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
+        r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
+        dy = _dx_block(g_ptr, du_ptr, wd_ptr, dx_ptr, r, r_mask, b, p, d, d_mask, stride_gb,
+                       stride_gn, stride_db, stride_dn, D, h, P, xs, BLOCK_T, BLOCK_H,
+                       BLOCK_D, OP, UPCAST, IEEE)
+        if DW:
+            hmask = r_mask[:, None] & cp_mask[None, :]
+            s = tl.load(s_ptr + r[:, None] * h + cp[None, :], mask=hmask, other=0.0)
+            du = tl.load(du_ptr + r[:, None] * h + cp[None, :], mask=hmask, other=0.0)
+            t = tl.load(x_ptr + (b * stride_xb + (P + p) * stride_xn)[:, None] + d[None, :],
+                        mask=r_mask[:, None] & d_mask[None, :], other=0.0)         # [BT, BD]
+            acc_u = _mma(tl.trans(_op_cast(dy, OP, UPCAST)), _op_cast(s, OP, UPCAST), acc_u,
+                         IEEE)
+            acc_d = _mma(tl.trans(_op_cast(du, OP, UPCAST)), _op_cast(t, OP, UPCAST), acc_d,
+                         IEEE)
+    if DW:
+        slot = pid.to(tl.int64) * D * h
+        tl.store(dwu_part_ptr + slot + d[:, None].to(tl.int64) * h + cp[None, :], acc_u,
+                 mask=d_mask[:, None] & cp_mask[None, :])
+        tl.store(dwd_part_ptr + slot + cp[:, None].to(tl.int64) * D + d[None, :], acc_d,
+                 mask=cp_mask[:, None] & d_mask[None, :])
 
 
 # --------------------------------------------------------------------------- launch plans
@@ -628,7 +682,7 @@ def _block_t(T: int, D: int, sms: int) -> int:
     (scripts/triton_aot_check.py, sm_90, bf16, 8 warps): at 64 rows, D768, fwd (with the
     halo's down GEMM) 209, _dy 224, no spill; at 128 rows, D3072, down 107, fwd 241, _dy
     255 with 20 B spilled, _dx 238, dwconv 198 (one 8-warp program per SM for fwd and _dy;
-    float32 tokens spill up to 380 B at 128 rows: to be tuned on a GPU)."""
+    float32 tokens spill up to 432 B at 128 rows: to be tuned on a GPU)."""
     cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     bt = cap
     while bt > 16 and triton.cdiv(T, bt) < sms:
@@ -645,13 +699,19 @@ def _down_config(cfg: dict, D: int, h: int) -> dict:
     return dict(cfg, BLOCK_H=min(128, max(16, triton.next_power_of_2(h))))
 
 
-def _dx_config(cfg: dict, D: int) -> dict:
-    """The dx kernel's blocks: from ``BIG_BLOCK_MIN_DIM`` up, 128 columns of D per program,
-    so ``du`` and the token tiles are re-read half as often. Modelled at D3072 h768, B256:
-    6.2 -> 4.3 GB L2->SM."""
+def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
+    """The dx kernel's blocks. Bottlenecks up to ``FUSED_DW_MAX_H`` columns: ``DW``, the
+    weight gradients summed in the dx kernel, 32 columns of D per program on a GPU (two
+    ``[32, BLOCK_HP]`` float32 accumulators). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
+    D per program, so ``du`` and the token tiles are re-read half as often (modelled at
+    D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
+    hp = max(16, triton.next_power_of_2(h))
+    if hp <= FUSED_DW_MAX_H:
+        return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"])
     if D < BIG_BLOCK_MIN_DIM:
-        return cfg
-    return dict(cfg, BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
+        return dict(cfg, DW=False, BLOCK_HP=16)
+    return dict(cfg, DW=False, BLOCK_HP=16,
+                BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
 
 
 def _programs(n_blocks: int, sms: int, gpu: bool) -> int:
@@ -691,22 +751,26 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
     BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
-    down, dx = _down_config(cfg, D, h), _dx_config(cfg, D)
+    down, dx = _down_config(cfg, D, h), _dx_config(cfg, D, h, gpu)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
     slots = _programs(n_t, sms, gpu)
     # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
     # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
     # 32, 105 registers, none.
     dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM)
-    d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
-    d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
     plan = [Launch("down", "_heba_visual_fwd_kernel_down",
                    (n_t, triton.cdiv(h, down["BLOCK_H"])), down)] if recompute_u else []
-    return plan + [
-        Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg),
-        d_up,
-        Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg),
-        d_down,
+    plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg),
+             Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg)]
+    if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
+        rows = max(1, min(n_t, triton.cdiv(2 * sms, n_d))) if gpu else min(n_t, 2)
+        return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows, n_d), dx),
+                       reduce_plan([(rows, h * D), (slots, h * 9), (rows, D * h),
+                                    (slots, D), (slots, D)])]
+    d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
+    d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
+    return plan[:-1] + [                   # dy, dWu, du, dWd (split-K launches), dx
+        d_up, plan[-1], d_down,
         Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d), dx),
         reduce_plan([(d_down.grid[2], h * D), (slots, h * 9), (d_up.grid[2], D * h),
                      (slots, D), (slots, D)])]
@@ -830,17 +894,26 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
            mean if y is None else y, dx, dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn,
            sdb, sdn, H, W, T, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
-    # Weight gradients reduce over every token: split-K A^T B over the grid tokens.
-    dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
+    # Weight gradients reduce over every token: split-K A^T B over the grid tokens, or
+    # (DW) summed by the dx kernel's programs, one slot each.
+    fused = plan["dx"].meta["DW"]
+    if not fused:
+        dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
     du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
     launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, T, HW, h,
            MIRROR=True, GELU=False, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
            num_warps=cfg["num_warps"])
-    dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
+    if fused:
+        rows = plan["dx"].grid[0]
+        dwu_part = new_buffer((rows, D, h), torch.float32, dev)
+        dwd_part = new_buffer((rows, h, D), torch.float32, dev)
+    else:
+        dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Last: turns dy (still read by the kernels above) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
-    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, sgb, sgn, sdb, sdn, T,
-           HW, D, h, P, xs_v, xs_p, XS_PTR=xs_from_ptr, **_kw(plan["dx"]))
+    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, s, x, dwu_part,
+           dwd_part, sgb, sgn, sdb, sdn, sxb, sxn, T, HW, D, h, P, xs_v, xs_p,
+           XS_PTR=xs_from_ptr, **_kw(plan["dx"]))
     # Every partial buffer summed in one launch, straight into the parameters' dtypes.
     grads = reduce_partials([
         Partial(dwd_part, down_weight.shape, down_weight.dtype),

@@ -482,6 +482,12 @@ KERNELS = [
         (f"{T_TVIS}::test_values_and_grads",),
         "every row of a block taken as its first row's image: wrong rows wherever a block "
         "spans two images"),
+    Bug("vis-dw-one-slot", "kernels", VIS,
+        "        slot = pid.to(tl.int64) * D * h\n",
+        "        slot = (pid * 0).to(tl.int64) * D * h\n",
+        (f"{T_TVIS}::test_values_and_grads",),
+        "every dx program writes its weight-gradient share to slot 0: the attention "
+        "position's dWu / dWd hold one program's rows (the others' slots never written)"),
     Bug("vis-partial-slot-overwritten", "kernels", VIS,
         "tl.store(dnw_slot + d, old_w + tl.sum(ga * yhat, axis=0), mask=d_mask)",
         "tl.store(dnw_slot + d, tl.sum(ga * yhat, axis=0), mask=d_mask)",

@@ -260,8 +260,9 @@ TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
 x_ty, w_ty = sys.argv[1], sys.argv[2]
 op = (2, False) if w_ty == "*bf16" else (0, True)
 blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, OP=op[0], UPCAST=False, IEEE=op[1])
-jobs = [(fn, blocks, ()) for fn in (
-    hv._heba_visual_fwd_kernel_down, hv._heba_visual_bwd_kernel_dx)]
+jobs = [(hv._heba_visual_fwd_kernel_down, blocks, ())]
+jobs += [(hv._heba_visual_bwd_kernel_dx, dict(blocks, DW=False, BLOCK_HP=16), ()),
+         (hv._heba_visual_bwd_kernel_dx, dict(blocks, DW=True, BLOCK_HP=256, BLOCK_D=32), ())]
 jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep, FUSE_DOWN=fuse, BLOCK_E=32), ())
          for keep, fuse in ((False, True), (False, False), (True, False))]
 jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep), ())
@@ -323,7 +324,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 14, res.stdout
+    assert res.stdout.count("compiled") == 15, res.stdout
 
 
 def _grads(a, x, scale=0.6):
