@@ -130,6 +130,8 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks
             c.hbm = (3 * tok + 4 * hid + D * h * w + 8 * T
                      + slots * (2 * D + 9 * h) * 4)
+            if m["DW"]:               # dy and s only in a per-program scratch (the dx kernel
+                c.hbm += slots * BT * (h * w + D * e) + 8 * T - tok - hid   # recomputes them)
             keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
             c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
             zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
@@ -141,11 +143,11 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
             c.flops = 2 * Tp * Dp * hp
             c.l2 = blocks * n_d * (3 * BT * BD * e + BT * hp * w + hp * BD * w)
-            if m["DW"]:               # and both weight gradients: s and x read, 2 GEMMs,
-                HP = m["BLOCK_HP"]    # one float32 slot of each per row program
-                c.hbm += hid + tok + 2 * st.grid[0] * D * h * 4
-                c.flops += 2 * 2 * Tp * Dp * HP
-                c.l2 += blocks * n_d * (2 * BT * HP * w + BT * BD * e)
+            if m["DW"]:               # dy recomputed (s from u, z = Wu s: x and the row
+                HP = m["BLOCK_HP"]    # constants read, not dy), both weight gradients summed
+                c.hbm += hid + 16 * T + D * h * w + 2 * st.grid[0] * D * h * 4
+                c.flops += 3 * 2 * Tp * Dp * HP + n_d * 2 * 9 * Tp * HP
+                c.l2 += blocks * n_d * (10 * BT * HP * w + HP * BD * w + 16 * BT)
         out.append(c)
     return out
 

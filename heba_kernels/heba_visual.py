@@ -55,9 +55,11 @@ width works. The intermediate buffers are ``[B * HW, .]``:
   GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype;
   ``_heba_visual_kernel_dwconv`` with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
   neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
-  (split-K ``A^T B`` over the grid tokens into float32 partials; up to
-  ``FUSED_DW_MAX_H`` bottleneck columns summed by the ``_dx`` programs instead); ``_dx``
-  (``dx = g + xs (dy + Wd^T du)``, in place); finally ONE launch of
+  (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+  (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). Up to ``FUSED_DW_MAX_H``
+  bottleneck columns ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx``
+  recomputes ``dy`` from ``u``, ``x``, ``g`` and two row constants, and its programs
+  sum dWu and dWd themselves (no split-K launches). Finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
   buffers into the parameters' dtypes. Forward 1 launch (2 from
   ``FUSE_DOWN_BELOW_DIM``), backward 4 (6 above ``FUSED_DW_MAX_H``; one more when ``u``
@@ -135,11 +137,13 @@ KEEP_Y_MIN_DIM = 2048
 
 # Bottlenecks up to this many columns (padded to a power of two) have their weight
 # gradients summed inside the dx kernel (``_dx_config``): each program keeps its share of
-# dWu and dWd in registers over its row blocks, instead of two split-K launches reading
-# dy, du and x again. Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200), attention
-# position (D768 h192), backward: split-K 6 launches, 835 MB, 89.5 GFLOP, floor 174 us;
-# in the dx kernel 4 launches, 729 MB, 99.3 GFLOP (h padded to 256), 152 us. At h=512 and
-# up the two [BLOCK_D, h] accumulators would not fit in registers.
+# dWu and dWd in registers over its row blocks, and recomputes dy (s from u by the
+# stencil, z = Wu s, the LayerNorm backward from two stored row constants) instead of
+# reading it: dy and s never leave the _dy kernel's scratch, and the two split-K
+# launches go. Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200), attention
+# position (D768 h192), backward: split-K 6 launches, 831 MB, 89.5 GFLOP, floor 173 us;
+# here 4 launches, 570 MB, 124.6 GFLOP (h padded to 256, dy recomputed), 140 us. At
+# h=512 and up the two [BLOCK_D, h] accumulators would not fit in registers.
 FUSED_DW_MAX_H = 256
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
@@ -148,8 +152,8 @@ BIG_BLOCK_MIN_DIM = 2048
 # Below this width the forward is one launch: each block computes ``u`` of its rows and of
 # its stencil's halo (W + 1 rows on each side) itself, instead of a down launch writing ``u``
 # for the forward kernel to read back. Modelled (benchmarks/roofline.py, bf16, B256 14x14,
-# forward, H200): attention position (D768 h192) two launches 278 MB, 44.6 GFLOP, floor
-# 58 us; one launch 191 MB, 52.0 GFLOP, 53 us (the halo's extra down GEMM, 30 rows per
+# forward, H200): attention position (D768 h192) two launches 275 MB, 44.6 GFLOP, floor
+# 57 us; one launch 183 MB, 52.0 GFLOP, 53 us (the halo's extra down GEMM, 30 rows per
 # 64-row block, is cheap where the adapter is memory-bound). MLP position (D3072 h768,
 # matmul-bound): two launches 474 GFLOP, 479 us; one 533 GFLOP, 539 us: kept separate.
 FUSE_DOWN_BELOW_DIM = 2048
@@ -446,18 +450,19 @@ def _pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h, KEEP
 
 @triton.jit
 def _heba_visual_bwd_dy_block(
-    x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr, dnw_slot, dnb_slot,
-    r, r_mask, b, p, stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-    D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr,
+    x_ptr, g_ptr, s_ptr, sr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_rows, cst_ptr,
+    dnw_slot, dnb_slot, r, r_mask, b, p, stride_xb, stride_xn, stride_gb, stride_gn,
+    D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr, DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """LayerNorm backward of one block of rows; adds its dgamma/dbeta to the slot
-    (``ACCUMULATE`` False: the slot's first block, which overwrites it)."""
+    """LayerNorm backward of one block of rows (``s`` at rows ``sr`` of ``s_ptr``, ``dy``
+    written at the row pointers ``dy_rows``); adds its dgamma/dbeta to the slot
+    (``ACCUMULATE`` False: the slot's first block, which overwrites it). With ``DW`` the
+    row constants ``c1, c2`` also go to ``cst [B * HW, 2]``: the dx kernel recomputes dy."""
     n = P + p
     x_rows = x_ptr + b * stride_xb + n * stride_xn
     g_rows = g_ptr + b * stride_gb + n * stride_gn
-    dy_rows = dy_ptr + b * stride_db + n * stride_dn
     y_rows = y_ptr + r * D
     mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
     rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
@@ -469,7 +474,7 @@ def _heba_visual_bwd_dy_block(
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
-        yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h,
+        yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, sr, r_mask, d, d_mask, mask, h,
                           KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
                 - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
@@ -483,32 +488,36 @@ def _heba_visual_bwd_dy_block(
         tl.store(dnb_slot + d, old_b + tl.sum(ga, axis=0), mask=d_mask)
     c1 = c1 / D
     c2 = c2 / D
+    if DW:
+        tl.store(cst_ptr + r * 2, c1, mask=r_mask)
+        tl.store(cst_ptr + r * 2 + 1, c2, mask=r_mask)
 
-    # Sweep 2: dy, written where dx will go (the dx kernel finishes it in place).
+    # Sweep 2: dy (into the dx buffer, which the dx kernel finishes in place, or with DW
+    # into the program's scratch, read back by the dv phase only).
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
-        yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h,
+        yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, sr, r_mask, d, d_mask, mask, h,
                           KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
                 - mean[:, None]) * rstd[:, None]
         ga = tl.load(g_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) * gs
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         dyhat = ga * gamma[None, :]
         dy = rstd[:, None] * (dyhat - c1[:, None] - yhat * c2[:, None])
-        tl.store(dy_rows[:, None] + d[None, :], dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_rows[:, None] + d[None, :], dy.to(dy_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _heba_visual_bwd_dv_block(
-    dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, r, r_mask, b, p, stride_db, stride_dn,
-    H, W, HW, D, h, P, ACCUMULATE,
+    dy_rows, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, r, r_mask, b, p,
+    H, W, HW, D, h, ACCUMULATE,
     BLOCK_T: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """``dv = (Wu^T dy) * gelu'(v)`` of one block of rows (dy as this program wrote it), h
-    in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps padded to 16)."""
-    dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
+    """``dv = (Wu^T dy) * gelu'(v)`` of one block of rows (dy as this program wrote it at
+    ``dy_rows``), h in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps
+    padded to 16)."""
     img = b * HW
     taps = tl.arange(0, 16)
     for h0 in range(0, h, BLOCK_HV):
@@ -539,51 +548,88 @@ def _heba_visual_bwd_dv_block(
 @triton.jit
 def _heba_visual_bwd_kernel_dy(
     x_ptr, g_ptr, u_ptr, wm_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr,
-    dy_ptr, dv_ptr, dnw_part_ptr, dnb_part_ptr,   # dy: the dx buffer [B, N, D]; dv [B * HW, h]
+    dy_ptr, dv_ptr, cst_ptr, dnw_part_ptr, dnb_part_ptr,   # dv [B * HW, h]; cst [B * HW, 2]
     dwm_part_ptr,                                 # partials [S, D], [S, D], [S, h, 9] fp32
     stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
     H, W, T, HW, D, h, P, gs, gs_ptr,
-    GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr,
+    GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr, DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
     BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program ``s`` of ``S``: row blocks ``s, s + S, s + 2S, ...`` in that order. Per block,
     three phases on the program's own rows: ``s = gelu(dwconv(u))``, the LayerNorm backward
     (``dy``, dgamma/dbeta), then ``dv`` and dWm; the partials summed into slot ``s``: the
-    partial buffers stay ``[S, ...]`` whatever the batch."""
+    partial buffers stay ``[S, ...]`` whatever the batch. ``s`` and ``dy`` go to
+    ``s [B * HW, h]`` and the dx buffer ``[B, N, D]`` (read by the weight-gradient and dx
+    launches), or with ``DW`` to the program's scratch (``s [S, BLOCK_T, h]``, ``dy
+    [S, BLOCK_T, D]``), since the dx kernel recomputes both."""
     pid = tl.program_id(0)
     n_s = tl.num_programs(0)
     gs = _scalar(gs, gs_ptr, GS_PTR)
     slot = pid.to(tl.int64)
+    loc = tl.arange(0, BLOCK_T).to(tl.int64)
     for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
         r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
-        _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, b * HW, p, r_mask, H, W, h,
+        if DW:
+            s_base, sr = s_ptr + slot * BLOCK_T * h, loc
+            dy_rows = dy_ptr + slot * BLOCK_T * D + loc * D
+        else:
+            s_base, sr = s_ptr, r
+            dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
+        _gelu_stencil_block(u_ptr, wm_ptr, s_base, sr, b * HW, p, r_mask, H, W, h,
                             BLOCK_T, BLOCK_H)
         _heba_visual_bwd_dy_block(
-            x_ptr, g_ptr, s_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_ptr,
-            dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, r, r_mask, b, p,
-            stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
-            D, h, P, gs, i > 0, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+            x_ptr, g_ptr, s_base, sr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_rows,
+            cst_ptr, dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, r, r_mask, b, p,
+            stride_xb, stride_xn, stride_gb, stride_gn,
+            D, h, P, gs, i > 0, KEEP_Y, DW, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         tl.debug_barrier()               # dy rows written by other threads, read back next
         _heba_visual_bwd_dv_block(
-            dy_ptr, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, r, r_mask, b, p,
-            stride_db, stride_dn, H, W, HW, D, h, P, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP,
-            UPCAST, IEEE)
-        # The next block reads back the slots, written by other threads of the program.
+            dy_rows, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, r, r_mask, b,
+            p, H, W, HW, D, h, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP, UPCAST, IEEE)
+        # The next block reads back the slots (and rewrites the scratch), written by other
+        # threads of the program.
         tl.debug_barrier()
 
 
 @triton.jit
-def _dx_block(g_ptr, du_ptr, wd_ptr, dx_ptr, r, r_mask, b, p, d, d_mask, stride_gb, stride_gn,
-              stride_db, stride_dn, D, h, P, xs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-              BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr):
-    """``dx = g + xs (dy + Wd^T du)`` of one block of rows and columns, in place over ``dy``;
-    the prefix tokens of every image that starts in the block get ``dx = g``. Returns the
-    ``dy`` tile as read (x's dtype, widened)."""
+def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cst_ptr,
+             r, r_mask, b, p, d, d_mask, cp, cp_mask, stride_xb, stride_xn, stride_gb,
+             stride_gn, H, W, HW, h, P, gs, BLOCK_T: tl.constexpr, BLOCK_HP: tl.constexpr,
+             BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``dy`` of a [BT, BD] tile recomputed: ``s = gelu(dwconv(u))`` of the rows (all of h in
+    one ``BLOCK_HP`` tile), ``y = t + Wu s``, the LayerNorm backward with the row constants
+    the _dy kernel stored. Returns ``(dy, s, t, g)``: ``s`` rounded to the operand dtype,
+    ``t`` and ``g`` the tiles of x and of the incoming gradient."""
     mask = r_mask[:, None] & d_mask[None, :]
+    s = _op_cast(_gelu(_stencil(u_ptr, wm_ptr, b * HW, p, r_mask, cp, cp_mask, H, W, h, False,
+                                BLOCK_T, BLOCK_HP)), OP, UPCAST)                   # [BT, HP]
+    wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + cp[:, None],
+                   mask=cp_mask[:, None] & d_mask[None, :], other=0.0)             # [HP, BD]
+    z = _mma(s, _op_cast(wu_t, OP, UPCAST), tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32),
+             IEEE)
+    n = P + p
+    t = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + d[None, :], mask=mask,
+                other=0.0)
+    g = tl.load(g_ptr + (b * stride_gb + n * stride_gn)[:, None] + d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + r, mask=r_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + r, mask=r_mask, other=0.0)
+    c1 = tl.load(cst_ptr + r * 2, mask=r_mask, other=0.0)
+    c2 = tl.load(cst_ptr + r * 2 + 1, mask=r_mask, other=0.0)
+    gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    yhat = (t.to(tl.float32) + z - mean[:, None]) * rstd[:, None]
+    dy = rstd[:, None] * ((g * gs) * gamma[None, :] - c1[:, None] - yhat * c2[:, None])
+    return dy, s, t, g
+
+
+@triton.jit
+def _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, BLOCK_T: tl.constexpr,
+           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OP: tl.constexpr,
+           UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``Wd^T du`` of a [BT, BD] tile, h in ``BLOCK_H`` chunks, float32."""
     du_rows = du_ptr + r * h                                                       # [BT]
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)                           # Wd^T du
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
@@ -592,34 +638,30 @@ def _dx_block(g_ptr, du_ptr, wd_ptr, dx_ptr, r, r_mask, b, p, d, d_mask, stride_
         wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
                      mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
         acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
-    n = P + p
-    dx_tile = dx_ptr + (b * stride_db + n * stride_dn)[:, None] + d[None, :]
-    dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + (b * stride_gb + n * stride_gn)[:, None] + d[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    tl.store(dx_tile, (g + xs * (dy + acc)).to(dx_ptr.dtype.element_ty), mask=mask)
-    _copy_prefix(g_ptr, dx_ptr, b, r_mask & (p == 0), d, d_mask, stride_gb, stride_gn,
-                 stride_db, stride_dn, P)                                          # dx = g
-    return dy
+    return acc
 
 
 @triton.jit
 def _heba_visual_bwd_kernel_dx(
-    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry (grid tokens)
-    s_ptr, x_ptr, dwu_part_ptr, dwd_part_ptr,     # DW: s [B * HW, h]; [S, D, h], [S, h, D] fp32
+    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry unless DW
+    x_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cst_ptr,   # DW: dy recomputed
+    dwu_part_ptr, dwd_part_ptr,           # DW: [S, D, h], [S, h, D] fp32
     stride_gb, stride_gn, stride_db, stride_dn, stride_xb, stride_xn,
-    T, HW, D, h, P, xs, xs_ptr,
-    XS_PTR: tl.constexpr, DW: tl.constexpr,
+    H, W, T, HW, D, h, P, gs, xs, gs_ptr, xs_ptr,
+    GS_PTR: tl.constexpr, XS_PTR: tl.constexpr, DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HP: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Program ``(s, j)``: columns ``j`` of D, row blocks ``s, s + S, ...``: ``dx`` (see
-    :func:`_dx_block`). With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) it also
-    sums the program's share of both weight gradients, ``dWu[j, :] = sum dy^T s`` and
-    ``dWd[:, j] = sum du^T t``, in registers over its blocks, written once to its slot ``s``:
-    the two split-K launches, and their second reads of dy and du, are not needed."""
+    """Program ``(s, j)``: columns ``j`` of D, row blocks ``s, s + S, ...``: ``dx = g + xs
+    (dy + Wd^T du)`` in place, the prefix tokens of every image that starts in a block
+    ``dx = g``. With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) ``dy`` is not
+    read but recomputed (:func:`_dy_tile`), and the program sums its share of both weight
+    gradients, ``dWu[j, :] = sum dy^T s`` and ``dWd[:, j] = sum du^T t``, in registers over
+    its blocks, written once to its slot ``s``: no ``dy`` or ``s`` round trip through
+    memory, no split-K launches."""
     pid = tl.program_id(0)
     n_s = tl.num_programs(0)
+    gs = _scalar(gs, gs_ptr, GS_PTR)
     xs = _scalar(xs, xs_ptr, XS_PTR)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
@@ -629,17 +671,26 @@ def _heba_visual_bwd_kernel_dx(
     acc_d = tl.zeros((BLOCK_HP, BLOCK_D), dtype=tl.float32)                        # dWd[:, j]
     for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
         r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
-        dy = _dx_block(g_ptr, du_ptr, wd_ptr, dx_ptr, r, r_mask, b, p, d, d_mask, stride_gb,
-                       stride_gn, stride_db, stride_dn, D, h, P, xs, BLOCK_T, BLOCK_H,
-                       BLOCK_D, OP, UPCAST, IEEE)
+        mask = r_mask[:, None] & d_mask[None, :]
+        dx_tile = dx_ptr + (b * stride_db + (P + p) * stride_dn)[:, None] + d[None, :]
         if DW:
-            hmask = r_mask[:, None] & cp_mask[None, :]
-            s = tl.load(s_ptr + r[:, None] * h + cp[None, :], mask=hmask, other=0.0)
-            du = tl.load(du_ptr + r[:, None] * h + cp[None, :], mask=hmask, other=0.0)
-            t = tl.load(x_ptr + (b * stride_xb + (P + p) * stride_xn)[:, None] + d[None, :],
-                        mask=r_mask[:, None] & d_mask[None, :], other=0.0)         # [BT, BD]
-            acc_u = _mma(tl.trans(_op_cast(dy, OP, UPCAST)), _op_cast(s, OP, UPCAST), acc_u,
-                         IEEE)
+            dy, s, t, g = _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr,
+                                   rstd_ptr, cst_ptr, r, r_mask, b, p, d, d_mask, cp, cp_mask,
+                                   stride_xb, stride_xn, stride_gb, stride_gn, H, W, HW, h, P,
+                                   gs, BLOCK_T, BLOCK_HP, BLOCK_D, OP, UPCAST, IEEE)
+        else:
+            dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + (b * stride_gb + (P + p) * stride_gn)[:, None] + d[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+        acc = _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, BLOCK_T, BLOCK_H, BLOCK_D,
+                     OP, UPCAST, IEEE)
+        tl.store(dx_tile, (g + xs * (dy + acc)).to(dx_ptr.dtype.element_ty), mask=mask)
+        _copy_prefix(g_ptr, dx_ptr, b, r_mask & (p == 0), d, d_mask, stride_gb, stride_gn,
+                     stride_db, stride_dn, P)                                      # dx = g
+        if DW:
+            du = tl.load(du_ptr + r[:, None] * h + cp[None, :],
+                         mask=r_mask[:, None] & cp_mask[None, :], other=0.0)       # [BT, HP]
+            acc_u = _mma(tl.trans(_op_cast(dy, OP, UPCAST)), s, acc_u, IEEE)
             acc_d = _mma(tl.trans(_op_cast(du, OP, UPCAST)), _op_cast(t, OP, UPCAST), acc_d,
                          IEEE)
     if DW:
@@ -677,7 +728,7 @@ def _block_t(T: int, D: int, sms: int) -> int:
     last one. Modelled (benchmarks/roofline.py, bf16, B256 14x14, forward + backward,
     with the down/dx blocks below): MLP position (D3072 h768) 32 rows 59.4 GB L2->SM, 64
     rows 44.6, 128 rows 37.2 (32-row blocks of one image each: 78.5); attention position
-    (D768 h192) 7.8 / 6.1 / 5.3 GB. The largest block that still gives every SM a
+    (D768 h192) 14.1 / 12.5 / 11.8 GB, floor 198 / 192 / 192 us on an H200. The largest block that still gives every SM a
     program, up to 128 rows from ``BIG_BLOCK_MIN_DIM`` and 64 below. Registers
     (scripts/triton_aot_check.py, sm_90, bf16, 8 warps): at 64 rows, D768, fwd (with the
     halo's down GEMM) 209, _dy 224, no spill; at 128 rows, D3072, down 107, fwd 241, _dy
@@ -706,8 +757,9 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
     D per program, so ``du`` and the token tiles are re-read half as often (modelled at
     D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
     hp = max(16, triton.next_power_of_2(h))
-    if hp <= FUSED_DW_MAX_H:
-        return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"])
+    if hp <= FUSED_DW_MAX_H:      # on a GPU 32 x 32 tiles: the [32, BLOCK_HP] stencil tile
+        return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"],
+                    BLOCK_T=min(32, cfg["BLOCK_T"]))
     if D < BIG_BLOCK_MIN_DIM:
         return dict(cfg, DW=False, BLOCK_HP=16)
     return dict(cfg, DW=False, BLOCK_HP=16,
@@ -716,11 +768,12 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
 
 def _programs(n_blocks: int, sms: int, gpu: bool) -> int:
     """Programs ``S`` of the persistent kernels (forward, _dy), each looping over the row
-    blocks ``s, s + S, ...``: two per SM on a GPU. The _dy kernel sums each program's
-    dgamma/dbeta/dWm partials into its own slot, so those buffers hold ``S`` slots whatever
-    the batch (17 MB at D=4096, h=1024 on 132 SMs); the forward reuses one scratch per
-    program. Two in the interpreter, so that the tests run the loops and the summing."""
-    return max(1, min(n_blocks, 2 * sms if gpu else 2))
+    blocks ``s, s + S, ...``: one per SM on a GPU (their registers allow one 8-warp program
+    per SM anyway). The _dy kernel sums each program's dgamma/dbeta/dWm partials into its
+    own slot, so those buffers hold ``S`` slots whatever the batch (9 MB at D=4096,
+    h=1024 on 132 SMs); both reuse one scratch per program. Two in the interpreter, so
+    that the tests run the loops and the summing."""
+    return max(1, min(n_blocks, sms if gpu else 2))
 
 
 def halo_chunks(W: int, meta: dict) -> int:
@@ -757,13 +810,14 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
     # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
     # 32, 105 registers, none.
-    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM)
+    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dx["DW"])
     plan = [Launch("down", "_heba_visual_fwd_kernel_down",
                    (n_t, triton.cdiv(h, down["BLOCK_H"])), down)] if recompute_u else []
     plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg),
              Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg)]
     if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
-        rows = max(1, min(n_t, triton.cdiv(2 * sms, n_d))) if gpu else min(n_t, 2)
+        n_tx = triton.cdiv(T, dx["BLOCK_T"])
+        rows = max(1, min(n_tx, triton.cdiv(2 * sms, n_d))) if gpu else min(n_tx, 2)
         return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows, n_d), dx),
                        reduce_plan([(rows, h * D), (slots, h * 9), (rows, D * h),
                                     (slots, D), (slots, D)])]
@@ -882,8 +936,13 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         u = new_buffer((B, HW, h), op, dev)
         launch(_heba_visual_fwd_kernel_down, plan["down"].grid, x, wd, u, sxb, sxn, T, HW, D,
                h, P, **_kw(plan["down"]))
-    s = new_buffer((B, HW, h), op, dev)                               # gelu(v), recomputed
-    n_s = plan["dy"].grid[0]
+    n_s, fused = plan["dy"].grid[0], plan["dx"].meta["DW"]
+    # s = gelu(v) and dy: for the split-K weight gradients and the dx launch, or (DW, the dx
+    # kernel recomputes both) only a scratch per _dy program; cst: LayerNorm row constants.
+    BT = plan["dy"].meta["BLOCK_T"]
+    s = new_buffer((n_s, BT, h) if fused else (B, HW, h), op, dev)
+    dy = new_buffer((n_s, BT, D), x.dtype, dev) if fused else dx
+    cst = new_buffer((T, 2) if fused else (0,), torch.float32, dev)
     dnw_part = new_buffer((n_s, D), torch.float32, dev)
     dnb_part = new_buffer((n_s, D), torch.float32, dev)
     dv = new_buffer((B, HW, h), op, dev)
@@ -891,12 +950,12 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
     assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"
     launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd,
-           mean if y is None else y, dx, dv, dnw_part, dnb_part, dwm_part, sxb, sxn, sgb, sgn,
-           sdb, sdn, H, W, T, HW, D, h, P, gs_v, gs_p, GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
+           mean if y is None else y, dy, dv, cst if fused else mean, dnw_part, dnb_part,
+           dwm_part, sxb, sxn, sgb, sgn, sdb, sdn, H, W, T, HW, D, h, P, gs_v, gs_p,
+           GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens, or
     # (DW) summed by the dx kernel's programs, one slot each.
-    fused = plan["dx"].meta["DW"]
     if not fused:
         dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
     du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
@@ -909,11 +968,13 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         dwd_part = new_buffer((rows, h, D), torch.float32, dev)
     else:
         dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
-    # Last: turns dy (still read by the kernels above) into dx, in place.
+    # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
-    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, s, x, dwu_part,
-           dwd_part, sgb, sgn, sdb, sdn, sxb, sxn, T, HW, D, h, P, xs_v, xs_p,
-           XS_PTR=xs_from_ptr, **_kw(plan["dx"]))
+    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, x, u, wm, wu, nw, mean,
+           rstd, cst if fused else mean, dwu_part if fused else mean,
+           dwd_part if fused else mean, sgb, sgn, sdb, sdn, sxb, sxn, H, W, T, HW, D, h, P,
+           gs_v, xs_v, gs_p, xs_p, GS_PTR=gs_from_ptr, XS_PTR=xs_from_ptr,
+           **_kw(plan["dx"]))
     # Every partial buffer summed in one launch, straight into the parameters' dtypes.
     grads = reduce_partials([
         Partial(dwd_part, down_weight.shape, down_weight.dtype),
