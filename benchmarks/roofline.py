@@ -145,9 +145,10 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.l2 = blocks * n_d * (3 * BT * BD * e + BT * hp * w + hp * BD * w)
             if m["DW"]:               # dy recomputed (s from u, z = Wu s: x and the row
                 HP = m["BLOCK_HP"]    # constants read, not dy), both weight gradients summed
-                c.hbm += hid + 16 * T + D * h * w + 2 * st.grid[0] * D * h * 4
+                c.hbm += (hid + 16 * T + D * h * w + 2 * st.grid[0] * D * h * 4
+                          + st.grid[0] * n_d * BT * HP * w)      # + the s scratch, once
                 c.flops += 3 * 2 * Tp * Dp * HP + n_d * 2 * 9 * Tp * HP
-                c.l2 += blocks * n_d * (10 * BT * HP * w + HP * BD * w + 16 * BT)
+                c.l2 += blocks * n_d * (12 * BT * HP * w + HP * BD * w + 16 * BT)
         out.append(c)
     return out
 
@@ -345,7 +346,7 @@ def markdown(rs, gpus=("H100", "H200")) -> str:
         lines.append(
             f"| {r['case']} | triton | {r['launches']} ({r['triton_launches']} + "
             f"{r['launches'] - r['triton_launches']}) | {r['hbm'] / 1e6:.0f} "
-            f"({r['hbm'] / r['ideal_bytes']:.1f}x) | {r['flops'] / 1e9:.1f} "
+            f"({r['hbm'] / r['ideal_bytes']:.2f}x) | {r['flops'] / 1e9:.1f} "
             f"({r['flops'] / r['ideal_flops']:.2f}x) | {r['l2'] / 1e9:.1f} | {floors} |")
         lines.append(f"| {r['case']} | reference (eager) | {r['eager_ops']} aten ops | "
                      f"{r['eager_bytes'] / 1e6:.0f} | - | - | "

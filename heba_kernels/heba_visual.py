@@ -222,16 +222,17 @@ def _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
 
 
 @triton.jit
-def _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, img, p, r_mask, H, W, h,
+def _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, img, p, r_mask, H, W, h, s_stride,
                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """``s[r, :] = gelu(dwconv3x3(u)[r, :])`` for one block of rows (all of ``h``, written
-    in s's dtype), then a barrier: the program reads its own rows back. The stencil needs
-    neighbours from other blocks of ``u``, complete since the down launch."""
+    in s's dtype, rows ``s_stride`` apart), then a barrier: the program reads its own rows
+    back. The stencil needs neighbours from other blocks of ``u``, complete since the down
+    launch."""
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
         v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
-        tl.store(s_ptr + r[:, None] * h + c[None, :],
+        tl.store(s_ptr + r[:, None] * s_stride + c[None, :],
                  _gelu(v).to(s_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
     tl.debug_barrier()
 
@@ -424,9 +425,9 @@ def _heba_visual_fwd_kernel(
             _down_halo(x_ptr, wd_ptr, u_ptr, uh, r0, stride_xb, stride_xn, T, HW, W, D, h, P,
                        n_e, BLOCK_T, BLOCK_E, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
             _gelu_stencil_block(uh, wm_ptr, s_scr, loc, b * HW - (r0 - W - 1), p, r_mask, H, W,
-                                h, BLOCK_T, BLOCK_H)
+                                h, h, BLOCK_T, BLOCK_H)
         else:
-            _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h,
+            _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h, h,
                                 BLOCK_T, BLOCK_H)
         _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
                     r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
@@ -576,7 +577,7 @@ def _heba_visual_bwd_kernel_dy(
         else:
             s_base, sr = s_ptr, r
             dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
-        _gelu_stencil_block(u_ptr, wm_ptr, s_base, sr, b * HW, p, r_mask, H, W, h,
+        _gelu_stencil_block(u_ptr, wm_ptr, s_base, sr, b * HW, p, r_mask, H, W, h, h,
                             BLOCK_T, BLOCK_H)
         _heba_visual_bwd_dy_block(
             x_ptr, g_ptr, s_base, sr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_rows,
@@ -593,17 +594,24 @@ def _heba_visual_bwd_kernel_dy(
 
 
 @triton.jit
-def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cst_ptr,
+def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cst_ptr, s_scr,
              r, r_mask, b, p, d, d_mask, cp, cp_mask, stride_xb, stride_xn, stride_gb,
-             stride_gn, H, W, HW, h, P, gs, BLOCK_T: tl.constexpr, BLOCK_HP: tl.constexpr,
-             BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``dy`` of a [BT, BD] tile recomputed: ``s = gelu(dwconv(u))`` of the rows (all of h in
-    one ``BLOCK_HP`` tile), ``y = t + Wu s``, the LayerNorm backward with the row constants
-    the _dy kernel stored. Returns ``(dy, s, t, g)``: ``s`` rounded to the operand dtype,
-    ``t`` and ``g`` the tiles of x and of the incoming gradient."""
+             stride_gn, H, W, HW, h, P, gs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+             BLOCK_HP: tl.constexpr, BLOCK_D: tl.constexpr, OP: tl.constexpr,
+             UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``dy`` of a [BT, BD] tile recomputed: ``s = gelu(dwconv(u))`` of the rows (in
+    ``BLOCK_H`` column chunks into the program's scratch ``s_scr [BLOCK_T, BLOCK_HP]``, then
+    read back whole: a [BT, BLOCK_HP] stencil at once would spill), ``y = t + Wu s``, the
+    LayerNorm backward with the row constants the _dy kernel stored. Returns
+    ``(dy, s, t, g)``: ``s`` rounded to the operand dtype, ``t`` and ``g`` the tiles of x
+    and of the incoming gradient."""
     mask = r_mask[:, None] & d_mask[None, :]
-    s = _op_cast(_gelu(_stencil(u_ptr, wm_ptr, b * HW, p, r_mask, cp, cp_mask, H, W, h, False,
-                                BLOCK_T, BLOCK_HP)), OP, UPCAST)                   # [BT, HP]
+    loc = tl.arange(0, BLOCK_T).to(tl.int64)
+    _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h, BLOCK_HP,
+                        BLOCK_T, BLOCK_H)                                          # + barrier
+    s = tl.load(s_scr + loc[:, None] * BLOCK_HP + cp[None, :],
+                mask=r_mask[:, None] & cp_mask[None, :], other=0.0)
+    s = _op_cast(s, OP, UPCAST)                                                    # [BT, HP]
     wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + cp[:, None],
                    mask=cp_mask[:, None] & d_mask[None, :], other=0.0)             # [HP, BD]
     z = _mma(s, _op_cast(wu_t, OP, UPCAST), tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32),
@@ -645,7 +653,7 @@ def _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, BLOCK_T: tl.constexpr,
 def _heba_visual_bwd_kernel_dx(
     g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry unless DW
     x_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cst_ptr,   # DW: dy recomputed
-    dwu_part_ptr, dwd_part_ptr,           # DW: [S, D, h], [S, h, D] fp32
+    scr_ptr, dwu_part_ptr, dwd_part_ptr,  # DW: s scratch [S, n_d, BT, HP]; [S, D, h], [S, h, D]
     stride_gb, stride_gn, stride_db, stride_dn, stride_xb, stride_xn,
     H, W, T, HW, D, h, P, gs, xs, gs_ptr, xs_ptr,
     GS_PTR: tl.constexpr, XS_PTR: tl.constexpr, DW: tl.constexpr,
@@ -669,15 +677,18 @@ def _heba_visual_bwd_kernel_dx(
     cp_mask = cp < h
     acc_u = tl.zeros((BLOCK_D, BLOCK_HP), dtype=tl.float32)                        # dWu[j, :]
     acc_d = tl.zeros((BLOCK_HP, BLOCK_D), dtype=tl.float32)                        # dWd[:, j]
+    s_scr = scr_ptr + (pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * BLOCK_T * \
+        BLOCK_HP
     for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
         r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
         mask = r_mask[:, None] & d_mask[None, :]
         dx_tile = dx_ptr + (b * stride_db + (P + p) * stride_dn)[:, None] + d[None, :]
         if DW:
             dy, s, t, g = _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr,
-                                   rstd_ptr, cst_ptr, r, r_mask, b, p, d, d_mask, cp, cp_mask,
-                                   stride_xb, stride_xn, stride_gb, stride_gn, H, W, HW, h, P,
-                                   gs, BLOCK_T, BLOCK_HP, BLOCK_D, OP, UPCAST, IEEE)
+                                   rstd_ptr, cst_ptr, s_scr, r, r_mask, b, p, d, d_mask, cp,
+                                   cp_mask, stride_xb, stride_xn, stride_gb, stride_gn, H, W,
+                                   HW, h, P, gs, BLOCK_T, BLOCK_H, BLOCK_HP, BLOCK_D, OP,
+                                   UPCAST, IEEE)
         else:
             dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + (b * stride_gb + (P + p) * stride_gn)[:, None] + d[None, :],
@@ -693,6 +704,7 @@ def _heba_visual_bwd_kernel_dx(
             acc_u = _mma(tl.trans(_op_cast(dy, OP, UPCAST)), s, acc_u, IEEE)
             acc_d = _mma(tl.trans(_op_cast(du, OP, UPCAST)), _op_cast(t, OP, UPCAST), acc_d,
                          IEEE)
+            tl.debug_barrier()           # the next block rewrites the scratch
     if DW:
         slot = pid.to(tl.int64) * D * h
         tl.store(dwu_part_ptr + slot + d[:, None].to(tl.int64) * h + cp[None, :], acc_u,
@@ -752,14 +764,15 @@ def _down_config(cfg: dict, D: int, h: int) -> dict:
 
 def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
     """The dx kernel's blocks. Bottlenecks up to ``FUSED_DW_MAX_H`` columns: ``DW``, the
-    weight gradients summed in the dx kernel, 32 columns of D per program on a GPU (two
-    ``[32, BLOCK_HP]`` float32 accumulators). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
+    weight gradients summed in the dx kernel, 32 rows and 32 columns of D per program on a
+    GPU (two ``[32, BLOCK_HP]`` float32 accumulators; scripts/triton_aot_check.py, sm_90,
+    8 warps, D768: 255 registers, no spill in 16-bit; 16 warps spill 100 B). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
     D per program, so ``du`` and the token tiles are re-read half as often (modelled at
     D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
     hp = max(16, triton.next_power_of_2(h))
     if hp <= FUSED_DW_MAX_H:      # on a GPU 32 x 32 tiles: the [32, BLOCK_HP] stencil tile
         return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"],
-                    BLOCK_T=min(32, cfg["BLOCK_T"]))
+                    BLOCK_T=min(32, cfg["BLOCK_T"]), num_warps=8 if gpu else 4)
     if D < BIG_BLOCK_MIN_DIM:
         return dict(cfg, DW=False, BLOCK_HP=16)
     return dict(cfg, DW=False, BLOCK_HP=16,
@@ -970,8 +983,10 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
+    scr = new_buffer((plan["dx"].grid[0], plan["dx"].grid[1], plan["dx"].meta["BLOCK_T"],
+                      plan["dx"].meta["BLOCK_HP"]) if fused else (0,), op, dev)
     launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, x, u, wm, wu, nw, mean,
-           rstd, cst if fused else mean, dwu_part if fused else mean,
+           rstd, cst if fused else mean, scr if fused else mean, dwu_part if fused else mean,
            dwd_part if fused else mean, sgb, sgn, sdb, sdn, sxb, sxn, H, W, T, HW, D, h, P,
            gs_v, xs_v, gs_p, xs_p, GS_PTR=gs_from_ptr, XS_PTR=xs_from_ptr,
            **_kw(plan["dx"]))

@@ -141,6 +141,7 @@ def _visual_cases():
                     + heba_visual.visual_fwd_plan(B, 14, 14, D, h, wdt, 132, True)}
             for kern in kernels:
                 cfg = {k: v for k, v in plan[kern].items() if k != "num_warps"}
+                warps = plan[kern]["num_warps"]
                 consts = dict(cfg)
                 if kern.endswith("dwconv"):     # du = dwconv^T(dv)
                     consts = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], MIRROR=True,
@@ -157,7 +158,7 @@ def _visual_cases():
                                     f"xD{cfg['BLOCK_D']}")
                 consts["_shape"] = dict(D=D, h=h, HW=196)
                 yield (f"visual {kern[13:]}", D, xdt, wdt, kern, ptrs,
-                       ("scale", "eps", "gs", "xs"), consts, 8)
+                       ("scale", "eps", "gs", "xs"), consts, warps)
 
 
 def _compile(args):
