@@ -488,6 +488,12 @@ KERNELS = [
         (f"{T_TVIS}::test_values_and_grads",),
         "every dx program writes its weight-gradient share to slot 0: the attention "
         "position's dWu / dWd hold one program's rows (the others' slots never written)"),
+    Bug("vis-dx-recompute-no-gs", "kernels", VIS,
+        "dy = rstd[:, None] * ((g * gs) * gamma[None, :]",
+        "dy = rstd[:, None] * (g * gamma[None, :]",
+        (f"{T_TVIS}::test_gradient_rule",),
+        "the dx kernel's recomputed dy forgets the gradient rule's factor: x's gradient "
+        "and dWu / dWd wrong at the attention position whenever the scale is not 1"),
     Bug("vis-partial-slot-overwritten", "kernels", VIS,
         "tl.store(dnw_slot + d, old_w + tl.sum(ga * yhat, axis=0), mask=d_mask)",
         "tl.store(dnw_slot + d, tl.sum(ga * yhat, axis=0), mask=d_mask)",
