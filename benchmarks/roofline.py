@@ -125,7 +125,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                 ext = rows - BT
                 c.flops += 2 * blocks * ext * Dp * hp
                 c.l2 += blocks * (ext * (_cdiv(h, BH) * Dp * e + 2 * hp * w) + Dp * hp * w)
-        elif st.step == "dy":         # per image: s, two sweeps recomputing z (dy written),
+        elif st.step == "dy":         # per block: s, two sweeps recomputing z (dy written),
             BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
             slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks
             c.hbm = (3 * tok + 4 * hid + D * h * w + 8 * T

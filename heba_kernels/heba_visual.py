@@ -117,8 +117,8 @@ __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan
 # backward. The forward writes ``u`` to memory at every width (its stencil phase reads
 # it), so keeping it costs only its lifetime, while recomputing costs a launch, a read of
 # x and the down GEMM. Modelled (benchmarks/roofline.py, H200, bf16, B256 14x14):
-# attention position (D768 h192) recompute 9 launches, 1280 MB, 149 GFLOP, floor
-# 267 us (5.31 ns/token); keep 8 launches, 1183 MB, 134 GFLOP, 247 us (4.91 ns/token),
+# attention position (D768 h192) recompute 6 launches, 854 MB, 191 GFLOP, floor
+# 212 us (4.23 ns/token); keep 5 launches, 757 MB, 177 GFLOP, 192 us (3.83 ns/token),
 # for 19 MB kept per adapter (the reference keeps 135 MB). So: kept at every width. A
 # speed/memory choice only: the results are bitwise the same (tested both ways).
 SAVE_U_MIN_DIM = 0
@@ -127,11 +127,11 @@ SAVE_U_MIN_DIM = 0
 # recomputing the up-projection in the forward's second sweep and in both sweeps of the
 # backward's _dy. Modelled forward + backward (benchmarks/roofline.py, bf16, B256 14x14,
 # floor on H200 / H100):
-#   MLP position (D3072 h768): recompute 44.4 / 46.2 ns per token (2134 GFLOP, 1.50x
-#     ideal; 53 GB L2->SM); keep 30.8 / 37.1 ns per token (1424 GFLOP, 1.00x; 37 GB),
+#   MLP position (D3072 h768): recompute 44.0 / 45.7 ns per token (2134 GFLOP, 1.50x
+#     ideal; 53 GB L2->SM); keep 30.1 / 35.4 ns per token (1424 GFLOP, 1.00x; 37 GB),
 #     for 2 bytes per token and channel kept (308 MB per adapter at B256).
-#   attention position (D768 h192): recompute 4.91 / 7.04 ns per token; keep 5.23 /
-#     7.50 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
+#   attention position (D768 h192): recompute 3.83 / 4.51 ns per token; keep 3.87 /
+#     4.96 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
 # Numerics: in float32 the same bits; in 16-bit y is rounded once more (tested).
 KEEP_Y_MIN_DIM = 2048
 
