@@ -18,8 +18,15 @@ fused ops launch nothing else: no torch sum, cast or multiplication). Beside the
 Model of one launch: every tensor a launch touches moves between HBM and L2 once
 (re-reads within a launch are assumed to hit L2); every program loads its own tiles from
 L2 (re-reads across D sweeps and weight tiles per program count each time); FLOPs are
-those of the padded tiles the kernel issues. The CUDA backend has no plan here yet
-(its grids are chosen in C++); its rows say so. Output: a markdown table.
+those of the padded tiles the kernel issues. Output: a markdown table.
+
+The CUDA backend's launches come from C++: the host-only op ``heba::_cuda_launch_plan``
+(csrc/ops.cpp, run on the CPU) lists, per op call, its heba kernels with the grids their
+launchers take from the same functions (csrc/launch_dims.h), its cuBLAS GEMMs and the
+ATen casts, sums and copies it issues, with the bytes each reads and writes
+(:func:`cuda_plan`, :func:`cuda_costs`). Its rows count the heba kernels + the GEMMs and
+ATen ops as "launches (Triton + torch)"; they need the extension built (else they say
+why they are not modelled).
 
 :func:`modelled_floor_ms` gives one case's floor on any :class:`GPU`, and
 :func:`measured_gpu` builds one from a benchmark run's own measured copy and matmul rates:
@@ -220,6 +227,91 @@ def triton_costs(case, e, w, gpu, backward):
     return fn(case, e, w, gpu, backward)
 
 
+# --------------------------------------------------------------------------- CUDA plan
+
+_CPP_DTYPES = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16,
+               "Double": torch.float64}
+_PLAN_FIELDS = 13        # ints per launch in heba::_cuda_launch_plan's answer
+GEMM_TILE = 128          # the L2 rule's cuBLAS output tile (bf16 GEMMs: 128 x 128 and up)
+
+
+@dataclass(frozen=True)
+class CudaLaunch:
+    """One launch of the CUDA backend as csrc/ops.cpp plans it: a heba kernel (name and
+    dims from csrc/launch_dims.h), a cuBLAS GEMM (``[m, k] @ [k, n]``) or an ATen op
+    (grid and block 0: chosen by ATen); bytes read and written, each tensor once."""
+    kernel: str
+    dtype: torch.dtype
+    grid: tuple
+    block: tuple
+    m: int
+    n: int
+    k: int
+    numel: int
+    read: int
+    written: int
+    flops: int
+
+
+def cuda_plan(op: str, backward: bool, shape, hidden: int, x_dtype=torch.bfloat16,
+              w_dtype=torch.bfloat16, num_prefix_tokens: int = 0, grid=(), bias: bool = False,
+              sms: int = 132) -> list[CudaLaunch]:
+    """The launches of one ``heba::cuda_<op>_{fwd,bwd}`` call, in order, from the C++ plan
+    ``heba::_cuda_launch_plan`` (host only, runs without a GPU). ``shape``: x's
+    (``[B, N, D]`` batch-first for heba_visual, with ``grid = (H, W)``); ``hidden``: the
+    bottleneck or the rank; ``bias``: low-rank with biases. Raises RuntimeError when the
+    extension heba_kernels._C is not built.
+
+    >>> [l.kernel for l in cuda_plan("low_rank", False, (2, 9, 32), 16)]
+    ['_low_rank_fwd_kernel']
+    """
+    from heba_kernels import _extension
+    ok, why = _extension.prebuilt()
+    if not (ok or _extension.loaded()):
+        raise RuntimeError(why)
+    names, dtypes, f = torch.ops.heba._cuda_launch_plan(
+        op, backward, list(shape), hidden, x_dtype, w_dtype, num_prefix_tokens, list(grid),
+        bias, sms)
+    out = []
+    for i, (name, dt) in enumerate(zip(names, dtypes)):
+        v = f[i * _PLAN_FIELDS:(i + 1) * _PLAN_FIELDS]
+        out.append(CudaLaunch(name, _CPP_DTYPES[dt], tuple(v[0:3]), tuple(v[3:6]), *v[6:]))
+    return out
+
+
+def _case_cuda_plan(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[CudaLaunch]:
+    dt = {2: torch.bfloat16, 4: torch.float32}
+    if case.op == "heba_visual":
+        H, W = case.grid
+        return cuda_plan(case.op, backward, case.shape(), case.dim // 4, dt[e], dt[w],
+                         case.tokens - H * W, (H, W), sms=gpu.sms)
+    hidden = case.rank if case.op == "low_rank" else case.dim // 4
+    return cuda_plan(case.op, backward, case.shape(), hidden, dt[e], dt[w],
+                     bias=case.op == "low_rank", sms=gpu.sms)
+
+
+def cuda_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[Cost]:
+    """Per-launch costs of the CUDA backend's op (``e``/``w``: bytes of x's and the
+    weights' dtype), one :class:`Cost` per launch of :func:`cuda_plan` (low-rank with
+    biases, as ``heba.nn.LowRankAdapter`` by default). HBM: the plan's bytes (every
+    tensor a launch touches read or written once); FLOPs: ``2 m n k`` per GEMM, the
+    stencil's taps and the fused low-rank kernel's projections (elementwise arithmetic
+    not counted). L2->SM: a GEMM loads, per ``GEMM_TILE`` x ``GEMM_TILE`` output tile,
+    its ``[tile, k]`` and ``[k, tile]`` operand panels; any other launch moves its HBM
+    bytes once more (its row re-reads assumed to hit L1)."""
+    out = []
+    for ln in _case_cuda_plan(case, e, w, gpu, backward):
+        c = Cost(ln.kernel, ln.grid, hbm=float(ln.read + ln.written), flops=float(ln.flops))
+        if ln.kernel == "gemm":
+            tm, tn = min(ln.m, GEMM_TILE), min(ln.n, GEMM_TILE)
+            tiles = _cdiv(ln.m, tm) * _cdiv(ln.n, tn)
+            c.l2 = float(tiles * (tm + tn) * ln.k * ln.dtype.itemsize)
+        else:
+            c.l2 = c.hbm
+        out.append(c)
+    return out
+
+
 # --------------------------------------------------------------------------- ideal and eager
 
 
@@ -291,8 +383,26 @@ def rows(cases=CASES, gpus=("H100", "H200"), e=2, w=2):
             row[f"floor_{g}"] = sum(c.floor_s(gpu) for c in costs) * 1e6
             row[f"ideal_{g}"] = max(ib / gpu.hbm, ifl / gpu.bf16) * 1e6
             row[f"eager_{g}"] = max(eb / gpu.hbm, ifl / gpu.bf16) * 1e6
+        row.update(_cuda_row(case, e, w, gpus))
         out.append(row)
     return out
+
+
+def _cuda_row(case, e, w, gpus) -> dict:
+    """The CUDA backend's fields of a :func:`rows` row (``cuda_*``); ``cuda_why`` and no
+    numbers where the extension is not built."""
+    try:
+        costs = cuda_costs(case, e, w, GPUS["H200"], False) + \
+            cuda_costs(case, e, w, GPUS["H200"], True)
+    except RuntimeError as err:
+        return dict(cuda_why=str(err))
+    row = dict(cuda_launches=len(costs),
+               cuda_heba_launches=sum(c.kernel.startswith("_") for c in costs),
+               cuda_hbm=sum(c.hbm for c in costs), cuda_l2=sum(c.l2 for c in costs),
+               cuda_flops=sum(c.flops for c in costs))
+    for g in gpus:
+        row[f"cuda_floor_{g}"] = sum(c.floor_s(GPUS[g]) for c in costs) * 1e6
+    return row
 
 
 # SM counts by device name (torch.cuda.get_device_name), first match wins; others: 132
@@ -351,9 +461,19 @@ def markdown(rs, gpus=("H100", "H200")) -> str:
         lines.append(f"| {r['case']} | reference (eager) | {r['eager_ops']} aten ops | "
                      f"{r['eager_bytes'] / 1e6:.0f} | - | - | "
                      + " | ".join("-" for _ in gpus) + " |")
-        lines.append(f"| {r['case']} | cuda | not modelled (grids chosen in C++) | - | - | - | "
-                     + " | ".join("-" for _ in gpus) + " |")
+        lines.append(_cuda_line(r, gpus))
     return "\n".join(lines)
+
+
+def _cuda_line(r, gpus) -> str:
+    if "cuda_launches" not in r:
+        return (f"| {r['case']} | cuda | not modelled ({r['cuda_why']}) | - | - | - | "
+                + " | ".join("-" for _ in gpus) + " |")
+    n, heba = r["cuda_launches"], r["cuda_heba_launches"]
+    floors = " | ".join(f"{r[f'cuda_floor_{g}']:.0f}" for g in gpus)
+    return (f"| {r['case']} | cuda | {n} ({heba} + {n - heba}) | {r['cuda_hbm'] / 1e6:.0f} "
+            f"({r['cuda_hbm'] / r['ideal_bytes']:.1f}x) | {r['cuda_flops'] / 1e9:.1f} "
+            f"({r['cuda_flops'] / r['ideal_flops']:.2f}x) | {r['cuda_l2'] / 1e9:.1f} | {floors} |")
 
 
 def main(argv=None) -> int:

@@ -138,8 +138,7 @@ inline cudaError_t dispatch_w(DType wt, F&& f) {
 }
 
 // ---- launch helpers ----------------------------------------------------------
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
+// The dims themselves come from launch_dims.h (shared with the host-side plan).
 inline int num_sms() {
   int dev = 0, n = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -150,11 +149,14 @@ inline int num_sms() {
   return n;
 }
 
-// Grid size of a grid-stride elementwise kernel over n elements.
-inline unsigned int elementwise_blocks(int64_t n, int threads) {
-  const int64_t cap = static_cast<int64_t>(num_sms()) * 32;
-  const int64_t want = ceil_div(n, threads);
-  return static_cast<unsigned int>(want < cap ? (want > 0 ? want : 1) : cap);
+inline dim3 grid_of(const LaunchDims& d) {
+  return dim3(static_cast<unsigned int>(d.grid[0]), static_cast<unsigned int>(d.grid[1]),
+              static_cast<unsigned int>(d.grid[2]));
+}
+
+inline dim3 block_of(const LaunchDims& d) {
+  return dim3(static_cast<unsigned int>(d.block[0]), static_cast<unsigned int>(d.block[1]),
+              static_cast<unsigned int>(d.block[2]));
 }
 
 }  // namespace heba

@@ -25,8 +25,6 @@
 namespace heba {
 namespace {
 
-constexpr int kElemThreads = 256;
-
 // The stencil and its adjoint, one kernel with a mirror switch (as the Triton
 // kernel's MIRROR flag):
 //   kMirror false: out[r, c] = gelu(sum_k Wm[c, k] * in[r + off_k, c]), in = u (w_t)
@@ -58,9 +56,6 @@ __global__ void __launch_bounds__(kElemThreads)
     out[idx] = from_acc<w_t>(kMirror ? v : gelu_fwd(v));
   }
 }
-
-constexpr int kStencilTx = 32;  // channels per block
-constexpr int kStencilTy = 8;   // positions in flight per block
 
 // dv = dg * gelu'(v) on the patch rows (v recomputed), and per-chunk partial
 // sums of dWm[c, k] = sum_p dv[p, c] * u[p + off_k, c].
@@ -127,8 +122,8 @@ cudaError_t visual_stencil_fwd_launch(DType wt, const void* u, const void* wm, v
   if (n == 0) return cudaSuccess;
   return dispatch_w(wt, [&](auto wtag) -> cudaError_t {
     using w_t = decltype(wtag);
-    _visual_stencil_kernel<w_t, w_t, false><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0,
-                                               stream>>>(
+    const LaunchDims d = visual_stencil_dims(tm.B * tm.N, C, num_sms());
+    _visual_stencil_kernel<w_t, w_t, false><<<grid_of(d), block_of(d), 0, stream>>>(
         static_cast<const w_t*>(u), static_cast<const w_t*>(wm), static_cast<w_t*>(g), tm, grid, C);
     return cudaGetLastError();
   });
@@ -155,16 +150,14 @@ cudaError_t visual_stencil_bwd_launch(DType wt, const void* dg, const void* u, c
   return dispatch_w(wt, [&](auto wtag) -> cudaError_t {
     using w_t = decltype(wtag);
     using acc_t = acc_of<w_t>;
-    const dim3 block(kStencilTx, kStencilTy);
-    const dim3 grid2(static_cast<unsigned int>(ceil_div(C, kStencilTx)),
-                     static_cast<unsigned int>(nchunks));
-    _visual_stencil_bwd_kernel_dv<w_t><<<grid2, block, 0, stream>>>(
+    const LaunchDims dv_dims = visual_stencil_bwd_dv_dims(C, nchunks);
+    _visual_stencil_bwd_kernel_dv<w_t><<<grid_of(dv_dims), block_of(dv_dims), 0, stream>>>(
         static_cast<const w_t*>(dg), static_cast<const w_t*>(u), static_cast<const w_t*>(wm),
         static_cast<acc_t*>(dv), static_cast<acc_t*>(dwm_part), tm, grid, C, chunk);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    _visual_stencil_kernel<w_t, acc_t, true><<<elementwise_blocks(n, kElemThreads), kElemThreads, 0,
-                                               stream>>>(
+    const LaunchDims du_dims = visual_stencil_dims(tm.B * tm.N, C, num_sms());
+    _visual_stencil_kernel<w_t, acc_t, true><<<grid_of(du_dims), block_of(du_dims), 0, stream>>>(
         static_cast<const acc_t*>(dv), static_cast<const w_t*>(wm), static_cast<w_t*>(du), tm, grid, C);
     return cudaGetLastError();
   });

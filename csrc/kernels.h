@@ -17,6 +17,8 @@
 
 #include <cstdint>
 
+#include "launch_dims.h"
+
 #ifdef __CUDACC__
 #define HEBA_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -62,12 +64,13 @@ cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void
                                    void* rstd, TokenMap tm, int64_t num_prefix, int64_t rows,
                                    int64_t D, ScaleArg scale, double eps, cudaStream_t stream);
 
-// dgamma_part, dbeta_part: [blocks, D], zero-initialised by the caller.
+// dgamma_part, dbeta_part: [blocks, D] with blocks = residual_ln_bwd_dims(rows, D,
+// sms).grid[0] (launch_dims.h), zero-initialised by the caller.
 cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const void* x,
                                    const void* z, const void* gamma, const void* mean,
                                    const void* rstd, void* dy, void* dgamma_part,
                                    void* dbeta_part, TokenMap tm, int64_t num_prefix,
-                                   int64_t rows, int64_t D, ScaleArg ga_scale, int blocks,
+                                   int64_t rows, int64_t D, ScaleArg ga_scale, int sms,
                                    cudaStream_t stream);
 
 // out = a + k * b elementwise over n elements (a, out in xt; b in wt), in the

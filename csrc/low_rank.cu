@@ -25,11 +25,9 @@
 namespace heba {
 namespace {
 
-constexpr int kLrTok = 32;       // tokens per block
 constexpr int kLrKc = 64;        // D chunk of the down projection
 constexpr int kLrDc = 64;        // D chunk of the up projection
 constexpr int kLrRmax = 64;      // largest rank of the fused kernel
-constexpr int kLrThreads = 256;
 constexpr int kLrPairs = kLrTok * kLrRmax / kLrThreads;  // (token, rank) pairs per thread: 8
 constexpr int kLrOuts = kLrTok * kLrDc / kLrThreads;     // outputs per thread per chunk: 8
 static_assert(kLrDc * (kLrRmax + 1) <= kLrRmax * (kLrKc + 1), "Wu chunk must fit the Wd buffer");
@@ -176,14 +174,14 @@ cudaError_t low_rank_fwd_launch(DType xt, DType wt, const void* x, const void* w
                                 cudaStream_t stream) {
   if (M == 0 || D == 0) return cudaSuccess;
   if (R < 1 || R > kLowRankMaxFusedRank || xt == DType::Double) return cudaErrorInvalidValue;
-  const unsigned int blocks = static_cast<unsigned int>(ceil_div(M, kLrTok));
+  const LaunchDims d = low_rank_fwd_dims(M);
   return dispatch_xw(xt, wt, [&](auto xtag, auto wtag) -> cudaError_t {
     using x_t = decltype(xtag);
     using w_t = decltype(wtag);
     if constexpr (std::is_same<x_t, double>::value) {
       return cudaErrorInvalidValue;  // float64 takes the cuBLAS path (ops.cpp)
     } else {
-      _low_rank_fwd_kernel<x_t, w_t><<<blocks, kLrThreads, 0, stream>>>(
+      _low_rank_fwd_kernel<x_t, w_t><<<grid_of(d), block_of(d), 0, stream>>>(
           static_cast<const x_t*>(x), static_cast<const w_t*>(wd), static_cast<const w_t*>(bd),
           static_cast<const w_t*>(wu), static_cast<const w_t*>(bu), static_cast<x_t*>(out), M, D,
           R, alpha, vec_x, vec_w);
@@ -197,7 +195,8 @@ cudaError_t low_rank_bwd_gelu_launch(DType wt, const void* u, const void* dh, vo
   if (n == 0) return cudaSuccess;
   return dispatch_w(wt, [&](auto wtag) -> cudaError_t {
     using w_t = decltype(wtag);
-    _low_rank_bwd_kernel_gelu<w_t><<<elementwise_blocks(n, 256), 256, 0, stream>>>(
+    const LaunchDims d = low_rank_bwd_gelu_dims(n, num_sms());
+    _low_rank_bwd_kernel_gelu<w_t><<<grid_of(d), block_of(d), 0, stream>>>(
         static_cast<const w_t*>(u), static_cast<const w_t*>(dh), static_cast<w_t*>(g),
         static_cast<w_t*>(du), n);
     return cudaGetLastError();

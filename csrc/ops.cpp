@@ -29,6 +29,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -188,14 +189,13 @@ std::tuple<Tensor, Tensor> residual_ln_bwd(const Tensor& g2d, const Tensor& x2d,
   int sms = 0, dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // ~2 blocks per SM fill the GPU and keep the partial buffers small (2*blocks*D).
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, 2LL * sms));
+  const int64_t blocks = residual_ln_bwd_dims(rows, D, sms).grid[0];
   Tensor part = at::zeros({2, blocks, D}, x2d.options().dtype(acc_type(x2d.scalar_type())));
   C10_CUDA_CHECK(residual_ln_bwd_launch(
       to_dtype(x2d.scalar_type()), to_dtype(z.scalar_type()), g2d.data_ptr(), x2d.data_ptr(),
       z.data_ptr(), gamma_acc.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
       part.data_ptr(), static_cast<char*>(part.data_ptr()) + blocks * D * part.element_size(),
-      tm, num_prefix, rows, D, ga_scale, static_cast<int>(blocks), stream()));
+      tm, num_prefix, rows, D, ga_scale, sms, stream()));
   return {part[0].sum(0), part[1].sum(0)};
 }
 
@@ -558,6 +558,236 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
 }
 
 // ---------------------------------------------------------------------------
+// Launch plan (host only): the launches an op call makes, in order, for the
+// roofline model (benchmarks/roofline.py). The heba kernels' dims come from
+// launch_dims.h, as in their launchers; the ATen calls are listed as the op
+// functions above issue them (one line here per ATen call there: keep the two
+// in step). Assumes x and grad_out in a layout rows_view takes (no copies), the
+// weights contiguous (no copies) and positive sizes. A GEMM (at::mm, and
+// at::addmm with a 1-D bias, which cuBLASLt takes as its epilogue) counts as
+// one launch; at::addmm(C, a, b) with a 2-D C is a copy of C, then the GEMM.
+// ---------------------------------------------------------------------------
+
+struct PlannedLaunch {
+  std::string kernel;  // a heba kernel, "gemm" or the ATen op ("cast", "sum", ...)
+  at::ScalarType dtype;  // GEMM operands; an ATen op's output
+  LaunchDims dims;     // heba kernels; 0 where ATen / cuBLAS choose the grid
+  int64_t m, n, k;     // GEMM: [m, k] @ [k, n]
+  int64_t numel;       // elements the launch computes (GEMM: m * n)
+  int64_t read, written, flops;  // bytes read and written (each tensor once), FLOPs
+};
+
+class LaunchPlan {
+ public:
+  LaunchPlan(at::ScalarType xt, at::ScalarType wt, int sms)
+      : xt(xt), wt(wt), acc(acc_type(xt)), sms(sms) {}
+
+  void kernel(const char* name, LaunchDims d, int64_t numel, int64_t read, int64_t written,
+              int64_t flops = 0) {
+    launches.push_back({name, wt, d, 0, 0, 0, numel, read, written, flops});
+  }
+
+  // An ATen elementwise op or reduction over `in` elements to `out` elements.
+  void aten(const char* name, at::ScalarType out_t, int64_t in, int64_t in_bytes, int64_t out) {
+    launches.push_back({name, out_t, kAtenDims, 0, 0, 0, out, in * in_bytes,
+                        out * size(out_t), 0});
+  }
+
+  // t.to(to) of n elements: a launch only when the dtype changes.
+  void cast(int64_t n, at::ScalarType from, at::ScalarType to) {
+    if (from != to) aten("cast", to, n, size(from), n);
+  }
+
+  // [m, k] @ [k, n] in the weights' dtype; `c_bytes`: an added C or bias read.
+  void gemm(int64_t m, int64_t n, int64_t k, int64_t c_bytes = 0) {
+    const int64_t e = size(wt);
+    launches.push_back({"gemm", wt, kAtenDims, m, n, k, m * n, (m * k + k * n) * e + c_bytes,
+                        m * n * e, 2 * m * n * k});
+  }
+
+  // at::addmm(C, a, b) with a 2-D C [m, n] of the weights' dtype: C copied, then the GEMM.
+  void addmm(int64_t m, int64_t n, int64_t k) {
+    aten("copy", wt, m * n, size(wt), m * n);
+    gemm(m, n, k, m * n * size(wt));
+  }
+
+  int64_t size(at::ScalarType t) const { return static_cast<int64_t>(c10::elementSize(t)); }
+
+  const at::ScalarType xt, wt, acc;
+  const int sms;
+  std::vector<PlannedLaunch> launches;
+
+ private:
+  static constexpr LaunchDims kAtenDims{{0, 0, 0}, {0, 0, 0}};
+};
+
+// The residual + LayerNorm forward and its two gamma/beta casts.
+void plan_residual_ln_fwd(LaunchPlan& p, int64_t rows, int64_t D) {
+  p.cast(D, p.wt, p.acc);  // norm_weight.to(acc)
+  p.cast(D, p.wt, p.acc);  // norm_bias.to(acc)
+  const int64_t ex = p.size(p.xt), ea = p.size(p.acc);
+  p.kernel("_residual_ln_fwd_kernel", residual_ln_fwd_dims(rows, D), rows * D,
+           rows * D * (ex + p.size(p.wt)) + 2 * D * ea, rows * D * ex + 2 * rows * ea);
+}
+
+// residual_ln_bwd above: gamma cast, zeroed partials, the kernel, the two sums.
+void plan_residual_ln_bwd(LaunchPlan& p, int64_t rows, int64_t D) {
+  const int64_t blocks = residual_ln_bwd_dims(rows, D, p.sms).grid[0];
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
+  p.cast(D, p.wt, p.acc);                                 // norm_weight.to(acc)
+  p.aten("fill", p.acc, 0, 0, 2 * blocks * D);            // at::zeros partials
+  p.kernel("_residual_ln_bwd_kernel", residual_ln_bwd_dims(rows, D, p.sms), rows * D,
+           rows * D * (2 * ex + ew) + D * ea + 2 * rows * ea + 2 * blocks * D * ea,
+           rows * D * ew + 2 * blocks * D * ea);
+  p.aten("sum", p.acc, blocks * D, ea, D);                // part[0].sum(0)
+  p.aten("sum", p.acc, blocks * D, ea, D);                // part[1].sum(0)
+}
+
+void plan_visual(LaunchPlan& p, bool backward, int64_t B, int64_t N, int64_t D, int64_t h,
+                 int64_t H, int64_t W) {
+  const int64_t rows = B * N, T = B * H * W;
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
+  if (!backward) {
+    p.cast(rows * D, p.xt, p.wt);                         // xw
+    p.gemm(rows, h, D);                                   // u = xw @ Wd^T
+    p.kernel("_visual_stencil_kernel", visual_stencil_dims(rows, h, p.sms), rows * h,
+             rows * h * ew + 9 * h * ew, rows * h * ew, 2 * 9 * T * h);
+    p.gemm(rows, D, h);                                   // z = g @ Wu^T
+    plan_residual_ln_fwd(p, rows, D);
+    return;
+  }
+  plan_residual_ln_bwd(p, rows, D);
+  p.gemm(D, h, rows);                                     // d_up = dy^T @ g
+  p.gemm(rows, h, D);                                     // dg = dy @ Wu
+  int64_t nchunks = 1, chunk = 1;
+  visual_stencil_bwd_chunks(T, &nchunks, &chunk);
+  p.kernel("_visual_stencil_bwd_kernel_dv", visual_stencil_bwd_dv_dims(h, nchunks), T * h,
+           T * h * ew + rows * h * ew + 9 * h * ew, T * h * ea + nchunks * h * 9 * ea,
+           2 * 2 * 9 * T * h);
+  p.kernel("_visual_stencil_kernel[mirror]", visual_stencil_dims(rows, h, p.sms), rows * h,
+           T * h * ea + 9 * h * ew, rows * h * ew, 2 * 9 * T * h);
+  p.aten("sum", p.acc, nchunks * h * 9, ea, h * 9);       // dwm_part.sum(0)
+  p.cast(h * 9, p.acc, p.wt);                             // d_mid .to(wt)
+  p.cast(rows * D, p.xt, p.wt);                           // xw
+  p.gemm(h, D, rows);                                     // d_down = du^T @ xw
+  p.addmm(rows, D, h);                                    // s = dy + du @ Wd
+  p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
+           rows * D * (ex + ew), rows * D * ex);
+  p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)
+  p.cast(D, p.acc, p.wt);                                 // dbeta.to(wt)
+}
+
+void plan_text(LaunchPlan& p, bool backward, int64_t rows, int64_t D, int64_t h) {
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt);
+  if (!backward) {
+    p.cast(rows * D, p.xt, p.wt);                         // xw
+    p.gemm(rows, h, D);                                   // u = xw @ Wd^T
+    p.aten("gelu", p.wt, rows * h, ew, rows * h);         // g = gelu(u)
+    p.gemm(rows, D, h);                                   // z = g @ Wu^T
+    plan_residual_ln_fwd(p, rows, D);
+    return;
+  }
+  plan_residual_ln_bwd(p, rows, D);
+  p.gemm(D, h, rows);                                     // d_up = dy^T @ g
+  p.gemm(rows, h, D);                                     // dy @ Wu
+  p.aten("gelu_backward", p.wt, 2 * rows * h, ew, rows * h);
+  p.cast(rows * D, p.xt, p.wt);                           // xw
+  p.gemm(h, D, rows);                                     // d_down = du^T @ xw
+  p.addmm(rows, D, h);                                    // s = dy + du @ Wd
+  p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
+           rows * D * (ex + ew), rows * D * ex);
+  p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)
+  p.cast(D, p.acc, p.wt);                                 // dbeta.to(wt)
+}
+
+void plan_low_rank(LaunchPlan& p, bool backward, int64_t M, int64_t D, int64_t R, bool bias) {
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
+  const int64_t bd = bias ? R * ew : 0, bu = bias ? D * ew : 0;  // bias reads by the GEMMs
+  if (!backward && R <= kLowRankMaxFusedRank && p.xt != at::kDouble) {
+    p.kernel("_low_rank_fwd_kernel", low_rank_fwd_dims(M), M * D,
+             M * D * ex + 2 * R * D * ew + bd + bu, M * D * ex, 2 * 2 * M * D * R);
+    return;
+  }
+  p.cast(M * D, p.xt, p.wt);                              // xw
+  p.gemm(M, R, D, bd);                                    // u = xw @ Wd^T (+ bd)
+  if (!backward) {
+    p.aten("gelu", p.wt, M * R, ew, M * R);
+    p.gemm(M, D, R, bu);                                  // gelu(u) @ Wu^T (+ bu)
+    p.aten("add", p.xt, M * D, ex + ew, M * D);           // out = x + alpha * z
+    return;
+  }
+  p.aten("mul", p.xt, M * D, ex, M * D);                  // alpha * grad
+  p.cast(M * D, p.xt, p.wt);                              // gz .to(wt)
+  p.gemm(M, R, D);                                        // dh = gz @ Wu
+  p.kernel("_low_rank_bwd_kernel_gelu", low_rank_bwd_gelu_dims(M * R, p.sms), M * R,
+           2 * M * R * ew, 2 * M * R * ew);
+  p.gemm(D, R, M);                                        // d_up = gz^T @ gelu(u)
+  p.aten("sum", p.acc, M * D, ex, D);                     // d_up_b: sum of grad
+  p.aten("mul", p.acc, D, ea, D);                         //         * alpha
+  p.cast(D, p.acc, p.wt);                                 //         .to(wt)
+  p.gemm(R, D, M);                                        // d_down = du^T @ xw
+  p.aten("sum", p.acc, M * R, ew, R);                     // d_down_b
+  p.cast(R, p.acc, p.wt);
+  p.gemm(M, D, R);                                        // du @ Wd
+  p.aten("add", p.xt, M * D, ex + ew, M * D);             // dx = grad + du @ Wd
+}
+
+int64_t positive(c10::IntArrayRef v, size_t i, const char* name, const char* op) {
+  TORCH_CHECK(i < v.size() && v[i] >= 1, op, ": ", name, " must list positive sizes, got ", v);
+  return v[i];
+}
+
+// The launches of one call of heba::cuda_<op>_{fwd,bwd} (backward: the _bwd op)
+// for x of x_shape (heba_visual: [B, N, D] batch-first with num_prefix_tokens
+// and grid [H, W]; else [..., D]), hidden = h or the rank, on a GPU of `sms`
+// SMs; bias: low_rank with both biases. Returns the kernel names, the dtypes
+// (GEMM operands, an ATen op's output; heba kernels: the weights') and 13 ints
+// per launch: grid x, y, z, block x, y, z, m, n, k, numel, bytes read, bytes
+// written, FLOPs.
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<int64_t>>
+cuda_launch_plan(c10::string_view op, bool backward, c10::IntArrayRef x_shape, int64_t hidden,
+                 at::ScalarType x_dtype, at::ScalarType w_dtype, int64_t num_prefix_tokens,
+                 c10::IntArrayRef grid, bool bias, int64_t sms) {
+  const char* name = "heba::_cuda_launch_plan";
+  check_dtype_pair(x_dtype, w_dtype, name);
+  TORCH_CHECK(hidden >= 1, name, ": hidden must be >= 1, got ", hidden);
+  TORCH_CHECK(sms >= 1 && sms < (1 << 20), name, ": sms must be a positive SM count, got ", sms);
+  TORCH_CHECK(x_shape.size() >= 2, name, ": x_shape must be [..., D], got ", x_shape);
+  int64_t rows = 1;
+  for (size_t i = 0; i < x_shape.size(); ++i) rows *= positive(x_shape, i, "x_shape", name);
+  const int64_t D = x_shape.back();
+  rows /= D;
+  LaunchPlan p(x_dtype, w_dtype, static_cast<int>(sms));
+  if (op == "heba_visual") {
+    TORCH_CHECK(x_shape.size() == 3 && grid.size() == 2, name,
+                ": heba_visual needs x_shape [B, N, D] and grid [H, W], got ", x_shape, ", ",
+                grid);
+    const int64_t H = positive(grid, 0, "grid", name), W = positive(grid, 1, "grid", name);
+    TORCH_CHECK(num_prefix_tokens >= 0 && num_prefix_tokens + H * W == x_shape[1], name,
+                ": x_shape has ", x_shape[1], " tokens per image, expected num_prefix_tokens + "
+                "H*W = ", num_prefix_tokens, " + ", H, "*", W);
+    plan_visual(p, backward, x_shape[0], x_shape[1], D, hidden, H, W);
+  } else if (op == "heba_text") {
+    plan_text(p, backward, rows, D, hidden);
+  } else if (op == "low_rank") {
+    plan_low_rank(p, backward, rows, D, hidden, bias);
+  } else {
+    TORCH_CHECK(false, name, ": op must be heba_visual, heba_text or low_rank, got ", op);
+  }
+  std::vector<std::string> kernels, dtypes;
+  std::vector<int64_t> fields;
+  for (const PlannedLaunch& l : p.launches) {
+    kernels.push_back(l.kernel);
+    dtypes.push_back(c10::toString(l.dtype));
+    const int64_t f[] = {l.dims.grid[0], l.dims.grid[1],  l.dims.grid[2],  l.dims.block[0],
+                         l.dims.block[1], l.dims.block[2], l.m, l.n, l.k, l.numel,
+                         l.read, l.written, l.flops};
+    fields.insert(fields.end(), std::begin(f), std::end(f));
+  }
+  return {kernels, dtypes, fields};
+}
+
+// ---------------------------------------------------------------------------
 // Host probes of the kernels' index math (CPU, float64): the stencil, its
 // adjoint and the dWm partial-sum chunks computed with the very functions of
 // stencil.h (and visual_stencil_bwd_chunks) the kernels call, so a CPU test
@@ -670,6 +900,12 @@ TORCH_LIBRARY_FRAGMENT(heba, m) {
       "_cuda_stencil_host(Tensor u, Tensor wm, Tensor dv, int B, int N, int P, int H, int W, "
       "bool batch_major) -> (Tensor, Tensor, Tensor)");
   m.def("_cuda_stencil_chunks(int positions) -> int[]", &heba::cuda_stencil_chunks);
+  // host-only: the launches of an op call, for the roofline model (benchmarks/roofline.py)
+  m.def(
+      "_cuda_launch_plan(str op, bool backward, int[] x_shape, int hidden, ScalarType x_dtype, "
+      "ScalarType w_dtype, int num_prefix_tokens, int[] grid, bool bias, int sms) "
+      "-> (str[], str[], int[])",
+      &heba::cuda_launch_plan);
 }
 
 TORCH_LIBRARY_IMPL(heba, CPU, m) { m.impl("_cuda_stencil_host", &heba::cuda_stencil_host); }

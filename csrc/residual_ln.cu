@@ -22,8 +22,6 @@
 namespace heba {
 namespace {
 
-constexpr int kLnMaxThreads = 256;  // ln_threads() below
-
 template <typename x_t, typename w_t>
 __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_fwd_kernel(const x_t* __restrict__ x, const w_t* __restrict__ z,
                                         const acc_of<x_t>* __restrict__ gamma,
@@ -118,7 +116,7 @@ __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_bwd_kernel(const x
 
 // out = a + k * b, computed in the accumulation type of x_t.
 template <typename x_t, typename w_t>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kElemThreads)
     _scaled_add_kernel(const x_t* __restrict__ a, const w_t* __restrict__ b,
                        x_t* __restrict__ out, int64_t n, ScaleArg k_arg) {
   using acc_t = acc_of<x_t>;
@@ -129,8 +127,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-int ln_threads(int64_t D) { return D >= 2048 ? kLnMaxThreads : 128; }
-
 }  // namespace
 
 cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void* z,
@@ -138,13 +134,12 @@ cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void
                                    void* rstd, TokenMap tm, int64_t num_prefix, int64_t rows,
                                    int64_t D, ScaleArg scale, double eps, cudaStream_t stream) {
   if (rows == 0 || D == 0) return cudaSuccess;
-  const int threads = ln_threads(D);
-  const unsigned int blocks = static_cast<unsigned int>(rows < (1LL << 20) ? rows : (1LL << 20));
+  const LaunchDims d = residual_ln_fwd_dims(rows, D);
   return dispatch_xw(xt, wt, [&](auto xtag, auto wtag) -> cudaError_t {
     using x_t = decltype(xtag);
     using w_t = decltype(wtag);
     using acc_t = acc_of<x_t>;
-    _residual_ln_fwd_kernel<x_t, w_t><<<blocks, threads, 0, stream>>>(
+    _residual_ln_fwd_kernel<x_t, w_t><<<grid_of(d), block_of(d), 0, stream>>>(
         static_cast<const x_t*>(x), static_cast<const w_t*>(z), static_cast<const acc_t*>(gamma),
         static_cast<const acc_t*>(beta), static_cast<x_t*>(out), static_cast<acc_t*>(mean),
         static_cast<acc_t*>(rstd), tm, num_prefix, rows, D, scale, static_cast<acc_t>(eps));
@@ -156,15 +151,15 @@ cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const v
                                    const void* z, const void* gamma, const void* mean,
                                    const void* rstd, void* dy, void* dgamma_part,
                                    void* dbeta_part, TokenMap tm, int64_t num_prefix,
-                                   int64_t rows, int64_t D, ScaleArg ga_scale, int blocks,
+                                   int64_t rows, int64_t D, ScaleArg ga_scale, int sms,
                                    cudaStream_t stream) {
   if (rows == 0 || D == 0) return cudaSuccess;
-  const int threads = ln_threads(D);
+  const LaunchDims d = residual_ln_bwd_dims(rows, D, sms);
   return dispatch_xw(xt, wt, [&](auto xtag, auto wtag) -> cudaError_t {
     using x_t = decltype(xtag);
     using w_t = decltype(wtag);
     using acc_t = acc_of<x_t>;
-    _residual_ln_bwd_kernel<x_t, w_t><<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(
+    _residual_ln_bwd_kernel<x_t, w_t><<<grid_of(d), block_of(d), 0, stream>>>(
         static_cast<const x_t*>(grad), static_cast<const x_t*>(x), static_cast<const w_t*>(z),
         static_cast<const acc_t*>(gamma), static_cast<const acc_t*>(mean),
         static_cast<const acc_t*>(rstd), static_cast<w_t*>(dy), static_cast<acc_t*>(dgamma_part),
@@ -179,7 +174,8 @@ cudaError_t scaled_add_launch(DType xt, DType wt, const void* a, const void* b, 
   return dispatch_xw(xt, wt, [&](auto xtag, auto wtag) -> cudaError_t {
     using x_t = decltype(xtag);
     using w_t = decltype(wtag);
-    _scaled_add_kernel<x_t, w_t><<<elementwise_blocks(n, 256), 256, 0, stream>>>(
+    const LaunchDims d = scaled_add_dims(n, num_sms());
+    _scaled_add_kernel<x_t, w_t><<<grid_of(d), block_of(d), 0, stream>>>(
         static_cast<const x_t*>(a), static_cast<const w_t*>(b), static_cast<x_t*>(out), n, k);
     return cudaGetLastError();
   });

@@ -162,3 +162,93 @@ def test_measured_gpu_takes_the_run_rates():
     for bad in (float("nan"), 0.0, None, float("inf")):
         assert roofline.measured_gpu(dict(row, measured_copy_gbs=bad)) is None
         assert roofline.measured_gpu(dict(row, measured_matmul_tflops=bad)) is None
+
+
+# --------------------------------------------------------------------------- CUDA plan
+
+def _cuda_built():
+    from heba_kernels import _extension
+    ok, why = _extension.prebuilt()
+    return ok or _extension.loaded(), why
+
+
+CUDA_BUILT, CUDA_WHY = _cuda_built()
+requires_cuda_plan = pytest.mark.skipif(
+    not CUDA_BUILT, reason=f"heba::_cuda_launch_plan needs heba_kernels._C built: {CUDA_WHY}")
+
+
+def _min_gemm_flops(case, backward):
+    """The projections' FLOPs: 2 forward, 4 backward, each 2 M D hidden; the CUDA
+    low-rank backward recomputes its down projection (one more), its forward at rank
+    <= 64 is the fused kernel's (no GEMM)."""
+    M, D = case.batch * case.tokens, case.dim
+    hid = case.rank if case.op == "low_rank" else D // 4
+    if case.op == "low_rank":
+        n = 5 if backward else (0 if hid <= 64 else 2)
+    else:
+        n = 4 if backward else 2
+    return n * 2 * M * D * hid
+
+
+@requires_cuda_plan
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_cuda_costs_follow_the_cpp_plan(case, backward):
+    import math
+    for e, w in ((2, 2), (4, 2), (4, 4)):
+        costs = roofline.cuda_costs(case, e, w, ODD, backward)
+        plan = roofline._case_cuda_plan(case, e, w, ODD, backward)
+        assert len(costs) == len(plan) > 0
+        assert [c.kernel for c in costs] == [p.kernel for p in plan]
+        for c, p in zip(costs, plan):
+            assert all(math.isfinite(v) and v >= 0 for v in (c.hbm, c.l2, c.flops)), c
+            assert c.hbm == p.read + p.written > 0 and c.grid == p.grid
+            assert c.l2 >= (c.hbm if p.kernel != "gemm" else p.m * p.k * p.dtype.itemsize)
+        gemm = sum(c.flops for c in costs if c.kernel == "gemm")
+        assert gemm == _min_gemm_flops(case, backward), (case.name, backward)
+        assert all(p.flops == 2 * p.m * p.n * p.k for p in plan if p.kernel == "gemm")
+    # the elementwise kernels' grids are capped at 32 blocks per SM (csrc/launch_dims.h)
+    few = roofline.cuda_costs(case, 2, 2, roofline.GPU("one SM", 1e12, 1e14, 1), backward)
+    many = roofline.cuda_costs(case, 2, 2, ODD, backward)
+    assert [c.kernel for c in few] == [c.kernel for c in many]
+    for a, b in zip(few, many):
+        if a.kernel in ("_visual_stencil_kernel", "_visual_stencil_kernel[mirror]",
+                        "_scaled_add_kernel", "_low_rank_bwd_kernel_gelu"):
+            assert a.grid == (min(b.grid[0], 32), 1, 1) and b.grid[0] > 32, (a, b)
+
+
+@requires_cuda_plan
+def test_cuda_plan_example_and_dtypes():
+    plan = roofline.cuda_plan("heba_visual", True, (2, 17, 32), 8, torch.float32, torch.bfloat16,
+                              1, (4, 4), sms=3)
+    assert [p.kernel for p in plan if p.kernel.startswith("_")] == [
+        "_residual_ln_bwd_kernel", "_visual_stencil_bwd_kernel_dv",
+        "_visual_stencil_kernel[mirror]", "_scaled_add_kernel"]
+    ln = plan[[p.kernel for p in plan].index("_residual_ln_bwd_kernel")]
+    assert ln.grid == (6, 1, 1) and ln.block == (128, 1, 1)          # 2 blocks per SM
+    assert {p.dtype for p in plan if p.kernel == "gemm"} == {torch.bfloat16}
+    assert [p.kernel for p in roofline.cuda_plan("low_rank", False, (2, 9, 32), 16)] == \
+        ["_low_rank_fwd_kernel"]
+
+
+@requires_cuda_plan
+def test_table_has_cuda_rows():
+    cases = [Case("v", "heba_visual", 2, 17, 64, grid=(4, 4)), Case("t", "heba_text", 2, 9, 32),
+             Case("l", "low_rank", 2, 9, 32, rank=16)]
+    rs = roofline.rows(cases)
+    md = roofline.markdown(rs)
+    for c, r in zip(cases, rs):
+        n = len(roofline.cuda_costs(c, 2, 2, roofline.GPUS["H200"], False)) + \
+            len(roofline.cuda_costs(c, 2, 2, roofline.GPUS["H200"], True))
+        assert r["cuda_launches"] == n and 0 < r["cuda_heba_launches"] < n
+        assert f"| {c.name} | cuda | {n} ({r['cuda_heba_launches']} + " in md
+        assert r["cuda_hbm"] >= r["ideal_bytes"] and r["cuda_floor_H200"] < r["cuda_floor_H100"]
+    assert "not modelled" not in md
+
+
+def test_table_without_the_extension_says_why(monkeypatch):
+    def unbuilt(*args, **kwargs):
+        raise RuntimeError("heba_kernels._C was not built at install")
+    monkeypatch.setattr(roofline, "cuda_plan", unbuilt)
+    md = roofline.markdown(roofline.rows([Case("t", "heba_text", 2, 9, 32)]))
+    assert "| t | cuda | not modelled (heba_kernels._C was not built at install) |" in md

@@ -924,3 +924,187 @@ def test_scale_reaches_the_schema_as_float_and_tensor():
     for s in (Scale(0.0, t), t):
         value, tensor = cuda_ops._scale_args(s)
         assert value == 0.0 and tensor is t
+
+
+# ---------------------------------------------------------------------------
+# CPU, extension built: heba::_cuda_launch_plan (host only), the launches an op
+# call makes, against the rules csrc/README.md and csrc/launch_dims.h document,
+# recomputed here.
+# ---------------------------------------------------------------------------
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _elementwise(n, sms):
+    """csrc/launch_dims.h elementwise_dims: 256 threads, up to 32 blocks per SM."""
+    return (max(1, min(_cdiv(n, 256), 32 * sms)), 1, 1), (256, 1, 1)
+
+
+def _ln(rows, D, blocks):
+    return (blocks, 1, 1), (256 if D >= 2048 else 128, 1, 1)
+
+
+def _acc_of(xt):
+    return torch.float64 if xt == torch.float64 else torch.float32
+
+
+def _casts(n, a, b):
+    return [("cast", None, None)] if a != b else []
+
+
+def _ln_bwd_launches(rows, D, xt, wt, sms):
+    blocks = max(1, min(rows, 2 * sms))
+    return _casts(D, wt, _acc_of(xt)) + [("fill", None, None),
+                                      ("_residual_ln_bwd_kernel", *_ln(rows, D, blocks)),
+                                      ("sum", None, None), ("sum", None, None)]
+
+
+def _ln_fwd_launches(rows, D, xt, wt):
+    return 2 * _casts(D, wt, _acc_of(xt)) + [("_residual_ln_fwd_kernel",
+                                           *_ln(rows, D, min(rows, 1 << 20)))]
+
+
+def _gemm(m, n, k):
+    return ("gemm", (m, n, k), None)
+
+
+def _expected_visual(bwd, B, N, D, h, H, W, xt, wt, sms):
+    rows, acc = B * N, _acc_of(xt)
+    if not bwd:
+        return (_casts(rows * D, xt, wt) + [_gemm(rows, h, D),
+                ("_visual_stencil_kernel", *_elementwise(rows * h, sms)), _gemm(rows, D, h)]
+                + _ln_fwd_launches(rows, D, xt, wt))
+    nchunks, _ = torch.ops.heba._cuda_stencil_chunks(B * H * W)
+    return (_ln_bwd_launches(rows, D, xt, wt, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
+            ("_visual_stencil_bwd_kernel_dv", (_cdiv(h, 32), nchunks, 1), (32, 8, 1)),
+            ("_visual_stencil_kernel[mirror]", *_elementwise(rows * h, sms)),
+            ("sum", None, None)] + _casts(9 * h, acc, wt) + _casts(rows * D, xt, wt)
+            + [_gemm(h, D, rows), ("copy", None, None), _gemm(rows, D, h),
+               ("_scaled_add_kernel", *_elementwise(rows * D, sms))] + 2 * _casts(D, acc, wt))
+
+
+def _expected_text(bwd, rows, D, h, xt, wt, sms):
+    if not bwd:
+        return (_casts(rows * D, xt, wt) + [_gemm(rows, h, D), ("gelu", None, None),
+                _gemm(rows, D, h)] + _ln_fwd_launches(rows, D, xt, wt))
+    return (_ln_bwd_launches(rows, D, xt, wt, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
+            ("gelu_backward", None, None)] + _casts(rows * D, xt, wt)
+            + [_gemm(h, D, rows), ("copy", None, None), _gemm(rows, D, h),
+               ("_scaled_add_kernel", *_elementwise(rows * D, sms))]
+            + 2 * _casts(D, _acc_of(xt), wt))
+
+
+def _expected_low_rank(bwd, M, D, R, xt, wt, sms):
+    acc = _acc_of(xt)
+    if not bwd and R <= 64 and xt != torch.float64:
+        return [("_low_rank_fwd_kernel", (_cdiv(M, 32), 1, 1), (256, 1, 1))]
+    head = _casts(M * D, xt, wt) + [_gemm(M, R, D)]
+    if not bwd:
+        return head + [("gelu", None, None), _gemm(M, D, R), ("add", None, None)]
+    return (head + [("mul", None, None)] + _casts(M * D, xt, wt) + [
+        _gemm(M, R, D), ("_low_rank_bwd_kernel_gelu", *_elementwise(M * R, sms)),
+        _gemm(D, R, M), ("sum", None, None), ("mul", None, None)] + _casts(D, acc, wt)
+        + [_gemm(R, D, M), ("sum", None, None)] + _casts(R, acc, wt)
+        + [_gemm(M, D, R), ("add", None, None)])
+
+
+def _plan(op, bwd, shape, hidden, xt, wt, P=0, grid=(), bias=False, sms=132):
+    """[(kernel, grid or (m, n, k) for a GEMM or None, block or None)], and the raw answer."""
+    names, dtypes, f = torch.ops.heba._cuda_launch_plan(op, bwd, list(shape), hidden, xt, wt, P,
+                                                        list(grid), bias, sms)
+    assert len(f) == 13 * len(names) and len(dtypes) == len(names)
+    out = []
+    for i, name in enumerate(names):
+        v = f[13 * i:13 * i + 13]
+        if name == "gemm":
+            out.append((name, tuple(v[6:9]), None))
+        elif name.startswith("_"):
+            out.append((name, tuple(v[0:3]), tuple(v[3:6])))
+        else:
+            assert v[0:9] == [0] * 9, (name, v)      # ATen's own grid
+            out.append((name, None, None))
+    return out, (names, dtypes, f)
+
+
+DT = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "f64": torch.float64}
+PAIRS = [("bf16", "bf16"), ("f32", "bf16"), ("f32", "f32"), ("f64", "f64")]
+
+
+@requires_ext
+@pytest.mark.parametrize("xt,wt", PAIRS, ids=[f"x{a}-w{b}" for a, b in PAIRS])
+@pytest.mark.parametrize("bwd", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("B,N,D,P,H,W,sms", [(2, 17, 40, 1, 4, 4, 3), (3, 46, 2048, 1, 5, 9, 132),
+                                             (256, 197, 768, 1, 14, 14, 132),
+                                             (5, 13, 24, 4, 3, 3, 1)],
+                         ids=["B2-N17-D40-sms3", "B3-N46-D2048", "B256-N197-D768",
+                              "B5-N13-D24-P4-sms1"])
+def test_launch_plan_of_heba_ops(B, N, D, P, H, W, sms, bwd, xt, wt):
+    """The visual and text ops' launches: order, grids and GEMM shapes as ops.cpp makes them."""
+    import heba_kernels._C  # noqa: F401
+    xt, wt, h = DT[xt], DT[wt], max(1, D // 4)
+    got, _ = _plan("heba_visual", bwd, (B, N, D), h, xt, wt, P, (H, W), sms=sms)
+    assert got == _expected_visual(bwd, B, N, D, h, H, W, xt, wt, sms)
+    got, _ = _plan("heba_text", bwd, (B, N, D), h, xt, wt, sms=sms)
+    assert got == _expected_text(bwd, B * N, D, h, xt, wt, sms)
+
+
+@requires_ext
+@pytest.mark.parametrize("xt,wt", PAIRS, ids=[f"x{a}-w{b}" for a, b in PAIRS])
+@pytest.mark.parametrize("bwd", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("M,D,R", [(2 * 9, 32, 16), (7, 33, 64), (100, 768, 65), (3, 5, 1)])
+def test_launch_plan_of_low_rank(M, D, R, bwd, xt, wt):
+    import heba_kernels._C  # noqa: F401
+    xt, wt = DT[xt], DT[wt]
+    for sms, bias in ((132, True), (5, False)):
+        got, (_, _, f) = _plan("low_rank", bwd, (M, D), R, xt, wt, bias=bias, sms=sms)
+        assert got == _expected_low_rank(bwd, M, D, R, xt, wt, sms)
+        if not bwd and got[0][0] == "gemm":          # a bias is one more [R] read
+            nobias = _plan("low_rank", bwd, (M, D), R, xt, wt, bias=not bias, sms=sms)[1][2]
+            assert (f[10] - nobias[10]) * (1 if bias else -1) == R * wt.itemsize
+
+
+@requires_ext
+def test_launch_plan_bytes_and_flops():
+    """GEMM bytes and FLOPs from m, n, k; the stencil backward's chunks are
+    _cuda_stencil_chunks'; every launch moves bytes; heba kernels in the weights' dtype."""
+    import heba_kernels._C  # noqa: F401
+    B, N, D, h, H, W = 3, 26, 48, 12, 5, 5
+    for bwd in (False, True):
+        got, (names, dtypes, f) = _plan("heba_visual", bwd, (B, N, D), h, torch.float32,
+                                        torch.bfloat16, 1, (H, W), sms=7)
+        for i, name in enumerate(names):
+            v = f[13 * i:13 * i + 13]
+            assert v[11] > 0, name                    # everything writes something
+            if name == "gemm":
+                m, n, k = v[6:9]
+                assert dtypes[i] == "BFloat16" and v[12] == 2 * m * n * k and v[9] == m * n
+                assert v[10] in ((m * k + k * n) * 2, (m * k + k * n + m * n) * 2)
+                assert v[11] == m * n * 2
+            elif name.startswith("_"):
+                assert dtypes[i] == "BFloat16"
+        if bwd:
+            nchunks, _ = torch.ops.heba._cuda_stencil_chunks(B * H * W)
+            dv = names.index("_visual_stencil_bwd_kernel_dv")
+            assert f[13 * dv + 1] == nchunks
+            assert f[13 * dv + 11] == (B * H * W * h + nchunks * h * 9) * 4   # dv, dWm part
+
+
+@requires_ext
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(op="conv"), "op must be heba_visual, heba_text or low_rank, got conv"),
+    (dict(x_shape=[2, 0, 8]), "x_shape must list positive sizes"),
+    (dict(grid=[3, 3]), "expected num_prefix_tokens \\+ H\\*W = 1 \\+ 3\\*3"),
+    (dict(sms=0), "sms must be a positive SM count, got 0"),
+    (dict(x_dtype=torch.bfloat16, w_dtype=torch.float32), "unsupported dtypes"),
+    (dict(hidden=0), "hidden must be >= 1, got 0"),
+])
+def test_launch_plan_bad_input_is_one_line(kwargs, match):
+    import heba_kernels._C  # noqa: F401
+    args = dict(op="heba_visual", backward=False, x_shape=[2, 17, 8], hidden=2,
+                x_dtype=torch.float32, w_dtype=torch.float32, num_prefix_tokens=1, grid=[4, 4],
+                bias=False, sms=132)
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=match) as info:
+        torch.ops.heba._cuda_launch_plan(**args)
+    assert "heba::_cuda_launch_plan" in str(info.value).splitlines()[0]
