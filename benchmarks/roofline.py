@@ -472,7 +472,7 @@ def _cuda_line(r, gpus) -> str:
     n, heba = r["cuda_launches"], r["cuda_heba_launches"]
     floors = " | ".join(f"{r[f'cuda_floor_{g}']:.0f}" for g in gpus)
     return (f"| {r['case']} | cuda | {n} ({heba} + {n - heba}) | {r['cuda_hbm'] / 1e6:.0f} "
-            f"({r['cuda_hbm'] / r['ideal_bytes']:.1f}x) | {r['cuda_flops'] / 1e9:.1f} "
+            f"({r['cuda_hbm'] / r['ideal_bytes']:.2f}x) | {r['cuda_flops'] / 1e9:.1f} "
             f"({r['cuda_flops'] / r['ideal_flops']:.2f}x) | {r['cuda_l2'] / 1e9:.1f} | {floors} |")
 
 
