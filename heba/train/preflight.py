@@ -142,7 +142,13 @@ def plan_output(cfg, opts, lock: bool = False) -> Plan:
     out = opts.output
     probe_folder(out, "-o")
     if lock and os.path.isdir(out):
-        rf.lock(out)
+        try:
+            rf.lock(out)
+        except rf.WriteError:
+            if os.path.isdir(out):
+                raise
+            # The folder was another process's probe (a DDP rank proving the same path
+            # writable makes and removes it): a new folder, locked at the run's first write.
     state = rf.inspect(out)
     if opts.resume:
         return _plan_resume(cfg, state, opts)

@@ -81,3 +81,30 @@ def test_resume_keeps_the_worker_count_the_result_depends_on(tmp_path, capsys):
     check_workers({"workers": None}, None, "set")             # image pipelines: no count
     check_workers({}, 3, "set")                               # a set saved before it was kept
 
+
+
+def test_lock_of_a_folder_another_rank_probed_away(tmp_path, monkeypatch):
+    """A DDP rank's writability probe makes the output folder and removes it again: if it
+    is gone by the time rank 0 locks it, the run is a fresh one (locked at its first write),
+    not a write error; a folder that stays and cannot be locked still fails."""
+    from types import SimpleNamespace
+
+    from heba.train import preflight
+    out = tmp_path / "out"
+    out.mkdir()                                  # the other rank's probe folder, for now
+    real_lock = preflight.rf.lock
+
+    def lock_after_the_probe_is_gone(folder):
+        os.rmdir(folder)                         # the other rank's probe removes it
+        return real_lock(folder)
+    monkeypatch.setattr(preflight.rf, "lock", lock_after_the_probe_is_gone)
+    opts = SimpleNamespace(output=str(out), resume=False, overwrite=False)
+    assert preflight.plan_output(None, opts, lock=True).mode == "fresh"
+
+    out.mkdir()
+
+    def lock_fails(folder):
+        raise preflight.rf.WriteError(f"cannot write {folder}/.lock: permission denied")
+    monkeypatch.setattr(preflight.rf, "lock", lock_fails)
+    with pytest.raises(preflight.rf.WriteError, match="permission denied"):
+        preflight.plan_output(None, opts, lock=True)
