@@ -643,10 +643,22 @@ void plan_residual_ln_bwd(LaunchPlan& p, int64_t rows, int64_t D) {
   p.aten("sum", p.acc, blocks * D, ea, D);                // part[1].sum(0)
 }
 
+// The end of both HeBA backwards: d_down, dx = g + scale * (dy + du @ Wd), the norm casts.
+void plan_dx_tail(LaunchPlan& p, int64_t rows, int64_t D, int64_t h) {
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt);
+  p.cast(rows * D, p.xt, p.wt);                           // xw
+  p.gemm(h, D, rows);                                     // d_down = du^T @ xw
+  p.addmm(rows, D, h);                                    // s = dy + du @ Wd
+  p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
+           rows * D * (ex + ew), rows * D * ex);
+  p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)
+  p.cast(D, p.acc, p.wt);                                 // dbeta.to(wt)
+}
+
 void plan_visual(LaunchPlan& p, bool backward, int64_t B, int64_t N, int64_t D, int64_t h,
                  int64_t H, int64_t W) {
   const int64_t rows = B * N, T = B * H * W;
-  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
+  const int64_t ew = p.size(p.wt), ea = p.size(p.acc);
   if (!backward) {
     p.cast(rows * D, p.xt, p.wt);                         // xw
     p.gemm(rows, h, D);                                   // u = xw @ Wd^T
@@ -668,17 +680,11 @@ void plan_visual(LaunchPlan& p, bool backward, int64_t B, int64_t N, int64_t D, 
            T * h * ea + 9 * h * ew, rows * h * ew, 2 * 9 * T * h);
   p.aten("sum", p.acc, nchunks * h * 9, ea, h * 9);       // dwm_part.sum(0)
   p.cast(h * 9, p.acc, p.wt);                             // d_mid .to(wt)
-  p.cast(rows * D, p.xt, p.wt);                           // xw
-  p.gemm(h, D, rows);                                     // d_down = du^T @ xw
-  p.addmm(rows, D, h);                                    // s = dy + du @ Wd
-  p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
-           rows * D * (ex + ew), rows * D * ex);
-  p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)
-  p.cast(D, p.acc, p.wt);                                 // dbeta.to(wt)
+  plan_dx_tail(p, rows, D, h);
 }
 
 void plan_text(LaunchPlan& p, bool backward, int64_t rows, int64_t D, int64_t h) {
-  const int64_t ex = p.size(p.xt), ew = p.size(p.wt);
+  const int64_t ew = p.size(p.wt);
   if (!backward) {
     p.cast(rows * D, p.xt, p.wt);                         // xw
     p.gemm(rows, h, D);                                   // u = xw @ Wd^T
@@ -691,13 +697,7 @@ void plan_text(LaunchPlan& p, bool backward, int64_t rows, int64_t D, int64_t h)
   p.gemm(D, h, rows);                                     // d_up = dy^T @ g
   p.gemm(rows, h, D);                                     // dy @ Wu
   p.aten("gelu_backward", p.wt, 2 * rows * h, ew, rows * h);
-  p.cast(rows * D, p.xt, p.wt);                           // xw
-  p.gemm(h, D, rows);                                     // d_down = du^T @ xw
-  p.addmm(rows, D, h);                                    // s = dy + du @ Wd
-  p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
-           rows * D * (ex + ew), rows * D * ex);
-  p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)
-  p.cast(D, p.acc, p.wt);                                 // dbeta.to(wt)
+  plan_dx_tail(p, rows, D, h);
 }
 
 void plan_low_rank(LaunchPlan& p, bool backward, int64_t M, int64_t D, int64_t R, bool bias) {

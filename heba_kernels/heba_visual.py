@@ -252,6 +252,24 @@ def _copy_prefix(src_ptr, dst_ptr, b, first, d, d_mask, stride_sb, stride_sn, st
 
 
 @triton.jit
+def _down_tile(x_rows, row_mask, wd_ptr, c, c_mask, D, BLOCK_R: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OP: tl.constexpr,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``t Wd^T`` of ``BLOCK_R`` token rows (pointers ``x_rows``) and bottleneck columns
+    ``c``, D in chunks: [BLOCK_R, BLOCK_H] fp32."""
+    acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        t = tl.load(x_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0)                                                     # [BR, BD]
+        wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
+                       mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
+        acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
+    return acc
+
+
+@triton.jit
 def _heba_visual_fwd_kernel_down(
     x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B * HW, h]
     stride_xb, stride_xn, T, HW, D, h, P,
@@ -262,15 +280,8 @@ def _heba_visual_fwd_kernel_down(
     c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        t = tl.load(x_rows[:, None] + d[None, :], mask=r_mask[:, None] & d_mask[None, :],
-                    other=0.0)                                                     # [BT, BD]
-        wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
-                       mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
-        acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
+    acc = _down_tile(x_rows, r_mask, wd_ptr, c, c_mask, D, BLOCK_T, BLOCK_H, BLOCK_D, OP,
+                     UPCAST, IEEE)
     tl.store(u_ptr + r[:, None] * h + c[None, :], acc.to(u_ptr.dtype.element_ty),
              mask=r_mask[:, None] & c_mask[None, :])
 
@@ -318,15 +329,8 @@ def _down_halo(x_ptr, wd_ptr, u_ptr, uh_ptr, r0, stride_xb, stride_xn, T, HW, W,
         for h0 in range(0, h, BLOCK_H):
             c = h0 + tl.arange(0, BLOCK_H)
             c_mask = c < h
-            acc = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_mask = d < D
-                t = tl.load(x_rows[:, None] + d[None, :], mask=ok[:, None] & d_mask[None, :],
-                            other=0.0)                                             # [BE, BD]
-                wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
-                               mask=d_mask[:, None] & c_mask[None, :], other=0.0)  # [BD, BH]
-                acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
+            acc = _down_tile(x_rows, ok, wd_ptr, c, c_mask, D, BLOCK_E, BLOCK_H, BLOCK_D, OP,
+                             UPCAST, IEEE)
             val = acc.to(uh_ptr.dtype.element_ty)
             tl.store(uh_ptr + k[:, None] * h + c[None, :], val, mask=ok[:, None] & c_mask[None, :])
             tl.store(u_ptr + g[:, None] * h + c[None, :], val,
