@@ -79,6 +79,11 @@ CLIP = [
     _visual("L/14@336 attn d1024 24x24", 2, 24, 24, 1024),
     _visual("L/14@336 mlp d4096 24x24", 1, 24, 24, 4096),
     _visual("B/16 attn d768 14x14 seq-first", 3, 14, 14, 768, batch_first=False),
+    # Throughput batches, where the plans pick their large row blocks on a big GPU (64
+    # rows, the one-launch forward's halo and the dx kernel's weight gradients at the
+    # attention position; 128 rows at the MLP position): small batches take 16-row blocks.
+    _visual("B/16 attn d768 14x14 B96", 96, 14, 14, 768),
+    _visual("B/16 mlp d3072 14x14 B96", 96, 14, 14, 3072),
     _text("B/16 text d512 x77", (4, 77, 512)),
     _text("B/16 text mlp d2048 x77", (2, 77, 2048)),
     _text("L/14 text d768 x77", (4, 77, 768)),
