@@ -193,6 +193,10 @@ def test_every_saved_element_written():
     pytest.param(32, 768, torch.bfloat16, id="B32-H14-W14-D768-P1-bf16"),
     pytest.param(8, 3072, torch.bfloat16, id="B8-H14-W14-D3072-P1-bf16"),
     pytest.param(16, 3072, torch.bfloat16, id="B16-H14-W14-D3072-P1-bf16"),
+    # throughput batches: the plans' large blocks on a 132-SM GPU (64 rows at D768, the
+    # fused forward's halo and the dx kernel's weight gradients; 128 rows at D3072)
+    pytest.param(96, 768, torch.bfloat16, id="B96-H14-W14-D768-P1-bf16"),
+    pytest.param(96, 3072, torch.bfloat16, id="B96-H14-W14-D3072-P1-bf16"),
     pytest.param(9, 768, torch.float16, id="B9-H14-W14-D768-P1-fp16"),
     pytest.param(4, 768, torch.float32, id="B4-H14-W14-D768-P1-fp32"),
 ])
