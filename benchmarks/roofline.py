@@ -405,7 +405,8 @@ def _cuda_row(case, e, w, gpus) -> dict:
     return row
 
 
-# SM counts by device name (torch.cuda.get_device_name), first match wins; others: 132
+# SM counts by device name (torch.cuda.get_device_name), first match wins; others: 132.
+# Only for rows that did not record their device's SM count (``sms``).
 DEVICE_SMS = (("H100 PCIe", 114), ("H100", 132), ("H200", 132), ("A100", 108))
 MODES = ("fwd", "fwdbwd")
 
@@ -413,15 +414,16 @@ MODES = ("fwd", "fwdbwd")
 def measured_gpu(row: dict, sms: int | None = None) -> GPU | None:
     """A :class:`GPU` whose ceilings are a benchmark run's own measured floors (a row of
     benchmarks/test_adapters.py: ``measured_copy_gbs``, ``measured_matmul_tflops``,
-    ``device``); ``sms`` from the argument, else the device name, else 132. None where
-    the run measured no finite, positive rates (a dry run on the CPU)."""
+    ``device``, ``sms``); SMs from the argument, else the row's own count, else the device
+    name, else 132. None where the run measured no finite, positive rates (a dry run on the
+    CPU)."""
     hbm = float(row.get("measured_copy_gbs") or 0.0) * 1e9
     bf16 = float(row.get("measured_matmul_tflops") or 0.0) * 1e12
     if not (0 < hbm < float("inf") and 0 < bf16 < float("inf")):
         return None
     name = str(row.get("device") or "unknown")
     if sms is None:
-        sms = next((n for key, n in DEVICE_SMS if key in name), 132)
+        sms = row.get("sms") or next((n for key, n in DEVICE_SMS if key in name), 132)
     return GPU(f"{name} (measured)", hbm, bf16, sms)
 
 

@@ -48,7 +48,8 @@ def _bench_ms(fn) -> float:
 def peaks():
     """Copy bandwidth and bf16 matmul throughput measured on this device, in this run."""
     if DRY_RUN:
-        return {"copy_gbs": float("nan"), "matmul_tflops": float("nan"), "device": "cpu"}
+        return {"copy_gbs": float("nan"), "matmul_tflops": float("nan"), "device": "cpu",
+                "sms": None}
     a = torch.empty(2 ** 28, dtype=torch.bfloat16, device="cuda")     # 512 MiB
     b = torch.empty_like(a)
     ms = _bench_ms(lambda: b.copy_(a))
@@ -56,7 +57,8 @@ def peaks():
     m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     ms = _bench_ms(lambda: m @ m)
     return {"copy_gbs": copy_gbs, "matmul_tflops": 2 * 8192 ** 3 / ms / 1e9,
-            "device": torch.cuda.get_device_name()}
+            "device": torch.cuda.get_device_name(),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
 
 
 def _saved_bytes(fn, x, params) -> int:
@@ -165,6 +167,7 @@ def test_adapter(benchmark, peaks, case, impl, dtype_name, mode):
         "peak_mem_bytes": _peak_bytes(step),
         "saved_for_backward_bytes": _saved_bytes(fn, x, params),
         "measured_copy_gbs": peaks["copy_gbs"], "measured_matmul_tflops": peaks["matmul_tflops"],
+        "sms": peaks["sms"],
     })
     benchmark.pedantic(synced, rounds=3 if DRY_RUN else 20, iterations=1, warmup_rounds=1)
     if impl == "compile":      # each case recompiles: stay under dynamo's recompile limit

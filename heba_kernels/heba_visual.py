@@ -108,7 +108,7 @@ import triton.language as tl
 from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
                                          atb_partials, atb_plan, check_dtypes, device_guard,
                                          op_code, plan_device, reduce_partials, reduce_plan)
-from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_interpreting
+from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
            "visual_bwd_plan"]
@@ -820,7 +820,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     """The backward's launches (``recompute_u``: the down kernel runs again first)."""
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
-    BT, BH, BD = cfg["BLOCK_T"], cfg["BLOCK_H"], cfg["BLOCK_D"]
+    BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     down, dx = _down_config(cfg, D, h), _dx_config(cfg, D, h, gpu)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
     slots = _programs(n_t, sms, gpu)

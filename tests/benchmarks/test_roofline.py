@@ -164,6 +164,16 @@ def test_measured_gpu_takes_the_run_rates():
         assert roofline.measured_gpu(dict(row, measured_matmul_tflops=bad)) is None
 
 
+def test_measured_gpu_prefers_the_rows_own_sm_count():
+    """A row that recorded its device's SMs (benchmarks/test_adapters.py does) is modelled
+    with them, whatever its name says; the argument still wins."""
+    row = dict(measured_copy_gbs=3012.5, measured_matmul_tflops=701.25, device="NVIDIA H100 PCIe",
+               sms=98)
+    assert roofline.measured_gpu(row).sms == 98
+    assert roofline.measured_gpu(row, sms=78).sms == 78
+    assert roofline.measured_gpu(dict(row, sms=None)).sms == 114
+
+
 # --------------------------------------------------------------------------- CUDA plan
 
 def _cuda_built():
