@@ -440,12 +440,23 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
     final = epoch_dir(folder, epoch)
     if os.path.exists(final):
         raise CheckpointError(f"{final} already exists: a set is never written twice")
+    # The whole set is one write: a stop (SIGINT / SIGTERM) arriving at any point of it
+    # waits for the commit and the removal of the older sets, so it leaves no partial set.
     with writing(folder):
         os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f".{EPOCH_PREFIX}{epoch}.partial-{os.getpid()}-"
-                                   f"{os.urandom(3).hex()}")
-    with writing(partial):
-        os.mkdir(partial)                           # 0777 less the umask
+        partial = os.path.join(folder, f".{EPOCH_PREFIX}{epoch}.partial-{os.getpid()}-"
+                                       f"{os.urandom(3).hex()}")
+        with writing(partial):
+            os.mkdir(partial)                       # 0777 less the umask
+        files = _commit_partial(folder, partial, final, epoch, writers)
+        notify_written(final)
+        remove_stale(folder, keep=epoch)
+    return CheckpointSet(final, epoch, files)
+
+
+def _commit_partial(folder: str, partial: str, final: str, epoch: int, writers: Mapping
+                    ) -> dict:
+    """Write the set into ``partial`` and rename it ``final``; on a failure remove it."""
     try:
         with writing(partial):
             notify_written(partial)
@@ -453,6 +464,7 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
         with writing(final):
             os.rename(partial, final)
             ckpt.fsync(folder)
+        return files
     except BaseException as err:
         # A write failed (a full disk): the partial set goes at once, so it does not keep
         # the disk full; the previous set is untouched. (A kill leaves it for remove_stale.)
@@ -462,9 +474,6 @@ def write_set(folder: str, epoch: int, writers: Mapping[str, Callable[[str], Non
                              f"sets: the previous one stays until the new one is "
                              f"committed)") from None
         raise
-    notify_written(final)
-    remove_stale(folder, keep=epoch)
-    return CheckpointSet(final, epoch, files)
 
 
 def _more(err: WriteError, text: str) -> WriteError:

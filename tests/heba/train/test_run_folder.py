@@ -295,3 +295,26 @@ def test_a_swallowed_stop_is_raised_again_at_the_next_safe_point():
     finally:
         restore()
     rf.check_stop()                             # restored: nothing pending any more
+
+
+def test_a_stop_during_a_set_write_waits_for_its_commit(tmp_path, monkeypatch):
+    """signals: SIGTERM arriving while a set is being written (here: as its hidden partial
+    folder is made) stops the run only once the set is committed and the older one removed:
+    no partial set is left behind."""
+    import signal
+    folder = str(tmp_path / "run")
+    rf.write_set(folder, 1, {"a.json": lambda p: rf.write_text(p, "{}")})
+    real_mkdir = os.mkdir
+
+    def mkdir_then_stop(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if ".partial-" in os.path.basename(path):
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(rf.os, "mkdir", mkdir_then_stop)
+    restore = rf.handle_signals()
+    try:
+        with pytest.raises(rf.Interrupted):
+            rf.write_set(folder, 2, {"a.json": lambda p: rf.write_text(p, '{"b": 1}')})
+    finally:
+        restore()
+    assert rf.read_set(folder).epoch == 2 and rf.stale_entries(folder) == []
