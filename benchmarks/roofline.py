@@ -118,16 +118,18 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.l2 = nprog * 9 * BT * BH * w
         elif st.step == "fwd":        # S programs over the blocks: (u of the block and its
             keep = m["KEEP_Y"]        # halo,) s = gelu(dwconv(u)), then two sweeps; sweep 2
-            blocks = _cdiv(T, BT)     # reads y back (KEEP_Y) instead of recomputing z
+            blocks = _cdiv(T, BT)     # reads y back: the kept buffer (KEEP_Y) or the
+            ysc = not keep            # program's scratch
             zsweep = BT * Dp * e + _cdiv(D, BD) * BT * hp * w + Dp * hp * w
             # x read, out written, u read (or written by the fused down phase), the per-
             # program scratch (s and the halo's u, reused block after block: written back once)
             rows = BT + halo_chunks(W, m) * m["BLOCK_E"]
+            # (and y's scratch, when sweep 2 reads y from it: likewise written back once)
             c.hbm = (2 * tok + hid + 2 * B * P * D * e + D * h * w + 8 * T + keep * tok
-                     + st.grid[0] * rows * h * w + m["FUSE_DOWN"] * h * D * w)
-            c.flops = (1 if keep else 2) * 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
-            c.l2 = blocks * ((zsweep + 3 * BT * Dp * e if keep else 2 * zsweep)
-                             + 10 * BT * hp * w)
+                     + st.grid[0] * (rows * h * w + ysc * BT * D * e)
+                     + m["FUSE_DOWN"] * h * D * w)
+            c.flops = 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
+            c.l2 = blocks * (zsweep + 3 * BT * Dp * e + 10 * BT * hp * w)
             if m["FUSE_DOWN"]:        # the down GEMM over the block and its halo
                 ext = rows - BT
                 c.flops += 2 * blocks * ext * Dp * hp
@@ -154,8 +156,10 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                 HP = m["BLOCK_HP"]    # constants read, not dy), both weight gradients summed
                 c.hbm += (hid + 16 * T + D * h * w + 2 * st.grid[0] * D * h * 4
                           + st.grid[0] * n_d * BT * HP * w)      # + the s scratch, once
-                c.flops += 3 * 2 * Tp * Dp * HP + n_d * 2 * 9 * Tp * HP
-                c.l2 += blocks * n_d * (12 * BT * HP * w + HP * BD * w + 16 * BT)
+                # z = Wu s in BLOCK_H chunks (s read back from the scratch chunk by chunk);
+                # the two weight-gradient products on the [.., BLOCK_HP] accumulators
+                c.flops += 2 * 2 * Tp * Dp * HP + 2 * Tp * Dp * hp + n_d * 2 * 9 * Tp * HP
+                c.l2 += blocks * n_d * (12 * BT * HP * w + BT * hp * w + HP * BD * w + 16 * BT)
         out.append(c)
     return out
 

@@ -342,9 +342,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
   Tensor d_mid = dwm_part.sum(0).to(wt).view({h, 1, 3, 3});
   const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
   Tensor d_down = at::mm(du.t(), xw).view({h, D, 1, 1});
-  Tensor s = at::addmm(dy, du, wd);                              // dy + du @ Wd, [rows, D]
+  dy.addmm_(du, wd);                 // dy += du @ Wd in place (cuBLAS, beta = 1): no copy of dy
   Tensor dx = at::empty_like(x);
-  scaled_add(rows_view(dx, "dx"), g2d, s, gs.dx);                // grad + dx_scale * s
+  scaled_add(rows_view(dx, "dx"), g2d, dy, gs.dx);               // grad + dx_scale * dy
   return {dx, d_down, d_mid, d_up.view({D, h, 1, 1}), dgamma.to(wt), dbeta.to(wt)};
 }
 
@@ -439,9 +439,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
   Tensor du = at::gelu_backward(at::mm(dy, up_weight), u);       // [rows, h]
   const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
   Tensor d_down = at::mm(du.t(), xw);                            // [h, D]
-  Tensor s = at::addmm(dy, du, down_weight);                     // dy + du @ Wd
+  dy.addmm_(du, down_weight);        // dy += du @ Wd in place (cuBLAS, beta = 1): no copy
   Tensor dx = at::empty_like(x);
-  scaled_add(rows_view(dx, "dx"), g2d, s, gs.dx);                // grad + dx_scale * s
+  scaled_add(rows_view(dx, "dx"), g2d, dy, gs.dx);               // grad + dx_scale * dy
   return {dx, d_down, d_up, dgamma.to(wt), dbeta.to(wt)};
 }
 
@@ -565,7 +565,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
 // in step). Assumes x and grad_out in a layout rows_view takes (no copies), the
 // weights contiguous (no copies) and positive sizes. A GEMM (at::mm, and
 // at::addmm with a 1-D bias, which cuBLASLt takes as its epilogue) counts as
-// one launch; at::addmm(C, a, b) with a 2-D C is a copy of C, then the GEMM.
+// one launch, and so does C.addmm_(a, b) in place (C read and written by the GEMM; an
+// out-of-place at::addmm(C, a, b) with a 2-D C would copy C first).
 // ---------------------------------------------------------------------------
 
 struct PlannedLaunch {
@@ -605,12 +606,6 @@ class LaunchPlan {
                         m * n * e, 2 * m * n * k});
   }
 
-  // at::addmm(C, a, b) with a 2-D C [m, n] of the weights' dtype: C copied, then the GEMM.
-  void addmm(int64_t m, int64_t n, int64_t k) {
-    aten("copy", wt, m * n, size(wt), m * n);
-    gemm(m, n, k, m * n * size(wt));
-  }
-
   int64_t size(at::ScalarType t) const { return static_cast<int64_t>(c10::elementSize(t)); }
 
   const at::ScalarType xt, wt, acc;
@@ -648,7 +643,7 @@ void plan_dx_tail(LaunchPlan& p, int64_t rows, int64_t D, int64_t h) {
   const int64_t ex = p.size(p.xt), ew = p.size(p.wt);
   p.cast(rows * D, p.xt, p.wt);                           // xw
   p.gemm(h, D, rows);                                     // d_down = du^T @ xw
-  p.addmm(rows, D, h);                                    // s = dy + du @ Wd
+  p.gemm(rows, D, h, rows * D * ew);                      // dy += du @ Wd (in place)
   p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
            rows * D * (ex + ew), rows * D * ex);
   p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)

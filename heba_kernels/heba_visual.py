@@ -46,9 +46,9 @@ width works. The intermediate buffers are ``[B * HW, .]``:
   block's own rows also into ``u``, kept for backward), so the forward is one launch;
   then ``s = gelu(dwconv(u))`` of its own rows into the scratch (read back after a
   barrier), the up-projection ``Wu s``, the residual, LayerNorm (Welford merge over D
-  chunks, then a second sweep that reads the kept ``y`` or recomputes ``z = Wu s``),
-  ``t + scale * a``, and the prefix tokens of every image that starts in the block
-  copied through.
+  chunks, ``y`` stored; then a second sweep that reads ``y`` back, from the kept buffer or
+  the program's scratch), ``t + scale * a``, and the prefix tokens of every image that
+  starts in the block copied through.
 * backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
@@ -72,11 +72,11 @@ writes ``u`` anyway, and the model prefers keeping it to a backward that reads
 ``x`` again for the down GEMM; see the constant). Below ``SAVE_U_MIN_DIM`` the
 backward runs the down kernel again instead. From ``D >= KEEP_Y_MIN_DIM`` (2048,
 where the adapter is matmul-bound) the forward also keeps the pre-LayerNorm
-``y = t + Wu s`` (``D`` values per grid token in x's dtype): its second sweep and
-the backward's two sweeps read it instead of recomputing the up-projection
-(1.09x instead of 1.66x the ideal FLOPs at D=3072; see the constant). Either way the gradients are
-bitwise the same (the same kernel computes the same ``u``). Everything else is
-recomputed. Transient buffers:
+``y = t + Wu s`` (``D`` values per grid token in x's dtype): the backward's two sweeps
+read it instead of recomputing the up-projection (1.00x instead of 1.50x the ideal FLOPs
+at D=3072; see the constant). Saved or recomputed ``u``, the gradients are bitwise the
+same (the same kernel computes the same ``u``). Everything else is recomputed.
+Transient buffers: the forward's ``y`` below ``KEEP_Y_MIN_DIM`` (one block per program),
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
 dtype), ``dv`` (``h`` values per token, rounded to the operand dtype like ``du``:
 bf16 halves its round trip); ``dy`` lives in the ``dx``
@@ -123,16 +123,23 @@ __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan
 # speed/memory choice only: the results are bitwise the same (tested both ways).
 SAVE_U_MIN_DIM = 0
 
-# Keep the pre-LayerNorm value y = t + Wu s (x's dtype) from this width up, instead of
-# recomputing the up-projection in the forward's second sweep and in both sweeps of the
-# backward's _dy. Modelled forward + backward (benchmarks/roofline.py, bf16, B256 14x14,
-# floor on H200 / H100):
-#   MLP position (D3072 h768): recompute 44.0 / 45.7 ns per token (2134 GFLOP, 1.50x
-#     ideal; 53 GB L2->SM); keep 30.1 / 35.4 ns per token (1424 GFLOP, 1.00x; 37 GB),
-#     for 2 bytes per token and channel kept (308 MB per adapter at B256).
-#   attention position (D768 h192): recompute 3.83 / 4.51 ns per token; keep 3.87 /
-#     4.96 (memory-bound: the extra y round trip costs more than the GEMMs it saves).
-# Numerics: in float32 the same bits; in 16-bit y is rounded once more (tested).
+# Keep the pre-LayerNorm value y = t + Wu s (x's dtype) in a [B * HW, D] buffer from this
+# width up, for the forward's second sweep and both sweeps of the backward's _dy, instead of
+# recomputing the up-projection there. Below it the forward's second sweep reads y back from
+# a per-program scratch of one block ([S, BLOCK_T, D], reused block after block: 13 MB at
+# D768 on 132 SMs, L2-resident) and the backward recomputes it. Modelled forward + backward
+# (benchmarks/roofline.py, bf16, B256 14x14, floor on H200 / H100):
+#   MLP position (D3072 h768): kept 30.1 / 35.4 ns per token (1424 GFLOP, 1.00x ideal;
+#     37 GB L2->SM), for 2 bytes per token and channel kept (308 MB per adapter at B256);
+#     scratch + recompute 39.3 / 41.1 (1898 GFLOP; its 104 MB scratch would not stay in L2).
+#   attention position (D768 h192): scratch + recompute 3.50 / 4.58 ns per token
+#     (157 GFLOP, 770 MB); kept 3.77 / 4.96 (127 GFLOP, 834 MB: memory-bound, the y round
+#     trip costs more than the GEMMs it saves); recomputing in the forward too (the
+#     scratch's predecessor) 3.83 / 4.51 (177 GFLOP, 757 MB: the H100's lower bandwidth
+#     makes the scratch's write-back cost more than the GEMM it saves, by 1.5%).
+# Numerics: in float32 the same bits whichever way; in 16-bit the forward's second sweep
+# reads y rounded to x's dtype (as the reference rounds it), the backward's recomputed y
+# is float32 (tested both ways).
 KEEP_Y_MIN_DIM = 2048
 
 # Bottlenecks up to this many columns (padded to a power of two) have their weight
@@ -204,12 +211,14 @@ def _stencil(src_ptr, wm_ptr, img, p, p_mask, c, c_mask, H, W, h, MIRROR: tl.con
 
 
 @triton.jit
-def _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h,
+def _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h, s_stride,
              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
              OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``z[r, d] = (Wu s_r)[d]`` for a block of rows and columns, ``s [B * HW, h]``: [BT, BD] fp32."""
+    """``z[r, d] = (Wu s_r)[d]`` for a block of rows and columns (rows of ``s`` ``s_stride``
+    apart), h in ``BLOCK_H`` chunks (no tensor-core work on padding past ``h`` but the last
+    chunk's): [BT, BD] fp32."""
     z = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    s_rows = s_ptr + r * h                                                         # [BT]
+    s_rows = s_ptr + r * s_stride                                                  # [BT]
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
@@ -339,32 +348,32 @@ def _down_halo(x_ptr, wd_ptr, u_ptr, uh_ptr, r0, stride_xb, stride_xn, T, HW, W,
 
 
 @triton.jit
-def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
+def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_rows,
                 r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
-                D, h, P, scale, eps, KEEP_Y: tl.constexpr,
+                D, h, P, scale, eps,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                 OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """The block's up-projection, residual, LayerNorm and output, ``s`` at rows ``loc`` of
     the program's scratch: statistics, then ``out`` (and the prefix tokens of every image
-    that starts in the block copied through)."""
+    that starts in the block copied through). Sweep 1 stores ``y`` at the row pointers
+    ``y_rows`` (the kept ``[B * HW, D]`` buffer, or the program's scratch) and sweep 2 reads
+    it back: the up-projection is computed once."""
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
     o_rows = out_ptr + b * stride_ob + (P + p) * stride_on
-    y_rows = y_ptr + r * D                                                         # [BT]
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
-    # so y never has to be held for the whole row (and is stored only if KEEP_Y).
+    # so y never has to be held in registers for the whole row.
     mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
-        z = _up_tile(s_ptr, wu_ptr, loc, r_mask, d, d_mask, h,
+        z = _up_tile(s_ptr, wu_ptr, loc, r_mask, d, d_mask, h, h,
                      BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         y = t + z                                                                  # [BT, BD]
-        if KEEP_Y:       # the pre-LayerNorm value, for sweep 2 and the backward
-            tl.store(y_rows[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_rows[:, None] + d[None, :], y.to(y_rows.dtype.element_ty), mask=mask)
         n_b = tl.sum(d_mask.to(tl.float32), axis=0)
         n_a = d0 * 1.0
         c_mean = tl.sum(y, axis=1) / n_b
@@ -377,21 +386,16 @@ def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_pt
     tl.store(mean_ptr + r, mean, mask=r_mask)
     tl.store(rstd_ptr + r, rstd, mask=r_mask)
 
-    if KEEP_Y:
-        tl.debug_barrier()               # y rows written by other threads, read back below
+    tl.debug_barrier()                   # y rows written by other threads, read back below
 
-    # Sweep 2: y read back (KEEP_Y) or z recomputed, and out written.
+    # Sweep 2: y read back, out written.
     first = r_mask & (p == 0)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if KEEP_Y:
-            y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        else:
-            y = t + _up_tile(s_ptr, wu_ptr, loc, r_mask, d, d_mask, h,
-                             BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+        y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
         a = (y - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
@@ -404,7 +408,7 @@ def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_pt
 @triton.jit
 def _heba_visual_fwd_kernel(
     x_ptr, wd_ptr, u_ptr, wm_ptr, scr_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,
-    y_ptr, stride_xb, stride_xn, stride_ob, stride_on,    # u [B * HW, h]; y [B * HW, D] if KEEP_Y
+    y_ptr, stride_xb, stride_xn, stride_ob, stride_on,    # u [B * HW, h]; y: see below
     H, W, T, HW, D, h, P, n_e, scale, scale_ptr, eps,     # scratch [S, BLOCK_T + n_e * BLOCK_E, h]
     SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr, FUSE_DOWN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -414,12 +418,15 @@ def _heba_visual_fwd_kernel(
     ``u`` of the block and its stencil's halo (:func:`_down_halo`, into the program's
     scratch; else ``u`` as the down launch wrote it), ``s = gelu(dwconv(u))`` of its rows
     into the program's scratch, then :func:`_fwd_sweeps`. The scratch is reused block after
-    block, so ``s`` and the halo stay on chip (L2) instead of a ``[B * HW, h]`` round trip."""
+    block, so ``s`` and the halo stay on chip (L2) instead of a ``[B * HW, h]`` round trip.
+    ``y`` (sweep 2 reads it back instead of recomputing the up-projection): with ``KEEP_Y``
+    the kept ``[B * HW, D]`` buffer, else the programs' ``[S, BLOCK_T, D]`` scratch."""
     pid = tl.program_id(0)
     n_s = tl.num_programs(0)
     scale = _scalar(scale, scale_ptr, SCALE_PTR)
     s_scr = scr_ptr + pid.to(tl.int64) * (BLOCK_T + n_e * BLOCK_E) * h
     loc = tl.arange(0, BLOCK_T).to(tl.int64)
+    y_scr = y_ptr + (pid.to(tl.int64) * BLOCK_T + loc) * D                        # [BT]
     for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
         blk = pid + i * n_s
         r, r_mask, b, p = _rows(blk, T, HW, BLOCK_T)
@@ -433,9 +440,10 @@ def _heba_visual_fwd_kernel(
         else:
             _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h, h,
                                 BLOCK_T, BLOCK_H)
-        _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_ptr,
+        y_rows = y_ptr + r * D if KEEP_Y else y_scr
+        _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_rows,
                     r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
-                    D, h, P, scale, eps, KEEP_Y, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+                    D, h, P, scale, eps, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
         tl.debug_barrier()               # the next block overwrites the scratch
 
 
@@ -448,7 +456,7 @@ def _pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h, KEEP
         y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         y = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32) + \
-            _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h, BLOCK_T, BLOCK_H, BLOCK_D, OP,
+            _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h, h, BLOCK_T, BLOCK_H, BLOCK_D, OP,
                      UPCAST, IEEE)
     return y
 
@@ -616,10 +624,10 @@ def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cs
     s = tl.load(s_scr + loc[:, None] * BLOCK_HP + cp[None, :],
                 mask=r_mask[:, None] & cp_mask[None, :], other=0.0)
     s = _op_cast(s, OP, UPCAST)                                                    # [BT, HP]
-    wu_t = tl.load(wu_ptr + d[None, :].to(tl.int64) * h + cp[:, None],
-                   mask=cp_mask[:, None] & d_mask[None, :], other=0.0)             # [HP, BD]
-    z = _mma(s, _op_cast(wu_t, OP, UPCAST), tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32),
-             IEEE)
+    # z = Wu s in BLOCK_H chunks of h: no tensor-core work on the padding up to BLOCK_HP
+    # (h 192 -> 256 at ViT-B/16's attention position), as in the _dy kernel's sweeps.
+    z = _up_tile(s_scr, wu_ptr, loc, r_mask, d, d_mask, h, BLOCK_HP, BLOCK_T, BLOCK_H,
+                 BLOCK_D, OP, UPCAST, IEEE)
     n = P + p
     t = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + d[None, :], mask=mask,
                 other=0.0)
@@ -906,9 +914,11 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     n_e = halo_chunks(W, fwd.meta)          # per program: s of a block, u of its halo
     scratch = new_buffer((fwd.grid[0], fwd.meta["BLOCK_T"] + n_e * fwd.meta["BLOCK_E"], h),
                          op, dev)
+    # y for the forward's second sweep: the kept buffer, or one block's per program
+    y_buf = y if y.numel() else new_buffer((fwd.grid[0], fwd.meta["BLOCK_T"], D), x.dtype, dev)
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     launch(_heba_visual_fwd_kernel, fwd.grid, x, wd, u, wm, scratch, wu, nw, nb, out, mean,
-           rstd, y if y.numel() else mean, sxb, sxn, sob, son, H, W, B * HW, HW, D, h, P, n_e,
+           rstd, y_buf, sxb, sxn, sob, son, H, W, B * HW, HW, D, h, P, n_e,
            scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
     return out, u, mean, rstd, y
 

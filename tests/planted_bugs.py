@@ -499,6 +499,18 @@ KERNELS = [
         "tl.store(dnw_slot + d, tl.sum(ga * yhat, axis=0), mask=d_mask)",
         (f"{T_TVIS}::test_values_and_grads",),
         "norm.weight's gradient slot overwritten per block: only the slot's last block counts"),
+    Bug("vis-fwd-y-stored-without-residual", "kernels", VIS,
+        "tl.store(y_rows[:, None] + d[None, :], y.to(y_rows.dtype.element_ty), mask=mask)",
+        "tl.store(y_rows[:, None] + d[None, :], z.to(y_rows.dtype.element_ty), mask=mask)",
+        (f"{T_TVIS}::test_values_and_grads",),
+        "the forward's second sweep normalises Wu s without the residual t: every output "
+        "wrong while the saved statistics still look right"),
+    Bug("vis-dx-z-scratch-stride", "kernels", VIS,
+        "z = _up_tile(s_scr, wu_ptr, loc, r_mask, d, d_mask, h, BLOCK_HP, BLOCK_T, BLOCK_H,",
+        "z = _up_tile(s_scr, wu_ptr, loc, r_mask, d, d_mask, h, h, BLOCK_T, BLOCK_H,",
+        (f"{T_TVIS}::test_values_and_grads",),
+        "the dx kernel reads its recomputed s with the wrong row stride whenever h is not a "
+        "power of two: x's gradient and dWu / dWd wrong at the attention position"),
     Bug("lr-bwd-alpha-dropped", "kernels", LR,
         "du = (alpha * da) * _gelu_grad(u)",
         "du = da * _gelu_grad(u)",

@@ -980,7 +980,7 @@ def _expected_visual(bwd, B, N, D, h, H, W, xt, wt, sms):
             ("_visual_stencil_bwd_kernel_dv", (_cdiv(h, 32), nchunks, 1), (32, 8, 1)),
             ("_visual_stencil_kernel[mirror]", *_elementwise(rows * h, sms)),
             ("sum", None, None)] + _casts(9 * h, acc, wt) + _casts(rows * D, xt, wt)
-            + [_gemm(h, D, rows), ("copy", None, None), _gemm(rows, D, h),
+            + [_gemm(h, D, rows), _gemm(rows, D, h),
                ("_scaled_add_kernel", *_elementwise(rows * D, sms))] + 2 * _casts(D, acc, wt))
 
 
@@ -990,7 +990,7 @@ def _expected_text(bwd, rows, D, h, xt, wt, sms):
                 _gemm(rows, D, h)] + _ln_fwd_launches(rows, D, xt, wt))
     return (_ln_bwd_launches(rows, D, xt, wt, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
             ("gelu_backward", None, None)] + _casts(rows * D, xt, wt)
-            + [_gemm(h, D, rows), ("copy", None, None), _gemm(rows, D, h),
+            + [_gemm(h, D, rows), _gemm(rows, D, h),
                ("_scaled_add_kernel", *_elementwise(rows * D, sms))]
             + 2 * _casts(D, _acc_of(xt), wt))
 
