@@ -180,6 +180,24 @@ def _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP: 
 
 
 @triton.jit
+def _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, OP: tl.constexpr,
+            UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """u = x @ W_d^T of ``BLOCK_M`` rows, accumulated over D in ``BLOCK_N`` chunks: float32
+    ``[BLOCK_M, BLOCK_H]``, 0 in padded hidden columns."""
+    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_N]
+        wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                       mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
+        u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+    return u
+
+
+@triton.jit
 def _text_bwd_wide_du(DY, WU, U_BUF, DU_OUT, rows64, row_ok, offs_n, D, H,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HC: tl.constexpr,
                       OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -271,15 +289,8 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
                               BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
         tl.debug_barrier()                    # A_OUT is read back by other threads
     else:
-        u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)             # [BLOCK_M, BLOCK_H]
-        for n0 in range(0, D, BLOCK_N):
-            cols = n0 + offs_n
-            c_ok = cols < D
-            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
-                           mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
-            u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+        u = _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M,
+                    BLOCK_N, BLOCK_H, OP, UPCAST, IEEE)                # [BLOCK_M, BLOCK_H]
         a = _op_cast(_gelu(u), OP, UPCAST)                             # [BLOCK_M, BLOCK_H]
     mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -373,6 +384,142 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
                  (g + scale * acc).to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _heba_text_bwd_kernel_du(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
+                             A_OUT, DU_OUT, CST,                    # [M, H], [M, H], [M, 2] fp32
+                             M, D, H, stride_xm, stride_gm,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                             IEEE: tl.constexpr):
+    """The row part of the backward for bottlenecks up to ``FUSED_DW_MAX_H`` columns, one
+    program per ``BLOCK_M`` tokens: ``u``, ``a = gelu(u)``, the LayerNorm backward's row
+    constants ``c1 = mean(dyhat * yhat)``, ``c2 = mean(dyhat)`` (to ``CST``), then
+    ``da = dy @ W_u`` with ``dy`` formed chunk by chunk and never stored, and
+    ``du = da * gelu'(u)``; writes ``a`` and ``du`` in the operand dtype."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    offs_n = tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
+    u = _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M, BLOCK_N,
+                BLOCK_H, OP, UPCAST, IEEE)                             # [BLOCK_M, BLOCK_H]
+    a = _op_cast(_gelu(u), OP, UPCAST)
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+    # Sweep 1: the row constants c1, c2.
+    c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP,
+                    UPCAST, IEEE)
+        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dyhat = g * tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        c1 += tl.sum(dyhat * yhat, axis=1)
+        c2 += tl.sum(dyhat, axis=1)
+    c1 = c1 / D
+    c2 = c2 / D
+    tl.store(CST + rows64 * 2, c1, mask=row_ok)
+    tl.store(CST + rows64 * 2 + 1, c2, mask=row_ok)
+
+    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1) chunk by chunk, da = dy @ W_u on the fly
+    # (one load of the W_u tile serves y and da).
+    da = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                # [BLOCK_M, BLOCK_H]
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                                mask=h_ok[:, None] & c_ok[None, :], other=0.0),
+                        OP, UPCAST)                                    # [BLOCK_H, BLOCK_N]
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        yhat = (_mma(a, wu_t, x, IEEE) - mean[:, None]) * rstd[:, None]
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dyhat = g * tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        dy = tl.where(mask, rstd[:, None] * (dyhat - c2[:, None] - yhat * c1[:, None]), 0.0)
+        da = _mma(_op_cast(dy, OP, UPCAST), tl.trans(wu_t), da, IEEE)
+    du = da * _gelu_grad(u)                                            # 0 in padded columns
+    hm_mask = row_ok[:, None] & h_ok[None, :]
+    h_ptrs = rows64[:, None] * H + offs_h[None, :]
+    tl.store(A_OUT + h_ptrs, a.to(A_OUT.dtype.element_ty), mask=hm_mask)
+    tl.store(DU_OUT + h_ptrs, du.to(DU_OUT.dtype.element_ty), mask=hm_mask)
+
+
+@triton.jit
+def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN,  # as above
+                                DX, DWU_PART, DWD_PART, DNW_PART, DNB_PART,  # [S, D, H],
+                                M, D, H, stride_xm, stride_gm, stride_dxm,   # [S, H, D],
+                                scale, scale_ptr, SCALE_PTR: tl.constexpr,   # [S, D], [S, D]
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                                IEEE: tl.constexpr):
+    """Program ``(s, j)`` of ``S x n_d``: columns ``j`` of D (``BLOCK_D`` wide), row blocks
+    ``s, s + S, ...``. Per block ``dy`` of its columns is recomputed from ``x``, ``g``, ``a``
+    and the row constants (``y = x + a @ W_u^T``, K = h), ``dx = g + scale * (dy + du @ W_d)``
+    written, and the program's shares ``dW_u[j, :] += dy^T a``, ``dW_d[:, j] += du^T x``,
+    ``dw[j] += sum g * yhat``, ``db[j] += sum g`` summed in float32 registers, written
+    once to slot ``s``: no ``dy`` round trip through memory, no split-K launches."""
+    pid = tl.program_id(0)
+    n_s = tl.num_programs(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)          # [BLOCK_D]
+    c_ok = cols < D
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    w_mask = h_ok[:, None] & c_ok[None, :]
+    # This program's weight tiles, loaded once: W_u[j, :]^T and W_d[:, j], [BLOCK_H, BLOCK_D].
+    wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None], mask=w_mask, other=0.0),
+                    OP, UPCAST)
+    wd = _op_cast(tl.load(WD + offs_h[:, None] * D + cols[None, :], mask=w_mask, other=0.0),
+                  OP, UPCAST)
+    nw = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+    acc_u = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)             # dW_u[j, :]
+    acc_d = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)             # dW_d[:, j]
+    dnw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dnb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(0, tl.cdiv(tl.cdiv(M, BLOCK_M) - pid, n_s)):
+        rows = (pid + i * n_s) * BLOCK_M + tl.arange(0, BLOCK_M)       # [BLOCK_M]
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        mask = row_ok[:, None] & c_ok[None, :]
+        hm_mask = row_ok[:, None] & h_ok[None, :]
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        a = _op_cast(tl.load(A_IN + h_ptrs, mask=hm_mask, other=0.0), OP, UPCAST)
+        du = _op_cast(tl.load(DU_IN + h_ptrs, mask=hm_mask, other=0.0), OP, UPCAST)
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)                          # [BLOCK_M, BLOCK_D]
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        c1 = tl.load(CST + rows64 * 2, mask=row_ok, other=0.0)
+        c2 = tl.load(CST + rows64 * 2 + 1, mask=row_ok, other=0.0)
+        yhat = (_mma(a, wu_t, x.to(tl.float32), IEEE) - mean[:, None]) * rstd[:, None]
+        dy = rstd[:, None] * (g * nw[None, :] - c2[:, None] - yhat * c1[:, None])
+        dy = tl.where(mask, dy, 0.0)                                   # float32
+        acc = _mma(du, wd, dy, IEEE)                                   # dy + du @ W_d[:, j]
+        tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :],
+                 (g + scale * acc).to(DX.dtype.element_ty), mask=mask)
+        dnw += tl.sum(g * yhat, axis=0)                                # g = 0 off the tile
+        dnb += tl.sum(g, axis=0)
+        acc_u = _mma(tl.trans(_op_cast(dy, OP, UPCAST)), a, acc_u, IEEE)
+        acc_d = _mma(tl.trans(du), _op_cast(x, OP, UPCAST), acc_d, IEEE)
+    slot = pid.to(tl.int64)
+    tl.store(DWU_PART + slot * D * H + cols[:, None] * H + offs_h[None, :], acc_u,
+             mask=c_ok[:, None] & h_ok[None, :])
+    tl.store(DWD_PART + slot * H * D + offs_h[:, None] * D + cols[None, :], acc_d, mask=w_mask)
+    tl.store(DNW_PART + slot * D + cols, dnw, mask=c_ok)
+    tl.store(DNB_PART + slot * D + cols, dnb, mask=c_ok)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _rows(t):
@@ -417,16 +564,49 @@ def _config(H, op_dtype, backward):
 
 _WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
+# Bottlenecks up to this many columns (padded to a power of two) take the two-kernel
+# backward: _heba_text_bwd_kernel_du (a, du, the row constants) and
+# _heba_text_bwd_kernel_dx_dw, whose programs recompute dy for their columns of D and sum
+# their shares of dW_u, dW_d, dw and db in registers: dy never goes through memory and the
+# two split-K launches go. MODELLED_BEFORE_AFTER
+# Wider bottlenecks keep the row kernel and split-K path: at h = 512 the two [BLOCK_D, h]
+# float32 accumulators would not fit in registers.
+FUSED_DW_MAX_H = 256
+
+
+def _dx_dw_config(H, op_dtype, gpu):
+    """Blocks of ``_heba_text_bwd_kernel_dx_dw``: ``(BLOCK_M, BLOCK_D, BLOCK_H, num_warps)``.
+    DX_DW_REGISTERS"""
+    BLOCK_H = max(16, triton.next_power_of_2(H))
+    if not gpu:              # the interpreter: small row blocks, several D chunks in tests
+        return 16, 32, BLOCK_H, 4
+    return 32, 32, BLOCK_H, 8
+
 
 def text_plan(M, D, H, op_dtype, sms, gpu, backward):
     """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
-    of width ``D``, bottleneck ``H``: the row kernel, then (backward) the two weight-gradient
-    reductions of :func:`~heba_kernels._triton_common.atb`."""
+    of width ``D``, bottleneck ``H``. Backward up to ``FUSED_DW_MAX_H``: the row kernel
+    (``du``), the dx kernel that also sums the parameter gradients (``dx``, ``S x n_d``
+    programs), the one reduction of their partial slots. Wider: the row kernel (``dx``),
+    the two weight-gradient reductions of :func:`~heba_kernels._triton_common.atb`, the
+    one reduction."""
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, num_warps=num_warps)
     grid = (triton.cdiv(M, BLOCK_M),)
     if not backward:
         return [Launch("fwd", "_heba_text_fwd_kernel", grid, meta)]
+    if BLOCK_H <= FUSED_DW_MAX_H:
+        BT, BD, BH, warps = _dx_dw_config(H, op_dtype, gpu)
+        n_d = triton.cdiv(D, BD)
+        # S row programs per D chunk, each looping over the row blocks s, s + S, ...: about
+        # one program per SM (its registers allow one 8-warp program per SM), so they all
+        # run in one wave; S is also the number of float32 partial slots. Two in the
+        # interpreter, so that the tests run the loop and the summing.
+        n_s = max(1, min(triton.cdiv(M, BT), sms // n_d if gpu else 2))
+        return [Launch("du", "_heba_text_bwd_kernel_du", grid, meta),
+                Launch("dx", "_heba_text_bwd_kernel_dx_dw", (n_s, n_d),
+                       dict(BLOCK_M=BT, BLOCK_D=BD, BLOCK_H=BH, num_warps=warps)),
+                reduce_plan([(n_s, D * H), (n_s, H * D), (n_s, D), (n_s, D)])]
     row = Launch("dx", "_heba_text_bwd_kernel_dx", grid,
                  dict(meta, WIDE=BLOCK_H > WIDE_H, BLOCK_HC=_WIDE_BLOCK_HC))
     atbs = [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
@@ -474,41 +654,51 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     p_scale = ONE if rescale_param_grad else scale        # the parameters' gradient factor
     dev = x.device
     dx = new_buffer(x.shape, x.dtype, dev)
-    dy = new_buffer((M, D), x.dtype, dev)                  # dL/dy      [M, D]
+    if M == 0:
+        return (dx, torch.zeros_like(down_weight), torch.zeros_like(up_weight),
+                torch.zeros_like(norm_weight), torch.zeros_like(norm_weight))
+    dx2 = dx.view(M, D)
+    upcast, ieee = launch_flags(dev, op_dtype)
+    flags = dict(OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_stages=2)
+    plan = {st.step: st for st in text_plan(M, D, H, op_dtype, *plan_device(dev),
+                                            backward=True)}
+    scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     a_buf = new_buffer((M, H), op_dtype, dev)             # gelu(u)    [M, H]
     du_buf = new_buffer((M, H), op_dtype, dev)            # dL/du      [M, H]
-    if M == 0:
-        dnw = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
-        dnb = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
+    if "du" in plan:     # h <= FUSED_DW_MAX_H: the dx kernel sums the parameter gradients
+        row, step = plan["du"], plan["dx"]
+        cst = new_buffer((M, 2), torch.float32, dev)      # c1, c2 per token
+        launch(_heba_text_bwd_kernel_du, row.grid,
+            x2, g2, down_weight, up_weight, norm_weight, mean, rstd, a_buf, du_buf, cst,
+            M, D, H, x2.stride(0), g2.stride(0), **row.meta, **flags)
+        n_s = step.grid[0]
+        up = new_buffer((n_s, D, H), torch.float32, dev)
+        down = new_buffer((n_s, H, D), torch.float32, dev)
+        dnw_part = new_buffer((n_s, D), torch.float32, dev)
+        dnb_part = new_buffer((n_s, D), torch.float32, dev)
+        launch(_heba_text_bwd_kernel_dx_dw, step.grid,
+            x2, g2, down_weight, up_weight, norm_weight, mean, rstd, cst, a_buf, du_buf,
+            dx2, up, down, dnw_part, dnb_part, M, D, H, x2.stride(0), g2.stride(0),
+            dx2.stride(0), scale_v, scale_p, SCALE_PTR=scale_from_ptr, **step.meta, **flags)
     else:
-        dx2 = dx.view(M, D)
-        upcast, ieee = launch_flags(dev, op_dtype)
-        row = text_plan(M, D, H, op_dtype, *plan_device(dev), backward=True)[0]
-        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (row.meta[k] for k in
-                                                ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps"))
-        grid = row.grid
-        dnw_part = new_buffer((grid[0], D), torch.float32, dev)
-        dnb_part = new_buffer((grid[0], D), torch.float32, dev)
-        scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
-        common = dict(SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                      OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
-                      num_stages=2)
-        wide = BLOCK_H > WIDE_H
+        row = plan["dx"]
+        dy = new_buffer((M, D), x.dtype, dev)              # dL/dy      [M, D]
+        dnw_part = new_buffer((row.grid[0], D), torch.float32, dev)
+        dnb_part = new_buffer((row.grid[0], D), torch.float32, dev)
+        wide = row.meta["WIDE"]
         u_buf = new_buffer((M, H), torch.float32, dev) if wide else dnw_part   # u, wide only
-        launch(_heba_text_bwd_kernel_dx, grid,
+        launch(_heba_text_bwd_kernel_dx, row.grid,
             x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
             dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
             M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
-            WIDE=wide, BLOCK_H=BLOCK_H, BLOCK_HC=_WIDE_BLOCK_HC, **common)
-    up, _ = atb_partials(dy, a_buf, op_dtype)                                  # [D, H]
-    down, _ = atb_partials(du_buf, x2, op_dtype)                               # [H, D]
-    parts = [Partial(up, (D, H), up_weight.dtype, True),
-             Partial(down, (H, D), down_weight.dtype, True)]
-    if M > 0:
-        parts += [Partial(dnw_part, (D,), norm_weight.dtype, True),
-                  Partial(dnb_part, (D,), norm_weight.dtype, True)]
-    d_up, d_down, *norm = reduce_partials(parts, p_scale)    # one launch for all four
-    dnw, dnb = norm if M > 0 else (dnw, dnb)
+            SCALE_PTR=scale_from_ptr, **row.meta, **flags)
+        up, _ = atb_partials(dy, a_buf, op_dtype)                              # [S, D, H]
+        down, _ = atb_partials(du_buf, x2, op_dtype)                           # [S, H, D]
+    d_up, d_down, dnw, dnb = reduce_partials(      # one launch for all four
+        [Partial(up, (D, H), up_weight.dtype, True),
+         Partial(down, (H, D), down_weight.dtype, True),
+         Partial(dnw_part, (D,), norm_weight.dtype, True),
+         Partial(dnb_part, (D,), norm_weight.dtype, True)], p_scale)
     return dx, d_down, d_up, dnw, dnb
 
 
