@@ -455,6 +455,15 @@ def _heba_text_bwd_kernel_du(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
 
 
 @triton.jit
+def _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP: tl.constexpr, UPCAST: tl.constexpr):
+    """The dx kernel's weight tiles ``W_u[cols, :]^T`` and ``W_d[:, cols]``, both
+    ``[BLOCK_H, BLOCK_D]`` in the operand dtype."""
+    wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None], mask=w_mask, other=0.0)
+    wd = tl.load(WD + offs_h[:, None] * D + cols[None, :], mask=w_mask, other=0.0)
+    return _op_cast(wu_t, OP, UPCAST), _op_cast(wd, OP, UPCAST)
+
+
+@triton.jit
 def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN,  # as above
                                 DX, DWU_PART, DWD_PART, DNW_PART, DNB_PART,  # [S, D, H],
                                 M, D, H, stride_xm, stride_gm, stride_dxm,   # [S, H, D],
@@ -476,11 +485,8 @@ def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN, 
     offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
     h_ok = offs_h < H
     w_mask = h_ok[:, None] & c_ok[None, :]
-    # This program's weight tiles, loaded once: W_u[j, :]^T and W_d[:, j], [BLOCK_H, BLOCK_D].
-    wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None], mask=w_mask, other=0.0),
-                    OP, UPCAST)
-    wd = _op_cast(tl.load(WD + offs_h[:, None] * D + cols[None, :], mask=w_mask, other=0.0),
-                  OP, UPCAST)
+    if not IEEE:         # tensor-core operands: the program's weight tiles stay in registers
+        wu_t, wd = _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP, UPCAST)
     nw = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
     acc_u = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)             # dW_u[j, :]
     acc_d = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)             # dW_d[:, j]
@@ -493,6 +499,8 @@ def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN, 
         mask = row_ok[:, None] & c_ok[None, :]
         hm_mask = row_ok[:, None] & h_ok[None, :]
         h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        if IEEE:         # float32 FMA products: held across the loop, the tiles spill
+            wu_t, wd = _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP, UPCAST)
         a = _op_cast(tl.load(A_IN + h_ptrs, mask=hm_mask, other=0.0), OP, UPCAST)
         du = _op_cast(tl.load(DU_IN + h_ptrs, mask=hm_mask, other=0.0), OP, UPCAST)
         x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
@@ -580,6 +588,8 @@ def _dx_dw_config(H, op_dtype, gpu):
     BLOCK_H = max(16, triton.next_power_of_2(H))
     if not gpu:              # the interpreter: small row blocks, several D chunks in tests
         return 16, 32, BLOCK_H, 4
+    if op_dtype in (torch.float32, torch.float64):
+        return 16, 16, BLOCK_H, 16
     return 32, 32, BLOCK_H, 8
 
 
