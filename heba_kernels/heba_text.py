@@ -31,26 +31,47 @@ float32 round trip of ``y`` through memory; a choice not yet timed) and
 writes ``out``. Saved for the backward: ``x`` (an input)
 and the per-token ``mean`` and ``rstd`` (float32, ``[M]``).
 
-Backward: ``_heba_text_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)
-recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for the two row means
-of the LayerNorm backward and the per-program partial sums of ``dw``/``db``,
-once more for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and
-``da``, and a last time for ``dx``. ``a`` and ``du`` (``[M, h]``, the weights'
-dtype) are written for the projection gradients, which are reductions over
-all tokens done by :func:`heba_kernels._triton_common.atb_partials`: float32
-partials per token chunk in separate slots. ``dw``/``db`` partials are
-``[programs, D]`` float32. All four partial buffers are summed in ONE launch
-(:func:`~heba_kernels._triton_common.reduce_partials`), in float32, in a fixed
-order, straight into the parameters' dtype. No atomics anywhere: **the
-backward is deterministic** (bitwise identical run to run on the same device).
+Backward up to ``FUSED_DW_MAX_H`` = 256 bottleneck columns (``h`` padded to a
+power of two; every published text adapter: h = 128 at width 512, 192 at 768),
+three launches:
+
+* ``_heba_text_bwd_kernel_du``, one program per ``BLOCK_M`` tokens: recomputes
+  ``u`` and ``a``; sweeps ``D`` once for the LayerNorm backward's two row constants
+  ``c1 = mean(dyhat * yhat)``, ``c2 = mean(dyhat)`` (stored, float32 ``[M, 2]``) and
+  once more for ``dy`` chunk by chunk and ``da = W_u^T dy`` on the fly (``dy`` is
+  never stored); writes ``a`` and ``du`` (``[M, h]``, the operand dtype).
+* ``_heba_text_bwd_kernel_dx_dw``, ``S x n_d`` programs: program ``(s, j)`` owns
+  ``BLOCK_D`` columns ``j`` of ``D`` and the row blocks ``s, s + S, ...``. Per
+  block it recomputes ``y = x + a W_u^T`` for its columns (K = h), ``yhat`` and
+  ``dy = rstd (dyhat - c2 - yhat c1)``, writes ``dx = g + scale (dy + du W_d)``, and
+  adds the block's ``dy^T a``, ``du^T x``, ``g yhat`` and ``g`` to float32 registers:
+  its shares of ``dW_u``, ``dW_d``, ``dw`` and ``db``, written once to its slot.
+* one :func:`~heba_kernels._triton_common.reduce_partials` launch over the ``S``
+  slots of the four partial buffers.
+
+Wider bottlenecks (the two ``[BLOCK_D, h]`` float32 accumulators would not fit in
+registers), four launches: ``_heba_text_bwd_kernel_dx`` (one program per
+``BLOCK_M`` tokens) recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for
+the two row means and the per-program partial sums of ``dw``/``db``, once more
+for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and ``da``, and a last
+time for ``dx``; ``a`` and ``du`` (``[M, h]``) are written for the projection
+gradients, reductions over all tokens done by
+:func:`heba_kernels._triton_common.atb_partials` (float32 partials per token chunk
+in separate slots); then the one reduction of all four partial buffers.
+
+Either way the partial buffers are summed in ONE launch, in float32, in a fixed
+order, straight into the parameters' dtype, times ``s_p``. No atomics anywhere:
+**the backward is deterministic** (bitwise identical run to run on the same
+device). Rounding points: ``a`` and ``du`` are rounded to the operand dtype;
+``dy`` is rounded to it as an operand of ``da`` and ``dW_u``; in ``dx`` the split-K
+path adds ``dy`` as stored in ``x``'s dtype, the fused path in float32.
 
 Wide bottlenecks (``h > WIDE_H`` = 512, e.g. the text MLP adapter of ViT-L/14,
 h = 768): ``u``, ``a`` and ``da`` no longer fit in registers as ``[BLOCK_M, h]``
 tiles, so ``_heba_text_bwd_kernel_dx`` with ``WIDE`` runs the same math with ``h`` in
 256-column chunks: ``u`` (float32) and ``a`` to ``[M, h]`` buffers, ``y``
 recomputed from ``a`` read back chunk by chunk, ``du`` to its buffer before the
-``dx`` sweep. Same rounding points (``a``, ``dy``, ``du`` rounded to the operand
-dtype as before), a different summation order over ``h``.
+``dx`` sweep. Same rounding points, a different summation order over ``h``.
 
 ``scale`` is a Python float or a 0-d float32 tensor on x's device that the
 kernels load (``SCALE_PTR``): a captured CUDA graph replays with its current
