@@ -572,10 +572,14 @@ def _config(H, op_dtype, backward):
     registers of 16-bit ones. Not yet tuned by timing.
 
     Measured with the launch-like hints of scripts/triton_aot_check.py (sm_90): backward
-    h=512 16x16x512 255 registers, no spill (16-bit; 12 B in float32); h=768/1024 with
-    the old single kernel (16x16x1024) 255 registers and 380-396 B of spills, hence the
-    wide kernel: 32x32, h chunks of 256, 232-237 registers, no spill (16-bit; float32
-    16x32: 128 registers, 28 B), 32-48 KiB shared memory.
+    h=512 16x16x512 255 registers, no spill (16-bit; 36 B in float32 with Triton 3.8);
+    h=768/1024 with the old single kernel (16x16x1024) 255 registers and 380-396 B of
+    spills, hence the wide kernel: 32x32, h chunks of 256, 232-237 registers, no spill
+    (16-bit; float32 16x32: 128 registers, 28 B), 32-48 KiB shared memory. The fused
+    backward's row kernel (``_heba_text_bwd_kernel_du``, h <= ``FUSED_DW_MAX_H``) takes
+    the backward's blocks and holds the same three tiles (``u``, ``a``, ``da``) without
+    the dx sweep: 16-bit 125-158 registers at h=10..256, no spill; float32 100-184,
+    12 B spilled at h=192/256.
     """
     BLOCK_H = max(16, triton.next_power_of_2(H))
     wide = op_dtype == torch.float32
@@ -593,19 +597,38 @@ def _config(H, op_dtype, backward):
 
 _WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
-# Bottlenecks up to this many columns (padded to a power of two) take the two-kernel
-# backward: _heba_text_bwd_kernel_du (a, du, the row constants) and
+# Bottlenecks up to this many columns (padded to a power of two) take the fused backward:
+# _heba_text_bwd_kernel_du (a, du, the LayerNorm row constants), then
 # _heba_text_bwd_kernel_dx_dw, whose programs recompute dy for their columns of D and sum
 # their shares of dW_u, dW_d, dw and db in registers: dy never goes through memory and the
-# two split-K launches go. MODELLED_BEFORE_AFTER
-# Wider bottlenecks keep the row kernel and split-K path: at h = 512 the two [BLOCK_D, h]
-# float32 accumulators would not fit in registers.
+# two split-K launches go. Modelled (benchmarks/roofline.py, bf16, H200, B512 x 77 tokens):
+#   D512 h128 (text-d512), forward + backward: split-K 5 launches, 444 MB (2.20x ideal),
+#     51.7 GFLOP, floor 93 us; fused 4 launches, 334 MB (1.65x), 56.8 GFLOP, floor 70 us.
+#     Backward alone 363 -> 253 MB, 36.2 -> 41.3 GFLOP (one more y = x + a W_u^T pass),
+#     76 -> 53 us: no dy written and read back, no split-K re-reads of dy and x, 8
+#     float32 partial slots where there were 33 per weight and 1232 for dw and db.
+#   D768 h192 (ViT-L/14 text width), backward: split-K 536 MB, 100.8 GFLOP, floor
+#     121 us; fused 378 MB, 124.0 GFLOP, 127 us: on this model FLOP-bound and 5% slower
+#     (h padded to 256 in all eight GEMM passes) for 30% fewer bytes. Not timed on a GPU
+#     yet; FUSED_DW_MAX_H = 128 would send h = 192 back to split-K.
+# Wider bottlenecks keep the split-K path: at h = 512 the two [BLOCK_D, h] float32
+# accumulators would not fit in registers.
 FUSED_DW_MAX_H = 256
 
 
 def _dx_dw_config(H, op_dtype, gpu):
     """Blocks of ``_heba_text_bwd_kernel_dx_dw``: ``(BLOCK_M, BLOCK_D, BLOCK_H, num_warps)``.
-    DX_DW_REGISTERS"""
+
+    16-bit operands: blocks of 32 rows x 32 columns of D, 8 warps, the program's two weight
+    tiles held in registers over its row blocks. scripts/triton_aot_check.py (sm_90,
+    Triton 3.8, launch-like hints): h=10 140-154 registers, h=128 146-148, h=192/256
+    173-186, no spill, 9-77 KiB shared memory (the weight tiles loaded per block instead:
+    160 / 224 registers at h=128 / 256). float32 operands (FMA products): 16 x 16 blocks,
+    16 warps, the weight tiles loaded per block: h=10..128 109-126 registers, no spill;
+    h=192/256 128 and 24 B spilled (32 x 32 at 8 warps spilled 9-17 KB; holding the
+    weight tiles at 16 x 16, 0.9-2.6 KB). Either way one program fills an SM's registers,
+    hence about one program per SM in :func:`text_plan`. Not yet tuned by timing.
+    """
     BLOCK_H = max(16, triton.next_power_of_2(H))
     if not gpu:              # the interpreter: small row blocks, several D chunks in tests
         return 16, 32, BLOCK_H, 4
