@@ -210,14 +210,57 @@ def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
     return out
 
 
+def _text_fused_costs(plan, M, D, Hd, e, w) -> list[Cost]:
+    """The text backward up to ``FUSED_DW_MAX_H``: the row kernel (``du``), the dx kernel
+    that sums the parameter gradients (``dx``), the one reduction. L2->SM counts every
+    program's loads and stores of its tiles."""
+    out = []
+    for st in plan:
+        if st.step == "reduce":
+            out.append(_reduce_cost(st, w))
+            continue
+        m, c = st.meta, Cost(st.kernel, st.grid)
+        BH = m["BLOCK_H"]
+        if st.step == "du":       # u, then two sweeps over D (y each; dy and da in the second)
+            BM, BN = m["BLOCK_M"], m["BLOCK_N"]
+            Mp, Dp = _pad(M, BM), _pad(D, BN)
+            # x, g read; a, du written; mean, rstd read, c1, c2 written; both weights
+            c.hbm = 2 * M * D * e + 2 * M * Hd * w + 16 * M + 2 * Hd * D * w
+            c.flops = 4 * 2 * Mp * Dp * BH                 # u, y twice, da
+            # per program: x three times (u, sweep 1, sweep 2), g twice, W_d once and W_u
+            # once per sweep (sweep 2's tile serves y and da); a, du, the row values
+            c.l2 = st.grid[0] * (5 * BM * Dp * e + 3 * BH * Dp * w + 2 * BM * BH * w + 16 * BM)
+        else:                     # dx: per (row block, D chunk) y, dy, dx and the four sums
+            BT, BD = m["BLOCK_M"], m["BLOCK_D"]
+            n_s, n_d = st.grid
+            blocks = _cdiv(M, BT)
+            Mp, Dp = blocks * BT, n_d * BD
+            # x, g read, dx written; a, du read; mean, rstd, c1, c2 read; both weights;
+            # the float32 slots of dW_u, dW_d, dw, db written once per row program
+            slots = n_s * (2 * D * Hd + 2 * D) * 4
+            c.hbm = 3 * M * D * e + 2 * M * Hd * w + 16 * M + 2 * Hd * D * w + slots
+            c.flops = 4 * 2 * Mp * Dp * BH                 # y, du W_d, dy^T a, du^T x
+            # per block: the x, g, dx tiles, a and du (every D chunk re-reads them), the row
+            # values; per program: its slot, and its W_u and W_d tiles, loaded once (per
+            # block with float32 operands, whose FMA products would spill them)
+            tiles = 2 * BH * BD * w
+            c.l2 = (blocks * n_d * (3 * BT * BD * e + 2 * BT * BH * w + 16 * BT
+                                    + (tiles if w == 4 else 0))
+                    + n_s * n_d * ((0 if w == 4 else tiles) + (2 * BD * BH + 2 * BD) * 4))
+        out.append(c)
+    return out
+
+
 def token_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[Cost]:
     M, D = case.batch * case.tokens, case.dim
     wdt = torch.bfloat16 if w == 2 else torch.float32
     if case.op == "heba_text":
         Hd = D // 4
         plan = text_plan(M, D, Hd, wdt, gpu.sms, True, backward)
-        # forward: x read per sweep (down, stats, out), out written; backward: x, g read,
-        # dy written and read, dx written; a and du written ([M, h])
+        if backward and plan[0].step == "du":
+            return _text_fused_costs(plan, M, D, Hd, e, w)
+        # forward: x read per sweep (down, stats, out), out written; backward (h above
+        # FUSED_DW_MAX_H): x, g read, dy written and read, dx written; a and du written
         sweeps, gemms = ((2, 0), 3) if not backward else ((5, 2), 5)
     else:
         Hd = case.rank

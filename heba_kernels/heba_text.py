@@ -31,26 +31,47 @@ float32 round trip of ``y`` through memory; a choice not yet timed) and
 writes ``out``. Saved for the backward: ``x`` (an input)
 and the per-token ``mean`` and ``rstd`` (float32, ``[M]``).
 
-Backward: ``_heba_text_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)
-recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for the two row means
-of the LayerNorm backward and the per-program partial sums of ``dw``/``db``,
-once more for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and
-``da``, and a last time for ``dx``. ``a`` and ``du`` (``[M, h]``, the weights'
-dtype) are written for the projection gradients, which are reductions over
-all tokens done by :func:`heba_kernels._triton_common.atb_partials`: float32
-partials per token chunk in separate slots. ``dw``/``db`` partials are
-``[programs, D]`` float32. All four partial buffers are summed in ONE launch
-(:func:`~heba_kernels._triton_common.reduce_partials`), in float32, in a fixed
-order, straight into the parameters' dtype. No atomics anywhere: **the
-backward is deterministic** (bitwise identical run to run on the same device).
+Backward up to ``FUSED_DW_MAX_H`` = 256 bottleneck columns (``h`` padded to a
+power of two; every published text adapter: h = 128 at width 512, 192 at 768),
+three launches:
+
+* ``_heba_text_bwd_kernel_du``, one program per ``BLOCK_M`` tokens: recomputes
+  ``u`` and ``a``; sweeps ``D`` once for the LayerNorm backward's two row constants
+  ``c1 = mean(dyhat * yhat)``, ``c2 = mean(dyhat)`` (stored, float32 ``[M, 2]``) and
+  once more for ``dy`` chunk by chunk and ``da = W_u^T dy`` on the fly (``dy`` is
+  never stored); writes ``a`` and ``du`` (``[M, h]``, the operand dtype).
+* ``_heba_text_bwd_kernel_dx_dw``, ``S x n_d`` programs: program ``(s, j)`` owns
+  ``BLOCK_D`` columns ``j`` of ``D`` and the row blocks ``s, s + S, ...``. Per
+  block it recomputes ``y = x + a W_u^T`` for its columns (K = h), ``yhat`` and
+  ``dy = rstd (dyhat - c2 - yhat c1)``, writes ``dx = g + scale (dy + du W_d)``, and
+  adds the block's ``dy^T a``, ``du^T x``, ``g yhat`` and ``g`` to float32 registers:
+  its shares of ``dW_u``, ``dW_d``, ``dw`` and ``db``, written once to its slot.
+* one :func:`~heba_kernels._triton_common.reduce_partials` launch over the ``S``
+  slots of the four partial buffers.
+
+Wider bottlenecks (the two ``[BLOCK_D, h]`` float32 accumulators would not fit in
+registers), four launches: ``_heba_text_bwd_kernel_dx`` (one program per
+``BLOCK_M`` tokens) recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for
+the two row means and the per-program partial sums of ``dw``/``db``, once more
+for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and ``da``, and a last
+time for ``dx``; ``a`` and ``du`` (``[M, h]``) are written for the projection
+gradients, reductions over all tokens done by
+:func:`heba_kernels._triton_common.atb_partials` (float32 partials per token chunk
+in separate slots); then the one reduction of all four partial buffers.
+
+Either way the partial buffers are summed in ONE launch, in float32, in a fixed
+order, straight into the parameters' dtype, times ``s_p``. No atomics anywhere:
+**the backward is deterministic** (bitwise identical run to run on the same
+device). Rounding points: ``a`` and ``du`` are rounded to the operand dtype;
+``dy`` is rounded to it as an operand of ``da`` and ``dW_u``; in ``dx`` the split-K
+path adds ``dy`` as stored in ``x``'s dtype, the fused path in float32.
 
 Wide bottlenecks (``h > WIDE_H`` = 512, e.g. the text MLP adapter of ViT-L/14,
 h = 768): ``u``, ``a`` and ``da`` no longer fit in registers as ``[BLOCK_M, h]``
 tiles, so ``_heba_text_bwd_kernel_dx`` with ``WIDE`` runs the same math with ``h`` in
 256-column chunks: ``u`` (float32) and ``a`` to ``[M, h]`` buffers, ``y``
 recomputed from ``a`` read back chunk by chunk, ``du`` to its buffer before the
-``dx`` sweep. Same rounding points (``a``, ``dy``, ``du`` rounded to the operand
-dtype as before), a different summation order over ``h``.
+``dx`` sweep. Same rounding points, a different summation order over ``h``.
 
 ``scale`` is a Python float or a 0-d float32 tensor on x's device that the
 kernels load (``SCALE_PTR``): a captured CUDA graph replays with its current
@@ -180,6 +201,24 @@ def _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP: 
 
 
 @triton.jit
+def _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, OP: tl.constexpr,
+            UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """u = x @ W_d^T of ``BLOCK_M`` rows, accumulated over D in ``BLOCK_N`` chunks: float32
+    ``[BLOCK_M, BLOCK_H]``, 0 in padded hidden columns."""
+    u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)   # [BLOCK_M, BLOCK_N]
+        wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
+                       mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
+        u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+    return u
+
+
+@triton.jit
 def _text_bwd_wide_du(DY, WU, U_BUF, DU_OUT, rows64, row_ok, offs_n, D, H,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HC: tl.constexpr,
                       OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -271,15 +310,8 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
                               BLOCK_M, BLOCK_N, BLOCK_HC, OP, UPCAST, IEEE)
         tl.debug_barrier()                    # A_OUT is read back by other threads
     else:
-        u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)             # [BLOCK_M, BLOCK_H]
-        for n0 in range(0, D, BLOCK_N):
-            cols = n0 + offs_n
-            c_ok = cols < D
-            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :],
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            wd_t = tl.load(WD + offs_h[None, :] * D + cols[:, None],
-                           mask=h_ok[None, :] & c_ok[:, None], other=0.0)  # [BLOCK_N, BLOCK_H]
-            u = _mma(_op_cast(x, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), u, IEEE)
+        u = _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M,
+                    BLOCK_N, BLOCK_H, OP, UPCAST, IEEE)                # [BLOCK_M, BLOCK_H]
         a = _op_cast(_gelu(u), OP, UPCAST)                             # [BLOCK_M, BLOCK_H]
     mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -373,6 +405,150 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
                  (g + scale * acc).to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _heba_text_bwd_kernel_du(X, G, WD, WU, NW, MEAN, RSTD,          # as in the forward; G [M, D]
+                             A_OUT, DU_OUT, CST,                    # [M, H], [M, H], [M, 2] fp32
+                             M, D, H, stride_xm, stride_gm,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                             IEEE: tl.constexpr):
+    """The row part of the backward for bottlenecks up to ``FUSED_DW_MAX_H`` columns, one
+    program per ``BLOCK_M`` tokens: ``u``, ``a = gelu(u)``, the LayerNorm backward's row
+    constants ``c1 = mean(dyhat * yhat)``, ``c2 = mean(dyhat)`` (to ``CST``), then
+    ``da = dy @ W_u`` with ``dy`` formed chunk by chunk and never stored, and
+    ``du = da * gelu'(u)``; writes ``a`` and ``du`` in the operand dtype."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                       # [BLOCK_M]
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    offs_n = tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
+    u = _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M, BLOCK_N,
+                BLOCK_H, OP, UPCAST, IEEE)                             # [BLOCK_M, BLOCK_H]
+    a = _op_cast(_gelu(u), OP, UPCAST)
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+    # Sweep 1: the row constants c1, c2.
+    c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        y = _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP,
+                    UPCAST, IEEE)
+        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dyhat = g * tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        c1 += tl.sum(dyhat * yhat, axis=1)
+        c2 += tl.sum(dyhat, axis=1)
+    c1 = c1 / D
+    c2 = c2 / D
+    tl.store(CST + rows64 * 2, c1, mask=row_ok)
+    tl.store(CST + rows64 * 2 + 1, c2, mask=row_ok)
+
+    # Sweep 2: dy = rstd * (dyhat - c2 - yhat * c1) chunk by chunk, da = dy @ W_u on the fly
+    # (one load of the W_u tile serves y and da).
+    da = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)                # [BLOCK_M, BLOCK_H]
+    for n0 in range(0, D, BLOCK_N):
+        cols = n0 + offs_n
+        c_ok = cols < D
+        mask = row_ok[:, None] & c_ok[None, :]
+        wu_t = _op_cast(tl.load(WU + cols[None, :] * H + offs_h[:, None],
+                                mask=h_ok[:, None] & c_ok[None, :], other=0.0),
+                        OP, UPCAST)                                    # [BLOCK_H, BLOCK_N]
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        yhat = (_mma(a, wu_t, x, IEEE) - mean[:, None]) * rstd[:, None]
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dyhat = g * tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        dy = tl.where(mask, rstd[:, None] * (dyhat - c2[:, None] - yhat * c1[:, None]), 0.0)
+        da = _mma(_op_cast(dy, OP, UPCAST), tl.trans(wu_t), da, IEEE)
+    du = da * _gelu_grad(u)                                            # 0 in padded columns
+    hm_mask = row_ok[:, None] & h_ok[None, :]
+    h_ptrs = rows64[:, None] * H + offs_h[None, :]
+    tl.store(A_OUT + h_ptrs, a.to(A_OUT.dtype.element_ty), mask=hm_mask)
+    tl.store(DU_OUT + h_ptrs, du.to(DU_OUT.dtype.element_ty), mask=hm_mask)
+
+
+@triton.jit
+def _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP: tl.constexpr, UPCAST: tl.constexpr):
+    """The dx kernel's weight tiles ``W_u[cols, :]^T`` and ``W_d[:, cols]``, both
+    ``[BLOCK_H, BLOCK_D]`` in the operand dtype."""
+    wu_t = tl.load(WU + cols[None, :] * H + offs_h[:, None], mask=w_mask, other=0.0)
+    wd = tl.load(WD + offs_h[:, None] * D + cols[None, :], mask=w_mask, other=0.0)
+    return _op_cast(wu_t, OP, UPCAST), _op_cast(wd, OP, UPCAST)
+
+
+@triton.jit
+def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN,  # as above
+                                DX, DWU_PART, DWD_PART, DNW_PART, DNB_PART,  # [S, D, H],
+                                M, D, H, stride_xm, stride_gm, stride_dxm,   # [S, H, D],
+                                scale, scale_ptr, SCALE_PTR: tl.constexpr,   # [S, D], [S, D]
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                                IEEE: tl.constexpr):
+    """Program ``(s, j)`` of ``S x n_d``: columns ``j`` of D (``BLOCK_D`` wide), row blocks
+    ``s, s + S, ...``. Per block ``dy`` of its columns is recomputed from ``x``, ``g``, ``a``
+    and the row constants (``y = x + a @ W_u^T``, K = h), ``dx = g + scale * (dy + du @ W_d)``
+    written, and the program's shares ``dW_u[j, :] += dy^T a``, ``dW_d[:, j] += du^T x``,
+    ``dw[j] += sum g * yhat``, ``db[j] += sum g`` summed in float32 registers, written
+    once to slot ``s``: no ``dy`` round trip through memory, no split-K launches."""
+    pid = tl.program_id(0)
+    n_s = tl.num_programs(0)
+    scale = _scalar(scale, scale_ptr, SCALE_PTR)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)          # [BLOCK_D]
+    c_ok = cols < D
+    offs_h = tl.arange(0, BLOCK_H)                                     # [BLOCK_H]
+    h_ok = offs_h < H
+    w_mask = h_ok[:, None] & c_ok[None, :]
+    if not IEEE:         # tensor-core operands: the program's weight tiles stay in registers
+        wu_t, wd = _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP, UPCAST)
+    nw = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
+    acc_u = tl.zeros((BLOCK_D, BLOCK_H), dtype=tl.float32)             # dW_u[j, :]
+    acc_d = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)             # dW_d[:, j]
+    dnw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dnb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(0, tl.cdiv(tl.cdiv(M, BLOCK_M) - pid, n_s)):
+        rows = (pid + i * n_s) * BLOCK_M + tl.arange(0, BLOCK_M)       # [BLOCK_M]
+        row_ok = rows < M
+        rows64 = rows.to(tl.int64)
+        mask = row_ok[:, None] & c_ok[None, :]
+        hm_mask = row_ok[:, None] & h_ok[None, :]
+        h_ptrs = rows64[:, None] * H + offs_h[None, :]
+        if IEEE:         # float32 FMA products: held across the loop, the tiles spill
+            wu_t, wd = _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP, UPCAST)
+        a = _op_cast(tl.load(A_IN + h_ptrs, mask=hm_mask, other=0.0), OP, UPCAST)
+        du = _op_cast(tl.load(DU_IN + h_ptrs, mask=hm_mask, other=0.0), OP, UPCAST)
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)                          # [BLOCK_M, BLOCK_D]
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        c1 = tl.load(CST + rows64 * 2, mask=row_ok, other=0.0)
+        c2 = tl.load(CST + rows64 * 2 + 1, mask=row_ok, other=0.0)
+        yhat = (_mma(a, wu_t, x.to(tl.float32), IEEE) - mean[:, None]) * rstd[:, None]
+        dy = rstd[:, None] * (g * nw[None, :] - c2[:, None] - yhat * c1[:, None])
+        dy = tl.where(mask, dy, 0.0)                                   # float32
+        acc = _mma(du, wd, dy, IEEE)                                   # dy + du @ W_d[:, j]
+        tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :],
+                 (g + scale * acc).to(DX.dtype.element_ty), mask=mask)
+        dnw += tl.sum(g * yhat, axis=0)                                # g = 0 off the tile
+        dnb += tl.sum(g, axis=0)
+        acc_u = _mma(tl.trans(_op_cast(dy, OP, UPCAST)), a, acc_u, IEEE)
+        acc_d = _mma(tl.trans(du), _op_cast(x, OP, UPCAST), acc_d, IEEE)
+    slot = pid.to(tl.int64)
+    tl.store(DWU_PART + slot * D * H + cols[:, None] * H + offs_h[None, :], acc_u,
+             mask=c_ok[:, None] & h_ok[None, :])
+    tl.store(DWD_PART + slot * H * D + offs_h[:, None] * D + cols[None, :], acc_d, mask=w_mask)
+    tl.store(DNW_PART + slot * D + cols, dnw, mask=c_ok)
+    tl.store(DNB_PART + slot * D + cols, dnb, mask=c_ok)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def _rows(t):
@@ -396,10 +572,14 @@ def _config(H, op_dtype, backward):
     registers of 16-bit ones. Not yet tuned by timing.
 
     Measured with the launch-like hints of scripts/triton_aot_check.py (sm_90): backward
-    h=512 16x16x512 255 registers, no spill (16-bit; 12 B in float32); h=768/1024 with
-    the old single kernel (16x16x1024) 255 registers and 380-396 B of spills, hence the
-    wide kernel: 32x32, h chunks of 256, 232-237 registers, no spill (16-bit; float32
-    16x32: 128 registers, 28 B), 32-48 KiB shared memory.
+    h=512 16x16x512 255 registers, no spill (16-bit; 36 B in float32 with Triton 3.8);
+    h=768/1024 with the old single kernel (16x16x1024) 255 registers and 380-396 B of
+    spills, hence the wide kernel: 32x32, h chunks of 256, 232-237 registers, no spill
+    (16-bit; float32 16x32: 128 registers, 28 B), 32-48 KiB shared memory. The fused
+    backward's row kernel (``_heba_text_bwd_kernel_du``, h <= ``FUSED_DW_MAX_H``) takes
+    the backward's blocks and holds the same three tiles (``u``, ``a``, ``da``) without
+    the dx sweep: 16-bit 125-158 registers at h=10..256, no spill; float32 100-184,
+    12 B spilled at h=192/256.
     """
     BLOCK_H = max(16, triton.next_power_of_2(H))
     wide = op_dtype == torch.float32
@@ -417,16 +597,70 @@ def _config(H, op_dtype, backward):
 
 _WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 
+# Bottlenecks up to this many columns (padded to a power of two) take the fused backward:
+# _heba_text_bwd_kernel_du (a, du, the LayerNorm row constants), then
+# _heba_text_bwd_kernel_dx_dw, whose programs recompute dy for their columns of D and sum
+# their shares of dW_u, dW_d, dw and db in registers: dy never goes through memory and the
+# two split-K launches go. Modelled (benchmarks/roofline.py, bf16, H200, B512 x 77 tokens):
+#   D512 h128 (text-d512), forward + backward: split-K 5 launches, 444 MB (2.20x ideal),
+#     51.7 GFLOP, floor 93 us; fused 4 launches, 334 MB (1.65x), 56.8 GFLOP, floor 70 us.
+#     Backward alone 363 -> 253 MB, 36.2 -> 41.3 GFLOP (one more y = x + a W_u^T pass),
+#     76 -> 53 us: no dy written and read back, no split-K re-reads of dy and x, 8
+#     float32 partial slots where there were 33 per weight and 1232 for dw and db.
+#   D768 h192 (ViT-L/14 text width), backward: split-K 536 MB, 100.8 GFLOP, floor
+#     121 us; fused 378 MB, 124.0 GFLOP, 127 us: on this model FLOP-bound and 5% slower
+#     (h padded to 256 in all eight GEMM passes) for 30% fewer bytes. Not timed on a GPU
+#     yet; FUSED_DW_MAX_H = 128 would send h = 192 back to split-K.
+# Wider bottlenecks keep the split-K path: at h = 512 the two [BLOCK_D, h] float32
+# accumulators would not fit in registers.
+FUSED_DW_MAX_H = 256
+
+
+def _dx_dw_config(H, op_dtype, gpu):
+    """Blocks of ``_heba_text_bwd_kernel_dx_dw``: ``(BLOCK_M, BLOCK_D, BLOCK_H, num_warps)``.
+
+    16-bit operands: blocks of 32 rows x 32 columns of D, 8 warps, the program's two weight
+    tiles held in registers over its row blocks. scripts/triton_aot_check.py (sm_90,
+    Triton 3.8, launch-like hints): h=10 140-154 registers, h=128 146-148, h=192/256
+    173-186, no spill, 9-77 KiB shared memory (the weight tiles loaded per block instead:
+    160 / 224 registers at h=128 / 256). float32 operands (FMA products): 16 x 16 blocks,
+    16 warps, the weight tiles loaded per block: h=10..128 109-126 registers, no spill;
+    h=192/256 128 and 24 B spilled (32 x 32 at 8 warps spilled 9-17 KB; holding the
+    weight tiles at 16 x 16, 0.9-2.6 KB). Either way one program fills an SM's registers,
+    hence about one program per SM in :func:`text_plan`. Not yet tuned by timing.
+    """
+    BLOCK_H = max(16, triton.next_power_of_2(H))
+    if not gpu:              # the interpreter: small row blocks, several D chunks in tests
+        return 16, 32, BLOCK_H, 4
+    if op_dtype in (torch.float32, torch.float64):
+        return 16, 16, BLOCK_H, 16
+    return 32, 32, BLOCK_H, 8
+
 
 def text_plan(M, D, H, op_dtype, sms, gpu, backward):
     """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
-    of width ``D``, bottleneck ``H``: the row kernel, then (backward) the two weight-gradient
-    reductions of :func:`~heba_kernels._triton_common.atb`."""
+    of width ``D``, bottleneck ``H``. Backward up to ``FUSED_DW_MAX_H``: the row kernel
+    (``du``), the dx kernel that also sums the parameter gradients (``dx``, ``S x n_d``
+    programs), the one reduction of their partial slots. Wider: the row kernel (``dx``),
+    the two weight-gradient reductions of :func:`~heba_kernels._triton_common.atb`, the
+    one reduction."""
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, num_warps=num_warps)
     grid = (triton.cdiv(M, BLOCK_M),)
     if not backward:
         return [Launch("fwd", "_heba_text_fwd_kernel", grid, meta)]
+    if BLOCK_H <= FUSED_DW_MAX_H:
+        BT, BD, BH, warps = _dx_dw_config(H, op_dtype, gpu)
+        n_d = triton.cdiv(D, BD)
+        # S row programs per D chunk, each looping over the row blocks s, s + S, ...: about
+        # one program per SM (its registers allow one 8-warp program per SM), so they all
+        # run in one wave; S is also the number of float32 partial slots. Two in the
+        # interpreter, so that the tests run the loop and the summing.
+        n_s = max(1, min(triton.cdiv(M, BT), sms // n_d if gpu else 2))
+        return [Launch("du", "_heba_text_bwd_kernel_du", grid, meta),
+                Launch("dx", "_heba_text_bwd_kernel_dx_dw", (n_s, n_d),
+                       dict(BLOCK_M=BT, BLOCK_D=BD, BLOCK_H=BH, num_warps=warps)),
+                reduce_plan([(n_s, D * H), (n_s, H * D), (n_s, D), (n_s, D)])]
     row = Launch("dx", "_heba_text_bwd_kernel_dx", grid,
                  dict(meta, WIDE=BLOCK_H > WIDE_H, BLOCK_HC=_WIDE_BLOCK_HC))
     atbs = [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
@@ -474,41 +708,51 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
     p_scale = ONE if rescale_param_grad else scale        # the parameters' gradient factor
     dev = x.device
     dx = new_buffer(x.shape, x.dtype, dev)
-    dy = new_buffer((M, D), x.dtype, dev)                  # dL/dy      [M, D]
+    if M == 0:
+        return (dx, torch.zeros_like(down_weight), torch.zeros_like(up_weight),
+                torch.zeros_like(norm_weight), torch.zeros_like(norm_weight))
+    dx2 = dx.view(M, D)
+    upcast, ieee = launch_flags(dev, op_dtype)
+    flags = dict(OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_stages=2)
+    plan = {st.step: st for st in text_plan(M, D, H, op_dtype, *plan_device(dev),
+                                            backward=True)}
+    scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     a_buf = new_buffer((M, H), op_dtype, dev)             # gelu(u)    [M, H]
     du_buf = new_buffer((M, H), op_dtype, dev)            # dL/du      [M, H]
-    if M == 0:
-        dnw = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
-        dnb = torch.zeros(D, device=dev, dtype=norm_weight.dtype)
+    if "du" in plan:     # h <= FUSED_DW_MAX_H: the dx kernel sums the parameter gradients
+        row, step = plan["du"], plan["dx"]
+        cst = new_buffer((M, 2), torch.float32, dev)      # c1, c2 per token
+        launch(_heba_text_bwd_kernel_du, row.grid,
+            x2, g2, down_weight, up_weight, norm_weight, mean, rstd, a_buf, du_buf, cst,
+            M, D, H, x2.stride(0), g2.stride(0), **row.meta, **flags)
+        n_s = step.grid[0]
+        up = new_buffer((n_s, D, H), torch.float32, dev)
+        down = new_buffer((n_s, H, D), torch.float32, dev)
+        dnw_part = new_buffer((n_s, D), torch.float32, dev)
+        dnb_part = new_buffer((n_s, D), torch.float32, dev)
+        launch(_heba_text_bwd_kernel_dx_dw, step.grid,
+            x2, g2, down_weight, up_weight, norm_weight, mean, rstd, cst, a_buf, du_buf,
+            dx2, up, down, dnw_part, dnb_part, M, D, H, x2.stride(0), g2.stride(0),
+            dx2.stride(0), scale_v, scale_p, SCALE_PTR=scale_from_ptr, **step.meta, **flags)
     else:
-        dx2 = dx.view(M, D)
-        upcast, ieee = launch_flags(dev, op_dtype)
-        row = text_plan(M, D, H, op_dtype, *plan_device(dev), backward=True)[0]
-        BLOCK_M, BLOCK_N, BLOCK_H, num_warps = (row.meta[k] for k in
-                                                ("BLOCK_M", "BLOCK_N", "BLOCK_H", "num_warps"))
-        grid = row.grid
-        dnw_part = new_buffer((grid[0], D), torch.float32, dev)
-        dnb_part = new_buffer((grid[0], D), torch.float32, dev)
-        scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
-        common = dict(SCALE_PTR=scale_from_ptr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                      OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
-                      num_stages=2)
-        wide = BLOCK_H > WIDE_H
+        row = plan["dx"]
+        dy = new_buffer((M, D), x.dtype, dev)              # dL/dy      [M, D]
+        dnw_part = new_buffer((row.grid[0], D), torch.float32, dev)
+        dnb_part = new_buffer((row.grid[0], D), torch.float32, dev)
+        wide = row.meta["WIDE"]
         u_buf = new_buffer((M, H), torch.float32, dev) if wide else dnw_part   # u, wide only
-        launch(_heba_text_bwd_kernel_dx, grid,
+        launch(_heba_text_bwd_kernel_dx, row.grid,
             x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
             dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
             M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
-            WIDE=wide, BLOCK_H=BLOCK_H, BLOCK_HC=_WIDE_BLOCK_HC, **common)
-    up, _ = atb_partials(dy, a_buf, op_dtype)                                  # [D, H]
-    down, _ = atb_partials(du_buf, x2, op_dtype)                               # [H, D]
-    parts = [Partial(up, (D, H), up_weight.dtype, True),
-             Partial(down, (H, D), down_weight.dtype, True)]
-    if M > 0:
-        parts += [Partial(dnw_part, (D,), norm_weight.dtype, True),
-                  Partial(dnb_part, (D,), norm_weight.dtype, True)]
-    d_up, d_down, *norm = reduce_partials(parts, p_scale)    # one launch for all four
-    dnw, dnb = norm if M > 0 else (dnw, dnb)
+            SCALE_PTR=scale_from_ptr, **row.meta, **flags)
+        up, _ = atb_partials(dy, a_buf, op_dtype)                              # [S, D, H]
+        down, _ = atb_partials(du_buf, x2, op_dtype)                           # [S, H, D]
+    d_up, d_down, dnw, dnb = reduce_partials(      # one launch for all four
+        [Partial(up, (D, H), up_weight.dtype, True),
+         Partial(down, (H, D), down_weight.dtype, True),
+         Partial(dnw_part, (D,), norm_weight.dtype, True),
+         Partial(dnb_part, (D,), norm_weight.dtype, True)], p_scale)
     return dx, d_down, d_up, dnw, dnb
 
 

@@ -43,12 +43,29 @@ DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
 def _cases():
     for xdt, wdt in DTYPES:
         xs, ws = TY[xdt], TY[wdt]
-        for H in (10, 128, 256, 512, 768, 1024):
+        for H in (10, 128, 192, 256, 512, 768, 1024):
+            fused = max(16, triton.next_power_of_2(H)) <= heba_text.FUSED_DW_MAX_H
             for bwd in (False, True):
                 BM, BN, BH, nw = heba_text._config(H, wdt, backward=bwd)
                 c = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_H=BH, _shown=f"{BM}x{BN}x{BH}",
                          _shape=dict(D=4 * H, h=H))
-                if bwd:
+                if bwd and fused:
+                    # the row kernel (a, du, row constants) and the dx kernel that sums the
+                    # parameter gradients, at the blocks text_plan picks on a GPU
+                    ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
+                                A_OUT=ws, DU_OUT=ws, CST="fp32")
+                    yield ("heba_text bwd du", H, xdt, wdt, "_heba_text_bwd_kernel_du", ptrs,
+                           (), c, nw)
+                    BT, BD, BH, nw = heba_text._dx_dw_config(H, wdt, gpu=True)
+                    c = dict(BLOCK_M=BT, BLOCK_D=BD, BLOCK_H=BH, SCALE_PTR=False,
+                             _shown=f"{BT}x{BD}x{BH}", _shape=dict(D=4 * H, h=H))
+                    ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
+                                CST="fp32", A_IN=ws, DU_IN=ws, DX=xs, DWU_PART="fp32",
+                                DWD_PART="fp32", DNW_PART="fp32", DNB_PART="fp32",
+                                scale_ptr="fp32")
+                    yield ("heba_text bwd dx_dw", H, xdt, wdt, "_heba_text_bwd_kernel_dx_dw",
+                           ptrs, ("scale",), c, nw)
+                elif bwd:
                     ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
                                 DX=xs, DY=xs, A_OUT=ws, DU_OUT=ws, DNW_PART="fp32",
                                 DNB_PART="fp32", U_BUF="fp32", scale_ptr="fp32")

@@ -469,8 +469,27 @@ KERNELS = [
         "        dy = tl.where(mask, dy, 0.0)",
         "dy = rstd[:, None] * (g * w[None, :] - yhat * c1[:, None])\n"
         "        dy = tl.where(mask, dy, 0.0)",
-        (f"{T_TTXT}::test_matches_reference",),
-        "LayerNorm backward without the mean(dyhat) term"),
+        (f"{T_TTXT}::test_fused_dw_threshold",),
+        "the split-K text backward (h above 256) forgets the mean(dyhat) term of the "
+        "LayerNorm backward"),
+    Bug("txt-dw-dwd-from-g", "kernels", TXT,
+        "acc_d = _mma(tl.trans(du), _op_cast(x, OP, UPCAST), acc_d, IEEE)",
+        "acc_d = _mma(tl.trans(du), _op_cast(g, OP, UPCAST), acc_d, IEEE)",
+        (f"{T_TTXT}::test_fused_dw_backward",),
+        "the fused text backward sums dW_d = du^T g instead of du^T x: down.weight's "
+        "gradient wrong at every published text adapter (h = 128, 192)"),
+    Bug("txt-dw-dy-constants-swapped", "kernels", TXT,
+        "dy = rstd[:, None] * (g * nw[None, :] - c2[:, None] - yhat * c1[:, None])",
+        "dy = rstd[:, None] * (g * nw[None, :] - c1[:, None] - yhat * c2[:, None])",
+        (f"{T_TTXT}::test_fused_dw_backward",),
+        "the dx kernel's recomputed dy takes the two LayerNorm row constants in each "
+        "other's place: x's and up.weight's gradients wrong"),
+    Bug("txt-dw-row-blocks-overlap", "kernels", TXT,
+        "rows = (pid + i * n_s) * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "rows = (pid + i) * BLOCK_M + tl.arange(0, BLOCK_M)",
+        (f"{T_TTXT}::test_fused_dw_backward",),
+        "the dx kernel's row programs step one block instead of S: blocks summed twice "
+        "into the weight gradients, the last blocks' dx never written"),
     Bug("txt-wide-bwd-no-gelu-grad", "kernels", TXT,
         "(da * _gelu_grad(u)).to(DU_OUT.dtype.element_ty)",
         "(da).to(DU_OUT.dtype.element_ty)",

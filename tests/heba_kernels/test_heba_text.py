@@ -9,6 +9,7 @@ import torch
 
 import heba.nn
 from heba import ops
+from heba_kernels import runtime
 from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
                            forward_backward, requires_gpu, requires_triton_cpu, text_params,
                            tokens)
@@ -185,8 +186,11 @@ def test_eps_with_low_variance_rows(eps, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_NAMES.get)
 def test_widest_register_block_batch1(dtype):
     """h = 512, the widest BLOCK_H of the register kernels (the CLIP text MLP adapter's
-    h = 2048 / 4; here D = 1024 at reduction 2, the same configs at half the cost)."""
-    _check((1, 5, 1024), dtype, reduction=2, scale=0.025)
+    h = 2048 / 4), forward and split-K backward; at D = 40: the block sizes depend on h
+    only, and three D chunks (a ragged one) cost a tenth of the CLIP width's."""
+    x = tokens(1, 5, 40, device=DEVICE, dtype=dtype)
+    check_against_reference("heba_text", "triton", x, _params(40, 512, dtype), scale=0.025,
+                            eps=1e-5, rescale_param_grad=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
@@ -197,6 +201,7 @@ def test_wide_hidden_backward_kernel(monkeypatch, dtype):
     import heba_kernels.heba_text as ht
     from tests.helpers import assert_tensor_scale_bitwise
     monkeypatch.setattr(ht, "WIDE_H", 16)
+    monkeypatch.setattr(ht, "FUSED_DW_MAX_H", 8)
     monkeypatch.setattr(ht, "_WIDE_BLOCK_HC", 16)
     launched = []
     real = ht._heba_text_bwd_kernel_dx
@@ -214,6 +219,95 @@ def test_wide_hidden_backward_kernel(monkeypatch, dtype):
     x = tokens(1, 9, 72, device=DEVICE, dtype=dtype, seed=7)
     assert_tensor_scale_bitwise("heba_text", "triton", x,
                                 text_params(72, device=DEVICE, dtype=dtype, seed=7), 0.6875)
+
+
+# ----------------------------------------------------------------------------- the backward by h
+
+FUSED = ["_heba_text_bwd_kernel_du", "_heba_text_bwd_kernel_dx_dw", "_reduce_partials_kernel"]
+SPLIT_K = ["_heba_text_bwd_kernel_dx", "_atb_kernel", "_atb_kernel", "_reduce_partials_kernel"]
+
+
+def _params(D, h, dtype=torch.float32, seed=0):
+    """Fresh text weights with a bottleneck of any ``h`` (not only ``D / reduction``)."""
+    g = torch.Generator().manual_seed(seed)
+    p = dict(down_weight=torch.randn(h, D, generator=g) / D ** 0.5,
+             up_weight=torch.randn(D, h, generator=g) / h ** 0.5,
+             norm_weight=1.0 + 0.5 * torch.randn(D, generator=g),
+             norm_bias=0.5 * torch.randn(D, generator=g))
+    return {k: v.to(DEVICE, dtype) for k, v in p.items()}
+
+
+def _backward_kernels(x, p, autocast_dtype=None, **kw):
+    """Checks the op against the reference; returns the kernels its backward launched."""
+    with runtime.record_launches() as rec:
+        check_against_reference("heba_text", "triton", x, p, autocast_dtype=autocast_dtype,
+                                **dict(dict(scale=0.3, eps=1e-5, rescale_param_grad=True), **kw))
+    assert rec[0][0] == "_heba_text_fwd_kernel", rec
+    return [name for name, _ in rec[1:]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("h", [10, 24, 48], ids=lambda h: f"h{h}")
+def test_fused_dw_backward(h, dtype):
+    """h <= FUSED_DW_MAX_H: the dx kernel recomputes dy and sums dW_u, dW_d, dw and db.
+    74 tokens: five row blocks of 16 over two row programs (a ragged last block); D = 72:
+    three column chunks of 32 (a ragged one); non-power-of-two h padded to 16, 32, 64."""
+    x = tokens(2, 37, 72, device=DEVICE, dtype=dtype, seed=h)
+    assert _backward_kernels(x, _params(72, h, dtype, seed=h)) == FUSED
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_fused_dw_plain_gradients_and_tensor_scale(dtype):
+    """Plain gradients (parameter gradients times scale) on the fused path, and the scale
+    as a 0-d tensor read by the kernels: bitwise the float scale's results, both rules."""
+    from tests.helpers import assert_tensor_scale_bitwise
+    x = tokens(3, 11, 40, device=DEVICE, dtype=dtype, seed=2)
+    p = _params(40, 24, dtype, seed=2)
+    assert _backward_kernels(x, p, scale=2.25, rescale_param_grad=False) == FUSED
+    for rescale in (True, False):
+        assert_tensor_scale_bitwise("heba_text", "triton", x, p, 0.6875, eps=1e-5,
+                                    rescale_param_grad=rescale)
+
+
+def test_fused_dw_autocast():
+    """float32 tokens and weights under bfloat16 autocast: operands rounded to bfloat16 in
+    the kernels, a and du kept in bfloat16, the gradients float32."""
+    x = tokens(2, 19, 40, device=DEVICE, seed=4)
+    assert _backward_kernels(x, _params(40, 10, seed=4),
+                             autocast_dtype=torch.bfloat16) == FUSED
+
+
+@pytest.mark.parametrize("h,dtype", [(256, torch.float32), (256, torch.bfloat16),
+                                     (257, torch.float32)],
+                         ids=["h256-fp32", "h256-bf16", "h257-fp32"])
+def test_fused_dw_threshold(h, dtype):
+    """h = FUSED_DW_MAX_H takes the fused backward at its widest tile; one more column
+    (padded to 512) takes the split-K one. 19 tokens at D = 40."""
+    from heba_kernels.heba_text import FUSED_DW_MAX_H
+    assert FUSED_DW_MAX_H == 256
+    x = tokens(1, 19, 40, device=DEVICE, dtype=dtype, seed=h)
+    got = _backward_kernels(x, _params(40, h, dtype, seed=h), scale=0.7)
+    assert got == (FUSED if h <= FUSED_DW_MAX_H else SPLIT_K), got
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["interpreter", "gpu"])
+def test_plan_picks_fused_dw_up_to_threshold(gpu):
+    """text_plan (what the launchers launch and the roofline models): the fused backward
+    for every h up to FUSED_DW_MAX_H (ViT-B/16 text h = 128, ViT-L/14 h = 192), split-K
+    above; the fused dx kernel's programs: one wave on 132 SMs, its slots reduced."""
+    from heba_kernels.heba_text import FUSED_DW_MAX_H, text_plan
+    sms = 132 if gpu else 1
+    for D, h in [(40, 1), (40, 10), (512, 128), (768, 192), (1024, 255), (64, 256),
+                 (64, 257), (1024, 512), (2048, 768)]:
+        for dt in (torch.bfloat16, torch.float32):
+            plan = text_plan(512 * 77, D, h, dt, sms, gpu, backward=True)
+            assert [st.kernel for st in plan] == (FUSED if h <= FUSED_DW_MAX_H else SPLIT_K)
+            if h > FUSED_DW_MAX_H:
+                continue
+            n_s, n_d = plan[1].grid
+            assert n_d * plan[1].meta["BLOCK_D"] >= D > (n_d - 1) * plan[1].meta["BLOCK_D"]
+            assert plan[1].meta["BLOCK_H"] >= h and (n_s * n_d <= sms or n_s == 1 or not gpu)
+            assert plan[2].work == ((n_s, D * h), (n_s, h * D), (n_s, D), (n_s, D))
 
 
 # ----------------------------------------------------------------------------- GPU
