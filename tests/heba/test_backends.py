@@ -134,6 +134,10 @@ def test_every_launch_inside_device_guard(op, backend, monkeypatch):
         monkeypatch.setattr(hv, "SAVE_U_MIN_DIM", 10 ** 9)    # the recompute path too
     forward_backward(lambda xx, **pp: getattr(ops, op)(xx, **pp, **kw, backend=backend),
                      x, params)
+    if op == "heba_text":        # the split-K backward too (h above FUSED_DW_MAX_H)
+        monkeypatch.setattr(ht, "FUSED_DW_MAX_H", 8)
+        forward_backward(lambda xx, **pp: getattr(ops, op)(xx, **pp, **kw, backend=backend),
+                         x, params)
     rec.assert_all_guarded(x.device)
     assert ("_reduce_partials_kernel", True) in rec.launches
 

@@ -277,14 +277,14 @@ def test_fused_dw_autocast():
                              autocast_dtype=torch.bfloat16) == FUSED
 
 
-@pytest.mark.parametrize("h,dtype", [(256, torch.float32), (256, torch.bfloat16),
-                                     (257, torch.float32)],
-                         ids=["h256-fp32", "h256-bf16", "h257-fp32"])
+@pytest.mark.parametrize("h,dtype", [(128, torch.float32), (128, torch.bfloat16),
+                                     (129, torch.float32)],
+                         ids=["h128-fp32", "h128-bf16", "h129-fp32"])
 def test_fused_dw_threshold(h, dtype):
     """h = FUSED_DW_MAX_H takes the fused backward at its widest tile; one more column
-    (padded to 512) takes the split-K one. 19 tokens at D = 40."""
+    (padded to 256) takes the split-K one. 19 tokens at D = 40."""
     from heba_kernels.heba_text import FUSED_DW_MAX_H
-    assert FUSED_DW_MAX_H == 256
+    assert FUSED_DW_MAX_H == 128
     x = tokens(1, 19, 40, device=DEVICE, dtype=dtype, seed=h)
     got = _backward_kernels(x, _params(40, h, dtype, seed=h), scale=0.7)
     assert got == (FUSED if h <= FUSED_DW_MAX_H else SPLIT_K), got
@@ -293,8 +293,8 @@ def test_fused_dw_threshold(h, dtype):
 @pytest.mark.parametrize("gpu", [False, True], ids=["interpreter", "gpu"])
 def test_plan_picks_fused_dw_up_to_threshold(gpu):
     """text_plan (what the launchers launch and the roofline models): the fused backward
-    for every h up to FUSED_DW_MAX_H (ViT-B/16 text h = 128, ViT-L/14 h = 192), split-K
-    above; the fused dx kernel's programs: one wave on 132 SMs, its slots reduced."""
+    for every h up to FUSED_DW_MAX_H (ViT-B/16 text h = 128), split-K above (ViT-L/14
+    h = 192); the fused dx kernel's programs: one wave on 132 SMs, its slots reduced."""
     from heba_kernels.heba_text import FUSED_DW_MAX_H, text_plan
     sms = 132 if gpu else 1
     for D, h in [(40, 1), (40, 10), (512, 128), (768, 192), (1024, 255), (64, 256),
