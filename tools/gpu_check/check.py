@@ -604,14 +604,21 @@ def stage_tune(ctx, res, timeout):
     from tools.gpu_check import tune
     path = os.path.join(ctx.work, "tune.json")
     cmd = [ctx.py, "-m", "tools.gpu_check.tune", "--out", path, "--size",
-           "tiny" if ctx.dry else "clip", "--deadline", time.time() + max(1.0, timeout - GRACE)]
+           "tiny" if ctx.dry else "clip", "--device", "cpu" if ctx.dry else "cuda",
+           "--deadline", time.time() + max(1.0, timeout - GRACE)]
     rc, _ = _simple(ctx, res, cmd, timeout)
     if rc is not None and os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
-    else:                       # killed or crashed: keep the rows written so far
+    else:                       # killed or crashed: the rows written so far, and what was not
         from tools.gpu_check.sweep import read_rows
-        data = {"rows": read_rows(path + ".jsonl"), "dry": ctx.dry}
+        todo = []
+        if os.path.exists(path + ".todo"):
+            with open(path + ".todo") as f:
+                todo = json.load(f)
+        why = (f"the stage was stopped at its limit of {timeout:.0f} s while this ran"
+               if rc is None else f"the tune process stopped (exit {rc}) while this ran")
+        data = {"rows": tune.stopped(read_rows(path + ".jsonl"), todo, why), "dry": ctx.dry}
     res.data = {"tune": data}
     rows = data["rows"]
     n = tune.counts(rows)

@@ -35,8 +35,9 @@ and the change against the shipped plan, measured and modelled.
 
 ``--budget S`` (or ``--deadline``, a unix time) bounds the run: no variant starts
 when the longest one so far would not finish in time, and the rows say which were
-not run. Rows are appended to ``<out>.jsonl`` as they come (a run killed midway
-keeps them); ``<out>`` gets everything at the end, and ``<out>`` with ``.md`` for
+not run. Rows are appended to ``<out>.jsonl`` as they come, after ``<out>.todo`` lists
+every variant to run (a run killed midway keeps them, and the GPU check names the
+variant it was running); ``<out>`` gets everything at the end, and ``<out>`` with ``.md`` for
 ``.json`` the tables (the GPU check's report shows them in a section of their own).
 Exit status 1 when a variant is wrong or fails to run.
 
@@ -194,8 +195,12 @@ def cases(size: str) -> list:
     from benchmarks.cases import CASES as BENCH, Case
     if size == "tiny":
         return [Case(name, "heba_visual", 2, 1 + 4 * 5, D, grid=(4, 5)) for name, D in TINY]
-    found = [c for c in BENCH if c.op == "heba_visual" and c.name in CASES]
-    return sorted(found, key=lambda c: CASES.index(c.name))
+    found = {c.name: c for c in BENCH if c.op == "heba_visual" and c.name in CASES}
+    missing = [n for n in CASES if n not in found]
+    if missing:
+        raise ValueError(f"benchmarks/cases.py has no visual case {', '.join(missing)} "
+                         f"(renamed? update CASES in tools/gpu_check/tune.py)")
+    return [found[n] for n in CASES]
 
 
 def plan(case, sms: int, gpu: bool) -> list:
@@ -321,14 +326,13 @@ def _row(case, v, **extra):
                 **extra)
 
 
-def run_case(case, device, model_gpu, clock, emit, inject=False, only=None):
-    """Every variant of one case; ``emit(row)`` for each, in order. Returns the rows."""
+def run_case(case, vs, device, model_gpu, clock, emit, inject=False):
+    """The variants ``vs`` of one case; ``emit(row)`` for each, in order. Returns the rows."""
     import torch
     from heba_kernels._triton_common import plan_device
     from tests.helpers import TOL
     sms, gpu = plan_device(device)
     tol = TOL[torch.bfloat16]
-    vs = [v for v in variants(case) if only is None or v.name == "shipped" or v.name in only]
     rows, base, shipped, inputs = [], None, None, None
     shipped_plan = plan(case, sms, gpu)
     injected = False
@@ -457,8 +461,10 @@ def model_gpu(device):
                                   "device": torch.cuda.get_device_name(device)}, sms=sms)
 
 
-def run(size, device, deadline=0.0, only=None, inject=False, emit=None) -> dict:
-    """Every case and variant; the result as written to tune.json."""
+def run(size, device, deadline=0.0, only=None, inject=False, emit=None,
+        announce=None) -> dict:
+    """Every case and variant; the result as written to tune.json. ``emit(row)`` is called
+    for each row as it comes, ``announce(todo)`` first with every (case, variant) to run."""
     import torch
     from dataclasses import asdict
     from heba_kernels._triton_common import plan_device
@@ -467,12 +473,19 @@ def run(size, device, deadline=0.0, only=None, inject=False, emit=None) -> dict:
     start = snapshot()
     clock = Clock(deadline)
     _, gpu = plan_device(device)
+    base = dry_switches(gpu) if size == "tiny" else {}
+    work = []
+    for case in cases(size):
+        with patched(base):
+            work.append((case, [v for v in variants(case) if only is None
+                                or v.name == "shipped" or v.name in only]))
+    if announce:
+        announce([_row(case, v) for case, vs in work for v in vs])
     mgpu = model_gpu(device)
     rows = []
-    for case in cases(size):
-        with patched(dry_switches(gpu) if size == "tiny" else {}):
-            rows += run_case(case, device, mgpu, clock, emit, inject=inject and not rows,
-                             only=only)
+    for case, vs in work:
+        with patched(base):
+            rows += run_case(case, vs, device, mgpu, clock, emit, inject=inject and not rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     changed = _changed(start)
@@ -582,6 +595,20 @@ def fastest_line(case, best) -> str:
             f"{_pct(best['vs_shipped_pct'])}).")
 
 
+def stopped(rows, todo, why) -> list:
+    """``rows`` completed from ``todo`` after the run stopped midway (killed at its limit,
+    or crashed): the first variant without a row is the one it was running (``why``),
+    the others after it were not started."""
+    done = {(r["case"], r["variant"]) for r in rows}
+    out, first = list(rows), True
+    for t in todo:
+        if (t["case"], t["variant"]) not in done:
+            out.append(dict(t, status="not run", message=why if first else
+                            "not started: the run stopped before it"))
+            first = False
+    return out
+
+
 def counts(rows) -> dict:
     return {s: sum(r.get("status") == s for r in rows)
             for s in ("pass", "same", "FAIL", "error", "not run")}
@@ -624,9 +651,14 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = args.size or ("clip" if device.startswith("cuda") else "tiny")
     inject = "tune" in os.environ.get("HEBA_GPU_CHECK_INJECT_FAIL", "").split(",")
-    lines = args.out + ".jsonl"
-    if os.path.exists(lines):
-        os.remove(lines)
+    lines, todo = args.out + ".jsonl", args.out + ".todo"
+    for path in (lines, todo):
+        if os.path.exists(path):
+            os.remove(path)
+
+    def announce(rows):
+        with open(todo, "w") as f:
+            json.dump(rows, f)
 
     def emit(row):
         with open(lines, "a") as f:
@@ -635,7 +667,8 @@ def main(argv=None):
               f"{_us(row.get('measured_us'))} {row.get('message', '')}".rstrip(), flush=True)
         return row
 
-    data = run(size, device, deadline=deadline, only=only, inject=inject, emit=emit)
+    data = run(size, device, deadline=deadline, only=only, inject=inject, emit=emit,
+               announce=announce)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=1, default=str)
     md = os.path.splitext(args.out)[0] + ".md"

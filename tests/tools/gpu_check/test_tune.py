@@ -122,6 +122,15 @@ def test_no_time_left_reports_every_variant_not_run():
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
+def test_a_stopped_run_names_the_variant_it_was_running():
+    todo = [dict(case="c", shape=[1], variant=v, change="x") for v in ("shipped", "a", "b")]
+    rows = tune.stopped([dict(todo[0], status="pass", measured_us=2.0)], todo, "killed")
+    assert [(r["variant"], r["status"], r.get("message")) for r in rows] == [
+        ("shipped", "pass", None), ("a", "not run", "killed"),
+        ("b", "not run", "not started: the run stopped before it")]
+    assert "Not run (2): c a, c b." in tune.markdown({"rows": rows})
+
+
 def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
     """``--stages tune`` through scripts/gpu_check.sh with 1 s left to start variants in
     (its limit 21 s, less the 20 s the stage keeps to finish): the stage is cut and the
