@@ -10,10 +10,16 @@ for this GPU's arch, every core), ``info`` (``python -m heba.info``), ``tests``
 backend x dtype against the float64 reference, :mod:`tools.gpu_check.sweep`),
 ``memcheck`` and ``racecheck`` (the small sweep under compute-sanitizer),
 ``bench-ops`` (benchmarks/test_adapters.py) and ``bench-e2e``
-(benchmarks/test_train_step.py, needs open_clip). A global budget (``--budget``,
-default 480 s) bounds the run: a stage gets at most what is left less a reserve
-for the stages after it (the benchmarks are last and must not starve), pytest
-stages stop starting tests before their limit so their results are still
+(benchmarks/test_train_step.py, needs open_clip). One more stage runs only when
+``--stages`` names it, so the default run is the one above: ``tune``
+(:mod:`tools.gpu_check.tune`: the visual adapter's launch-plan variants, each plan
+choice of heba_kernels/heba_visual.py flipped in turn, checked against the shipped
+plan, then timed forward + backward beside the roofline model's floor for the same
+plan, in the report's "Launch-plan variants" section and ``tune.json``; run as
+``--stages tune``, or with others, e.g. ``--stages build,tune``). A global budget
+(``--budget``, default 480 s) bounds the run: a stage gets at most what is left less
+a reserve for the stages after it (the benchmarks are last and must not starve),
+pytest stages stop starting tests before their limit so their results are still
 written, and a stage that is cut says so. After every stage DIR gets
 ``gpu_check.md`` (the report), ``gpu_check.json`` (everything, raw) and
 ``gpu_check.log`` (every stage's output); at the end also the tests' junit XML,
@@ -23,12 +29,13 @@ the benchmarks' JSON and PNG plots, all at the top of DIR (no sub-folders).
 Triton's interpreter, without the CUDA build, the sanitizer and the
 torch.compile contenders. Switches for tests of this tool:
 ``HEBA_GPU_CHECK_INJECT_FAIL=stage[,stage]`` makes those stages fail
-(``tests`` adds a failing test, ``sweep`` perturbs one output, any other stage
-runs a failing command instead), ``HEBA_GPU_CHECK_TIMEOUTS=stage=seconds,...``
-overrides stage timeouts, ``HEBA_GPU_CHECK_TESTS`` replaces the tests stage's
-pytest arguments, ``HEBA_GPU_CHECK_BENCH_K`` the op benchmarks' ``-k``
-selection. This module imports only the standard library at the top, so it
-reports even when torch itself is broken.
+(``tests`` adds a failing test, ``sweep`` perturbs one output, ``tune`` one
+variant's output, any other stage runs a failing command instead),
+``HEBA_GPU_CHECK_TIMEOUTS=stage=seconds,...`` overrides stage timeouts,
+``HEBA_GPU_CHECK_TESTS`` replaces the tests stage's pytest arguments,
+``HEBA_GPU_CHECK_BENCH_K`` the op benchmarks' ``-k`` selection. This module
+imports only the standard library at the top, so it reports even when torch
+itself is broken.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class Stage:
     timeout: int          # seconds on a GPU
     dry_timeout: int      # seconds in a dry run
     reserve: int = 0      # seconds on a GPU that earlier stages leave to this one
+    default: bool = True  # run when --stages is not given
 
 
 STAGES = [
@@ -76,6 +84,8 @@ STAGES = [
     Stage("bench-ops", "op benchmarks (benchmarks/test_adapters.py)", 150, 90, reserve=90),
     Stage("bench-e2e", "training-step benchmark (benchmarks/test_train_step.py)", 150, 90,
           reserve=60),
+    Stage("tune", "launch-plan variants of the visual adapter, timed beside the model",
+          420, 150, reserve=60, default=False),
 ]
 
 
@@ -122,7 +132,7 @@ class Context:
 
         Returns (exit code or None when cut, output). The output goes to the log.
         """
-        if stage in self.inject and stage not in ("tests", "sweep"):
+        if stage in self.inject and stage not in ("tests", "sweep", "tune"):
             cmd = [self.py, "-c", f"raise SystemExit('injected failure of stage {stage} "
                                   f"(HEBA_GPU_CHECK_INJECT_FAIL)')"]
         res.commands.append(" ".join(shlex.quote(str(c)) for c in cmd))
@@ -588,10 +598,44 @@ def stage_bench_e2e(ctx, res, timeout):
         res.data["device"], res.data["steps"], res.data["batches"] = train_report.load(path)
 
 
+# --- opt-in stage: launch-plan variants -------------------------------------------------------
+
+def stage_tune(ctx, res, timeout):
+    from tools.gpu_check import tune
+    path = os.path.join(ctx.work, "tune.json")
+    cmd = [ctx.py, "-m", "tools.gpu_check.tune", "--out", path, "--size",
+           "tiny" if ctx.dry else "clip", "--device", "cpu" if ctx.dry else "cuda",
+           "--deadline", time.time() + max(1.0, timeout - GRACE)]
+    rc, _ = _simple(ctx, res, cmd, timeout)
+    if rc is not None and os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    else:                       # killed or crashed: the rows written so far, and what was not
+        from tools.gpu_check.sweep import read_rows
+        todo = []
+        if os.path.exists(path + ".todo"):
+            with open(path + ".todo") as f:
+                todo = json.load(f)
+        why = (f"the stage was stopped at its limit of {timeout:.0f} s while this ran"
+               if rc is None else f"the tune process stopped (exit {rc}) while this ran")
+        data = {"rows": tune.stopped(read_rows(path + ".jsonl"), todo, why), "dry": ctx.dry}
+    res.data = {"tune": data}
+    rows = data["rows"]
+    n = tune.counts(rows)
+    if n["not run"] and res.status == "passed":
+        res.status = "cut"
+    if not rows and res.status == "passed":
+        res.status = "failed"
+    best = "; ".join(f"{case}: {b['variant']}" for case, b in data.get("fastest", {}).items())
+    res.note = (f"{n['pass']} timed, {n['same']} same as shipped, {n['FAIL']} wrong, "
+                f"{n['error']} errors, {n['not run']} not run"
+                + (f"; fastest: {best}" if best else "") + (f"; {res.note}" if res.note else ""))
+
+
 RUNNERS = {"versions": stage_versions, "build": stage_build, "info": stage_info,
            "tests": stage_tests, "sweep": stage_sweep, "memcheck": stage_sanitizer("memcheck"),
            "racecheck": stage_sanitizer("racecheck"), "bench-ops": stage_bench_ops,
-           "bench-e2e": stage_bench_e2e}
+           "bench-e2e": stage_bench_e2e, "tune": stage_tune}
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -645,7 +689,7 @@ def write_outputs(ctx, results, final=False):
 def _final_artifacts(ctx, by):
     import shutil
     for name, dst in (("bench_adapters.json",) * 2, ("bench_train.json",) * 2,
-                      ("junit-tests.xml", "junit_tests.xml")):
+                      ("junit-tests.xml", "junit_tests.xml"), ("tune.json",) * 2):
         src = os.path.join(ctx.work, name)
         if os.path.exists(src):
             shutil.copy(src, os.path.join(ctx.out, dst))
@@ -667,7 +711,9 @@ def main(argv=None):
     ap.add_argument("--out", help="folder for the report (created)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for the whole run (default 480 on a GPU, 280 in a dry run)")
-    ap.add_argument("--stages", default=None, help="comma-separated subset, in the usual order")
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated, run in the usual order (default: every stage but "
+                         "the opt-in tune)")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.probe:
@@ -676,7 +722,7 @@ def main(argv=None):
         ap.error("--out DIR is required")
     dry = _flag("HEBA_GPU_CHECK_DRY_RUN")
     names = [s.name for s in STAGES]
-    chosen = names if not args.stages else args.stages.split(",")
+    chosen = args.stages.split(",") if args.stages else [s.name for s in STAGES if s.default]
     bad = [n for n in chosen if n not in names]
     if bad:
         ap.error(f"--stages: unknown {bad}; expected some of {','.join(names)}")
@@ -709,11 +755,20 @@ def _print_summary(ctx, results):
                r.data.get("junit", {}).get("failures", [])]
         bad += [f"{x['op']} {x['case']} {x['backend']} {x['dtype']}: {x['message'][:160]}"
                 for x in r.data.get("rows", []) if x.get("status") in ("FAIL", "error")]
+        bad += [f"tune {x['case']} {x['variant']}: {x.get('message', '')[:160]}"
+                for x in r.data.get("tune", {}).get("rows", [])
+                if x.get("status") in ("FAIL", "error")]
         if bad:
             print(f"\n{r.name}: {len(bad)} failures" + "".join(f"\n  {b}" for b in bad[:15]))
     ops = next((r for r in results if r.name == "bench-ops"), None)
     if ops and ops.data.get("rows"):
         print("\n" + check_report.targets_table(ops.data["rows"]))
+    tuned = next((r for r in results if r.name == "tune"), None)
+    if tuned and tuned.data.get("tune", {}).get("rows"):
+        from tools.gpu_check import tune
+        data = tuned.data["tune"]
+        print("\n" + "\n".join(tune.fastest_line(case, data.get("fastest", {}).get(case))
+                               for case in dict.fromkeys(x["case"] for x in data["rows"])))
 
 
 if __name__ == "__main__":

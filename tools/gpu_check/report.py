@@ -1,7 +1,8 @@
 """The GPU check's report: one markdown file from the stages' results (see tools.gpu_check.check).
 
 The benchmark tables and plots are those of :mod:`benchmarks.report` and
-:mod:`benchmarks.train_report`; this module adds the stage table, the versions,
+:mod:`benchmarks.train_report`, the launch-plan variants' tables those of
+:mod:`tools.gpu_check.tune`; this module adds the stage table, the versions,
 the test summary, the correctness table and heba's performance targets.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 
 from benchmarks import report as ops_report, train_report
+from tools.gpu_check import tune
 from tools.gpu_check.sweep import DTYPES
 
 OPS = ("heba_visual", "heba_text", "low_rank")
@@ -25,7 +27,7 @@ def render(meta: dict, results: list) -> str:
     by = {r["name"]: r for r in results}
     parts = [_header(meta, results, by), _stages(results), _versions(by), _build(by),
              _info(by), _tests(by.get("tests")), _sweep(by), _bench_ops(by.get("bench-ops")),
-             _bench_e2e(by.get("bench-e2e")), _tails(results)]
+             _bench_e2e(by.get("bench-e2e")), _tune(by.get("tune")), _tails(results)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
@@ -209,6 +211,16 @@ def _bench_e2e(r):
     if d.get("steps") or d.get("batches"):
         lines += ["", train_report.table(d.get("steps", []), d.get("batches", [])), "",
                   "![training step](train.png)"]
+    return "\n".join(lines)
+
+
+def _tune(r):
+    if not r:
+        return ""
+    lines = ["## Launch-plan variants (tune)", "", _status(r)]
+    data = r.get("data", {}).get("tune") or {}
+    if data.get("rows"):
+        lines += ["", tune.markdown(data)]
     return "\n".join(lines)
 
 
