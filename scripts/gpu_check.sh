@@ -11,7 +11,8 @@
 #                private folder put on PYTHONPATH: for a machine without network that
 #                lacks some of heba's dependencies (open_clip_torch, ftfy, wcwidth, ...)
 # --stages a,b   only these stages: versions,build,info,tests,sweep,memcheck,racecheck,
-#                bench-ops,bench-e2e
+#                bench-ops,bench-e2e (the default), and tune (opt-in: the visual launch
+#                plan's variants timed against the shipped one and the model)
 # $PYTHON        the interpreter (default python3): its torch, Triton and pytest are used
 # HEBA_GPU_CHECK_DRY_RUN=1   the same stages on a CPU, tiny shapes (tests of the check)
 #
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
         --out) OUT_DIR="${2:-}"; shift 2 ;;
         --wheels) WHEELS="${2:-}"; shift 2 ;;
         --budget|--stages) REST+=("$1" "${2:-}"); shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument '$1' (expected --out DIR [--wheels DIR]" \
                 "[--budget S] [--stages a,b])" >&2; exit 2 ;;
     esac
