@@ -149,7 +149,8 @@ KEEP_Y_MIN_DIM = 2048
 # reading it: dy and s never leave the _dy kernel's scratch, and the two split-K
 # launches go. Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200), attention
 # position (D768 h192), backward: split-K 6 launches, 831 MB, 89.5 GFLOP, floor 173 us;
-# here 4 launches, 570 MB, 124.6 GFLOP (h padded to 256, dy recomputed), 140 us. At
+# here 4 launches, 574 MB, 119.7 GFLOP (h padded to 256 in the two weight-gradient products,
+# dy recomputed with z in BLOCK_H chunks), 135 us. At
 # h=512 and up the two [BLOCK_D, h] accumulators would not fit in registers.
 FUSED_DW_MAX_H = 256
 
@@ -750,14 +751,18 @@ def _block_t(T: int, D: int, sms: int) -> int:
     Wd (down, ``_dx``) once per block, so the weights' L2->SM traffic falls as the block
     grows; blocks run over all images' grid tokens, so a larger block pads nothing but the
     last one. Modelled (benchmarks/roofline.py, bf16, B256 14x14, forward + backward,
-    with the down/dx blocks below): MLP position (D3072 h768) 32 rows 59.4 GB L2->SM, 64
-    rows 44.6, 128 rows 37.2 (32-row blocks of one image each: 78.5); attention position
-    (D768 h192) 14.1 / 12.5 / 11.8 GB, floor 198 / 192 / 192 us on an H200. The largest block that still gives every SM a
-    program, up to 128 rows from ``BIG_BLOCK_MIN_DIM`` and 64 below. Registers
-    (scripts/triton_aot_check.py, sm_90, bf16, 8 warps): at 64 rows, D768, fwd (with the
-    halo's down GEMM) 209, _dy 224, no spill; at 128 rows, D3072, down 107, fwd 241, _dy
-    255 with 20 B spilled, _dx 238, dwconv 198 (one 8-warp program per SM for fwd and _dy;
-    float32 tokens spill up to 432 B at 128 rows: to be tuned on a GPU)."""
+    with the down/dx blocks below): MLP position (D3072 h768) 32 rows 59.0 GB L2->SM, 64
+    rows 44.2, 128 rows 36.8 (32-row blocks of one image each: 78.5); attention position
+    (D768 h192) 15.2 / 13.9 / 13.3 GB, floor 178 / 176 / 183 us on an H200 (at 128 rows the
+    forward's y scratch and halo cost more than the weight reads save). The largest block
+    that still gives every SM a program, up to 128 rows from ``BIG_BLOCK_MIN_DIM`` and 64
+    below. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton 3.8 /
+    3.6): at 64 rows, D768, fwd (the halo's down GEMM, y in the scratch) 213 / 241, _dy
+    224 / 230, no spill; at 128 rows, D3072, down 107 / 107, fwd 241 / 255 (3.6: 108 B
+    spilled), _dy 255 / 255 (3.6: 136 B), _dx (128 columns of D) 255 with 96 B spilled in
+    both, dwconv 172 / 182: one 8-warp program per SM for fwd and _dy; float32 tokens spill
+    up to a few hundred bytes at 128 rows. To be tuned on a GPU (the GPU check's opt-in
+    ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
     cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     bt = cap
     while bt > 16 and triton.cdiv(T, bt) < sms:
@@ -778,7 +783,8 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
     """The dx kernel's blocks. Bottlenecks up to ``FUSED_DW_MAX_H`` columns: ``DW``, the
     weight gradients summed in the dx kernel, 32 rows and 32 columns of D per program on a
     GPU (two ``[32, BLOCK_HP]`` float32 accumulators; scripts/triton_aot_check.py, sm_90,
-    8 warps, D768: 255 registers, no spill in 16-bit; 16 warps spill 100 B). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
+    8 warps, D768: 227 registers with Triton 3.8, 247 with 3.6, no spill in 16-bit; 16
+    warps spilled 100 B). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
     D per program, so ``du`` and the token tiles are re-read half as often (modelled at
     D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
     hp = max(16, triton.next_power_of_2(h))
