@@ -32,8 +32,10 @@ writes ``out``. Saved for the backward: ``x`` (an input)
 and the per-token ``mean`` and ``rstd`` (float32, ``[M]``).
 
 Backward up to ``FUSED_DW_MAX_H`` = 128 bottleneck columns (``h`` padded to a
-power of two; the published text adapters at width 512 have h = 128; at 768, h = 192,
-the model prefers the split-K path below), three launches:
+power of two: ViT-B/16's attention-position text adapters, width 512, h = 128; the
+MLP-position ones, h = 512 at ViT-B/16 and 768 at ViT-L/14, and ViT-L/14's
+attention-position ones, h = 192, take the split-K path below, which the model
+prefers there), three launches:
 
 * ``_heba_text_bwd_kernel_du``, one program per ``BLOCK_M`` tokens: recomputes
   ``u`` and ``a``; sweeps ``D`` once for the LayerNorm backward's two row constants
@@ -610,10 +612,11 @@ _WIDE_BLOCK_HC = 256     # h chunk of the wide backward kernel
 #   D768 h192 (ViT-L/14 text width), backward: split-K 536 MB, 100.8 GFLOP, floor
 #     121 us; fused 378 MB, 124.0 GFLOP, 127 us: on this model FLOP-bound and 5% slower
 #     (h padded to 256 in all eight GEMM passes) for 30% fewer bytes.
-# So the fused backward up to 128 columns (ViT-B/16's text adapters), split-K from 129 on
-# (ViT-L/14's h = 192 included); both untimed on a GPU, and the kernels compile for
-# 256 columns (no spill in 16-bit) should a GPU favour the fused path there. At h = 512
-# the two [BLOCK_D, h] float32 accumulators would not fit in registers.
+# So the fused backward up to 128 columns (ViT-B/16's attention-position text adapters),
+# split-K from 129 on (ViT-L/14's h = 192, every MLP-position one); both untimed on a
+# GPU, and the kernels compile for 256 columns (no spill in 16-bit) should a GPU favour
+# the fused path there. At h = 512 the two [BLOCK_D, h] float32 accumulators would not
+# fit in registers.
 FUSED_DW_MAX_H = 128
 
 
