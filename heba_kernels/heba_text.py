@@ -203,6 +203,17 @@ def _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP: 
 
 
 @triton.jit
+def _ln_bwd_terms(y, G, NW, rows64, cols, mask, c_ok, mean, rstd, stride_gm):
+    """One column chunk of the LayerNorm backward's inputs, float32: ``yhat`` (0 off the
+    mask), the incoming gradient ``g`` and ``dyhat = w * g``."""
+    yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+    g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    dyhat = g * tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return yhat, g, dyhat
+
+
+@triton.jit
 def _text_u(X, WD, rows64, row_ok, offs_h, h_ok, offs_n, D, stride_xm, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, OP: tl.constexpr,
             UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -331,11 +342,8 @@ def _heba_text_bwd_kernel_dx(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
         else:
             y = _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP,
                         UPCAST, IEEE)
-        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        w = tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)
-        dyhat = g * w[None, :]
+        yhat, g, dyhat = _ln_bwd_terms(y, G, NW, rows64, cols, mask, c_ok, mean, rstd,
+                                       stride_gm)
         c1 += tl.sum(dyhat * yhat, axis=1)
         c2 += tl.sum(dyhat, axis=1)
         tl.store(DNW_PART + pid * D + cols, tl.sum(g * yhat, axis=0), mask=c_ok)
@@ -441,10 +449,8 @@ def _heba_text_bwd_kernel_du(X, G, WD, WU, NW, MEAN, RSTD,          # as in the 
         mask = row_ok[:, None] & c_ok[None, :]
         y = _text_y(X, WU, a, rows64, cols, mask, offs_h, h_ok, c_ok, H, stride_xm, OP,
                     UPCAST, IEEE)
-        yhat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(G + rows64[:, None] * stride_gm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        dyhat = g * tl.load(NW + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        yhat, g, dyhat = _ln_bwd_terms(y, G, NW, rows64, cols, mask, c_ok, mean, rstd,
+                                       stride_gm)
         c1 += tl.sum(dyhat * yhat, axis=1)
         c2 += tl.sum(dyhat, axis=1)
     c1 = c1 / D
