@@ -42,6 +42,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -279,13 +280,17 @@ def writing(path: str):
 
 
 def _on_signal(signum, frame) -> None:
+    # The run is stopping, in the DataLoader's workers too (Ctrl-C reaches the whole process
+    # group): what is torn down half-way on the way out must not print a traceback, be it
+    # an object torn down half-built (a DataLoader iterator interrupted while it starts its
+    # workers) or a helper thread cut mid-transfer (multiprocessing's file-descriptor
+    # sharer between a worker and the main process, whose peer has stopped reading).
+    sys.unraisablehook = _quiet
+    threading.excepthook = _quiet
     if os.getpid() != _OWNER[0]:    # a forked DataLoader worker: the main process stops it
         if signum == signal.SIGTERM:
             os._exit(128 + signum)      # quietly (no traceback from a worker)
         return
-    # The run is stopping: an object torn down half-built on the way out (a DataLoader
-    # iterator interrupted while it starts its workers) must not print a traceback.
-    sys.unraisablehook = _quiet
     _PENDING[:] = [signum]      # kept: an exception raised inside an at-fork callback (a
     if not _DEPTH[0]:           # worker starting) is swallowed; check_stop raises it again
         raise Interrupted(signum)
@@ -304,17 +309,16 @@ def _quiet(unraisable) -> None:
 def handle_signals() -> Callable[[], None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` at the next safe point (now, unless a
     write is in progress). Returns the function that restores the previous handlers."""
-    import threading
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     _OWNER[0], _PENDING[:] = os.getpid(), []
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    hook = sys.unraisablehook
+    hooks = sys.unraisablehook, threading.excepthook
 
     def restore():
         for s, h in old.items():
             signal.signal(s, h)
-        sys.unraisablehook = hook
+        sys.unraisablehook, threading.excepthook = hooks
         _PENDING[:] = []
     return restore
 

@@ -297,6 +297,52 @@ def test_a_swallowed_stop_is_raised_again_at_the_next_safe_point():
     rf.check_stop()                             # restored: nothing pending any more
 
 
+_THREAD_AFTER_STOP = """
+import os, signal, sys, threading
+from heba.train import run_folder as rf
+
+def thread_error(tag):
+    def broken_transfer():
+        raise ConnectionResetError(tag)
+    t = threading.Thread(target=broken_transfer)
+    t.start()
+    t.join()
+
+restore = rf.handle_signals()
+thread_error("before-the-stop")
+if sys.argv[1] == "worker":        # a forked worker: not the process that owns the run
+    rf._OWNER[0] = os.getpid() + 1
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):          # the handler runs between two bytecodes
+        pass
+except rf.Interrupted:
+    assert sys.argv[1] == "main"
+thread_error("after-the-stop")
+restore()
+thread_error("after-restore")
+"""
+
+
+@pytest.mark.parametrize("process", ["main", "worker"])
+def test_a_thread_cut_by_a_stop_prints_no_traceback(process):
+    """signals: once SIGINT has arrived (in the main process, or in a DataLoader worker,
+    which Ctrl-C reaches too), a helper thread that fails on the way out (multiprocessing's
+    file-descriptor sharer whose peer stopped reading) prints no traceback; before the
+    stop, and once the handlers are restored, a thread's error prints as usual. A real
+    process: pytest replaces the thread hook inside tests."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    proc = subprocess.run([sys.executable, "-c", _THREAD_AFTER_STOP, process],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo))
+    assert proc.returncode == 0, proc.stderr
+    assert "before-the-stop" in proc.stderr and "after-restore" in proc.stderr, proc.stderr
+    assert "after-the-stop" not in proc.stderr, proc.stderr
+
+
 def test_a_stop_during_a_set_write_waits_for_its_commit(tmp_path, monkeypatch):
     """signals: SIGTERM arriving while a set is being written (here: as its hidden partial
     folder is made) stops the run only once the set is committed and the older one removed:
