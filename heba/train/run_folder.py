@@ -290,6 +290,10 @@ def _on_signal(signum, frame) -> None:
     if os.getpid() != _OWNER[0]:    # a forked DataLoader worker: the main process stops it
         if signum == signal.SIGTERM:
             os._exit(128 + signum)      # quietly (no traceback from a worker)
+        # The fd sharer's thread reports its errors through sys.excepthook itself; in a
+        # worker that hook serves nothing else (torch sends the worker loop's errors to
+        # the main process), so it goes quiet too.
+        sys.excepthook = _quiet_excepthook
         return
     _PENDING[:] = [signum]      # kept: an exception raised inside an at-fork callback (a
     if not _DEPTH[0]:           # worker starting) is swallowed; check_stop raises it again
@@ -306,6 +310,10 @@ def _quiet(unraisable) -> None:
     pass
 
 
+def _quiet_excepthook(exc_type, exc, tb) -> None:
+    pass
+
+
 def handle_signals() -> Callable[[], None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` at the next safe point (now, unless a
     write is in progress). Returns the function that restores the previous handlers."""
@@ -313,12 +321,12 @@ def handle_signals() -> Callable[[], None]:
         return lambda: None
     _OWNER[0], _PENDING[:] = os.getpid(), []
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    hooks = sys.unraisablehook, threading.excepthook
+    hooks = sys.unraisablehook, threading.excepthook, sys.excepthook
 
     def restore():
         for s, h in old.items():
             signal.signal(s, h)
-        sys.unraisablehook, threading.excepthook = hooks
+        sys.unraisablehook, threading.excepthook, sys.excepthook = hooks
         _PENDING[:] = []
     return restore
 
