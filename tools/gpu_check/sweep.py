@@ -169,10 +169,17 @@ def run_check(check: Check, backend: str, dtype_name: str, device, seed: int, in
     p64 = {k: (None if v is None else v.double()) for k, v in params.items()}
     rout, rgrads = _fwd_bwd(lambda xx, **pp: op(xx, **pp, **check.kwargs, backend="reference"),
                             x.double(), p64, g.double())
-    errors, problems = {}, []
-    if out.dtype != x.dtype:
-        problems.append(f"out dtype {out.dtype} != x dtype {x.dtype}")
-    for name, a, e in [("out", out, rout)] + [(f"d{k}", grads[k], rgrads[k]) for k in rgrads]:
+    problems = [f"out dtype {out.dtype} != x dtype {x.dtype}"] if out.dtype != x.dtype else []
+    return verdict([("out", out, rout)] + [(f"d{k}", grads[k], rgrads[k]) for k in rgrads],
+                   tol, problems)
+
+
+def verdict(pairs, tol, problems=()) -> dict:
+    """The result fields of ``(name, actual, expected)`` pairs compared as the sweep compares
+    them: ``status`` pass or FAIL, ``tol``, every error, the worst one and what failed
+    (``problems``: failures found before the comparison)."""
+    errors, problems = {}, list(problems)
+    for name, a, e in pairs:
         errors[name], problem = _compare(name, a, e, tol)
         if problem:
             problems.append(problem)

@@ -266,17 +266,9 @@ class Inputs:
 
 def compare(actual, expected, tol) -> dict:
     """Errors of the output and every gradient, pass or FAIL (the sweep's comparison)."""
-    from tools.gpu_check.sweep import _compare
-    errors, problems = {}, []
-    for name in ["out"] + [f"d{k}" for k in expected[1]]:
-        a = actual[0] if name == "out" else actual[1][name[1:]]
-        e = expected[0] if name == "out" else expected[1][name[1:]]
-        errors[name], problem = _compare(name, a, e, tol)
-        if problem:
-            problems.append(problem)
-    worst = max(errors, key=errors.get)
-    return dict(status="FAIL" if problems else "pass", tol=tol, errors=errors, worst=worst,
-                max_rel=errors[worst], message="; ".join(problems))
+    from tools.gpu_check.sweep import verdict
+    return verdict([("out", actual[0], expected[0])]
+                   + [(f"d{k}", actual[1][k], expected[1][k]) for k in expected[1]], tol)
 
 
 @contextlib.contextmanager
