@@ -89,6 +89,8 @@ def _check_scale(scale, x, name="scale") -> Scale:
 def _check_alpha(alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a Python float, got {type(alpha).__name__}")
+    if torch.compiler.is_compiling():
+        return alpha    # symbolic after a recompile, as a changing scale (see _check_scale)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
     return float(alpha)

@@ -172,6 +172,27 @@ def test_torch_compile_fullgraph(op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph_float_that_changes(op, backend):
+    """A Python float scale (alpha for low-rank) that changes between calls: after the
+    recompile torch.compile makes it symbolic, and the argument checks must not break the
+    graph (``fullgraph=True`` raises on a break); every call gives eager's bits."""
+    torch._dynamo.reset()
+    a = _module(op, backend)
+    compiled = torch.compile(a, fullgraph=True, backend="aot_eager")
+    x, _, _ = _case(op, seed=4)
+    for value in (0.5, 0.25, 2.0):
+        if op == "low_rank":
+            a.alpha, kw = value, {}
+        else:
+            kw = dict(scale=value)
+        with torch.no_grad():
+            got, want = compiled(x, **kw), a(x, **kw)
+        assert torch.equal(got, want), value
+        assert not torch.equal(want, x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
 def test_nan_fill_every_buffer_written(op, backend, monkeypatch):
     """Under HEBA_DEBUG_NAN_FILL=1 every fresh output and scratch buffer starts as NaN: the
     output and every gradient still match the reference (no tile left unwritten)."""
