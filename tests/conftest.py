@@ -4,6 +4,8 @@
 as on a machine without it, so the tests that need it can be seen to skip with
 the reason on any machine. The GPU check's pytest plugin
 (``tools/gpu_check/plugin.py``) uses the same switch for the benchmark suites.
+Under pytest-xdist, a worker's own ``PYTEST_XDIST_*`` names leave its environment
+(:func:`pytest_configure`), so a test's child pytest is a plain one.
 """
 
 from __future__ import annotations
@@ -40,3 +42,14 @@ def hide_open_clip_if_asked() -> bool:
 
 
 hide_open_clip_if_asked()
+
+
+def pytest_configure(config):
+    # A pytest-xdist worker's environment names it (PYTEST_XDIST_WORKER, ...). Tests that
+    # start a pytest of their own (the benchmarks' and the GPU check's dry runs) must start
+    # a plain one, not one that believes it is a worker (pytest-benchmark then disables
+    # itself), so the names leave the worker's environment once it is configured: xdist
+    # reads a worker's id from its config, not from the environment.
+    if hasattr(config, "workerinput"):
+        for name in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
+            del os.environ[name]
