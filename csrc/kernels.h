@@ -57,7 +57,7 @@ struct ScaleArg {
 };
 
 // ---- residual + LayerNorm + scaled residual (residual_ln.cu) ---------------
-// Pointer dtypes: x/out/grad in xt; z/dy in wt; gamma, beta, mean, rstd and
+// Pointer dtypes: x/out/grad in xt; z/dy, gamma and beta in wt; mean, rstd and
 // the partial sums in the accumulation type (float; double when xt is Double).
 cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void* z,
                                    const void* gamma, const void* beta, void* out, void* mean,
@@ -65,12 +65,27 @@ cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void
                                    int64_t D, ScaleArg scale, double eps, cudaStream_t stream);
 
 // dgamma_part, dbeta_part: [blocks, D] with blocks = residual_ln_bwd_dims(rows, D,
-// sms).grid[0] (launch_dims.h), zero-initialised by the caller.
+// sms).grid[0] (launch_dims.h), every element written (summed by reduce_partials_launch).
 cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const void* x,
                                    const void* z, const void* gamma, const void* mean,
                                    const void* rstd, void* dy, void* dgamma_part,
                                    void* dbeta_part, TokenMap tm, int64_t num_prefix,
                                    int64_t rows, int64_t D, ScaleArg ga_scale, int sms,
+                                   cudaStream_t stream);
+
+// ---- the backward's partial sums (reduce.cu) ---------------------------------
+// One buffer of partial sums [slots, n] in the accumulation type of wt (float;
+// double for Double), summed over its slots into out [n] in wt.
+struct PartialSum {
+  const void* part;
+  void* out;
+  int64_t slots, n;
+};
+constexpr int kMaxPartialSums = 4;
+
+// Sums `count` (1..kMaxPartialSums) buffers in one launch, each column in a fixed
+// order (deterministic): an op's dgamma, dbeta (and stencil dWm) with their casts.
+cudaError_t reduce_partials_launch(DType wt, const PartialSum* sums, int count,
                                    cudaStream_t stream);
 
 // out = a + k * b elementwise over n elements (a, out in xt; b in wt), in the

@@ -24,6 +24,8 @@ constexpr int kElemThreads = 256;  // block of the grid-stride elementwise kerne
 constexpr int kStencilTx = 32;     // stencil backward: channels per block
 constexpr int kStencilTy = 8;      //                   positions in flight per block
 constexpr int kLnMaxThreads = 256; // residual LayerNorm: the block for D >= 2048
+constexpr int kReduceTx = 32;      // reduce_partials: columns per block
+constexpr int kReduceTy = 8;       //                  slot lanes per column
 constexpr int kLrTok = 32;         // fused low-rank forward: tokens per block
 constexpr int kLrThreads = 256;    //                         its block
 
@@ -68,6 +70,12 @@ inline LaunchDims scaled_add_dims(int64_t n, int sms) {
 
 inline LaunchDims low_rank_bwd_gelu_dims(int64_t n, int sms) {
   return elementwise_dims(n, kElemThreads, sms);
+}
+
+// _reduce_partials_kernel: 32 columns (of all the buffers' columns together) per
+// block, each summed by 8 lanes over the slots, then in shared memory.
+inline LaunchDims reduce_partials_dims(int64_t columns) {
+  return {{columns > 0 ? ceil_div(columns, kReduceTx) : 1, 1, 1}, {kReduceTx, kReduceTy, 1}};
 }
 
 // _low_rank_fwd_kernel: one block per 32 tokens.

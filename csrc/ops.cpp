@@ -179,24 +179,40 @@ void scaled_add(const Tensor& dx2d, const Tensor& g2d, const Tensor& s, ScaleArg
                                    stream()));
 }
 
-// Sums the [2, blocks, D] partials of the LayerNorm backward into dgamma and
-// dbeta, in two reductions so the two outputs do not share storage.
-std::tuple<Tensor, Tensor> residual_ln_bwd(const Tensor& g2d, const Tensor& x2d, const Tensor& z,
-                                           const Tensor& gamma_acc, const Tensor& mean,
-                                           const Tensor& rstd, const Tensor& dy, TokenMap tm,
-                                           int64_t num_prefix, ScaleArg ga_scale) {
+// The LayerNorm backward: dy, and its [2, blocks, D] partial sums of dgamma
+// and dbeta (every element written), for reduce_partials.
+Tensor residual_ln_bwd(const Tensor& g2d, const Tensor& x2d, const Tensor& z,
+                       const Tensor& norm_weight, const Tensor& mean, const Tensor& rstd,
+                       const Tensor& dy, TokenMap tm, int64_t num_prefix, ScaleArg ga_scale) {
   const int64_t rows = x2d.size(0), D = x2d.size(1);
   int sms = 0, dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t blocks = residual_ln_bwd_dims(rows, D, sms).grid[0];
-  Tensor part = at::zeros({2, blocks, D}, x2d.options().dtype(acc_type(x2d.scalar_type())));
+  Tensor part = new_buffer({2, blocks, D}, x2d.options().dtype(acc_type(x2d.scalar_type())));
+  if (rows == 0) part.zero_();  // no launch below: nothing to sum
+  const Tensor gamma = norm_weight.contiguous();
   C10_CUDA_CHECK(residual_ln_bwd_launch(
       to_dtype(x2d.scalar_type()), to_dtype(z.scalar_type()), g2d.data_ptr(), x2d.data_ptr(),
-      z.data_ptr(), gamma_acc.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
+      z.data_ptr(), gamma.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dy.data_ptr(),
       part.data_ptr(), static_cast<char*>(part.data_ptr()) + blocks * D * part.element_size(),
       tm, num_prefix, rows, D, ga_scale, sms, stream()));
-  return {part[0].sum(0), part[1].sum(0)};
+  return part;
+}
+
+// Each partial-sum buffer [slots, n] summed over its slots into a new [n]
+// tensor of dtype wt (returned in order), all in one launch.
+std::vector<Tensor> reduce_partials(std::initializer_list<Tensor> parts, at::ScalarType wt) {
+  std::vector<Tensor> outs;
+  std::vector<PartialSum> sums;
+  for (const Tensor& part : parts) {
+    TORCH_INTERNAL_ASSERT(part.dim() == 2 && part.is_contiguous() && sums.size() < kMaxPartialSums);
+    outs.push_back(new_buffer({part.size(1)}, part.options().dtype(wt)));
+    sums.push_back({part.data_ptr(), outs.back().data_ptr(), part.size(0), part.size(1)});
+  }
+  C10_CUDA_CHECK(reduce_partials_launch(to_dtype(wt), sums.data(), static_cast<int>(sums.size()),
+                                        stream()));
+  return outs;
 }
 
 // ---------------------------------------------------------------------------
@@ -279,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_fwd(
   Tensor out = new_like(x);
   Tensor mean = new_buffer({rows}, x.options().dtype(acc));
   Tensor rstd = new_buffer({rows}, x.options().dtype(acc));
-  const Tensor gamma = norm_weight.to(acc).contiguous(), beta = norm_bias.to(acc).contiguous();
+  const Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();  // in wt
   C10_CUDA_CHECK(residual_ln_fwd_launch(
       to_dtype(x.scalar_type()), to_dtype(wt), x2d.data_ptr(), z.data_ptr(), gamma.data_ptr(),
       beta.data_ptr(), rows_view(out, "out").data_ptr(), mean.data_ptr(), rstd.data_ptr(),
@@ -320,9 +336,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
   const Tensor wu = up_weight.reshape({D, h});
 
   Tensor dy = new_buffer({rows, D}, x.options().dtype(wt));
-  Tensor dgamma, dbeta;
-  std::tie(dgamma, dbeta) = residual_ln_bwd(g2d, x2d, z, norm_weight.to(acc).contiguous(), mean,
-                                            rstd, dy, geo.tm, num_prefix_tokens, gs.ga);
+  const Tensor ln_part = residual_ln_bwd(g2d, x2d, z, norm_weight, mean, rstd, dy, geo.tm,
+                                         num_prefix_tokens, gs.ga);
   Tensor d_up = at::mm(dy.t(), g);                               // [D, h]
   Tensor dg = at::mm(dy, wu);                                    // [rows, h]
   const int64_t npos = geo.B * static_cast<int64_t>(geo.grid.H) * geo.grid.W;
@@ -339,13 +354,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_visual_bwd(
   } else {
     dwm_part.zero_();
   }
-  Tensor d_mid = dwm_part.sum(0).to(wt).view({h, 1, 3, 3});
   const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
   Tensor d_down = at::mm(du.t(), xw).view({h, D, 1, 1});
   dy.addmm_(du, wd);                 // dy += du @ Wd in place (cuBLAS, beta = 1): no copy of dy
   Tensor dx = at::empty_like(x);
   scaled_add(rows_view(dx, "dx"), g2d, dy, gs.dx);               // grad + dx_scale * dy
-  return {dx, d_down, d_mid, d_up.view({D, h, 1, 1}), dgamma.to(wt), dbeta.to(wt)};
+  const auto sums = reduce_partials({ln_part[0], ln_part[1], dwm_part.view({nchunks, h * 9})},
+                                    wt);                         // dgamma, dbeta, dWm
+  return {dx, d_down, sums[2].view({h, 1, 3, 3}), d_up.view({D, h, 1, 1}), sums[0], sums[1]};
 }
 
 // ---------------------------------------------------------------------------
@@ -398,7 +414,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_fwd(
   Tensor out = new_like(x);
   Tensor mean = new_buffer({rows}, x.options().dtype(acc));
   Tensor rstd = new_buffer({rows}, x.options().dtype(acc));
-  const Tensor gamma = norm_weight.to(acc).contiguous(), beta = norm_bias.to(acc).contiguous();
+  const Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();  // in wt
   C10_CUDA_CHECK(residual_ln_fwd_launch(
       to_dtype(x.scalar_type()), to_dtype(wt), x2d.data_ptr(), z.data_ptr(), gamma.data_ptr(),
       beta.data_ptr(), rows_view(out, "out").data_ptr(), mean.data_ptr(), rstd.data_ptr(),
@@ -432,9 +448,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
   const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
 
   Tensor dy = new_buffer({rows, D}, x.options().dtype(wt));
-  Tensor dgamma, dbeta;
-  std::tie(dgamma, dbeta) = residual_ln_bwd(g2d, x2d, z, norm_weight.to(acc).contiguous(), mean,
-                                            rstd, dy, TokenMap{1, rows, true}, 0, gs.ga);
+  const Tensor ln_part = residual_ln_bwd(g2d, x2d, z, norm_weight, mean, rstd, dy,
+                                         TokenMap{1, rows, true}, 0, gs.ga);
   Tensor d_up = at::mm(dy.t(), g);                               // [D, h]
   Tensor du = at::gelu_backward(at::mm(dy, up_weight), u);       // [rows, h]
   const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
@@ -442,7 +457,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_text_bwd(
   dy.addmm_(du, down_weight);        // dy += du @ Wd in place (cuBLAS, beta = 1): no copy
   Tensor dx = at::empty_like(x);
   scaled_add(rows_view(dx, "dx"), g2d, dy, gs.dx);               // grad + dx_scale * dy
-  return {dx, d_down, d_up, dgamma.to(wt), dbeta.to(wt)};
+  const auto sums = reduce_partials({ln_part[0], ln_part[1]}, wt);  // dgamma, dbeta
+  return {dx, d_down, d_up, sums[0], sums[1]};
 }
 
 // ---------------------------------------------------------------------------
@@ -616,38 +632,39 @@ class LaunchPlan {
   static constexpr LaunchDims kAtenDims{{0, 0, 0}, {0, 0, 0}};
 };
 
-// The residual + LayerNorm forward and its two gamma/beta casts.
+// The residual + LayerNorm forward (gamma and beta read in the weights' dtype).
 void plan_residual_ln_fwd(LaunchPlan& p, int64_t rows, int64_t D) {
-  p.cast(D, p.wt, p.acc);  // norm_weight.to(acc)
-  p.cast(D, p.wt, p.acc);  // norm_bias.to(acc)
-  const int64_t ex = p.size(p.xt), ea = p.size(p.acc);
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
   p.kernel("_residual_ln_fwd_kernel", residual_ln_fwd_dims(rows, D), rows * D,
-           rows * D * (ex + p.size(p.wt)) + 2 * D * ea, rows * D * ex + 2 * rows * ea);
+           rows * D * (ex + ew) + 2 * D * ew, rows * D * ex + 2 * rows * ea);
 }
 
-// residual_ln_bwd above: gamma cast, zeroed partials, the kernel, the two sums.
+// residual_ln_bwd above: the kernel, which writes its own partial sums.
 void plan_residual_ln_bwd(LaunchPlan& p, int64_t rows, int64_t D) {
   const int64_t blocks = residual_ln_bwd_dims(rows, D, p.sms).grid[0];
   const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
-  p.cast(D, p.wt, p.acc);                                 // norm_weight.to(acc)
-  p.aten("fill", p.acc, 0, 0, 2 * blocks * D);            // at::zeros partials
   p.kernel("_residual_ln_bwd_kernel", residual_ln_bwd_dims(rows, D, p.sms), rows * D,
-           rows * D * (2 * ex + ew) + D * ea + 2 * rows * ea + 2 * blocks * D * ea,
+           rows * D * (2 * ex + ew) + D * ew + 2 * rows * ea,
            rows * D * ew + 2 * blocks * D * ea);
-  p.aten("sum", p.acc, blocks * D, ea, D);                // part[0].sum(0)
-  p.aten("sum", p.acc, blocks * D, ea, D);                // part[1].sum(0)
 }
 
-// The end of both HeBA backwards: d_down, dx = g + scale * (dy + du @ Wd), the norm casts.
-void plan_dx_tail(LaunchPlan& p, int64_t rows, int64_t D, int64_t h) {
-  const int64_t ex = p.size(p.xt), ew = p.size(p.wt);
+// The end of both HeBA backwards: d_down, dx = g + scale * (dy + du @ Wd), then
+// reduce_partials over the [slots, n] buffers `parts` (dgamma, dbeta, dWm).
+void plan_dx_tail(LaunchPlan& p, int64_t rows, int64_t D, int64_t h,
+                  std::initializer_list<std::pair<int64_t, int64_t>> parts) {
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
   p.cast(rows * D, p.xt, p.wt);                           // xw
   p.gemm(h, D, rows);                                     // d_down = du^T @ xw
   p.gemm(rows, D, h, rows * D * ew);                      // dy += du @ Wd (in place)
   p.kernel("_scaled_add_kernel", scaled_add_dims(rows * D, p.sms), rows * D,
            rows * D * (ex + ew), rows * D * ex);
-  p.cast(D, p.acc, p.wt);                                 // dgamma.to(wt)
-  p.cast(D, p.acc, p.wt);                                 // dbeta.to(wt)
+  int64_t columns = 0, read = 0;
+  for (const auto& sn : parts) {
+    columns += sn.second;
+    read += sn.first * sn.second * ea;
+  }
+  p.kernel("_reduce_partials_kernel", reduce_partials_dims(columns), columns, read,
+           columns * ew);
 }
 
 void plan_visual(LaunchPlan& p, bool backward, int64_t B, int64_t N, int64_t D, int64_t h,
@@ -673,9 +690,8 @@ void plan_visual(LaunchPlan& p, bool backward, int64_t B, int64_t N, int64_t D, 
            2 * 2 * 9 * T * h);
   p.kernel("_visual_stencil_kernel[mirror]", visual_stencil_dims(rows, h, p.sms), rows * h,
            T * h * ea + 9 * h * ew, rows * h * ew, 2 * 9 * T * h);
-  p.aten("sum", p.acc, nchunks * h * 9, ea, h * 9);       // dwm_part.sum(0)
-  p.cast(h * 9, p.acc, p.wt);                             // d_mid .to(wt)
-  plan_dx_tail(p, rows, D, h);
+  const int64_t blocks = residual_ln_bwd_dims(rows, D, p.sms).grid[0];
+  plan_dx_tail(p, rows, D, h, {{blocks, D}, {blocks, D}, {nchunks, h * 9}});
 }
 
 void plan_text(LaunchPlan& p, bool backward, int64_t rows, int64_t D, int64_t h) {
@@ -692,7 +708,8 @@ void plan_text(LaunchPlan& p, bool backward, int64_t rows, int64_t D, int64_t h)
   p.gemm(D, h, rows);                                     // d_up = dy^T @ g
   p.gemm(rows, h, D);                                     // dy @ Wu
   p.aten("gelu_backward", p.wt, 2 * rows * h, ew, rows * h);
-  plan_dx_tail(p, rows, D, h);
+  const int64_t blocks = residual_ln_bwd_dims(rows, D, p.sms).grid[0];
+  plan_dx_tail(p, rows, D, h, {{blocks, D}, {blocks, D}});
 }
 
 void plan_low_rank(LaunchPlan& p, bool backward, int64_t M, int64_t D, int64_t R, bool bias) {

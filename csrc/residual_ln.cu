@@ -13,6 +13,10 @@
 //   dyhat  = ga * gamma
 //   dy     = rstd * (dyhat - mean_D(dyhat) - yhat * mean_D(dyhat * yhat))
 //
+// gamma and beta are read in the weights' dtype (no cast launch); the backward's
+// per-block partial sums of dgamma and dbeta are summed, with the op's other
+// partials, by one reduce_partials launch (reduce.cu).
+//
 // One block per row (grid-stride over rows); y is recomputed from x and z in
 // each pass instead of being staged, so any D works without shared memory
 // (the re-reads of a row just read hit L1/L2).
@@ -24,8 +28,8 @@ namespace {
 
 template <typename x_t, typename w_t>
 __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_fwd_kernel(const x_t* __restrict__ x, const w_t* __restrict__ z,
-                                        const acc_of<x_t>* __restrict__ gamma,
-                                        const acc_of<x_t>* __restrict__ beta,
+                                        const w_t* __restrict__ gamma,
+                                        const w_t* __restrict__ beta,
                                         x_t* __restrict__ out, acc_of<x_t>* __restrict__ mean,
                                         acc_of<x_t>* __restrict__ rstd, TokenMap tm,
                                         int64_t num_prefix, int64_t rows, int64_t D,
@@ -59,7 +63,8 @@ __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_fwd_kernel(const x
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const acc_t xv = to_acc(xr[d]);
       const acc_t yh = (xv + acc_t(to_acc(zr[d])) - mu) * rs;
-      orow[d] = from_acc<x_t>(xv + scale * (yh * gamma[d] + beta[d]));
+      orow[d] = from_acc<x_t>(xv + scale * (yh * acc_t(to_acc(gamma[d])) +
+                                            acc_t(to_acc(beta[d]))));
     }
     if (threadIdx.x == 0) {
       mean[r] = mu;
@@ -68,12 +73,12 @@ __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_fwd_kernel(const x
   }
 }
 
-// dgamma_part / dbeta_part: [gridDim.x, D], zero-initialised; block k owns row
-// k of each, and the thread owning column d is the only one touching [k, d].
+// dgamma_part / dbeta_part: [gridDim.x, D]; block k owns row k of each (zeroed
+// here first), and the thread owning column d is the only one touching [k, d].
 template <typename x_t, typename w_t>
 __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_bwd_kernel(const x_t* __restrict__ grad, const x_t* __restrict__ x,
                                         const w_t* __restrict__ z,
-                                        const acc_of<x_t>* __restrict__ gamma,
+                                        const w_t* __restrict__ gamma,
                                         const acc_of<x_t>* __restrict__ mean,
                                         const acc_of<x_t>* __restrict__ rstd,
                                         w_t* __restrict__ dy, acc_of<x_t>* __restrict__ dgamma_part,
@@ -84,6 +89,10 @@ __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_bwd_kernel(const x
   const acc_t ga_scale = load_scale<acc_t>(ga_scale_arg);
   acc_t* dgp = dgamma_part + static_cast<int64_t>(blockIdx.x) * D;
   acc_t* dbp = dbeta_part + static_cast<int64_t>(blockIdx.x) * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    dgp[d] = acc_t(0);
+    dbp[d] = acc_t(0);
+  }
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     w_t* dyr = dy + r * D;
     if (tm.token_of(r) < num_prefix) {  // uniform over the block
@@ -97,7 +106,7 @@ __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_bwd_kernel(const x
     acc_t s1 = 0, s2 = 0;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const acc_t yh = (acc_t(to_acc(xr[d])) + acc_t(to_acc(zr[d])) - mu) * rs;
-      const acc_t dyh = ga_scale * acc_t(to_acc(gr[d])) * gamma[d];
+      const acc_t dyh = ga_scale * acc_t(to_acc(gr[d])) * acc_t(to_acc(gamma[d]));
       s1 += dyh;
       s2 += dyh * yh;
     }
@@ -106,7 +115,7 @@ __global__ void __launch_bounds__(kLnMaxThreads) _residual_ln_bwd_kernel(const x
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
       const acc_t yh = (acc_t(to_acc(xr[d])) + acc_t(to_acc(zr[d])) - mu) * rs;
       const acc_t ga = ga_scale * acc_t(to_acc(gr[d]));
-      const acc_t dyh = ga * gamma[d];
+      const acc_t dyh = ga * acc_t(to_acc(gamma[d]));
       dyr[d] = from_acc<w_t>(acc_of<w_t>(rs * (dyh - m1 - yh * m2)));
       dgp[d] += ga * yh;
       dbp[d] += ga;
@@ -140,8 +149,8 @@ cudaError_t residual_ln_fwd_launch(DType xt, DType wt, const void* x, const void
     using w_t = decltype(wtag);
     using acc_t = acc_of<x_t>;
     _residual_ln_fwd_kernel<x_t, w_t><<<grid_of(d), block_of(d), 0, stream>>>(
-        static_cast<const x_t*>(x), static_cast<const w_t*>(z), static_cast<const acc_t*>(gamma),
-        static_cast<const acc_t*>(beta), static_cast<x_t*>(out), static_cast<acc_t*>(mean),
+        static_cast<const x_t*>(x), static_cast<const w_t*>(z), static_cast<const w_t*>(gamma),
+        static_cast<const w_t*>(beta), static_cast<x_t*>(out), static_cast<acc_t*>(mean),
         static_cast<acc_t*>(rstd), tm, num_prefix, rows, D, scale, static_cast<acc_t>(eps));
     return cudaGetLastError();
   });
@@ -161,7 +170,7 @@ cudaError_t residual_ln_bwd_launch(DType xt, DType wt, const void* grad, const v
     using acc_t = acc_of<x_t>;
     _residual_ln_bwd_kernel<x_t, w_t><<<grid_of(d), block_of(d), 0, stream>>>(
         static_cast<const x_t*>(grad), static_cast<const x_t*>(x), static_cast<const w_t*>(z),
-        static_cast<const acc_t*>(gamma), static_cast<const acc_t*>(mean),
+        static_cast<const w_t*>(gamma), static_cast<const acc_t*>(mean),
         static_cast<const acc_t*>(rstd), static_cast<w_t*>(dy), static_cast<acc_t*>(dgamma_part),
         static_cast<acc_t*>(dbeta_part), tm, num_prefix, rows, D, ga_scale);
     return cudaGetLastError();

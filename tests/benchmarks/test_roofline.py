@@ -233,7 +233,7 @@ def test_cuda_plan_example_and_dtypes():
                               1, (4, 4), sms=3)
     assert [p.kernel for p in plan if p.kernel.startswith("_")] == [
         "_residual_ln_bwd_kernel", "_visual_stencil_bwd_kernel_dv",
-        "_visual_stencil_kernel[mirror]", "_scaled_add_kernel"]
+        "_visual_stencil_kernel[mirror]", "_scaled_add_kernel", "_reduce_partials_kernel"]
     ln = plan[[p.kernel for p in plan].index("_residual_ln_bwd_kernel")]
     assert ln.grid == (6, 1, 1) and ln.block == (128, 1, 1)          # 2 blocks per SM
     assert {p.dtype for p in plan if p.kernel == "gemm"} == {torch.bfloat16}

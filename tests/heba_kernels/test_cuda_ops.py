@@ -953,16 +953,22 @@ def _casts(n, a, b):
     return [("cast", None, None)] if a != b else []
 
 
-def _ln_bwd_launches(rows, D, xt, wt, sms):
-    blocks = max(1, min(rows, 2 * sms))
-    return _casts(D, wt, _acc_of(xt)) + [("fill", None, None),
-                                      ("_residual_ln_bwd_kernel", *_ln(rows, D, blocks)),
-                                      ("sum", None, None), ("sum", None, None)]
+def _ln_blocks(rows, sms):
+    return max(1, min(rows, 2 * sms))
 
 
-def _ln_fwd_launches(rows, D, xt, wt):
-    return 2 * _casts(D, wt, _acc_of(xt)) + [("_residual_ln_fwd_kernel",
-                                           *_ln(rows, D, min(rows, 1 << 20)))]
+def _ln_bwd_launches(rows, D, sms):
+    """The kernel alone: gamma read in the weights' dtype, its partial sums its own."""
+    return [("_residual_ln_bwd_kernel", *_ln(rows, D, _ln_blocks(rows, sms)))]
+
+
+def _ln_fwd_launches(rows, D):
+    return [("_residual_ln_fwd_kernel", *_ln(rows, D, min(rows, 1 << 20)))]
+
+
+def _reduce(*columns):
+    """The one reduction of every partial-sum buffer: 32 columns x 8 slot lanes a block."""
+    return ("_reduce_partials_kernel", (_cdiv(sum(columns), 32), 1, 1), (32, 8, 1))
 
 
 def _gemm(m, n, k):
@@ -970,29 +976,28 @@ def _gemm(m, n, k):
 
 
 def _expected_visual(bwd, B, N, D, h, H, W, xt, wt, sms):
-    rows, acc = B * N, _acc_of(xt)
+    rows = B * N
     if not bwd:
         return (_casts(rows * D, xt, wt) + [_gemm(rows, h, D),
                 ("_visual_stencil_kernel", *_elementwise(rows * h, sms)), _gemm(rows, D, h)]
-                + _ln_fwd_launches(rows, D, xt, wt))
+                + _ln_fwd_launches(rows, D))
     nchunks, _ = torch.ops.heba._cuda_stencil_chunks(B * H * W)
-    return (_ln_bwd_launches(rows, D, xt, wt, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
+    return (_ln_bwd_launches(rows, D, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
             ("_visual_stencil_bwd_kernel_dv", (_cdiv(h, 32), nchunks, 1), (32, 8, 1)),
-            ("_visual_stencil_kernel[mirror]", *_elementwise(rows * h, sms)),
-            ("sum", None, None)] + _casts(9 * h, acc, wt) + _casts(rows * D, xt, wt)
+            ("_visual_stencil_kernel[mirror]", *_elementwise(rows * h, sms))]
+            + _casts(rows * D, xt, wt)
             + [_gemm(h, D, rows), _gemm(rows, D, h),
-               ("_scaled_add_kernel", *_elementwise(rows * D, sms))] + 2 * _casts(D, acc, wt))
+               ("_scaled_add_kernel", *_elementwise(rows * D, sms)), _reduce(D, D, 9 * h)])
 
 
 def _expected_text(bwd, rows, D, h, xt, wt, sms):
     if not bwd:
         return (_casts(rows * D, xt, wt) + [_gemm(rows, h, D), ("gelu", None, None),
-                _gemm(rows, D, h)] + _ln_fwd_launches(rows, D, xt, wt))
-    return (_ln_bwd_launches(rows, D, xt, wt, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
+                _gemm(rows, D, h)] + _ln_fwd_launches(rows, D))
+    return (_ln_bwd_launches(rows, D, sms) + [_gemm(D, h, rows), _gemm(rows, h, D),
             ("gelu_backward", None, None)] + _casts(rows * D, xt, wt)
             + [_gemm(h, D, rows), _gemm(rows, D, h),
-               ("_scaled_add_kernel", *_elementwise(rows * D, sms))]
-            + 2 * _casts(D, _acc_of(xt), wt))
+               ("_scaled_add_kernel", *_elementwise(rows * D, sms)), _reduce(D, D)])
 
 
 def _expected_low_rank(bwd, M, D, R, xt, wt, sms):
@@ -1088,6 +1093,14 @@ def test_launch_plan_bytes_and_flops():
             dv = names.index("_visual_stencil_bwd_kernel_dv")
             assert f[13 * dv + 1] == nchunks
             assert f[13 * dv + 11] == (B * H * W * h + nchunks * h * 9) * 4   # dv, dWm part
+            # the one reduction reads every partial slot (float32) and writes the three
+            # gradients in bf16; the LayerNorm kernel wrote its slots
+            blocks = _ln_blocks(B * N, 7)
+            assert names[-1] == "_reduce_partials_kernel"
+            assert f[13 * (len(names) - 1) + 10] == (2 * blocks * D + nchunks * h * 9) * 4
+            assert f[13 * (len(names) - 1) + 11] == (2 * D + 9 * h) * 2
+            ln = names.index("_residual_ln_bwd_kernel")
+            assert f[13 * ln + 11] == B * N * D * 2 + 2 * blocks * D * 4
 
 
 @requires_ext
