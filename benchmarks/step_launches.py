@@ -3,7 +3,9 @@
     python -m benchmarks.step_launches [--widths vit-b16|tiny] [--backend triton]
 
 The step is heba-train's (:class:`heba.train.step.AdapterStep` after ``prepare_frozen``: the
-frozen backbone cast once, its attention without q/k/v copies; bf16 autocast, device-side
+frozen backbone cast once, its attention without q/k/v copies, its LayerNorms without casts
+(CUDA autocast casts ``layer_norm`` in and out, CPU autocast does not: a CPU count never
+saw those 4 launches per LayerNorm); bf16 autocast, device-side
 slow-fast draws, fused SGD), batch 16, 50 classes with one prompt of 12..32 tokens each (every
 class a candidate, as on the published base halves), HeBA adapters in every block of both
 towers. ``vit-b16``: open_clip's ViT-B/16 blocks and widths (12 + 12 blocks, 768 / 512 wide)

@@ -16,6 +16,12 @@ What makes a plain adapter step slow, and what this module does about it:
   frozen ones as :class:`LeanAttention` (views only, the same math): the
   published ViT-B/16 step launches 336 fewer kernels (1001 -> 665 for the frozen
   backbone, step and optimizer: ``python -m benchmarks.step_launches``).
+* **Casts around the frozen LayerNorms.** open_clip's LayerNorms compute in float32
+  from a bf16 ``x`` through casts (CUDA autocast's, or their own), 4 launches per
+  LayerNorm per step beside its 2; :func:`prepare_frozen` runs the frozen ones as
+  :class:`LeanLayerNorm` (torch's mixed-dtype kernel, no cast): 204 launches fewer in
+  the published ViT-B/16 step on a GPU. A CPU count does not see them: CPU autocast
+  does not cast ``layer_norm``.
 * **Launch overhead.** :class:`GraphedStep` captures forward and backward of a
   step with static shapes (:class:`heba.train.step.AdapterStep`: static
   candidate slots, one text length) once per input shape as a CUDA graph and
@@ -50,7 +56,8 @@ from heba.adapters import Wrapper, get_adapters
 from heba.clip.wiring import towers
 
 __all__ = ["prepare_frozen", "LeanAttention", "route_frozen_attention",
-           "unroute_frozen_attention", "GraphedStep", "policy_graphs_reason", "graphs_reason",
+           "unroute_frozen_attention", "LeanLayerNorm", "route_frozen_norms",
+           "unroute_frozen_norms", "GraphedStep", "policy_graphs_reason", "graphs_reason",
            "CheckpointedBlock", "checkpoint_frozen_blocks", "uncheckpoint_frozen_blocks",
            "find_max_batch"]
 
@@ -67,10 +74,11 @@ def prepare_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
     ``torch.autocast(device, dtype)`` (heba-train does): the adapters then
     compute in ``dtype`` and the LayerNorms in float32, as with an fp32 backbone.
     The frozen attention modules then run without copies
-    (:func:`route_frozen_attention`).
+    (:func:`route_frozen_attention`), and the frozen open_clip LayerNorms without casts
+    (:func:`route_frozen_norms`).
 
-    Not undone by ``remove_adapters``; cast back with ``model.float()`` and
-    :func:`unroute_frozen_attention` if needed.
+    Not undone by ``remove_adapters``; cast back with ``model.float()``,
+    :func:`unroute_frozen_attention` and :func:`unroute_frozen_norms` if needed.
     Returns ``model``.
     """
     adapters = get_adapters(model)          # raises if no adapters are attached
@@ -91,6 +99,7 @@ def prepare_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
             if b is not None and b.is_floating_point() and id(b) not in keep_buffers:
                 setattr(m, name, b.to(dtype))   # e.g. the text tower's causal mask (0 / -inf)
     route_frozen_attention(model)
+    route_frozen_norms(model)
     return model
 
 
@@ -203,6 +212,68 @@ def unroute_frozen_attention(model: nn.Module) -> int:
     for m in model.modules():
         if type(m) is LeanAttention:
             m.__class__ = nn.MultiheadAttention
+            n += 1
+    return n
+
+
+# --- 1c. frozen LayerNorms without casts --------------------------------------------------------
+
+# LayerNorm classes that compute in float32 and return x's dtype (open_clip's, by module and
+# name, so that this module does not import open_clip): the ones LeanLayerNorm may stand for.
+# A plain nn.LayerNorm is not among them: under CUDA autocast it returns float32.
+_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"),
+                    ("open_clip.transformer", "LayerNormFp32")}
+
+
+class LeanLayerNorm(nn.LayerNorm):
+    """A frozen open_clip LayerNorm (``LayerNorm`` or ``LayerNormFp32``) without its casts.
+
+    Both compute the norm in float32 and return ``x``'s dtype: for a bfloat16 / float16
+    ``x`` that costs a cast of ``x`` to float32 (written in ``LayerNormFp32``; done by
+    CUDA autocast, whose float32 list has ``layer_norm``, in ``LayerNorm``) and a cast of
+    the output back, and the two casts of the gradient in the backward: 4 launches per
+    LayerNorm per step beside its 2 (51 LayerNorms in a ViT-B/16 CLIP). Here, for such an
+    ``x`` with float32 (or no) affine parameters, ``F.layer_norm`` takes ``x`` as it is,
+    autocast off: torch's mixed-dtype kernel reads ``x`` in its dtype, accumulates in
+    float32 and writes ``x``'s dtype, forward and backward. Any other input runs the
+    original class's forward. Parameters and ``state_dict`` keys are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        affine = [t for t in (self.weight, self.bias) if t is not None]
+        if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type in ("cpu", "cuda")
+                and all(t.dtype == torch.float32 for t in affine)):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._heba_norm_class.forward(self, x)
+
+
+def route_frozen_norms(model: nn.Module) -> int:
+    """Run every frozen open_clip LayerNorm of ``model`` as :class:`LeanLayerNorm`.
+
+    Frozen: no parameter of the module requires grad. Only open_clip's ``LayerNorm`` and
+    ``LayerNormFp32`` are routed (a plain ``nn.LayerNorm`` returns float32 under CUDA
+    autocast, which the lean one would not). Returns how many modules were routed;
+    :func:`unroute_frozen_norms` undoes it.
+    """
+    n = 0
+    for m in model.modules():
+        cls = type(m)
+        if ((cls.__module__, cls.__name__) in _CAST_BACK_NORMS and issubclass(cls, nn.LayerNorm)
+                and not any(p.requires_grad for p in m.parameters())):
+            m._heba_norm_class = cls
+            m.__class__ = LeanLayerNorm
+            n += 1
+    return n
+
+
+def unroute_frozen_norms(model: nn.Module) -> int:
+    """Undo :func:`route_frozen_norms`; returns how many modules went back."""
+    n = 0
+    for m in model.modules():
+        if type(m) is LeanLayerNorm:
+            m.__class__ = m._heba_norm_class
+            del m._heba_norm_class
             n += 1
     return n
 

@@ -13,10 +13,11 @@ from torch import nn
 
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
-from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention,
+from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention, LeanLayerNorm,
                               checkpoint_frozen_blocks, find_max_batch, policy_graphs_reason,
-                              prepare_frozen, route_frozen_attention, uncheckpoint_frozen_blocks,
-                              unroute_frozen_attention)
+                              prepare_frozen, route_frozen_attention, route_frozen_norms,
+                              uncheckpoint_frozen_blocks, unroute_frozen_attention,
+                              unroute_frozen_norms)
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, masked_cross_entropy
 from heba.train import context as T
@@ -326,6 +327,110 @@ def test_lean_attention_drops_the_copies_of_the_step():
         (lean["by_op"].get(sel), torch_fwd["by_op"][sel])
     assert lean["launches"] <= torch_fwd["launches"] - clones - 3 * blocks + blocks, \
         (lean["launches"], torch_fwd["launches"])           # one stack per block added
+
+
+def _open_clip_norm(cls_name, dim=48, seed=0):
+    import open_clip
+    torch.manual_seed(seed)
+    norm = getattr(open_clip.transformer, cls_name)(dim).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+def _normed(norm, x, autocast, device="cpu", seed=8):
+    x = x.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        y = norm(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y))
+    return y, x.grad
+
+
+# Per dtype: one or two roundings of x's dtype apart (the kernels may sum in other orders).
+NORM_TOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("cls_name", ["LayerNorm", "LayerNormFp32"])
+def test_lean_layer_norm_matches_open_clips(cls_name, dtype, autocast):
+    """Output (x's dtype) and input gradient as open_clip's LayerNorm computes them, float32
+    weights as prepare_frozen keeps them; unrouted, the module is open_clip's again."""
+    norm = _open_clip_norm(cls_name)
+    x = (torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(1)) * 3 + 1).to(dtype)
+    ref_y, ref_g = _normed(norm, x, autocast)
+    keys = list(norm.state_dict())
+    assert route_frozen_norms(nn.Sequential(norm)) == 1 and type(norm) is LeanLayerNorm
+    assert list(norm.state_dict()) == keys
+    y, g = _normed(norm, x, autocast)
+    assert unroute_frozen_norms(nn.Sequential(norm)) == 1
+    assert type(norm).__name__ == cls_name and not hasattr(norm, "_heba_norm_class")
+    assert y.dtype == ref_y.dtype == dtype and g.dtype == dtype
+    tol = NORM_TOL[dtype]
+    torch.testing.assert_close(y, ref_y, rtol=tol, atol=tol)
+    torch.testing.assert_close(g, ref_g, rtol=tol, atol=tol * ref_g.abs().max().item())
+
+
+def test_route_frozen_norms_only_frozen_open_clip_norms():
+    """A trainable open_clip LayerNorm and a plain nn.LayerNorm (float32 out under CUDA
+    autocast) keep their own forward."""
+    frozen, fp32 = _open_clip_norm("LayerNorm"), _open_clip_norm("LayerNormFp32")
+    trainable = _open_clip_norm("LayerNorm").requires_grad_(True)
+    plain = nn.LayerNorm(48).requires_grad_(False)
+    model = nn.ModuleList([frozen, trainable, plain, fp32])
+    assert route_frozen_norms(model) == 2
+    assert [type(m).__name__ for m in model] == ["LeanLayerNorm", "LayerNorm", "LayerNorm",
+                                                 "LeanLayerNorm"]
+    assert type(plain) is nn.LayerNorm
+    assert unroute_frozen_norms(model) == 2
+    assert [type(m).__name__ for m in model] == ["LayerNorm", "LayerNorm", "LayerNorm",
+                                                 "LayerNormFp32"]
+
+
+def test_lean_layer_norm_drops_the_casts():
+    """LayerNormFp32 on a bf16 x: 2 launches (norm and its backward) instead of 6 (the two
+    casts each way), counted on the CPU. open_clip's LayerNorm casts only under CUDA
+    autocast (the GPU test below)."""
+    from benchmarks.launch_count import count_launches
+    norm = _open_clip_norm("LayerNormFp32")
+    x = torch.randn(2, 5, 48).bfloat16()
+    before = count_launches(lambda: _normed(norm, x, autocast=True))["by_op"]
+    route_frozen_norms(nn.Sequential(norm))
+    after = count_launches(lambda: _normed(norm, x, autocast=True))["by_op"]
+    casts = "aten._to_copy"        # the gradient's cast in _normed is one of each count
+    assert before[casts] - after[casts] == 4 and after[casts] == 1, (before, after)
+    assert after["aten.native_layer_norm"] == after["aten.native_layer_norm_backward"] == 1
+
+
+@requires_gpu
+@pytest.mark.parametrize("cls_name", ["LayerNorm", "LayerNormFp32"])
+def test_lean_layer_norm_drops_the_casts_under_cuda_autocast(cls_name):
+    from benchmarks.launch_count import count_launches
+    norm = _open_clip_norm(cls_name).cuda()
+    x = torch.randn(4, 50, 48, device="cuda").bfloat16()
+    ref = _normed(norm, x, autocast=True, device="cuda")
+    before = count_launches(lambda: _normed(norm, x, autocast=True, device="cuda"))["by_op"]
+    route_frozen_norms(nn.Sequential(norm))
+    got = _normed(norm, x, autocast=True, device="cuda")
+    after = count_launches(lambda: _normed(norm, x, autocast=True, device="cuda"))["by_op"]
+    casts = "aten._to_copy"        # the gradient's cast in _normed is one of each count
+    assert before[casts] - after[casts] == 4 and after[casts] == 1, (before, after)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=2 ** -7 * b.abs().max().item())
+
+
+def test_prepare_frozen_routes_the_frozen_norms():
+    """Every LayerNorm of the tiny CLIP's towers (2 per block, ln_pre, ln_post, ln_final)
+    runs lean after prepare_frozen; the adapters' own LayerNorms (trainable) do not."""
+    model = adapted("heba")
+    blocks = len(model.visual.transformer.resblocks) + len(model.transformer.resblocks)
+    prepare_frozen(model, torch.bfloat16)
+    lean = [m for m in model.modules() if type(m) is LeanLayerNorm]
+    assert len(lean) == 2 * blocks + 3
+    assert not any(type(m) is LeanLayerNorm for m in model.heba_adapters.modules())
+    assert unroute_frozen_norms(model) == 2 * blocks + 3
 
 
 # --- 2. static shapes -----------------------------------------------------------------------
