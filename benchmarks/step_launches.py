@@ -8,8 +8,9 @@ frozen backbone cast once, its attention without q/k/v copies, its LayerNorms wi
 saw those 4 launches per LayerNorm); bf16 autocast, device-side
 slow-fast draws, fused SGD), batch 16, 50 classes with one prompt of 12..32 tokens each (every
 class a candidate, as on the published base halves), HeBA adapters in every block of both
-towers. ``vit-b16``: open_clip's ViT-B/16 blocks and widths (12 + 12 blocks, 768 / 512 wide)
-at 32 px images (2 x 2 patches: the same ops per step as at 224 px, on fewer tokens);
+towers, QuickGELU as OpenAI's weights need it (fused by ``prepare_frozen`` where Triton
+runs, the interpreter included). ``vit-b16``: open_clip's ViT-B/16 blocks and widths
+(12 + 12 blocks, 768 / 512 wide) at 32 px images (2 x 2 patches: the same ops per step as at 224 px, on fewer tokens);
 ``tiny``: the step benchmark's dry-run CLIP (2 + 2).
 
 Counted by :func:`benchmarks.launch_count.count_launches` over one real step:
@@ -51,10 +52,10 @@ def build(widths: str = "vit-b16", backend: str = "reference", batch: int = BATC
     if widths == "vit-b16":
         cfg = open_clip.get_model_config("ViT-B-16")
         cfg["vision_cfg"] = dict(cfg["vision_cfg"], image_size=32)
-        model, image = open_clip.CLIP(**cfg), 32
+        model, image = open_clip.CLIP(**cfg, quick_gelu=True), 32
     elif widths == "tiny":
         model, image = open_clip.CLIP(
-            embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
+            embed_dim=32, quick_gelu=True, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
                                           head_width=32),
             text_cfg=dict(context_length=77, vocab_size=100, width=48, heads=2, layers=2)), 32
     else:

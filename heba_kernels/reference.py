@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["heba_visual", "heba_text", "low_rank"]
+__all__ = ["heba_visual", "heba_text", "low_rank", "quick_gelu"]
 
 
 class _GradScale(torch.autograd.Function):
@@ -103,3 +103,10 @@ def low_rank(x, down_weight, down_bias, up_weight, up_bias, *, alpha):
     """AdapterTune low-rank residual over ``x``: ``[..., D]``."""
     z = F.linear(F.gelu(F.linear(x, down_weight, down_bias)), up_weight, up_bias)
     return (x + alpha * z).to(x.dtype)
+
+
+def quick_gelu(x):
+    """``x * sigmoid(1.702 x)``: the activation of OpenAI's CLIP weights (open_clip's
+    ``QuickGELU``) in the frozen backbone's MLPs, which :mod:`heba_kernels.quick_gelu`
+    fuses."""
+    return x * torch.sigmoid(1.702 * x)

@@ -1,5 +1,5 @@
-"""Compile every heba Triton kernel (text, low-rank, visual, the dW reduction) for a GPU
-target without a GPU, the way the launchers launch them.
+"""Compile every heba Triton kernel (text, low-rank, visual, the dW reduction, QuickGELU)
+for a GPU target without a GPU, the way the launchers launch them.
 
 For every block-size choice the launchers make (``_config`` in each kernel module),
 this compiles the kernel ahead of time for ``--arch`` (default 90: H100/H200) with the
@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from heba_kernels import _triton_common, heba_text, heba_visual, low_rank  # noqa: E402
+from heba_kernels import _triton_common, heba_text, heba_visual, low_rank, quick_gelu  # noqa: E402
 from heba_kernels._triton_common import OP_CODES  # noqa: E402
 
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -108,6 +108,13 @@ def _cases():
         ptrs = {f"{k}{i}": ("fp32" if k == "P" else ws) for i in range(5) for k in "PO"}
         yield ("reduce partials", 5, xdt, wdt, "_reduce_partials_kernel",
                dict(ptrs, scale_ptr="fp32"), ("scale",), c, 4)
+    # the frozen backbone's fused QuickGELU (x's dtype throughout), at a ViT-B/16 MLP
+    for xdt in (torch.float32, torch.bfloat16, torch.float16):
+        xs, B = TY[xdt], quick_gelu.QUICK_GELU_BLOCK
+        for step, ptrs in (("fwd", dict(x_ptr=xs, y_ptr=xs)),
+                           ("bwd", dict(g_ptr=xs, x_ptr=xs, dx_ptr=xs))):
+            yield (f"quick_gelu {step}", 3072, xdt, xdt, f"_quick_gelu_{step}_kernel", ptrs, (),
+                   dict(BLOCK=B, _shown=f"B{B}", _shape=dict(D=3072, h=768, M=16 * 197)), 4)
 
 
 def _int_value(name, shape):
@@ -118,7 +125,7 @@ def _int_value(name, shape):
                   stride_xm=D, stride_om=D, stride_gm=D, stride_dxm=D, stride_am=h,
                   stride_bm=D, stride_xb=N * D, stride_xn=D, stride_ob=N * D, stride_on=D,
                   stride_gb=N * D, stride_gn=D, stride_db=N * D, stride_dn=D,
-                  rows_per_split=M // 8, stride_ab=0, stride_bb=0)
+                  rows_per_split=M // 8, stride_ab=0, stride_bb=0, n=M * D)
     if name == "H" and "HW" in shape:
         return 14                                   # the visual kernels' grid height
     return values.get(name, 7)
@@ -186,10 +193,11 @@ def _compile(args):
                                                   f"heba_aot_cache_{os.getpid()}")
     module = (heba_text if kernel.startswith("_heba_text") else
               heba_visual if kernel.startswith("_heba_visual") else
-              low_rank if kernel.startswith("_low_rank") else _triton_common)
+              low_rank if kernel.startswith("_low_rank") else
+              quick_gelu if kernel.startswith("_quick_gelu") else _triton_common)
     fn = getattr(module, kernel)
     shape = consts.pop("_shape")
-    if "visual" not in name and "reduce" not in name:
+    if not any(k in name for k in ("visual", "reduce", "quick_gelu")):
         consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
     shown = consts.pop("_shown")
     sig = {n: ("constexpr" if n in consts else "*" + ptrs.get(n, ptrs.get("*", "fp32"))
@@ -199,7 +207,7 @@ def _compile(args):
     consts = dict(consts, **ones)
     sig.update({n: "constexpr" for n in ones})
     dim = ("h" if "text" in name else "J" if "atb" in name else "D" if "visual" in name
-           else "k" if "reduce" in name else "r")
+           else "k" if "reduce" in name else "D" if "quick_gelu" in name else "r")
     label = f"{name} {dim}={width:<4} x {TY[xdt]} w {TY[wdt]} {shown} warps={num_warps}"
     # Triton's own ptxas run (its flags differ between Triton releases) prints its -v log
     # when asked; a fresh compile every time, so a cached kernel never hides the log.

@@ -14,15 +14,16 @@ from torch import nn
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
 from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention, LeanLayerNorm,
-                              checkpoint_frozen_blocks, find_max_batch, policy_graphs_reason,
-                              prepare_frozen, route_frozen_attention, route_frozen_norms,
-                              uncheckpoint_frozen_blocks, unroute_frozen_attention,
-                              unroute_frozen_norms)
+                              LeanQuickGELU, checkpoint_frozen_blocks, find_max_batch,
+                              policy_graphs_reason, prepare_frozen, route_frozen_activations,
+                              route_frozen_attention, route_frozen_norms,
+                              uncheckpoint_frozen_blocks, unroute_frozen_activations,
+                              unroute_frozen_attention, unroute_frozen_norms)
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, masked_cross_entropy
 from heba.train import context as T
 from tests.clip_utils import images, randomize_adapters, texts, tiny_clip
-from tests.helpers import assert_rel_close, rel_err, requires_gpu
+from tests.helpers import assert_rel_close, rel_err, requires_gpu, requires_triton_cpu
 
 
 def adapted(method, seed=0, slow_fast_ratio=0.8, backend="reference"):
@@ -431,6 +432,72 @@ def test_prepare_frozen_routes_the_frozen_norms():
     assert len(lean) == 2 * blocks + 3
     assert not any(type(m) is LeanLayerNorm for m in model.heba_adapters.modules())
     assert unroute_frozen_norms(model) == 2 * blocks + 3
+
+
+def _quick_gelu_pair(x, dtype):
+    """Output and input gradient of open_clip's QuickGELU, then routed, for a ``dtype`` x;
+    and the Triton launches of the routed call."""
+    import open_clip
+    from heba_kernels.runtime import record_launches
+    act = open_clip.transformer.QuickGELU()
+    runs = []
+    for routed in (False, True):
+        if routed:
+            assert route_frozen_activations(nn.Sequential(act)) == 1
+        with record_launches() as rec:
+            runs.append(_normed(act, x.to(dtype), autocast=False))
+    assert unroute_frozen_activations(nn.Sequential(act)) == 1
+    assert type(act) is open_clip.transformer.QuickGELU and not hasattr(act, "_heba_act_class")
+    return runs, rec
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lean_quick_gelu_matches_open_clips(dtype):
+    """Routed, open_clip's QuickGELU runs heba's fused kernel (one launch each way): output
+    and input gradient as open_clip's (in bf16 within its roundings: the fused op rounds
+    once, eager after each of its three ops)."""
+    x = torch.randn(3, 9, 40, generator=torch.Generator().manual_seed(2)) * 3
+    (ref, got), rec = _quick_gelu_pair(x, dtype)
+    assert [name for name, _ in rec] == ["_quick_gelu_fwd_kernel", "_quick_gelu_bwd_kernel"]
+    tol = NORM_TOL[dtype]
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_lean_quick_gelu_falls_back_without_triton(monkeypatch):
+    """On a CPU without Triton's interpreter the routed module is open_clip's forward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 30, generator=torch.Generator().manual_seed(3)) * 3
+    (ref, got), rec = _quick_gelu_pair(x, torch.float32)
+    assert rec == []
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@requires_triton_cpu
+def test_prepare_frozen_fuses_the_quick_gelu():
+    """A CLIP built with QuickGELU (as for OpenAI's weights): every MLP's activation is routed
+    by prepare_frozen, and one MLP's activation launches 2 kernels, not 8."""
+    import open_clip
+    from benchmarks.launch_count import count_launches
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, quick_gelu=True,
+                           vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
+                                           head_width=32),
+                           text_cfg=dict(context_length=16, vocab_size=100, width=48, heads=2,
+                                         layers=2))
+    attach_heba(model, policy=ScalePolicy(slow_fast_ratio=1.0, seed=3))
+    act = model.visual.transformer.resblocks[0].mlp.gelu
+    x = torch.randn(2, 5, 256).bfloat16()
+    eager = count_launches(lambda: _normed(act, x, autocast=False))
+    prepare_frozen(model, torch.bfloat16)
+    assert type(act) is LeanQuickGELU
+    fused = count_launches(lambda: _normed(act, x, autocast=False))
+    assert eager["launches"] - fused["launches"] == 6, (eager["by_op"], fused["by_op"])
+    assert fused["triton"] == 2
+    assert unroute_frozen_activations(model) == 4          # 2 + 2 blocks
 
 
 # --- 2. static shapes -----------------------------------------------------------------------
