@@ -303,6 +303,18 @@ DATA = [
 ]
 
 LOOP = [
+    Bug("lean-norm-plain-layernorm-routed", "loop", "heba/train/graph.py",
+        '_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"),',
+        '_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"), '
+        '("torch.nn.modules.normalization", "LayerNorm"),',
+        ("tests/heba/train/test_graph.py::test_route_frozen_norms_only_frozen_open_clip_norms",),
+        "a plain nn.LayerNorm (timm, Hugging Face) made to return bf16 where CUDA autocast "
+        "returns float32"),
+    Bug("lean-norm-casts-kept", "loop", "heba/train/graph.py",
+        "if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type",
+        "if (x.dtype in (torch.float16,) and x.device.type",
+        ("tests/heba/train/test_graph.py::test_lean_layer_norm_drops_the_casts",),
+        "the frozen LayerNorms keep their casts on bf16 activations: 204 launches per step"),
     Bug("step-positives-sort-first", "loop", STEP,
         "key = key.masked_fill(pos, 2.0)",
         "key = key.masked_fill(pos, -1.0)",
@@ -550,6 +562,17 @@ KERNELS = [
         "m_end = tl.minimum(m_start + rows_per_split + BLOCK_K, M)",
         (f"{T_TLR}::test_matches_reference",),
         "the weight-gradient reduction's token chunks overlap by one block: tokens counted twice"),
+    Bug("qgelu-dx-no-k", "kernels", "heba_kernels/quick_gelu.py",
+        "dx = g * (s + 1.702 * x * s * (1.0 - s))",
+        "dx = g * (s + x * s * (1.0 - s))",
+        ("tests/heba_kernels/test_quick_gelu.py::test_values_and_grads",),
+        "QuickGELU's derivative without the 1.702 of its sigmoid: the frozen MLPs pass wrong "
+        "gradients to every adapter below them"),
+    Bug("qgelu-last-element-unstored", "kernels", "heba_kernels/quick_gelu.py",
+        "tl.store(y_ptr + offs, (x * s).to(y_ptr.dtype.element_ty), mask=mask)",
+        "tl.store(y_ptr + offs, (x * s).to(y_ptr.dtype.element_ty), mask=offs < n - 1)",
+        ("tests/heba_kernels/test_quick_gelu.py::test_values_and_grads",),
+        "the last hidden value of every QuickGELU call left as whatever memory held"),
 ]
 
 LOOP_PY = "heba/train/loop.py"
