@@ -204,21 +204,37 @@ def route_frozen_attention(model: nn.Module) -> int:
         >>> route_frozen_attention(nn.Sequential(mha)), type(mha).__name__
         (1, 'LeanAttention')
     """
-    n = 0
-    for m in model.modules():
-        if (type(m) is nn.MultiheadAttention and _routable(m)
-                and not any(p.requires_grad for p in m.parameters())):
-            m.__class__ = LeanAttention
-            n += 1
-    return n
+    return _route(model, LeanAttention, lambda m: (
+        type(m) is nn.MultiheadAttention and _routable(m)
+        and not any(p.requires_grad for p in m.parameters())))
 
 
 def unroute_frozen_attention(model: nn.Module) -> int:
     """Undo :func:`route_frozen_attention`; returns how many modules went back."""
+    return _unroute(model, LeanAttention)
+
+
+def _route(model: nn.Module, lean: type, accept: Callable[[nn.Module], bool],
+           skip: frozenset = frozenset()) -> int:
+    """Give every module of ``model`` that ``accept`` takes (and whose id is not in
+    ``skip``) the class ``lean``, its own class kept for :func:`_unroute` and for the
+    lean forward's fallback; returns how many."""
     n = 0
     for m in model.modules():
-        if type(m) is LeanAttention:
-            m.__class__ = nn.MultiheadAttention
+        if id(m) not in skip and accept(m):
+            m._heba_original_class = type(m)
+            m.__class__ = lean
+            n += 1
+    return n
+
+
+def _unroute(model: nn.Module, lean: type) -> int:
+    """Give every module of class ``lean`` its own class back; returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is lean:
+            m.__class__ = m._heba_original_class
+            del m._heba_original_class
             n += 1
     return n
 
@@ -252,7 +268,7 @@ class LeanLayerNorm(nn.LayerNorm):
                 and all(t.dtype == torch.float32 for t in affine)):
             with torch.autocast(x.device.type, enabled=False):
                 return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return self._heba_norm_class.forward(self, x)
+        return self._heba_original_class.forward(self, x)
 
 
 def route_frozen_norms(model: nn.Module) -> int:
@@ -263,26 +279,17 @@ def route_frozen_norms(model: nn.Module) -> int:
     autocast, which the lean one would not). Returns how many modules were routed;
     :func:`unroute_frozen_norms` undoes it.
     """
-    n = 0
-    for m in model.modules():
+    def accept(m):
         cls = type(m)
-        if ((cls.__module__, cls.__name__) in _CAST_BACK_NORMS and issubclass(cls, nn.LayerNorm)
-                and not any(p.requires_grad for p in m.parameters())):
-            m._heba_norm_class = cls
-            m.__class__ = LeanLayerNorm
-            n += 1
-    return n
+        return ((cls.__module__, cls.__name__) in _CAST_BACK_NORMS
+                and issubclass(cls, nn.LayerNorm)
+                and not any(p.requires_grad for p in m.parameters()))
+    return _route(model, LeanLayerNorm, accept)
 
 
 def unroute_frozen_norms(model: nn.Module) -> int:
     """Undo :func:`route_frozen_norms`; returns how many modules went back."""
-    n = 0
-    for m in model.modules():
-        if type(m) is LeanLayerNorm:
-            m.__class__ = m._heba_norm_class
-            del m._heba_norm_class
-            n += 1
-    return n
+    return _unroute(model, LeanLayerNorm)
 
 
 # --- 1d. the frozen QuickGELU fused ------------------------------------------------------------
@@ -301,7 +308,7 @@ class LeanQuickGELU(nn.Module):
                 backend_status("triton", x.device)[0]:
             from heba_kernels.quick_gelu import quick_gelu
             return quick_gelu(x)
-        return self._heba_act_class.forward(self, x)
+        return self._heba_original_class.forward(self, x)
 
 
 def route_frozen_activations(model: nn.Module) -> int:
@@ -310,27 +317,15 @@ def route_frozen_activations(model: nn.Module) -> int:
     alone). Returns how many modules were routed; :func:`unroute_frozen_activations` undoes
     it."""
     adapters = getattr(model, "heba_adapters", None)
-    inside = {id(m) for m in adapters.modules()} if adapters is not None else set()
-    n = 0
-    for m in model.modules():
-        cls = type(m)
-        if (cls.__module__, cls.__name__) == ("open_clip.transformer", "QuickGELU") \
-                and id(m) not in inside:
-            m._heba_act_class = cls
-            m.__class__ = LeanQuickGELU
-            n += 1
-    return n
+    inside = frozenset(id(m) for m in adapters.modules()) if adapters is not None else frozenset()
+    return _route(model, LeanQuickGELU, lambda m: (
+        (type(m).__module__, type(m).__name__) == ("open_clip.transformer", "QuickGELU")),
+        skip=inside)
 
 
 def unroute_frozen_activations(model: nn.Module) -> int:
     """Undo :func:`route_frozen_activations`; returns how many modules went back."""
-    n = 0
-    for m in model.modules():
-        if type(m) is LeanQuickGELU:
-            m.__class__ = m._heba_act_class
-            del m._heba_act_class
-            n += 1
-    return n
+    return _unroute(model, LeanQuickGELU)
 
 
 # --- 2. CUDA graphs of the step ----------------------------------------------------------------

@@ -367,7 +367,7 @@ def test_lean_layer_norm_matches_open_clips(cls_name, dtype, autocast):
     assert list(norm.state_dict()) == keys
     y, g = _normed(norm, x, autocast)
     assert unroute_frozen_norms(nn.Sequential(norm)) == 1
-    assert type(norm).__name__ == cls_name and not hasattr(norm, "_heba_norm_class")
+    assert type(norm).__name__ == cls_name and not hasattr(norm, "_heba_original_class")
     assert y.dtype == ref_y.dtype == dtype and g.dtype == dtype
     tol = NORM_TOL[dtype]
     torch.testing.assert_close(y, ref_y, rtol=tol, atol=tol)
@@ -447,7 +447,7 @@ def _quick_gelu_pair(x, dtype):
         with record_launches() as rec:
             runs.append(_normed(act, x.to(dtype), autocast=False))
     assert unroute_frozen_activations(nn.Sequential(act)) == 1
-    assert type(act) is open_clip.transformer.QuickGELU and not hasattr(act, "_heba_act_class")
+    assert type(act) is open_clip.transformer.QuickGELU and not hasattr(act, "_heba_original_class")
     return runs, rec
 
 
