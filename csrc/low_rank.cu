@@ -13,11 +13,10 @@
 // Backward (all ranks): the pre-activation u = x @ Wd^T + bd is recomputed by
 // one thin GEMM, then
 //
-//   gz  = alpha * grad
-//   dh  = gz @ Wu                      [rows, r]
+//   dh  = alpha * grad @ Wu            [rows, r]   (alpha: cuBLAS's own)
 //   g, du = gelu(u), dh * gelu'(u)     _low_rank_bwd_kernel_gelu (fused)
-//   dWu = gz^T @ g,   dbu = sum_rows gz
-//   dWd = du^T @ x,   dbd = sum_rows du
+//   dWu = alpha * grad^T @ g,   dbu = alpha * grad^T @ 1
+//   dWd = du^T @ x,             dbd = du^T @ 1
 //   dx  = grad + du @ Wd
 
 #include "common.cuh"

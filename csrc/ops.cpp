@@ -541,13 +541,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
     const std::optional<Tensor>& up_bias, double alpha) {
   const char* op = "heba::cuda_low_rank_bwd";
   HEBA_NO_AUTOCAST;
-  check_low_rank(x, down_weight, down_bias, up_weight, up_bias, op);
+  const int64_t R = check_low_rank(x, down_weight, down_bias, up_weight, up_bias, op);
   check_on(grad_out, "grad_out", x);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), op,
               ": grad_out must match x in shape and dtype");
   c10::cuda::CUDAGuard guard(x.device());
   const auto wt = down_weight.scalar_type();
-  const auto acc = acc_type(x.scalar_type());
+  const int64_t D = x.size(-1);
   const Tensor x2d = rows_view(x, "x");
   const Tensor g2d = rows_view(like_layout(grad_out, x), "grad_out");
   const Tensor xw = x2d.scalar_type() == wt ? x2d : x2d.to(wt);
@@ -555,18 +555,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_low_rank_bwd(
   // Recompute the rank-r pre-activation (one thin GEMM) instead of saving it.
   const Tensor u = down_bias.has_value() ? at::addmm(*down_bias, xw, down_weight.t())
                                          : at::mm(xw, down_weight.t());   // [M, r]
-  const Tensor gz = at::mul(g2d, alpha).to(wt);                          // [M, D]
-  const Tensor dh = at::mm(gz, up_weight);                               // [M, r]
+  // alpha rides in the GEMMs' own alpha (beta = 0: the output's old contents are not
+  // read): no scaled copy of grad. A cast only where x's dtype is not the weights'.
+  const Tensor gw = g2d.scalar_type() == wt ? g2d : g2d.to(wt);        // [M, D]
+  Tensor dh = new_like(u);
+  at::addmm_out(dh, dh, gw, up_weight, 0, alpha);                        // alpha grad @ Wu
   Tensor hid = new_like(u);
   Tensor du = new_like(u);
   C10_CUDA_CHECK(low_rank_bwd_gelu_launch(to_dtype(wt), u.data_ptr(), dh.data_ptr(),
                                           hid.data_ptr(), du.data_ptr(), u.numel(), stream()));
-  const int64_t zero = 0;
-  const at::IntArrayRef dim0(zero);
-  Tensor d_up = at::mm(gz.t(), hid);                                     // [D, r]
-  Tensor d_up_b = at::mul(at::sum(g2d, dim0, false, acc), alpha).to(wt); // [D]
+  Tensor d_up = new_buffer({D, R}, up_weight.options());
+  at::addmm_out(d_up, d_up, gw.t(), hid, 0, alpha);                      // alpha grad^T @ gelu(u)
   Tensor d_down = at::mm(du.t(), xw);                                    // [r, D]
-  Tensor d_down_b = at::sum(du, dim0, false, acc).to(wt);                // [r]
+  // The bias gradients are column sums: two GEMVs against one vector of ones (float32
+  // accumulation, one rounding to wt, as the GEMMs), only for an adapter with biases.
+  Tensor d_up_b = new_buffer({D}, up_weight.options());
+  Tensor d_down_b = new_buffer({R}, up_weight.options());
+  if (down_bias.has_value() || up_bias.has_value()) {
+    const Tensor ones = at::ones({x2d.size(0)}, up_weight.options());
+    at::addmv_out(d_up_b, d_up_b, gw.t(), ones, 0, alpha);              // alpha sum of grad
+    at::addmv_out(d_down_b, d_down_b, du.t(), ones, 0, 1);              // sum of du
+  }
   Tensor dx = at::empty_like(x);
   Tensor dx2d = rows_view(dx, "dx");
   at::add_out(dx2d, g2d, at::mm(du, down_weight));                       // grad + du @ Wd
@@ -713,7 +722,7 @@ void plan_text(LaunchPlan& p, bool backward, int64_t rows, int64_t D, int64_t h)
 }
 
 void plan_low_rank(LaunchPlan& p, bool backward, int64_t M, int64_t D, int64_t R, bool bias) {
-  const int64_t ex = p.size(p.xt), ew = p.size(p.wt), ea = p.size(p.acc);
+  const int64_t ex = p.size(p.xt), ew = p.size(p.wt);
   const int64_t bd = bias ? R * ew : 0, bu = bias ? D * ew : 0;  // bias reads by the GEMMs
   if (!backward && R <= kLowRankMaxFusedRank && p.xt != at::kDouble) {
     p.kernel("_low_rank_fwd_kernel", low_rank_fwd_dims(M), M * D,
@@ -728,18 +737,17 @@ void plan_low_rank(LaunchPlan& p, bool backward, int64_t M, int64_t D, int64_t R
     p.aten("add", p.xt, M * D, ex + ew, M * D);           // out = x + alpha * z
     return;
   }
-  p.aten("mul", p.xt, M * D, ex, M * D);                  // alpha * grad
-  p.cast(M * D, p.xt, p.wt);                              // gz .to(wt)
-  p.gemm(M, R, D);                                        // dh = gz @ Wu
+  p.cast(M * D, p.xt, p.wt);                              // gw = grad in wt
+  p.gemm(M, R, D);                                        // dh = alpha gw @ Wu
   p.kernel("_low_rank_bwd_kernel_gelu", low_rank_bwd_gelu_dims(M * R, p.sms), M * R,
            2 * M * R * ew, 2 * M * R * ew);
-  p.gemm(D, R, M);                                        // d_up = gz^T @ gelu(u)
-  p.aten("sum", p.acc, M * D, ex, D);                     // d_up_b: sum of grad
-  p.aten("mul", p.acc, D, ea, D);                         //         * alpha
-  p.cast(D, p.acc, p.wt);                                 //         .to(wt)
+  p.gemm(D, R, M);                                        // d_up = alpha gw^T @ gelu(u)
   p.gemm(R, D, M);                                        // d_down = du^T @ xw
-  p.aten("sum", p.acc, M * R, ew, R);                     // d_down_b
-  p.cast(R, p.acc, p.wt);
+  if (bias) {
+    p.aten("fill", p.wt, 0, 0, M);                        // ones [M]
+    p.gemm(D, 1, M);                                      // d_up_b = alpha gw^T @ ones
+    p.gemm(R, 1, M);                                      // d_down_b = du^T @ ones
+  }
   p.gemm(M, D, R);                                        // du @ Wd
   p.aten("add", p.xt, M * D, ex + ew, M * D);             // dx = grad + du @ Wd
 }

@@ -214,8 +214,13 @@ def test_cuda_costs_follow_the_cpp_plan(case, backward):
             assert all(math.isfinite(v) and v >= 0 for v in (c.hbm, c.l2, c.flops)), c
             assert c.hbm == p.read + p.written > 0 and c.grid == p.grid
             assert c.l2 >= (c.hbm if p.kernel != "gemm" else p.m * p.k * p.dtype.itemsize)
-        gemm = sum(c.flops for c in costs if c.kernel == "gemm")
+        # the projections; and the low-rank backward's two bias sums, GEMVs on a ones vector
+        gemm = sum(c.flops for c, p in zip(costs, plan) if p.kernel == "gemm" and p.n > 1)
+        gemv = [p for p in plan if p.kernel == "gemm" and p.n == 1]
         assert gemm == _min_gemm_flops(case, backward), (case.name, backward)
+        M = case.batch * case.tokens
+        assert [(p.m, p.k) for p in gemv] == (
+            [(case.dim, M), (case.rank, M)] if case.op == "low_rank" and backward else [])
         assert all(p.flops == 2 * p.m * p.n * p.k for p in plan if p.kernel == "gemm")
     # the elementwise kernels' grids are capped at 32 blocks per SM (csrc/launch_dims.h)
     few = roofline.cuda_costs(case, 2, 2, roofline.GPU("one SM", 1e12, 1e14, 1), backward)
