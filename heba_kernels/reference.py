@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["heba_visual", "heba_text", "low_rank", "quick_gelu"]
+__all__ = ["heba_visual", "heba_text", "low_rank", "quick_gelu", "add_layer_norm"]
 
 
 class _GradScale(torch.autograd.Function):
@@ -110,3 +110,14 @@ def quick_gelu(x):
     ``QuickGELU``) in the frozen backbone's MLPs, which :mod:`heba_kernels.quick_gelu`
     fuses."""
     return x * torch.sigmoid(1.702 * x)
+
+
+def add_layer_norm(x, a, weight, bias, eps):
+    """``(s, y)``: the residual sum ``s = x + a`` and ``y = LayerNorm(s)`` computed in float32
+    and returned in ``s``'s dtype (open_clip's LayerNorm): the attention's output joining a
+    frozen block's residual stream and the MLP's norm reading it, which
+    :mod:`heba_kernels.add_layer_norm` fuses."""
+    s = x + a
+    y = F.layer_norm(s.float(), s.shape[-1:], None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps).to(s.dtype)
+    return s, y

@@ -32,7 +32,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from heba_kernels import _triton_common, heba_text, heba_visual, low_rank, quick_gelu  # noqa: E402
+from heba_kernels import (_triton_common, add_layer_norm, heba_text, heba_visual,  # noqa: E402
+                          low_rank, quick_gelu)
 from heba_kernels._triton_common import OP_CODES  # noqa: E402
 
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -115,6 +116,20 @@ def _cases():
                            ("bwd", dict(g_ptr=xs, x_ptr=xs, dx_ptr=xs))):
             yield (f"quick_gelu {step}", 3072, xdt, xdt, f"_quick_gelu_{step}_kernel", ptrs, (),
                    dict(BLOCK=B, _shown=f"B{B}", _shape=dict(D=3072, h=768, M=16 * 197)), 4)
+    # the frozen blocks' residual sum + ln_2 (x's dtype, float32 norm weights), at the
+    # widths of ViT-B/16's two towers and ViT-L/14's and ViT-H/14's image towers
+    for xdt in (torch.float32, torch.bfloat16, torch.float16):
+        xs = TY[xdt]
+        for D in (512, 768, 1024, 1280):
+            _, BR, BD = add_layer_norm.add_layer_norm_plan(16 * 197, D, torch.device("cuda"))
+            c = dict(BLOCK_R=BR, BLOCK_D=BD, _shown=f"{BR}x{BD}",
+                     _shape=dict(D=D, h=D // 4, M=16 * 197))
+            nw = add_layer_norm._warps(BR, BD)
+            yield ("add_layer_norm fwd", D, xdt, xdt, "_add_layer_norm_fwd_kernel",
+                   dict(x_ptr=xs, a_ptr=xs, s_ptr=xs, y_ptr=xs), ("eps",),
+                   dict(c, HAS_W=True, HAS_B=True), nw)
+            yield ("add_layer_norm bwd", D, xdt, xdt, "_add_layer_norm_bwd_kernel",
+                   dict(gs_ptr=xs, gy_ptr=xs, s_ptr=xs, ds_ptr=xs), (), dict(c, HAS_W=True), nw)
 
 
 def _int_value(name, shape):
@@ -194,10 +209,11 @@ def _compile(args):
     module = (heba_text if kernel.startswith("_heba_text") else
               heba_visual if kernel.startswith("_heba_visual") else
               low_rank if kernel.startswith("_low_rank") else
-              quick_gelu if kernel.startswith("_quick_gelu") else _triton_common)
+              quick_gelu if kernel.startswith("_quick_gelu") else
+              add_layer_norm if kernel.startswith("_add_layer_norm") else _triton_common)
     fn = getattr(module, kernel)
     shape = consts.pop("_shape")
-    if not any(k in name for k in ("visual", "reduce", "quick_gelu")):
+    if not any(k in name for k in ("visual", "reduce", "quick_gelu", "add_layer_norm")):
         consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
     shown = consts.pop("_shown")
     sig = {n: ("constexpr" if n in consts else "*" + ptrs.get(n, ptrs.get("*", "fp32"))
@@ -207,7 +223,8 @@ def _compile(args):
     consts = dict(consts, **ones)
     sig.update({n: "constexpr" for n in ones})
     dim = ("h" if "text" in name else "J" if "atb" in name else "D" if "visual" in name
-           else "k" if "reduce" in name else "D" if "quick_gelu" in name else "r")
+           else "k" if "reduce" in name else "D" if "_gelu" in name or "_norm" in name
+           else "r")
     label = f"{name} {dim}={width:<4} x {TY[xdt]} w {TY[wdt]} {shown} warps={num_warps}"
     # Triton's own ptxas run (its flags differ between Triton releases) prints its -v log
     # when asked; a fresh compile every time, so a cached kernel never hides the log.

@@ -14,11 +14,13 @@ from torch import nn
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
 from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention, LeanLayerNorm,
-                              LeanQuickGELU, checkpoint_frozen_blocks, find_max_batch,
-                              policy_graphs_reason, prepare_frozen, route_frozen_activations,
-                              route_frozen_attention, route_frozen_norms,
+                              LeanQuickGELU, LeanResidualBlock, checkpoint_frozen_blocks,
+                              find_max_batch, policy_graphs_reason, prepare_frozen,
+                              route_frozen_activations, route_frozen_attention,
+                              route_frozen_blocks, route_frozen_norms,
                               uncheckpoint_frozen_blocks, unroute_frozen_activations,
-                              unroute_frozen_attention, unroute_frozen_norms)
+                              unroute_frozen_attention, unroute_frozen_blocks,
+                              unroute_frozen_norms)
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, masked_cross_entropy
 from heba.train import context as T
@@ -302,6 +304,7 @@ def test_prepare_frozen_routes_the_frozen_attention(precision):
     assert list(model.state_dict()) == keys
     attn = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     assert len(attn) == 4 and all(type(m) is LeanAttention for m in attn)
+    assert unroute_frozen_blocks(model) == 4      # the attention alone (its own test below)
     lean = _adapted_step(model, precision)
     assert unroute_frozen_attention(model) == 4
     ref = _adapted_step(model, precision)
@@ -498,6 +501,119 @@ def test_prepare_frozen_fuses_the_quick_gelu():
     assert eager["launches"] - fused["launches"] == 6, (eager["by_op"], fused["by_op"])
     assert fused["triton"] == 2
     assert unroute_frozen_activations(model) == 4          # 2 + 2 blocks
+
+
+def _open_clip_block(width=48, heads=2, seed=0, ls=None):
+    """A frozen open_clip ResidualAttentionBlock with random LayerNorm parameters (and its
+    LayerNorms run as prepare_frozen runs them)."""
+    import open_clip
+    torch.manual_seed(seed)
+    block = open_clip.transformer.ResidualAttentionBlock(width, heads, ls_init_value=ls)
+    with torch.no_grad():
+        for ln in (block.ln_1, block.ln_2):
+            ln.weight.normal_()
+            ln.bias.normal_()
+    block.requires_grad_(False)
+    route_frozen_norms(block)
+    route_frozen_attention(block)
+    return block
+
+
+def _block_run(block, x, mask=None, **kw):
+    """Output and input gradient of ``block`` on ``x`` (and the launches of the call)."""
+    from benchmarks.launch_count import count_launches
+    out = {}
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        y = block(xx, attn_mask=mask, **kw)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y))
+        out["y"], out["dx"] = y.detach(), xx.grad
+    count = count_launches(run)
+    return (out["y"], out["dx"]), count
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["image", "text-mask", "layer-scale"])
+def test_lean_residual_block_matches_open_clips(case, dtype):
+    """Routed, a block runs its attention's residual sum and ln_2 as one fused launch each way:
+    output and input gradient as open_clip's block (bf16 within its roundings), 2 launches
+    fewer (the sum forward, the gradients' sum backward), the same modules and state dict."""
+    import copy
+    block = _open_clip_block(ls=0.5 if case == "layer-scale" else None).to(dtype)
+    x = (torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    mask = None
+    if case == "text-mask":
+        mask = torch.full((9, 9), float("-inf")).triu(1)
+    lean = copy.deepcopy(block)
+    assert route_frozen_blocks(nn.Sequential(lean)) == 1 and isinstance(lean, LeanResidualBlock)
+    assert list(lean.state_dict()) == list(block.state_dict())
+    ref, eager = _block_run(block, x, mask)
+    got, fused = _block_run(lean, x, mask)
+    assert fused["triton"] == 2 and eager["launches"] - fused["launches"] == 2, \
+        (eager["by_op"], fused["by_op"])
+    tol = NORM_TOL[dtype] * (4 if dtype == torch.bfloat16 else 10)
+    for name, a, b in zip(("y", "dx"), got, ref):
+        assert a.dtype == dtype
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    assert unroute_frozen_blocks(nn.Sequential(lean)) == 1
+    assert type(lean) is type(block) and not hasattr(lean, "_heba_original_class")
+
+
+@pytest.mark.parametrize("why", ["no-triton", "trainable-ln_2", "cross-attention"])
+def test_lean_residual_block_falls_back(why, monkeypatch):
+    """Without Triton, with a trainable ln_2 or for cross-attention the routed block is
+    open_clip's own forward, bit for bit."""
+    import copy
+    block = _open_clip_block()
+    kw = {}
+    if why == "no-triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif why == "trainable-ln_2":
+        block.ln_2.weight.requires_grad_(True)
+    else:
+        import open_clip
+        torch.manual_seed(0)
+        block = open_clip.transformer.ResidualAttentionBlock(48, 2, is_cross_attention=True)
+        block.requires_grad_(False)
+        kw = dict(k_x=torch.randn(3, 5, 48), v_x=torch.randn(3, 5, 48))
+    lean = copy.deepcopy(block)
+    routed = route_frozen_blocks(nn.Sequential(lean))
+    assert routed == (0 if why == "cross-attention" else 1)
+    x = torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(2))
+    (ref, _), (got, fused) = _block_run(block, x, **kw), _block_run(lean, x, **kw)
+    assert fused["triton"] == 0
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@requires_triton_cpu
+def test_prepare_frozen_fuses_every_blocks_residual_norm():
+    """prepare_frozen routes every block of both towers; the adapters wrapped around ln_1 and
+    mlp.c_fc still run (the whole model's output and the adapters' gradients as with the
+    blocks unrouted); and unrouting puts open_clip's class back."""
+    model = adapted("heba", seed=3, slow_fast_ratio=1.0)
+    randomize_adapters(model, seed=5)
+    prepare_frozen(model, torch.float32)
+    blocks = [b for b in model.modules() if isinstance(b, LeanResidualBlock)]
+    assert len(blocks) == 4                                # 2 image + 2 text blocks
+    imgs, toks = images(2, seed=1), texts(seed=2)
+    runs = []
+    for routed in (True, False):
+        model.zero_grad(set_to_none=True)
+        img, txt = model.encode_image(imgs), model.encode_text(toks)
+        (img.square().sum() + txt.square().sum()).backward()
+        grads = [p.grad.clone() for p in model.heba_adapters.parameters() if p.grad is not None]
+        runs.append((img.detach(), txt.detach(), grads))
+        if routed:
+            assert unroute_frozen_blocks(model) == 4
+    (img_a, txt_a, g_a), (img_b, txt_b, g_b) = runs
+    assert rel_err(img_a, img_b) < 1e-5 and rel_err(txt_a, txt_b) < 1e-5
+    assert len(g_a) == len(g_b) > 0
+    for a, b in zip(g_a, g_b):
+        assert rel_err(a, b) < 1e-4
+    assert not any(isinstance(b, LeanResidualBlock) for b in model.modules())
 
 
 # --- 2. static shapes -----------------------------------------------------------------------
