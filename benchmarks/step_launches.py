@@ -9,7 +9,7 @@ saw those 4 launches per LayerNorm); bf16 autocast, device-side
 slow-fast draws, fused SGD), batch 16, 50 classes with one prompt of 12..32 tokens each (every
 class a candidate, as on the published base halves), HeBA adapters in every block of both
 towers, QuickGELU as OpenAI's weights need it (fused by ``prepare_frozen`` where Triton
-runs, the interpreter included). ``vit-b16``: open_clip's ViT-B/16 blocks and widths
+runs, the interpreter included, as is each block's attention residual sum with its ``ln_2``). ``vit-b16``: open_clip's ViT-B/16 blocks and widths
 (12 + 12 blocks, 768 / 512 wide) at 32 px images (2 x 2 patches: the same ops per step as at 224 px, on fewer tokens);
 ``tiny``: the step benchmark's dry-run CLIP (2 + 2).
 

@@ -303,6 +303,17 @@ DATA = [
 ]
 
 LOOP = [
+    Bug("lean-block-layer-scale-dropped", "loop", "heba/train/graph.py",
+        "return s + self.ls_2(self.mlp(h))",
+        "return s + self.mlp(h)",
+        ("tests/heba/train/test_graph.py::test_lean_residual_block_matches_open_clips",),
+        "a block with LayerScale (open_clip's ls_init_value) loses its MLP's scale once routed"),
+    Bug("lean-block-mask-dropped", "loop", "heba/train/graph.py",
+        "a = self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))",
+        "a = self.ls_1(self.attention(q_x=self.ln_1(q_x)))",
+        ("tests/heba/train/test_graph.py::test_lean_residual_block_matches_open_clips",),
+        "the text tower's causal mask dropped by the routed blocks: every token sees the "
+        "prompt's end"),
     Bug("lean-norm-plain-layernorm-routed", "loop", "heba/train/graph.py",
         '_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"),',
         '_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"), '
@@ -562,6 +573,23 @@ KERNELS = [
         "m_end = tl.minimum(m_start + rows_per_split + BLOCK_K, M)",
         (f"{T_TLR}::test_matches_reference",),
         "the weight-gradient reduction's token chunks overlap by one block: tokens counted twice"),
+    Bug("aln-bwd-residual-grad-dropped", "kernels", "heba_kernels/add_layer_norm.py",
+        "    ds += tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)\n",
+        "",
+        ("tests/heba_kernels/test_add_layer_norm.py::test_values_and_grads",),
+        "the residual stream's own gradient lost at every frozen block: the adapters below "
+        "see only what passed through ln_2"),
+    Bug("aln-fwd-padding-in-variance", "kernels", "heba_kernels/add_layer_norm.py",
+        "d = tl.where(mask, s - mean[:, None], 0.0)",
+        "d = s - mean[:, None]",
+        ("tests/heba_kernels/test_add_layer_norm.py::test_values_and_grads",),
+        "the padded columns of a width that is no power of two (ViT-B/16's 768) count in "
+        "the variance: every MLP input scaled wrong"),
+    Bug("aln-bwd-mean-term-dropped", "kernels", "heba_kernels/add_layer_norm.py",
+        "ds = (wg - s_hat * c1[:, None] - c2[:, None]) * rstd[:, None]",
+        "ds = (wg - s_hat * c1[:, None]) * rstd[:, None]",
+        ("tests/heba_kernels/test_add_layer_norm.py::test_values_and_grads",),
+        "the LayerNorm's input gradient without its mean term"),
     Bug("qgelu-dx-no-k", "kernels", "heba_kernels/quick_gelu.py",
         "dx = g * (s + 1.702 * x * s * (1.0 - s))",
         "dx = g * (s + x * s * (1.0 - s))",

@@ -14,8 +14,8 @@ What makes a plain adapter step slow, and what this module does about it:
 * **Copies in the frozen attention.** torch's ``nn.MultiheadAttention`` forward
   copies q, k and v out of the packed projection; :func:`prepare_frozen` runs the
   frozen ones as :class:`LeanAttention` (views only, the same math): the
-  published ViT-B/16 step launches 336 fewer kernels (1001 -> 665 for the frozen
-  backbone, step and optimizer: ``python -m benchmarks.step_launches``).
+  published ViT-B/16 step launches 336 fewer kernels (``python -m
+  benchmarks.step_launches``).
 * **Casts around the frozen LayerNorms.** open_clip's LayerNorms compute in float32
   from a bf16 ``x`` through casts (CUDA autocast's, or their own), 4 launches per
   LayerNorm per step beside its 2; :func:`prepare_frozen` runs the frozen ones as
