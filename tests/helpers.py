@@ -214,3 +214,18 @@ class LaunchRecorder:
             self.guard_devices
         missed = self.kernels - {n for n, _ in self.launches}
         assert not missed, f"kernels never launched by this run: {missed}"
+
+
+def sm90_compile_lines(only: str) -> list[str]:
+    """The report lines of ``scripts/triton_aot_check.py --only ONLY``: the kernels whose case
+    names contain ``only``, lowered to sm_90 cubins as a launch would (no GPU needed); fails
+    the test if the script does."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "scripts/triton_aot_check.py", "--only", only,
+                          "--jobs", "1"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    return [ln for ln in res.stdout.splitlines() if only in ln]

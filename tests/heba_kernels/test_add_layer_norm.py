@@ -10,7 +10,8 @@ import torch
 
 from heba_kernels import reference
 from heba_kernels.runtime import record_launches
-from tests.helpers import TOL, DTYPE_NAMES, assert_rel_close, requires_gpu, requires_triton_cpu
+from tests.helpers import (TOL, DTYPE_NAMES, assert_rel_close, requires_gpu,
+                           requires_triton_cpu, sm90_compile_lines)
 
 pytestmark = requires_triton_cpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,15 +152,6 @@ def test_clip_widths(D, dtype):
 def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: both kernels lowered to sm_90 cubins in
     every dtype at CLIP widths (scripts/triton_aot_check.py, no GPU needed), without spills."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "scripts/triton_aot_check.py", "--only",
-                          "add_layer_norm", "--jobs", "1"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    lines = [ln for ln in res.stdout.splitlines() if "add_layer_norm" in ln]
+    lines = sm90_compile_lines("add_layer_norm")
     assert len(lines) == 24 and all(ln.startswith("ok ") and "spill 0 B" in ln
-                                    for ln in lines), res.stdout
+                                   for ln in lines), "\n".join(lines)
