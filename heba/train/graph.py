@@ -248,6 +248,12 @@ def _with_mixin(mixin: type, cls: type) -> type:
 _MIXED: dict = {}
 
 
+def _new_routed(mixin: type, cls: type) -> nn.Module:
+    """An empty module of :func:`_with_mixin` ``(mixin, cls)``, for unpickling: the pair is
+    made anew in the loading process (its name is no attribute of this module)."""
+    return object.__new__(_with_mixin(mixin, cls))
+
+
 def _unroute(model: nn.Module, lean: type) -> int:
     """Give every module routed to ``lean`` its own class back; returns how many."""
     n = 0
@@ -370,6 +376,9 @@ class LeanResidualBlock(nn.Module):
     open_clip's block stays."""
 
     _heba_mixin = True
+
+    def __reduce_ex__(self, protocol):          # torch.save of a whole routed model
+        return _new_routed, (LeanResidualBlock, self._heba_original_class), self.__dict__.copy()
 
     def forward(self, q_x: torch.Tensor, k_x: Optional[torch.Tensor] = None,
                 v_x: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):

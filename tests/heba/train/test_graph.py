@@ -561,6 +561,27 @@ def test_lean_residual_block_matches_open_clips(case, dtype):
     assert type(lean) is type(block) and not hasattr(lean, "_heba_original_class")
 
 
+@requires_triton_cpu
+def test_routed_block_survives_torch_save_and_deepcopy(tmp_path):
+    """A whole routed block (torch.save of a model after prepare_frozen) loads back routed, and
+    deep copies stay routed; both compute what the block did."""
+    import copy
+    block = _open_clip_block(seed=6)
+    route_frozen_blocks(nn.Sequential(block))
+    torch.save(block, tmp_path / "block.pt")
+    loaded = torch.load(tmp_path / "block.pt", weights_only=False)
+    x = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(5))
+    ref, _ = _block_run(block, x)
+    for other in (loaded, copy.deepcopy(block)):
+        assert isinstance(other, LeanResidualBlock) and type(other) is type(block)
+        (got, fused) = _block_run(other, x)
+        assert fused["triton"] == 2
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+    assert unroute_frozen_blocks(nn.Sequential(loaded)) == 1
+    assert type(loaded).__name__ == "ResidualAttentionBlock"
+
+
 @pytest.mark.parametrize("why", ["no-triton", "trainable-ln_2", "cross-attention"])
 def test_lean_residual_block_falls_back(why, monkeypatch):
     """Without Triton, with a trainable ln_2 or for cross-attention the routed block is
