@@ -45,8 +45,9 @@ __all__ = ["add_layer_norm", "add_layer_norm_plan", "ROW_ELEMS", "INTERPRETER_EL
            "MAX_DIM"]
 
 # Elements (rows x padded D) per program on a GPU: 8 rows at D 512, 4 at 768 and 1024, 2 at
-# 1280; 4 warps. Compiled for sm_90 (scripts/triton_aot_check.py --only add_layer_norm,
-# Triton 3.8): forward 72-80 registers, backward 96-125, no spills in any dtype.
+# 1280; 4 warps. Compiled for sm_90 (scripts/triton_aot_check.py --only add_layer_norm):
+# forward 72-80 registers, backward 96-125 with Triton 3.8; 70-93 and 96-134 with Triton
+# 3.6; no spills in any dtype.
 ROW_ELEMS = 4096
 # In Triton's CPU interpreter a program costs Python time, not a thread's: far fewer of them.
 INTERPRETER_ELEMS = 1 << 16

@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from heba_kernels import (_triton_common, add_layer_norm, heba_text, heba_visual,  # noqa: E402
-                          low_rank, quick_gelu)
+                          low_rank, quick_gelu, slow_fast)
 from heba_kernels._triton_common import OP_CODES  # noqa: E402
 
 TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -130,6 +130,10 @@ def _cases():
                    dict(c, HAS_W=True, HAS_B=True), nw)
             yield ("add_layer_norm bwd", D, xdt, xdt, "_add_layer_norm_bwd_kernel",
                    dict(gs_ptr=xs, gy_ptr=xs, s_ptr=xs, ds_ptr=xs), (), dict(c, HAS_W=True), nw)
+    # the slow-fast draw of a tower forward (ViT-B/16: 12 blocks x 2 keys)
+    yield ("slow_fast draw", 24, torch.float32, torch.float32, "_slow_fast_draw_kernel",
+           dict(keys_ptr="i64", counters_ptr="i64", values_ptr="fp32", out_ptr="fp32"), (),
+           dict(BLOCK=32, _shown="B32", _shape=dict(D=24, h=24)), 1)
 
 
 def _int_value(name, shape):
@@ -210,10 +214,12 @@ def _compile(args):
               heba_visual if kernel.startswith("_heba_visual") else
               low_rank if kernel.startswith("_low_rank") else
               quick_gelu if kernel.startswith("_quick_gelu") else
-              add_layer_norm if kernel.startswith("_add_layer_norm") else _triton_common)
+              add_layer_norm if kernel.startswith("_add_layer_norm") else
+              slow_fast if kernel.startswith("_slow_fast") else _triton_common)
     fn = getattr(module, kernel)
     shape = consts.pop("_shape")
-    if not any(k in name for k in ("visual", "reduce", "quick_gelu", "add_layer_norm")):
+    if not any(k in name for k in ("visual", "reduce", "quick_gelu", "add_layer_norm",
+                                   "slow_fast")):
         consts = dict(consts, OP=OP_CODES[wdt], UPCAST=False, IEEE=wdt == torch.float32)
     shown = consts.pop("_shown")
     sig = {n: ("constexpr" if n in consts else "*" + ptrs.get(n, ptrs.get("*", "fp32"))
@@ -224,7 +230,7 @@ def _compile(args):
     sig.update({n: "constexpr" for n in ones})
     dim = ("h" if "text" in name else "J" if "atb" in name else "D" if "visual" in name
            else "k" if "reduce" in name else "D" if "_gelu" in name or "_norm" in name
-           else "r")
+           else "n" if "slow_fast" in name else "r")
     label = f"{name} {dim}={width:<4} x {TY[xdt]} w {TY[wdt]} {shown} warps={num_warps}"
     # Triton's own ptxas run (its flags differ between Triton releases) prints its -v log
     # when asked; a fresh compile every time, so a cached kernel never hides the log.

@@ -54,6 +54,13 @@ def slow_fast_bits(key, counter):
     return _mix32(key ^ (counter & _M32)) >> 8
 
 
+def _one_launch(device: torch.device) -> bool:
+    """Whether a tower's draws run as one Triton launch on ``device`` (heba's Triton backend
+    runs there: a CUDA GPU, or the CPU in Triton's interpreter)."""
+    from heba.backends import backend_status
+    return backend_status("triton", device)[0]
+
+
 class ScalePolicy:
     """The scale every HeBA adapter of a model uses, read by the adapters at each call.
 
@@ -177,9 +184,10 @@ class ScalePolicy:
     def begin(self, tower: str, device: torch.device, training: bool) -> None:
         """Draw the scales of one forward of ``tower`` (all its blocks) and advance its counter.
 
-        Called at the tower's first adapter call. Device-side: 20 element-wise kernels over
-        ``[n_blocks, 2]``, no host sync; graph-capturable (the counter is read and advanced
-        in device memory).
+        Called at the tower's first adapter call. Device-side, no host sync, graph-capturable
+        (the counter is read and advanced in device memory): one Triton launch
+        (:mod:`heba_kernels.slow_fast`) where heba's Triton backend runs, else 20 element-wise
+        kernels over ``[n_blocks, 2]``; the same draws either way.
         """
         if not (training and self.random):
             self._current.pop(tower, None)
@@ -197,20 +205,26 @@ class ScalePolicy:
         device = self._counters.device        # "cuda" -> "cuda:0", the cache keys' form
         if self._keys[tower].device != device:
             self._keys[tower] = self._keys[tower].to(device)
+        if _one_launch(device):               # the same draws in one launch, not 20
+            from heba_kernels.slow_fast import draw_scales
+            self._current[tower] = draw_scales(self._keys[tower], self._counters, t,
+                                               self._values(device)[2], self._threshold())
+            return
         bits = slow_fast_bits(self._keys[tower], self._counters[t])
-        lo, hi = self._values(device)
+        lo, hi, _ = self._values(device)
         self._current[tower] = torch.where(bits >= self._threshold(), hi, lo)   # [n_blocks, 2]
         self._counters[t].add_(1)
 
     def _values(self, device):
-        """``(base, base * factor)`` as 0-d float32 tensors on ``device``, rounded from the
-        Python floats as the float path rounds them; made once per device and values (an
-        upload inside a graph capture would copy from freed host memory)."""
+        """``(base, base * factor, both)``: 0-d float32 tensors on ``device`` and the ``[2]``
+        tensor they view, rounded from the Python floats as the float path rounds them; made
+        once per device and values (an upload inside a graph capture would copy from freed
+        host memory)."""
         key = (device, self.base_scale, self.scale_factor)
         if getattr(self, "_value_cache", (None,))[0] != key:
             vals = torch.tensor([self.base_scale, self.base_scale * self.scale_factor],
                                 dtype=torch.float32).to(device)
-            self._value_cache = (key, (vals[0], vals[1]))
+            self._value_cache = (key, (vals[0], vals[1], vals))
         return self._value_cache[1]
 
     def scale(self, training: bool, tower: Optional[str] = None, block: Optional[int] = None,
