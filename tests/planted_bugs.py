@@ -314,6 +314,16 @@ LOOP = [
         ("tests/heba/train/test_graph.py::test_lean_residual_block_matches_open_clips",),
         "the text tower's causal mask dropped by the routed blocks: every token sees the "
         "prompt's end"),
+    Bug("lean-timm-block-norm2-weight-in-norm1", "loop", "heba/train/graph.py",
+        "h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)",
+        "h = F.layer_norm(x, n1.normalized_shape, n2.weight, n1.bias, n1.eps)",
+        ("tests/heba/train/test_graph.py::test_lean_timm_block_matches_timms",),
+        "a routed timm block normalises the attention's input with the MLP norm's weight"),
+    Bug("lean-timm-block-layer-scale-dropped", "loop", "heba/train/graph.py",
+        "return s + self.drop_path2(self.ls2(self.mlp(h)))",
+        "return s + self.drop_path2(self.mlp(h))",
+        ("tests/heba/train/test_graph.py::test_lean_timm_block_matches_timms",),
+        "a timm ViT with LayerScale (init_values) loses its MLP's scale once routed"),
     Bug("lean-norm-plain-layernorm-routed", "loop", "heba/train/graph.py",
         '_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"),',
         '_CAST_BACK_NORMS = {("open_clip.transformer", "LayerNorm"), '

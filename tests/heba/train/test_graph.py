@@ -14,7 +14,8 @@ from torch import nn
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
 from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention, LeanLayerNorm,
-                              LeanQuickGELU, LeanResidualBlock, checkpoint_frozen_blocks,
+                              LeanQuickGELU, LeanResidualBlock, LeanTimmBlock,
+                              checkpoint_frozen_blocks,
                               find_max_batch, policy_graphs_reason, prepare_frozen,
                               route_frozen_activations, route_frozen_attention,
                               route_frozen_blocks, route_frozen_norms,
@@ -635,6 +636,118 @@ def test_prepare_frozen_fuses_every_blocks_residual_norm():
     for a, b in zip(g_a, g_b):
         assert rel_err(a, b) < 1e-4
     assert not any(isinstance(b, LeanResidualBlock) for b in model.modules())
+
+
+def _timm_block(dim=48, heads=2, seed=0, init_values=None):
+    """A frozen timm ViT Block with random LayerNorm parameters."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import Block
+    torch.manual_seed(seed)
+    block = Block(dim, heads, init_values=init_values)
+    with torch.no_grad():
+        for norm in (block.norm1, block.norm2):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    return block.requires_grad_(False)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("init_values", [None, 0.5], ids=["plain", "layer-scale"])
+def test_lean_timm_block_matches_timms(init_values, dtype):
+    """Routed, a timm ViT block (AdapterTune's backbone) runs norm1 in x's dtype and its
+    attention's residual sum with norm2 as one fused launch each way: output and input
+    gradient as timm's block (bf16 within its roundings), 2 launches fewer on a CPU."""
+    import copy
+    block = _timm_block(init_values=init_values).to(dtype)
+    lean = copy.deepcopy(block)
+    assert route_frozen_blocks(nn.Sequential(lean)) == 1 and isinstance(lean, LeanTimmBlock)
+    assert list(lean.state_dict()) == list(block.state_dict())
+    x = (torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    ref, eager = _block_run(block, x)
+    got, fused = _block_run(lean, x)
+    assert fused["triton"] == 2 and eager["launches"] - fused["launches"] == 2, \
+        (eager["by_op"], fused["by_op"])
+    tol = NORM_TOL[dtype] * (4 if dtype == torch.bfloat16 else 10)
+    for name, a, b in zip(("y", "dx"), got, ref):
+        assert a.dtype == dtype
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    assert unroute_frozen_blocks(nn.Sequential(lean)) == 1 and type(lean) is type(block)
+
+
+@pytest.mark.parametrize("why", ["no-triton", "attn-mask", "trainable-norm1"])
+def test_lean_timm_block_falls_back(why, monkeypatch):
+    """Without Triton, with an attention mask or a trainable norm the routed block is timm's
+    own forward, bit for bit."""
+    import copy
+    block = _timm_block(seed=3)
+    mask = None
+    if why == "no-triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif why == "attn-mask":
+        mask = torch.zeros(9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1),
+                                             float("-inf"))
+    else:
+        block.norm1.weight.requires_grad_(True)
+    lean = copy.deepcopy(block)
+    assert route_frozen_blocks(nn.Sequential(lean)) == 1
+    x = torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(2))
+    (ref, _), (got, fused) = _block_run(block, x, mask), _block_run(lean, x, mask)
+    assert fused["triton"] == 0
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@requires_gpu
+def test_lean_timm_block_drops_the_norms_casts_under_cuda_autocast():
+    """On a GPU under bf16 autocast (the backbone cast once, its norms float32, as
+    prepare_frozen leaves them) a routed timm block launches 10 kernels fewer: 4 casts per
+    LayerNorm and the residual sum both ways."""
+    import copy
+    block = _timm_block(seed=4).cuda().bfloat16()
+    for norm in (block.norm1, block.norm2):
+        norm.float()
+    lean = copy.deepcopy(block)
+    route_frozen_blocks(nn.Sequential(lean))
+    x = torch.randn(4, 50, 48, device="cuda").bfloat16()
+    runs = []
+    for b in (block, lean):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            runs.append(_block_run(b, x))
+    (ref, eager), (got, fused) = runs
+    assert eager["launches"] - fused["launches"] == 10, (eager["by_op"], fused["by_op"])
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert rel_err(a, b) < 2 ** -5, rel_err(a, b)
+
+
+@requires_triton_cpu
+def test_prepare_frozen_routes_timm_blocks_with_adaptertune():
+    """An AdapterTune timm ViT: prepare_frozen routes every block (wrapped by the adapters'
+    wiring); the logits and the adapters' gradients as with the blocks unrouted."""
+    timm = pytest.importorskip("timm")
+    from heba.timm import attach_adaptertune
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, depth=2, embed_dim=48, num_heads=2, num_classes=5)
+    attach_adaptertune(model, rank=4)
+    randomize_adapters(model, seed=2)
+    prepare_frozen(model, torch.float32)
+    assert sum(isinstance(b, LeanTimmBlock) for b in model.modules()) == 2
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for routed in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(imgs)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        runs.append((out.detach(), grads))
+        if routed:
+            assert unroute_frozen_blocks(model) == 2
+    (out_a, g_a), (out_b, g_b) = runs
+    assert rel_err(out_a, out_b) < 1e-5 and len(g_a) == len(g_b) > 0
+    for a, b in zip(g_a, g_b):
+        assert rel_err(a, b) < 1e-4
 
 
 # --- 2. static shapes -----------------------------------------------------------------------
