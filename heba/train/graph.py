@@ -361,7 +361,28 @@ def unroute_frozen_activations(model: nn.Module) -> int:
 
 # --- 1e. the residual sum and the MLP's LayerNorm fused ---------------------------------------
 
-class LeanResidualBlock(nn.Module):
+class _RoutedBlock(nn.Module):
+    """The lean blocks' base: a mixin over the block's own class (:func:`_with_mixin`), and
+    pickled as that pair (``torch.save`` of a whole routed model)."""
+
+    _heba_mixin = True
+
+    def __reduce_ex__(self, protocol):
+        mixin = type(self).__bases__[0]          # the (mixin, own class) pair's mixin
+        return _new_routed, (mixin, self._heba_original_class), self.__dict__.copy()
+
+
+def _add_norm(x: torch.Tensor, a: torch.Tensor, norm: nn.Module):
+    """``(s, norm(s))`` for ``s = x + a``: one fused launch each way
+    (:mod:`heba_kernels.add_layer_norm`) when ``a`` matches ``x``, else eager."""
+    if a.dtype == x.dtype and a.shape == x.shape:
+        from heba_kernels.add_layer_norm import add_layer_norm
+        return add_layer_norm(x, a, norm.weight, norm.bias, norm.eps)
+    s = x + a
+    return s, norm(s)
+
+
+class LeanResidualBlock(_RoutedBlock):
     """open_clip's ``ResidualAttentionBlock`` (self-attention) with the attention's residual
     sum and the frozen ``ln_2`` that reads it as one fused launch each way
     (:mod:`heba_kernels.add_layer_norm`), wherever heba's Triton backend runs on ``x``'s
@@ -380,22 +401,12 @@ class LeanResidualBlock(nn.Module):
     over the block's own class (``isinstance(block, LeanResidualBlock)``), so every method of
     open_clip's block stays."""
 
-    _heba_mixin = True
-
-    def __reduce_ex__(self, protocol):          # torch.save of a whole routed model
-        return _new_routed, (LeanResidualBlock, self._heba_original_class), self.__dict__.copy()
-
     def forward(self, q_x: torch.Tensor, k_x: Optional[torch.Tensor] = None,
                 v_x: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):
         if k_x is None and v_x is None and _fusable_norm(self.ln_2, q_x):
             a = self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
-            if a.dtype == q_x.dtype and a.shape == q_x.shape:
-                from heba_kernels.add_layer_norm import add_layer_norm
-                ln = self.ln_2
-                s, h = add_layer_norm(q_x, a, ln.weight, ln.bias, ln.eps)
-                return s + self.ls_2(self.mlp(h))
-            s = q_x + a
-            return s + self.ls_2(self.mlp(self.ln_2(s)))
+            s, h = _add_norm(q_x, a, self.ln_2)
+            return s + self.ls_2(self.mlp(h))
         return super().forward(q_x, k_x, v_x, attn_mask)
 
 
@@ -418,7 +429,7 @@ def _fusable_norm(ln: nn.Module, x: torch.Tensor, classes=None) -> bool:
 _TIMM_NORMS = {("timm.layers.norm", "LayerNorm"), ("torch.nn.modules.normalization", "LayerNorm")}
 
 
-class LeanTimmBlock(nn.Module):
+class LeanTimmBlock(_RoutedBlock):
     """timm's ViT ``Block`` (AdapterTune's backbone) with its LayerNorms in the residual
     stream's dtype and its attention's residual sum fused with ``norm2``, wherever heba's
     Triton backend runs on ``x``'s device; the same math as the block's own forward::
@@ -436,11 +447,6 @@ class LeanTimmBlock(nn.Module):
     not cast ``layer_norm``). Falls back to the block's own forward with an attention mask,
     trainable norms, mixed dtypes or where Triton does not run."""
 
-    _heba_mixin = True
-
-    def __reduce_ex__(self, protocol):          # torch.save of a whole routed model
-        return _new_routed, (LeanTimmBlock, self._heba_original_class), self.__dict__.copy()
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False):
         n1, n2 = self.norm1, self.norm2
@@ -449,12 +455,8 @@ class LeanTimmBlock(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
             a = self.drop_path1(self.ls1(self.attn(h)))
-            if a.dtype == x.dtype and a.shape == x.shape:
-                from heba_kernels.add_layer_norm import add_layer_norm
-                s, h = add_layer_norm(x, a, n2.weight, n2.bias, n2.eps)
-                return s + self.drop_path2(self.ls2(self.mlp(h)))
-            s = x + a
-            return s + self.drop_path2(self.ls2(self.mlp(n2(s))))
+            s, h = _add_norm(x, a, n2)
+            return s + self.drop_path2(self.ls2(self.mlp(h)))
         if attn_mask is None and not is_causal:
             return super().forward(x)           # the forward of any timm release
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)

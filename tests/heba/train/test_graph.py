@@ -534,21 +534,13 @@ def _block_run(block, x, mask=None, **kw):
     return (out["y"], out["dx"]), count
 
 
-@requires_triton_cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["image", "text-mask", "layer-scale"])
-def test_lean_residual_block_matches_open_clips(case, dtype):
-    """Routed, a block runs its attention's residual sum and ln_2 as one fused launch each way:
-    output and input gradient as open_clip's block (bf16 within its roundings), 2 launches
-    fewer (the sum forward, the gradients' sum backward), the same modules and state dict."""
+def _assert_routed_block_matches(block, lean_cls, x, mask, dtype):
+    """A routed copy of ``block`` (class ``lean_cls``, the same state dict keys): output and
+    input gradient as the block's own (bf16 within its roundings), its two fused launches and
+    2 launches fewer; unrouted, the block's own class again."""
     import copy
-    block = _open_clip_block(ls=0.5 if case == "layer-scale" else None).to(dtype)
-    x = (torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
-    mask = None
-    if case == "text-mask":
-        mask = torch.full((9, 9), float("-inf")).triu(1)
     lean = copy.deepcopy(block)
-    assert route_frozen_blocks(nn.Sequential(lean)) == 1 and isinstance(lean, LeanResidualBlock)
+    assert route_frozen_blocks(nn.Sequential(lean)) == 1 and isinstance(lean, lean_cls)
     assert list(lean.state_dict()) == list(block.state_dict())
     ref, eager = _block_run(block, x, mask)
     got, fused = _block_run(lean, x, mask)
@@ -560,6 +552,21 @@ def test_lean_residual_block_matches_open_clips(case, dtype):
         assert rel_err(a, b) < tol, (name, rel_err(a, b))
     assert unroute_frozen_blocks(nn.Sequential(lean)) == 1
     assert type(lean) is type(block) and not hasattr(lean, "_heba_original_class")
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["image", "text-mask", "layer-scale"])
+def test_lean_residual_block_matches_open_clips(case, dtype):
+    """Routed, a block runs its attention's residual sum and ln_2 as one fused launch each way:
+    output and input gradient as open_clip's block (bf16 within its roundings), 2 launches
+    fewer (the sum forward, the gradients' sum backward), the same modules and state dict."""
+    block = _open_clip_block(ls=0.5 if case == "layer-scale" else None).to(dtype)
+    x = (torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
+    mask = None
+    if case == "text-mask":
+        mask = torch.full((9, 9), float("-inf")).triu(1)
+    _assert_routed_block_matches(block, LeanResidualBlock, x, mask, dtype)
 
 
 @requires_triton_cpu
@@ -658,21 +665,9 @@ def test_lean_timm_block_matches_timms(init_values, dtype):
     """Routed, a timm ViT block (AdapterTune's backbone) runs norm1 in x's dtype and its
     attention's residual sum with norm2 as one fused launch each way: output and input
     gradient as timm's block (bf16 within its roundings), 2 launches fewer on a CPU."""
-    import copy
     block = _timm_block(init_values=init_values).to(dtype)
-    lean = copy.deepcopy(block)
-    assert route_frozen_blocks(nn.Sequential(lean)) == 1 and isinstance(lean, LeanTimmBlock)
-    assert list(lean.state_dict()) == list(block.state_dict())
     x = (torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(1)) * 2).to(dtype)
-    ref, eager = _block_run(block, x)
-    got, fused = _block_run(lean, x)
-    assert fused["triton"] == 2 and eager["launches"] - fused["launches"] == 2, \
-        (eager["by_op"], fused["by_op"])
-    tol = NORM_TOL[dtype] * (4 if dtype == torch.bfloat16 else 10)
-    for name, a, b in zip(("y", "dx"), got, ref):
-        assert a.dtype == dtype
-        assert rel_err(a, b) < tol, (name, rel_err(a, b))
-    assert unroute_frozen_blocks(nn.Sequential(lean)) == 1 and type(lean) is type(block)
+    _assert_routed_block_matches(block, LeanTimmBlock, x, None, dtype)
 
 
 @pytest.mark.parametrize("why", ["no-triton", "attn-mask", "trainable-norm1"])
