@@ -15,10 +15,31 @@ fused ops launch nothing else: no torch sum, cast or multiplication). Beside the
 * the modelled floor, ``max(bytes / bandwidth, FLOPs / dense bf16 rate)`` per launch,
   summed, on the GPUs of :data:`GPUS` (datasheet numbers, parameters of the model).
 
-Model of one launch: every tensor a launch touches moves between HBM and L2 once
-(re-reads within a launch are assumed to hit L2); every program loads its own tiles from
-L2 (re-reads across D sweeps and weight tiles per program count each time); FLOPs are
-those of the padded tiles the kernel issues. Output: a markdown table.
+Model of one launch: every tensor a launch touches moves between HBM and L2 once, except
+the re-reads the L2 cannot hold (below); every program loads its own tiles from L2
+(re-reads across D sweeps and weight tiles per program count each time); FLOPs are those
+of the padded tiles the kernel issues. Output: a markdown table.
+
+Which re-reads hit L2 (an LRU stack-distance model, with the L2 size a parameter of the
+GPU):
+
+* **A program re-sweeping its own rows** (LayerNorm's second sweep over a row block, the
+  visual ``_dy`` kernel's sweeps over ``dy`` per bottleneck chunk) re-reads a chunk after
+  touching ``f`` bytes of its block; with ``P`` such programs resident at once (one per
+  SM: the persistent kernels use more than half an SM's registers), its reuse distance is
+  up to ``P f``. A sweep in the direction of the previous one re-reads the chunk touched
+  longest ago first: every chunk hits iff ``P f`` fits in L2, else none does (LRU's cyclic
+  worst case). A sweep in the opposite direction re-reads the newest chunk first: a
+  fraction ``min(1, L2 / (P f))`` hits. heba's kernels alternate directions
+  (:func:`resweep_misses`).
+* **Programs sharing a tile** hit L2 when they run close together. CUDA dispatches
+  programs with the grid's first axis fastest (Triton's ``program_id(0)`` is
+  ``blockIdx.x``), so heba's grids put the programs that share a tile next to each other
+  (the visual down and dx kernels: the bottleneck or D chunk fastest): shared tiles are
+  read from HBM once. With the sharing axis slower, every program in between would touch
+  its own tiles, and past the L2 size the sharers would re-read theirs from HBM (at the
+  MLP position, before heba's grids were ordered this way: x read 6 times by the down
+  kernel and du 24 times by the dx kernel).
 
 The CUDA backend's launches come from C++: the host-only op ``heba::_cuda_launch_plan``
 (csrc/ops.cpp, run on the CPU) lists, per op call, its heba kernels with the grids their
@@ -55,6 +76,7 @@ class GPU:
     hbm: float        # bytes/s, datasheet
     bf16: float       # dense bf16 FLOP/s, datasheet
     sms: int
+    l2: float = 50e6  # bytes of L2, datasheet (H100 SXM and H200 SXM: 50 MB)
 
 
 GPUS = {"H100": GPU("H100 SXM", 3.35e12, 989e12, 132),
@@ -80,6 +102,17 @@ def _cdiv(a, b):
 
 def _pad(n, block):
     return _cdiv(n, block) * block
+
+
+def resweep_misses(nbytes: float, footprint: float, l2: float, alternate: bool = True) -> float:
+    """HBM bytes of one re-sweep of ``nbytes`` (summed over all programs) whose chunks each
+    program touched ``footprint`` bytes ago, summed over the programs resident at once
+    (LRU stack distance): a sweep in the opposite direction of the previous one
+    (``alternate``) misses a fraction ``1 - l2 / footprint`` of its bytes once
+    ``footprint`` exceeds the L2, a sweep in the same direction all of them."""
+    if footprint <= l2:
+        return 0.0
+    return nbytes * (1.0 - l2 / footprint) if alternate else float(nbytes)
 
 
 # --------------------------------------------------------------------------- Triton plans
@@ -130,6 +163,9 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                      + m["FUSE_DOWN"] * h * D * w)
             c.flops = 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
             c.l2 = blocks * (zsweep + 3 * BT * Dp * e + 10 * BT * hp * w)
+            # sweep 2 (reversed) re-reads the block's x and y after sweep 1 touched both
+            res = min(st.grid[0], gpu.sms)            # programs resident at once
+            c.hbm += resweep_misses(T * D * 2 * e, res * BT * D * 2 * e, gpu.l2)
             if m["FUSE_DOWN"]:        # the down GEMM over the block and its halo
                 ext = rows - BT
                 c.flops += 2 * blocks * ext * Dp * hp
@@ -147,15 +183,22 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
                                      + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
                                      + 19 * BT * hp * w)
+            # sweep 2 (reversed) re-reads the block's y (or x) and g, then each of the dv
+            # phase's sweeps (one per BLOCK_HV columns of h, alternating) its dy rows
+            res = min(st.grid[0], gpu.sms)
+            c.hbm += resweep_misses(T * D * 2 * e, res * BT * (D * 2 * e + (not keep) * h * w),
+                                    gpu.l2)
+            c.hbm += _cdiv(h, BHV) * resweep_misses(T * D * e, res * BT * D * e, gpu.l2)
         elif st.step == "dx":         # per (row block, D chunk): dx = g + xs (dy + Wd^T du)
-            blocks, n_d = _cdiv(T, BT), st.grid[1]
+            blocks, n_d = _cdiv(T, BT), _cdiv(D, BD)    # grid: row programs x D chunks
+            rows = st.grid[0] // n_d
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
             c.flops = 2 * Tp * Dp * hp
             c.l2 = blocks * n_d * (3 * BT * BD * e + BT * hp * w + hp * BD * w)
             if m["DW"]:               # dy recomputed (s from u, z = Wu s: x and the row
                 HP = m["BLOCK_HP"]    # constants read, not dy), both weight gradients summed
-                c.hbm += (hid + 16 * T + D * h * w + 2 * st.grid[0] * D * h * 4
-                          + st.grid[0] * n_d * BT * HP * w)      # + the s scratch, once
+                c.hbm += (hid + 16 * T + D * h * w + 2 * rows * D * h * 4
+                          + st.grid[0] * BT * HP * w)            # + the s scratch, once
                 # z = Wu s in BLOCK_H chunks (s read back from the scratch chunk by chunk);
                 # the two weight-gradient products on the [.., BLOCK_HP] accumulators
                 c.flops += 2 * 2 * Tp * Dp * HP + 2 * Tp * Dp * hp + n_d * 2 * 9 * Tp * HP

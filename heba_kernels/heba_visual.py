@@ -157,6 +157,13 @@ FUSED_DW_MAX_H = 256
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
 
+# Rows per program and bottleneck columns per dv sweep of the _dy kernel where y is kept
+# (from ``KEEP_Y_MIN_DIM``): small enough blocks that its re-sweeps over y, g and dy stay in
+# L2, wide enough h chunks that Wu is read as often as with the forward's blocks. See
+# ``_dy_config``.
+RESWEEP_ROWS = 32
+RESWEEP_HV = 128
+
 # Below this width the forward is one launch: each block computes ``u`` of its rows and of
 # its stencil's halo (W + 1 rows on each side) itself, instead of a down launch writing ``u``
 # for the forward kernel to read back. Modelled (benchmarks/roofline.py, bf16, B256 14x14,
@@ -286,8 +293,13 @@ def _heba_visual_fwd_kernel_down(
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """Program ``q``: bottleneck chunk ``q % n_h`` of row block ``q // n_h``. The chunks of a
+    block are consecutive programs (dispatched together), so the block's rows of x are
+    read from HBM once and shared in L2 by its ``n_h`` programs."""
+    n_h = tl.cdiv(h, BLOCK_H)
+    q = tl.program_id(0)
+    r, r_mask, b, p = _rows(q // n_h, T, HW, BLOCK_T)
+    c = (q % n_h) * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
     acc = _down_tile(x_rows, r_mask, wd_ptr, c, c_mask, D, BLOCK_T, BLOCK_H, BLOCK_D, OP,
@@ -389,10 +401,11 @@ def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_pt
 
     tl.debug_barrier()                   # y rows written by other threads, read back below
 
-    # Sweep 2: y read back, out written.
+    # Sweep 2: y read back, out written; D chunks in reverse, the newest in L2 first.
     first = r_mask & (p == 0)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+    n_d = tl.cdiv(D, BLOCK_D)
+    for i in range(0, n_d):
+        d = (n_d - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -507,9 +520,11 @@ def _heba_visual_bwd_dy_block(
         tl.store(cst_ptr + r * 2 + 1, c2, mask=r_mask)
 
     # Sweep 2: dy (into the dx buffer, which the dx kernel finishes in place, or with DW
-    # into the program's scratch, read back by the dv phase only).
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+    # into the program's scratch, read back by the dv phase only); D chunks in reverse, the
+    # newest in L2 first.
+    n_d = tl.cdiv(D, BLOCK_D)
+    for i in range(0, n_d):
+        d = (n_d - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
         yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, sr, r_mask, d, d_mask, mask, h,
@@ -531,15 +546,19 @@ def _heba_visual_bwd_dv_block(
 ):
     """``dv = (Wu^T dy) * gelu'(v)`` of one block of rows (dy as this program wrote it at
     ``dy_rows``), h in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps
-    padded to 16)."""
+    padded to 16). Each h chunk sweeps the block's dy rows over D, in the direction
+    opposite to the sweep before it (the first forward: the dy sweep ran in reverse), so
+    every sweep starts on the chunks still in L2."""
     img = b * HW
     taps = tl.arange(0, 16)
+    n_d = tl.cdiv(D, BLOCK_D)
     for h0 in range(0, h, BLOCK_HV):
         c = h0 + tl.arange(0, BLOCK_HV)
         c_mask = c < h
+        odd = (h0 // BLOCK_HV) % 2
         ds = tl.zeros((BLOCK_T, BLOCK_HV), dtype=tl.float32)                       # Wu^T dy
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
+        for i in range(0, n_d):
+            d = (i + odd * (n_d - 1 - 2 * i)) * BLOCK_D + tl.arange(0, BLOCK_D)
             d_mask = d < D
             dy = tl.load(dy_rows[:, None] + d[None, :], mask=r_mask[:, None] & d_mask[None, :],
                          other=0.0)                                                # [BT, BD]
@@ -673,25 +692,28 @@ def _heba_visual_bwd_kernel_dx(
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HP: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Program ``(s, j)``: columns ``j`` of D, row blocks ``s, s + S, ...``: ``dx = g + xs
-    (dy + Wd^T du)`` in place, the prefix tokens of every image that starts in a block
+    """Program ``q = s n_d + j`` of ``S n_d``: columns ``j`` of D, row blocks ``s, s + S,
+    ...``: ``dx = g + xs (dy + Wd^T du)`` in place, the prefix tokens of every image that starts in a block
     ``dx = g``. With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) ``dy`` is not
     read but recomputed (:func:`_dy_tile`), and the program sums its share of both weight
     gradients, ``dWu[j, :] = sum dy^T s`` and ``dWd[:, j] = sum du^T t``, in registers over
     its blocks, written once to its slot ``s``: no ``dy`` or ``s`` round trip through
-    memory, no split-K launches."""
-    pid = tl.program_id(0)
-    n_s = tl.num_programs(0)
+    memory, no split-K launches. The ``n_d`` programs of a row program are consecutive
+    (dispatched together), so they share its rows of ``du`` (and ``u``, ``x``, ``g``) in L2:
+    each read from HBM once."""
+    n_d = tl.cdiv(D, BLOCK_D)
+    q = tl.program_id(0)
+    pid = q // n_d
+    n_s = tl.num_programs(0) // n_d
     gs = _scalar(gs, gs_ptr, GS_PTR)
     xs = _scalar(xs, xs_ptr, XS_PTR)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = (q % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     cp = tl.arange(0, BLOCK_HP)
     cp_mask = cp < h
     acc_u = tl.zeros((BLOCK_D, BLOCK_HP), dtype=tl.float32)                        # dWu[j, :]
     acc_d = tl.zeros((BLOCK_HP, BLOCK_D), dtype=tl.float32)                        # dWd[:, j]
-    s_scr = scr_ptr + (pid.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * BLOCK_T * \
-        BLOCK_HP
+    s_scr = scr_ptr + q.to(tl.int64) * BLOCK_T * BLOCK_HP
     for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
         r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
         mask = r_mask[:, None] & d_mask[None, :]
@@ -797,6 +819,29 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
                 BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
 
 
+def _dy_config(cfg: dict, T: int, D: int, h: int, sms: int, gpu: bool, dw: bool) -> dict:
+    """The _dy kernel's blocks. Its dv phase sweeps the block's ``dy`` rows over D once per
+    ``BLOCK_HV`` bottleneck columns; each sweep hits L2 only while the resident programs'
+    blocks fit there (benchmarks/roofline.py's re-sweep rule: one program per SM, ``S x
+    BLOCK_T x D`` bytes of ``dy``). Below ``KEEP_Y_MIN_DIM`` (D768: 13 MB) they do, and h
+    runs in 32-column chunks (at 64 the former _dv kernel spilled 20-44 B in every 16-bit
+    and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none). From
+    ``KEEP_Y_MIN_DIM`` up the forward's 128-row blocks would not (D3072: 104 MB, and the
+    LayerNorm's second sweep over y and g 207 MB): there the _dy kernel runs
+    ``RESWEEP_ROWS`` rows per program, so both fit (26 and 52 MB; this kernel has no
+    up-projection left to amortise over larger blocks: y is kept), and ``RESWEEP_HV``
+    columns of h per dv sweep, so Wu's L2->SM traffic stays that of 128-row blocks.
+    Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200) at the MLP position (D3072
+    h768): 128 x 32 (the forward's blocks) 5548 MB HBM, floor 1156 us; 64 x 128 1633 MB,
+    340 us; 32 x 128 1268 MB, 264 us (the FLOP floor is 241), 12.7 GB L2->SM either way."""
+    BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
+    out = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dw)
+    if D >= KEEP_Y_MIN_DIM:
+        out.update(BLOCK_T=min(BT, RESWEEP_ROWS),
+                   BLOCK_HV=min(RESWEEP_HV, max(16, triton.next_power_of_2(h))))
+    return out
+
+
 def _programs(n_blocks: int, sms: int, gpu: bool) -> int:
     """Programs ``S`` of the persistent kernels (forward, _dy), each looping over the row
     blocks ``s, s + S, ...``: one per SM on a GPU (their registers allow one 8-warp program
@@ -827,7 +872,7 @@ def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
         return [fwd]
     down = _down_config(cfg, D, h)
     return [Launch("down", "_heba_visual_fwd_kernel_down",
-                   (n_t, triton.cdiv(h, down["BLOCK_H"])), down), fwd]
+                   (n_t * triton.cdiv(h, down["BLOCK_H"]),), down), fwd]
 
 
 def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
@@ -837,26 +882,23 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     down, dx = _down_config(cfg, D, h), _dx_config(cfg, D, h, gpu)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
-    slots = _programs(n_t, sms, gpu)
-    # h in 32-column blocks in the dv phase: at 64 the former _dv kernel spilled 20-44 B
-    # (128 registers) in every 16-bit and mixed config of scripts/triton_aot_check.py; at
-    # 32, 105 registers, none.
-    dy_cfg = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dx["DW"])
+    dy_cfg = _dy_config(cfg, T, D, h, sms, gpu, dx["DW"])
+    slots = _programs(triton.cdiv(T, dy_cfg["BLOCK_T"]), sms, gpu)
     plan = [Launch("down", "_heba_visual_fwd_kernel_down",
-                   (n_t, triton.cdiv(h, down["BLOCK_H"])), down)] if recompute_u else []
+                   (n_t * triton.cdiv(h, down["BLOCK_H"]),), down)] if recompute_u else []
     plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg),
              Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg)]
     if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
         n_tx = triton.cdiv(T, dx["BLOCK_T"])
         rows = max(1, min(n_tx, triton.cdiv(2 * sms, n_d))) if gpu else min(n_tx, 2)
-        return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows, n_d), dx),
+        return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows * n_d,), dx),
                        reduce_plan([(rows, h * D), (slots, h * 9), (rows, D * h),
                                     (slots, D), (slots, D)])]
     d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
     d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
     return plan[:-1] + [                   # dy, dWu, du, dWd (split-K launches), dx
         d_up, plan[-1], d_down,
-        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t, n_d), dx),
+        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx),
         reduce_plan([(d_down.grid[2], h * D), (slots, h * 9), (d_up.grid[2], D * h),
                      (slots, D), (slots, D)])]
 
@@ -995,15 +1037,16 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, T, HW, h,
            MIRROR=True, GELU=False, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
            num_warps=cfg["num_warps"])
+    n_dx = triton.cdiv(D, plan["dx"].meta["BLOCK_D"])       # the dx kernel's D chunks
     if fused:
-        rows = plan["dx"].grid[0]
+        rows = plan["dx"].grid[0] // n_dx
         dwu_part = new_buffer((rows, D, h), torch.float32, dev)
         dwd_part = new_buffer((rows, h, D), torch.float32, dev)
     else:
         dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
-    scr = new_buffer((plan["dx"].grid[0], plan["dx"].grid[1], plan["dx"].meta["BLOCK_T"],
+    scr = new_buffer((plan["dx"].grid[0], plan["dx"].meta["BLOCK_T"],
                       plan["dx"].meta["BLOCK_HP"]) if fused else (0,), op, dev)
     launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, x, u, wm, wu, nw, mean,
            rstd, cst if fused else mean, scr if fused else mean, dwu_part if fused else mean,
