@@ -501,11 +501,11 @@ DEVICE_SMS = (("H100 PCIe", 114), ("H100", 132), ("H200", 132), ("A100", 108))
 MODES = ("fwd", "fwdbwd")
 
 
-def measured_gpu(row: dict, sms: int | None = None) -> GPU | None:
+def measured_gpu(row: dict, sms: int | None = None, l2: float | None = None) -> GPU | None:
     """A :class:`GPU` whose ceilings are a benchmark run's own measured floors (a row of
     benchmarks/test_adapters.py: ``measured_copy_gbs``, ``measured_matmul_tflops``,
-    ``device``, ``sms``); SMs from the argument, else the row's own count, else the device
-    name, else 132. None where the run measured no finite, positive rates (a dry run on the
+    ``device``, ``sms``, ``l2_bytes``); SMs from the argument, else the row's own count, else
+    the device name, else 132; the L2 size from the argument, else the row's, else 50 MB. None where the run measured no finite, positive rates (a dry run on the
     CPU)."""
     hbm = float(row.get("measured_copy_gbs") or 0.0) * 1e9
     bf16 = float(row.get("measured_matmul_tflops") or 0.0) * 1e12
@@ -514,7 +514,8 @@ def measured_gpu(row: dict, sms: int | None = None) -> GPU | None:
     name = str(row.get("device") or "unknown")
     if sms is None:
         sms = row.get("sms") or next((n for key, n in DEVICE_SMS if key in name), 132)
-    return GPU(f"{name} (measured)", hbm, bf16, sms)
+    l2 = l2 or row.get("l2_bytes") or GPU.l2
+    return GPU(f"{name} (measured)", hbm, bf16, sms, float(l2))
 
 
 def modelled_floor_ms(case_name: str, mode: str, dtype: str, gpu: GPU, impl: str = "triton",

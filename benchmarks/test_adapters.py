@@ -49,7 +49,7 @@ def peaks():
     """Copy bandwidth and bf16 matmul throughput measured on this device, in this run."""
     if DRY_RUN:
         return {"copy_gbs": float("nan"), "matmul_tflops": float("nan"), "device": "cpu",
-                "sms": None}
+                "sms": None, "l2_bytes": None}
     a = torch.empty(2 ** 28, dtype=torch.bfloat16, device="cuda")     # 512 MiB
     b = torch.empty_like(a)
     ms = _bench_ms(lambda: b.copy_(a))
@@ -58,7 +58,8 @@ def peaks():
     ms = _bench_ms(lambda: m @ m)
     return {"copy_gbs": copy_gbs, "matmul_tflops": 2 * 8192 ** 3 / ms / 1e9,
             "device": torch.cuda.get_device_name(),
-            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+            "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size}
 
 
 def _saved_bytes(fn, x, params) -> int:
@@ -167,7 +168,7 @@ def test_adapter(benchmark, peaks, case, impl, dtype_name, mode):
         "peak_mem_bytes": _peak_bytes(step),
         "saved_for_backward_bytes": _saved_bytes(fn, x, params),
         "measured_copy_gbs": peaks["copy_gbs"], "measured_matmul_tflops": peaks["matmul_tflops"],
-        "sms": peaks["sms"],
+        "sms": peaks["sms"], "l2_bytes": peaks["l2_bytes"],
     })
     benchmark.pedantic(synced, rounds=3 if DRY_RUN else 20, iterations=1, warmup_rounds=1)
     if impl == "compile":      # each case recompiles: stay under dynamo's recompile limit

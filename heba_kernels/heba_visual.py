@@ -35,7 +35,15 @@ blocks of ``BLOCK_T`` rows (a block may span two images; each row knows its imag
 grid position, and the stencil reads neighbours of its own image only), so the weights
 are read once per block of up to 128 rows, not once per short block of one image, and
 no rows are padded but the last block's. ``D`` and ``h`` run in chunks, masked, so any
-width works. The intermediate buffers are ``[B * HW, .]``:
+width works. The intermediate buffers are ``[B * HW, .]``.
+
+Laid out for the L2 (benchmarks/roofline.py's re-read rules): a program that sweeps its
+block's rows over D more than once (LayerNorm's statistics, then its output; the dv
+phase once per ``BLOCK_HV`` bottleneck columns) sweeps in alternating directions, so each
+sweep starts on the chunks it touched last, still in L2; and the programs that share a
+row block (the down kernel's bottleneck chunks, the dx kernel's D chunks) have
+consecutive program ids on a 1-D grid, so CUDA dispatches them together and the block's
+rows come from HBM once. The kernels:
 
 * ``_heba_visual_fwd_kernel_down`` (from ``FUSE_DOWN_BELOW_DIM`` up, where the
   adapter is matmul-bound): ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in the
@@ -137,6 +145,10 @@ SAVE_U_MIN_DIM = 0
 #     trip costs more than the GEMMs it saves); recomputing in the forward too (the
 #     scratch's predecessor) 3.83 / 4.51 (177 GFLOP, 757 MB: the H100's lower bandwidth
 #     makes the scratch's write-back cost more than the GEMM it saves, by 1.5%).
+# Under the L2 re-read rule (benchmarks/roofline.py, with this module's alternating sweeps
+# and _dy blocks), forward + backward, H200 / H100: MLP position kept 31.6 / 38.3 ns per
+# token (5264 MB), recomputed 48.6 / 62.6 (9357 MB); attention position recomputed (the
+# scratch) 3.50 / 4.58, kept 3.73 / 4.92.
 # Numerics: in float32 the same bits whichever way; in 16-bit the forward's second sweep
 # reads y rounded to x's dtype (as the reference rounds it), the backward's recomputed y
 # is float32 (tested both ways).
@@ -781,9 +793,13 @@ def _block_t(T: int, D: int, sms: int) -> int:
     below. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton 3.8 /
     3.6): at 64 rows, D768, fwd (the halo's down GEMM, y in the scratch) 213 / 241, _dy
     224 / 230, no spill; at 128 rows, D3072, down 107 / 107, fwd 241 / 255 (3.6: 108 B
-    spilled), _dy 255 / 255 (3.6: 136 B), _dx (128 columns of D) 255 with 96 B spilled in
-    both, dwconv 172 / 182: one 8-warp program per SM for fwd and _dy; float32 tokens spill
-    up to a few hundred bytes at 128 rows. To be tuned on a GPU (the GPU check's opt-in
+    spilled), _dx (128 columns of D) 255 with 96 B spilled in both, dwconv 172 / 182: one
+    8-warp program per SM for fwd and _dy; float32 tokens spill up to a few hundred bytes
+    at 128 rows. (The _dy kernel runs its own blocks from ``KEEP_Y_MIN_DIM`` up: see
+    ``_dy_config``.) The forward's 128-row blocks at D3072 miss L2 on part of LayerNorm's
+    second sweep (modelled, H200: 468 MB, floor 313 us; 64 rows 280 us, 32 rows 240 us),
+    but fewer rows re-read Wu more (7.6 -> 9.4 / 13.1 GB L2->SM): kept at 128 until a GPU
+    times both (the ``tune`` stage's block-rows variants). To be tuned on a GPU (the GPU check's opt-in
     ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
     cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     bt = cap
@@ -833,7 +849,10 @@ def _dy_config(cfg: dict, T: int, D: int, h: int, sms: int, gpu: bool, dw: bool)
     columns of h per dv sweep, so Wu's L2->SM traffic stays that of 128-row blocks.
     Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200) at the MLP position (D3072
     h768): 128 x 32 (the forward's blocks) 5548 MB HBM, floor 1156 us; 64 x 128 1633 MB,
-    340 us; 32 x 128 1268 MB, 264 us (the FLOP floor is 241), 12.7 GB L2->SM either way."""
+    340 us; 32 x 128 1268 MB, 264 us (the FLOP floor is 241), 12.7 GB L2->SM either way.
+    Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps, D3072): 195 with Triton
+    3.8, 225 with 3.6, no spill (the forward's 128 x 32 blocks: 255, 136 B spilled with
+    3.6). The GPU check's ``tune`` stage times the forward's blocks against these."""
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     out = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dw)
     if D >= KEEP_Y_MIN_DIM:

@@ -200,7 +200,8 @@ def _visual_cases():
                 ptrs = {n: ("fp32" if n in f32 else TY[xdt] if n in tok else TY[wdt])
                         for n in getattr(heba_visual, kern).arg_names if n.endswith("_ptr")}
                 consts["_shown"] = (f"T{cfg['BLOCK_T']}xH{consts['BLOCK_H']}"
-                                    f"xD{cfg['BLOCK_D']}")
+                                    f"xD{cfg['BLOCK_D']}"
+                                    + (f"xHV{cfg['BLOCK_HV']}" if "BLOCK_HV" in cfg else ""))
                 consts["_shape"] = dict(D=D, h=h, HW=196)
                 yield (f"visual {kern[13:]}", D, xdt, wdt, kern, ptrs,
                        ("scale", "eps", "gs", "xs"), consts, warps)

@@ -267,3 +267,41 @@ def test_table_without_the_extension_says_why(monkeypatch):
     monkeypatch.setattr(roofline, "cuda_plan", unbuilt)
     md = roofline.markdown(roofline.rows([Case("t", "heba_text", 2, 9, 32)]))
     assert "| t | cuda | not modelled (heba_kernels._C was not built at install) |" in md
+
+
+def test_resweep_rule():
+    """LRU stack distance: a re-sweep whose footprint fits the L2 hits; past it a sweep in
+    the previous one's direction misses every byte, one in the opposite direction the
+    fraction the L2 cannot hold."""
+    mb = 1e6
+    assert roofline.resweep_misses(300 * mb, 50 * mb, 50 * mb) == 0.0
+    assert roofline.resweep_misses(300 * mb, 50 * mb, 50 * mb, alternate=False) == 0.0
+    assert roofline.resweep_misses(300 * mb, 200 * mb, 50 * mb, alternate=False) == 300 * mb
+    assert roofline.resweep_misses(300 * mb, 200 * mb, 50 * mb) == pytest.approx(225 * mb)
+    assert roofline.resweep_misses(300 * mb, 60 * mb, 50 * mb) == pytest.approx(50 * mb)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.op == "heba_visual"],
+                         ids=lambda c: c.name)
+@pytest.mark.parametrize("gpu", sorted(roofline.GPUS), ids=str)
+def test_dy_kernel_resweeps_stay_in_l2(case, gpu):
+    """The visual _dy kernel re-reads its block's dy rows once per BLOCK_HV bottleneck
+    columns: the plan's blocks keep the resident programs' rows within the L2 (else every
+    sweep would come from HBM), and its modelled bytes within 5% of no misses at all."""
+    g = roofline.GPUS[gpu]
+    B, (H, W), D = case.batch, case.grid, case.dim
+    dy = next(st for st in visual_bwd_plan(B, H, W, D, D // 4, torch.bfloat16, g.sms, True,
+                                           recompute_u=D < SAVE_U_MIN_DIM) if st.step == "dy")
+    resident = min(dy.grid[0], g.sms)
+    assert resident * dy.meta["BLOCK_T"] * D * 2 <= g.l2
+    cost = next(c for c in roofline.visual_costs(case, 2, 2, g, True) if c.kernel == dy.kernel)
+    big = roofline.GPU("huge L2", g.hbm, g.bf16, g.sms, l2=1e15)
+    ideal = next(c for c in roofline.visual_costs(case, 2, 2, big, True) if c.kernel == dy.kernel)
+    assert ideal.hbm <= cost.hbm <= 1.05 * ideal.hbm
+
+
+def test_measured_gpu_takes_the_l2_size():
+    row = dict(measured_copy_gbs=3000.0, measured_matmul_tflops=700.0, device="NVIDIA H200")
+    assert roofline.measured_gpu(row).l2 == roofline.GPU.l2 == 50e6
+    assert roofline.measured_gpu(dict(row, l2_bytes=60 * 2 ** 20)).l2 == 60 * 2 ** 20
+    assert roofline.measured_gpu(dict(row, l2_bytes=60 * 2 ** 20), l2=1e6).l2 == 1e6

@@ -402,6 +402,29 @@ def test_kept_pre_norm_value_or_recomputed(monkeypatch, dtype):
                             {n: p.detach() for n, p in _visual_named(a)}, scale=0.6, grid=(4, 5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype):
+    """The MLP position's plan at a small width: the down projection a launch of its own
+    (2 bottleneck chunks per row block, consecutive programs), y kept and the _dy
+    kernel's dv sweeps 16 columns wide (5 sweeps over D, alternating direction, after
+    the LayerNorm sweep that ran in reverse), split-K weight gradients and the dx kernel
+    over 3 D chunks per row block (consecutive programs): against the reference."""
+    monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 0)
+    monkeypatch.setattr(_hv, "KEEP_Y_MIN_DIM", 0)
+    monkeypatch.setattr(_hv, "FUSED_DW_MAX_H", 0)
+    monkeypatch.setattr(_hv, "RESWEEP_HV", 16)
+    B, H, W, D = 3, 3, 3, 272
+    plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, D // 4, dtype, 1, False)
+            + _hv.visual_bwd_plan(B, H, W, D, D // 4, dtype, 1, False, recompute_u=False)}
+    assert plan["down"].grid == (triton.cdiv(B * H * W, 16) * 2,)
+    assert plan["dx"].grid == (triton.cdiv(B * H * W, 16) * 3,)
+    assert (plan["dy"].meta["BLOCK_HV"], plan["dy"].meta["KEEP_Y"]) == (16, True)
+    x = _x(B, H, W, D, 2, dtype, True, seed=21)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(D, device=DEVICE, dtype=dtype, seed=21), scale=0.7,
+                            num_prefix_tokens=2, grid=(H, W))
+
+
 def _saved_bytes_without_y(a, x, hv, monkeypatch, keep):
     monkeypatch.setattr(hv, "KEEP_Y_MIN_DIM", 10 ** 9)
     n = _saved_bytes(a, x)

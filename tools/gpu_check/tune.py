@@ -18,6 +18,8 @@ variant's run and restoring it afterwards:
   the dx kernel, or by two split-K launches);
 * ``u-recomputed`` / ``u-saved``: ``SAVE_U_MIN_DIM`` (the bottleneck ``u`` kept for
   backward, or recomputed there);
+* ``dy-forward-blocks`` (from ``KEEP_Y_MIN_DIM`` up): ``RESWEEP_ROWS`` / ``RESWEEP_HV``
+  (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the forward's blocks);
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that cap on the rows per
   program (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
   is the shipped one is listed as such and not run again.
@@ -72,7 +74,7 @@ TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=64, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DI
                      FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "FUSED_DW_MAX_H", "BIG_BLOCK_MIN_DIM",
-           "SAVE_U_MIN_DIM", "_block_t", "_config")
+           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "_block_t", "_config")
 INJECT_FACTOR = 1.05
 
 
@@ -123,6 +125,11 @@ def variants(case) -> list:
          ("weight gradients by split-K launches", "weight gradients summed in the dx kernel"))
     flip("SAVE_U_MIN_DIM", D >= hv.SAVE_U_MIN_DIM, "u-saved", "u-recomputed", D, D + 1,
          ("u recomputed in backward", "u kept for backward"))
+    if D >= hv.KEEP_Y_MIN_DIM:
+        out.append(Variant("dy-forward-blocks", f"RESWEEP_ROWS {hv.RESWEEP_ROWS} -> 128, "
+                           f"RESWEEP_HV {hv.RESWEEP_HV} -> 32: the _dy kernel on the "
+                           "forward's blocks (shipped: blocks whose re-sweeps fit in L2)",
+                           {"RESWEEP_ROWS": 128, "RESWEEP_HV": 32}))
     shipped_cap = 128 if D >= hv.BIG_BLOCK_MIN_DIM else 64
     for cap in BLOCK_CAPS:
         out.append(Variant(f"block-rows-{cap}", f"_block_t capped at {cap} rows per program "
@@ -450,7 +457,8 @@ def model_gpu(device):
     copy_gbs, tflops = measure_peaks(device)
     return roofline.measured_gpu({"measured_copy_gbs": copy_gbs,
                                   "measured_matmul_tflops": tflops,
-                                  "device": torch.cuda.get_device_name(device)}, sms=sms)
+                                  "device": torch.cuda.get_device_name(device)}, sms=sms,
+                                 l2=torch.cuda.get_device_properties(device).L2_cache_size)
 
 
 def run(size, device, deadline=0.0, only=None, inject=False, emit=None,
