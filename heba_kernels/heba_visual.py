@@ -146,8 +146,8 @@ SAVE_U_MIN_DIM = 0
 #     scratch's predecessor) 3.83 / 4.51 (177 GFLOP, 757 MB: the H100's lower bandwidth
 #     makes the scratch's write-back cost more than the GEMM it saves, by 1.5%).
 # Under the L2 re-read rule (benchmarks/roofline.py, with this module's alternating sweeps
-# and _dy blocks), forward + backward, H200 / H100: MLP position kept 31.6 / 38.3 ns per
-# token (5264 MB), recomputed 48.6 / 62.6 (9357 MB); attention position recomputed (the
+# and blocks), forward + backward, H200 / H100: MLP position kept 30.9 / 37.3 ns per
+# token (5103 MB), recomputed 48.6 / 62.6 (9357 MB); attention position recomputed (the
 # scratch) 3.50 / 4.58, kept 3.73 / 4.92.
 # Numerics: in float32 the same bits whichever way; in 16-bit the forward's second sweep
 # reads y rounded to x's dtype (as the reference rounds it), the backward's recomputed y
@@ -175,6 +175,9 @@ BIG_BLOCK_MIN_DIM = 2048
 # ``_dy_config``.
 RESWEEP_ROWS = 32
 RESWEEP_HV = 128
+
+# Rows per program of the forward kernel where y is kept: see ``_fwd_config``.
+KEPT_Y_ROWS = 64
 
 # Below this width the forward is one launch: each block computes ``u`` of its rows and of
 # its stencil's halo (W + 1 rows on each side) itself, instead of a down launch writing ``u``
@@ -795,11 +798,8 @@ def _block_t(T: int, D: int, sms: int) -> int:
     224 / 230, no spill; at 128 rows, D3072, down 107 / 107, fwd 241 / 255 (3.6: 108 B
     spilled), _dx (128 columns of D) 255 with 96 B spilled in both, dwconv 172 / 182: one
     8-warp program per SM for fwd and _dy; float32 tokens spill up to a few hundred bytes
-    at 128 rows. (The _dy kernel runs its own blocks from ``KEEP_Y_MIN_DIM`` up: see
-    ``_dy_config``.) The forward's 128-row blocks at D3072 miss L2 on part of LayerNorm's
-    second sweep (modelled, H200: 468 MB, floor 313 us; 64 rows 280 us, 32 rows 240 us),
-    but fewer rows re-read Wu more (7.6 -> 9.4 / 13.1 GB L2->SM): kept at 128 until a GPU
-    times both (the ``tune`` stage's block-rows variants). To be tuned on a GPU (the GPU check's opt-in
+    at 128 rows. From ``KEEP_Y_MIN_DIM`` up the forward and _dy kernels run blocks of
+    their own, sized for the L2 (``_fwd_config``, ``_dy_config``). To be tuned on a GPU (the GPU check's opt-in
     ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
     cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     bt = cap
@@ -833,6 +833,26 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
         return dict(cfg, DW=False, BLOCK_HP=16)
     return dict(cfg, DW=False, BLOCK_HP=16,
                 BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
+
+
+def _fwd_config(cfg: dict, D: int, gpu: bool) -> dict:
+    """The forward kernel's blocks. From ``KEEP_Y_MIN_DIM`` up its second sweep reads the
+    block's x and kept y back after the first touched both: ``KEPT_Y_ROWS`` rows per
+    program (and 128 columns of D per chunk on a GPU, so ``s`` is re-read per chunk as
+    often as with the other blocks' 128 x 64), since the resident programs' 128-row blocks
+    (207 MB at D3072 on 132 SMs) would miss L2 on three quarters of that sweep. Modelled
+    (benchmarks/roofline.py, bf16, B256 14x14, H200) at D3072 h768: 128 x 64 1504 MB,
+    floor 313 us, 7.55 GB L2->SM; 64 x 128 1343 MB, 280 us, 7.55 GB; 32 x 128 1039 MB,
+    240 us (the FLOP floor), 11.25 GB (Wu re-read per block: past the L2->SM budget).
+    Registers (scripts/triton_aot_check.py, sm_90, 8 warps, D3072, bf16): 64 x 128 215 with
+    Triton 3.8, 250 with 3.6, no spill (128 x 64: 241 / 255, 108 B spilled with 3.6);
+    float32 tokens and weights spill 36 / 88 B."""
+    if D < KEEP_Y_MIN_DIM:
+        return cfg
+    bt = min(cfg["BLOCK_T"], KEPT_Y_ROWS)
+    wide = gpu and bt <= 64           # [128, 128] float32 tiles would not fit in registers
+    return dict(cfg, BLOCK_T=bt,
+                BLOCK_D=min(128, max(16, triton.next_power_of_2(D))) if wide else cfg["BLOCK_D"])
 
 
 def _dy_config(cfg: dict, T: int, D: int, h: int, sms: int, gpu: bool, dw: bool) -> dict:
@@ -884,9 +904,11 @@ def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
     n_t, fuse = triton.cdiv(T, cfg["BLOCK_T"]), D < FUSE_DOWN_BELOW_DIM
-    fwd = Launch("fwd", "_heba_visual_fwd_kernel", (_programs(n_t, sms, gpu),),
-                 dict(cfg, KEEP_Y=D >= KEEP_Y_MIN_DIM, FUSE_DOWN=fuse,
-                      BLOCK_E=min(32, cfg["BLOCK_T"])))
+    fcfg = _fwd_config(cfg, D, gpu)
+    fwd = Launch("fwd", "_heba_visual_fwd_kernel",
+                 (_programs(triton.cdiv(T, fcfg["BLOCK_T"]), sms, gpu),),
+                 dict(fcfg, KEEP_Y=D >= KEEP_Y_MIN_DIM, FUSE_DOWN=fuse,
+                      BLOCK_E=min(32, fcfg["BLOCK_T"])))
     if fuse:
         return [fwd]
     down = _down_config(cfg, D, h)

@@ -20,6 +20,8 @@ variant's run and restoring it afterwards:
   backward, or recomputed there);
 * ``dy-forward-blocks`` (from ``KEEP_Y_MIN_DIM`` up): ``RESWEEP_ROWS`` / ``RESWEEP_HV``
   (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the forward's blocks);
+* ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
+  64-row blocks, or 128 rows as the other kernels');
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that cap on the rows per
   program (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
   is the shipped one is listed as such and not run again.
@@ -74,7 +76,8 @@ TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=64, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DI
                      FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "FUSED_DW_MAX_H", "BIG_BLOCK_MIN_DIM",
-           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "_block_t", "_config")
+           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "_block_t",
+           "_config")
 INJECT_FACTOR = 1.05
 
 
@@ -130,6 +133,9 @@ def variants(case) -> list:
                            f"RESWEEP_HV {hv.RESWEEP_HV} -> 32: the _dy kernel on the "
                            "forward's blocks (shipped: blocks whose re-sweeps fit in L2)",
                            {"RESWEEP_ROWS": 128, "RESWEEP_HV": 32}))
+        out.append(Variant("fwd-rows-128", f"KEPT_Y_ROWS {hv.KEPT_Y_ROWS} -> 128: the forward "
+                           "kernel on 128-row blocks x 64 columns of D (shipped: blocks whose "
+                           "second sweep mostly hits L2)", {"KEPT_Y_ROWS": 128}))
     shipped_cap = 128 if D >= hv.BIG_BLOCK_MIN_DIM else 64
     for cap in BLOCK_CAPS:
         out.append(Variant(f"block-rows-{cap}", f"_block_t capped at {cap} rows per program "
