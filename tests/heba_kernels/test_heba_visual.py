@@ -425,6 +425,32 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype):
                             num_prefix_tokens=2, grid=(H, W))
 
 
+@pytest.mark.skipif(not INTERPRET, reason="runs a GPU's launch plan in Triton's interpreter")
+@pytest.mark.parametrize("D,B,H,W", [(768, 2, 8, 8), (2048, 2, 8, 8)],
+                         ids=["attention-D768", "mlp-D2048"])
+def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W):
+    """The launch plan a GPU runs (its block sizes: 32-64 row blocks, 128-column D chunks,
+    128-column dv sweeps, 1-D grids of several chunks per row block, the fused weight
+    gradients at D768 and split-K at D2048), on 4 SMs, run by the interpreter in float32
+    (the plan's tensor-core operands are then float32 too): against the reference. The
+    interpreter otherwise runs its own plan (16-row blocks), so this is where the GPU's
+    block choices meet the reference without a GPU."""
+    monkeypatch.setattr(_hv, "plan_device", lambda device: (4, True))
+    h, T = D // 4, B * H * W
+    plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, h, torch.float32, 4, True)
+            + _hv.visual_bwd_plan(B, H, W, D, h, torch.float32, 4, True, recompute_u=False)}
+    assert plan["dy"].meta["BLOCK_T"] >= 32 and plan["dx"].grid[0] > 1
+    if D >= _hv.KEEP_Y_MIN_DIM:
+        assert (plan["fwd"].meta["BLOCK_D"], plan["dy"].meta["BLOCK_HV"]) == (128, 128)
+        assert plan["down"].grid[0] == triton.cdiv(T, plan["down"].meta["BLOCK_T"]) * 4
+    else:
+        assert plan["dx"].meta["DW"] and plan["fwd"].meta["FUSE_DOWN"]
+    x = _x(B, H, W, D, 1, torch.float32, True, seed=D)
+    check_against_reference("heba_visual", "triton", x,
+                            visual_params(D, device=DEVICE, seed=D), scale=0.7,
+                            num_prefix_tokens=1, grid=(H, W))
+
+
 def _saved_bytes_without_y(a, x, hv, monkeypatch, keep):
     monkeypatch.setattr(hv, "KEEP_Y_MIN_DIM", 10 ** 9)
     n = _saved_bytes(a, x)
