@@ -21,6 +21,17 @@ requires_triton_cpu = pytest.mark.skipif(
     reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1 (the interpreter)")
 
 
+def gpu_plans_in_interpreter(monkeypatch, sms: int = 4) -> None:
+    """Make heba's Triton launchers take the launch plan of a GPU with ``sms`` SMs (its
+    block sizes, grids and tiles) while Triton's interpreter runs them: the GPU's block
+    choices checked on a CPU. Float32 operands only: with a GPU's plan, 16-bit operands
+    would reach the interpreter's ``tl.dot``, which is wrong on them."""
+    import heba_kernels._triton_common as tc
+    from heba_kernels import heba_text, heba_visual, low_rank
+    for mod in (tc, heba_text, heba_visual, low_rank):
+        monkeypatch.setattr(mod, "plan_device", lambda device: (sms, True))
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.double(), expected.double()
     denom = e.norm().item()

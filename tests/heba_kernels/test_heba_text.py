@@ -4,19 +4,23 @@ CPU runs go through Triton's interpreter (TRITON_INTERPRET=1) and use small,
 odd shapes; the CLIP shapes run on a GPU only.
 """
 
+import os
+
 import pytest
 import torch
 
 import heba.nn
 from heba import ops
 from heba_kernels import runtime
+from heba_kernels.heba_text import FUSED_DW_MAX_H, text_plan
 from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
-                           forward_backward, requires_gpu, requires_triton_cpu, text_params,
-                           tokens)
+                           forward_backward, gpu_plans_in_interpreter, requires_gpu,
+                           requires_triton_cpu, text_params, tokens)
 
 pytestmark = requires_triton_cpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -43,6 +47,19 @@ SMALL = [(2, 15, 72), (3, 11, 40), (1, 37, 100), (2, 3, 5, 24)]
 @pytest.mark.parametrize("shape", SMALL, ids=lambda s: _id(s, torch.float32)[:-5])
 def test_matches_reference(shape, dtype):
     _check(shape, dtype)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs a GPU's launch plan in Triton's interpreter")
+@pytest.mark.parametrize("shape", [(4, 40, 512), (2, 20, 2048)], ids=["D512", "D2048"])
+def test_gpu_plan_in_the_interpreter(monkeypatch, shape):
+    """The launch plan a GPU runs (its row blocks and tiles; at D512 the dx kernel summing
+    every parameter gradient, at D2048 the wide hidden and split-K weight gradients), on
+    4 SMs, run by the interpreter in float32: against the reference."""
+    gpu_plans_in_interpreter(monkeypatch, sms=4)
+    M, D = shape[0] * shape[1], shape[-1]
+    bwd = text_plan(M, D, D // 4, torch.float32, 4, True, True)
+    assert (bwd[0].step == "du") == (max(16, 1 << (D // 4 - 1).bit_length()) <= FUSED_DW_MAX_H)
+    _check(shape, torch.float32, device="cpu", seed=D)
 
 
 @pytest.mark.parametrize("reduction", [1, 3, 8], ids=lambda r: f"red{r}")

@@ -21,8 +21,8 @@ import heba_kernels.heba_visual as _hv
 from heba import ops
 from heba.backends import resolve
 from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
-                           forward_backward, requires_gpu, requires_triton_cpu, tokens,
-                           visual_params)
+                           forward_backward, gpu_plans_in_interpreter, requires_gpu,
+                           requires_triton_cpu, tokens, visual_params)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -435,7 +435,7 @@ def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W):
     (the plan's tensor-core operands are then float32 too): against the reference. The
     interpreter otherwise runs its own plan (16-row blocks), so this is where the GPU's
     block choices meet the reference without a GPU."""
-    monkeypatch.setattr(_hv, "plan_device", lambda device: (4, True))
+    gpu_plans_in_interpreter(monkeypatch, sms=4)
     h, T = D // 4, B * H * W
     plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, h, torch.float32, 4, True)
             + _hv.visual_bwd_plan(B, H, W, D, h, torch.float32, 4, True, recompute_u=False)}

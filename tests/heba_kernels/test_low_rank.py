@@ -4,6 +4,8 @@ CPU runs go through Triton's interpreter (TRITON_INTERPRET=1) and use small,
 odd shapes; the CLIP shapes run on a GPU only.
 """
 
+import os
+
 import pytest
 import torch
 import triton
@@ -13,8 +15,8 @@ import heba.nn
 import heba_kernels._triton_common as _tc
 from heba import ops
 from tests.helpers import (DTYPE_NAMES, TOL, assert_rel_close, check_against_reference,
-                           forward_backward, low_rank_params, requires_gpu,
-                           requires_triton_cpu, tokens)
+                           forward_backward, gpu_plans_in_interpreter, low_rank_params,
+                           requires_gpu, requires_triton_cpu, tokens)
 
 pytestmark = requires_triton_cpu
 
@@ -43,6 +45,17 @@ CASES = [((2, 15, 72), 4), ((3, 11, 40), 1), ((1, 37, 100), 16), ((2, 3, 5, 24),
 @pytest.mark.parametrize("shape,rank", CASES, ids=[f"{_shape_id(s)}-r{r}" for s, r in CASES])
 def test_matches_reference(shape, rank, dtype):
     _check(shape, rank, dtype)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="runs a GPU's launch plan in Triton's interpreter")
+@pytest.mark.parametrize("rank", [16, 64])
+def test_gpu_plan_in_the_interpreter(monkeypatch, rank):
+    """The launch plan a GPU runs (its row blocks, tiles and split-K weight gradients),
+    on 4 SMs, run by the interpreter in float32: against the reference."""
+    gpu_plans_in_interpreter(monkeypatch, sms=4)
+    x = tokens(4, 40, 768, seed=rank)
+    check_against_reference("low_rank", "triton", x, low_rank_params(768, rank, seed=rank))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
