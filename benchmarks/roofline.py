@@ -115,6 +115,17 @@ def resweep_misses(nbytes: float, footprint: float, l2: float, alternate: bool =
     return nbytes * (1.0 - l2 / footprint) if alternate else float(nbytes)
 
 
+def order_misses(shared: float, sharers: int, gap: int, between: float, gpu: GPU) -> float:
+    """HBM bytes re-read by ``sharers`` programs that each read the same rows (``shared``:
+    their bytes over all the grid's row blocks), ``gap`` programs apart in dispatch order,
+    the programs in between touching ``between`` bytes. Closer than one program per SM,
+    they run together and the rows come from HBM once; farther apart, each later sharer
+    reads them again once ``between`` exceeds the L2."""
+    if gap < gpu.sms or between <= gpu.l2:
+        return 0.0
+    return (sharers - 1) * shared
+
+
 # --------------------------------------------------------------------------- Triton plans
 
 
@@ -146,6 +157,9 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         if st.step == "down":
             c.hbm, c.flops = tok + hid + h * D * w, 2 * Tp * Dp * hp
             c.l2 = nprog * (BT * Dp * e + Dp * BH * w)
+            n_t, n_h = _cdiv(T, BT), _cdiv(h, BH)     # a row block's x shared by its n_h
+            if not m["CHUNK_FASTEST"]:
+                c.hbm += order_misses(tok, n_h, n_t, n_t * BT * D * e, gpu)
         elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv in, du out (operand dtype)
             c.hbm, c.flops = 2 * hid, 2 * 9 * Tp * hp
             c.l2 = nprog * 9 * BT * BH * w
@@ -165,7 +179,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.l2 = blocks * (zsweep + 3 * BT * Dp * e + 10 * BT * hp * w)
             # sweep 2 (reversed) re-reads the block's x and y after sweep 1 touched both
             res = min(st.grid[0], gpu.sms)            # programs resident at once
-            c.hbm += resweep_misses(T * D * 2 * e, res * BT * D * 2 * e, gpu.l2)
+            c.hbm += resweep_misses(T * D * 2 * e, res * BT * D * 2 * e, gpu.l2, m["ALTERNATE"])
             if m["FUSE_DOWN"]:        # the down GEMM over the block and its halo
                 ext = rows - BT
                 c.flops += 2 * blocks * ext * Dp * hp
@@ -185,14 +199,16 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                                      + 19 * BT * hp * w)
             # sweep 2 (reversed) re-reads the block's y (or x) and g, then each of the dv
             # phase's sweeps (one per BLOCK_HV columns of h, alternating) its dy rows
-            res = min(st.grid[0], gpu.sms)
+            res, alt = min(st.grid[0], gpu.sms), m["ALTERNATE"]
             c.hbm += resweep_misses(T * D * 2 * e, res * BT * (D * 2 * e + (not keep) * h * w),
-                                    gpu.l2)
-            c.hbm += _cdiv(h, BHV) * resweep_misses(T * D * e, res * BT * D * e, gpu.l2)
+                                    gpu.l2, alt)
+            c.hbm += _cdiv(h, BHV) * resweep_misses(T * D * e, res * BT * D * e, gpu.l2, alt)
         elif st.step == "dx":         # per (row block, D chunk): dx = g + xs (dy + Wd^T du)
             blocks, n_d = _cdiv(T, BT), _cdiv(D, BD)    # grid: row programs x D chunks
             rows = st.grid[0] // n_d
             c.hbm = 3 * tok + hid + h * D * w + 2 * B * P * D * e
+            if not m["CHUNK_FASTEST"]:                # a row block's du shared by its n_d
+                c.hbm += order_misses(hid, n_d, rows, rows * BT * (h * w + 3 * BD * e), gpu)
             c.flops = 2 * Tp * Dp * hp
             c.l2 = blocks * n_d * (3 * BT * BD * e + BT * hp * w + hp * BD * w)
             if m["DW"]:               # dy recomputed (s from u, z = Wu s: x and the row

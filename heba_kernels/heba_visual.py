@@ -43,7 +43,8 @@ phase once per ``BLOCK_HV`` bottleneck columns) sweeps in alternating directions
 sweep starts on the chunks it touched last, still in L2; and the programs that share a
 row block (the down kernel's bottleneck chunks, the dx kernel's D chunks) have
 consecutive program ids on a 1-D grid, so CUDA dispatches them together and the block's
-rows come from HBM once. The kernels:
+rows come from HBM once (the switches ``ALTERNATE_SWEEPS`` and ``CHUNKS_FASTEST``: the
+model prices both ways of each, the GPU check's ``tune`` stage times both). The kernels:
 
 * ``_heba_visual_fwd_kernel_down`` (from ``FUSE_DOWN_BELOW_DIM`` up, where the
   adapter is matmul-bound): ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in the
@@ -179,6 +180,13 @@ RESWEEP_HV = 128
 # Rows per program of the forward kernel where y is kept: see ``_fwd_config``.
 KEPT_Y_ROWS = 64
 
+# The L2 layout (the module docstring; benchmarks/roofline.py prices both ways of each):
+# programs sharing a row block consecutive on the down and dx kernels' 1-D grids, and a
+# program's repeated sweeps over its rows in alternating directions. Off, the other order
+# (the rows-fastest and one-way variants the GPU check's ``tune`` stage times).
+CHUNKS_FASTEST = True
+ALTERNATE_SWEEPS = True
+
 # Below this width the forward is one launch: each block computes ``u`` of its rows and of
 # its stencil's halo (W + 1 rows on each side) itself, instead of a down launch writing ``u``
 # for the forward kernel to read back. Modelled (benchmarks/roofline.py, bf16, B256 14x14,
@@ -200,6 +208,26 @@ def _rows(blk, T, HW, BLOCK_T: tl.constexpr):
     r = blk.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = r // HW
     return r, r < T, b, r - b * HW
+
+
+@triton.jit
+def _chunk(i, n, TURN):
+    """The ``i``-th of ``n`` chunks a sweep visits: ``i``, or ``n - 1 - i`` when the sweep
+    runs back (``TURN`` 1)."""
+    return i + TURN * (n - 1 - 2 * i)
+
+
+@triton.jit
+def _row_and_chunk(n_chunks, CHUNK_FASTEST: tl.constexpr):
+    """``(row program, chunk)`` of this program on a 1-D grid of ``rows x n_chunks``: with
+    ``CHUNK_FASTEST`` the programs that share a row program are consecutive (CUDA dispatches
+    them together, so its rows are read from HBM once), else the row programs are (the
+    order the roofline model's ``rows-fastest`` variant prices)."""
+    q = tl.program_id(0)
+    if CHUNK_FASTEST:
+        return q // n_chunks, q % n_chunks
+    rows = tl.num_programs(0) // n_chunks
+    return q % rows, q // rows
 
 
 @triton.jit
@@ -306,15 +334,14 @@ def _heba_visual_fwd_kernel_down(
     x_ptr, wd_ptr, u_ptr,                 # x [B, N, D] via strides, Wd [h, D], u [B * HW, h]
     stride_xb, stride_xn, T, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, CHUNK_FASTEST: tl.constexpr,
 ):
-    """Program ``q``: bottleneck chunk ``q % n_h`` of row block ``q // n_h``. The chunks of a
-    block are consecutive programs (dispatched together), so the block's rows of x are
-    read from HBM once and shared in L2 by its ``n_h`` programs."""
-    n_h = tl.cdiv(h, BLOCK_H)
-    q = tl.program_id(0)
-    r, r_mask, b, p = _rows(q // n_h, T, HW, BLOCK_T)
-    c = (q % n_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """One bottleneck chunk of one row block per program (:func:`_row_and_chunk`: with
+    ``CHUNK_FASTEST`` a block's chunks are consecutive programs, dispatched together, so
+    the block's rows of x are read from HBM once and shared in L2 by its programs)."""
+    blk, hk = _row_and_chunk(tl.cdiv(h, BLOCK_H), CHUNK_FASTEST)
+    r, r_mask, b, p = _rows(blk, T, HW, BLOCK_T)
+    c = hk * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
     acc = _down_tile(x_rows, r_mask, wd_ptr, c, c_mask, D, BLOCK_T, BLOCK_H, BLOCK_D, OP,
@@ -380,7 +407,8 @@ def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_pt
                 r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
                 D, h, P, scale, eps,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                ALTERNATE: tl.constexpr):
     """The block's up-projection, residual, LayerNorm and output, ``s`` at rows ``loc`` of
     the program's scratch: statistics, then ``out`` (and the prefix tokens of every image
     that starts in the block copied through). Sweep 1 stores ``y`` at the row pointers
@@ -416,11 +444,12 @@ def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_pt
 
     tl.debug_barrier()                   # y rows written by other threads, read back below
 
-    # Sweep 2: y read back, out written; D chunks in reverse, the newest in L2 first.
+    # Sweep 2: y read back, out written; with ALTERNATE D chunks in reverse, the newest in
+    # L2 first.
     first = r_mask & (p == 0)
     n_d = tl.cdiv(D, BLOCK_D)
     for i in range(0, n_d):
-        d = (n_d - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d = _chunk(i, n_d, ALTERNATE * 1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
         t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -441,7 +470,7 @@ def _heba_visual_fwd_kernel(
     H, W, T, HW, D, h, P, n_e, scale, scale_ptr, eps,     # scratch [S, BLOCK_T + n_e * BLOCK_E, h]
     SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr, FUSE_DOWN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALTERNATE: tl.constexpr,
 ):
     """Program ``s`` of ``S``: row blocks ``s, s + S, ...``. Per block: with ``FUSE_DOWN``,
     ``u`` of the block and its stencil's halo (:func:`_down_halo`, into the program's
@@ -472,7 +501,7 @@ def _heba_visual_fwd_kernel(
         y_rows = y_ptr + r * D if KEEP_Y else y_scr
         _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_rows,
                     r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
-                    D, h, P, scale, eps, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+                    D, h, P, scale, eps, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE, ALTERNATE)
         tl.debug_barrier()               # the next block overwrites the scratch
 
 
@@ -494,7 +523,7 @@ def _pre_norm(x_rows, y_rows, s_ptr, wu_ptr, r, r_mask, d, d_mask, mask, h, KEEP
 def _heba_visual_bwd_dy_block(
     x_ptr, g_ptr, s_ptr, sr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_rows, cst_ptr,
     dnw_slot, dnb_slot, r, r_mask, b, p, stride_xb, stride_xn, stride_gb, stride_gn,
-    D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr, DW: tl.constexpr,
+    D, h, P, gs, ACCUMULATE, KEEP_Y: tl.constexpr, DW: tl.constexpr, ALTERNATE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -535,11 +564,11 @@ def _heba_visual_bwd_dy_block(
         tl.store(cst_ptr + r * 2 + 1, c2, mask=r_mask)
 
     # Sweep 2: dy (into the dx buffer, which the dx kernel finishes in place, or with DW
-    # into the program's scratch, read back by the dv phase only); D chunks in reverse, the
-    # newest in L2 first.
+    # into the program's scratch, read back by the dv phase only); with ALTERNATE D chunks in
+    # reverse, the newest in L2 first.
     n_d = tl.cdiv(D, BLOCK_D)
     for i in range(0, n_d):
-        d = (n_d - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d = _chunk(i, n_d, ALTERNATE * 1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
         yhat = (_pre_norm(x_rows, y_rows, s_ptr, wu_ptr, sr, r_mask, d, d_mask, mask, h,
@@ -557,23 +586,23 @@ def _heba_visual_bwd_dv_block(
     dy_rows, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_slot, r, r_mask, b, p,
     H, W, HW, D, h, ACCUMULATE,
     BLOCK_T: tl.constexpr, BLOCK_HV: tl.constexpr, BLOCK_D: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALTERNATE: tl.constexpr,
 ):
     """``dv = (Wu^T dy) * gelu'(v)`` of one block of rows (dy as this program wrote it at
     ``dy_rows``), h in ``BLOCK_HV`` chunks; adds the block's dWm to the slot (9 taps
-    padded to 16). Each h chunk sweeps the block's dy rows over D, in the direction
-    opposite to the sweep before it (the first forward: the dy sweep ran in reverse), so
-    every sweep starts on the chunks still in L2."""
+    padded to 16). Each h chunk sweeps the block's dy rows over D; with ``ALTERNATE`` in the
+    direction opposite to the sweep before it (the first forward: the dy sweep ran in
+    reverse), so every sweep starts on the chunks still in L2."""
     img = b * HW
     taps = tl.arange(0, 16)
     n_d = tl.cdiv(D, BLOCK_D)
     for h0 in range(0, h, BLOCK_HV):
         c = h0 + tl.arange(0, BLOCK_HV)
         c_mask = c < h
-        odd = (h0 // BLOCK_HV) % 2
+        turn = ALTERNATE * ((h0 // BLOCK_HV) % 2)
         ds = tl.zeros((BLOCK_T, BLOCK_HV), dtype=tl.float32)                       # Wu^T dy
         for i in range(0, n_d):
-            d = (i + odd * (n_d - 1 - 2 * i)) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d = _chunk(i, n_d, turn) * BLOCK_D + tl.arange(0, BLOCK_D)
             d_mask = d < D
             dy = tl.load(dy_rows[:, None] + d[None, :], mask=r_mask[:, None] & d_mask[None, :],
                          other=0.0)                                                # [BT, BD]
@@ -603,6 +632,7 @@ def _heba_visual_bwd_kernel_dy(
     GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr, DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
     BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ALTERNATE: tl.constexpr,
 ):
     """Program ``s`` of ``S``: row blocks ``s, s + S, s + 2S, ...`` in that order. Per block,
     three phases on the program's own rows: ``s = gelu(dwconv(u))``, the LayerNorm backward
@@ -630,11 +660,12 @@ def _heba_visual_bwd_kernel_dy(
             x_ptr, g_ptr, s_base, sr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_rows,
             cst_ptr, dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, r, r_mask, b, p,
             stride_xb, stride_xn, stride_gb, stride_gn,
-            D, h, P, gs, i > 0, KEEP_Y, DW, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+            D, h, P, gs, i > 0, KEEP_Y, DW, ALTERNATE, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST,
+            IEEE)
         tl.debug_barrier()               # dy rows written by other threads, read back next
         _heba_visual_bwd_dv_block(
             dy_rows, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, r, r_mask, b,
-            p, H, W, HW, D, h, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP, UPCAST, IEEE)
+            p, H, W, HW, D, h, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP, UPCAST, IEEE, ALTERNATE)
         # The next block reads back the slots (and rewrites the scratch), written by other
         # threads of the program.
         tl.debug_barrier()
@@ -705,7 +736,7 @@ def _heba_visual_bwd_kernel_dx(
     H, W, T, HW, D, h, P, gs, xs, gs_ptr, xs_ptr,
     GS_PTR: tl.constexpr, XS_PTR: tl.constexpr, DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HP: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, CHUNK_FASTEST: tl.constexpr,
 ):
     """Program ``q = s n_d + j`` of ``S n_d``: columns ``j`` of D, row blocks ``s, s + S,
     ...``: ``dx = g + xs (dy + Wd^T du)`` in place, the prefix tokens of every image that starts in a block
@@ -713,16 +744,16 @@ def _heba_visual_bwd_kernel_dx(
     read but recomputed (:func:`_dy_tile`), and the program sums its share of both weight
     gradients, ``dWu[j, :] = sum dy^T s`` and ``dWd[:, j] = sum du^T t``, in registers over
     its blocks, written once to its slot ``s``: no ``dy`` or ``s`` round trip through
-    memory, no split-K launches. The ``n_d`` programs of a row program are consecutive
-    (dispatched together), so they share its rows of ``du`` (and ``u``, ``x``, ``g``) in L2:
-    each read from HBM once."""
+    memory, no split-K launches. With ``CHUNK_FASTEST`` the ``n_d`` programs of a row
+    program are consecutive (dispatched together), so they share its rows of ``du`` (and
+    ``u``) in L2: each read from HBM once."""
     n_d = tl.cdiv(D, BLOCK_D)
     q = tl.program_id(0)
-    pid = q // n_d
+    pid, j = _row_and_chunk(n_d, CHUNK_FASTEST)
     n_s = tl.num_programs(0) // n_d
     gs = _scalar(gs, gs_ptr, GS_PTR)
     xs = _scalar(xs, xs_ptr, XS_PTR)
-    d = (q % n_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = j * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     cp = tl.arange(0, BLOCK_HP)
     cp_mask = cp < h
@@ -874,7 +905,8 @@ def _dy_config(cfg: dict, T: int, D: int, h: int, sms: int, gpu: bool, dw: bool)
     3.8, 225 with 3.6, no spill (the forward's 128 x 32 blocks: 255, 136 B spilled with
     3.6). The GPU check's ``tune`` stage times the forward's blocks against these."""
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
-    out = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dw)
+    out = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dw,
+               ALTERNATE=ALTERNATE_SWEEPS)
     if D >= KEEP_Y_MIN_DIM:
         out.update(BLOCK_T=min(BT, RESWEEP_ROWS),
                    BLOCK_HV=min(RESWEEP_HV, max(16, triton.next_power_of_2(h))))
@@ -908,10 +940,10 @@ def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     fwd = Launch("fwd", "_heba_visual_fwd_kernel",
                  (_programs(triton.cdiv(T, fcfg["BLOCK_T"]), sms, gpu),),
                  dict(fcfg, KEEP_Y=D >= KEEP_Y_MIN_DIM, FUSE_DOWN=fuse,
-                      BLOCK_E=min(32, fcfg["BLOCK_T"])))
+                      BLOCK_E=min(32, fcfg["BLOCK_T"]), ALTERNATE=ALTERNATE_SWEEPS))
     if fuse:
         return [fwd]
-    down = _down_config(cfg, D, h)
+    down = dict(_down_config(cfg, D, h), CHUNK_FASTEST=CHUNKS_FASTEST)
     return [Launch("down", "_heba_visual_fwd_kernel_down",
                    (n_t * triton.cdiv(h, down["BLOCK_H"]),), down), fwd]
 
@@ -921,7 +953,8 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
-    down, dx = _down_config(cfg, D, h), _dx_config(cfg, D, h, gpu)
+    down = dict(_down_config(cfg, D, h), CHUNK_FASTEST=CHUNKS_FASTEST)
+    dx = dict(_dx_config(cfg, D, h, gpu), CHUNK_FASTEST=CHUNKS_FASTEST)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
     dy_cfg = _dy_config(cfg, T, D, h, sms, gpu, dx["DW"])
     slots = _programs(triton.cdiv(T, dy_cfg["BLOCK_T"]), sms, gpu)

@@ -563,28 +563,36 @@ KERNELS = [
         (f"{T_TVIS}::test_values_and_grads",),
         "the dx kernel reads its recomputed s with the wrong row stride whenever h is not a "
         "power of two: x's gradient and dWu / dWd wrong at the attention position"),
-    Bug("vis-dv-sweep-turn-off-by-one", "kernels", VIS,
-        "d = (i + odd * (n_d - 1 - 2 * i)) * BLOCK_D + tl.arange(0, BLOCK_D)",
-        "d = (i + odd * (n_d - 2 * i)) * BLOCK_D + tl.arange(0, BLOCK_D)",
-        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
-        "the dv phase's reversed sweeps start one D chunk past the end: Wu^T dy misses a "
-        "chunk and reads past the row"),
+    Bug("vis-sweep-turn-off-by-one", "kernels", VIS,
+        "    return i + TURN * (n - 1 - 2 * i)\n",
+        "    return i + TURN * (n - 2 * i)\n",
+        (f"{T_TVIS}::test_values_and_grads",),
+        "a sweep that runs back starts one D chunk past the end: LayerNorm's second sweep "
+        "and every other dv sweep miss a chunk"),
     Bug("vis-dy-reverse-sweep-skips-last", "kernels", VIS,
         "    n_d = tl.cdiv(D, BLOCK_D)\n    for i in range(0, n_d):\n"
-        "        d = (n_d - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)\n        d_mask = d < D\n"
-        "        mask = r_mask[:, None] & d_mask[None, :]\n        yhat = (_pre_norm(",
+        "        d = _chunk(i, n_d, ALTERNATE * 1) * BLOCK_D + tl.arange(0, BLOCK_D)\n"
+        "        d_mask = d < D\n        mask = r_mask[:, None] & d_mask[None, :]\n"
+        "        yhat = (_pre_norm(",
         "    n_d = tl.cdiv(D, BLOCK_D)\n    for i in range(1, n_d):\n"
-        "        d = (n_d - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)\n        d_mask = d < D\n"
-        "        mask = r_mask[:, None] & d_mask[None, :]\n        yhat = (_pre_norm(",
+        "        d = _chunk(i, n_d, ALTERNATE * 1) * BLOCK_D + tl.arange(0, BLOCK_D)\n"
+        "        d_mask = d < D\n        mask = r_mask[:, None] & d_mask[None, :]\n"
+        "        yhat = (_pre_norm(",
         (f"{T_TVIS}::test_values_and_grads",),
-        "the LayerNorm backward's reversed sweep one chunk short: the last D chunk of dy "
-        "never written"),
-    Bug("vis-down-chunks-as-rows", "kernels", VIS,
-        "r, r_mask, b, p = _rows(q // n_h, T, HW, BLOCK_T)",
-        "r, r_mask, b, p = _rows(q % n_h, T, HW, BLOCK_T)",
-        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
-        "the down kernel's programs map to the wrong row blocks: u of most rows never "
+        "the LayerNorm backward's second sweep one chunk short: one D chunk of dy never "
         "written"),
+    Bug("vis-grid-row-and-chunk-swapped", "kernels", VIS,
+        "        return q // n_chunks, q % n_chunks\n",
+        "        return q % n_chunks, q // n_chunks\n",
+        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
+        "the down and dx kernels' programs map to the wrong row blocks and chunks: most "
+        "rows of u and dx never written"),
+    Bug("vis-grid-rows-fastest-swapped", "kernels", VIS,
+        "    return q % rows, q // rows\n",
+        "    return q // rows, q % rows\n",
+        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
+        "the rows-fastest program order (a tune variant) maps programs to the wrong row "
+        "blocks: the GPU check would time a wrong kernel"),
     Bug("vis-dx-row-programs-miscounted", "kernels", VIS,
         "    n_s = tl.num_programs(0) // n_d\n",
         "    n_s = tl.num_programs(0)\n",

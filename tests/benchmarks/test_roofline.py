@@ -305,3 +305,26 @@ def test_measured_gpu_takes_the_l2_size():
     assert roofline.measured_gpu(row).l2 == roofline.GPU.l2 == 50e6
     assert roofline.measured_gpu(dict(row, l2_bytes=60 * 2 ** 20)).l2 == 60 * 2 ** 20
     assert roofline.measured_gpu(dict(row, l2_bytes=60 * 2 ** 20), l2=1e6).l2 == 1e6
+
+
+def test_l2_layout_switches_are_priced(monkeypatch):
+    """The visual kernels' L2 layout, priced both ways at the MLP position (ViT-B/16,
+    B256): the programs sharing a row block dispatched apart, or every sweep one way,
+    cost HBM bytes (x re-read per bottleneck chunk, du per D chunk, dy per dv sweep)."""
+    import heba_kernels.heba_visual as hv
+    (case,) = [c for c in CASES if c.name == "visual-mlp-d3072"]
+    g = roofline.GPUS["H200"]
+
+    def hbm():
+        return sum(c.hbm for bw in (False, True) for c in roofline.visual_costs(case, 2, 2, g, bw))
+
+    shipped = hbm()
+    monkeypatch.setattr(hv, "CHUNKS_FASTEST", False)
+    apart = hbm()
+    monkeypatch.setattr(hv, "CHUNKS_FASTEST", True)
+    monkeypatch.setattr(hv, "ALTERNATE_SWEEPS", False)
+    one_way = hbm()
+    T, D = case.batch * 196, case.dim
+    # x re-read by 5 more bottleneck chunks, du by 23 more D chunks
+    assert apart - shipped == pytest.approx((5 * T * D + 23 * T * D // 4) * 2)
+    assert one_way > shipped

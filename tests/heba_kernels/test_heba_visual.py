@@ -402,13 +402,18 @@ def test_kept_pre_norm_value_or_recomputed(monkeypatch, dtype):
                             {n: p.detach() for n, p in _visual_named(a)}, scale=0.6, grid=(4, 5))
 
 
+@pytest.mark.parametrize("layout", [True, False], ids=["l2-layout", "rows-fastest-one-way"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype):
+def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout):
     """The MLP position's plan at a small width: the down projection a launch of its own
     (2 bottleneck chunks per row block, consecutive programs), y kept and the _dy
     kernel's dv sweeps 16 columns wide (5 sweeps over D, alternating direction, after
     the LayerNorm sweep that ran in reverse), split-K weight gradients and the dx kernel
-    over 3 D chunks per row block (consecutive programs): against the reference."""
+    over 3 D chunks per row block (consecutive programs): against the reference. The same
+    with the other program order and one-way sweeps (the L2 layout's switches, which the
+    GPU check's tune stage times both ways)."""
+    monkeypatch.setattr(_hv, "CHUNKS_FASTEST", layout)
+    monkeypatch.setattr(_hv, "ALTERNATE_SWEEPS", layout)
     monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 0)
     monkeypatch.setattr(_hv, "KEEP_Y_MIN_DIM", 0)
     monkeypatch.setattr(_hv, "FUSED_DW_MAX_H", 0)

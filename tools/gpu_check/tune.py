@@ -18,6 +18,10 @@ variant's run and restoring it afterwards:
   the dx kernel, or by two split-K launches);
 * ``u-recomputed`` / ``u-saved``: ``SAVE_U_MIN_DIM`` (the bottleneck ``u`` kept for
   backward, or recomputed there);
+* ``rows-fastest``: ``CHUNKS_FASTEST`` (the down and dx kernels' programs that share a row
+  block dispatched together, or row block fastest: the roofline's dispatch-order rule);
+* ``sweeps-one-way``: ``ALTERNATE_SWEEPS`` (a program's repeated sweeps over its rows in
+  alternating directions, or all from the first chunk: the roofline's re-sweep rule);
 * ``dy-forward-blocks`` (from ``KEEP_Y_MIN_DIM`` up): ``RESWEEP_ROWS`` / ``RESWEEP_HV``
   (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the forward's blocks);
 * ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
@@ -76,8 +80,8 @@ TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=64, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DI
                      FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "FUSED_DW_MAX_H", "BIG_BLOCK_MIN_DIM",
-           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "_block_t",
-           "_config")
+           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "CHUNKS_FASTEST",
+           "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
 
 
@@ -128,6 +132,12 @@ def variants(case) -> list:
          ("weight gradients by split-K launches", "weight gradients summed in the dx kernel"))
     flip("SAVE_U_MIN_DIM", D >= hv.SAVE_U_MIN_DIM, "u-saved", "u-recomputed", D, D + 1,
          ("u recomputed in backward", "u kept for backward"))
+    out.append(Variant("rows-fastest", "CHUNKS_FASTEST True -> False: the down and dx "
+                       "kernels' programs row block fastest (shipped: a row block's chunks "
+                       "consecutive)", {"CHUNKS_FASTEST": False}))
+    out.append(Variant("sweeps-one-way", "ALTERNATE_SWEEPS True -> False: every sweep over a "
+                       "program's rows from the first D chunk (shipped: alternating)",
+                       {"ALTERNATE_SWEEPS": False}))
     if D >= hv.KEEP_Y_MIN_DIM:
         out.append(Variant("dy-forward-blocks", f"RESWEEP_ROWS {hv.RESWEEP_ROWS} -> 128, "
                            f"RESWEEP_HV {hv.RESWEEP_HV} -> 32: the _dy kernel on the "

@@ -33,10 +33,11 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # the MLP-like one above, so each switch is flipped both ways across the two.
 EXPECTED = {
     "visual-attn-tiny-d48": ["shipped", "y-kept", "down-separate", "dw-split-k",
-                             "u-recomputed", "block-rows-32", "block-rows-64", "block-rows-128"],
+                             "u-recomputed", "rows-fastest", "sweeps-one-way", "block-rows-32",
+                             "block-rows-64", "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx",
-                            "u-recomputed", "dy-forward-blocks", "fwd-rows-128", "block-rows-32",
-                            "block-rows-64", "block-rows-128"],
+                            "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
+                            "fwd-rows-128", "block-rows-32", "block-rows-64", "block-rows-128"],
 }
 SAME = {("visual-attn-tiny-d48", "block-rows-64"), ("visual-mlp-tiny-d80", "block-rows-128")}
 INJECTED = ("visual-attn-tiny-d48", "y-kept")        # the first variant after the shipped plan
@@ -119,7 +120,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (18): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-kept," in md
+    assert "Not run (22): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-kept," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -158,10 +159,12 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 
 @pytest.mark.parametrize("case,flipped,same", [
-    ("visual-attn-d768", ["y-kept", "down-separate", "dw-split-k", "u-recomputed"],
+    ("visual-attn-d768", ["y-kept", "down-separate", "dw-split-k", "u-recomputed",
+                          "rows-fastest", "sweeps-one-way"],
      "block-rows-64"),
     ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "u-recomputed",
-                          "dy-forward-blocks", "fwd-rows-128"],
+                          "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
+                          "fwd-rows-128"],
      "block-rows-128")], ids=["visual-attn-d768", "visual-mlp-d3072"])
 def test_clip_variants_flip_the_plan_a_gpu_runs(case, flipped, same):
     """At the benchmark shapes on a 132-SM GPU (plans and model only, no launch): every
