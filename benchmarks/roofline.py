@@ -521,7 +521,8 @@ def measured_gpu(row: dict, sms: int | None = None, l2: float | None = None) -> 
     """A :class:`GPU` whose ceilings are a benchmark run's own measured floors (a row of
     benchmarks/test_adapters.py: ``measured_copy_gbs``, ``measured_matmul_tflops``,
     ``device``, ``sms``, ``l2_bytes``); SMs from the argument, else the row's own count, else
-    the device name, else 132; the L2 size from the argument, else the row's, else 50 MB. None where the run measured no finite, positive rates (a dry run on the
+    the device name, else 132; the L2 size from the argument, else the row's, else 50 MB.
+    None where the run measured no finite, positive rates (a dry run on the
     CPU)."""
     hbm = float(row.get("measured_copy_gbs") or 0.0) * 1e9
     bf16 = float(row.get("measured_matmul_tflops") or 0.0) * 1e12

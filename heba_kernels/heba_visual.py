@@ -172,7 +172,7 @@ BIG_BLOCK_MIN_DIM = 2048
 
 # Rows per program and bottleneck columns per dv sweep of the _dy kernel where y is kept
 # (from ``KEEP_Y_MIN_DIM``): small enough blocks that its re-sweeps over y, g and dy stay in
-# L2, wide enough h chunks that Wu is read as often as with the forward's blocks. See
+# L2, wide enough h chunks that Wu is read as often as with 128-row blocks. See
 # ``_dy_config``.
 RESWEEP_ROWS = 32
 RESWEEP_HV = 128
@@ -738,9 +738,9 @@ def _heba_visual_bwd_kernel_dx(
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HP: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, CHUNK_FASTEST: tl.constexpr,
 ):
-    """Program ``q = s n_d + j`` of ``S n_d``: columns ``j`` of D, row blocks ``s, s + S,
-    ...``: ``dx = g + xs (dy + Wd^T du)`` in place, the prefix tokens of every image that starts in a block
-    ``dx = g``. With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) ``dy`` is not
+    """Program ``(s, j)`` of ``S x n_d`` (:func:`_row_and_chunk`): columns ``j`` of D, row
+    blocks ``s, s + S, ...``: ``dx = g + xs (dy + Wd^T du)`` in place, the prefix tokens of
+    every image that starts in a block ``dx = g``. With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) ``dy`` is not
     read but recomputed (:func:`_dy_tile`), and the program sums its share of both weight
     gradients, ``dWu[j, :] = sum dy^T s`` and ``dWd[:, j] = sum du^T t``, in registers over
     its blocks, written once to its slot ``s``: no ``dy`` or ``s`` round trip through
@@ -830,8 +830,8 @@ def _block_t(T: int, D: int, sms: int) -> int:
     spilled), _dx (128 columns of D) 255 with 96 B spilled in both, dwconv 172 / 182: one
     8-warp program per SM for fwd and _dy; float32 tokens spill up to a few hundred bytes
     at 128 rows. From ``KEEP_Y_MIN_DIM`` up the forward and _dy kernels run blocks of
-    their own, sized for the L2 (``_fwd_config``, ``_dy_config``). To be tuned on a GPU (the GPU check's opt-in
-    ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
+    their own, sized for the L2 (``_fwd_config``, ``_dy_config``). To be tuned on a GPU
+    (the GPU check's opt-in ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
     cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     bt = cap
     while bt > 16 and triton.cdiv(T, bt) < sms:
@@ -886,24 +886,24 @@ def _fwd_config(cfg: dict, D: int, gpu: bool) -> dict:
                 BLOCK_D=min(128, max(16, triton.next_power_of_2(D))) if wide else cfg["BLOCK_D"])
 
 
-def _dy_config(cfg: dict, T: int, D: int, h: int, sms: int, gpu: bool, dw: bool) -> dict:
+def _dy_config(cfg: dict, D: int, h: int, dw: bool) -> dict:
     """The _dy kernel's blocks. Its dv phase sweeps the block's ``dy`` rows over D once per
     ``BLOCK_HV`` bottleneck columns; each sweep hits L2 only while the resident programs'
     blocks fit there (benchmarks/roofline.py's re-sweep rule: one program per SM, ``S x
     BLOCK_T x D`` bytes of ``dy``). Below ``KEEP_Y_MIN_DIM`` (D768: 13 MB) they do, and h
     runs in 32-column chunks (at 64 the former _dv kernel spilled 20-44 B in every 16-bit
     and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none). From
-    ``KEEP_Y_MIN_DIM`` up the forward's 128-row blocks would not (D3072: 104 MB, and the
+    ``KEEP_Y_MIN_DIM`` up the other kernels' 128-row blocks would not (D3072: 104 MB, and the
     LayerNorm's second sweep over y and g 207 MB): there the _dy kernel runs
     ``RESWEEP_ROWS`` rows per program, so both fit (26 and 52 MB; this kernel has no
     up-projection left to amortise over larger blocks: y is kept), and ``RESWEEP_HV``
     columns of h per dv sweep, so Wu's L2->SM traffic stays that of 128-row blocks.
     Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200) at the MLP position (D3072
-    h768): 128 x 32 (the forward's blocks) 5548 MB HBM, floor 1156 us; 64 x 128 1633 MB,
+    h768): 128 x 32 (the other kernels' blocks) 5548 MB HBM, floor 1156 us; 64 x 128 1633 MB,
     340 us; 32 x 128 1268 MB, 264 us (the FLOP floor is 241), 12.7 GB L2->SM either way.
     Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps, D3072): 195 with Triton
-    3.8, 225 with 3.6, no spill (the forward's 128 x 32 blocks: 255, 136 B spilled with
-    3.6). The GPU check's ``tune`` stage times the forward's blocks against these."""
+    3.8, 225 with 3.6, no spill (128 x 32 blocks: 255, 136 B spilled with
+    3.6). The GPU check's ``tune`` stage times the 128 x 32 blocks against these."""
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     out = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dw,
                ALTERNATE=ALTERNATE_SWEEPS)
@@ -956,7 +956,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     down = dict(_down_config(cfg, D, h), CHUNK_FASTEST=CHUNKS_FASTEST)
     dx = dict(_dx_config(cfg, D, h, gpu), CHUNK_FASTEST=CHUNKS_FASTEST)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
-    dy_cfg = _dy_config(cfg, T, D, h, sms, gpu, dx["DW"])
+    dy_cfg = _dy_config(cfg, D, h, dx["DW"])
     slots = _programs(triton.cdiv(T, dy_cfg["BLOCK_T"]), sms, gpu)
     plan = [Launch("down", "_heba_visual_fwd_kernel_down",
                    (n_t * triton.cdiv(h, down["BLOCK_H"]),), down)] if recompute_u else []

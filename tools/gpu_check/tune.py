@@ -23,7 +23,8 @@ variant's run and restoring it afterwards:
 * ``sweeps-one-way``: ``ALTERNATE_SWEEPS`` (a program's repeated sweeps over its rows in
   alternating directions, or all from the first chunk: the roofline's re-sweep rule);
 * ``dy-forward-blocks`` (from ``KEEP_Y_MIN_DIM`` up): ``RESWEEP_ROWS`` / ``RESWEEP_HV``
-  (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the forward's blocks);
+  (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the other kernels' 128-row
+  blocks with 32-column dv sweeps);
 * ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
   64-row blocks, or 128 rows as the other kernels');
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that cap on the rows per
@@ -140,8 +141,9 @@ def variants(case) -> list:
                        {"ALTERNATE_SWEEPS": False}))
     if D >= hv.KEEP_Y_MIN_DIM:
         out.append(Variant("dy-forward-blocks", f"RESWEEP_ROWS {hv.RESWEEP_ROWS} -> 128, "
-                           f"RESWEEP_HV {hv.RESWEEP_HV} -> 32: the _dy kernel on the "
-                           "forward's blocks (shipped: blocks whose re-sweeps fit in L2)",
+                           f"RESWEEP_HV {hv.RESWEEP_HV} -> 32: the _dy kernel on the other "
+                           "kernels' 128-row blocks (shipped: blocks whose re-sweeps fit in "
+                           "L2)",
                            {"RESWEEP_ROWS": 128, "RESWEEP_HV": 32}))
         out.append(Variant("fwd-rows-128", f"KEPT_Y_ROWS {hv.KEPT_Y_ROWS} -> 128: the forward "
                            "kernel on 128-row blocks x 64 columns of D (shipped: blocks whose "
