@@ -70,6 +70,15 @@ from heba_kernels.heba_visual import (SAVE_U_MIN_DIM, halo_chunks, visual_bwd_pl
 from heba_kernels.low_rank import low_rank_plan
 
 
+# L2-to-SM read bandwidth of a Hopper part, bytes/s: a lead, not a datasheet figure (NVIDIA
+# publishes none). 5120 bytes per clock across the L2's slices (the figure behind the 9.0
+# TB/s quoted for a full GH100 at 1755 MHz), at the SXM parts' 1980 MHz boost clock: 10.1
+# TB/s. Microbenchmarks read less (about 5.5 TB/s on an H100 PCIe, 114 SMs), so as a
+# ceiling this errs on the fast side, as a floor must. The GPU check measures it
+# (``measured_l2_gbs``), and :func:`measured_gpu` takes the measured figure.
+HOPPER_L2_BW = 5120 * 1.98e9
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str
@@ -77,6 +86,7 @@ class GPU:
     bf16: float       # dense bf16 FLOP/s, datasheet
     sms: int
     l2: float = 50e6  # bytes of L2, datasheet (H100 SXM and H200 SXM: 50 MB)
+    l2_bw: float = HOPPER_L2_BW   # L2-to-SM bytes/s (a lead: see HOPPER_L2_BW)
 
 
 GPUS = {"H100": GPU("H100 SXM", 3.35e12, 989e12, 132),
@@ -93,7 +103,13 @@ class Cost:
     flops: float = 0.0
 
     def floor_s(self, gpu: GPU) -> float:
-        return max(self.hbm / gpu.hbm, self.flops / gpu.bf16)
+        return max(self.hbm / gpu.hbm, self.flops / gpu.bf16, self.l2 / gpu.l2_bw)
+
+    def bound(self, gpu: GPU) -> str:
+        """Which ceiling sets the floor: ``"HBM"``, ``"FLOP"`` or ``"L2"``."""
+        t = {"HBM": self.hbm / gpu.hbm, "FLOP": self.flops / gpu.bf16,
+             "L2": self.l2 / gpu.l2_bw}
+        return max(t, key=t.get)
 
 
 def _cdiv(a, b):
@@ -102,6 +118,13 @@ def _cdiv(a, b):
 
 def _pad(n, block):
     return _cdiv(n, block) * block
+
+
+def stencil_rows(BT: int, W: int) -> int:
+    """Rows of ``[B * HW, h]`` a ``BT``-row block's 3x3 stencil reads: its own and ``W + 1``
+    on each side. The nine shifted ``[BT, cols]`` loads of one column chunk overlap, so the
+    taps after the first come from the SM's L1 (a few KB): L2 serves each row once."""
+    return BT + 2 * W + 2
 
 
 def resweep_misses(nbytes: float, footprint: float, l2: float, alternate: bool = True) -> float:
@@ -162,7 +185,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                 c.hbm += order_misses(tok, n_h, n_t, n_t * BT * D * e, gpu)
         elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv in, du out (operand dtype)
             c.hbm, c.flops = 2 * hid, 2 * 9 * Tp * hp
-            c.l2 = nprog * 9 * BT * BH * w
+            c.l2 = nprog * (stencil_rows(BT, W) + BT) * BH * w      # taps (L1), dst
         elif st.step == "fwd":        # S programs over the blocks: (u of the block and its
             keep = m["KEEP_Y"]        # halo,) s = gelu(dwconv(u)), then two sweeps; sweep 2
             blocks = _cdiv(T, BT)     # reads y back: the kept buffer (KEEP_Y) or the
@@ -176,7 +199,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                      + st.grid[0] * (rows * h * w + ysc * BT * D * e)
                      + m["FUSE_DOWN"] * h * D * w)
             c.flops = 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
-            c.l2 = blocks * (zsweep + 3 * BT * Dp * e + 10 * BT * hp * w)
+            c.l2 = blocks * (zsweep + 3 * BT * Dp * e + (stencil_rows(BT, W) + BT) * hp * w)
             # sweep 2 (reversed) re-reads the block's x and y after sweep 1 touched both
             res = min(st.grid[0], gpu.sms)            # programs resident at once
             c.hbm += resweep_misses(T * D * 2 * e, res * BT * D * 2 * e, gpu.l2, m["ALTERNATE"])
@@ -194,9 +217,9 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
             c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
             zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
-            c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + 10 * BT * hp * w
-                                     + _cdiv(h, BHV) * BT * Dp * e + Dp * hp * w
-                                     + 19 * BT * hp * w)
+            # (the stencils: s's, and per h chunk v's and dWm's taps over the same u rows)
+            c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + _cdiv(h, BHV) * BT * Dp * e
+                             + Dp * hp * w + 2 * (stencil_rows(BT, W) + BT) * hp * w)
             # sweep 2 (reversed) re-reads the block's y (or x) and g, then each of the dv
             # phase's sweeps (one per BLOCK_HV columns of h, alternating) its dy rows
             res, alt = min(st.grid[0], gpu.sms), m["ALTERNATE"]
@@ -218,7 +241,8 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                 # z = Wu s in BLOCK_H chunks (s read back from the scratch chunk by chunk);
                 # the two weight-gradient products on the [.., BLOCK_HP] accumulators
                 c.flops += 2 * 2 * Tp * Dp * HP + 2 * Tp * Dp * hp + n_d * 2 * 9 * Tp * HP
-                c.l2 += blocks * n_d * (12 * BT * HP * w + BT * hp * w + HP * BD * w + 16 * BT)
+                c.l2 += blocks * n_d * ((stencil_rows(BT, W) + 3 * BT) * HP * w + BT * hp * w
+                                        + HP * BD * w + 16 * BT)
         out.append(c)
     return out
 
@@ -520,10 +544,11 @@ MODES = ("fwd", "fwdbwd")
 def measured_gpu(row: dict, sms: int | None = None, l2: float | None = None) -> GPU | None:
     """A :class:`GPU` whose ceilings are a benchmark run's own measured floors (a row of
     benchmarks/test_adapters.py: ``measured_copy_gbs``, ``measured_matmul_tflops``,
-    ``device``, ``sms``, ``l2_bytes``); SMs from the argument, else the row's own count, else
-    the device name, else 132; the L2 size from the argument, else the row's, else 50 MB.
-    None where the run measured no finite, positive rates (a dry run on the
-    CPU)."""
+    ``measured_l2_gbs``, ``device``, ``sms``, ``l2_bytes``); SMs from the argument, else the
+    row's own count, else the device name, else 132; the L2 size from the argument, else the
+    row's, else 50 MB; the L2-to-SM bandwidth the row's where it measured one (finite,
+    positive), else :data:`HOPPER_L2_BW`. None where the run measured no finite, positive
+    copy and matmul rates (a dry run on the CPU)."""
     hbm = float(row.get("measured_copy_gbs") or 0.0) * 1e9
     bf16 = float(row.get("measured_matmul_tflops") or 0.0) * 1e12
     if not (0 < hbm < float("inf") and 0 < bf16 < float("inf")):
@@ -532,7 +557,10 @@ def measured_gpu(row: dict, sms: int | None = None, l2: float | None = None) -> 
     if sms is None:
         sms = row.get("sms") or next((n for key, n in DEVICE_SMS if key in name), 132)
     l2 = l2 or row.get("l2_bytes") or GPU.l2
-    return GPU(f"{name} (measured)", hbm, bf16, sms, float(l2))
+    l2_bw = float(row.get("measured_l2_gbs") or 0.0) * 1e9
+    if not 0 < l2_bw < float("inf"):
+        l2_bw = GPU.l2_bw
+    return GPU(f"{name} (measured)", hbm, bf16, sms, float(l2), l2_bw)
 
 
 def modelled_floor_ms(case_name: str, mode: str, dtype: str, gpu: GPU, impl: str = "triton",

@@ -65,14 +65,15 @@ model prices both ways of each, the GPU check's ``tune`` stage times both). The 
   ``_heba_visual_kernel_dwconv`` with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
   neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
   (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
-  (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). Up to ``FUSED_DW_MAX_H``
-  bottleneck columns ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx``
-  recomputes ``dy`` from ``u``, ``x``, ``g`` and two row constants, and its programs
-  sum dWu and dWd themselves (no split-K launches). Finally ONE launch of
+  (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). With ``DW_IN_DX`` (off: the
+  L2's bandwidth prices it higher; see the switch), up to ``FUSED_DW_MAX_H`` bottleneck
+  columns, ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx`` recomputes ``dy``
+  from ``u``, ``x``, ``g`` and two row constants, and its programs sum dWu and dWd
+  themselves (no split-K launches). Finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
   buffers into the parameters' dtypes. Forward 1 launch (2 from
-  ``FUSE_DOWN_BELOW_DIM``), backward 4 (6 above ``FUSED_DW_MAX_H``; one more when ``u``
-  is recomputed).
+  ``FUSE_DOWN_BELOW_DIM``), backward 6 (4 with ``DW_IN_DX``; one more when ``u`` is
+  recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
@@ -155,16 +156,23 @@ SAVE_U_MIN_DIM = 0
 # is float32 (tested both ways).
 KEEP_Y_MIN_DIM = 2048
 
-# Bottlenecks up to this many columns (padded to a power of two) have their weight
-# gradients summed inside the dx kernel (``_dx_config``): each program keeps its share of
+# Whether the dx kernel sums the weight gradients itself (``DW``, for bottlenecks up to
+# ``FUSED_DW_MAX_H`` columns, padded to a power of two): each program keeps its share of
 # dWu and dWd in registers over its row blocks, and recomputes dy (s from u by the
 # stencil, z = Wu s, the LayerNorm backward from two stored row constants) instead of
-# reading it: dy and s never leave the _dy kernel's scratch, and the two split-K
-# launches go. Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200), attention
-# position (D768 h192), backward: split-K 6 launches, 831 MB, 89.5 GFLOP, floor 173 us;
-# here 4 launches, 574 MB, 119.7 GFLOP (h padded to 256 in the two weight-gradient products,
-# dy recomputed with z in BLOCK_H chunks), 135 us. At
-# h=512 and up the two [BLOCK_D, h] accumulators would not fit in registers.
+# reading it, so dy and s never leave the _dy kernel's scratch and the two split-K
+# launches go. Off: dy and s written once, two split-K launches. Modelled
+# (benchmarks/roofline.py, bf16, B256 14x14, H200), attention position (D768 h192),
+# forward + backward: in the dx kernel 5 launches, 770 MB HBM (1.99x ideal), 8.8 GB
+# L2->SM, floor 877 us; split-K 7 launches, 1027 MB (2.65x), 5.2 GB, 515 us. Fewer bytes
+# and launches, but every one of the dx kernel's 24 D chunks per row block recomputes s
+# and z = Wu s, and the L2's bandwidth (HOPPER_L2_BW there, a lead until a GPU check
+# measures it) binds before HBM's: off. The same at batch 16 (92 / 65 us). The GPU
+# check's ``tune`` stage times both (``dw-in-dx``).
+DW_IN_DX = False
+
+# The widest bottleneck (padded) whose weight gradients the dx kernel can sum: at h=512
+# and up the two [BLOCK_D, h] accumulators would not fit in registers.
 FUSED_DW_MAX_H = 256
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
@@ -849,15 +857,15 @@ def _down_config(cfg: dict, D: int, h: int) -> dict:
 
 
 def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
-    """The dx kernel's blocks. Bottlenecks up to ``FUSED_DW_MAX_H`` columns: ``DW``, the
-    weight gradients summed in the dx kernel, 32 rows and 32 columns of D per program on a
+    """The dx kernel's blocks. With ``DW_IN_DX``, bottlenecks up to ``FUSED_DW_MAX_H``
+    columns: ``DW``, the weight gradients summed in the dx kernel, 32 rows and 32 columns of D per program on a
     GPU (two ``[32, BLOCK_HP]`` float32 accumulators; scripts/triton_aot_check.py, sm_90,
     8 warps, D768: 227 registers with Triton 3.8, 247 with 3.6, no spill in 16-bit; 16
     warps spilled 100 B). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
     D per program, so ``du`` and the token tiles are re-read half as often (modelled at
     D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
     hp = max(16, triton.next_power_of_2(h))
-    if hp <= FUSED_DW_MAX_H:      # on a GPU 32 x 32 tiles: the [32, BLOCK_HP] stencil tile
+    if DW_IN_DX and hp <= FUSED_DW_MAX_H:    # on a GPU 32 x 32 tiles: the [32, HP] stencil
         return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"],
                     BLOCK_T=min(32, cfg["BLOCK_T"]), num_warps=8 if gpu else 4)
     if D < BIG_BLOCK_MIN_DIM:

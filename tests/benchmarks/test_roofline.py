@@ -118,13 +118,14 @@ def test_fused_ops_launch_nothing_beside_their_plan(op, autocast):
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())
 
 
-# an odd GPU: its rates and SM count differ from every datasheet entry of roofline.GPUS
-ODD = roofline.GPU("odd", 2.7e12, 6.1e14, 100)
+# an odd GPU: its rates, SM count and L2 bandwidth differ from every entry of roofline.GPUS
+ODD = roofline.GPU("odd", 2.7e12, 6.1e14, 100, l2_bw=7.3e12)
 
 
 def _launch_floors_ms(case, gpu, backward):
-    """Each launch's max(HBM bytes / bandwidth, FLOPs / rate), summed, in ms."""
-    return 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16)
+    """Each launch's max(HBM bytes / bandwidth, FLOPs / rate, L2->SM bytes / L2 bandwidth),
+    summed, in ms."""
+    return 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16, c.l2 / gpu.l2_bw)
                      for c in roofline.triton_costs(case, 2, 2, gpu, backward))
 
 
@@ -136,7 +137,8 @@ def test_modelled_floor_is_the_sum_of_launch_floors(case):
     got_both = roofline.modelled_floor_ms(case.name, "fwdbwd", "bf16", ODD, shape=case.shape())
     assert got_fwd == pytest.approx(fwd, rel=1e-12) and got_both == pytest.approx(both, rel=1e-12)
     assert 0 < got_fwd < got_both
-    fast = roofline.GPU("fast", 2 * ODD.hbm, 2 * ODD.bf16, ODD.sms)   # every ceiling doubled
+    fast = roofline.GPU("fast", 2 * ODD.hbm, 2 * ODD.bf16, ODD.sms,   # every ceiling doubled
+                        l2_bw=2 * ODD.l2_bw)
     assert roofline.modelled_floor_ms(case.name, "fwdbwd", "bf16", fast) == \
         pytest.approx(got_both / 2, rel=1e-12)
 

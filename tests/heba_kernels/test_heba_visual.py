@@ -59,8 +59,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("dw", [False, True], ids=["split-k", "dw-in-dx"])
 @pytest.mark.parametrize("B,H,W,D,P,dtype,batch_first,scale", CASES)
-def test_values_and_grads(B, H, W, D, P, dtype, batch_first, scale):
+def test_values_and_grads(monkeypatch, B, H, W, D, P, dtype, batch_first, scale, dw):
+    """Both ways of summing the weight gradients (``DW_IN_DX``: split-K launches, or the dx
+    kernel recomputing dy and summing them itself)."""
+    monkeypatch.setattr(_hv, "DW_IN_DX", dw)
+    assert _hv.visual_bwd_plan(B, H, W, D, D // 4, dtype, 1, False, False)[-2].meta["DW"] == dw
     x = _x(B, H, W, D, P, dtype, batch_first, seed=D + B)
     params = visual_params(D, device=DEVICE, dtype=dtype, seed=H * 10 + W)
     check_against_reference("heba_visual", "triton", x, params, scale=scale,
@@ -431,16 +436,18 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs a GPU's launch plan in Triton's interpreter")
-@pytest.mark.parametrize("D,B,H,W", [(768, 2, 8, 8), (2048, 2, 8, 8)],
-                         ids=["attention-D768", "mlp-D2048"])
-def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W):
+@pytest.mark.parametrize("D,B,H,W,dw", [(768, 2, 8, 8, False), (768, 2, 8, 8, True),
+                                         (2048, 2, 8, 8, False)],
+                         ids=["attention-D768", "attention-D768-dw-in-dx", "mlp-D2048"])
+def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw):
     """The launch plan a GPU runs (its block sizes: 32-64 row blocks, 128-column D chunks,
-    128-column dv sweeps, 1-D grids of several chunks per row block, the fused weight
-    gradients at D768 and split-K at D2048), on 4 SMs, run by the interpreter in float32
+    128-column dv sweeps, 1-D grids of several chunks per row block, split-K weight
+    gradients, and at D768 also summed in the dx kernel), on 4 SMs, run by the interpreter in float32
     (the plan's tensor-core operands are then float32 too): against the reference. The
     interpreter otherwise runs its own plan (16-row blocks), so this is where the GPU's
     block choices meet the reference without a GPU."""
     gpu_plans_in_interpreter(monkeypatch, sms=4)
+    monkeypatch.setattr(_hv, "DW_IN_DX", dw)
     h, T = D // 4, B * H * W
     plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, h, torch.float32, 4, True)
             + _hv.visual_bwd_plan(B, H, W, D, h, torch.float32, 4, True, recompute_u=False)}
@@ -449,7 +456,7 @@ def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W):
         assert (plan["fwd"].meta["BLOCK_D"], plan["dy"].meta["BLOCK_HV"]) == (128, 128)
         assert plan["down"].grid[0] == triton.cdiv(T, plan["down"].meta["BLOCK_T"]) * 4
     else:
-        assert plan["dx"].meta["DW"] and plan["fwd"].meta["FUSE_DOWN"]
+        assert plan["dx"].meta["DW"] == dw and plan["fwd"].meta["FUSE_DOWN"]
     x = _x(B, H, W, D, 1, torch.float32, True, seed=D)
     check_against_reference("heba_visual", "triton", x,
                             visual_params(D, device=DEVICE, seed=D), scale=0.7,
