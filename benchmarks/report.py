@@ -40,7 +40,8 @@ def _roofline():
 
 def modelled_pct(r, model) -> str:
     """The row's modelled floor (benchmarks/roofline.py, with the run's measured copy and
-    matmul rates as ceilings) over its measured ms, or "n/a" where the model does not apply."""
+    matmul rates and, where the run measured it, L2-to-SM read bandwidth as ceilings) over its
+    measured ms, or "n/a" where the model does not apply."""
     gpu = model.measured_gpu(r) if model else None
     floor = None if gpu is None else model.modelled_floor_ms(
         r["case"], r["mode"], r["dtype"], gpu, impl=r["impl"], shape=r.get("shape"))

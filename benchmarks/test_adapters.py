@@ -10,7 +10,8 @@ backward), each contender is timed with CUDA events after warm-up
 code runs it (seq-first), for the visual path also the channels-last cuDNN
 form, ``torch.compile`` of the reference, and every heba backend available.
 ``extra_info`` holds the CUDA-event median, GB/s and TFLOP/s against the
-forward's floor, percent of that floor (peaks measured in the same run),
+forward's floor, percent of that floor, the ceilings measured in the same run
+(copy, bf16 matmul and L2-to-SM read rates: :mod:`benchmarks.ceilings`),
 the peak memory of one step beyond its inputs and the bytes saved for
 backward beyond the input and the parameters.
 
@@ -46,20 +47,13 @@ def _bench_ms(fn) -> float:
 
 @pytest.fixture(scope="session")
 def peaks():
-    """Copy bandwidth and bf16 matmul throughput measured on this device, in this run."""
+    """The roofline's ceilings measured on this device, in this run (copy bandwidth, bf16
+    matmul rate, L2-to-SM read bandwidth: :func:`benchmarks.ceilings.measure_ceilings`)."""
     if DRY_RUN:
-        return {"copy_gbs": float("nan"), "matmul_tflops": float("nan"), "device": "cpu",
-                "sms": None, "l2_bytes": None}
-    a = torch.empty(2 ** 28, dtype=torch.bfloat16, device="cuda")     # 512 MiB
-    b = torch.empty_like(a)
-    ms = _bench_ms(lambda: b.copy_(a))
-    copy_gbs = 2 * a.numel() * 2 / ms / 1e6
-    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    ms = _bench_ms(lambda: m @ m)
-    return {"copy_gbs": copy_gbs, "matmul_tflops": 2 * 8192 ** 3 / ms / 1e9,
-            "device": torch.cuda.get_device_name(),
-            "sms": torch.cuda.get_device_properties(0).multi_processor_count,
-            "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size}
+        return {"copy_gbs": float("nan"), "matmul_tflops": float("nan"),
+                "l2_gbs": float("nan"), "device": "cpu", "sms": None, "l2_bytes": None}
+    from benchmarks.ceilings import measure_ceilings
+    return measure_ceilings("cuda", _bench_ms)
 
 
 def _saved_bytes(fn, x, params) -> int:
@@ -168,6 +162,7 @@ def test_adapter(benchmark, peaks, case, impl, dtype_name, mode):
         "peak_mem_bytes": _peak_bytes(step),
         "saved_for_backward_bytes": _saved_bytes(fn, x, params),
         "measured_copy_gbs": peaks["copy_gbs"], "measured_matmul_tflops": peaks["matmul_tflops"],
+        "measured_l2_gbs": peaks["l2_gbs"],
         "sms": peaks["sms"], "l2_bytes": peaks["l2_bytes"],
     })
     benchmark.pedantic(synced, rounds=3 if DRY_RUN else 20, iterations=1, warmup_rounds=1)

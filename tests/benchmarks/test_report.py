@@ -5,6 +5,7 @@ between GPU runs.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,9 @@ def test_dry_run_and_report(tmp_path):
     for b in data["benchmarks"]:
         info = b["extra_info"]
         assert info["cuda_ms"] > 0 and info["saved_for_backward_bytes"] >= 0
+        # every ceiling is recorded; a dry run measures none
+        for key in ("measured_copy_gbs", "measured_matmul_tflops", "measured_l2_gbs"):
+            assert math.isnan(info[key]), (key, info[key])
     report.main([str(out), "--out", str(tmp_path)])
     md = (tmp_path / "cpu.md").read_text()
     assert "| lowrank-r16-d768 | fp32 | fwdbwd | eager (published, seq-first) |" in md
@@ -68,3 +72,22 @@ def test_table_has_the_modelled_floor_of_triton_rows():
     assert _cells(md, f"{pre} fp32 | fwdbwd | heba triton |")[col] == "n/a"
     assert _cells(md, f"{pre} bf16 | fwd | heba triton |")[col] == "n/a"
     assert md.splitlines()[1] == "|---" * 11 + "|"
+
+
+def test_modelled_floor_takes_the_measured_l2_bandwidth():
+    """A row's ``measured_l2_gbs`` is the model's L2-to-SM ceiling: at 100 GB/s, L2 sets it."""
+    case = next(c for c in CASES if c.name == "lowrank-r16-d768")
+    run = dict(measured_copy_gbs=3012.5, measured_matmul_tflops=701.25, device="NVIDIA H200",
+               peak_mem_bytes=4e6, saved_for_backward_bytes=1e6, shape=list(case.shape()),
+               case=case.name, pct_of_floor=40.0, impl="triton", dtype="bf16", mode="fwdbwd")
+    gpu = roofline.GPU("run", 3012.5e9, 701.25e12, 132, l2_bw=100e9)
+    costs = [c for bwd in (False, True) for c in roofline.triton_costs(case, 2, 2, gpu, bwd)]
+    floor_ms = 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16, c.l2 / gpu.l2_bw)
+                         for c in costs)
+    assert floor_ms > 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16) for c in costs)
+    ms = floor_ms / 0.437
+    pre = f"| {case.name} | bf16 | fwdbwd | heba triton |"
+    md = report.table([dict(run, cuda_ms=ms, measured_l2_gbs=100.0)])
+    assert _cells(md, pre)["% of modelled floor"] == "44%"
+    md = report.table([dict(run, cuda_ms=ms, measured_l2_gbs=float("nan"))])  # not measured
+    assert _cells(md, pre)["% of modelled floor"] != "44%"

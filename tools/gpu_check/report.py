@@ -8,6 +8,7 @@ the test summary, the correctness table and heba's performance targets.
 
 from __future__ import annotations
 
+import math
 import time
 
 from benchmarks import report as ops_report, train_report
@@ -157,14 +158,19 @@ def _bench_ops(r):
         lines += _failures(r["data"]["junit"])
     if rows:
         peaks = rows[0]
+        l2 = peaks.get("measured_l2_gbs")
+        l2 = l2 if isinstance(l2, (int, float)) and math.isfinite(l2) and l2 > 0 else None
         lines += ["", f"Floors measured in this run: copy {peaks['measured_copy_gbs']:.0f} GB/s, "
-                  f"bf16 matmul {peaks['measured_matmul_tflops']:.0f} TFLOP/s. "
+                  f"bf16 matmul {peaks['measured_matmul_tflops']:.0f} TFLOP/s"
+                  + (f", L2->SM reads {l2:.0f} GB/s" if l2 else "") + ". "
                   "ms: CUDA-event median; vs eager / vs compile: their ms over this one's; "
                   "% of floor: the copy or matmul floor (the larger) over ms; % of modelled "
                   "floor: the Triton backend's floor modelled by benchmarks/roofline.py from the "
-                  "launch plans, with this run's measured copy and matmul rates as ceilings, "
-                  "over ms (bf16 only); peak MB: beyond the inputs; saved MB: kept for backward "
-                  "beyond x and the parameters.", "",
+                  "launch plans, with this run's measured copy and matmul rates "
+                  + ("and L2-to-SM read bandwidth as ceilings" if l2 else
+                     "as ceilings (L2-to-SM: the model's Hopper figure, not measured here)")
+                  + ", over ms (bf16 only); peak MB: beyond the inputs; saved MB: kept for "
+                  "backward beyond x and the parameters.", "",
                   ops_report.table(rows), "", targets_table(rows), "",
                   "![op benchmarks](adapters.png)"]
     return "\n".join(lines)

@@ -14,8 +14,9 @@ variant's run and restoring it afterwards:
   backward, or read back from a per-program scratch and recomputed);
 * ``down-fused`` / ``down-separate``: ``FUSE_DOWN_BELOW_DIM`` (the down projection
   inside the forward kernel, halo included, or its own launch);
-* ``dw-in-dx`` / ``dw-split-k``: ``FUSED_DW_MAX_H`` (the weight gradients summed by
-  the dx kernel, or by two split-K launches);
+* ``dw-in-dx`` / ``dw-split-k``: ``DW_IN_DX`` (the weight gradients summed by the dx
+  kernel, ``FUSED_DW_MAX_H`` raised to the case's bottleneck where it is narrower, or by
+  two split-K launches);
 * ``u-recomputed`` / ``u-saved``: ``SAVE_U_MIN_DIM`` (the bottleneck ``u`` kept for
   backward, or recomputed there);
 * ``rows-fastest``: ``CHUNKS_FASTEST`` (the down and dx kernels' programs that share a row
@@ -38,8 +39,9 @@ NaN-filled; the shipped plan itself against the float64 reference. A wrong varia
 is reported as such and not timed. Then forward + backward is timed
 (``triton.testing.do_bench``: CUDA events, median, after a warm-up that excludes
 compilation), beside the model's floor for the same patched plan
-(:func:`benchmarks.roofline.modelled_floor_ms`, with this GPU's SM count and its copy
-and bf16 matmul rates measured in the same run as ceilings), measured / modelled,
+(:func:`benchmarks.roofline.modelled_floor_ms`, with this GPU's SM count and its copy,
+bf16 matmul and L2-to-SM read rates measured in the same run as ceilings:
+:mod:`benchmarks.ceilings`), measured / modelled,
 and the change against the shipped plan, measured and modelled.
 
 ``--budget S`` (or ``--deadline``, a unix time) bounds the run: no variant starts
@@ -80,7 +82,8 @@ TINY = (("visual-attn-tiny-d48", 48), ("visual-mlp-tiny-d80", 80))
 TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=64, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DIM=64,
                      FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
-WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "FUSED_DW_MAX_H", "BIG_BLOCK_MIN_DIM",
+WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
+           "BIG_BLOCK_MIN_DIM",
            "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "CHUNKS_FASTEST",
            "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
@@ -129,8 +132,15 @@ def variants(case) -> list:
     flip("FUSE_DOWN_BELOW_DIM", D < hv.FUSE_DOWN_BELOW_DIM, "down-fused", "down-separate",
          D + 1, D, ("down projection a launch of its own", "down projection in the forward "
                     "kernel"))
-    flip("FUSED_DW_MAX_H", hp <= hv.FUSED_DW_MAX_H, "dw-in-dx", "dw-split-k", hp, hp // 2,
-         ("weight gradients by split-K launches", "weight gradients summed in the dx kernel"))
+    if hv.DW_IN_DX and hp <= hv.FUSED_DW_MAX_H:
+        out.append(Variant("dw-split-k", "DW_IN_DX True -> False: weight gradients by split-K "
+                           "launches (shipped: summed in the dx kernel)", {"DW_IN_DX": False}))
+    else:
+        cap = max(hp, hv.FUSED_DW_MAX_H)
+        out.append(Variant("dw-in-dx", f"DW_IN_DX {hv.DW_IN_DX} -> True, FUSED_DW_MAX_H "
+                           f"{hv.FUSED_DW_MAX_H} -> {cap}: weight gradients summed in the dx "
+                           "kernel (shipped: split-K launches)",
+                           {"DW_IN_DX": True, "FUSED_DW_MAX_H": cap}))
     flip("SAVE_U_MIN_DIM", D >= hv.SAVE_U_MIN_DIM, "u-saved", "u-recomputed", D, D + 1,
          ("u recomputed in backward", "u kept for backward"))
     out.append(Variant("rows-fastest", "CHUNKS_FASTEST True -> False: the down and dx "
@@ -449,17 +459,12 @@ def _versus(row, shipped):
         row["model_vs_shipped_pct"] = 100.0 * (f / shipped["modelled_us"] - 1)
 
 
-def measure_peaks(device):
-    """Copy bandwidth and bf16 matmul rate of this GPU, as benchmarks/test_adapters.py
-    measures them (the model's ceilings: its floors become this GPU's)."""
-    import torch
-    a = torch.empty(2 ** 28, dtype=torch.bfloat16, device=device)      # 512 MiB
-    b = torch.empty_like(a)
-    copy_gbs = 2 * a.numel() * 2 / (bench_us(lambda: b.copy_(a), device) / 1e3) / 1e6
-    del a, b
-    m = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    tflops = 2 * 8192 ** 3 / (bench_us(lambda: m @ m, device) / 1e3) / 1e9
-    return copy_gbs, tflops
+def measure_peaks(device) -> dict:
+    """This GPU's ceilings for the model, as benchmarks/test_adapters.py measures them
+    (:func:`benchmarks.ceilings.measure_ceilings`: copy bandwidth, bf16 matmul rate and
+    L2-to-SM read bandwidth, timed by :func:`bench_us`): its floors become this GPU's."""
+    from benchmarks.ceilings import measure_ceilings
+    return measure_ceilings(device, lambda fn: bench_us(fn, device) / 1e3)
 
 
 def model_gpu(device):
@@ -471,12 +476,11 @@ def model_gpu(device):
     sms, gpu = plan_device(device)
     if not gpu:
         return replace(roofline.GPUS["H200"], name="H200 SXM datasheet (dry run)", sms=sms)
-    import torch
-    copy_gbs, tflops = measure_peaks(device)
-    return roofline.measured_gpu({"measured_copy_gbs": copy_gbs,
-                                  "measured_matmul_tflops": tflops,
-                                  "device": torch.cuda.get_device_name(device)}, sms=sms,
-                                 l2=torch.cuda.get_device_properties(device).L2_cache_size)
+    peaks = measure_peaks(device)
+    return roofline.measured_gpu({"measured_copy_gbs": peaks["copy_gbs"],
+                                  "measured_matmul_tflops": peaks["matmul_tflops"],
+                                  "measured_l2_gbs": peaks["l2_gbs"],
+                                  "device": peaks["device"]}, sms=sms, l2=peaks["l2_bytes"])
 
 
 def run(size, device, deadline=0.0, only=None, inject=False, emit=None,
@@ -579,7 +583,9 @@ def markdown(data: dict) -> str:
              "shipped plan's (||a - b|| / ||b||), the shipped plan's within it of the float64 "
              "reference; a wrong variant is not timed. Modelled floor: benchmarks/roofline.py "
              f"for the same plan on {g.get('name', '?')} ({g.get('sms', '?')} SMs, "
-             f"{g.get('hbm', 0) / 1e9:.0f} GB/s, {g.get('bf16', 0) / 1e12:.0f} TFLOP/s); "
+             f"{g.get('hbm', 0) / 1e9:.0f} GB/s, {g.get('bf16', 0) / 1e12:.0f} TFLOP/s"
+             + (f", L2->SM reads {g['l2_bw'] / 1e9:.0f} GB/s" if g.get("l2_bw") else "")
+             + "); "
              "% of floor: floor / measured; modelled vs shipped: the model's change."]
     if data.get("restored") is False:
         lines += ["", f"**Attributes not restored after the run**: {data.get('not_restored')}"]

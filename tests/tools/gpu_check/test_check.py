@@ -81,6 +81,8 @@ def test_dry_run_benchmark_tables(dry_run):
     assert "| lowrank-r16-d768 | bf16 | fwdbwd | eager (published, seq-first) |" in md
     assert "| lowrank-r16-d768 | bf16 | fwdbwd | heba triton |" in md
     assert "| % of modelled floor |" in md and "% of modelled floor: the Triton backend's" in md
+    # a dry run measures no ceiling: the L2-to-SM figure is left out and said to be the model's
+    assert "L2->SM reads" not in md and "(L2-to-SM: the model's Hopper figure, not" in md
     assert "| lowrank-r16-d768 >= 3.0x torch.compile | triton | no torch.compile row |" in md
     assert "bench-e2e | skipped" in md and "open_clip is not installed here (hidden by" in md
 
@@ -106,3 +108,18 @@ def test_e2e_ids_and_goals():
     assert "| text-d512 >= 3.5x torch.compile | triton | 4.00x | yes |" in table
     assert "| text-d512 saved-for-backward <= 1/3 of the reference's | triton | 0.22 | yes |" \
         in table
+
+
+def test_bench_ops_names_the_measured_ceilings():
+    row = dict(case="text-d512", impl="triton", dtype="bf16", mode="fwdbwd", cuda_ms=1.0,
+               pct_of_floor=50.0, peak_mem_bytes=4e6, saved_for_backward_bytes=1e6,
+               shape=[512, 77, 512], device="NVIDIA H200", measured_copy_gbs=4301.4,
+               measured_matmul_tflops=702.6, measured_l2_gbs=7012.3)
+    stage = dict(name="bench-ops", status="passed", note="", data=dict(rows=[row]))
+    md = check_report._bench_ops(stage)
+    assert ("Floors measured in this run: copy 4301 GB/s, bf16 matmul 703 TFLOP/s, L2->SM "
+            "reads 7012 GB/s. ") in md, md
+    assert "measured copy and matmul rates and L2-to-SM read bandwidth as ceilings" in md
+    for bad in (float("nan"), None, 0.0):
+        md = check_report._bench_ops(dict(stage, data=dict(rows=[dict(row, measured_l2_gbs=bad)])))
+        assert "bf16 matmul 703 TFLOP/s. ms:" in md and "L2->SM" not in md, (bad, md)

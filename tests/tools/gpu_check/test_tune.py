@@ -32,7 +32,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # The variants the tiny run makes: the attention-like case sits below every width switch,
 # the MLP-like one above, so each switch is flipped both ways across the two.
 EXPECTED = {
-    "visual-attn-tiny-d48": ["shipped", "y-kept", "down-separate", "dw-split-k",
+    "visual-attn-tiny-d48": ["shipped", "y-kept", "down-separate", "dw-in-dx",
                              "u-recomputed", "rows-fastest", "sweeps-one-way", "block-rows-32",
                              "block-rows-64", "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx",
@@ -108,7 +108,7 @@ def test_wrong_variant_is_reported_and_not_timed(dry):
     md = check_report.render(dict(dry=True, budget=280, seconds=1.0, started="now"), [stage])
     assert "## Launch-plan variants (tune)" in md
     assert "| y-kept | KEEP_Y_MIN_DIM 64 -> 48: y kept for backward (shipped: y recomputed) " \
-           "| 5 |  |" in md
+           "| 7 |  |" in md
     assert "**WRONG** not timed: out: 5.00e-02 > 2e-02" in md
 
 
@@ -159,7 +159,7 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 
 @pytest.mark.parametrize("case,flipped,same", [
-    ("visual-attn-d768", ["y-kept", "down-separate", "dw-split-k", "u-recomputed",
+    ("visual-attn-d768", ["y-kept", "down-separate", "dw-in-dx", "u-recomputed",
                           "rows-fastest", "sweeps-one-way"],
      "block-rows-64"),
     ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "u-recomputed",
