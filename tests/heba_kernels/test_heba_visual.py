@@ -94,11 +94,14 @@ def test_dim_768():
                             scale=0.5, grid=(2, 3))
 
 
+@pytest.mark.parametrize("dw", [False, True], ids=["split-k", "dw-in-dx"])
 @pytest.mark.parametrize("rescale", [True, False], ids=["rescale", "plain"])
 @pytest.mark.parametrize("scale", [0.0, 0.025], ids=["scale0", "scale0.025"])
-def test_gradient_rule(scale, rescale):
+def test_gradient_rule(monkeypatch, scale, rescale, dw):
     # rescale_param_grad=True: parameter grads as if scale were 1, finite at scale 0;
-    # False: the plain gradients (zero at scale 0). The reference implements both.
+    # False: the plain gradients (zero at scale 0). The reference implements both, and the
+    # kernels both ways of summing the weight gradients (DW_IN_DX).
+    monkeypatch.setattr(_hv, "DW_IN_DX", dw)
     x = _x(2, 3, 4, 40, 1, torch.float32, True, seed=7)
     params = visual_params(40, device=DEVICE, seed=3)
     out, grads = check_against_reference("heba_visual", "triton", x, params, scale=scale,
