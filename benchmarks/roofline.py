@@ -183,6 +183,16 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             n_t, n_h = _cdiv(T, BT), _cdiv(h, BH)     # a row block's x shared by its n_h
             if not m["CHUNK_FASTEST"]:
                 c.hbm += order_misses(tok, n_h, n_t, n_t * BT * D * e, gpu)
+        elif st.step == "dv":         # dv = (dy Wu) gelu'(dwconv(u)), dWm: S row programs x
+            n_t, n_h = _cdiv(T, BT), _cdiv(h, BH)   # h chunks, [BT, BH] tiles of depth D
+            rows = st.grid[0] // n_h
+            c.hbm = tok + 2 * hid + D * h * w + rows * h * 9 * 4
+            c.flops = 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
+            # per tile: its rows of dy and Wu's columns over D, u's rows under the stencil
+            # (v's and dWm's taps, L1 after the first), dv stored
+            c.l2 = n_t * n_h * (BT * Dp * e + Dp * BH * w + (stencil_rows(BT, W) + BT) * BH * w)
+            if not m["CHUNK_FASTEST"]:                # a row block's dy shared by its n_h
+                c.hbm += order_misses(tok, n_h, rows, rows * BT * D * e, gpu)
         elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv in, du out (operand dtype)
             c.hbm, c.flops = 2 * hid, 2 * 9 * Tp * hp
             c.l2 = nprog * (stencil_rows(BT, W) + BT) * BH * w      # taps (L1), dst
@@ -208,24 +218,31 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                 c.flops += 2 * blocks * ext * Dp * hp
                 c.l2 += blocks * (ext * (_cdiv(h, BH) * Dp * e + 2 * hp * w) + Dp * hp * w)
         elif st.step == "dy":         # per block: s, two sweeps recomputing z (dy written),
-            BHV = m["BLOCK_HV"]       # then dv = (Wu^T dy) gelu'(v) and dWm, h in BHV chunks
+            BHV = m["BLOCK_HV"]       # then (DV) dv = (Wu^T dy) gelu'(v) and dWm, h in BHV
+            dv = int(m["DV"])         # chunks (else the dv launch does)
             slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks
-            c.hbm = (3 * tok + 4 * hid + D * h * w + 8 * T
-                     + slots * (2 * D + 9 * h) * 4)
+            keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
+            c.hbm = (3 * tok + (2 + 2 * dv) * hid + (dv or not keep) * D * h * w + 8 * T
+                     + slots * (2 * D + 9 * h * dv) * 4)
             if m["DW"]:               # dy and s only in a per-program scratch (the dx kernel
                 c.hbm += slots * BT * (h * w + D * e) + 8 * T - tok - hid   # recomputes them)
-            keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
-            c.flops = (1 if keep else 3) * 2 * Tp * Dp * hp + 3 * 2 * 9 * Tp * hp
+            c.flops = (((0 if keep else 2) + dv) * 2 * Tp * Dp * hp
+                       + (1 + 2 * dv) * 2 * 9 * Tp * hp)
             zs = 0 if keep else _cdiv(D, BD) * BT * hp * w + Dp * hp * w
             # (the stencils: s's, and per h chunk v's and dWm's taps over the same u rows)
-            c.l2 = blocks * (2 * (2 * BT * Dp * e + zs) + _cdiv(h, BHV) * BT * Dp * e
-                             + Dp * hp * w + 2 * (stencil_rows(BT, W) + BT) * hp * w)
+            c.l2 = blocks * (2 * (2 * BT * Dp * e + zs)
+                             + (1 + dv) * (stencil_rows(BT, W) + BT) * hp * w)
+            if dv:                    # the dv phase: dy re-read per h chunk, Wu once per block
+                c.l2 += blocks * (_cdiv(h, BHV) * BT * Dp * e + Dp * hp * w)
+            else:                     # dy written, for the dv launch
+                c.l2 += blocks * BT * Dp * e
             # sweep 2 (reversed) re-reads the block's y (or x) and g, then each of the dv
             # phase's sweeps (one per BLOCK_HV columns of h, alternating) its dy rows
             res, alt = min(st.grid[0], gpu.sms), m["ALTERNATE"]
             c.hbm += resweep_misses(T * D * 2 * e, res * BT * (D * 2 * e + (not keep) * h * w),
                                     gpu.l2, alt)
-            c.hbm += _cdiv(h, BHV) * resweep_misses(T * D * e, res * BT * D * e, gpu.l2, alt)
+            if dv:
+                c.hbm += _cdiv(h, BHV) * resweep_misses(T * D * e, res * BT * D * e, gpu.l2, alt)
         elif st.step == "dx":         # per (row block, D chunk): dx = g + xs (dy + Wd^T du)
             blocks, n_d = _cdiv(T, BT), _cdiv(D, BD)    # grid: row programs x D chunks
             rows = st.grid[0] // n_d

@@ -175,6 +175,18 @@ DW_IN_DX = False
 # and up the two [BLOCK_D, h] accumulators would not fit in registers.
 FUSED_DW_MAX_H = 256
 
+# From this width ``dv = (dy Wu) * gelu'(v)`` and dWm are a launch of their own
+# (``_heba_visual_bwd_kernel_dv``: [128, 128] tiles with D as the GEMM's depth, as the down
+# projection's), after the _dy kernel, which then only writes dy. Inside the _dy kernel
+# every 32-row block re-reads all of Wu (4.7 MB at D3072 h768) once per block: 7.4 GB of
+# L2->SM traffic per backward at B256, where the tiles read 3.7 GB. Modelled
+# (benchmarks/roofline.py, bf16, B256 14x14, H200; the L2's bandwidth a lead there until
+# a GPU check measures it) at the MLP position (D3072 h768), forward + backward: in the _dy
+# kernel 8 launches, 5103 MB HBM, 33.9 GB L2->SM, floor 3369 us (the _dy kernel 1079);
+# a launch of its own 9 launches, see the module's README figures. At the attention
+# position (D768 h192) the _dy kernel's blocks hold its dv sweeps in registers and L2.
+DV_GEMM_MIN_DIM = 2048
+
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
 
@@ -320,20 +332,23 @@ def _copy_prefix(src_ptr, dst_ptr, b, first, d, d_mask, stride_sb, stride_sn, st
 
 
 @triton.jit
-def _down_tile(x_rows, row_mask, wd_ptr, c, c_mask, D, BLOCK_R: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OP: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``t Wd^T`` of ``BLOCK_R`` token rows (pointers ``x_rows``) and bottleneck columns
-    ``c``, D in chunks: [BLOCK_R, BLOCK_H] fp32."""
+def _down_tile(x_rows, row_mask, wd_ptr, c, c_mask, D, stride_wc, stride_wd,
+               BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+               OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``t W^T`` of ``BLOCK_R`` token rows (pointers ``x_rows``, ``D`` wide) and the columns
+    ``c`` of a weight whose element ``(c, d)`` sits at ``c * stride_wc + d * stride_wd``
+    (Wd ``[h, D]``: ``(D, 1)``, the down projection; Wu ``[D, h]``: ``(1, h)``, ``dy Wu``),
+    D in chunks: [BLOCK_R, BLOCK_H] fp32."""
     acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    w_cols = wd_ptr + c[None, :].to(tl.int64) * stride_wc
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         t = tl.load(x_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :],
                     other=0.0)                                                     # [BR, BD]
-        wd_t = tl.load(wd_ptr + c[None, :].to(tl.int64) * D + d[:, None],
-                       mask=d_mask[:, None] & c_mask[None, :], other=0.0)          # [BD, BH] = Wd^T
-        acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(wd_t, OP, UPCAST), acc, IEEE)
+        w_t = tl.load(w_cols + d[:, None].to(tl.int64) * stride_wd,
+                      mask=d_mask[:, None] & c_mask[None, :], other=0.0)           # [BD, BH] = W^T
+        acc = _mma(_op_cast(t, OP, UPCAST), _op_cast(w_t, OP, UPCAST), acc, IEEE)
     return acc
 
 
@@ -352,8 +367,8 @@ def _heba_visual_fwd_kernel_down(
     c = hk * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
-    acc = _down_tile(x_rows, r_mask, wd_ptr, c, c_mask, D, BLOCK_T, BLOCK_H, BLOCK_D, OP,
-                     UPCAST, IEEE)
+    acc = _down_tile(x_rows, r_mask, wd_ptr, c, c_mask, D, D, 1, BLOCK_T, BLOCK_H, BLOCK_D,
+                     OP, UPCAST, IEEE)
     tl.store(u_ptr + r[:, None] * h + c[None, :], acc.to(u_ptr.dtype.element_ty),
              mask=r_mask[:, None] & c_mask[None, :])
 
@@ -401,8 +416,8 @@ def _down_halo(x_ptr, wd_ptr, u_ptr, uh_ptr, r0, stride_xb, stride_xn, T, HW, W,
         for h0 in range(0, h, BLOCK_H):
             c = h0 + tl.arange(0, BLOCK_H)
             c_mask = c < h
-            acc = _down_tile(x_rows, ok, wd_ptr, c, c_mask, D, BLOCK_E, BLOCK_H, BLOCK_D, OP,
-                             UPCAST, IEEE)
+            acc = _down_tile(x_rows, ok, wd_ptr, c, c_mask, D, D, 1, BLOCK_E, BLOCK_H,
+                             BLOCK_D, OP, UPCAST, IEEE)
             val = acc.to(uh_ptr.dtype.element_ty)
             tl.store(uh_ptr + k[:, None] * h + c[None, :], val, mask=ok[:, None] & c_mask[None, :])
             tl.store(u_ptr + g[:, None] * h + c[None, :], val,
@@ -602,7 +617,6 @@ def _heba_visual_bwd_dv_block(
     direction opposite to the sweep before it (the first forward: the dy sweep ran in
     reverse), so every sweep starts on the chunks still in L2."""
     img = b * HW
-    taps = tl.arange(0, 16)
     n_d = tl.cdiv(D, BLOCK_D)
     for h0 in range(0, h, BLOCK_HV):
         c = h0 + tl.arange(0, BLOCK_HV)
@@ -617,17 +631,57 @@ def _heba_visual_bwd_dv_block(
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
                          mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BHV]
             ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
-        v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_HV)
-        dv = ds * _gelu_grad(v)                                                    # [BT, BHV]
-        tl.store(dv_ptr + r[:, None] * h + c[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=r_mask[:, None] & c_mask[None, :])
-        dwm = tl.zeros((BLOCK_HV, 16), dtype=tl.float32)                           # [BHV, taps]
-        for k in tl.static_range(9):
-            un = _shifted(u_ptr, img, p, r_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
-            dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
-        slot = dwm_slot + c[:, None] * 9 + taps[None, :]
-        ok = c_mask[:, None] & (taps[None, :] < 9)
-        tl.store(slot, tl.load(slot, mask=ok & ACCUMULATE, other=0.0) + dwm, mask=ok)
+        _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W,
+                     h, ACCUMULATE, BLOCK_T, BLOCK_HV)
+
+
+@triton.jit
+def _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W, h,
+                 ACCUMULATE, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``dv = ds * gelu'(v)`` of a [BT, BH] tile (``ds = Wu^T dy``, ``v = dwconv(u)``
+    recomputed: nine shifted loads of u, from L1 after the first) stored in the operand
+    dtype, and the tile's dWm (``sum_t dv[t, c] u[t + off_k, c]``, 9 taps padded to 16)
+    added to ``dwm_slot`` (``ACCUMULATE`` False: written)."""
+    taps = tl.arange(0, 16)
+    v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
+    dv = ds * _gelu_grad(v)                                                        # [BT, BH]
+    tl.store(dv_ptr + r[:, None] * h + c[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=r_mask[:, None] & c_mask[None, :])
+    dwm = tl.zeros((BLOCK_H, 16), dtype=tl.float32)                                # [BH, taps]
+    for k in tl.static_range(9):
+        un = _shifted(u_ptr, img, p, r_mask, c, c_mask, H, W, h, k // 3 - 1, k % 3 - 1)
+        dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
+    slot = dwm_slot + c[:, None] * 9 + taps[None, :]
+    ok = c_mask[:, None] & (taps[None, :] < 9)
+    tl.store(slot, tl.load(slot, mask=ok & ACCUMULATE, other=0.0) + dwm, mask=ok)
+
+
+@triton.jit
+def _heba_visual_bwd_kernel_dv(
+    dy_ptr, wu_ptr, u_ptr, wm_ptr, dv_ptr, dwm_part_ptr,   # dy [B, N, D] via strides; Wu [D, h]
+    stride_db, stride_dn, H, W, T, HW, D, h, P,            # u, dv [B * HW, h]; [S, h, 9] fp32
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, CHUNK_FASTEST: tl.constexpr,
+):
+    """``dv = (dy Wu) * gelu'(dwconv(u))`` and dWm as a GEMM of its own (``DV_GEMM_MIN_DIM``
+    up): program ``(s, k)`` of ``S x n_h`` (:func:`_row_and_chunk`) takes bottleneck columns
+    ``k`` of the row blocks ``s, s + S, ...``, each a ``[BLOCK_T, BLOCK_H]`` tile with D as
+    the GEMM's depth (Wu read once per tile, not once per narrow h sweep of the _dy
+    kernel's blocks), and sums their dWm into slot ``s``. With ``CHUNK_FASTEST`` a row
+    program's ``n_h`` programs are consecutive, so they share its rows of dy in L2."""
+    n_h = tl.cdiv(h, BLOCK_H)
+    pid, k = _row_and_chunk(n_h, CHUNK_FASTEST)
+    n_s = tl.num_programs(0) // n_h
+    c = k * BLOCK_H + tl.arange(0, BLOCK_H)
+    c_mask = c < h
+    slot = dwm_part_ptr + pid.to(tl.int64) * h * 9
+    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
+        r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
+        dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
+        ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c_mask, D, 1, h, BLOCK_T, BLOCK_H, BLOCK_D,
+                        OP, UPCAST, IEEE)                                          # dy Wu
+        _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, slot, r, r_mask, b * HW, p, c, c_mask, H, W,
+                     h, i > 0, BLOCK_T, BLOCK_H)
 
 
 @triton.jit
@@ -637,14 +691,15 @@ def _heba_visual_bwd_kernel_dy(
     dwm_part_ptr,                                 # partials [S, D], [S, D], [S, h, 9] fp32
     stride_xb, stride_xn, stride_gb, stride_gn, stride_db, stride_dn,
     H, W, T, HW, D, h, P, gs, gs_ptr,
-    GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr, DW: tl.constexpr,
+    GS_PTR: tl.constexpr, KEEP_Y: tl.constexpr, DW: tl.constexpr, DV: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HV: tl.constexpr,
     BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ALTERNATE: tl.constexpr,
 ):
     """Program ``s`` of ``S``: row blocks ``s, s + S, s + 2S, ...`` in that order. Per block,
     three phases on the program's own rows: ``s = gelu(dwconv(u))``, the LayerNorm backward
-    (``dy``, dgamma/dbeta), then ``dv`` and dWm; the partials summed into slot ``s``: the
+    (``dy``, dgamma/dbeta), then (``DV``; else :func:`_heba_visual_bwd_kernel_dv`, a launch
+    of its own) ``dv`` and dWm; the partials summed into slot ``s``: the
     partial buffers stay ``[S, ...]`` whatever the batch. ``s`` and ``dy`` go to
     ``s [B * HW, h]`` and the dx buffer ``[B, N, D]`` (read by the weight-gradient and dx
     launches), or with ``DW`` to the program's scratch (``s [S, BLOCK_T, h]``, ``dy
@@ -670,10 +725,12 @@ def _heba_visual_bwd_kernel_dy(
             stride_xb, stride_xn, stride_gb, stride_gn,
             D, h, P, gs, i > 0, KEEP_Y, DW, ALTERNATE, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST,
             IEEE)
-        tl.debug_barrier()               # dy rows written by other threads, read back next
-        _heba_visual_bwd_dv_block(
-            dy_rows, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, r, r_mask, b,
-            p, H, W, HW, D, h, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP, UPCAST, IEEE, ALTERNATE)
+        if DV:
+            tl.debug_barrier()           # dy rows written by other threads, read back next
+            _heba_visual_bwd_dv_block(
+                dy_rows, u_ptr, wm_ptr, wu_ptr, dv_ptr, dwm_part_ptr + slot * h * 9, r, r_mask,
+                b, p, H, W, HW, D, h, i > 0, BLOCK_T, BLOCK_HV, BLOCK_D, OP, UPCAST, IEEE,
+                ALTERNATE)
         # The next block reads back the slots (and rewrites the scratch), written by other
         # threads of the program.
         tl.debug_barrier()
@@ -964,24 +1021,30 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     down = dict(_down_config(cfg, D, h), CHUNK_FASTEST=CHUNKS_FASTEST)
     dx = dict(_dx_config(cfg, D, h, gpu), CHUNK_FASTEST=CHUNKS_FASTEST)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
-    dy_cfg = _dy_config(cfg, D, h, dx["DW"])
+    dv_gemm = D >= DV_GEMM_MIN_DIM and not dx["DW"]
+    dy_cfg = dict(_dy_config(cfg, D, h, dx["DW"]), DV=not dv_gemm)
     slots = _programs(triton.cdiv(T, dy_cfg["BLOCK_T"]), sms, gpu)
-    plan = [Launch("down", "_heba_visual_fwd_kernel_down",
-                   (n_t * triton.cdiv(h, down["BLOCK_H"]),), down)] if recompute_u else []
-    plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg),
-             Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg)]
+    n_dh = triton.cdiv(h, down["BLOCK_H"])
+    plan = [Launch("down", "_heba_visual_fwd_kernel_down", (n_t * n_dh,), down)] \
+        if recompute_u else []
+    plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg)]
+    dwm_slots = slots
+    if dv_gemm:       # S row programs per bottleneck chunk, about two programs per SM
+        dwm_slots = max(1, min(n_t, 2 * sms // n_dh)) if gpu else min(n_t, 2)
+        plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (dwm_slots * n_dh,), down))
+    plan.append(Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg))
     if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
         n_tx = triton.cdiv(T, dx["BLOCK_T"])
         rows = max(1, min(n_tx, triton.cdiv(2 * sms, n_d))) if gpu else min(n_tx, 2)
         return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows * n_d,), dx),
-                       reduce_plan([(rows, h * D), (slots, h * 9), (rows, D * h),
+                       reduce_plan([(rows, h * D), (dwm_slots, h * 9), (rows, D * h),
                                     (slots, D), (slots, D)])]
     d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
     d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
     return plan[:-1] + [                   # dy, dWu, du, dWd (split-K launches), dx
         d_up, plan[-1], d_down,
         Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx),
-        reduce_plan([(d_down.grid[2], h * D), (slots, h * 9), (d_up.grid[2], D * h),
+        reduce_plan([(d_down.grid[2], h * D), (dwm_slots, h * 9), (d_up.grid[2], D * h),
                      (slots, D), (slots, D)])]
 
 
@@ -1103,13 +1166,18 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     dnw_part = new_buffer((n_s, D), torch.float32, dev)
     dnb_part = new_buffer((n_s, D), torch.float32, dev)
     dv = new_buffer((B, HW, h), op, dev)
-    dwm_part = new_buffer((n_s, h, 9), torch.float32, dev)
+    dv_step = plan.get("dv")          # dv = (dy Wu) gelu'(v): a launch of its own, or in _dy
+    n_dwm = dv_step.grid[0] // triton.cdiv(h, dv_step.meta["BLOCK_H"]) if dv_step else n_s
+    dwm_part = new_buffer((n_dwm, h, 9), torch.float32, dev)
     gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
     assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"
     launch(_heba_visual_bwd_kernel_dy, plan["dy"].grid, x, g, u, wm, s, wu, nw, mean, rstd,
            mean if y is None else y, dy, dv, cst if fused else mean, dnw_part, dnb_part,
            dwm_part, sxb, sxn, sgb, sgn, sdb, sdn, H, W, T, HW, D, h, P, gs_v, gs_p,
            GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
+    if dv_step:
+        launch(_heba_visual_bwd_kernel_dv, dv_step.grid, dy, wu, u, wm, dv, dwm_part, sdb, sdn,
+               H, W, T, HW, D, h, P, **_kw(dv_step))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens, or
     # (DW) summed by the dx kernel's programs, one slot each.

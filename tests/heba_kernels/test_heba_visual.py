@@ -277,9 +277,11 @@ jobs += [(hv._heba_visual_bwd_kernel_dx, dict(blocks, DW=False, BLOCK_HP=16), ()
          (hv._heba_visual_bwd_kernel_dx, dict(blocks, DW=True, BLOCK_HP=256, BLOCK_D=32), ())]
 jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep, FUSE_DOWN=fuse, BLOCK_E=32), ())
          for keep, fuse in ((False, True), (False, False), (True, False))]
-jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep, DW=dw), ())
+jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep, DW=dw, DV=True),
+          ())
          for keep, dw in ((False, False), (True, False), (False, True))]
-# The MLP position's large blocks, as the plans pick them (B=256, 14x14, D=3072, 132 SMs).
+# The MLP position's large blocks, as the plans pick them (B=256, 14x14, D=3072, 132 SMs):
+# the _dy kernel without its dv phase, and the dv launch.
 import torch
 plan = hv.visual_fwd_plan(256, 14, 14, 3072, 768, torch.bfloat16, 132, True) + \
     hv.visual_bwd_plan(256, 14, 14, 3072, 768, torch.bfloat16, 132, True, False)
@@ -336,7 +338,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 16, res.stdout
+    assert res.stdout.count("compiled") == 17, res.stdout
 
 
 def _grads(a, x, scale=0.6):
@@ -410,28 +412,34 @@ def test_kept_pre_norm_value_or_recomputed(monkeypatch, dtype):
                             {n: p.detach() for n, p in _visual_named(a)}, scale=0.6, grid=(4, 5))
 
 
+@pytest.mark.parametrize("dv_gemm", [False, True], ids=["dv-in-dy", "dv-gemm"])
 @pytest.mark.parametrize("layout", [True, False], ids=["l2-layout", "rows-fastest-one-way"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout):
+def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_gemm):
     """The MLP position's plan at a small width: the down projection a launch of its own
     (2 bottleneck chunks per row block, consecutive programs), y kept and the _dy
     kernel's dv sweeps 16 columns wide (5 sweeps over D, alternating direction, after
-    the LayerNorm sweep that ran in reverse), split-K weight gradients and the dx kernel
-    over 3 D chunks per row block (consecutive programs): against the reference. The same
-    with the other program order and one-way sweeps (the L2 layout's switches, which the
-    GPU check's tune stage times both ways)."""
+    the LayerNorm sweep that ran in reverse), or dv a launch of its own (2 bottleneck
+    chunks of 2 row programs, each over 2 row blocks), split-K weight gradients and the dx
+    kernel over 3 D chunks per row block (consecutive programs): against the reference.
+    The same with the other program order and one-way sweeps (the L2 layout's switches,
+    which the GPU check's tune stage times both ways)."""
     monkeypatch.setattr(_hv, "CHUNKS_FASTEST", layout)
     monkeypatch.setattr(_hv, "ALTERNATE_SWEEPS", layout)
     monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 0)
     monkeypatch.setattr(_hv, "KEEP_Y_MIN_DIM", 0)
     monkeypatch.setattr(_hv, "FUSED_DW_MAX_H", 0)
     monkeypatch.setattr(_hv, "RESWEEP_HV", 16)
-    B, H, W, D = 3, 3, 3, 272
+    monkeypatch.setattr(_hv, "DV_GEMM_MIN_DIM", 0 if dv_gemm else 10 ** 9)
+    B, H, W, D = 4, 3, 3, 272
     plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, D // 4, dtype, 1, False)
             + _hv.visual_bwd_plan(B, H, W, D, D // 4, dtype, 1, False, recompute_u=False)}
     assert plan["down"].grid == (triton.cdiv(B * H * W, 16) * 2,)
     assert plan["dx"].grid == (triton.cdiv(B * H * W, 16) * 3,)
     assert (plan["dy"].meta["BLOCK_HV"], plan["dy"].meta["KEEP_Y"]) == (16, True)
+    assert plan["dy"].meta["DV"] == (not dv_gemm) and ("dv" in plan) == dv_gemm
+    if dv_gemm:
+        assert plan["dv"].grid == (2 * 2,) and triton.cdiv(B * H * W, 16) == 3
     x = _x(B, H, W, D, 2, dtype, True, seed=21)
     check_against_reference("heba_visual", "triton", x,
                             visual_params(D, device=DEVICE, dtype=dtype, seed=21), scale=0.7,
@@ -457,6 +465,7 @@ def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw):
     assert plan["dy"].meta["BLOCK_T"] >= 32 and plan["dx"].grid[0] > 1
     if D >= _hv.KEEP_Y_MIN_DIM:
         assert (plan["fwd"].meta["BLOCK_D"], plan["dy"].meta["BLOCK_HV"]) == (128, 128)
+        assert not plan["dy"].meta["DV"] and plan["dv"].grid == (2 * 4,)   # 2 rows x 4 chunks
         assert plan["down"].grid[0] == triton.cdiv(T, plan["down"].meta["BLOCK_T"]) * 4
     else:
         assert plan["dx"].meta["DW"] == dw and plan["fwd"].meta["FUSE_DOWN"]

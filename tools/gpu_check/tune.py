@@ -17,6 +17,8 @@ variant's run and restoring it afterwards:
 * ``dw-in-dx`` / ``dw-split-k``: ``DW_IN_DX`` (the weight gradients summed by the dx
   kernel, ``FUSED_DW_MAX_H`` raised to the case's bottleneck where it is narrower, or by
   two split-K launches);
+* ``dv-gemm`` / ``dv-in-dy``: ``DV_GEMM_MIN_DIM`` (``dv = (dy Wu) gelu'(v)`` a launch of its
+  own, tiled as a GEMM, or a phase of the _dy kernel's blocks);
 * ``u-recomputed`` / ``u-saved``: ``SAVE_U_MIN_DIM`` (the bottleneck ``u`` kept for
   backward, or recomputed there);
 * ``rows-fastest``: ``CHUNKS_FASTEST`` (the down and dx kernels' programs that share a row
@@ -80,10 +82,10 @@ BLOCK_CAPS = (32, 64, 128)
 # width switch and the MLP-like one (D80, h20, h padded to 32) above, as D768 and D3072 do.
 TINY = (("visual-attn-tiny-d48", 48), ("visual-mlp-tiny-d80", 80))
 TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=64, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DIM=64,
-                     FUSED_DW_MAX_H=16)
+                     FUSED_DW_MAX_H=16, DV_GEMM_MIN_DIM=64)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
-           "BIG_BLOCK_MIN_DIM",
+           "DV_GEMM_MIN_DIM", "BIG_BLOCK_MIN_DIM",
            "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "CHUNKS_FASTEST",
            "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
@@ -141,6 +143,8 @@ def variants(case) -> list:
                            f"{hv.FUSED_DW_MAX_H} -> {cap}: weight gradients summed in the dx "
                            "kernel (shipped: split-K launches)",
                            {"DW_IN_DX": True, "FUSED_DW_MAX_H": cap}))
+    flip("DV_GEMM_MIN_DIM", D >= hv.DV_GEMM_MIN_DIM, "dv-gemm", "dv-in-dy", D, D + 1,
+         ("dv in the _dy kernel's blocks", "dv a launch of its own ([128, 128] tiles)"))
     flip("SAVE_U_MIN_DIM", D >= hv.SAVE_U_MIN_DIM, "u-saved", "u-recomputed", D, D + 1,
          ("u recomputed in backward", "u kept for backward"))
     out.append(Variant("rows-fastest", "CHUNKS_FASTEST True -> False: the down and dx "

@@ -32,10 +32,10 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # The variants the tiny run makes: the attention-like case sits below every width switch,
 # the MLP-like one above, so each switch is flipped both ways across the two.
 EXPECTED = {
-    "visual-attn-tiny-d48": ["shipped", "y-kept", "down-separate", "dw-in-dx",
+    "visual-attn-tiny-d48": ["shipped", "y-kept", "down-separate", "dw-in-dx", "dv-gemm",
                              "u-recomputed", "rows-fastest", "sweeps-one-way", "block-rows-32",
                              "block-rows-64", "block-rows-128"],
-    "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx",
+    "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                             "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
                             "fwd-rows-128", "block-rows-32", "block-rows-64", "block-rows-128"],
 }
@@ -120,7 +120,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (22): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-kept," in md
+    assert "Not run (24): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-kept," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -159,10 +159,11 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 
 @pytest.mark.parametrize("case,flipped,same", [
-    ("visual-attn-d768", ["y-kept", "down-separate", "dw-in-dx", "u-recomputed",
+    ("visual-attn-d768", ["y-kept", "down-separate", "dw-in-dx", "dv-gemm", "u-recomputed",
                           "rows-fastest", "sweeps-one-way"],
      "block-rows-64"),
-    ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "u-recomputed",
+    ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
+                          "u-recomputed",
                           "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
                           "fwd-rows-128"],
      "block-rows-128")], ids=["visual-attn-d768", "visual-mlp-d3072"])
