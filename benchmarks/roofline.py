@@ -77,6 +77,9 @@ from heba_kernels.low_rank import low_rank_plan
 # ceiling this errs on the fast side, as a floor must. The GPU check measures it
 # (``measured_l2_gbs``), and :func:`measured_gpu` takes the measured figure.
 HOPPER_L2_BW = 5120 * 1.98e9
+# One SM's share of it: 64 bytes per clock from L2 into an SM (a lead as well), so a launch
+# of fewer programs than SMs reads L2 at most that fast per program.
+HOPPER_L2_BW_SM = 64 * 1.98e9
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class GPU:
     sms: int
     l2: float = 50e6  # bytes of L2, datasheet (H100 SXM and H200 SXM: 50 MB)
     l2_bw: float = HOPPER_L2_BW   # L2-to-SM bytes/s (a lead: see HOPPER_L2_BW)
+    l2_bw_sm: float = HOPPER_L2_BW_SM   # the same into one SM
 
 
 GPUS = {"H100": GPU("H100 SXM", 3.35e12, 989e12, 132),
@@ -102,13 +106,28 @@ class Cost:
     l2: float = 0.0
     flops: float = 0.0
 
+    def programs(self) -> int:
+        """Programs of the grid (0 where the library picks it: cuBLAS, ATen)."""
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+    def times_s(self, gpu: GPU) -> dict:
+        """Seconds at each ceiling. A grid of fewer programs than SMs runs on that many:
+        the matrix rate and the L2's bandwidth (``l2_bw_sm`` per SM) scale with them, HBM's
+        does not (a few dozen SMs saturate it). A library's grid is taken to fill the GPU."""
+        p = self.programs()
+        active = gpu.sms if p <= 0 else min(p, gpu.sms)
+        return {"HBM": self.hbm / gpu.hbm, "FLOP": self.flops / (gpu.bf16 * active / gpu.sms),
+                "L2": self.l2 / min(gpu.l2_bw, active * gpu.l2_bw_sm)}
+
     def floor_s(self, gpu: GPU) -> float:
-        return max(self.hbm / gpu.hbm, self.flops / gpu.bf16, self.l2 / gpu.l2_bw)
+        return max(self.times_s(gpu).values())
 
     def bound(self, gpu: GPU) -> str:
         """Which ceiling sets the floor: ``"HBM"``, ``"FLOP"`` or ``"L2"``."""
-        t = {"HBM": self.hbm / gpu.hbm, "FLOP": self.flops / gpu.bf16,
-             "L2": self.l2 / gpu.l2_bw}
+        t = self.times_s(gpu)
         return max(t, key=t.get)
 
 

@@ -886,20 +886,24 @@ def _block_t(T: int, D: int, sms: int) -> int:
     last one. Modelled (benchmarks/roofline.py, bf16, B256 14x14, forward + backward,
     with the down/dx blocks below): MLP position (D3072 h768) 32 rows 59.0 GB L2->SM, 64
     rows 44.2, 128 rows 36.8 (32-row blocks of one image each: 78.5); attention position
-    (D768 h192) 15.2 / 13.9 / 13.3 GB, floor 178 / 176 / 183 us on an H200 (at 128 rows the
-    forward's y scratch and halo cost more than the weight reads save). The largest block
-    that still gives every SM a program, up to 128 rows from ``BIG_BLOCK_MIN_DIM`` and 64
-    below. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton 3.8 /
-    3.6): at 64 rows, D768, fwd (the halo's down GEMM, y in the scratch) 213 / 241, _dy
-    224 / 230, no spill; at 128 rows, D3072, down 107 / 107, fwd 241 / 255 (3.6: 108 B
-    spilled), _dx (128 columns of D) 255 with 96 B spilled in both, dwconv 172 / 182: one
-    8-warp program per SM for fwd and _dy; float32 tokens spill up to a few hundred bytes
-    at 128 rows. From ``KEEP_Y_MIN_DIM`` up the forward and _dy kernels run blocks of
-    their own, sized for the L2 (``_fwd_config``, ``_dy_config``). To be tuned on a GPU
-    (the GPU check's opt-in ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
-    cap = 128 if D >= BIG_BLOCK_MIN_DIM else 64
-    bt = cap
-    while bt > 16 and triton.cdiv(T, bt) < sms:
+    (D768 h192) 15.2 / 13.9 / 13.3 GB. ``BIG_BLOCK_MIN_DIM`` up 128 rows, 64 below (at 128
+    rows the forward's y scratch and halo cost registers), whatever ``sms``: blocks are
+    not shrunk to give every SM a program. A small batch then runs fewer programs than
+    SMs, and the model (which prices that: a launch's matrix rate and L2 bandwidth are its
+    programs' SMs') still prefers the large blocks, since each halving of the block
+    doubles every program's weight reads. At the published batch 16 (H200, forward +
+    backward): D3072 16-row blocks (the largest that filled 132 SMs) 508 us, 32 325, 64
+    260, 128 227; D768 16 rows 65 us, 32 46, 64 49. Only a block longer than all the
+    tokens is halved. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton
+    3.8 / 3.6): at 64 rows, D768, fwd (the halo's down GEMM, y in the scratch) 213 / 241,
+    _dy 224 / 230, no spill; at 128 rows, D3072, down 107 / 107, _dx (128 columns of D)
+    255 with 96 B spilled in both, dwconv 172 / 182: one 8-warp program per SM for fwd and
+    _dy; float32 tokens spill up to a few hundred bytes at 128 rows. From
+    ``KEEP_Y_MIN_DIM`` up the forward and _dy kernels run blocks of their own, sized for
+    the L2 (``_fwd_config``, ``_dy_config``). To be tuned on a GPU (the GPU check's opt-in
+    ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
+    bt = 128 if D >= BIG_BLOCK_MIN_DIM else 64
+    while bt > 16 and bt // 2 >= T:
         bt //= 2
     return bt
 

@@ -3,6 +3,8 @@ forward + backward in the interpreter sees exactly the modelled launches."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,7 +72,9 @@ def test_table_lists_every_case_and_says_modelled():
         assert f"| {c.name} | triton |" in md and f"| {c.name} | reference (eager) |" in md
     for r in rs:   # issued work never below the floor's
         assert r["hbm"] >= r["ideal_bytes"] and r["flops"] >= r["ideal_flops"] * 0.99, r
-        assert r["eager_ops"] > 0 and r["floor_H200"] < r["floor_H100"]
+        # the H200's faster HBM, the same matrix rate and L2: never slower
+        assert r["eager_ops"] > 0 and r["floor_H200"] <= r["floor_H100"]
+        assert r["ideal_H200"] < r["ideal_H100"]
 
 
 def test_unknown_gpu_is_one_line(capsys):
@@ -124,9 +128,29 @@ ODD = roofline.GPU("odd", 2.7e12, 6.1e14, 100, l2_bw=7.3e12)
 
 def _launch_floors_ms(case, gpu, backward):
     """Each launch's max(HBM bytes / bandwidth, FLOPs / rate, L2->SM bytes / L2 bandwidth),
-    summed, in ms."""
-    return 1e3 * sum(max(c.hbm / gpu.hbm, c.flops / gpu.bf16, c.l2 / gpu.l2_bw)
-                     for c in roofline.triton_costs(case, 2, 2, gpu, backward))
+    the rate and the L2's bandwidth of the SMs its programs occupy, summed, in ms."""
+    out = 0.0
+    for c in roofline.triton_costs(case, 2, 2, gpu, backward):
+        n = math.prod(c.grid)
+        active = min(n, gpu.sms)
+        out += max(c.hbm / gpu.hbm, c.flops / (gpu.bf16 * active / gpu.sms),
+                   c.l2 / min(gpu.l2_bw, active * gpu.l2_bw_sm))
+    return 1e3 * out
+
+
+def test_small_grids_run_on_fewer_sms():
+    """A launch of fewer programs than SMs gets their share of the matrix rate and of the
+    L2's bandwidth (one SM's at most each), the whole HBM bandwidth; a library's grid
+    (0 programs: cuBLAS, ATen) the whole GPU."""
+    g = roofline.GPU("g", 1e12, 1e14, 100, l2_bw=5e12, l2_bw_sm=1e11)
+    c = roofline.Cost("k", (10,), hbm=1e6, l2=1e9, flops=1e9)
+    assert c.times_s(g) == pytest.approx({"HBM": 1e-6, "FLOP": 1e-4, "L2": 1e-3})
+    assert c.floor_s(g) == pytest.approx(1e-3) and c.bound(g) == "L2"
+    big = roofline.Cost("k", (400,), hbm=1e6, l2=1e9, flops=1e9)
+    assert big.times_s(g) == pytest.approx({"HBM": 1e-6, "FLOP": 1e-5, "L2": 2e-4})
+    lib = roofline.Cost("gemm", (0, 0, 0), hbm=1e9, l2=1e9, flops=1e9)
+    assert lib.times_s(g) == pytest.approx({"HBM": 1e-3, "FLOP": 1e-5, "L2": 2e-4})
+    assert lib.bound(g) == "HBM"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -138,7 +162,7 @@ def test_modelled_floor_is_the_sum_of_launch_floors(case):
     assert got_fwd == pytest.approx(fwd, rel=1e-12) and got_both == pytest.approx(both, rel=1e-12)
     assert 0 < got_fwd < got_both
     fast = roofline.GPU("fast", 2 * ODD.hbm, 2 * ODD.bf16, ODD.sms,   # every ceiling doubled
-                        l2_bw=2 * ODD.l2_bw)
+                        l2_bw=2 * ODD.l2_bw, l2_bw_sm=2 * ODD.l2_bw_sm)
     assert roofline.modelled_floor_ms(case.name, "fwdbwd", "bf16", fast) == \
         pytest.approx(got_both / 2, rel=1e-12)
 

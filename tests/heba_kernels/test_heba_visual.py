@@ -448,13 +448,14 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
 
 @pytest.mark.skipif(not INTERPRET, reason="runs a GPU's launch plan in Triton's interpreter")
 @pytest.mark.parametrize("D,B,H,W,dw", [(768, 2, 8, 8, False), (768, 2, 8, 8, True),
-                                         (2048, 2, 8, 8, False)],
+                                         (2048, 4, 8, 8, False)],
                          ids=["attention-D768", "attention-D768-dw-in-dx", "mlp-D2048"])
 def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw):
-    """The launch plan a GPU runs (its block sizes: 32-64 row blocks, 128-column D chunks,
-    128-column dv sweeps, 1-D grids of several chunks per row block, split-K weight
-    gradients, and at D768 also summed in the dx kernel), on 4 SMs, run by the interpreter in float32
-    (the plan's tensor-core operands are then float32 too): against the reference. The
+    """The launch plan a GPU runs (its block sizes: 32-128 row blocks, 128-column D chunks,
+    128-column dv sweeps, 1-D grids of several chunks per row block, the dv launch at D2048,
+    split-K weight gradients, and at D768 also summed in the dx kernel), on 4 SMs, run by
+    the interpreter in float32 (the plan's tensor-core operands are then float32 too):
+    against the reference. The
     interpreter otherwise runs its own plan (16-row blocks), so this is where the GPU's
     block choices meet the reference without a GPU."""
     gpu_plans_in_interpreter(monkeypatch, sms=4)

@@ -30,8 +30,8 @@ variant's run and restoring it afterwards:
   blocks with 32-column dv sweeps);
 * ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
   64-row blocks, or 128 rows as the other kernels');
-* ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that cap on the rows per
-  program (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
+* ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that many rows per program
+  (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
   is the shipped one is listed as such and not run again.
 
 Per variant, correctness first: the output and every gradient against the shipped
@@ -103,11 +103,11 @@ class Variant:
 
 
 def capped_block_t(cap: int):
-    """``_block_t`` with ``cap`` rows at most at every width: the largest block up to ``cap``
-    that still gives every SM a program (the shipped rule, with its cap fixed)."""
+    """``_block_t`` with ``cap`` rows at every width, halved only where a block would be
+    longer than all the tokens (the shipped rule, with its cap fixed)."""
     def block_t(T: int, D: int, sms: int) -> int:
         bt = cap
-        while bt > 16 and -(-T // bt) < sms:
+        while bt > 16 and bt // 2 >= T:
             bt //= 2
         return bt
     block_t.cap = cap
@@ -233,7 +233,7 @@ def cases(size: str) -> list:
     """The visual cases of benchmarks/cases.py (``clip``), or the dry run's tiny two."""
     from benchmarks.cases import CASES as BENCH, Case
     if size == "tiny":
-        return [Case(name, "heba_visual", 2, 1 + 4 * 5, D, grid=(4, 5)) for name, D in TINY]
+        return [Case(name, "heba_visual", 4, 1 + 4 * 5, D, grid=(4, 5)) for name, D in TINY]
     found = {c.name: c for c in BENCH if c.op == "heba_visual" and c.name in CASES}
     missing = [n for n in CASES if n not in found]
     if missing:
