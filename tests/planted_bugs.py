@@ -593,6 +593,26 @@ KERNELS = [
         (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
         "the rows-fastest program order (a tune variant) maps programs to the wrong row "
         "blocks: the GPU check would time a wrong kernel"),
+    Bug("vis-dv-row-programs-miscounted", "kernels", VIS,
+        "    n_s = tl.num_programs(0) // n_h\n",
+        "    n_s = tl.num_programs(0)\n",
+        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
+        "the dv launch's row programs stride by every program: row blocks past the first "
+        "stride never get dv, dWm short of their rows"),
+    Bug("vis-dv-dwm-slot-overwritten", "kernels", VIS,
+        "                     h, i > 0, BLOCK_T, BLOCK_H)\n",
+        "                     h, i < 0, BLOCK_T, BLOCK_H)\n",
+        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
+        "the dv launch overwrites its dWm slot block after block: only each program's last "
+        "row block counts"),
+    Bug("vis-dv-wu-transposed", "kernels", VIS,
+        "        ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c_mask, D, 1, h, BLOCK_T, BLOCK_H, "
+        "BLOCK_D,\n",
+        "        ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c_mask, D, h, 1, BLOCK_T, BLOCK_H, "
+        "BLOCK_D,\n",
+        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
+        "the dv launch reads Wu with its strides swapped (as if it were Wd): dv, du and "
+        "every gradient but dgamma/dbeta wrong at the MLP position"),
     Bug("vis-dx-row-programs-miscounted", "kernels", VIS,
         "    n_s = tl.num_programs(0) // n_d\n",
         "    n_s = tl.num_programs(0)\n",
