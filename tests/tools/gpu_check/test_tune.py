@@ -111,7 +111,7 @@ def test_wrong_variant_is_reported_and_not_timed(dry):
     md = check_report.render(dict(dry=True, budget=280, seconds=1.0, started="now"), [stage])
     assert "## Launch-plan variants (tune)" in md
     assert "| y-kept | KEEP_Y_MIN_DIM 64 -> 48: y kept for backward (shipped: y recomputed) " \
-           "| 7 |  |" in md
+           "| 6 |  |" in md
     assert f"**WRONG** {row['message']}" in md
 
 
