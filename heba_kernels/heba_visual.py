@@ -154,10 +154,17 @@ SAVE_U_MIN_DIM = 0
 # and blocks), forward + backward, H200 / H100: MLP position kept 30.9 / 37.3 ns per
 # token (5103 MB), recomputed 48.6 / 62.6 (9357 MB); attention position recomputed (the
 # scratch) 3.50 / 4.58, kept 3.73 / 4.92.
+# With the L2's bandwidth a ceiling too (the model's third, HOPPER_L2_BW there), the
+# recompute's cost is the up-projection's weight re-reads more than its FLOPs, at both
+# widths, H200 / H100: attention position kept 8.19 / 8.23 ns per token (411 us at B256;
+# 4.1 GB L2->SM, 1072 MB), scratch + recompute 10.35 / 10.38 (519 us; 5.2 GB, 1008 MB);
+# at batch 16, 35 against 50 us. MLP position kept 58.2 / 60.3, recomputed 78.8 / 78.9.
+# So y is kept at every width, for 2 bytes per token and channel (77 MB per
+# attention-position adapter at B256; the reference keeps 135 MB).
 # Numerics: in float32 the same bits whichever way; in 16-bit the forward's second sweep
 # reads y rounded to x's dtype (as the reference rounds it), the backward's recomputed y
 # is float32 (tested both ways).
-KEEP_Y_MIN_DIM = 2048
+KEEP_Y_MIN_DIM = 0
 
 # Whether the dx kernel sums the weight gradients itself (``DW``, for bottlenecks up to
 # ``FUSED_DW_MAX_H`` columns, padded to a power of two): each program keeps its share of

@@ -365,6 +365,7 @@ def _saved_bytes(a, x):
 def test_saved_bottleneck_or_recomputed_bitwise_same(monkeypatch):
     """Below SAVE_U_MIN_DIM the backward recomputes u; above it u is saved. Same bits."""
     import heba_kernels.heba_visual as hv
+    monkeypatch.setattr(hv, "KEEP_Y_MIN_DIM", 10 ** 9)       # u alone (y: the test below)
     torch.manual_seed(0)
     a = heba.nn.HeBAAdapter(48, grid=(4, 5), backend="triton").to(DEVICE, torch.bfloat16)
     with torch.no_grad():
@@ -466,11 +467,12 @@ def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw):
     plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, h, torch.float32, 4, True)
             + _hv.visual_bwd_plan(B, H, W, D, h, torch.float32, 4, True, recompute_u=False)}
     assert plan["dy"].meta["BLOCK_T"] >= 32 and plan["dx"].grid[0] > 1
-    if D >= _hv.KEEP_Y_MIN_DIM:
-        assert (plan["fwd"].meta["BLOCK_D"], plan["dy"].meta["BLOCK_HV"]) == (128, 128)
+    assert plan["dy"].meta["KEEP_Y"] and plan["fwd"].meta["BLOCK_D"] == 128      # y kept
+    if D >= _hv.DV_GEMM_MIN_DIM:
         assert not plan["dy"].meta["DV"] and plan["dv"].grid == (2 * 4,)   # 2 rows x 4 chunks
         assert plan["down"].grid[0] == triton.cdiv(T, plan["down"].meta["BLOCK_T"]) * 4
     else:
+        assert plan["dy"].meta["DV"] and plan["dy"].meta["BLOCK_HV"] == 128
         assert plan["dx"].meta["DW"] == dw and plan["fwd"].meta["FUSE_DOWN"]
     x = _x(B, H, W, D, 1, torch.float32, True, seed=D)
     check_against_reference("heba_visual", "triton", x,
@@ -493,7 +495,8 @@ def _visual_named(a):
         yield names[key], p
 
 
-def test_opcheck_recomputed_u():
+def test_opcheck_recomputed_u(monkeypatch):
+    monkeypatch.setattr(_hv, "KEEP_Y_MIN_DIM", 10 ** 9)      # no y either: all recomputed
     x = _x(2, 3, 4, 32, 1, torch.float32, False).requires_grad_(True)
     params = [p.detach() for p in visual_params(32, device=DEVICE).values()]
     g = torch.randn_like(x)

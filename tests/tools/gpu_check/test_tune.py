@@ -33,7 +33,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # The variants the tiny run makes: the attention-like case sits below every width switch,
 # the MLP-like one above, so each switch is flipped both ways across the two.
 EXPECTED = {
-    "visual-attn-tiny-d48": ["shipped", "y-kept", "down-separate", "dw-in-dx", "dv-gemm",
+    "visual-attn-tiny-d48": ["shipped", "y-recomputed", "down-separate", "dw-in-dx", "dv-gemm",
                              "u-recomputed", "rows-fastest", "sweeps-one-way", "block-rows-32",
                              "block-rows-64", "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
@@ -41,7 +41,7 @@ EXPECTED = {
                             "fwd-rows-128", "block-rows-32", "block-rows-64", "block-rows-128"],
 }
 SAME = {("visual-attn-tiny-d48", "block-rows-64"), ("visual-mlp-tiny-d80", "block-rows-128")}
-INJECTED = ("visual-attn-tiny-d48", "y-kept")        # the first variant after the shipped plan
+INJECTED = ("visual-attn-tiny-d48", "y-recomputed")   # the first variant after the shipped plan
 
 
 def _attributes():
@@ -105,12 +105,12 @@ def test_wrong_variant_is_reported_and_not_timed(dry):
     msg = re.fullmatch(r"not timed: out: (\S+) > 2e-02", row["message"])
     assert msg and float(msg.group(1)) == pytest.approx(0.05, rel=0.01), row["message"]
     assert row["errors"]["dx"] <= row["tol"]              # only the output was perturbed
-    assert data["fastest"]["visual-attn-tiny-d48"]["variant"] != "y-kept"
+    assert data["fastest"]["visual-attn-tiny-d48"]["variant"] != "y-recomputed"
     stage = dict(name="tune", status="failed", seconds=1.0, timeout=150.0, note="1 wrong",
                  data={"tune": data}, tail="", commands=[])
     md = check_report.render(dict(dry=True, budget=280, seconds=1.0, started="now"), [stage])
     assert "## Launch-plan variants (tune)" in md
-    assert "| y-kept | KEEP_Y_MIN_DIM 64 -> 48: y kept for backward (shipped: y recomputed) " \
+    assert "| y-recomputed | KEEP_Y_MIN_DIM 0 -> 49: y recomputed (shipped: y kept for backward) " \
            "| 6 |  |" in md
     assert f"**WRONG** {row['message']}" in md
 
@@ -123,7 +123,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (24): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-kept," in md
+    assert "Not run (24): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -162,7 +162,7 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 
 @pytest.mark.parametrize("case,flipped,same", [
-    ("visual-attn-d768", ["y-kept", "down-separate", "dw-in-dx", "dv-gemm", "u-recomputed",
+    ("visual-attn-d768", ["y-recomputed", "down-separate", "dw-in-dx", "dv-gemm", "u-recomputed",
                           "rows-fastest", "sweeps-one-way"],
      "block-rows-64"),
     ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
