@@ -270,10 +270,6 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                 c.hbm += order_misses(hid, n_d, rows, rows * BT * (h * w + 3 * BD * e), gpu)
             c.flops = 2 * Tp * Dp * hp
             c.l2 = blocks * n_d * (3 * BT * BD * e + BT * hp * w + hp * BD * w)
-            if m["DU"]:               # du = dwconv^T(dv) here: dv read instead of du, du
-                c.hbm += hid          # written once (chunk 0), its taps per D chunk (L1)
-                c.flops += n_d * 2 * 9 * Tp * hp
-                c.l2 += blocks * (n_d * (stencil_rows(BT, W) - BT) + BT) * hp * w
             if m["DW"]:               # dy recomputed (s from u, z = Wu s: x and the row
                 HP = m["BLOCK_HP"]    # constants read, not dy), both weight gradients summed
                 c.hbm += (hid + 16 * T + D * h * w + 2 * rows * D * h * 4

@@ -61,22 +61,19 @@ model prices both ways of each, the GPU check's ``tune`` stage times both). The 
 * backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
-  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype; from
-  ``DV_GEMM_MIN_DIM`` up that last phase is ``_heba_visual_bwd_kernel_dv``, a launch of
-  its own tiled as a GEMM (``[128, 128]`` tiles, D the depth). dWu by
-  :func:`~heba_kernels._triton_common.atb_partials` (split-K ``A^T B`` over the grid
-  tokens into float32 partials); ``_dx`` (``dx = g + xs (dy + Wd^T du)``, in place over
-  ``dy``), which computes ``du = dwconv^T(dv)`` of its rows itself (it needs ``dv`` of
-  neighbouring blocks, complete since the launch before) and writes it once; dWd by split-K
-  again, from that ``du``. With ``DW_IN_DX`` (off: the L2's bandwidth prices it higher;
-  see the switch), up to ``FUSED_DW_MAX_H`` bottleneck columns, ``dy`` and ``s`` stay in
-  the _dy programs' scratch, ``_heba_visual_kernel_dwconv`` with ``MIRROR`` writes ``du``,
-  and ``_dx`` recomputes ``dy`` from ``u``, ``x``, ``g`` and two row constants, its
-  programs summing dWu and dWd themselves (no split-K launches). Finally ONE launch of
+  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype;
+  ``_heba_visual_kernel_dwconv`` with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
+  neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
+  (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+  (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). With ``DW_IN_DX`` (off: the
+  L2's bandwidth prices it higher; see the switch), up to ``FUSED_DW_MAX_H`` bottleneck
+  columns, ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx`` recomputes ``dy``
+  from ``u``, ``x``, ``g`` and two row constants, and its programs sum dWu and dWd
+  themselves (no split-K launches). Finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
   buffers into the parameters' dtypes. Forward 1 launch (2 from
-  ``FUSE_DOWN_BELOW_DIM``), backward 5 (6 from ``DV_GEMM_MIN_DIM``, 4 with ``DW_IN_DX``;
-  one more when ``u`` is recomputed).
+  ``FUSE_DOWN_BELOW_DIM``), backward 6 (4 with ``DW_IN_DX``; one more when ``u`` is
+  recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
@@ -90,10 +87,10 @@ read it instead of recomputing the up-projection (1.00x instead of 1.50x the ide
 at D=3072; see the constant). Saved or recomputed ``u``, the gradients are bitwise the
 same (the same kernel computes the same ``u``). Everything else is recomputed.
 Transient buffers: the forward's ``y`` below ``KEEP_Y_MIN_DIM`` (one block per program),
-``s`` (forward and backward) and ``du`` (``h`` values per token in the weights' dtype;
-written by the dx kernel for the dWd launch after it), ``dv`` (``h`` values per token,
-rounded to the operand dtype like ``du``: bf16 halves its round trip); ``dy`` lives in
-the ``dx`` buffer. Parameter gradients are float32 partials summed in one launch in a fixed
+``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
+dtype), ``dv`` (``h`` values per token, rounded to the operand dtype like ``du``:
+bf16 halves its round trip); ``dy`` lives in the ``dx``
+buffer. Parameter gradients are float32 partials summed in one launch in a fixed
 order: deterministic, no atomics. The dgamma/dbeta/dWm partials have a bounded number
 of slots: the _dy kernel runs ``S`` programs (``_partial_slots``: two per SM on a GPU),
 program ``s`` summing blocks ``s, s + S, ...`` in that fixed order into its own slot, so
@@ -785,24 +782,17 @@ def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cs
 
 
 @triton.jit
-def _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, dv_ptr, wm_ptr, img, p, H, W, STORE,
-           DU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-           BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``Wd^T du`` of a [BT, BD] tile, h in ``BLOCK_H`` chunks, float32. ``du`` read, or
-    (``DU``) computed here as ``dwconv^T(dv)`` (nine shifted loads of dv, from L1 after the
-    first; rounded to du's dtype as a stored du would be) and written where ``STORE``."""
+def _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, BLOCK_T: tl.constexpr,
+           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, OP: tl.constexpr,
+           UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``Wd^T du`` of a [BT, BD] tile, h in ``BLOCK_H`` chunks, float32."""
     du_rows = du_ptr + r * h                                                       # [BT]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
-        tile = r_mask[:, None] & c_mask[None, :]
-        if DU:
-            du = _stencil(dv_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, True, BLOCK_T,
-                          BLOCK_H).to(du_ptr.dtype.element_ty)                     # [BT, BH]
-            tl.store(du_rows[:, None] + c[None, :], du, mask=tile & STORE)
-        else:
-            du = tl.load(du_rows[:, None] + c[None, :], mask=tile, other=0.0)      # [BT, BH]
+        du = tl.load(du_rows[:, None] + c[None, :], mask=r_mask[:, None] & c_mask[None, :],
+                     other=0.0)                                                    # [BT, BH]
         wd = tl.load(wd_ptr + c[:, None].to(tl.int64) * D + d[None, :],
                      mask=c_mask[:, None] & d_mask[None, :], other=0.0)            # [BH, BD]
         acc = _mma(_op_cast(du, OP, UPCAST), _op_cast(wd, OP, UPCAST), acc, IEEE)
@@ -811,27 +801,24 @@ def _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, dv_ptr, wm_ptr, img, p, H
 
 @triton.jit
 def _heba_visual_bwd_kernel_dx(
-    g_ptr, du_ptr, dv_ptr, wd_ptr, dx_ptr,  # du, dv [B * HW, h]; dx holds dy unless DW
+    g_ptr, du_ptr, wd_ptr, dx_ptr,        # du [B * HW, h]; dx holds dy on entry unless DW
     x_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cst_ptr,   # DW: dy recomputed
     scr_ptr, dwu_part_ptr, dwd_part_ptr,  # DW: s scratch [S, n_d, BT, HP]; [S, D, h], [S, h, D]
     stride_gb, stride_gn, stride_db, stride_dn, stride_xb, stride_xn,
     H, W, T, HW, D, h, P, gs, xs, gs_ptr, xs_ptr,
-    GS_PTR: tl.constexpr, XS_PTR: tl.constexpr, DW: tl.constexpr, DU: tl.constexpr,
+    GS_PTR: tl.constexpr, XS_PTR: tl.constexpr, DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HP: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, CHUNK_FASTEST: tl.constexpr,
 ):
     """Program ``(s, j)`` of ``S x n_d`` (:func:`_row_and_chunk`): columns ``j`` of D, row
     blocks ``s, s + S, ...``: ``dx = g + xs (dy + Wd^T du)`` in place, the prefix tokens of
-    every image that starts in a block ``dx = g``. With ``DU`` the program computes its
-    rows' ``du = dwconv^T(dv)`` itself, and the chunk-0 programs write it (for the dWd
-    launch after this one): no launch of its own. With ``DW`` (a bottleneck of at most
-    ``BLOCK_HP`` columns) ``dy`` is not read but recomputed (:func:`_dy_tile`), and the
-    program sums its share of both weight gradients, ``dWu[j, :] = sum dy^T s`` and
-    ``dWd[:, j] = sum du^T t``, in registers over its blocks, written once to its slot
-    ``s``: no ``dy`` or ``s`` round trip through memory, no split-K launches. With
-    ``CHUNK_FASTEST`` the ``n_d`` programs of a row program are consecutive (dispatched
-    together), so they share its rows of ``du`` or ``dv`` (and ``u``) in L2: each read from
-    HBM once."""
+    every image that starts in a block ``dx = g``. With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) ``dy`` is not
+    read but recomputed (:func:`_dy_tile`), and the program sums its share of both weight
+    gradients, ``dWu[j, :] = sum dy^T s`` and ``dWd[:, j] = sum du^T t``, in registers over
+    its blocks, written once to its slot ``s``: no ``dy`` or ``s`` round trip through
+    memory, no split-K launches. With ``CHUNK_FASTEST`` the ``n_d`` programs of a row
+    program are consecutive (dispatched together), so they share its rows of ``du`` (and
+    ``u``) in L2: each read from HBM once."""
     n_d = tl.cdiv(D, BLOCK_D)
     q = tl.program_id(0)
     pid, j = _row_and_chunk(n_d, CHUNK_FASTEST)
@@ -859,8 +846,8 @@ def _heba_visual_bwd_kernel_dx(
             dy = tl.load(dx_tile, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + (b * stride_gb + (P + p) * stride_gn)[:, None] + d[None, :],
                         mask=mask, other=0.0).to(tl.float32)
-        acc = _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, dv_ptr, wm_ptr, b * HW, p, H,
-                     W, j == 0, DU, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
+        acc = _wd_du(du_ptr, wd_ptr, r, r_mask, d, d_mask, D, h, BLOCK_T, BLOCK_H, BLOCK_D,
+                     OP, UPCAST, IEEE)
         tl.store(dx_tile, (g + xs * (dy + acc)).to(dx_ptr.dtype.element_ty), mask=mask)
         _copy_prefix(g_ptr, dx_ptr, b, r_mask & (p == 0), d, d_mask, stride_gb, stride_gn,
                      stride_db, stride_dn, P)                                      # dx = g
@@ -939,19 +926,19 @@ def _down_config(cfg: dict, D: int, h: int) -> dict:
 
 def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
     """The dx kernel's blocks. With ``DW_IN_DX``, bottlenecks up to ``FUSED_DW_MAX_H``
-    columns: ``DW``, the weight gradients summed in the dx kernel, 32 rows and 32 columns
-    of D per program on a GPU (two ``[32, BLOCK_HP]`` float32 accumulators;
-    scripts/triton_aot_check.py, sm_90, 8 warps, D768: 227 registers with Triton 3.8, 247
-    with 3.6, no spill in 16-bit; 16 warps spilled 100 B). From ``BIG_BLOCK_MIN_DIM`` up:
-    128 columns of D per program, so ``du`` and the token tiles are re-read half as often
-    (modelled at D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
+    columns: ``DW``, the weight gradients summed in the dx kernel, 32 rows and 32 columns of D per program on a
+    GPU (two ``[32, BLOCK_HP]`` float32 accumulators; scripts/triton_aot_check.py, sm_90,
+    8 warps, D768: 227 registers with Triton 3.8, 247 with 3.6, no spill in 16-bit; 16
+    warps spilled 100 B). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
+    D per program, so ``du`` and the token tiles are re-read half as often (modelled at
+    D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
     hp = max(16, triton.next_power_of_2(h))
     if DW_IN_DX and hp <= FUSED_DW_MAX_H:    # on a GPU 32 x 32 tiles: the [32, HP] stencil
-        return dict(cfg, DW=True, DU=False, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"],
+        return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"],
                     BLOCK_T=min(32, cfg["BLOCK_T"]), num_warps=8 if gpu else 4)
     if D < BIG_BLOCK_MIN_DIM:
-        return dict(cfg, DW=False, DU=True, BLOCK_HP=16)
-    return dict(cfg, DW=False, DU=True, BLOCK_HP=16,
+        return dict(cfg, DW=False, BLOCK_HP=16)
+    return dict(cfg, DW=False, BLOCK_HP=16,
                 BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
 
 
@@ -1056,17 +1043,18 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     if dv_gemm:       # S row programs per bottleneck chunk, about two programs per SM
         dwm_slots = max(1, min(n_t, 2 * sms // n_dh)) if gpu else min(n_t, 2)
         plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (dwm_slots * n_dh,), down))
+    plan.append(Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg))
     if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
         n_tx = triton.cdiv(T, dx["BLOCK_T"])
         rows = max(1, min(n_tx, triton.cdiv(2 * sms, n_d))) if gpu else min(n_tx, 2)
-        return plan + [Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg),
-                       Launch("dx", "_heba_visual_bwd_kernel_dx", (rows * n_d,), dx),
+        return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows * n_d,), dx),
                        reduce_plan([(rows, h * D), (dwm_slots, h * 9), (rows, D * h),
                                     (slots, D), (slots, D)])]
     d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
     d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
-    return plan + [                        # dy, (dv,) dWu, dx (and du), dWd, the one sum
-        d_up, Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx), d_down,
+    return plan[:-1] + [                   # dy, dWu, du, dWd (split-K launches), dx
+        d_up, plan[-1], d_down,
+        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx),
         reduce_plan([(d_down.grid[2], h * D), (dwm_slots, h * 9), (d_up.grid[2], D * h),
                      (slots, D), (slots, D)])]
 
@@ -1169,6 +1157,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     op = op_dtype or down_weight.dtype
     plan = {st.step: st for st in visual_bwd_plan(B, H, W, D, h, op,
                                                   *plan_device(dev), recompute_u=u is None)}
+    cfg = plan["dwconv_t"].meta
     T = B * HW
     sxb, sxn = _token_strides(x, batch_first)
     sgb, sgn = _token_strides(g, batch_first)
@@ -1206,26 +1195,25 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     if not fused:
         dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
     du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
-    if "dwconv_t" in plan:            # its own launch; else the dx kernel computes and writes it
-        cfg = plan["dwconv_t"].meta
-        launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, T, HW, h,
-               MIRROR=True, GELU=False, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
-               num_warps=cfg["num_warps"])
+    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, T, HW, h,
+           MIRROR=True, GELU=False, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
+           num_warps=cfg["num_warps"])
     n_dx = triton.cdiv(D, plan["dx"].meta["BLOCK_D"])       # the dx kernel's D chunks
-    rows = plan["dx"].grid[0] // n_dx
-    dwu_part = new_buffer((rows, D, h), torch.float32, dev) if fused else dwu_part
-    dwd_part = new_buffer((rows, h, D), torch.float32, dev) if fused else mean
-    # Turns dy (read by the kernels above, unless DW) into dx, in place.
+    if fused:
+        rows = plan["dx"].grid[0] // n_dx
+        dwu_part = new_buffer((rows, D, h), torch.float32, dev)
+        dwd_part = new_buffer((rows, h, D), torch.float32, dev)
+    else:
+        dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
+    # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     scr = new_buffer((plan["dx"].grid[0], plan["dx"].meta["BLOCK_T"],
                       plan["dx"].meta["BLOCK_HP"]) if fused else (0,), op, dev)
-    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, dv, wd, dx, x, u, wm, wu, nw,
-           mean, rstd, cst if fused else mean, scr if fused else mean,
-           dwu_part if fused else mean, dwd_part, sgb, sgn, sdb, sdn, sxb, sxn, H, W, T, HW, D,
-           h, P, gs_v, xs_v, gs_p, xs_p, GS_PTR=gs_from_ptr, XS_PTR=xs_from_ptr,
+    launch(_heba_visual_bwd_kernel_dx, plan["dx"].grid, g, du, wd, dx, x, u, wm, wu, nw, mean,
+           rstd, cst if fused else mean, scr if fused else mean, dwu_part if fused else mean,
+           dwd_part if fused else mean, sgb, sgn, sdb, sdn, sxb, sxn, H, W, T, HW, D, h, P,
+           gs_v, xs_v, gs_p, xs_p, GS_PTR=gs_from_ptr, XS_PTR=xs_from_ptr,
            **_kw(plan["dx"]))
-    if not fused:                     # du as the dx kernel wrote it
-        dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
     # Every partial buffer summed in one launch, straight into the parameters' dtypes.
     grads = reduce_partials([
         Partial(dwd_part, down_weight.shape, down_weight.dtype),
