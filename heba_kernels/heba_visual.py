@@ -183,16 +183,22 @@ DW_IN_DX = False
 FUSED_DW_MAX_H = 256
 
 # From this width ``dv = (dy Wu) * gelu'(v)`` and dWm are a launch of their own
-# (``_heba_visual_bwd_kernel_dv``: [128, 128] tiles with D as the GEMM's depth, as the down
-# projection's), after the _dy kernel, which then only writes dy. Inside the _dy kernel
-# every 32-row block re-reads all of Wu (4.7 MB at D3072 h768) once per block: 7.4 GB of
-# L2->SM traffic per backward at B256, where the tiles read 3.7 GB. Modelled
-# (benchmarks/roofline.py, bf16, B256 14x14, H200; the L2's bandwidth a lead there until
-# a GPU check measures it) at the MLP position (D3072 h768), forward + backward: in the _dy
-# kernel 8 launches, 5103 MB HBM, 33.9 GB L2->SM, floor 3369 us (the _dy kernel 1079);
-# a launch of its own 9 launches, see the module's README figures. At the attention
-# position (D768 h192) the _dy kernel's blocks hold its dv sweeps in registers and L2.
-DV_GEMM_MIN_DIM = 2048
+# (``_heba_visual_bwd_kernel_dv``: [DV_TILE, DV_TILE] tiles with D as the GEMM's depth,
+# as the down projection's), after the _dy kernel, which then only writes dy. Inside the
+# _dy kernel every 32-row block re-reads all of Wu (4.7 MB at D3072 h768): 7.4 GB of
+# L2->SM traffic per backward at B256. The tiles read it once per 64 rows too, since the
+# epilogue (v's stencil, gelu', dWm's nine taps: three [DV_TILE, DV_TILE] float32 tiles
+# beside the accumulator) caps them at 64 x 64 (scripts/triton_aot_check.py, sm_90, bf16,
+# 8 warps, Triton 3.8 / 3.6: 64 x 64 246 / 244 registers, no spill; 128 x 64 spills
+# 216 / 212 B, 128 x 128 1260 / 1244 B). Modelled (benchmarks/roofline.py, bf16, 14x14,
+# H200; the L2's bandwidth a lead there until a GPU check measures it) at the MLP position
+# (D3072 h768), forward + backward: in the _dy kernel 8 launches, 3369 us at B256 and 256
+# at batch 16; a launch of its own, 64 x 64 tiles 9 launches, 3268 and 250 us (128 x 128
+# tiles, were they not to spill, 2902 and 227). 3% for a launch past the 8 an adapter may
+# take: off at every width (2 ** 31) until a GPU times it (the ``tune`` stage's
+# ``dv-gemm`` variant).
+DV_GEMM_MIN_DIM = 2 ** 31
+DV_TILE = 64
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
@@ -942,6 +948,15 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
                 BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
 
 
+def _dv_config(cfg: dict, gpu: bool) -> dict:
+    """The dv launch's tiles: ``DV_TILE`` rows x ``DV_TILE`` bottleneck columns on a GPU (the
+    interpreter: its own rows, 16 columns, so the tests run several chunks), D in 64-wide
+    steps, 8 warps, chunks of a row block consecutive (``CHUNKS_FASTEST``)."""
+    t = DV_TILE if gpu else cfg["BLOCK_T"]
+    return dict(cfg, BLOCK_T=t, BLOCK_H=t if gpu else 16, BLOCK_D=64 if gpu else cfg["BLOCK_D"],
+                CHUNK_FASTEST=CHUNKS_FASTEST)
+
+
 def _fwd_config(cfg: dict, D: int, gpu: bool) -> dict:
     """The forward kernel's blocks. From ``KEEP_Y_MIN_DIM`` up its second sweep reads the
     block's x and kept y back after the first touched both: ``KEPT_Y_ROWS`` rows per
@@ -1041,8 +1056,10 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg)]
     dwm_slots = slots
     if dv_gemm:       # S row programs per bottleneck chunk, about two programs per SM
-        dwm_slots = max(1, min(n_t, 2 * sms // n_dh)) if gpu else min(n_t, 2)
-        plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (dwm_slots * n_dh,), down))
+        dv = _dv_config(cfg, gpu)
+        n_tv, n_hv = triton.cdiv(T, dv["BLOCK_T"]), triton.cdiv(h, dv["BLOCK_H"])
+        dwm_slots = max(1, min(n_tv, 2 * sms // n_hv)) if gpu else min(n_tv, 2)
+        plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (dwm_slots * n_hv,), dv))
     plan.append(Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg))
     if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
         n_tx = triton.cdiv(T, dx["BLOCK_T"])

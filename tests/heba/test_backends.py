@@ -138,6 +138,10 @@ def test_every_launch_inside_device_guard(op, backend, monkeypatch):
         monkeypatch.setattr(ht, "FUSED_DW_MAX_H", 8)
         forward_backward(lambda xx, **pp: getattr(ops, op)(xx, **pp, **kw, backend=backend),
                          x, params)
+    if op == "heba_visual":      # the dv launch
+        monkeypatch.setattr(hv, "DV_GEMM_MIN_DIM", 0)
+        forward_backward(lambda xx, **pp: getattr(ops, op)(xx, **pp, **kw, backend=backend),
+                         x, params)
     rec.assert_all_guarded(x.device)
     assert ("_reduce_partials_kernel", True) in rec.launches
 

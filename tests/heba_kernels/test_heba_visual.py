@@ -280,9 +280,10 @@ jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep, FUSE_DOWN=fuse, 
 jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep, DW=dw, DV=True),
           ())
          for keep, dw in ((False, False), (True, False), (False, True))]
-# The MLP position's large blocks, as the plans pick them (B=256, 14x14, D=3072, 132 SMs):
-# the _dy kernel without its dv phase, and the dv launch.
+# The MLP position's large blocks, as the plans pick them (B=256, 14x14, D=3072, 132 SMs),
+# with the dv launch (DV_GEMM_MIN_DIM) on: the _dy kernel without its dv phase, and it.
 import torch
+hv.DV_GEMM_MIN_DIM = 2048
 plan = hv.visual_fwd_plan(256, 14, 14, 3072, 768, torch.bfloat16, 132, True) + \
     hv.visual_bwd_plan(256, 14, 14, 3072, 768, torch.bfloat16, 132, True, False)
 for st in plan:
@@ -439,8 +440,8 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
     assert plan["dx"].grid == (triton.cdiv(B * H * W, 16) * 3,)
     assert (plan["dy"].meta["BLOCK_HV"], plan["dy"].meta["KEEP_Y"]) == (16, True)
     assert plan["dy"].meta["DV"] == (not dv_gemm) and ("dv" in plan) == dv_gemm
-    if dv_gemm:
-        assert plan["dv"].grid == (2 * 2,) and triton.cdiv(B * H * W, 16) == 3
+    if dv_gemm:       # 2 row programs (3 blocks of 16 rows) x 5 bottleneck chunks of 16
+        assert plan["dv"].grid == (2 * 5,) and triton.cdiv(B * H * W, 16) == 3
     x = _x(B, H, W, D, 2, dtype, True, seed=21)
     check_against_reference("heba_visual", "triton", x,
                             visual_params(D, device=DEVICE, dtype=dtype, seed=21), scale=0.7,
@@ -448,29 +449,37 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs a GPU's launch plan in Triton's interpreter")
-@pytest.mark.parametrize("D,B,H,W,dw", [(768, 2, 8, 8, False), (768, 2, 8, 8, True),
-                                         (2048, 4, 8, 8, False)],
-                         ids=["attention-D768", "attention-D768-dw-in-dx", "mlp-D2048"])
-def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw):
+@pytest.mark.parametrize("D,B,H,W,dw,dv", [(768, 2, 8, 8, False, False),
+                                            (768, 2, 8, 8, True, False),
+                                            (2048, 4, 8, 8, False, False),
+                                            (2048, 4, 8, 8, False, True)],
+                         ids=["attention-D768", "attention-D768-dw-in-dx", "mlp-D2048",
+                              "mlp-D2048-dv-gemm"])
+def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw, dv):
     """The launch plan a GPU runs (its block sizes: 32-128 row blocks, 128-column D chunks,
-    128-column dv sweeps, 1-D grids of several chunks per row block, the dv launch at D2048,
-    split-K weight gradients, and at D768 also summed in the dx kernel), on 4 SMs, run by
+    128-column dv sweeps, 1-D grids of several chunks per row block, split-K weight
+    gradients, and at D768 also summed in the dx kernel; dv a launch of its own, its 64 x 64
+    tiles), on 4 SMs, run by
     the interpreter in float32 (the plan's tensor-core operands are then float32 too):
     against the reference. The
     interpreter otherwise runs its own plan (16-row blocks), so this is where the GPU's
     block choices meet the reference without a GPU."""
     gpu_plans_in_interpreter(monkeypatch, sms=4)
     monkeypatch.setattr(_hv, "DW_IN_DX", dw)
+    if dv:
+        monkeypatch.setattr(_hv, "DV_GEMM_MIN_DIM", D)
     h, T = D // 4, B * H * W
     plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, h, torch.float32, 4, True)
             + _hv.visual_bwd_plan(B, H, W, D, h, torch.float32, 4, True, recompute_u=False)}
     assert plan["dy"].meta["BLOCK_T"] >= 32 and plan["dx"].grid[0] > 1
     assert plan["dy"].meta["KEEP_Y"] and plan["fwd"].meta["BLOCK_D"] == 128      # y kept
-    if D >= _hv.DV_GEMM_MIN_DIM:
-        assert not plan["dy"].meta["DV"] and plan["dv"].grid == (2 * 4,)   # 2 rows x 4 chunks
+    if dv:            # 256 rows: 4 blocks of 64 rows, 1 row program (8 SM slots / 8 chunks)
+        assert not plan["dy"].meta["DV"] and plan["dv"].grid == (1 * 8,)
+    else:
+        assert plan["dy"].meta["DV"] and plan["dy"].meta["BLOCK_HV"] == 128 and "dv" not in plan
+    if D >= _hv.FUSE_DOWN_BELOW_DIM:
         assert plan["down"].grid[0] == triton.cdiv(T, plan["down"].meta["BLOCK_T"]) * 4
     else:
-        assert plan["dy"].meta["DV"] and plan["dy"].meta["BLOCK_HV"] == 128
         assert plan["dx"].meta["DW"] == dw and plan["fwd"].meta["FUSE_DOWN"]
     x = _x(B, H, W, D, 1, torch.float32, True, seed=D)
     check_against_reference("heba_visual", "triton", x,

@@ -28,7 +28,7 @@ variant's run and restoring it afterwards:
 * ``dy-forward-blocks`` (from ``KEEP_Y_MIN_DIM`` up): ``RESWEEP_ROWS`` / ``RESWEEP_HV``
   (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the other kernels' 128-row
   blocks with 32-column dv sweeps);
-* ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
+* ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` and ``BIG_BLOCK_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
   64-row blocks, or 128 rows as the other kernels');
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that many rows per program
   (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
@@ -82,7 +82,7 @@ BLOCK_CAPS = (32, 64, 128)
 # width switch and the MLP-like one (D80, h20, h padded to 32) above, as D768 and D3072 do.
 TINY = (("visual-attn-tiny-d48", 48), ("visual-mlp-tiny-d80", 80))
 TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DIM=64,
-                     FUSED_DW_MAX_H=16, DV_GEMM_MIN_DIM=64)
+                     FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
            "DV_GEMM_MIN_DIM", "BIG_BLOCK_MIN_DIM",
@@ -159,6 +159,7 @@ def variants(case) -> list:
                            "kernels' 128-row blocks (shipped: blocks whose re-sweeps fit in "
                            "L2)",
                            {"RESWEEP_ROWS": 128, "RESWEEP_HV": 32}))
+    if D >= hv.KEEP_Y_MIN_DIM and D >= hv.BIG_BLOCK_MIN_DIM:    # (below: 64 rows anyway)
         out.append(Variant("fwd-rows-128", f"KEPT_Y_ROWS {hv.KEPT_Y_ROWS} -> 128: the forward "
                            "kernel on 128-row blocks x 64 columns of D (shipped: blocks whose "
                            "second sweep mostly hits L2)", {"KEPT_Y_ROWS": 128}))

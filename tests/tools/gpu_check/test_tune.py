@@ -34,9 +34,10 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # the MLP-like one above, so each switch is flipped both ways across the two.
 EXPECTED = {
     "visual-attn-tiny-d48": ["shipped", "y-recomputed", "down-separate", "dw-in-dx", "dv-gemm",
-                             "u-recomputed", "rows-fastest", "sweeps-one-way", "block-rows-32",
+                             "u-recomputed", "rows-fastest", "sweeps-one-way",
+                             "dy-forward-blocks", "block-rows-32",
                              "block-rows-64", "block-rows-128"],
-    "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
+    "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-gemm",
                             "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
                             "fwd-rows-128", "block-rows-32", "block-rows-64", "block-rows-128"],
 }
@@ -123,7 +124,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (24): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
+    assert "Not run (25): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -163,9 +164,9 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 @pytest.mark.parametrize("case,flipped,same", [
     ("visual-attn-d768", ["y-recomputed", "down-separate", "dw-in-dx", "dv-gemm", "u-recomputed",
-                          "rows-fastest", "sweeps-one-way"],
+                          "rows-fastest", "sweeps-one-way", "dy-forward-blocks"],
      "block-rows-64"),
-    ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
+    ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-gemm",
                           "u-recomputed",
                           "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
                           "fwd-rows-128"],
