@@ -153,9 +153,9 @@ SAVE_U_MIN_DIM = 0
 # scratch) 3.50 / 4.58, kept 3.73 / 4.92.
 # With the L2's bandwidth a ceiling too (the model's third, HOPPER_L2_BW there), the
 # recompute's cost is the up-projection's weight re-reads more than its FLOPs, at both
-# widths, H200 / H100: attention position kept 8.19 / 8.23 ns per token (411 us at B256;
-# 4.1 GB L2->SM, 1072 MB), scratch + recompute 10.35 / 10.38 (519 us; 5.2 GB, 1008 MB);
-# at batch 16, 35 against 50 us. MLP position kept 58.2 / 60.3, recomputed 78.8 / 78.9.
+# widths, H200 / H100: attention position kept 8.10 / 8.34 ns per token (406 us at B256;
+# 4.1 GB L2->SM, 1092 MB), scratch + recompute 10.26 / 10.50 (515 us; 5.2 GB, 1027 MB);
+# at batch 16, 34 against 49 us. MLP position kept 67.1 / 67.6, recomputed 88.7 / 89.2.
 # So y is kept at every width, for 2 bytes per token and channel (77 MB per
 # attention-position adapter at B256; the reference keeps 135 MB).
 # Numerics: in float32 the same bits whichever way; in 16-bit the forward's second sweep
@@ -170,12 +170,13 @@ KEEP_Y_MIN_DIM = 0
 # reading it, so dy and s never leave the _dy kernel's scratch and the two split-K
 # launches go. Off: dy and s written once, two split-K launches. Modelled
 # (benchmarks/roofline.py, bf16, B256 14x14, H200), attention position (D768 h192),
-# forward + backward: in the dx kernel 5 launches, 770 MB HBM (1.99x ideal), 8.8 GB
-# L2->SM, floor 877 us; split-K 7 launches, 1027 MB (2.65x), 5.2 GB, 515 us. Fewer bytes
-# and launches, but every one of the dx kernel's 24 D chunks per row block recomputes s
-# and z = Wu s, and the L2's bandwidth (HOPPER_L2_BW there, a lead until a GPU check
-# measures it) binds before HBM's: off. The same at batch 16 (92 / 65 us). The GPU
-# check's ``tune`` stage times both (``dw-in-dx``).
+# forward + backward, y recomputed: in the dx kernel 5 launches, 770 MB HBM (1.99x
+# ideal), 8.8 GB L2->SM, floor 877 us; split-K 7 launches, 1027 MB (2.65x), 5.2 GB, 515
+# us. With y kept (KEEP_Y_MIN_DIM): 5 launches, 826 MB, 7.7 GB, 768 us; split-K 7, 1092
+# MB, 4.1 GB, 406 us (at batch 16: 56 / 34 us). Fewer bytes and launches, but every one of
+# the dx kernel's 24 D chunks per row block recomputes s and z = Wu s, and the L2's
+# bandwidth (HOPPER_L2_BW there, a lead until a GPU check measures it) binds before
+# HBM's: off. The GPU check's ``tune`` stage times both (``dw-in-dx``).
 DW_IN_DX = False
 
 # The widest bottleneck (padded) whose weight gradients the dx kernel can sum: at h=512
@@ -905,9 +906,9 @@ def _block_t(T: int, D: int, sms: int) -> int:
     SMs, and the model (which prices that: a launch's matrix rate and L2 bandwidth are its
     programs' SMs') still prefers the large blocks, since each halving of the block
     doubles every program's weight reads. At the published batch 16 (H200, forward +
-    backward): D3072 16-row blocks (the largest that filled 132 SMs) 508 us, 32 325, 64
-    260, 128 227; D768 16 rows 65 us, 32 46, 64 49. Only a block longer than all the
-    tokens is halved. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton
+    backward, with this module's other choices): D3072 16-row blocks (the largest that
+    filled 132 SMs) 504 us, 128 rows 256; D768 16 rows 48 us, 64 rows 34. Only a block
+    longer than all the tokens is halved. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton
     3.8 / 3.6): at 64 rows, D768, fwd (the halo's down GEMM, y in the scratch) 213 / 241,
     _dy 224 / 230, no spill; at 128 rows, D3072, down 107 / 107, _dx (128 columns of D)
     255 with 96 B spilled in both, dwconv 172 / 182: one 8-warp program per SM for fwd and
