@@ -12,13 +12,17 @@ fused ops launch nothing else: no torch sum, cast or multiplication). Beside the
   backward, the minimal GEMM FLOPs (two token-wise projections forward, four backward);
 * **eager**: the reference backend's aten ops, counted with a TorchDispatchMode on meta
   tensors (every op reads its inputs and writes its outputs in full);
-* the modelled floor, ``max(bytes / bandwidth, FLOPs / dense bf16 rate)`` per launch,
-  summed, on the GPUs of :data:`GPUS` (datasheet numbers, parameters of the model).
+* the modelled floor, ``max(HBM bytes / bandwidth, FLOPs / dense bf16 rate, L2->SM
+  bytes / L2 bandwidth)`` per launch, summed, on the GPUs of :data:`GPUS` (datasheet
+  numbers and, for the L2's bandwidth, which no datasheet gives, a lead:
+  :data:`HOPPER_L2_BW`; parameters of the model). A launch of fewer programs than SMs
+  gets their share of the matrix rate and of the L2's bandwidth (``GPU.l2_bw_sm`` each).
 
 Model of one launch: every tensor a launch touches moves between HBM and L2 once, except
 the re-reads the L2 cannot hold (below); every program loads its own tiles from L2
-(re-reads across D sweeps and weight tiles per program count each time); FLOPs are those
-of the padded tiles the kernel issues. Output: a markdown table.
+(re-reads across D sweeps and weight tiles per program count each time), except a 3x3
+stencil's shifted loads, whose taps after the first hit L1 (:func:`stencil_rows`); FLOPs
+are those of the padded tiles the kernel issues. Output: a markdown table.
 
 Which re-reads hit L2 (an LRU stack-distance model, with the L2 size a parameter of the
 GPU):
@@ -623,7 +627,8 @@ def markdown(rs, gpus=("H100", "H200")) -> str:
             "| GFLOP issued (x ideal) | L2->SM GB | "
             + " | ".join(f"modelled floor {g} µs (ideal / eager)" for g in gpus) + " |")
     lines = ["Modelled, not measured (benchmarks/roofline.py; datasheet bandwidth and dense "
-             "bf16 rates).", "", head, "|" + "---|" * (6 + len(gpus))]
+             "bf16 rates, the L2's bandwidth a lead; the ideal and eager floors count HBM "
+             "and FLOPs only).", "", head, "|" + "---|" * (6 + len(gpus))]
     for r in rs:
         floors = " | ".join(f"{r[f'floor_{g}']:.0f} ({r[f'ideal_{g}']:.0f} / "
                             f"{r[f'eager_{g}']:.0f})" for g in gpus)
