@@ -61,10 +61,12 @@ model prices both ways of each, the GPU check's ``tune`` stage times both). The 
 * backward: ``_dy``, ``S`` programs each looping over the blocks ``s, s + S, ...``,
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
-  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype;
-  ``_heba_visual_kernel_dwconv`` with ``MIRROR``: ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of
-  neighbouring blocks); dWu and dWd by :func:`~heba_kernels._triton_common.atb_partials`
-  (split-K ``A^T B`` over the grid tokens into float32 partials); ``_dx``
+  GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype (from
+  ``DV_GEMM_MIN_DIM``, today no width, that phase is ``_heba_visual_bwd_kernel_dv``, a
+  launch of its own tiled as a GEMM); ``_heba_visual_kernel_dwconv`` with ``MIRROR``:
+  ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of neighbouring blocks); dWu and
+  dWd by :func:`~heba_kernels._triton_common.atb_partials` (split-K ``A^T B`` over the
+  grid tokens into float32 partials); ``_dx``
   (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). With ``DW_IN_DX`` (off: the
   L2's bandwidth prices it higher; see the switch), up to ``FUSED_DW_MAX_H`` bottleneck
   columns, ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx`` recomputes ``dy``
@@ -80,11 +82,11 @@ grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
 bytes in bf16; kept from ``D >= SAVE_U_MIN_DIM``, today every width: the forward
 writes ``u`` anyway, and the model prefers keeping it to a backward that reads
 ``x`` again for the down GEMM; see the constant). Below ``SAVE_U_MIN_DIM`` the
-backward runs the down kernel again instead. From ``D >= KEEP_Y_MIN_DIM`` (2048,
-where the adapter is matmul-bound) the forward also keeps the pre-LayerNorm
-``y = t + Wu s`` (``D`` values per grid token in x's dtype): the backward's two sweeps
-read it instead of recomputing the up-projection (1.00x instead of 1.50x the ideal FLOPs
-at D=3072; see the constant). Saved or recomputed ``u``, the gradients are bitwise the
+backward runs the down kernel again instead. From ``D >= KEEP_Y_MIN_DIM`` (today every
+width) the forward also keeps the pre-LayerNorm ``y = t + Wu s`` (``D`` values per grid
+token in x's dtype): the backward's two sweeps read it instead of recomputing the
+up-projection (1.00x instead of 1.50x the ideal FLOPs at D=3072, and no weight re-reads
+for it; see the constant). Saved or recomputed ``u``, the gradients are bitwise the
 same (the same kernel computes the same ``u``). Everything else is recomputed.
 Transient buffers: the forward's ``y`` below ``KEEP_Y_MIN_DIM`` (one block per program),
 ``s`` (forward and backward) and ``du`` (``h`` values per token in the weights'
@@ -819,13 +821,14 @@ def _heba_visual_bwd_kernel_dx(
 ):
     """Program ``(s, j)`` of ``S x n_d`` (:func:`_row_and_chunk`): columns ``j`` of D, row
     blocks ``s, s + S, ...``: ``dx = g + xs (dy + Wd^T du)`` in place, the prefix tokens of
-    every image that starts in a block ``dx = g``. With ``DW`` (a bottleneck of at most ``BLOCK_HP`` columns) ``dy`` is not
-    read but recomputed (:func:`_dy_tile`), and the program sums its share of both weight
-    gradients, ``dWu[j, :] = sum dy^T s`` and ``dWd[:, j] = sum du^T t``, in registers over
-    its blocks, written once to its slot ``s``: no ``dy`` or ``s`` round trip through
-    memory, no split-K launches. With ``CHUNK_FASTEST`` the ``n_d`` programs of a row
-    program are consecutive (dispatched together), so they share its rows of ``du`` (and
-    ``u``) in L2: each read from HBM once."""
+    every image that starts in a block ``dx = g``. With ``DW`` (a bottleneck of at most
+    ``BLOCK_HP`` columns) ``dy`` is not read but recomputed (:func:`_dy_tile`), and the
+    program sums its share of both weight gradients, ``dWu[j, :] = sum dy^T s`` and
+    ``dWd[:, j] = sum du^T t``, in registers over its blocks, written once to its slot
+    ``s``: no ``dy`` or ``s`` round trip through memory, no split-K launches. With
+    ``CHUNK_FASTEST`` the ``n_d`` programs of a row program are consecutive (dispatched
+    together), so they share its rows of ``du`` (and ``u``) in L2: each read from HBM
+    once."""
     n_d = tl.cdiv(D, BLOCK_D)
     q = tl.program_id(0)
     pid, j = _row_and_chunk(n_d, CHUNK_FASTEST)
@@ -901,21 +904,20 @@ def _block_t(T: int, D: int, sms: int) -> int:
     with the down/dx blocks below): MLP position (D3072 h768) 32 rows 59.0 GB L2->SM, 64
     rows 44.2, 128 rows 36.8 (32-row blocks of one image each: 78.5); attention position
     (D768 h192) 15.2 / 13.9 / 13.3 GB. ``BIG_BLOCK_MIN_DIM`` up 128 rows, 64 below (at 128
-    rows the forward's y scratch and halo cost registers), whatever ``sms``: blocks are
+    rows the fused forward's halo costs registers), whatever ``sms``: blocks are
     not shrunk to give every SM a program. A small batch then runs fewer programs than
     SMs, and the model (which prices that: a launch's matrix rate and L2 bandwidth are its
     programs' SMs') still prefers the large blocks, since each halving of the block
     doubles every program's weight reads. At the published batch 16 (H200, forward +
     backward, with this module's other choices): D3072 16-row blocks (the largest that
     filled 132 SMs) 504 us, 128 rows 256; D768 16 rows 48 us, 64 rows 34. Only a block
-    longer than all the tokens is halved. Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps; Triton
-    3.8 / 3.6): at 64 rows, D768, fwd (the halo's down GEMM, y in the scratch) 213 / 241,
-    _dy 224 / 230, no spill; at 128 rows, D3072, down 107 / 107, _dx (128 columns of D)
-    255 with 96 B spilled in both, dwconv 172 / 182: one 8-warp program per SM for fwd and
-    _dy; float32 tokens spill up to a few hundred bytes at 128 rows. From
-    ``KEEP_Y_MIN_DIM`` up the forward and _dy kernels run blocks of their own, sized for
-    the L2 (``_fwd_config``, ``_dy_config``). To be tuned on a GPU (the GPU check's opt-in
-    ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
+    longer than all the tokens is halved. Registers (scripts/triton_aot_check.py, sm_90,
+    bf16, 8 warps; Triton 3.8 / 3.6): at 128 rows, D3072, down 107 / 107, _dx (128 columns
+    of D) 255 with 96 B spilled in both, dwconv 172 / 182; float32 tokens spill up to a few
+    hundred bytes at 128 rows. The forward and _dy kernels run blocks of their own, sized
+    for the L2 where y is kept (``_fwd_config``, ``_dy_config``: their registers there). To
+    be tuned on a GPU (the GPU check's opt-in ``tune`` stage times 32 / 64 / 128 rows
+    against this choice)."""
     bt = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     while bt > 16 and bt // 2 >= T:
         bt //= 2
@@ -933,12 +935,12 @@ def _down_config(cfg: dict, D: int, h: int) -> dict:
 
 def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
     """The dx kernel's blocks. With ``DW_IN_DX``, bottlenecks up to ``FUSED_DW_MAX_H``
-    columns: ``DW``, the weight gradients summed in the dx kernel, 32 rows and 32 columns of D per program on a
-    GPU (two ``[32, BLOCK_HP]`` float32 accumulators; scripts/triton_aot_check.py, sm_90,
-    8 warps, D768: 227 registers with Triton 3.8, 247 with 3.6, no spill in 16-bit; 16
-    warps spilled 100 B). From ``BIG_BLOCK_MIN_DIM`` up: 128 columns of
-    D per program, so ``du`` and the token tiles are re-read half as often (modelled at
-    D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
+    columns: ``DW``, the weight gradients summed in the dx kernel, 32 rows and 32 columns
+    of D per program on a GPU (two ``[32, BLOCK_HP]`` float32 accumulators;
+    scripts/triton_aot_check.py, sm_90, 8 warps, D768: 227 registers with Triton 3.8, 247
+    with 3.6, no spill in 16-bit; 16 warps spilled 100 B). From ``BIG_BLOCK_MIN_DIM`` up:
+    128 columns of D per program, so ``du`` and the token tiles are re-read half as often
+    (modelled at D3072 h768, B256: 6.2 -> 4.3 GB L2->SM)."""
     hp = max(16, triton.next_power_of_2(h))
     if DW_IN_DX and hp <= FUSED_DW_MAX_H:    # on a GPU 32 x 32 tiles: the [32, HP] stencil
         return dict(cfg, DW=True, BLOCK_HP=hp, BLOCK_D=32 if gpu else cfg["BLOCK_D"],
@@ -982,10 +984,11 @@ def _dy_config(cfg: dict, D: int, h: int, dw: bool) -> dict:
     """The _dy kernel's blocks. Its dv phase sweeps the block's ``dy`` rows over D once per
     ``BLOCK_HV`` bottleneck columns; each sweep hits L2 only while the resident programs'
     blocks fit there (benchmarks/roofline.py's re-sweep rule: one program per SM, ``S x
-    BLOCK_T x D`` bytes of ``dy``). Below ``KEEP_Y_MIN_DIM`` (D768: 13 MB) they do, and h
-    runs in 32-column chunks (at 64 the former _dv kernel spilled 20-44 B in every 16-bit
-    and mixed config of scripts/triton_aot_check.py; at 32, 105 registers, none). From
-    ``KEEP_Y_MIN_DIM`` up the other kernels' 128-row blocks would not (D3072: 104 MB, and the
+    BLOCK_T x D`` bytes of ``dy``). Where y is recomputed (below ``KEEP_Y_MIN_DIM``, today
+    no width) the other kernels' blocks are used and h runs in 32-column chunks (at 64 the
+    former _dv kernel spilled 20-44 B in every 16-bit and mixed config of
+    scripts/triton_aot_check.py; at 32, 105 registers, none). Where y is kept the other
+    kernels' 128-row blocks would not fit (D3072: 104 MB, and the
     LayerNorm's second sweep over y and g 207 MB): there the _dy kernel runs
     ``RESWEEP_ROWS`` rows per program, so both fit (26 and 52 MB; this kernel has no
     up-projection left to amortise over larger blocks: y is kept), and ``RESWEEP_HV``
@@ -993,8 +996,8 @@ def _dy_config(cfg: dict, D: int, h: int, dw: bool) -> dict:
     Modelled (benchmarks/roofline.py, bf16, B256 14x14, H200) at the MLP position (D3072
     h768): 128 x 32 (the other kernels' blocks) 5548 MB HBM, floor 1156 us; 64 x 128 1633 MB,
     340 us; 32 x 128 1268 MB, 264 us (the FLOP floor is 241), 12.7 GB L2->SM either way.
-    Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps, D3072): 195 with Triton
-    3.8, 225 with 3.6, no spill (128 x 32 blocks: 255, 136 B spilled with
+    Registers (scripts/triton_aot_check.py, sm_90, bf16, 8 warps, D768 and D3072): 195
+    with Triton 3.8, 225 with 3.6, no spill (128 x 32 blocks: 255, 136 B spilled with
     3.6). The GPU check's ``tune`` stage times the 128 x 32 blocks against these."""
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
     out = dict(cfg, BLOCK_HV=min(32, BH), KEEP_Y=D >= KEEP_Y_MIN_DIM, DW=dw,

@@ -28,8 +28,8 @@ variant's run and restoring it afterwards:
 * ``dy-forward-blocks`` (from ``KEEP_Y_MIN_DIM`` up): ``RESWEEP_ROWS`` / ``RESWEEP_HV``
   (the _dy kernel's 32-row blocks and 128-column dv sweeps, or the other kernels' 128-row
   blocks with 32-column dv sweeps);
-* ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` and ``BIG_BLOCK_MIN_DIM`` up): ``KEPT_Y_ROWS`` (the forward kernel's
-  64-row blocks, or 128 rows as the other kernels');
+* ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` and ``BIG_BLOCK_MIN_DIM`` up):
+  ``KEPT_Y_ROWS`` (the forward kernel's 64-row blocks, or 128 rows as the other kernels');
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that many rows per program
   (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
   is the shipped one is listed as such and not run again.
