@@ -206,19 +206,21 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             n_t, n_h = _cdiv(T, BT), _cdiv(h, BH)     # a row block's x shared by its n_h
             if not m["CHUNK_FASTEST"]:
                 c.hbm += order_misses(tok, n_h, n_t, n_t * BT * D * e, gpu)
-        elif st.step == "dv":         # dv = (dy Wu) gelu'(dwconv(u)), dWm: S row programs x
-            n_t, n_h = _cdiv(T, BT), _cdiv(h, BH)   # h chunks, [BT, BH] tiles of depth D
-            rows = st.grid[0] // n_h
-            c.hbm = tok + 2 * hid + D * h * w + rows * h * 9 * 4
-            c.flops = 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
-            # per tile: its rows of dy and Wu's columns over D, u's rows under the stencil
-            # (v's and dWm's taps, L1 after the first), dv stored
-            c.l2 = n_t * n_h * (BT * Dp * e + Dp * BH * w + (stencil_rows(BT, W) + BT) * BH * w)
+        elif st.step == "dv":         # dv = (dy Wu) * gelu'(v), one [BT, BH] tile of depth D
+            n_t, n_h = _cdiv(T, BT), _cdiv(h, BH)   # per program, in place over gelu'(v)
+            c.hbm = tok + 2 * hid + D * h * w
+            c.flops = 2 * Tp * Dp * hp
+            # per tile: its rows of dy and Wu's columns over D, gelu'(v) read, dv written
+            c.l2 = n_t * n_h * (BT * Dp * e + Dp * BH * w + 2 * BT * BH * w)
             if not m["CHUNK_FASTEST"]:                # a row block's dy shared by its n_h
-                c.hbm += order_misses(tok, n_h, rows, rows * BT * D * e, gpu)
-        elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv in, du out (operand dtype)
-            c.hbm, c.flops = 2 * hid, 2 * 9 * Tp * hp
-            c.l2 = nprog * (stencil_rows(BT, W) + BT) * BH * w      # taps (L1), dst
+                c.hbm += order_misses(tok, n_h, n_t, n_t * BT * D * e, gpu)
+        elif st.step == "dwconv_t":   # du = dwconv^T(dv): dv in, du out (operand dtype);
+            dwm = int(m["DWM"])       # with DWM also dWm from dv and u's taps, R slots
+            c.hbm = (2 + dwm) * hid + dwm * st.grid[0] * h * 9 * 4
+            c.flops = (1 + dwm) * 2 * 9 * Tp * hp
+            # per (row block, h chunk): dv's taps (L1 after the first), du stored, u's taps
+            c.l2 = _cdiv(T, BT) * _cdiv(h, BH) * (
+                (stencil_rows(BT, W) + BT + dwm * stencil_rows(BT, W)) * BH * w)
         elif st.step == "fwd":        # S programs over the blocks: (u of the block and its
             keep = m["KEEP_Y"]        # halo,) s = gelu(dwconv(u)), then two sweeps; sweep 2
             blocks = _cdiv(T, BT)     # reads y back: the kept buffer (KEEP_Y) or the
@@ -245,7 +247,7 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             dv = int(m["DV"])         # chunks (else the dv launch does)
             slots, blocks = st.grid[0], _cdiv(T, BT)     # S programs loop over the blocks
             keep = m["KEEP_Y"]        # y read instead of x and z recomputed, both sweeps
-            c.hbm = (3 * tok + (2 + 2 * dv) * hid + (dv or not keep) * D * h * w + 8 * T
+            c.hbm = (3 * tok + (3 + dv) * hid + (dv or not keep) * D * h * w + 8 * T
                      + slots * (2 * D + 9 * h * dv) * 4)
             if m["DW"]:               # dy and s only in a per-program scratch (the dx kernel
                 c.hbm += slots * BT * (h * w + D * e) + 8 * T - tok - hid   # recomputes them)
@@ -257,8 +259,8 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
                              + (1 + dv) * (stencil_rows(BT, W) + BT) * hp * w)
             if dv:                    # the dv phase: dy re-read per h chunk, Wu once per block
                 c.l2 += blocks * (_cdiv(h, BHV) * BT * Dp * e + Dp * hp * w)
-            else:                     # dy written, for the dv launch
-                c.l2 += blocks * BT * Dp * e
+            else:                     # dy and gelu'(v) written, for the dv launch
+                c.l2 += blocks * BT * (Dp * e + hp * w)
             # sweep 2 (reversed) re-reads the block's y (or x) and g, then each of the dv
             # phase's sweeps (one per BLOCK_HV columns of h, alternating) its dy rows
             res, alt = min(st.grid[0], gpu.sms), m["ALTERNATE"]

@@ -200,8 +200,10 @@ FUSED_DW_MAX_H = 256
 # tiles, were they not to spill, 2902 and 227). 3% for a launch past the 8 an adapter may
 # take: off at every width (2 ** 31) until a GPU times it (the ``tune`` stage's
 # ``dv-gemm`` variant).
-DV_GEMM_MIN_DIM = 2 ** 31
-DV_TILE = 64
+DV_GEMM_MIN_DIM = 2048
+DV_TILE = 128
+WIDE_TILE_COLS = 256
+DWM_ROWS = 64
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
@@ -318,18 +320,24 @@ def _up_tile(s_ptr, wu_ptr, r, r_mask, d, d_mask, h, s_stride,
 
 
 @triton.jit
-def _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, img, p, r_mask, H, W, h, s_stride,
-                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gelu_stencil_block(u_ptr, wm_ptr, s_ptr, r, img, p, r_mask, H, W, h, s_stride, gp_ptr,
+                        gp_r, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                        GP: tl.constexpr):
     """``s[r, :] = gelu(dwconv3x3(u)[r, :])`` for one block of rows (all of ``h``, written
     in s's dtype, rows ``s_stride`` apart), then a barrier: the program reads its own rows
     back. The stencil needs neighbours from other blocks of ``u``, complete since the down
-    launch."""
+    launch. With ``GP`` also ``gelu'(v)`` into ``gp [B * HW, h]`` at rows ``gp_r`` (for the
+    dv launch's epilogue)."""
     for h0 in range(0, h, BLOCK_H):
         c = h0 + tl.arange(0, BLOCK_H)
         c_mask = c < h
         v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
         tl.store(s_ptr + r[:, None] * s_stride + c[None, :],
                  _gelu(v).to(s_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
+        if GP:
+            tl.store(gp_ptr + gp_r[:, None] * h + c[None, :],
+                     _gelu_grad(v).to(gp_ptr.dtype.element_ty),
+                     mask=r_mask[:, None] & c_mask[None, :])
     tl.debug_barrier()
 
 
@@ -391,24 +399,38 @@ def _heba_visual_fwd_kernel_down(
 
 @triton.jit
 def _heba_visual_kernel_dwconv(
-    src_ptr, wm_ptr, dst_ptr,             # src, dst [B * HW, h]; Wm [h, 9]
-    H, W, T, HW, h,
-    MIRROR: tl.constexpr, GELU: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    dv_ptr, wm_ptr, du_ptr, u_ptr, dwm_part_ptr,    # dv, du, u [B * HW, h]; Wm [h, 9]
+    H, W, T, HW, h,                                 # dWm partials [R, h, 9] fp32
+    DWM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """``dst = gelu(dwconv3x3(src))`` (forward: ``s`` from ``u``) or ``dst = dwconv3x3^T(src)``
-    (backward: ``du`` from ``dv``). Shared by both directions: materialising the stencil's
-    result once costs one [B, HW, h] round trip, where recomputing it inside the D loops
-    of the kernels that consume it would cost nine neighbour loads per D chunk."""
-    r, r_mask, b, p = _rows(tl.program_id(0), T, HW, BLOCK_T)
+    """``du = dwconv3x3^T(dv)``: its own pass, since it needs ``dv`` of neighbouring blocks.
+    Program ``(s, k)`` of ``R x n_h``: bottleneck columns ``k`` of the row blocks ``s, s + R,
+    ...``; with ``DWM`` (where the dv launch computed ``dv``) it also sums their dWm
+    (``sum_t dv[t, c] u[t + off_k, c]``, 9 taps padded to 16) into slot ``s``: ``R`` slots
+    whatever the batch."""
+    pid = tl.program_id(0)
+    n_r = tl.num_programs(0)
     c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     c_mask = c < h
-    acc = _stencil(src_ptr, wm_ptr, b * HW, p, r_mask, c, c_mask, H, W, h, MIRROR,
-                   BLOCK_T, BLOCK_H)                                               # [BT, BH]
-    if GELU:
-        acc = _gelu(acc)
-    tl.store(dst_ptr + r[:, None] * h + c[None, :],
-             acc.to(dst_ptr.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
+    taps = tl.arange(0, 16)
+    dwm = tl.zeros((BLOCK_H, 16), dtype=tl.float32)                               # [BH, taps]
+    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_r)):
+        r, r_mask, b, p = _rows(pid + i * n_r, T, HW, BLOCK_T)
+        mask = r_mask[:, None] & c_mask[None, :]
+        acc = _stencil(dv_ptr, wm_ptr, b * HW, p, r_mask, c, c_mask, H, W, h, True,
+                       BLOCK_T, BLOCK_H)                                           # [BT, BH]
+        tl.store(du_ptr + r[:, None] * h + c[None, :], acc.to(du_ptr.dtype.element_ty),
+                 mask=mask)
+        if DWM:
+            dv = tl.load(dv_ptr + r[:, None] * h + c[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            for k in tl.static_range(9):
+                un = _shifted(u_ptr, b * HW, p, r_mask, c, c_mask, H, W, h, k // 3 - 1,
+                              k % 3 - 1)
+                dwm += tl.where(taps[None, :] == k, tl.sum(dv * un, axis=0)[:, None], 0.0)
+    if DWM:
+        slot = dwm_part_ptr + pid.to(tl.int64) * h * 9 + c[:, None] * 9 + taps[None, :]
+        tl.store(slot, dwm, mask=c_mask[:, None] & (taps[None, :] < 9))
 
 
 @triton.jit
@@ -533,10 +555,10 @@ def _heba_visual_fwd_kernel(
             _down_halo(x_ptr, wd_ptr, u_ptr, uh, r0, stride_xb, stride_xn, T, HW, W, D, h, P,
                        n_e, BLOCK_T, BLOCK_E, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE)
             _gelu_stencil_block(uh, wm_ptr, s_scr, loc, b * HW - (r0 - W - 1), p, r_mask, H, W,
-                                h, h, BLOCK_T, BLOCK_H)
+                                h, h, s_scr, loc, BLOCK_T, BLOCK_H, False)
         else:
             _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h, h,
-                                BLOCK_T, BLOCK_H)
+                                s_scr, loc, BLOCK_T, BLOCK_H, False)
         y_rows = y_ptr + r * D if KEEP_Y else y_scr
         _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_rows,
                     r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
@@ -647,20 +669,28 @@ def _heba_visual_bwd_dv_block(
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
                          mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BHV]
             ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
-        _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W,
-                     h, ACCUMULATE, BLOCK_T, BLOCK_HV)
+        gp = _gelu_grad_v(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, BLOCK_T, BLOCK_HV)
+        _dv_epilogue(ds, gp, u_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W, h,
+                     ACCUMULATE, BLOCK_T, BLOCK_HV)
 
 
 @triton.jit
-def _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W, h,
+def _gelu_grad_v(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, BLOCK_T: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """``gelu'(v)`` of a [BT, BH] tile, ``v = dwconv(u)`` recomputed (nine shifted loads of
+    u, from L1 after the first), float32."""
+    return _gelu_grad(_stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False,
+                               BLOCK_T, BLOCK_H))
+
+
+@triton.jit
+def _dv_epilogue(ds, gp, u_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W, h,
                  ACCUMULATE, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``dv = ds * gelu'(v)`` of a [BT, BH] tile (``ds = Wu^T dy``, ``v = dwconv(u)``
-    recomputed: nine shifted loads of u, from L1 after the first) stored in the operand
-    dtype, and the tile's dWm (``sum_t dv[t, c] u[t + off_k, c]``, 9 taps padded to 16)
-    added to ``dwm_slot`` (``ACCUMULATE`` False: written)."""
+    """``dv = ds * gp`` of a [BT, BH] tile (``ds = Wu^T dy``, ``gp = gelu'(v)``) stored in
+    the operand dtype, and the tile's dWm (``sum_t dv[t, c] u[t + off_k, c]``, 9 taps padded
+    to 16) added to ``dwm_slot`` (``ACCUMULATE`` False: written)."""
     taps = tl.arange(0, 16)
-    v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T, BLOCK_H)
-    dv = ds * _gelu_grad(v)                                                        # [BT, BH]
+    dv = ds * gp                                                                   # [BT, BH]
     tl.store(dv_ptr + r[:, None] * h + c[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=r_mask[:, None] & c_mask[None, :])
     dwm = tl.zeros((BLOCK_H, 16), dtype=tl.float32)                                # [BH, taps]
@@ -674,30 +704,27 @@ def _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_ma
 
 @triton.jit
 def _heba_visual_bwd_kernel_dv(
-    dy_ptr, wu_ptr, u_ptr, wm_ptr, dv_ptr, dwm_part_ptr,   # dy [B, N, D] via strides; Wu [D, h]
-    stride_db, stride_dn, H, W, T, HW, D, h, P,            # u, dv [B * HW, h]; [S, h, 9] fp32
+    dy_ptr, wu_ptr, dv_ptr,               # dy [B, N, D] via strides; Wu [D, h]; dv [B * HW, h]
+    stride_db, stride_dn, T, HW, D, h, P,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, CHUNK_FASTEST: tl.constexpr,
 ):
-    """``dv = (dy Wu) * gelu'(dwconv(u))`` and dWm as a GEMM of its own (``DV_GEMM_MIN_DIM``
-    up): program ``(s, k)`` of ``S x n_h`` (:func:`_row_and_chunk`) takes bottleneck columns
-    ``k`` of the row blocks ``s, s + S, ...``, each a ``[BLOCK_T, BLOCK_H]`` tile with D as
-    the GEMM's depth (Wu read once per tile, not once per narrow h sweep of the _dy
-    kernel's blocks), and sums their dWm into slot ``s``. With ``CHUNK_FASTEST`` a row
-    program's ``n_h`` programs are consecutive, so they share its rows of dy in L2."""
-    n_h = tl.cdiv(h, BLOCK_H)
-    pid, k = _row_and_chunk(n_h, CHUNK_FASTEST)
-    n_s = tl.num_programs(0) // n_h
+    """``dv = (dy Wu) * gelu'(v)`` as a GEMM of its own (``DV_GEMM_MIN_DIM`` up), one
+    ``[BLOCK_T, BLOCK_H]`` tile per program with D as the depth, in place: ``dv`` holds
+    ``gelu'(v)`` on entry (the _dy kernel wrote it, from the stencil it computes anyway), so
+    the epilogue is one product, and dWm is summed by the dwconv launch that reads ``dv``
+    next. With ``CHUNK_FASTEST`` a row block's ``n_h`` programs are consecutive, so they
+    share its rows of dy in L2."""
+    blk, k = _row_and_chunk(tl.cdiv(h, BLOCK_H), CHUNK_FASTEST)
+    r, r_mask, b, p = _rows(blk, T, HW, BLOCK_T)
     c = k * BLOCK_H + tl.arange(0, BLOCK_H)
-    c_mask = c < h
-    slot = dwm_part_ptr + pid.to(tl.int64) * h * 9
-    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
-        r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
-        dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
-        ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c_mask, D, 1, h, BLOCK_T, BLOCK_H, BLOCK_D,
-                        OP, UPCAST, IEEE)                                          # dy Wu
-        _dv_epilogue(ds, u_ptr, wm_ptr, dv_ptr, slot, r, r_mask, b * HW, p, c, c_mask, H, W,
-                     h, i > 0, BLOCK_T, BLOCK_H)
+    mask = r_mask[:, None] & (c < h)[None, :]
+    dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
+    ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c < h, D, 1, h, BLOCK_T, BLOCK_H, BLOCK_D,
+                    OP, UPCAST, IEEE)                                              # dy Wu
+    tile = dv_ptr + r[:, None] * h + c[None, :]
+    gp = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
+    tl.store(tile, (ds * gp).to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -734,7 +761,7 @@ def _heba_visual_bwd_kernel_dy(
             s_base, sr = s_ptr, r
             dy_rows = dy_ptr + b * stride_db + (P + p) * stride_dn
         _gelu_stencil_block(u_ptr, wm_ptr, s_base, sr, b * HW, p, r_mask, H, W, h, h,
-                            BLOCK_T, BLOCK_H)
+                            dv_ptr, r, BLOCK_T, BLOCK_H, not DV)     # gelu'(v) for the dv launch
         _heba_visual_bwd_dy_block(
             x_ptr, g_ptr, s_base, sr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, y_ptr, dy_rows,
             cst_ptr, dnw_part_ptr + slot * D, dnb_part_ptr + slot * D, r, r_mask, b, p,
@@ -767,7 +794,7 @@ def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cs
     mask = r_mask[:, None] & d_mask[None, :]
     loc = tl.arange(0, BLOCK_T).to(tl.int64)
     _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h, BLOCK_HP,
-                        BLOCK_T, BLOCK_H)                                          # + barrier
+                        s_scr, loc, BLOCK_T, BLOCK_H, False)                                          # + barrier
     s = tl.load(s_scr + loc[:, None] * BLOCK_HP + cp[None, :],
                 mask=r_mask[:, None] & cp_mask[None, :], other=0.0)
     s = _op_cast(s, OP, UPCAST)                                                    # [BT, HP]
@@ -930,7 +957,8 @@ def _down_config(cfg: dict, D: int, h: int) -> dict:
     read the block's rows of x). Modelled at D3072 h768, B256: 5.5 -> 3.7 GB L2->SM."""
     if D < BIG_BLOCK_MIN_DIM:
         return cfg
-    return dict(cfg, BLOCK_H=min(128, max(16, triton.next_power_of_2(h))))
+    cols = WIDE_TILE_COLS if cfg["OP"] else 128     # 16-bit operands: wide tiles
+    return dict(cfg, BLOCK_H=min(cols, max(16, triton.next_power_of_2(h))))
 
 
 def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
@@ -956,7 +984,9 @@ def _dv_config(cfg: dict, gpu: bool) -> dict:
     interpreter: its own rows, 16 columns, so the tests run several chunks), D in 64-wide
     steps, 8 warps, chunks of a row block consecutive (``CHUNKS_FASTEST``)."""
     t = DV_TILE if gpu else cfg["BLOCK_T"]
-    return dict(cfg, BLOCK_T=t, BLOCK_H=t if gpu else 16, BLOCK_D=64 if gpu else cfg["BLOCK_D"],
+    cols = WIDE_TILE_COLS if cfg["OP"] else t      # 16-bit operands: wide tiles
+    return dict(cfg, BLOCK_T=t, BLOCK_H=cols if gpu else 16,
+                BLOCK_D=64 if gpu else cfg["BLOCK_D"],
                 CHUNK_FASTEST=CHUNKS_FASTEST)
 
 
@@ -1059,12 +1089,15 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
         if recompute_u else []
     plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg)]
     dwm_slots = slots
-    if dv_gemm:       # S row programs per bottleneck chunk, about two programs per SM
-        dv = _dv_config(cfg, gpu)
+    if dv_gemm:       # one tile per program; dWm then summed by the dwconv launch's R row
+        dv = _dv_config(cfg, gpu)  # programs per bottleneck chunk, about two per SM
         n_tv, n_hv = triton.cdiv(T, dv["BLOCK_T"]), triton.cdiv(h, dv["BLOCK_H"])
-        dwm_slots = max(1, min(n_tv, 2 * sms // n_hv)) if gpu else min(n_tv, 2)
-        plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (dwm_slots * n_hv,), dv))
-    plan.append(Launch("dwconv_t", "_heba_visual_kernel_dwconv", (n_t, n_h), cfg))
+        plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (n_tv * n_hv,), dv))
+        n_tw = triton.cdiv(T, min(BT, DWM_ROWS))
+        dwm_slots = max(1, min(n_tw, 2 * sms // n_h)) if gpu else min(n_tw, 2)
+    plan.append(Launch("dwconv_t", "_heba_visual_kernel_dwconv",
+                       (dwm_slots if dv_gemm else n_t, n_h),
+                       dict(cfg, DWM=dv_gemm, BLOCK_T=min(BT, DWM_ROWS) if dv_gemm else BT)))
     if dx["DW"]:      # the weight gradients in the dx kernel: S row programs per D chunk
         n_tx = triton.cdiv(T, dx["BLOCK_T"])
         rows = max(1, min(n_tx, triton.cdiv(2 * sms, n_d))) if gpu else min(n_tx, 2)
@@ -1199,7 +1232,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
     dnb_part = new_buffer((n_s, D), torch.float32, dev)
     dv = new_buffer((B, HW, h), op, dev)
     dv_step = plan.get("dv")          # dv = (dy Wu) gelu'(v): a launch of its own, or in _dy
-    n_dwm = dv_step.grid[0] // triton.cdiv(h, dv_step.meta["BLOCK_H"]) if dv_step else n_s
+    n_dwm = plan["dwconv_t"].grid[0] if dv_step else n_s     # dWm: in dwconv_t, or in _dy
     dwm_part = new_buffer((n_dwm, h, 9), torch.float32, dev)
     gs_v, gs_p, gs_from_ptr = gs.kernel_args(mean)
     assert (y is not None) == plan["dy"].meta["KEEP_Y"], "y is kept iff D >= KEEP_Y_MIN_DIM"
@@ -1208,16 +1241,16 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
            dwm_part, sxb, sxn, sgb, sgn, sdb, sdn, H, W, T, HW, D, h, P, gs_v, gs_p,
            GS_PTR=gs_from_ptr, **_kw(plan["dy"]))
     if dv_step:
-        launch(_heba_visual_bwd_kernel_dv, dv_step.grid, dy, wu, u, wm, dv, dwm_part, sdb, sdn,
-               H, W, T, HW, D, h, P, **_kw(dv_step))
+        launch(_heba_visual_bwd_kernel_dv, dv_step.grid, dy, wu, dv, sdb, sdn, T, HW, D, h, P,
+               **_kw(dv_step))
 
     # Weight gradients reduce over every token: split-K A^T B over the grid tokens, or
     # (DW) summed by the dx kernel's programs, one slot each.
     if not fused:
         dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
     du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
-    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, H, W, T, HW, h,
-           MIRROR=True, GELU=False, BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
+    launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, u, dwm_part, H, W, T,
+           HW, h, DWM=cfg["DWM"], BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
            num_warps=cfg["num_warps"])
     n_dx = triton.cdiv(D, plan["dx"].meta["BLOCK_D"])       # the dx kernel's D chunks
     if fused:

@@ -190,9 +190,9 @@ def _visual_cases():
                 cfg = {k: v for k, v in plan[kern].items() if k != "num_warps"}
                 warps = plan[kern]["num_warps"]
                 consts = dict(cfg)
-                if kern.endswith("dwconv"):     # du = dwconv^T(dv)
-                    consts = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"], MIRROR=True,
-                                  GELU=False)
+                if kern.endswith("dwconv"):     # du = dwconv^T(dv) (and dWm after the dv launch)
+                    consts = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
+                                  DWM=cfg["DWM"])
                 if kern == "_heba_visual_fwd_kernel":
                     consts["SCALE_PTR"] = False
                 if kern.endswith("_dy"):

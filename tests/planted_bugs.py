@@ -593,22 +593,28 @@ KERNELS = [
         (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
         "the rows-fastest program order (a tune variant) maps programs to the wrong row "
         "blocks: the GPU check would time a wrong kernel"),
-    Bug("vis-dv-row-programs-miscounted", "kernels", VIS,
-        "    n_s = tl.num_programs(0) // n_h\n",
-        "    n_s = tl.num_programs(0)\n",
+    Bug("vis-dwconv-row-programs-miscounted", "kernels", VIS,
+        "    n_r = tl.num_programs(0)\n",
+        "    n_r = tl.num_programs(0) + 1\n",
         (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
-        "the dv launch's row programs stride by every program: row blocks past the first "
-        "stride never get dv, dWm short of their rows"),
-    Bug("vis-dv-dwm-slot-overwritten", "kernels", VIS,
-        "                     h, i > 0, BLOCK_T, BLOCK_H)\n",
-        "                     h, i < 0, BLOCK_T, BLOCK_H)\n",
+        "the dwconv launch's row programs stride one block too far: a row block in every "
+        "stride never gets du, and dWm is short of its rows"),
+    Bug("vis-dwconv-dwm-tap-mirrored", "kernels", VIS,
+        "                un = _shifted(u_ptr, b * HW, p, r_mask, c, c_mask, H, W, h, k // 3 - 1,\n",
+        "                un = _shifted(u_ptr, b * HW, p, r_mask, c, c_mask, H, W, h, 1 - k // 3,\n",
         (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
-        "the dv launch overwrites its dWm slot block after block: only each program's last "
-        "row block counts"),
+        "the dwconv launch sums dWm against u's taps mirrored top to bottom: the depthwise "
+        "kernel's gradient wrong at the MLP position"),
+    Bug("vis-dv-gelu-grad-not-stored", "kernels", VIS,
+        "                            dv_ptr, r, BLOCK_T, BLOCK_H, not DV)",
+        "                            dv_ptr, r, BLOCK_T, BLOCK_H, DV)",
+        (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
+        "the _dy kernel never writes gelu'(v) for the dv launch, which multiplies by "
+        "whatever the buffer held: dv, du and every gradient but dgamma/dbeta wrong"),
     Bug("vis-dv-wu-transposed", "kernels", VIS,
-        "        ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c_mask, D, 1, h, BLOCK_T, BLOCK_H, "
+        "    ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c < h, D, 1, h, BLOCK_T, BLOCK_H, "
         "BLOCK_D,\n",
-        "        ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c_mask, D, h, 1, BLOCK_T, BLOCK_H, "
+        "    ds = _down_tile(dy_rows, r_mask, wu_ptr, c, c < h, D, h, 1, BLOCK_T, BLOCK_H, "
         "BLOCK_D,\n",
         (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
         "the dv launch reads Wu with its strides swapped (as if it were Wd): dv, du and "

@@ -290,7 +290,7 @@ for st in plan:
     if st.kernel.startswith("_heba_visual") and not st.kernel.endswith("dwconv"):
         meta = {k: v for k, v in st.meta.items() if k != "num_warps"}
         jobs.append((getattr(hv, st.kernel), dict(meta, OP=op[0], IEEE=op[1]), ()))
-jobs += [(hv._heba_visual_kernel_dwconv, dict(MIRROR=m, GELU=not m, BLOCK_T=32, BLOCK_H=64), ())
+jobs += [(hv._heba_visual_kernel_dwconv, dict(DWM=m, BLOCK_T=32, BLOCK_H=64), ())
          for m in (False, True)]
 for fn, consts, f32_extra in jobs:
     sig = {}
@@ -421,8 +421,9 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
     """The MLP position's plan at a small width: the down projection a launch of its own
     (2 bottleneck chunks per row block, consecutive programs), y kept and the _dy
     kernel's dv sweeps 16 columns wide (5 sweeps over D, alternating direction, after
-    the LayerNorm sweep that ran in reverse), or dv a launch of its own (2 bottleneck
-    chunks of 2 row programs, each over 2 row blocks), split-K weight gradients and the dx
+    the LayerNorm sweep that ran in reverse), or dv a launch of its own (a 16 x 16 tile per
+    program: 3 row blocks x 5 bottleneck chunks) with dWm summed by the dwconv launch (2 row
+    programs per bottleneck chunk, the first over 2 row blocks), split-K weight gradients and the dx
     kernel over 3 D chunks per row block (consecutive programs): against the reference.
     The same with the other program order and one-way sweeps (the L2 layout's switches,
     which the GPU check's tune stage times both ways)."""
@@ -440,8 +441,10 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
     assert plan["dx"].grid == (triton.cdiv(B * H * W, 16) * 3,)
     assert (plan["dy"].meta["BLOCK_HV"], plan["dy"].meta["KEEP_Y"]) == (16, True)
     assert plan["dy"].meta["DV"] == (not dv_gemm) and ("dv" in plan) == dv_gemm
-    if dv_gemm:       # 2 row programs (3 blocks of 16 rows) x 5 bottleneck chunks of 16
-        assert plan["dv"].grid == (2 * 5,) and triton.cdiv(B * H * W, 16) == 3
+    assert plan["dwconv_t"].meta["DWM"] == dv_gemm
+    if dv_gemm:       # 3 blocks of 16 rows x 5 bottleneck chunks of 16; dWm: 2 row programs
+        assert plan["dv"].grid == (3 * 5,) and triton.cdiv(B * H * W, 16) == 3
+        assert plan["dwconv_t"].grid == (2, 2)
     x = _x(B, H, W, D, 2, dtype, True, seed=21)
     check_against_reference("heba_visual", "triton", x,
                             visual_params(D, device=DEVICE, dtype=dtype, seed=21), scale=0.7,
@@ -458,23 +461,24 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
 def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw, dv):
     """The launch plan a GPU runs (its block sizes: 32-128 row blocks, 128-column D chunks,
     128-column dv sweeps, 1-D grids of several chunks per row block, split-K weight
-    gradients, and at D768 also summed in the dx kernel; dv a launch of its own, its 64 x 64
-    tiles), on 4 SMs, run by
+    gradients, and at D768 also summed in the dx kernel; dv a launch of its own, its 128 x 128
+    tiles, with dWm summed over 64-row blocks by one dwconv program per bottleneck chunk), on
+    4 SMs, run by
     the interpreter in float32 (the plan's tensor-core operands are then float32 too):
     against the reference. The
     interpreter otherwise runs its own plan (16-row blocks), so this is where the GPU's
     block choices meet the reference without a GPU."""
     gpu_plans_in_interpreter(monkeypatch, sms=4)
     monkeypatch.setattr(_hv, "DW_IN_DX", dw)
-    if dv:
-        monkeypatch.setattr(_hv, "DV_GEMM_MIN_DIM", D)
+    monkeypatch.setattr(_hv, "DV_GEMM_MIN_DIM", D if dv else 2 ** 31)
     h, T = D // 4, B * H * W
     plan = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, h, torch.float32, 4, True)
             + _hv.visual_bwd_plan(B, H, W, D, h, torch.float32, 4, True, recompute_u=False)}
     assert plan["dy"].meta["BLOCK_T"] >= 32 and plan["dx"].grid[0] > 1
     assert plan["dy"].meta["KEEP_Y"] and plan["fwd"].meta["BLOCK_D"] == 128      # y kept
-    if dv:            # 144 rows: 3 blocks of 64 rows, 1 row program (8 SM slots / 8 chunks)
-        assert not plan["dy"].meta["DV"] and plan["dv"].grid == (1 * 8,)
+    if dv:            # 144 rows: 2 tiles of 128 rows x 4 of 128 columns; dWm: 3 blocks of
+        assert not plan["dy"].meta["DV"] and plan["dv"].grid == (2 * 4,)  # 64 rows, looped
+        assert plan["dwconv_t"].grid == (1, 8) and plan["dwconv_t"].meta["BLOCK_T"] == 64
     else:
         assert plan["dy"].meta["DV"] and plan["dy"].meta["BLOCK_HV"] == 128 and "dv" not in plan
     if D >= _hv.FUSE_DOWN_BELOW_DIM:

@@ -30,6 +30,8 @@ variant's run and restoring it afterwards:
   blocks with 32-column dv sweeps);
 * ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` and ``BIG_BLOCK_MIN_DIM`` up):
   ``KEPT_Y_ROWS`` (the forward kernel's 64-row blocks, or 128 rows as the other kernels');
+* ``tiles-128`` (from ``BIG_BLOCK_MIN_DIM`` up): ``WIDE_TILE_COLS`` (the down and dv
+  launches' tiles 256 bottleneck columns wide with 16-bit operands, or 128);
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that many rows per program
   (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
   is the shipped one is listed as such and not run again.
@@ -82,10 +84,10 @@ BLOCK_CAPS = (32, 64, 128)
 # width switch and the MLP-like one (D80, h20, h padded to 32) above, as D768 and D3072 do.
 TINY = (("visual-attn-tiny-d48", 48), ("visual-mlp-tiny-d80", 80))
 TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DIM=64,
-                     FUSED_DW_MAX_H=16)
+                     DV_GEMM_MIN_DIM=64, FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
-           "DV_GEMM_MIN_DIM", "BIG_BLOCK_MIN_DIM",
+           "DV_GEMM_MIN_DIM", "WIDE_TILE_COLS", "BIG_BLOCK_MIN_DIM",
            "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "CHUNKS_FASTEST",
            "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
@@ -144,7 +146,8 @@ def variants(case) -> list:
                            "kernel (shipped: split-K launches)",
                            {"DW_IN_DX": True, "FUSED_DW_MAX_H": cap}))
     flip("DV_GEMM_MIN_DIM", D >= hv.DV_GEMM_MIN_DIM, "dv-gemm", "dv-in-dy", D, D + 1,
-         ("dv in the _dy kernel's blocks", "dv a launch of its own ([128, 128] tiles)"))
+         ("dv in the _dy kernel's blocks", "dv a launch of its own (128-row GEMM tiles, dWm "
+          "in the dwconv launch)"))
     flip("SAVE_U_MIN_DIM", D >= hv.SAVE_U_MIN_DIM, "u-saved", "u-recomputed", D, D + 1,
          ("u recomputed in backward", "u kept for backward"))
     out.append(Variant("rows-fastest", "CHUNKS_FASTEST True -> False: the down and dx "
@@ -163,6 +166,11 @@ def variants(case) -> list:
         out.append(Variant("fwd-rows-128", f"KEPT_Y_ROWS {hv.KEPT_Y_ROWS} -> 128: the forward "
                            "kernel on 128-row blocks x 64 columns of D (shipped: blocks whose "
                            "second sweep mostly hits L2)", {"KEPT_Y_ROWS": 128}))
+    if D >= hv.BIG_BLOCK_MIN_DIM and hv.WIDE_TILE_COLS != 128:
+        out.append(Variant("tiles-128", f"WIDE_TILE_COLS {hv.WIDE_TILE_COLS} -> 128: the "
+                           "down and dv launches' tiles 128 bottleneck columns wide (shipped: "
+                           f"{hv.WIDE_TILE_COLS} with 16-bit operands)",
+                           {"WIDE_TILE_COLS": 128}))
     shipped_cap = 128 if D >= hv.BIG_BLOCK_MIN_DIM else 64
     for cap in BLOCK_CAPS:
         out.append(Variant(f"block-rows-{cap}", f"_block_t capped at {cap} rows per program "
