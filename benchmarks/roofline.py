@@ -187,9 +187,8 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         plan = visual_fwd_plan(B, H, W, D, h, wdt, gpu.sms, True)
     out = []
     for st in plan:
-        if st.step in ("dwu", "dwd", "reduce"):   # dWu = dy^T s, dWd = du^T t, the one sum
-            out.append(_atb_cost(st, T, D, h, e, w) if st.step == "dwu" else
-                       _atb_cost(st, T, h, D, w, e) if st.step == "dwd" else _reduce_cost(st, w))
+        if st.step in ("dw", "reduce"):   # dWu = dy^T s and dWd^T = t^T du, the one sum
+            out.append(_atb_cost(st, T, D, h, e, w) if st.step == "dw" else _reduce_cost(st, w))
             continue
         m = st.meta
         BT, BH, BD = m["BLOCK_T"], m["BLOCK_H"], m["BLOCK_D"]
@@ -292,14 +291,16 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
 def _atb_cost(st, M, I, J, ea, eb, colsum=False) -> Cost:
     """``_atb_kernel`` over ``a [M, I]`` (``ea`` bytes) and ``b [M, J]`` (``eb`` bytes):
     both read once from HBM, float32 partial slots written; every program loads its
-    chunk's ``[rows, BLOCK_I]`` and ``[rows, BLOCK_J]`` tiles."""
+    chunk's ``[rows, BLOCK_I]`` and ``[rows, BLOCK_J]`` tiles. A ``PAIR`` launch is two such
+    products (its grid's third axis counts both halves' splits)."""
     m = st.meta
     gi, gj, splits = st.grid
+    n = 2 if m.get("PAIR") else 1
     Mp = _pad(M, m["BLOCK_K"])
     c = Cost(st.kernel, st.grid)
-    c.hbm = M * (I * ea + J * eb) + splits * I * J * 4 + (splits * I * 4 if colsum else 0)
-    c.flops = 2 * Mp * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
-    c.l2 = gi * gj * Mp * (m["BLOCK_I"] * ea + m["BLOCK_J"] * eb)
+    c.hbm = n * M * (I * ea + J * eb) + splits * I * J * 4 + (splits * I * 4 if colsum else 0)
+    c.flops = n * 2 * Mp * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
+    c.l2 = n * gi * gj * Mp * (m["BLOCK_I"] * ea + m["BLOCK_J"] * eb)
     return c
 
 

@@ -36,9 +36,8 @@ import triton.language as tl
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_interpreting
 
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
-           "device_guard", "atb_plan", "atb_partials", "Partial", "reduce_partials",
-           "reduce_plan",
-           "plan_device"]
+           "device_guard", "atb_plan", "atb_partials", "atb_pair_plan", "atb_pair_partials",
+           "Partial", "reduce_partials", "reduce_plan", "plan_device"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -102,15 +101,31 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J], S_PART [S, I]
+                A2, B2, C2_PART,          # PAIR: A2 [M, I], B2 [M, J], C2_PART [S, J, I]
                 M, I, J, rows_per_split, R, stride_ab, stride_am, stride_bb, stride_bm,
-                COLSUM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr,
-                BLOCK_J: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr):
+                stride_a2b, stride_a2m, stride_b2b, stride_b2m,
+                COLSUM: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, OP: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Row ``m`` of A is ``A + (m // R) * stride_ab + (m % R) * stride_am`` (B alike): a
-    ``[M, I]`` matrix (``R = M``) or the ``[Bt, R, I]`` rows of a strided 3-D view."""
+    ``[M, I]`` matrix (``R = M``) or the ``[Bt, R, I]`` rows of a strided 3-D view. With
+    ``PAIR`` the grid's third axis is twice the splits: its second half computes
+    ``A2^T B2`` (the same shapes and dtypes as ``A``, ``B``) and stores it transposed, into
+    ``C2_PART [S, J, I]``: two weight gradients ``[I, J]`` and ``[J, I]`` in one launch."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_s = tl.program_id(2)
+    second = pid_s < 0
+    if PAIR:
+        n_s = tl.num_programs(2) // 2
+        second = pid_s >= n_s
+        pid_s = pid_s % n_s
+        A = tl.where(second, A2, A)
+        B = tl.where(second, B2, B)
+        stride_ab = tl.where(second, stride_a2b, stride_ab)
+        stride_am = tl.where(second, stride_a2m, stride_am)
+        stride_bb = tl.where(second, stride_b2b, stride_bb)
+        stride_bm = tl.where(second, stride_b2m, stride_bm)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)                  # [BLOCK_I]
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)                  # [BLOCK_J]
     i_ok = offs_i < I
@@ -131,7 +146,10 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
         if COLSUM:
             csum += tl.sum(a.to(tl.float32), axis=0)
         acc = _mma(tl.trans(_op_cast(a, OP, UPCAST)), _op_cast(b, OP, UPCAST), acc, IEEE)
-    c_ptrs = C_PART + pid_s.to(tl.int64) * I * J + offs_i[:, None] * J + offs_j[None, :]
+    if second:                          # PAIR's second half: the tile transposed
+        c_ptrs = C2_PART + pid_s.to(tl.int64) * I * J + offs_j[None, :] * I + offs_i[:, None]
+    else:
+        c_ptrs = C_PART + pid_s.to(tl.int64) * I * J + offs_i[:, None] * J + offs_j[None, :]
     tl.store(c_ptrs, acc, mask=i_ok[:, None] & j_ok[None, :])
     if COLSUM:
         if pid_j == 0:
@@ -286,9 +304,38 @@ def atb_partials(a, b, op_dtype, colsum=False):
     splits, rows_per_split = grid[2], meta.pop("ROWS_PER_SPLIT")
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
-    launch(_atb_kernel, grid, a3, b3, c_part, s_part, M, I, J, rows_per_split, R,
-           a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), COLSUM=colsum, **meta)
+    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a3, b3, c_part, M, I, J, rows_per_split,
+           R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), a3.stride(0),
+           a3.stride(1), b3.stride(0), b3.stride(1), COLSUM=colsum, PAIR=False, **meta)
     return c_part, (s_part if colsum else None)
+
+
+def atb_pair_partials(a, b, a2, b2, op_dtype):
+    """Float32 partials of ``a^T @ b`` ``[I, J]`` and ``b2^T @ a2`` ``[J, I]`` in ONE launch
+    (``a2``, ``b2`` shaped and typed as ``a``, ``b``; the second product is computed as
+    ``(a2^T b2)^T``, so both share one tiling and split plan): ``(C [S, I, J], C2 [S, J,
+    I])`` for :func:`reduce_partials`. Two weight gradients of one adapter, one launch."""
+    a3, b3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a, b))
+    a23, b23 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a2, b2))
+    if a3.shape != a23.shape or b3.shape != b23.shape or a.dtype != a2.dtype \
+            or b.dtype != b2.dtype:
+        raise ValueError(f"atb_pair_partials: a2, b2 must match a, b in shape and dtype, got "
+                         f"{tuple(a2.shape)} {a2.dtype} / {tuple(b2.shape)} {b2.dtype} for "
+                         f"{tuple(a.shape)} {a.dtype} / {tuple(b.shape)} {b.dtype}")
+    Bt, R, I = a3.shape
+    J, M, dev = b3.shape[2], Bt * R, a.device
+    if M == 0:
+        return (torch.zeros(1, I, J, device=dev, dtype=torch.float32),
+                torch.zeros(1, J, I, device=dev, dtype=torch.float32))
+    grid, meta = atb_pair_plan(M, I, J, op_dtype, *plan_device(dev))
+    meta = dict(meta)
+    splits, rows_per_split = grid[2] // 2, meta.pop("ROWS_PER_SPLIT")
+    c_part = new_buffer((splits, I, J), torch.float32, dev)
+    c2_part = new_buffer((splits, J, I), torch.float32, dev)
+    launch(_atb_kernel, grid, a3, b3, c_part, c_part, a23, b23, c2_part, M, I, J,
+           rows_per_split, R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
+           a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1), COLSUM=False, **meta)
+    return c_part, c2_part
 
 
 def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):
@@ -328,6 +375,13 @@ def atb_plan(M, I, J, op_dtype, sms, gpu):
     return grid, dict(ROWS_PER_SPLIT=rows_per_split, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I,
                       BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu, IEEE=ieee,
                       num_warps=8 if BLOCK_I * BLOCK_J >= 128 * 128 else 4)
+
+
+def atb_pair_plan(M, I, J, op_dtype, sms, gpu):
+    """``(grid, meta)`` of :func:`atb_pair_partials`' launch: :func:`atb_plan`'s tiles and
+    splits for one product, the grid's third axis doubled (the pair's second product)."""
+    (gi, gj, splits), meta = atb_plan(M, I, J, op_dtype, sms, gpu)
+    return (gi, gj, 2 * splits), dict(meta, PAIR=True)
 
 
 def _atb_tiles(I: int, J: int, sms: int) -> tuple:

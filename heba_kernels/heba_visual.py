@@ -118,8 +118,9 @@ import triton
 import triton.language as tl
 
 from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
-                                         atb_partials, atb_plan, check_dtypes, device_guard,
-                                         op_code, plan_device, reduce_partials, reduce_plan)
+                                         atb_pair_partials, atb_pair_plan, check_dtypes,
+                                         device_guard, op_code, plan_device, reduce_partials,
+                                         reduce_plan)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
@@ -1104,12 +1105,11 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
         return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows * n_d,), dx),
                        reduce_plan([(rows, h * D), (dwm_slots, h * 9), (rows, D * h),
                                     (slots, D), (slots, D)])]
-    d_up = Launch("dwu", "_atb_kernel", *atb_plan(T, D, h, weight_dtype, sms, gpu))
-    d_down = Launch("dwd", "_atb_kernel", *atb_plan(T, h, D, weight_dtype, sms, gpu))
-    return plan[:-1] + [                   # dy, dWu, du, dWd (split-K launches), dx
-        d_up, plan[-1], d_down,
-        Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx),
-        reduce_plan([(d_down.grid[2], h * D), (dwm_slots, h * 9), (d_up.grid[2], D * h),
+    dw = Launch("dw", "_atb_kernel", *atb_pair_plan(T, D, h, weight_dtype, sms, gpu))
+    splits = dw.grid[2] // 2
+    return plan + [                        # dy, (dv,) du, dWu and dWd (one split-K launch), dx
+        dw, Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx),
+        reduce_plan([(splits, h * D), (dwm_slots, h * 9), (splits, D * h),
                      (slots, D), (slots, D)])]
 
 
@@ -1244,10 +1244,6 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         launch(_heba_visual_bwd_kernel_dv, dv_step.grid, dy, wu, dv, sdb, sdn, T, HW, D, h, P,
                **_kw(dv_step))
 
-    # Weight gradients reduce over every token: split-K A^T B over the grid tokens, or
-    # (DW) summed by the dx kernel's programs, one slot each.
-    if not fused:
-        dwu_part, _ = atb_partials(_grid_tokens(dx, P, batch_first), s, op)   # [S, D, h]
     du = new_buffer((B, HW, h), op, dev)                              # dwconv^T(dv)
     launch(_heba_visual_kernel_dwconv, plan["dwconv_t"].grid, dv, wm, du, u, dwm_part, H, W, T,
            HW, h, DWM=cfg["DWM"], BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
@@ -1257,8 +1253,9 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         rows = plan["dx"].grid[0] // n_dx
         dwu_part = new_buffer((rows, D, h), torch.float32, dev)
         dwd_part = new_buffer((rows, h, D), torch.float32, dev)
-    else:
-        dwd_part, _ = atb_partials(du, _grid_tokens(x, P, batch_first), op)   # [S, h, D]
+    else:             # dWu = dy^T s [S, D, h], dWd = du^T t [S, h, D]: one split-K launch
+        dwu_part, dwd_part = atb_pair_partials(_grid_tokens(dx, P, batch_first), s,
+                                               _grid_tokens(x, P, batch_first), du, op)
     # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     scr = new_buffer((plan["dx"].grid[0], plan["dx"].meta["BLOCK_T"],
