@@ -62,20 +62,21 @@ model prices both ways of each, the GPU check's ``tune`` stage times both). The 
   three phases per block on its own rows: ``s`` again, the LayerNorm backward
   (dgamma/dbeta partials; writes ``dy`` into the ``dx`` buffer), then ``Wu^T dy``,
   GELU', the dWm partials (from ``dv`` in float32) and ``dv`` in the operand dtype (from
-  ``DV_GEMM_MIN_DIM``, today no width, that phase is ``_heba_visual_bwd_kernel_dv``, a
-  launch of its own tiled as a GEMM); ``_heba_visual_kernel_dwconv`` with ``MIRROR``:
-  ``du = dwconv^T(dv)`` (its own pass: it needs ``dv`` of neighbouring blocks); dWu and
-  dWd by :func:`~heba_kernels._triton_common.atb_partials` (split-K ``A^T B`` over the
-  grid tokens into float32 partials); ``_dx``
+  ``DV_GEMM_MIN_DIM``, the MLP position, that phase is ``_heba_visual_bwd_kernel_dv``, a
+  launch of its own tiled as a GEMM, and the _dy kernel stores ``gelu'(v)`` for its
+  epilogue); ``_heba_visual_kernel_dwconv``: ``du = dwconv^T(dv)`` (its own pass: it
+  needs ``dv`` of neighbouring blocks; after the dv launch it also sums dWm); dWu and dWd
+  by ONE launch of :func:`~heba_kernels._triton_common.atb_pair_partials` (split-K
+  ``A^T B`` over the grid tokens into float32 partials, ``dWd`` as ``(t^T du)^T``); ``_dx``
   (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). With ``DW_IN_DX`` (off: the
   L2's bandwidth prices it higher; see the switch), up to ``FUSED_DW_MAX_H`` bottleneck
   columns, ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx`` recomputes ``dy``
   from ``u``, ``x``, ``g`` and two row constants, and its programs sum dWu and dWd
-  themselves (no split-K launches). Finally ONE launch of
+  themselves (no split-K launch). Finally ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
   buffers into the parameters' dtypes. Forward 1 launch (2 from
-  ``FUSE_DOWN_BELOW_DIM``), backward 6 (4 with ``DW_IN_DX``; one more when ``u`` is
-  recomputed).
+  ``FUSE_DOWN_BELOW_DIM``), backward 5 (6 from ``DV_GEMM_MIN_DIM``, 4 with ``DW_IN_DX``;
+  one more when ``u`` is recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
@@ -170,41 +171,52 @@ KEEP_Y_MIN_DIM = 0
 # ``FUSED_DW_MAX_H`` columns, padded to a power of two): each program keeps its share of
 # dWu and dWd in registers over its row blocks, and recomputes dy (s from u by the
 # stencil, z = Wu s, the LayerNorm backward from two stored row constants) instead of
-# reading it, so dy and s never leave the _dy kernel's scratch and the two split-K
-# launches go. Off: dy and s written once, two split-K launches. Modelled
+# reading it, so dy and s never leave the _dy kernel's scratch and the split-K
+# launch goes. Off: dy and s written once, one split-K launch (then two). Modelled
 # (benchmarks/roofline.py, bf16, B256 14x14, H200), attention position (D768 h192),
 # forward + backward, y recomputed: in the dx kernel 5 launches, 770 MB HBM (1.99x
 # ideal), 8.8 GB L2->SM, floor 877 us; split-K 7 launches, 1027 MB (2.65x), 5.2 GB, 515
-# us. With y kept (KEEP_Y_MIN_DIM): 5 launches, 826 MB, 7.7 GB, 768 us; split-K 7, 1092
-# MB, 4.1 GB, 406 us (at batch 16: 56 / 34 us). Fewer bytes and launches, but every one of
-# the dx kernel's 24 D chunks per row block recomputes s and z = Wu s, and the L2's
-# bandwidth (HOPPER_L2_BW there, a lead until a GPU check measures it) binds before
-# HBM's: off. The GPU check's ``tune`` stage times both (``dw-in-dx``).
+# us. With y kept (KEEP_Y_MIN_DIM): 5 launches, 826 MB, 7.7 GB, 768 us; split-K 7 (6 since
+# the two split-K launches are one), 1092 MB, 4.1 GB, 406 us (at batch 16: 56 / 34 us).
+# Fewer bytes, but every one of the dx kernel's 24 D chunks per row block recomputes s and
+# z = Wu s, and the L2's bandwidth (HOPPER_L2_BW there, a lead until a GPU check measures
+# it) binds before HBM's: off. The GPU check's ``tune`` stage times both (``dw-in-dx``).
 DW_IN_DX = False
 
 # The widest bottleneck (padded) whose weight gradients the dx kernel can sum: at h=512
 # and up the two [BLOCK_D, h] accumulators would not fit in registers.
 FUSED_DW_MAX_H = 256
 
-# From this width ``dv = (dy Wu) * gelu'(v)`` and dWm are a launch of their own
-# (``_heba_visual_bwd_kernel_dv``: [DV_TILE, DV_TILE] tiles with D as the GEMM's depth,
-# as the down projection's), after the _dy kernel, which then only writes dy. Inside the
-# _dy kernel every 32-row block re-reads all of Wu (4.7 MB at D3072 h768): 7.4 GB of
-# L2->SM traffic per backward at B256. The tiles read it once per 64 rows too, since the
-# epilogue (v's stencil, gelu', dWm's nine taps: three [DV_TILE, DV_TILE] float32 tiles
-# beside the accumulator) caps them at 64 x 64 (scripts/triton_aot_check.py, sm_90, bf16,
-# 8 warps, Triton 3.8 / 3.6: 64 x 64 246 / 244 registers, no spill; 128 x 64 spills
-# 216 / 212 B, 128 x 128 1260 / 1244 B). Modelled (benchmarks/roofline.py, bf16, 14x14,
-# H200; the L2's bandwidth a lead there until a GPU check measures it) at the MLP position
-# (D3072 h768), forward + backward: in the _dy kernel 8 launches, 3369 us at B256 and 256
-# at batch 16; a launch of its own, 64 x 64 tiles 9 launches, 3268 and 250 us (128 x 128
-# tiles, were they not to spill, 2902 and 227). 3% for a launch past the 8 an adapter may
-# take: off at every width (2 ** 31) until a GPU times it (the ``tune`` stage's
-# ``dv-gemm`` variant).
+# From this width ``dv = (dy Wu) * gelu'(v)`` is a launch of its own
+# (``_heba_visual_bwd_kernel_dv``: one [DV_TILE, WIDE_TILE_COLS] tile per program, D as the
+# GEMM's depth, as the down projection's), after the _dy kernel, which then writes dy and
+# gelu'(v) (into dv's buffer: it computes v for s anyway), and dWm moves to the dwconv
+# launch that reads dv next (``DWM``: its row programs loop over ``DWM_ROWS``-row blocks,
+# one dWm slot each). Inside the _dy kernel every 32-row block re-reads all of Wu (4.7 MB at
+# D3072 h768): 7.4 GB of L2->SM traffic per backward at B256. With v and dWm's nine taps
+# recomputed in its epilogue the launch spilled registers past 64 x 64 tiles
+# (scripts/triton_aot_check.py, sm_90, bf16, 8 warps: 128 x 128 1228 B); with the one
+# product left, 128 x 128 takes 126 registers and 128 x 256 240, no spill (Triton 3.8;
+# float32 weights spill at 256: 128 columns there), the dwconv launch with dWm at 64 rows
+# 128 (152 fp16, 209 fp32), no spill. Modelled (benchmarks/roofline.py, bf16, 14x14, H200;
+# the L2's bandwidth a lead there until a GPU check measures it), MLP position (D3072 h768),
+# forward + backward, 8 launches either way (the weight gradients' split-K launches are one):
+# dv in the _dy kernel 3369 us at B256 (256 at batch 16), a launch of its own 2749 (229 at
+# batch 16; 128 x 128 tiles 2932), for 456 MB more HBM traffic (gelu'(v) and dy's round
+# trips; 3.59x the ideal bytes against 3.29x). Below 2048 (the attention position, h192:
+# the _dy kernel's 128-column sweeps read Wu once per 32-row block, 1.5 MB) not priced
+# faster: kept there. The GPU check's ``tune`` stage times both (``dv-in-dy``).
 DV_GEMM_MIN_DIM = 2048
 DV_TILE = 128
-WIDE_TILE_COLS = 256
 DWM_ROWS = 64
+
+# Bottleneck columns per tile of the down and dv launches with 16-bit operands (from
+# ``BIG_BLOCK_MIN_DIM``; float32 operands 128): each tile reads its rows of x (or dy) over
+# all of D once, so wider tiles read them fewer times. Modelled at D3072 h768, B256, H200:
+# down 3.7 -> 2.8 GB L2->SM (365 -> 274 us), dv 3.9 -> 2.9 GB (380 -> 289 us). Registers
+# (sm_90, bf16, 8 warps, Triton 3.8): down 187, dv 240, no spill (float32 weights spill
+# 940 / 728 B at 256). The ``tune`` stage's ``tiles-128`` variant times 128.
+WIDE_TILE_COLS = 256
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
@@ -853,7 +865,7 @@ def _heba_visual_bwd_kernel_dx(
     ``BLOCK_HP`` columns) ``dy`` is not read but recomputed (:func:`_dy_tile`), and the
     program sums its share of both weight gradients, ``dWu[j, :] = sum dy^T s`` and
     ``dWd[:, j] = sum du^T t``, in registers over its blocks, written once to its slot
-    ``s``: no ``dy`` or ``s`` round trip through memory, no split-K launches. With
+    ``s``: no ``dy`` or ``s`` round trip through memory, no split-K launch. With
     ``CHUNK_FASTEST`` the ``n_d`` programs of a row program are consecutive (dispatched
     together), so they share its rows of ``du`` (and ``u``) in L2: each read from HBM
     once."""

@@ -645,6 +645,20 @@ KERNELS = [
         "m_end = tl.minimum(m_start + rows_per_split + BLOCK_K, M)",
         (f"{T_TLR}::test_matches_reference",),
         "the weight-gradient reduction's token chunks overlap by one block: tokens counted twice"),
+    Bug("atb-pair-second-untransposed", "kernels", COMMON,
+        "        c_ptrs = C2_PART + pid_s.to(tl.int64) * I * J + offs_j[None, :] * I + "
+        "offs_i[:, None]\n",
+        "        c_ptrs = C2_PART + pid_s.to(tl.int64) * I * J + offs_i[:, None] * J + "
+        "offs_j[None, :]\n",
+        ("tests/heba_kernels/test_triton_common.py::test_atb_pair_against_torch",),
+        "the paired weight-gradient launch stores its second product untransposed: the "
+        "visual adapter's dWd scrambled"),
+    Bug("atb-pair-a2-strides-ignored", "kernels", COMMON,
+        "        stride_am = tl.where(second, stride_a2m, stride_am)\n",
+        "        stride_am = tl.where(second, stride_am, stride_am)\n",
+        ("tests/heba_kernels/test_triton_common.py::test_atb_pair_against_torch",),
+        "the paired launch walks its second product's rows with the first's token stride: "
+        "dWd wrong whenever x and the gradient buffer are laid out differently"),
     Bug("aln-bwd-residual-grad-dropped", "kernels", "heba_kernels/add_layer_norm.py",
         "    ds += tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)\n",
         "",

@@ -1,10 +1,11 @@
-"""The shared weight-gradient reduction ``atb`` (``C = scale * A^T B``, column sums) against
-torch in float64, at the tile sizes its plan picks (TRITON_INTERPRET=1 on the CPU)."""
+"""The shared weight-gradient reduction ``atb`` (``C = scale * A^T B``, column sums) and its
+two-product launch ``atb_pair_partials`` against torch in float64, at the tile sizes their
+plans pick (TRITON_INTERPRET=1 on the CPU)."""
 
 import pytest
 import torch
 
-from heba_kernels._triton_common import atb, atb_plan
+from heba_kernels._triton_common import atb, atb_pair_partials, atb_pair_plan, atb_plan
 from heba_kernels.runtime import Scale
 from tests.helpers import DTYPE_NAMES, TOL, assert_rel_close, requires_triton_cpu
 
@@ -38,3 +39,32 @@ def test_atb_plan_tiles():
     assert (meta["BLOCK_I"], meta["BLOCK_J"], grid[:2]) == (64, 64, (12, 3))
     grid, meta = atb_plan(39424, 512, 128, torch.bfloat16, 132, True)   # 4 tiles of 128
     assert (meta["BLOCK_I"], meta["BLOCK_J"]) == (64, 64)
+
+
+@pytest.mark.parametrize("I,J", [(128, 256), (40, 10)], ids=["tiles128", "tiles16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_atb_pair_against_torch(I, J, dtype):
+    """One launch, two products: ``a^T b`` ``[I, J]`` and ``b2^T a2`` ``[J, I]`` (a visual
+    adapter's dWu and dWd), each operand with strides of its own (``a`` the grid tokens of a
+    ``[B, N, D]`` tensor, ``a2`` of a sequence-first one, ``b2`` rows of a wider buffer), the
+    token rows split across programs: both partial sums against float64 torch."""
+    g = torch.Generator().manual_seed(I * J)
+    B, R = 3, 37
+    a = torch.randn(B, 1 + R, I, generator=g).to(DEVICE, dtype)[:, 1:]
+    b = torch.randn(B, R, J, generator=g).to(DEVICE, dtype)
+    a2 = torch.randn(2 + R, B, I, generator=g).to(DEVICE, dtype)[2:].transpose(0, 1)
+    b2 = torch.randn(B, R, J + 3, generator=g).to(DEVICE, dtype)[..., :J]
+    grid, meta = atb_pair_plan(B * R, I, J, dtype, 1, False)
+    assert grid[2] == 2 * atb_plan(B * R, I, J, dtype, 1, False)[0][2] and meta["PAIR"]
+    c, c2 = atb_pair_partials(a, b, a2, b2, dtype)
+    assert c.shape == (grid[2] // 2, I, J) and c2.shape == (grid[2] // 2, J, I)
+    ra, rb = a.double().reshape(-1, I), b.double().reshape(-1, J)
+    ra2, rb2 = a2.double().reshape(-1, I), b2.double().reshape(-1, J)
+    assert_rel_close("a^T b", c.sum(0), ra.T @ rb, TOL[dtype])
+    assert_rel_close("b2^T a2", c2.sum(0), rb2.T @ ra2, TOL[dtype])
+
+
+def test_atb_pair_rejects_mismatched_operands():
+    a, b = torch.randn(10, 8), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="a2, b2 must match a, b"):
+        atb_pair_partials(a, b, torch.randn(10, 4), torch.randn(10, 8), torch.float32)
