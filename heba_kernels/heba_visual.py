@@ -882,7 +882,11 @@ def _heba_visual_bwd_kernel_dx(
     acc_u = tl.zeros((BLOCK_D, BLOCK_HP), dtype=tl.float32)                        # dWu[j, :]
     acc_d = tl.zeros((BLOCK_HP, BLOCK_D), dtype=tl.float32)                        # dWd[:, j]
     s_scr = scr_ptr + q.to(tl.int64) * BLOCK_T * BLOCK_HP
-    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
+    if DW:                               # row blocks pid, pid + n_s, ...
+        n_iter = tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)
+    else:                                # one row block per program
+        n_iter = 1
+    for i in range(0, n_iter):
         r, r_mask, b, p = _rows(pid + i * n_s, T, HW, BLOCK_T)
         mask = r_mask[:, None] & d_mask[None, :]
         dx_tile = dx_ptr + (b * stride_db + (P + p) * stride_dn)[:, None] + d[None, :]
