@@ -956,9 +956,9 @@ def _block_t(T: int, D: int, sms: int) -> int:
     backward, with this module's other choices): D3072 16-row blocks (the largest that
     filled 132 SMs) 504 us, 128 rows 256; D768 16 rows 48 us, 64 rows 34. Only a block
     longer than all the tokens is halved. Registers (scripts/triton_aot_check.py, sm_90,
-    bf16, 8 warps; Triton 3.8 / 3.6): at 128 rows, D3072, down 107 / 107, _dx (128 columns
-    of D) 255 with 96 B spilled in both, dwconv 172 / 182; float32 tokens spill up to a few
-    hundred bytes at 128 rows. The forward and _dy kernels run blocks of their own, sized
+    bf16, 8 warps; Triton 3.8 / 3.6): at 128 rows, D3072, down (256 bottleneck columns)
+    187 / 187, _dx (128 columns of D) 252 / 252, no spill; float32 tokens spill up to a few
+    hundred bytes at 128 rows (the dwconv launch runs 64-row blocks where it sums dWm). The forward and _dy kernels run blocks of their own, sized
     for the L2 where y is kept (``_fwd_config``, ``_dy_config``: their registers there). To
     be tuned on a GPU (the GPU check's opt-in ``tune`` stage times 32 / 64 / 128 rows
     against this choice)."""
