@@ -203,9 +203,10 @@ FUSED_DW_MAX_H = 256
 # forward + backward, 8 launches either way (the weight gradients' split-K launches are one):
 # dv in the _dy kernel 3369 us at B256 (256 at batch 16), a launch of its own 2749 (229 at
 # batch 16; 128 x 128 tiles 2932), for 456 MB more HBM traffic (gelu'(v) and dy's round
-# trips; 3.59x the ideal bytes against 3.29x). Below 2048 (the attention position, h192:
-# the _dy kernel's 128-column sweeps read Wu once per 32-row block, 1.5 MB) not priced
-# faster: kept there. The GPU check's ``tune`` stage times both (``dv-in-dy``).
+# trips; 3.59x the ideal bytes against 3.29x). At the attention position (D768 h192, where
+# Wu is 0.3 MB) a launch of its own models 396 against 406 us at B256 but 38.9 against 34.4
+# at the published batch 16: kept in the _dy kernel below 2048. The GPU check's ``tune``
+# stage times both ways at both widths (``dv-in-dy``, ``dv-gemm``).
 DV_GEMM_MIN_DIM = 2048
 DV_TILE = 128
 DWM_ROWS = 64
