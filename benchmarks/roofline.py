@@ -298,7 +298,8 @@ def _atb_cost(st, M, I, J, ea, eb, colsum=False) -> Cost:
     n = 2 if m.get("PAIR") else 1
     Mp = _pad(M, m["BLOCK_K"])
     c = Cost(st.kernel, st.grid)
-    c.hbm = n * M * (I * ea + J * eb) + splits * I * J * 4 + (splits * I * 4 if colsum else 0)
+    sums = (splits // 2 * (I + J) if n == 2 else splits * I) * 4 if colsum else 0
+    c.hbm = n * M * (I * ea + J * eb) + splits * I * J * 4 + sums
     c.flops = n * 2 * Mp * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
     c.l2 = n * gi * gj * Mp * (m["BLOCK_I"] * ea + m["BLOCK_J"] * eb)
     return c
@@ -318,10 +319,10 @@ def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
     out = []
     for st in plan:
         m = st.meta
-        if st.kernel == "_atb_kernel":    # d_up: dy or g [M, D] with a; d_down: du with x
-            colsum = "BLOCK_R" in plan[0].meta          # low-rank: bias gradients too
-            out.append(_atb_cost(st, M, D, Hd, e, w, colsum) if st.step == "d_up"
-                       else _atb_cost(st, M, Hd, D, w, e, colsum))
+        if st.kernel == "_atb_kernel":    # d_up: dy or g [M, D] with a; d_down: du with x;
+            colsum = "BLOCK_R" in plan[0].meta          # dw: both, one launch (low-rank:
+            out.append(_atb_cost(st, M, D, Hd, e, w, colsum) if st.step in ("d_up", "dw")
+                       else _atb_cost(st, M, Hd, D, w, e, colsum))   # bias gradients too)
             continue
         if st.step == "reduce":
             out.append(_reduce_cost(st, w))

@@ -101,7 +101,8 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J], S_PART [S, I]
-                A2, B2, C2_PART,          # PAIR: A2 [M, I], B2 [M, J], C2_PART [S, J, I]
+                A2, B2, C2_PART, S2_PART,  # PAIR: A2 [M, I], B2 [M, J], C2_PART [S, J, I],
+                #                            S2_PART [S, J]
                 M, I, J, rows_per_split, R, stride_ab, stride_am, stride_bb, stride_bm,
                 stride_a2b, stride_a2m, stride_b2b, stride_b2m,
                 COLSUM: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -111,7 +112,8 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
     ``[M, I]`` matrix (``R = M``) or the ``[Bt, R, I]`` rows of a strided 3-D view. With
     ``PAIR`` the grid's third axis is twice the splits: its second half computes
     ``A2^T B2`` (the same shapes and dtypes as ``A``, ``B``) and stores it transposed, into
-    ``C2_PART [S, J, I]``: two weight gradients ``[I, J]`` and ``[J, I]`` in one launch."""
+    ``C2_PART [S, J, I]``: two weight gradients ``[I, J]`` and ``[J, I]`` in one launch;
+    with ``COLSUM`` its column sums are ``B2``'s (``[S, J]``: the second weight's bias)."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -134,6 +136,7 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)              # [BLOCK_I, BLOCK_J]
     csum = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    csum2 = tl.zeros((BLOCK_J,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_K):
         rows = m0 + tl.arange(0, BLOCK_K)                             # [BLOCK_K]
         r_ok = rows < m_end
@@ -145,6 +148,8 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
                     mask=r_ok[:, None] & j_ok[None, :], other=0.0)    # [BLOCK_K, BLOCK_J]
         if COLSUM:
             csum += tl.sum(a.to(tl.float32), axis=0)
+            if PAIR:
+                csum2 += tl.sum(b.to(tl.float32), axis=0)
         acc = _mma(tl.trans(_op_cast(a, OP, UPCAST)), _op_cast(b, OP, UPCAST), acc, IEEE)
     if second:                          # PAIR's second half: the tile transposed
         c_ptrs = C2_PART + pid_s.to(tl.int64) * I * J + offs_j[None, :] * I + offs_i[:, None]
@@ -152,7 +157,10 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
         c_ptrs = C_PART + pid_s.to(tl.int64) * I * J + offs_i[:, None] * J + offs_j[None, :]
     tl.store(c_ptrs, acc, mask=i_ok[:, None] & j_ok[None, :])
     if COLSUM:
-        if pid_j == 0:
+        if second:
+            if pid_i == 0:
+                tl.store(S2_PART + pid_s.to(tl.int64) * J + offs_j, csum2, mask=j_ok)
+        elif pid_j == 0:
             tl.store(S_PART + pid_s.to(tl.int64) * I + offs_i, csum, mask=i_ok)
 
 
@@ -304,17 +312,20 @@ def atb_partials(a, b, op_dtype, colsum=False):
     splits, rows_per_split = grid[2], meta.pop("ROWS_PER_SPLIT")
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
-    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a3, b3, c_part, M, I, J, rows_per_split,
+    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a3, b3, c_part, s_part, M, I, J,
+           rows_per_split,
            R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), a3.stride(0),
            a3.stride(1), b3.stride(0), b3.stride(1), COLSUM=colsum, PAIR=False, **meta)
     return c_part, (s_part if colsum else None)
 
 
-def atb_pair_partials(a, b, a2, b2, op_dtype):
+def atb_pair_partials(a, b, a2, b2, op_dtype, colsum=False):
     """Float32 partials of ``a^T @ b`` ``[I, J]`` and ``b2^T @ a2`` ``[J, I]`` in ONE launch
     (``a2``, ``b2`` shaped and typed as ``a``, ``b``; the second product is computed as
-    ``(a2^T b2)^T``, so both share one tiling and split plan): ``(C [S, I, J], C2 [S, J,
-    I])`` for :func:`reduce_partials`. Two weight gradients of one adapter, one launch."""
+    ``(a2^T b2)^T``, so both share one tiling and split plan), and with ``colsum`` of
+    ``a.sum(0)`` ``[I]`` and ``b2.sum(0)`` ``[J]`` (the two weights' biases): ``(C [S, I,
+    J], C2 [S, J, I], s [S, I] or None, s2 [S, J] or None)`` for :func:`reduce_partials`.
+    Two weight gradients of one adapter, one launch."""
     a3, b3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a, b))
     a23, b23 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a2, b2))
     if a3.shape != a23.shape or b3.shape != b23.shape or a.dtype != a2.dtype \
@@ -325,17 +336,20 @@ def atb_pair_partials(a, b, a2, b2, op_dtype):
     Bt, R, I = a3.shape
     J, M, dev = b3.shape[2], Bt * R, a.device
     if M == 0:
-        return (torch.zeros(1, I, J, device=dev, dtype=torch.float32),
-                torch.zeros(1, J, I, device=dev, dtype=torch.float32))
+        z = [torch.zeros(1, *shape, device=dev, dtype=torch.float32)
+             for shape in ((I, J), (J, I), (I,), (J,))]
+        return z[0], z[1], (z[2] if colsum else None), (z[3] if colsum else None)
     grid, meta = atb_pair_plan(M, I, J, op_dtype, *plan_device(dev))
     meta = dict(meta)
     splits, rows_per_split = grid[2] // 2, meta.pop("ROWS_PER_SPLIT")
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     c2_part = new_buffer((splits, J, I), torch.float32, dev)
-    launch(_atb_kernel, grid, a3, b3, c_part, c_part, a23, b23, c2_part, M, I, J,
+    s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
+    s2_part = new_buffer((splits, J), torch.float32, dev) if colsum else c_part
+    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a23, b23, c2_part, s2_part, M, I, J,
            rows_per_split, R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
-           a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1), COLSUM=False, **meta)
-    return c_part, c2_part
+           a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1), COLSUM=colsum, **meta)
+    return c_part, c2_part, (s_part if colsum else None), (s2_part if colsum else None)
 
 
 def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):

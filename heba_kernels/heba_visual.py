@@ -1271,8 +1271,8 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         dwu_part = new_buffer((rows, D, h), torch.float32, dev)
         dwd_part = new_buffer((rows, h, D), torch.float32, dev)
     else:             # dWu = dy^T s [S, D, h], dWd = du^T t [S, h, D]: one split-K launch
-        dwu_part, dwd_part = atb_pair_partials(_grid_tokens(dx, P, batch_first), s,
-                                               _grid_tokens(x, P, batch_first), du, op)
+        dwu_part, dwd_part, _, _ = atb_pair_partials(_grid_tokens(dx, P, batch_first), s,
+                                                     _grid_tokens(x, P, batch_first), du, op)
     # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     scr = new_buffer((plan["dx"].grid[0], plan["dx"].meta["BLOCK_T"],

@@ -97,14 +97,19 @@ def _cases():
                     ptrs = dict(X=xs, WD=ws, BD=ws, WU=ws, BU=ws, OUT=xs)
                     yield ("low_rank fwd", R, xdt, wdt, "_low_rank_fwd_kernel", ptrs,
                            ("alpha",), c, nw)
-        for BI, BJ, pair in ((128, 128, False), (128, 64, False), (64, 128, False),
-                             (64, 64, False), (64, 16, False), (16, 64, False),
-                             (128, 128, True), (64, 64, True)):
-            c = dict(BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=not pair, PAIR=pair,
-                     _shown=f"{BI}x{BJ}{' pair' if pair else ''}", _shape=dict(D=768, h=BI))
+        # single products (text above its fused width), pairs: the visual adapter's two
+        # weights, the low-rank adapter's two weights and biases
+        for BI, BJ, pair, colsum in ((128, 128, False, True), (128, 64, False, True),
+                                     (64, 128, False, True), (64, 64, False, True),
+                                     (64, 16, False, True), (16, 64, False, True),
+                                     (128, 128, True, False), (64, 64, True, False),
+                                     (64, 16, True, True), (64, 64, True, True)):
+            c = dict(BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=colsum, PAIR=pair,
+                     _shown=f"{BI}x{BJ}{' pair' if pair else ''}{' colsum' if colsum else ''}",
+                     _shape=dict(D=768, h=BI))
             yield ("atb (dW)", BJ, xdt, wdt, "_atb_kernel",
                    dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32", A2=xs, B2=ws,
-                        C2_PART="fp32"), (), c,
+                        C2_PART="fp32", S2_PART="fp32"), (), c,
                    8 if BI * BJ >= 128 * 128 else 4)             # as atb_plan
         # the one reduction of an op's partial buffers (float32 in, the weights' dtype out)
         c = dict(SCALE_PTR=True, SCALED=0b10101, BLOCK=_triton_common.REDUCE_BLOCK,

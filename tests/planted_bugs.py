@@ -659,6 +659,12 @@ KERNELS = [
         ("tests/heba_kernels/test_triton_common.py::test_atb_pair_against_torch",),
         "the paired launch walks its second product's rows with the first's token stride: "
         "dWd wrong whenever x and the gradient buffer are laid out differently"),
+    Bug("atb-pair-bias-stored-by-wrong-programs", "kernels", COMMON,
+        "        if second:\n            if pid_i == 0:\n",
+        "        if second:\n            if pid_j == 0:\n",
+        ("tests/heba_kernels/test_triton_common.py::test_atb_pair_against_torch",),
+        "the paired launch's second bias sum is stored by the first column of tiles, not the "
+        "first row: every bias entry past the first tile never written"),
     Bug("aln-bwd-residual-grad-dropped", "kernels", "heba_kernels/add_layer_norm.py",
         "    ds += tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)\n",
         "",

@@ -41,13 +41,15 @@ def test_atb_plan_tiles():
     assert (meta["BLOCK_I"], meta["BLOCK_J"]) == (64, 64)
 
 
+@pytest.mark.parametrize("colsum", [False, True], ids=["weights", "weights-and-biases"])
 @pytest.mark.parametrize("I,J", [(128, 256), (40, 10)], ids=["tiles128", "tiles16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
-def test_atb_pair_against_torch(I, J, dtype):
+def test_atb_pair_against_torch(I, J, dtype, colsum):
     """One launch, two products: ``a^T b`` ``[I, J]`` and ``b2^T a2`` ``[J, I]`` (a visual
-    adapter's dWu and dWd), each operand with strides of its own (``a`` the grid tokens of a
+    adapter's dWu and dWd; with ``colsum`` also ``a.sum(0)`` and ``b2.sum(0)``, the low-rank
+    adapter's two biases), each operand with strides of its own (``a`` the grid tokens of a
     ``[B, N, D]`` tensor, ``a2`` of a sequence-first one, ``b2`` rows of a wider buffer), the
-    token rows split across programs: both partial sums against float64 torch."""
+    token rows split across programs: every partial sum against float64 torch."""
     g = torch.Generator().manual_seed(I * J)
     B, R = 3, 37
     a = torch.randn(B, 1 + R, I, generator=g).to(DEVICE, dtype)[:, 1:]
@@ -56,12 +58,17 @@ def test_atb_pair_against_torch(I, J, dtype):
     b2 = torch.randn(B, R, J + 3, generator=g).to(DEVICE, dtype)[..., :J]
     grid, meta = atb_pair_plan(B * R, I, J, dtype, 1, False)
     assert grid[2] == 2 * atb_plan(B * R, I, J, dtype, 1, False)[0][2] and meta["PAIR"]
-    c, c2 = atb_pair_partials(a, b, a2, b2, dtype)
+    c, c2, s, s2 = atb_pair_partials(a, b, a2, b2, dtype, colsum=colsum)
     assert c.shape == (grid[2] // 2, I, J) and c2.shape == (grid[2] // 2, J, I)
     ra, rb = a.double().reshape(-1, I), b.double().reshape(-1, J)
     ra2, rb2 = a2.double().reshape(-1, I), b2.double().reshape(-1, J)
     assert_rel_close("a^T b", c.sum(0), ra.T @ rb, TOL[dtype])
     assert_rel_close("b2^T a2", c2.sum(0), rb2.T @ ra2, TOL[dtype])
+    if colsum:
+        assert_rel_close("a.sum(0)", s.sum(0), ra.sum(0), TOL[dtype])
+        assert_rel_close("b2.sum(0)", s2.sum(0), rb2.sum(0), TOL[dtype])
+    else:
+        assert s is None and s2 is None
 
 
 def test_atb_pair_rejects_mismatched_operands():
