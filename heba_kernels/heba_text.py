@@ -52,13 +52,13 @@ prefers there), three launches:
   slots of the four partial buffers.
 
 Wider bottlenecks (the two ``[BLOCK_D, h]`` float32 accumulators would not fit in
-registers), four launches: ``_heba_text_bwd_kernel_dx`` (one program per
+registers), three launches: ``_heba_text_bwd_kernel_dx`` (one program per
 ``BLOCK_M`` tokens) recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for
 the two row means and the per-program partial sums of ``dw``/``db``, once more
 for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and ``da``, and a last
 time for ``dx``; ``a`` and ``du`` (``[M, h]``) are written for the projection
-gradients, reductions over all tokens done by
-:func:`heba_kernels._triton_common.atb_partials` (float32 partials per token chunk
+gradients, reductions over all tokens done in one launch by
+:func:`heba_kernels._triton_common.atb_pair_partials` (float32 partials per token chunk
 in separate slots); then the one reduction of all four partial buffers.
 
 Either way the partial buffers are summed in ONE launch, in float32, in a fixed
@@ -105,9 +105,9 @@ import triton
 import triton.language as tl
 
 from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
-                                         atb_partials, atb_plan, check_dtypes, device_guard,
-                                         launch_flags, op_code, plan_device, reduce_partials,
-                                         reduce_plan)
+                                         atb_pair_partials, atb_pair_plan, check_dtypes,
+                                         device_guard, launch_flags, op_code, plan_device,
+                                         reduce_partials, reduce_plan)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd", "text_plan"]
@@ -673,11 +673,9 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
                 reduce_plan([(n_s, D * H), (n_s, H * D), (n_s, D), (n_s, D)])]
     row = Launch("dx", "_heba_text_bwd_kernel_dx", grid,
                  dict(meta, WIDE=BLOCK_H > WIDE_H, BLOCK_HC=_WIDE_BLOCK_HC))
-    atbs = [Launch(step, "_atb_kernel", *atb_plan(M, i, j, op_dtype, sms, gpu))
-            for step, i, j in (("d_up", D, H), ("d_down", H, D))]
-    s_up, s_down = (st.grid[2] for st in atbs)
-    return [row] + atbs + [reduce_plan([(s_up, D * H), (s_down, H * D), (grid[0], D),
-                                        (grid[0], D)])]
+    dw = Launch("dw", "_atb_kernel", *atb_pair_plan(M, D, H, op_dtype, sms, gpu))
+    s = dw.grid[2] // 2               # both weight gradients: one split-K launch
+    return [row, dw, reduce_plan([(s, D * H), (s, H * D), (grid[0], D), (grid[0], D)])]
 
 
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, op_dtype=None):
@@ -756,8 +754,8 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
             dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
             M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
             SCALE_PTR=scale_from_ptr, **row.meta, **flags)
-        up, _ = atb_partials(dy, a_buf, op_dtype)                              # [S, D, H]
-        down, _ = atb_partials(du_buf, x2, op_dtype)                           # [S, H, D]
+        # dWu = dy^T a [S, D, H] and dWd = du^T x [S, H, D]: one split-K launch
+        up, down, _, _ = atb_pair_partials(dy, a_buf, x2, du_buf, op_dtype)
     d_up, d_down, dnw, dnb = reduce_partials(      # one launch for all four
         [Partial(up, (D, H), up_weight.dtype, True),
          Partial(down, (H, D), down_weight.dtype, True),
