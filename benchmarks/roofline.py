@@ -315,14 +315,13 @@ def _reduce_cost(st, w) -> Cost:
 
 def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
     """Token-wise ops: row kernel (``sweeps`` token tensors read/written, ``gemms`` GEMM
-    passes of M x D x hidden), the two atb reductions (split-K partials), the one sum."""
+    passes of M x D x hidden), the atb pair (both weights' split-K partials), the one sum."""
     out = []
     for st in plan:
         m = st.meta
-        if st.kernel == "_atb_kernel":    # d_up: dy or g [M, D] with a; d_down: du with x;
-            colsum = "BLOCK_R" in plan[0].meta          # dw: both, one launch (low-rank:
-            out.append(_atb_cost(st, M, D, Hd, e, w, colsum) if st.step in ("d_up", "dw")
-                       else _atb_cost(st, M, Hd, D, w, e, colsum))   # bias gradients too)
+        if st.kernel == "_atb_kernel":    # the pair: dy or g [M, D] with a, x with du
+            colsum = "BLOCK_R" in plan[0].meta          # low-rank: bias gradients too
+            out.append(_atb_cost(st, M, D, Hd, e, w, colsum))
             continue
         if st.step == "reduce":
             out.append(_reduce_cost(st, w))
