@@ -808,7 +808,7 @@ def _dy_tile(x_ptr, g_ptr, u_ptr, wm_ptr, wu_ptr, nw_ptr, mean_ptr, rstd_ptr, cs
     mask = r_mask[:, None] & d_mask[None, :]
     loc = tl.arange(0, BLOCK_T).to(tl.int64)
     _gelu_stencil_block(u_ptr, wm_ptr, s_scr, loc, b * HW, p, r_mask, H, W, h, BLOCK_HP,
-                        s_scr, loc, BLOCK_T, BLOCK_H, False)                                          # + barrier
+                        s_scr, loc, BLOCK_T, BLOCK_H, False)                       # + barrier
     s = tl.load(s_scr + loc[:, None] * BLOCK_HP + cp[None, :],
                 mask=r_mask[:, None] & cp_mask[None, :], other=0.0)
     s = _op_cast(s, OP, UPCAST)                                                    # [BT, HP]
@@ -959,10 +959,10 @@ def _block_t(T: int, D: int, sms: int) -> int:
     longer than all the tokens is halved. Registers (scripts/triton_aot_check.py, sm_90,
     bf16, 8 warps; Triton 3.8 / 3.6): at 128 rows, D3072, down (256 bottleneck columns)
     187 / 187, _dx (128 columns of D) 252 / 252, no spill; float32 tokens spill up to a few
-    hundred bytes at 128 rows (the dwconv launch runs 64-row blocks where it sums dWm). The forward and _dy kernels run blocks of their own, sized
-    for the L2 where y is kept (``_fwd_config``, ``_dy_config``: their registers there). To
-    be tuned on a GPU (the GPU check's opt-in ``tune`` stage times 32 / 64 / 128 rows
-    against this choice)."""
+    hundred bytes at 128 rows (the dwconv launch runs 64-row blocks where it sums dWm). The
+    forward and _dy kernels run blocks of their own, sized for the L2 where y is kept
+    (``_fwd_config``, ``_dy_config``: their registers there). To be tuned on a GPU (the GPU
+    check's opt-in ``tune`` stage times 32 / 64 / 128 rows against this choice)."""
     bt = 128 if D >= BIG_BLOCK_MIN_DIM else 64
     while bt > 16 and bt // 2 >= T:
         bt //= 2
