@@ -212,8 +212,9 @@ DV_TILE = 128
 DWM_ROWS = 64
 
 # Bottleneck columns per tile of the down and dv launches with 16-bit operands (from
-# ``BIG_BLOCK_MIN_DIM``; float32 operands 128): each tile reads its rows of x (or dy) over
-# all of D once, so wider tiles read them fewer times. Modelled at D3072 h768, B256, H200:
+# ``BIG_BLOCK_MIN_DIM``, where such tiles alone give every SM a program: ``_tile_cols``;
+# else 128): each tile reads its rows of x (or dy) over all of D once, so wider tiles read
+# them fewer times. Modelled at D3072 h768, B256, H200:
 # down 3.7 -> 2.8 GB L2->SM (365 -> 274 us), dv 3.9 -> 2.9 GB (380 -> 289 us). Registers
 # (sm_90, bf16, 8 warps, Triton 3.8): down 187, dv 240, no spill (float32 weights spill
 # 940 / 728 B at 256). The ``tune`` stage's ``tiles-128`` variant times 128.
@@ -969,13 +970,26 @@ def _block_t(T: int, D: int, sms: int) -> int:
     return bt
 
 
-def _down_config(cfg: dict, D: int, h: int) -> dict:
-    """The down kernel's blocks: from ``BIG_BLOCK_MIN_DIM`` up, 128 bottleneck columns per
-    program, so x is re-read half as often (``h / BLOCK_H`` programs per row block each
-    read the block's rows of x). Modelled at D3072 h768, B256: 5.5 -> 3.7 GB L2->SM."""
+def _tile_cols(cfg: dict, rows: int, T: int, h: int, sms: int) -> int:
+    """Bottleneck columns per tile of the down and dv launches: ``WIDE_TILE_COLS`` with
+    16-bit operands where such tiles of ``rows`` rows alone give every SM a program, else
+    128. At the published batch 16 (D3072 h768, 3136 grid tokens) 256-column tiles would
+    leave 57 of 132 SMs idle: modelled forward + backward on an H200, 236 us against 229
+    with 128 columns; from batch 32 up the wide tiles win (B32 361 against 383, B256 2749
+    against 2932)."""
+    if cfg["OP"] and triton.cdiv(T, rows) * triton.cdiv(h, WIDE_TILE_COLS) >= sms:
+        return WIDE_TILE_COLS
+    return 128
+
+
+def _down_config(cfg: dict, T: int, D: int, h: int, sms: int) -> dict:
+    """The down kernel's blocks: from ``BIG_BLOCK_MIN_DIM`` up, 128 or 256 bottleneck
+    columns per program (:func:`_tile_cols`), so x is re-read less often (``h / BLOCK_H``
+    programs per row block each read the block's rows of x). Modelled at D3072 h768, B256:
+    64 columns 5.5 GB L2->SM, 128 3.7, 256 2.8."""
     if D < BIG_BLOCK_MIN_DIM:
         return cfg
-    cols = WIDE_TILE_COLS if cfg["OP"] else 128     # 16-bit operands: wide tiles
+    cols = _tile_cols(cfg, cfg["BLOCK_T"], T, h, sms)
     return dict(cfg, BLOCK_H=min(cols, max(16, triton.next_power_of_2(h))))
 
 
@@ -997,13 +1011,12 @@ def _dx_config(cfg: dict, D: int, h: int, gpu: bool) -> dict:
                 BLOCK_D=min(128, max(16, triton.next_power_of_2(D))))
 
 
-def _dv_config(cfg: dict, gpu: bool) -> dict:
-    """The dv launch's tiles: ``DV_TILE`` rows x ``DV_TILE`` bottleneck columns on a GPU (the
-    interpreter: its own rows, 16 columns, so the tests run several chunks), D in 64-wide
-    steps, 8 warps, chunks of a row block consecutive (``CHUNKS_FASTEST``)."""
+def _dv_config(cfg: dict, T: int, h: int, sms: int, gpu: bool) -> dict:
+    """The dv launch's tiles: ``DV_TILE`` rows x :func:`_tile_cols` bottleneck columns on a
+    GPU (the interpreter: its own rows, 16 columns, so the tests run several chunks), D in
+    64-wide steps, 8 warps, chunks of a row block consecutive (``CHUNKS_FASTEST``)."""
     t = DV_TILE if gpu else cfg["BLOCK_T"]
-    cols = WIDE_TILE_COLS if cfg["OP"] else t      # 16-bit operands: wide tiles
-    return dict(cfg, BLOCK_T=t, BLOCK_H=cols if gpu else 16,
+    return dict(cfg, BLOCK_T=t, BLOCK_H=_tile_cols(cfg, t, T, h, sms) if gpu else 16,
                 BLOCK_D=64 if gpu else cfg["BLOCK_D"],
                 CHUNK_FASTEST=CHUNKS_FASTEST)
 
@@ -1086,7 +1099,7 @@ def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
                       BLOCK_E=min(32, fcfg["BLOCK_T"]), ALTERNATE=ALTERNATE_SWEEPS))
     if fuse:
         return [fwd]
-    down = dict(_down_config(cfg, D, h), CHUNK_FASTEST=CHUNKS_FASTEST)
+    down = dict(_down_config(cfg, T, D, h, sms), CHUNK_FASTEST=CHUNKS_FASTEST)
     return [Launch("down", "_heba_visual_fwd_kernel_down",
                    (n_t * triton.cdiv(h, down["BLOCK_H"]),), down), fwd]
 
@@ -1096,7 +1109,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
     BT, BH = cfg["BLOCK_T"], cfg["BLOCK_H"]
-    down = dict(_down_config(cfg, D, h), CHUNK_FASTEST=CHUNKS_FASTEST)
+    down = dict(_down_config(cfg, T, D, h, sms), CHUNK_FASTEST=CHUNKS_FASTEST)
     dx = dict(_dx_config(cfg, D, h, gpu), CHUNK_FASTEST=CHUNKS_FASTEST)
     n_t, n_h, n_d = triton.cdiv(T, BT), triton.cdiv(h, BH), triton.cdiv(D, dx["BLOCK_D"])
     dv_gemm = D >= DV_GEMM_MIN_DIM and not dx["DW"]
@@ -1108,7 +1121,7 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     plan += [Launch("dy", "_heba_visual_bwd_kernel_dy", (slots,), dy_cfg)]
     dwm_slots = slots
     if dv_gemm:       # one tile per program; dWm then summed by the dwconv launch's R row
-        dv = _dv_config(cfg, gpu)  # programs per bottleneck chunk, about two per SM
+        dv = _dv_config(cfg, T, h, sms, gpu)    # programs per bottleneck chunk, two per SM
         n_tv, n_hv = triton.cdiv(T, dv["BLOCK_T"]), triton.cdiv(h, dv["BLOCK_H"])
         plan.append(Launch("dv", "_heba_visual_bwd_kernel_dv", (n_tv * n_hv,), dv))
         n_tw = triton.cdiv(T, min(BT, DWM_ROWS))

@@ -593,6 +593,12 @@ KERNELS = [
         (f"{T_TVIS}::test_every_launch_split_and_swept_both_ways",),
         "the rows-fastest program order (a tune variant) maps programs to the wrong row "
         "blocks: the GPU check would time a wrong kernel"),
+    Bug("vis-wide-tiles-at-small-batch", "kernels", VIS,
+        "    if cfg[\"OP\"] and triton.cdiv(T, rows) * triton.cdiv(h, WIDE_TILE_COLS) >= sms:\n",
+        "    if cfg[\"OP\"]:\n",
+        (f"{T_TVIS}::test_mlp_tiles_wide_where_they_fill_the_gpu",),
+        "the down and dv launches take 256-column tiles at the published batch 16 too: 75 "
+        "programs for 132 SMs, modelled 3% slower there"),
     Bug("vis-dwconv-row-programs-miscounted", "kernels", VIS,
         "    n_r = tl.num_programs(0)\n",
         "    n_r = tl.num_programs(0) + 1\n",

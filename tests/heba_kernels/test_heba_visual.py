@@ -451,6 +451,28 @@ def test_every_launch_split_and_swept_both_ways(monkeypatch, dtype, layout, dv_g
                             num_prefix_tokens=2, grid=(H, W))
 
 
+@pytest.mark.parametrize("B,dtype,cols", [(256, torch.bfloat16, 256), (32, torch.float16, 256),
+                                          (16, torch.bfloat16, 128), (256, torch.float32, 128)],
+                         ids=["B256-bf16", "B32-fp16", "B16-bf16", "B256-fp32"])
+def test_mlp_tiles_wide_where_they_fill_the_gpu(B, dtype, cols):
+    """The GPU plan at the MLP position (D3072 h768, 14x14, 132 SMs): the down and dv
+    launches take 256 bottleneck columns per tile with 16-bit operands where those tiles
+    alone give every SM a program, else 128 (batch 16: 25 row tiles x 3 would leave SMs
+    idle; float32 operands would spill at 256); dv is a launch of its own, one tile per
+    program, and its dWm is summed by the dwconv launch's 64-row programs."""
+    T, h = B * 196, 768
+    plan = {st.step: st for st in _hv.visual_fwd_plan(B, 14, 14, 3072, h, dtype, 132, True)
+            + _hv.visual_bwd_plan(B, 14, 14, 3072, h, dtype, 132, True, recompute_u=False)}
+    assert plan["down"].meta["BLOCK_H"] == plan["dv"].meta["BLOCK_H"] == cols
+    assert plan["dv"].grid == (triton.cdiv(T, 128) * triton.cdiv(h, cols),)
+    assert plan["down"].grid == (triton.cdiv(T, 128) * triton.cdiv(h, cols),)
+    assert not plan["dy"].meta["DV"] and plan["dwconv_t"].meta["DWM"]
+    assert plan["dwconv_t"].meta["BLOCK_T"] == 64 and plan["dwconv_t"].grid[0] <= 2 * 132
+    assert [st.step for st in _hv.visual_bwd_plan(B, 14, 14, 3072, h, dtype, 132, True,
+                                                  recompute_u=False)] == \
+        ["dy", "dv", "dwconv_t", "dw", "dx", "reduce"]
+
+
 @pytest.mark.skipif(not INTERPRET, reason="runs a GPU's launch plan in Triton's interpreter")
 @pytest.mark.parametrize("D,B,H,W,dw,dv", [(768, 2, 6, 6, False, False),
                                             (768, 2, 6, 6, True, False),
