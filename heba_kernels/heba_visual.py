@@ -230,8 +230,10 @@ BIG_BLOCK_MIN_DIM = 2048
 RESWEEP_ROWS = 32
 RESWEEP_HV = 128
 
-# Rows per program of the forward kernel where y is kept: see ``_fwd_config``.
+# Rows per program of the forward kernel where y is kept, and its columns of D per chunk on
+# a GPU: see ``_fwd_config``.
 KEPT_Y_ROWS = 64
+FWD_COLS = 128
 
 # The L2 layout (the module docstring; benchmarks/roofline.py prices both ways of each):
 # programs sharing a row block consecutive on the down and dx kernels' 1-D grids, and a
@@ -1032,13 +1034,17 @@ def _fwd_config(cfg: dict, D: int, gpu: bool) -> dict:
     240 us (the FLOP floor), 11.25 GB (Wu re-read per block: past the L2->SM budget).
     Registers (scripts/triton_aot_check.py, sm_90, 8 warps, D3072, bf16): 64 x 128 215 with
     Triton 3.8, 250 with 3.6, no spill (128 x 64: 241 / 255, 108 B spilled with 3.6);
-    float32 tokens and weights spill 36 / 88 B."""
+    float32 tokens and weights spill 36 / 88 B. 64 x 256 (``FWD_COLS``; ``s`` re-read from
+    the scratch half as often) models 2658 against 2749 us forward + backward at B256 and
+    220 against 229 at batch 16, but spills: 254 registers and none in bf16 with Triton 3.8,
+    44 B with 3.6, 720 B with float32 tokens under bf16 autocast (3.8). Kept at 128 until
+    a GPU times it (the ``tune`` stage's ``fwd-cols-256``)."""
     if D < KEEP_Y_MIN_DIM:
         return cfg
     bt = min(cfg["BLOCK_T"], KEPT_Y_ROWS)
     wide = gpu and bt <= 64           # [128, 128] float32 tiles would not fit in registers
-    return dict(cfg, BLOCK_T=bt,
-                BLOCK_D=min(128, max(16, triton.next_power_of_2(D))) if wide else cfg["BLOCK_D"])
+    cols = min(FWD_COLS, max(16, triton.next_power_of_2(D)))
+    return dict(cfg, BLOCK_T=bt, BLOCK_D=cols if wide else cfg["BLOCK_D"])
 
 
 def _dy_config(cfg: dict, D: int, h: int, dw: bool) -> dict:

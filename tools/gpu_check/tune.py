@@ -30,6 +30,8 @@ variant's run and restoring it afterwards:
   blocks with 32-column dv sweeps);
 * ``fwd-rows-128`` (from ``KEEP_Y_MIN_DIM`` and ``BIG_BLOCK_MIN_DIM`` up):
   ``KEPT_Y_ROWS`` (the forward kernel's 64-row blocks, or 128 rows as the other kernels');
+* ``fwd-cols-256`` (from ``KEEP_Y_MIN_DIM`` and ``FUSE_DOWN_BELOW_DIM`` up): ``FWD_COLS``
+  (the forward kernel's 128-column chunks of D, or 256);
 * ``tiles-128`` (from ``BIG_BLOCK_MIN_DIM`` up): ``WIDE_TILE_COLS`` (the down and dv
   launches' tiles 256 bottleneck columns wide with 16-bit operands, or 128);
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that many rows per program
@@ -88,7 +90,8 @@ TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DIM
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
            "DV_GEMM_MIN_DIM", "WIDE_TILE_COLS", "BIG_BLOCK_MIN_DIM",
-           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "CHUNKS_FASTEST",
+           "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "FWD_COLS",
+           "CHUNKS_FASTEST",
            "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
 
@@ -166,6 +169,11 @@ def variants(case) -> list:
         out.append(Variant("fwd-rows-128", f"KEPT_Y_ROWS {hv.KEPT_Y_ROWS} -> 128: the forward "
                            "kernel on 128-row blocks x 64 columns of D (shipped: blocks whose "
                            "second sweep mostly hits L2)", {"KEPT_Y_ROWS": 128}))
+    if D >= hv.KEEP_Y_MIN_DIM and D >= hv.FUSE_DOWN_BELOW_DIM and hv.FWD_COLS != 256:
+        out.append(Variant("fwd-cols-256", f"FWD_COLS {hv.FWD_COLS} -> 256: the forward "
+                           "kernel's chunks 256 columns of D wide (shipped: 128; 256 spills "
+                           "a few registers with some Triton releases and float32 tokens)",
+                           {"FWD_COLS": 256}))
     if D >= hv.BIG_BLOCK_MIN_DIM and hv.WIDE_TILE_COLS != 128:
         out.append(Variant("tiles-128", f"WIDE_TILE_COLS {hv.WIDE_TILE_COLS} -> 128: the "
                            "down and dv launches' tiles 128 bottleneck columns wide (shipped: "

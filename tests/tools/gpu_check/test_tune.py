@@ -39,12 +39,12 @@ EXPECTED = {
                              "block-rows-64", "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                             "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
-                            "fwd-rows-128", "tiles-128", "block-rows-32", "block-rows-64",
-                            "block-rows-128"],
+                            "fwd-rows-128", "fwd-cols-256", "tiles-128", "block-rows-32",
+                            "block-rows-64", "block-rows-128"],
 }
-# (tiles-128: the tiny bottleneck, 20 columns, fits one tile either way)
+# (tiles-128 and fwd-cols-256: the tiny widths, 20 and 80 columns, fit one chunk either way)
 SAME = {("visual-attn-tiny-d48", "block-rows-64"), ("visual-mlp-tiny-d80", "block-rows-128"),
-        ("visual-mlp-tiny-d80", "tiles-128")}
+        ("visual-mlp-tiny-d80", "tiles-128"), ("visual-mlp-tiny-d80", "fwd-cols-256")}
 INJECTED = ("visual-attn-tiny-d48", "y-recomputed")   # the first variant after the shipped plan
 
 
@@ -127,7 +127,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (26): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
+    assert "Not run (27): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -172,7 +172,7 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
     ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                           "u-recomputed",
                           "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
-                          "fwd-rows-128", "tiles-128"],
+                          "fwd-rows-128", "fwd-cols-256", "tiles-128"],
      "block-rows-128")], ids=["visual-attn-d768", "visual-mlp-d3072"])
 def test_clip_variants_flip_the_plan_a_gpu_runs(case, flipped, same):
     """At the benchmark shapes on a 132-SM GPU (plans and model only, no launch): every
