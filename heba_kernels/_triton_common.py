@@ -5,9 +5,11 @@ reduction ``C = s * A^T B`` over all tokens and the one launch that sums an op's
 
 Weight gradients of a token-wise adapter are reductions over every token,
 ``dW[i, j] = sum_m A[m, i] * B[m, j]`` with ``m`` in the millions and
-``i, j`` small. :func:`atb` splits the token axis into ``S`` chunks; program
+``i, j`` small. :func:`atb_partials` splits the token axis into ``S`` chunks; program
 ``(i, j, s)`` writes its float32 partial ``[BLOCK_I, BLOCK_J]`` tile of chunk
-``s`` to its own slot of a ``[S, I, J]`` buffer (no atomics). An op's backward
+``s`` to its own slot of a ``[S, I, J]`` buffer (no atomics). An adapter's two weight
+gradients ``[I, J]`` and ``[J, I]`` are one launch of two such products
+(:func:`atb_pair_partials`, the second stored transposed). An op's backward
 then sums ALL its float32 partial buffers (weight gradients, LayerNorm and bias
 gradients) in one launch of ``_reduce_partials_kernel`` (:func:`reduce_partials`),
 slot by slot in a fixed order, in float32, each written straight in its
@@ -117,7 +119,7 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_s = tl.program_id(2)
-    second = pid_s < 0
+    second = pid_s < 0                  # False: a runtime flag, set in PAIR's second half
     if PAIR:
         n_s = tl.num_programs(2) // 2
         second = pid_s >= n_s
@@ -289,6 +291,23 @@ def reduce_partials(partials, scale: Scale = ONE):
     return outs
 
 
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` as ``[1, M, K]``; ``[Bt, R, K]`` as it is (the kernel's row addressing)."""
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+def _launch_atb(grid, meta, a3, b3, a23, b23, c_part, s_part, c2_part, s2_part, colsum):
+    """One launch of :func:`_atb_kernel` over ``[Bt, R, .]`` row views (the pair's second
+    operands ``a23``, ``b23``: ``a3``, ``b3`` again for a single product)."""
+    Bt, R, I = a3.shape
+    meta = dict(meta)
+    rows_per_split = meta.pop("ROWS_PER_SPLIT")
+    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a23, b23, c2_part, s2_part, Bt * R, I,
+           b3.shape[2], rows_per_split, R, a3.stride(0), a3.stride(1), b3.stride(0),
+           b3.stride(1), a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1),
+           COLSUM=colsum, **meta)
+
+
 def atb_partials(a, b, op_dtype, colsum=False):
     """Float32 partials of ``a^T @ b`` (and of ``a.sum(0)`` if ``colsum``) over the rows.
 
@@ -300,22 +319,16 @@ def atb_partials(a, b, op_dtype, colsum=False):
     Returns ``(C_part [S, I, J], colsum_part [S, I] or None)`` for :func:`reduce_partials`:
     one launch, one float32 slot per token chunk (no atomics).
     """
-    a3 = a if a.dim() == 3 else a.unsqueeze(0)
-    b3 = b if b.dim() == 3 else b.unsqueeze(0)
+    a3, b3 = _token_rows(a), _token_rows(b)
     Bt, R, I = a3.shape
     J, M, dev = b3.shape[2], Bt * R, a.device
     if M == 0:
         c = torch.zeros(1, I, J, device=dev, dtype=torch.float32)
         return c, (torch.zeros(1, I, device=dev, dtype=torch.float32) if colsum else None)
     grid, meta = atb_plan(M, I, J, op_dtype, *plan_device(dev))
-    meta = dict(meta)
-    splits, rows_per_split = grid[2], meta.pop("ROWS_PER_SPLIT")
-    c_part = new_buffer((splits, I, J), torch.float32, dev)
-    s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
-    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a3, b3, c_part, s_part, M, I, J,
-           rows_per_split,
-           R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), a3.stride(0),
-           a3.stride(1), b3.stride(0), b3.stride(1), COLSUM=colsum, PAIR=False, **meta)
+    c_part = new_buffer((grid[2], I, J), torch.float32, dev)
+    s_part = new_buffer((grid[2], I), torch.float32, dev) if colsum else c_part
+    _launch_atb(grid, meta, a3, b3, a3, b3, c_part, s_part, c_part, s_part, colsum)
     return c_part, (s_part if colsum else None)
 
 
@@ -326,8 +339,7 @@ def atb_pair_partials(a, b, a2, b2, op_dtype, colsum=False):
     ``a.sum(0)`` ``[I]`` and ``b2.sum(0)`` ``[J]`` (the two weights' biases): ``(C [S, I,
     J], C2 [S, J, I], s [S, I] or None, s2 [S, J] or None)`` for :func:`reduce_partials`.
     Two weight gradients of one adapter, one launch."""
-    a3, b3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a, b))
-    a23, b23 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (a2, b2))
+    a3, b3, a23, b23 = (_token_rows(t) for t in (a, b, a2, b2))
     if a3.shape != a23.shape or b3.shape != b23.shape or a.dtype != a2.dtype \
             or b.dtype != b2.dtype:
         raise ValueError(f"atb_pair_partials: a2, b2 must match a, b in shape and dtype, got "
@@ -340,15 +352,12 @@ def atb_pair_partials(a, b, a2, b2, op_dtype, colsum=False):
              for shape in ((I, J), (J, I), (I,), (J,))]
         return z[0], z[1], (z[2] if colsum else None), (z[3] if colsum else None)
     grid, meta = atb_pair_plan(M, I, J, op_dtype, *plan_device(dev))
-    meta = dict(meta)
-    splits, rows_per_split = grid[2] // 2, meta.pop("ROWS_PER_SPLIT")
+    splits = grid[2] // 2
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     c2_part = new_buffer((splits, J, I), torch.float32, dev)
     s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
     s2_part = new_buffer((splits, J), torch.float32, dev) if colsum else c_part
-    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a23, b23, c2_part, s2_part, M, I, J,
-           rows_per_split, R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
-           a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1), COLSUM=colsum, **meta)
+    _launch_atb(grid, meta, a3, b3, a23, b23, c_part, s_part, c2_part, s2_part, colsum)
     return c_part, c2_part, (s_part if colsum else None), (s2_part if colsum else None)
 
 
@@ -386,8 +395,9 @@ def atb_plan(M, I, J, op_dtype, sms, gpu):
     ieee = op_dtype in (torch.float32, torch.float64) \
         and torch.get_float32_matmul_precision() == "highest"
     grid = (triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J), splits)
-    return grid, dict(ROWS_PER_SPLIT=rows_per_split, BLOCK_K=BLOCK_K, BLOCK_I=BLOCK_I,
-                      BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu, IEEE=ieee,
+    return grid, dict(ROWS_PER_SPLIT=rows_per_split, PAIR=False, BLOCK_K=BLOCK_K,
+                      BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu,
+                      IEEE=ieee,
                       num_warps=8 if BLOCK_I * BLOCK_J >= 128 * 128 else 4)
 
 

@@ -652,8 +652,8 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
     of width ``D``, bottleneck ``H``. Backward up to ``FUSED_DW_MAX_H``: the row kernel
     (``du``), the dx kernel that also sums the parameter gradients (``dx``, ``S x n_d``
     programs), the one reduction of their partial slots. Wider: the row kernel (``dx``),
-    the two weight-gradient reductions of :func:`~heba_kernels._triton_common.atb`, the
-    one reduction."""
+    both weight-gradient reductions in one launch
+    (:func:`~heba_kernels._triton_common.atb_pair_partials`), the one reduction."""
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, num_warps=num_warps)
     grid = (triton.cdiv(M, BLOCK_M),)

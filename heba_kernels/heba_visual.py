@@ -686,18 +686,11 @@ def _heba_visual_bwd_dv_block(
             wu = tl.load(wu_ptr + d[:, None].to(tl.int64) * h + c[None, :],
                          mask=d_mask[:, None] & c_mask[None, :], other=0.0)        # [BD, BHV]
             ds = _mma(_op_cast(dy, OP, UPCAST), _op_cast(wu, OP, UPCAST), ds, IEEE)
-        gp = _gelu_grad_v(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, BLOCK_T, BLOCK_HV)
+        v = _stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False, BLOCK_T,
+                     BLOCK_HV)                    # recomputed: nine shifted loads of u (L1)
+        gp = _gelu_grad(v)
         _dv_epilogue(ds, gp, u_ptr, dv_ptr, dwm_slot, r, r_mask, img, p, c, c_mask, H, W, h,
                      ACCUMULATE, BLOCK_T, BLOCK_HV)
-
-
-@triton.jit
-def _gelu_grad_v(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, BLOCK_T: tl.constexpr,
-                 BLOCK_H: tl.constexpr):
-    """``gelu'(v)`` of a [BT, BH] tile, ``v = dwconv(u)`` recomputed (nine shifted loads of
-    u, from L1 after the first), float32."""
-    return _gelu_grad(_stencil(u_ptr, wm_ptr, img, p, r_mask, c, c_mask, H, W, h, False,
-                               BLOCK_T, BLOCK_H))
 
 
 @triton.jit
