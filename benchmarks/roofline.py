@@ -292,16 +292,26 @@ def _atb_cost(st, M, I, J, ea, eb, colsum=False) -> Cost:
     """``_atb_kernel`` over ``a [M, I]`` (``ea`` bytes) and ``b [M, J]`` (``eb`` bytes):
     both read once from HBM, float32 partial slots written; every program loads its
     chunk's ``[rows, BLOCK_I]`` and ``[rows, BLOCK_J]`` tiles. A ``PAIR`` launch is two such
-    products (its grid's third axis counts both halves' splits)."""
+    products (its grid's third axis counts both halves' splits). With ``REDUCE`` the launch
+    also sums: every slot read back once by its tile's last split, each output written once
+    in the weights' dtype (``eb`` bytes), and the other partial buffers of the launch's
+    ``work`` summed as :func:`_reduce_cost` sums them."""
     m = st.meta
-    gi, gj, splits = st.grid
+    gi, gj = st.grid[:2]
+    splits = m["SPLITS"]
     n = 2 if m.get("PAIR") else 1
     Mp = _pad(M, m["BLOCK_K"])
     c = Cost(st.kernel, st.grid)
-    sums = (splits // 2 * (I + J) if n == 2 else splits * I) * 4 if colsum else 0
-    c.hbm = n * M * (I * ea + J * eb) + splits * I * J * 4 + sums
+    sizes = (I * J, I + J) if n == 2 else (I * J, I)      # each product, its column sums
+    slots = n * splits * I * J * 4 + (splits * sizes[1] * 4 if colsum else 0)
+    c.hbm = n * M * (I * ea + J * eb) + slots
     c.flops = n * 2 * Mp * gi * m["BLOCK_I"] * gj * m["BLOCK_J"]
     c.l2 = n * gi * gj * Mp * (m["BLOCK_I"] * ea + m["BLOCK_J"] * eb)
+    if m.get("REDUCE"):
+        outs = n * I * J + (sizes[1] if colsum else 0)
+        c.hbm += slots + outs * eb + sum(s * k * 4 + k * eb for s, k in st.work)
+        c.l2 += slots + outs * eb + sum(s * k * 4 + k * eb for s, k in st.work)
+        c.flops += n * splits * I * J + sum(s * k for s, k in st.work)
     return c
 
 

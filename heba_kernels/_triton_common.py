@@ -29,6 +29,7 @@ meet docs/semantics.md's float32 tolerance.
 
 import contextlib
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,8 @@ from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_
 
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
            "device_guard", "atb_plan", "atb_partials", "atb_pair_plan", "atb_pair_partials",
-           "Partial", "reduce_partials", "reduce_plan", "plan_device"]
+           "Partial", "reduce_partials", "reduce_plan", "plan_device", "Sum", "atb_pair_sums",
+           "atb_pair_sum_plan", "MAX_EXTRAS"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -99,31 +101,57 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
     return acc
 
 
+# ----------------------------------------------------------------------------- partial sums
+
+@triton.jit
+def _reduce_one(P, O, S, N, pid, scale, SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """``O[n] = (scale *) sum_s P[s, n]`` for one block of ``n``, ``s`` in order, float32."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)                          # [BLOCK]
+    ok = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = P + offs                      # stepped by N per slot: 64-bit pointer arithmetic
+    for _ in range(0, S):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += N
+    if SCALED:
+        acc = acc * scale
+    tl.store(O + offs, acc.to(O.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sum_slots(P, O, offs, mask, n_slots, slot, scale, SCALED: tl.constexpr):
+    """``O[offs] = (scale *) sum_s P[s, offs]``, ``s`` in order, float32: the partial slots
+    of one output tile, read past L1 (``.cg``: written by other programs of the launch)."""
+    acc = tl.zeros_like(offs).to(tl.float32)
+    ptrs = P + offs                      # stepped by one slot: 64-bit pointer arithmetic
+    for _ in range(0, n_slots):
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        ptrs += slot
+    if SCALED:
+        acc = acc * scale
+    tl.store(O + offs, acc.to(O.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- A^T B kernel
 
 @triton.jit
-def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J], S_PART [S, I]
-                A2, B2, C2_PART, S2_PART,  # PAIR: A2 [M, I], B2 [M, J], C2_PART [S, J, I],
-                #                            S2_PART [S, J]
-                M, I, J, rows_per_split, R, stride_ab, stride_am, stride_bb, stride_bm,
-                stride_a2b, stride_a2m, stride_b2b, stride_b2m,
-                COLSUM: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, OP: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Row ``m`` of A is ``A + (m // R) * stride_ab + (m % R) * stride_am`` (B alike): a
-    ``[M, I]`` matrix (``R = M``) or the ``[Bt, R, I]`` rows of a strided 3-D view. With
-    ``PAIR`` the grid's third axis is twice the splits: its second half computes
-    ``A2^T B2`` (the same shapes and dtypes as ``A``, ``B``) and stores it transposed, into
-    ``C2_PART [S, J, I]``: two weight gradients ``[I, J]`` and ``[J, I]`` in one launch;
-    with ``COLSUM`` its column sums are ``B2``'s (``[S, J]``: the second weight's bias)."""
+def _atb_tile(A, B, C_PART, S_PART, A2, B2, C2_PART, S2_PART, O, O2, OS, OS2, CNT,
+              M, I, J, rows_per_split, n_splits, R, stride_ab, stride_am, stride_bb,
+              stride_bm, stride_a2b, stride_a2m, stride_b2b, stride_b2m, scale,
+              COLSUM: tl.constexpr, PAIR: tl.constexpr, REDUCE: tl.constexpr,
+              SCALED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr,
+              BLOCK_J: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+              IEEE: tl.constexpr):
+    """Program ``(i, j, s)`` of :func:`_atb_kernel`: split ``s``'s partial of one output
+    tile (and its column sums), then with ``REDUCE`` the tile's arrival; the last split to
+    arrive sums the tile's slots into the output."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_s = tl.program_id(2)
     second = pid_s < 0                  # False: a runtime flag, set in PAIR's second half
     if PAIR:
-        n_s = tl.num_programs(2) // 2
-        second = pid_s >= n_s
-        pid_s = pid_s % n_s
+        second = pid_s >= n_splits
+        pid_s = pid_s % n_splits
         A = tl.where(second, A2, A)
         B = tl.where(second, B2, B)
         stride_ab = tl.where(second, stride_a2b, stride_ab)
@@ -153,35 +181,99 @@ def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J]
             if PAIR:
                 csum2 += tl.sum(b.to(tl.float32), axis=0)
         acc = _mma(tl.trans(_op_cast(a, OP, UPCAST)), _op_cast(b, OP, UPCAST), acc, IEEE)
+    tile_ok = i_ok[:, None] & j_ok[None, :]
+    off = offs_i[:, None] * J + offs_j[None, :]                       # [I, J] layout
+    off2 = offs_j[None, :] * I + offs_i[:, None]                      # [J, I]: transposed
+    slot = pid_s.to(tl.int64) * I * J
     if second:                          # PAIR's second half: the tile transposed
-        c_ptrs = C2_PART + pid_s.to(tl.int64) * I * J + offs_j[None, :] * I + offs_i[:, None]
-    else:
-        c_ptrs = C_PART + pid_s.to(tl.int64) * I * J + offs_i[:, None] * J + offs_j[None, :]
-    tl.store(c_ptrs, acc, mask=i_ok[:, None] & j_ok[None, :])
-    if COLSUM:
-        if second:
+        tl.store(C2_PART + slot + off2, acc, mask=tile_ok)
+        if COLSUM:
             if pid_i == 0:
                 tl.store(S2_PART + pid_s.to(tl.int64) * J + offs_j, csum2, mask=j_ok)
-        elif pid_j == 0:
-            tl.store(S_PART + pid_s.to(tl.int64) * I + offs_i, csum, mask=i_ok)
+    else:
+        tl.store(C_PART + slot + off, acc, mask=tile_ok)
+        if COLSUM:
+            if pid_j == 0:
+                tl.store(S_PART + pid_s.to(tl.int64) * I + offs_i, csum, mask=i_ok)
+    if REDUCE:
+        # Every thread's stores are issued before the one arrival (a CTA barrier, then
+        # a release at GPU scope); the last arrival's acquire makes every split's slots
+        # visible to it. The order of the sum is the slots' order, whoever arrives last.
+        tl.debug_barrier()
+        tile = (second.to(tl.int32) * tl.num_programs(1) + pid_j) * tl.num_programs(0) + pid_i
+        arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            if second:
+                _sum_slots(C2_PART, O2, off2, tile_ok, n_splits, I * J, scale,
+                           (SCALED >> 1) & 1)
+                if COLSUM:
+                    if pid_i == 0:
+                        _sum_slots(S2_PART, OS2, offs_j, j_ok, n_splits, J, scale,
+                                   (SCALED >> 3) & 1)
+            else:
+                _sum_slots(C_PART, O, off, tile_ok, n_splits, I * J, scale, SCALED & 1)
+                if COLSUM:
+                    if pid_j == 0:
+                        _sum_slots(S_PART, OS, offs_i, i_ok, n_splits, I, scale,
+                                   (SCALED >> 2) & 1)
+            tl.atomic_xchg(CNT + tile, 0, sem="relaxed", scope="gpu")   # ready for reuse
 
-
-# ----------------------------------------------------------------------------- partial sums
 
 @triton.jit
-def _reduce_one(P, O, S, N, pid, scale, SCALED: tl.constexpr, BLOCK: tl.constexpr):
-    """``O[n] = (scale *) sum_s P[s, n]`` for one block of ``n``, ``s`` in order, float32."""
-    offs = pid * BLOCK + tl.arange(0, BLOCK)                          # [BLOCK]
-    ok = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = P + offs                      # stepped by N per slot: 64-bit pointer arithmetic
-    for _ in range(0, S):
-        acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += N
-    if SCALED:
-        acc = acc * scale
-    tl.store(O + offs, acc.to(O.dtype.element_ty), mask=ok)
+def _atb_kernel(A, B, C_PART, S_PART,     # A [M, I], B [M, J], C_PART [S, I, J], S_PART [S, I]
+                A2, B2, C2_PART, S2_PART,  # PAIR: A2 [M, I], B2 [M, J], C2_PART [S, J, I],
+                #                            S2_PART [S, J]
+                O, O2, OS, OS2, CNT,       # REDUCE: O [I, J], O2 [J, I], OS [I], OS2 [J],
+                #                            CNT int32 [2, gj, gi], zero
+                E0, EO0, ES0, EN0, E1, EO1, ES1, EN1, E2, EO2, ES2, EN2,  # E_k [ES_k, EN_k]
+                M, I, J, rows_per_split, n_splits, R, stride_ab, stride_am, stride_bb,
+                stride_bm, stride_a2b, stride_a2m, stride_b2b, stride_b2m, scale, scale_ptr,
+                COLSUM: tl.constexpr, PAIR: tl.constexpr, REDUCE: tl.constexpr,
+                SCALE_PTR: tl.constexpr, SCALED: tl.constexpr, EBLOCK: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``A^T B`` over token rows in ``n_splits`` chunks, float32 partial slots.
 
+    Row ``m`` of A is ``A + (m // R) * stride_ab + (m % R) * stride_am`` (B alike): a
+    ``[M, I]`` matrix (``R = M``) or the ``[Bt, R, I]`` rows of a strided 3-D view. With
+    ``PAIR`` the grid's third axis has twice the splits: its second half computes
+    ``A2^T B2`` (the same shapes and dtypes as ``A``, ``B``) and stores it transposed, into
+    ``C2_PART [S, J, I]``: two weight gradients ``[I, J]`` and ``[J, I]`` in one launch;
+    with ``COLSUM`` its column sums are ``B2``'s (``[S, J]``: the second weight's bias).
+
+    With ``REDUCE`` the launch also writes the sums: each output tile's last split to
+    arrive (counted in ``CNT``, which it leaves at zero) sums the tile's slots in order into
+    ``O`` / ``O2`` (and the column sums into ``OS`` / ``OS2``) in their dtype, and the grid's
+    third axis beyond the splits holds programs that sum an op's other partial buffers
+    ``E_k`` (written by earlier launches) into ``EO_k``, ``EBLOCK`` outputs each. Bit ``k``
+    of ``SCALED`` multiplies output ``k`` (O, O2, OS, OS2, EO0, EO1, EO2) by ``scale``.
+    """
+    pid_z = tl.program_id(2)
+    extra = pid_z < 0                   # False: a runtime flag
+    if REDUCE:
+        scale = _scalar(scale, scale_ptr, SCALE_PTR)
+        extra = pid_z >= (2 * n_splits if PAIR else n_splits)
+    if extra:                           # one block of one other partial buffer
+        gi = tl.num_programs(0)
+        blk = ((pid_z - (2 * n_splits if PAIR else n_splits)) * tl.num_programs(1)
+               + tl.program_id(1)) * gi + tl.program_id(0)
+        nb0 = tl.cdiv(EN0, EBLOCK)
+        nb1 = tl.cdiv(EN1, EBLOCK)
+        nb2 = tl.cdiv(EN2, EBLOCK)
+        if blk < nb0:
+            _reduce_one(E0, EO0, ES0, EN0, blk, scale, (SCALED >> 4) & 1, EBLOCK)
+        elif blk < nb0 + nb1:
+            _reduce_one(E1, EO1, ES1, EN1, blk - nb0, scale, (SCALED >> 5) & 1, EBLOCK)
+        elif blk < nb0 + nb1 + nb2:
+            _reduce_one(E2, EO2, ES2, EN2, blk - nb0 - nb1, scale, (SCALED >> 6) & 1, EBLOCK)
+    else:
+        _atb_tile(A, B, C_PART, S_PART, A2, B2, C2_PART, S2_PART, O, O2, OS, OS2, CNT,
+                  M, I, J, rows_per_split, n_splits, R, stride_ab, stride_am, stride_bb,
+                  stride_bm, stride_a2b, stride_a2m, stride_b2b, stride_b2m, scale,
+                  COLSUM, PAIR, REDUCE, SCALED, BLOCK_K, BLOCK_I, BLOCK_J, OP, UPCAST, IEEE)
+
+
+# ----------------------------------------------------------------------------- one sum launch
 
 @triton.jit
 def _reduce_partials_kernel(P0, O0, S0, N0, P1, O1, S1, N1, P2, O2, S2, N2,
@@ -259,6 +351,7 @@ class Partial(NamedTuple):
 
 
 MAX_PARTIALS = 5        # buffers one _reduce_partials_kernel launch takes
+MAX_EXTRAS = 3          # other partial buffers one atb_pair_sums launch sums
 REDUCE_BLOCK = 1024     # outputs per program of the reduction
 
 
@@ -296,16 +389,30 @@ def _token_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 3 else t.unsqueeze(0)
 
 
-def _launch_atb(grid, meta, a3, b3, a23, b23, c_part, s_part, c2_part, s2_part, colsum):
+def _launch_atb(grid, meta, a3, b3, a23, b23, c_part, s_part, c2_part, s2_part, colsum,
+                outs=None, counters=None, extras=(), scale: Scale = ONE, scaled: int = 0):
     """One launch of :func:`_atb_kernel` over ``[Bt, R, .]`` row views (the pair's second
-    operands ``a23``, ``b23``: ``a3``, ``b3`` again for a single product)."""
+    operands ``a23``, ``b23``: ``a3``, ``b3`` again for a single product); with ``outs``
+    (``O, O2, OS, OS2``), ``counters`` and ``extras`` (:class:`Partial`, with their outputs)
+    the sums too (``meta["REDUCE"]``)."""
     Bt, R, I = a3.shape
     meta = dict(meta)
-    rows_per_split = meta.pop("ROWS_PER_SPLIT")
-    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a23, b23, c2_part, s2_part, Bt * R, I,
-           b3.shape[2], rows_per_split, R, a3.stride(0), a3.stride(1), b3.stride(0),
-           b3.stride(1), a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1),
-           COLSUM=colsum, **meta)
+    rows_per_split, splits = meta.pop("ROWS_PER_SPLIT"), meta.pop("SPLITS")
+    o = list(outs) if outs is not None else [c_part] * 4
+    o += [c_part] * (4 - len(o))                              # no column sums: unused
+    ex = []
+    for k in range(MAX_EXTRAS):
+        if k < len(extras):
+            p, out = extras[k]
+            ex += [p.part, out, p.part.shape[0], out.numel()]
+        else:
+            ex += [c_part, c_part, 0, 0]                      # no blocks: never read
+    value, ptr, from_ptr = scale.kernel_args(c_part)
+    launch(_atb_kernel, grid, a3, b3, c_part, s_part, a23, b23, c2_part, s2_part, *o,
+           c_part if counters is None else counters, *ex, Bt * R, I, b3.shape[2],
+           rows_per_split, splits, R, a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
+           a23.stride(0), a23.stride(1), b23.stride(0), b23.stride(1), value, ptr,
+           COLSUM=colsum, SCALE_PTR=from_ptr, SCALED=scaled, **meta)
 
 
 def atb_partials(a, b, op_dtype, colsum=False):
@@ -332,6 +439,17 @@ def atb_partials(a, b, op_dtype, colsum=False):
     return c_part, (s_part if colsum else None)
 
 
+def _pair_rows(name, a, b, a2, b2):
+    """The pair's four operands as ``[Bt, R, .]`` row views, checked to match."""
+    a3, b3, a23, b23 = (_token_rows(t) for t in (a, b, a2, b2))
+    if a3.shape != a23.shape or b3.shape != b23.shape or a.dtype != a2.dtype \
+            or b.dtype != b2.dtype:
+        raise ValueError(f"{name}: a2, b2 must match a, b in shape and dtype, got "
+                         f"{tuple(a2.shape)} {a2.dtype} / {tuple(b2.shape)} {b2.dtype} for "
+                         f"{tuple(a.shape)} {a.dtype} / {tuple(b.shape)} {b.dtype}")
+    return a3, b3, a23, b23
+
+
 def atb_pair_partials(a, b, a2, b2, op_dtype, colsum=False):
     """Float32 partials of ``a^T @ b`` ``[I, J]`` and ``b2^T @ a2`` ``[J, I]`` in ONE launch
     (``a2``, ``b2`` shaped and typed as ``a``, ``b``; the second product is computed as
@@ -339,12 +457,7 @@ def atb_pair_partials(a, b, a2, b2, op_dtype, colsum=False):
     ``a.sum(0)`` ``[I]`` and ``b2.sum(0)`` ``[J]`` (the two weights' biases): ``(C [S, I,
     J], C2 [S, J, I], s [S, I] or None, s2 [S, J] or None)`` for :func:`reduce_partials`.
     Two weight gradients of one adapter, one launch."""
-    a3, b3, a23, b23 = (_token_rows(t) for t in (a, b, a2, b2))
-    if a3.shape != a23.shape or b3.shape != b23.shape or a.dtype != a2.dtype \
-            or b.dtype != b2.dtype:
-        raise ValueError(f"atb_pair_partials: a2, b2 must match a, b in shape and dtype, got "
-                         f"{tuple(a2.shape)} {a2.dtype} / {tuple(b2.shape)} {b2.dtype} for "
-                         f"{tuple(a.shape)} {a.dtype} / {tuple(b.shape)} {b.dtype}")
+    a3, b3, a23, b23 = _pair_rows("atb_pair_partials", a, b, a2, b2)
     Bt, R, I = a3.shape
     J, M, dev = b3.shape[2], Bt * R, a.device
     if M == 0:
@@ -352,7 +465,7 @@ def atb_pair_partials(a, b, a2, b2, op_dtype, colsum=False):
              for shape in ((I, J), (J, I), (I,), (J,))]
         return z[0], z[1], (z[2] if colsum else None), (z[3] if colsum else None)
     grid, meta = atb_pair_plan(M, I, J, op_dtype, *plan_device(dev))
-    splits = grid[2] // 2
+    splits = meta["SPLITS"]
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     c2_part = new_buffer((splits, J, I), torch.float32, dev)
     s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
@@ -372,6 +485,81 @@ def atb(a, b, op_dtype, out_dtype, scale: Scale = ONE, colsum=False):
         parts.append(Partial(s_part, (I,), out_dtype, True))
     outs = reduce_partials(parts, scale)
     return outs[0], (outs[1] if colsum else None)
+
+
+class Sum(NamedTuple):
+    """One output of :func:`atb_pair_sums`: its shape (of the product's size), dtype, and
+    whether the op's scale multiplies it."""
+    shape: tuple
+    dtype: torch.dtype
+    scaled: bool = False
+
+
+def atb_pair_sums(a, b, a2, b2, op_dtype, sums, extras=(), scale: Scale = ONE, colsum=False):
+    """``a^T @ b`` ``[I, J]`` and ``b2^T @ a2`` ``[J, I]`` (with ``colsum`` also ``a.sum(0)``
+    ``[I]`` and ``b2.sum(0)`` ``[J]``) summed over the rows, and an op's other partial
+    buffers ``extras`` (:class:`Partial`, at most ``MAX_EXTRAS``, written by earlier launches)
+    summed beside them: ONE launch for all of an op's weight gradients.
+
+    :func:`atb_pair_partials`' products and splits; each output tile's last split to arrive
+    sums the tile's float32 slots in order (bitwise the sum :func:`reduce_partials` makes of
+    the same slots), and programs of their own sum the extras. ``sums``: a :class:`Sum` per
+    output (two, or four with ``colsum``), written in its dtype and shape, multiplied by
+    ``scale`` where it says so. Returns the outputs of ``sums``, then of ``extras``.
+    """
+    a3, b3, a23, b23 = _pair_rows("atb_pair_sums", a, b, a2, b2)
+    Bt, R, I = a3.shape
+    J, M, dev = b3.shape[2], Bt * R, a.device
+    sizes = (I * J, J * I, I, J)[:4 if colsum else 2]
+    if len(sums) != len(sizes) or any(math.prod(sm.shape) != n for sm, n in zip(sums, sizes)):
+        raise ValueError(f"atb_pair_sums: sums must be {len(sizes)} outputs of {sizes} "
+                         f"elements, got {[tuple(sm.shape) for sm in sums]}")
+    if len(extras) > MAX_EXTRAS:
+        raise ValueError(f"atb_pair_sums: at most {MAX_EXTRAS} extras, got {len(extras)}")
+    if M == 0:
+        outs = [torch.zeros(sm.shape, dtype=sm.dtype, device=dev) for sm in sums]
+        return outs + (reduce_partials(list(extras), scale) if extras else [])
+    step = atb_pair_sum_plan(M, I, J, op_dtype, *plan_device(dev),
+                             extras=[(p.part.shape[0], math.prod(p.shape)) for p in extras])
+    splits = step.meta["SPLITS"]
+    c_part = new_buffer((splits, I, J), torch.float32, dev)
+    c2_part = new_buffer((splits, J, I), torch.float32, dev)
+    s_part = new_buffer((splits, I), torch.float32, dev) if colsum else c_part
+    s2_part = new_buffer((splits, J), torch.float32, dev) if colsum else c_part
+    outs = [new_buffer(sm.shape, sm.dtype, dev) for sm in sums]
+    ex_outs = [new_buffer(p.shape, p.dtype, dev) for p in extras]
+    scaled = 0
+    if not scale.is_one():
+        for k, sm in enumerate(sums):
+            scaled |= int(sm.scaled) << k
+        for k, p in enumerate(extras):
+            scaled |= int(p.scaled) << (4 + k)
+    counters = _tile_counters(dev, 2 * step.grid[0] * step.grid[1])
+    _launch_atb(step.grid, step.meta, a3, b3, a23, b23, c_part, s_part, c2_part, s2_part,
+                colsum, outs, counters, list(zip(extras, ex_outs)), scale, scaled)
+    return outs + ex_outs
+
+
+# Arrival counters of atb_pair_sums' output tiles, per (device, stream): launches in one
+# stream run one after another, and each leaves its counters at zero for the next.
+_COUNTERS: dict = {}
+
+
+def _tile_counters(device, n: int) -> torch.Tensor:
+    """``n`` int32 counters at zero for one launch on ``device``'s current stream. Kept
+    and reused (no memset per launch), except inside a CUDA graph capture: a buffer zeroed
+    there is zero only when the graph replays, so a capture gets its own, zeroed in it."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        stream = torch.cuda.current_stream(device)
+        key = (stream.device_index, stream.cuda_stream)
+    else:
+        key = (str(device), 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def plan_device(device) -> tuple[int, bool]:
@@ -395,7 +583,8 @@ def atb_plan(M, I, J, op_dtype, sms, gpu):
     ieee = op_dtype in (torch.float32, torch.float64) \
         and torch.get_float32_matmul_precision() == "highest"
     grid = (triton.cdiv(I, BLOCK_I), triton.cdiv(J, BLOCK_J), splits)
-    return grid, dict(ROWS_PER_SPLIT=rows_per_split, PAIR=False, BLOCK_K=BLOCK_K,
+    return grid, dict(ROWS_PER_SPLIT=rows_per_split, SPLITS=splits, PAIR=False, REDUCE=False,
+                      EBLOCK=REDUCE_BLOCK, BLOCK_K=BLOCK_K,
                       BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, OP=op_code(op_dtype), UPCAST=not gpu,
                       IEEE=ieee,
                       num_warps=8 if BLOCK_I * BLOCK_J >= 128 * 128 else 4)
@@ -406,6 +595,17 @@ def atb_pair_plan(M, I, J, op_dtype, sms, gpu):
     splits for one product, the grid's third axis doubled (the pair's second product)."""
     (gi, gj, splits), meta = atb_plan(M, I, J, op_dtype, sms, gpu)
     return (gi, gj, 2 * splits), dict(meta, PAIR=True)
+
+
+def atb_pair_sum_plan(M, I, J, op_dtype, sms, gpu, extras=()) -> Launch:
+    """The ``"dw"`` launch of :func:`atb_pair_sums`: :func:`atb_pair_plan`'s tiles and splits,
+    ``REDUCE``, and beyond the splits enough of the grid's third axis for the ``extras``'
+    blocks of ``REDUCE_BLOCK`` outputs (``(slots, outputs)`` each, kept as the launch's
+    ``work``)."""
+    (gi, gj, z), meta = atb_pair_plan(M, I, J, op_dtype, sms, gpu)
+    blocks = sum(triton.cdiv(n, REDUCE_BLOCK) for _, n in extras)
+    return Launch("dw", "_atb_kernel", (gi, gj, z + triton.cdiv(blocks, gi * gj)),
+                  dict(meta, REDUCE=True), tuple(extras))
 
 
 def _atb_tiles(I: int, J: int, sms: int) -> tuple:

@@ -52,17 +52,19 @@ prefers there), three launches:
   slots of the four partial buffers.
 
 Wider bottlenecks (the two ``[BLOCK_D, h]`` float32 accumulators would not fit in
-registers), three launches: ``_heba_text_bwd_kernel_dx`` (one program per
+registers), two launches: ``_heba_text_bwd_kernel_dx`` (one program per
 ``BLOCK_M`` tokens) recomputes ``u``, ``a`` and ``yhat``, sweeps ``D`` once for
 the two row means and the per-program partial sums of ``dw``/``db``, once more
 for ``dy`` (written to a ``[M, D]`` buffer in ``x``'s dtype) and ``da``, and a last
 time for ``dx``; ``a`` and ``du`` (``[M, h]``) are written for the projection
 gradients, reductions over all tokens done in one launch by
-:func:`heba_kernels._triton_common.atb_pair_partials` (float32 partials per token chunk
-in separate slots); then the one reduction of all four partial buffers.
+:func:`heba_kernels._triton_common.atb_pair_sums` (float32 partials per token chunk
+in separate slots, each output tile's last chunk to finish summing the tile's slots),
+which also sums the row kernel's ``dw``/``db`` partials.
 
 Either way the partial buffers are summed in ONE launch, in float32, in a fixed
-order, straight into the parameters' dtype, times ``s_p``. No atomics anywhere:
+order, straight into the parameters' dtype, times ``s_p``. No atomic adds of values
+anywhere (the split-K launch counts arrivals per tile, not sums):
 **the backward is deterministic** (bitwise identical run to run on the same
 device). Rounding points: ``a`` and ``du`` are rounded to the operand dtype;
 ``dy`` is rounded to it as an operand of ``da`` and ``dW_u``; in ``dx`` the split-K
@@ -104,10 +106,10 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
-                                         atb_pair_partials, atb_pair_plan, check_dtypes,
-                                         device_guard, launch_flags, op_code, plan_device,
-                                         reduce_partials, reduce_plan)
+from heba_kernels._triton_common import (Partial, Sum, _gelu, _gelu_grad, _mma, _op_cast,
+                                         _scalar, atb_pair_sum_plan, atb_pair_sums,
+                                         check_dtypes, device_guard, launch_flags, op_code,
+                                         plan_device, reduce_partials, reduce_plan)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd", "text_plan"]
@@ -652,8 +654,8 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
     of width ``D``, bottleneck ``H``. Backward up to ``FUSED_DW_MAX_H``: the row kernel
     (``du``), the dx kernel that also sums the parameter gradients (``dx``, ``S x n_d``
     programs), the one reduction of their partial slots. Wider: the row kernel (``dx``),
-    both weight-gradient reductions in one launch
-    (:func:`~heba_kernels._triton_common.atb_pair_partials`), the one reduction."""
+    then both weight-gradient reductions and the sums of every partial buffer in one launch
+    (:func:`~heba_kernels._triton_common.atb_pair_sums`)."""
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_H=BLOCK_H, num_warps=num_warps)
     grid = (triton.cdiv(M, BLOCK_M),)
@@ -673,9 +675,9 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
                 reduce_plan([(n_s, D * H), (n_s, H * D), (n_s, D), (n_s, D)])]
     row = Launch("dx", "_heba_text_bwd_kernel_dx", grid,
                  dict(meta, WIDE=BLOCK_H > WIDE_H, BLOCK_HC=_WIDE_BLOCK_HC))
-    dw = Launch("dw", "_atb_kernel", *atb_pair_plan(M, D, H, op_dtype, sms, gpu))
-    s = dw.grid[2] // 2               # both weight gradients: one split-K launch
-    return [row, dw, reduce_plan([(s, D * H), (s, H * D), (grid[0], D), (grid[0], D)])]
+    # both weight gradients, summed with the LayerNorm's partials: one split-K launch
+    return [row, atb_pair_sum_plan(M, D, H, op_dtype, sms, gpu,
+                                   extras=[(grid[0], D), (grid[0], D)])]
 
 
 def heba_text_fwd(x, down_weight, up_weight, norm_weight, norm_bias, scale, eps, op_dtype=None):
@@ -754,8 +756,13 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
             dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
             M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
             SCALE_PTR=scale_from_ptr, **row.meta, **flags)
-        # dWu = dy^T a [S, D, H] and dWd = du^T x [S, H, D]: one split-K launch
-        up, down, _, _ = atb_pair_partials(dy, a_buf, x2, du_buf, op_dtype)
+        # dWu = dy^T a [D, H] and dWd = du^T x [H, D], summed with dw and db: one launch
+        d_up, d_down, dnw, dnb = atb_pair_sums(
+            dy, a_buf, x2, du_buf, op_dtype,
+            [Sum((D, H), up_weight.dtype, True), Sum((H, D), down_weight.dtype, True)],
+            [Partial(dnw_part, (D,), norm_weight.dtype, True),
+             Partial(dnb_part, (D,), norm_weight.dtype, True)], p_scale)
+        return dx, d_down, d_up, dnw, dnb
     d_up, d_down, dnw, dnb = reduce_partials(      # one launch for all four
         [Partial(up, (D, H), up_weight.dtype, True),
          Partial(down, (H, D), down_weight.dtype, True),

@@ -66,17 +66,19 @@ model prices both ways of each, the GPU check's ``tune`` stage times both). The 
   launch of its own tiled as a GEMM, and the _dy kernel stores ``gelu'(v)`` for its
   epilogue); ``_heba_visual_kernel_dwconv``: ``du = dwconv^T(dv)`` (its own pass: it
   needs ``dv`` of neighbouring blocks; after the dv launch it also sums dWm); dWu and dWd
-  by ONE launch of :func:`~heba_kernels._triton_common.atb_pair_partials` (split-K
-  ``A^T B`` over the grid tokens into float32 partials, ``dWd`` as ``(t^T du)^T``); ``_dx``
+  by ONE launch of :func:`~heba_kernels._triton_common.atb_pair_sums` (split-K ``A^T B``
+  over the grid tokens into float32 partial slots, ``dWd`` as ``(t^T du)^T``; each output
+  tile's last split sums its slots into the parameter's dtype, and programs of their own
+  sum the dWm and LayerNorm partials: every parameter gradient in that launch); ``_dx``
   (``dx = g + xs (dy + Wd^T du)``, in place over ``dy``). With ``DW_IN_DX`` (off: the
   L2's bandwidth prices it higher; see the switch), up to ``FUSED_DW_MAX_H`` bottleneck
   columns, ``dy`` and ``s`` stay in the _dy programs' scratch: ``_dx`` recomputes ``dy``
   from ``u``, ``x``, ``g`` and two row constants, and its programs sum dWu and dWd
-  themselves (no split-K launch). Finally ONE launch of
-  :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial
-  buffers into the parameters' dtypes. Forward 1 launch (2 from
-  ``FUSE_DOWN_BELOW_DIM``), backward 5 (6 from ``DV_GEMM_MIN_DIM``, 4 with ``DW_IN_DX``;
-  one more when ``u`` is recomputed).
+  themselves (no split-K launch); then ONE launch of
+  :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial buffers
+  into the parameters' dtypes. Forward 1 launch (2 from ``FUSE_DOWN_BELOW_DIM``),
+  backward 4 (5 from ``DV_GEMM_MIN_DIM``, 4 with ``DW_IN_DX``; one more when ``u`` is
+  recomputed).
 
 Saved for backward: ``x`` itself (by reference), ``mean``, ``rstd`` (8 bytes per
 grid token) and ``u`` (``h`` values per grid token in the operand dtype: ``D/2``
@@ -118,10 +120,10 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast, _scalar,
-                                         atb_pair_partials, atb_pair_plan, check_dtypes,
-                                         device_guard, op_code, plan_device, reduce_partials,
-                                         reduce_plan)
+from heba_kernels._triton_common import (Partial, Sum, _gelu, _gelu_grad, _mma, _op_cast,
+                                         _scalar, atb_pair_sum_plan, atb_pair_sums,
+                                         check_dtypes, device_guard, op_code, plan_device,
+                                         reduce_partials, reduce_plan)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
@@ -1134,12 +1136,11 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
         return plan + [Launch("dx", "_heba_visual_bwd_kernel_dx", (rows * n_d,), dx),
                        reduce_plan([(rows, h * D), (dwm_slots, h * 9), (rows, D * h),
                                     (slots, D), (slots, D)])]
-    dw = Launch("dw", "_atb_kernel", *atb_pair_plan(T, D, h, weight_dtype, sms, gpu))
-    splits = dw.grid[2] // 2
-    return plan + [                        # dy, (dv,) du, dWu and dWd (one split-K launch), dx
-        dw, Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx),
-        reduce_plan([(splits, h * D), (dwm_slots, h * 9), (splits, D * h),
-                     (slots, D), (slots, D)])]
+    # dy, (dv,) du, then dWu and dWd (one split-K launch that also sums them, dWm and the
+    # LayerNorm's partials), dx
+    dw = atb_pair_sum_plan(T, D, h, weight_dtype, sms, gpu,
+                           extras=[(dwm_slots, h * 9), (slots, D), (slots, D)])
+    return plan + [dw, Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx)]
 
 
 # --------------------------------------------------------------------------- launchers
@@ -1278,13 +1279,18 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
            HW, h, DWM=cfg["DWM"], BLOCK_T=cfg["BLOCK_T"], BLOCK_H=cfg["BLOCK_H"],
            num_warps=cfg["num_warps"])
     n_dx = triton.cdiv(D, plan["dx"].meta["BLOCK_D"])       # the dx kernel's D chunks
+    dwm = Partial(dwm_part, mid_weight.shape, mid_weight.dtype)
+    norm = [Partial(dnw_part, norm_weight.shape, norm_weight.dtype),
+            Partial(dnb_part, norm_bias.shape, norm_bias.dtype)]
     if fused:
         rows = plan["dx"].grid[0] // n_dx
         dwu_part = new_buffer((rows, D, h), torch.float32, dev)
         dwd_part = new_buffer((rows, h, D), torch.float32, dev)
-    else:             # dWu = dy^T s [S, D, h], dWd = du^T t [S, h, D]: one split-K launch
-        dwu_part, dwd_part, _, _ = atb_pair_partials(_grid_tokens(dx, P, batch_first), s,
-                                                     _grid_tokens(x, P, batch_first), du, op)
+    else:   # dWu = dy^T s, dWd = du^T t: one split-K launch, which also sums dWm and norm's
+        d_up, d_down, d_mid, d_nw, d_nb = atb_pair_sums(
+            _grid_tokens(dx, P, batch_first), s, _grid_tokens(x, P, batch_first), du, op,
+            [Sum(up_weight.shape, up_weight.dtype), Sum(down_weight.shape, down_weight.dtype)],
+            [dwm, *norm])
     # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     scr = new_buffer((plan["dx"].grid[0], plan["dx"].meta["BLOCK_T"],
@@ -1294,13 +1300,11 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
            dwd_part if fused else mean, sgb, sgn, sdb, sdn, sxb, sxn, H, W, T, HW, D, h, P,
            gs_v, xs_v, gs_p, xs_p, GS_PTR=gs_from_ptr, XS_PTR=xs_from_ptr,
            **_kw(plan["dx"]))
+    if not fused:
+        return dx, d_down, d_mid, d_up, d_nw, d_nb
     # Every partial buffer summed in one launch, straight into the parameters' dtypes.
-    grads = reduce_partials([
-        Partial(dwd_part, down_weight.shape, down_weight.dtype),
-        Partial(dwm_part, mid_weight.shape, mid_weight.dtype),
-        Partial(dwu_part, up_weight.shape, up_weight.dtype),
-        Partial(dnw_part, norm_weight.shape, norm_weight.dtype),
-        Partial(dnb_part, norm_bias.shape, norm_bias.dtype)])
+    grads = reduce_partials([Partial(dwd_part, down_weight.shape, down_weight.dtype), dwm,
+                             Partial(dwu_part, up_weight.shape, up_weight.dtype), *norm])
     return (dx, *grads)
 
 

@@ -23,12 +23,11 @@ Backward: ``_low_rank_bwd_kernel_dx`` (one program per ``BLOCK_M`` tokens)
 recomputes ``u`` from ``x``, forms ``da``, ``du`` and ``dx``, and writes ``a``
 and ``du`` (``[M, r]``, the weights' dtype: small next to ``x``) for the
 weight gradients. Those are reductions over all tokens, computed in ONE launch by
-:func:`heba_kernels._triton_common.atb_pair_partials` (both weights and both biases):
-float32 partials per token chunk in separate slots, no atomics; the four partial
-buffers are then summed in
-one launch (:func:`~heba_kernels._triton_common.reduce_partials`), in float32 and
-in a fixed order, straight into the weights' dtype. **The backward is
-deterministic** (bitwise identical run to run on the same device).
+:func:`heba_kernels._triton_common.atb_pair_sums` (both weights and both biases):
+float32 partials per token chunk in separate slots, each output tile's last chunk to
+finish summing the tile's slots in float32 and in a fixed order, straight into the
+weights' dtype (no atomic adds of values: one arrival counter per tile). **The
+backward is deterministic** (bitwise identical run to run on the same device).
 
 At the zero-init start (``W_u = 0``): ``da = 0`` exactly, so ``du``, ``dW_d``
 and ``db_d`` are exactly zero, while ``dW_u = alpha * g^T gelu(u)`` is not.
@@ -55,10 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from heba_kernels._triton_common import (Partial, _gelu, _gelu_grad, _mma, _op_cast,
-                                         atb_pair_partials, atb_pair_plan, check_dtypes,
-                                         device_guard, launch_flags, op_code, plan_device,
-                                         reduce_partials, reduce_plan)
+from heba_kernels._triton_common import (Sum, _gelu, _gelu_grad, _mma, _op_cast,
+                                         atb_pair_sum_plan, atb_pair_sums, check_dtypes,
+                                         device_guard, launch_flags, op_code, plan_device)
 from heba_kernels.runtime import Launch, Scale, launch, new_buffer
 
 __all__ = ["low_rank", "low_rank_fwd", "low_rank_bwd", "low_rank_plan"]
@@ -210,10 +208,9 @@ def low_rank_plan(M, D, R, op_dtype, sms, gpu, backward):
     grid = (triton.cdiv(M, BLOCK_M),)
     if not backward:
         return [Launch("fwd", "_low_rank_fwd_kernel", grid, meta)]
-    dw = Launch("dw", "_atb_kernel", *atb_pair_plan(M, D, R, op_dtype, sms, gpu))
-    s = dw.grid[2] // 2               # both weight gradients and biases: one split-K launch
-    return [Launch("dx", "_low_rank_bwd_kernel_dx", grid, meta), dw,
-            reduce_plan([(s, D * R), (s, D), (s, R * D), (s, R)])]
+    # both weight gradients and biases, summed: one split-K launch
+    return [Launch("dx", "_low_rank_bwd_kernel_dx", grid, meta),
+            atb_pair_sum_plan(M, D, R, op_dtype, sms, gpu)]
 
 
 def low_rank_fwd(x, down_weight, down_bias, up_weight, up_bias, alpha, op_dtype=None):
@@ -271,13 +268,12 @@ def low_rank_bwd(g, x, down_weight, down_bias, up_weight, alpha, op_dtype=None):
             HAS_BD=down_bias is not None,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
             OP=op_code(op_dtype), UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=2)
-    # dWu = g^T a [D, R] with its bias g.sum(0), dWd = du^T x [R, D] with du.sum(0): one launch
-    up_w, down_w, up_b, down_b = atb_pair_partials(g2, a_buf, x2, du_buf, op_dtype,
-                                                   colsum=True)
-    # One launch sums all four: the up gradients times alpha, the down ones as they are.
-    d_up_w, d_up_b, d_down_w, d_down_b = reduce_partials(
-        [Partial(up_w, (D, R), wdt, scaled=True), Partial(up_b, (D,), wdt, scaled=True),
-         Partial(down_w, (R, D), wdt), Partial(down_b, (R,), wdt)], Scale(float(alpha)))
+    # dWu = g^T a [D, R] with its bias g.sum(0), dWd = du^T x [R, D] with du.sum(0), all four
+    # summed in the same launch: the up gradients times alpha, the down ones as they are
+    d_up_w, d_down_w, d_up_b, d_down_b = atb_pair_sums(
+        g2, a_buf, x2, du_buf, op_dtype,
+        [Sum((D, R), wdt, scaled=True), Sum((R, D), wdt), Sum((D,), wdt, scaled=True),
+         Sum((R,), wdt)], scale=Scale(float(alpha)), colsum=True)
     return dx, d_down_w, d_down_b, d_up_w, d_up_b
 
 

@@ -97,19 +97,28 @@ def _cases():
                     ptrs = dict(X=xs, WD=ws, BD=ws, WU=ws, BU=ws, OUT=xs)
                     yield ("low_rank fwd", R, xdt, wdt, "_low_rank_fwd_kernel", ptrs,
                            ("alpha",), c, nw)
-        # single products (text above its fused width), pairs: the visual adapter's two
-        # weights, the low-rank adapter's two weights and biases
-        for BI, BJ, pair, colsum in ((128, 128, False, True), (128, 64, False, True),
-                                     (64, 128, False, True), (64, 64, False, True),
-                                     (64, 16, False, True), (16, 64, False, True),
-                                     (128, 128, True, False), (64, 64, True, False),
-                                     (64, 16, True, True), (64, 64, True, True)):
+        # single products (the general form), pairs: the visual adapter's two weights, the
+        # low-rank adapter's two weights and biases; as the ops launch them, with the sums
+        # (REDUCE: each tile's last split sums its slots, other programs the op's LayerNorm
+        # and dWm partials)
+        for BI, BJ, pair, colsum, reduce in (
+                (128, 128, False, True, False), (128, 64, False, True, False),
+                (64, 128, False, True, False), (64, 64, False, True, False),
+                (64, 16, False, True, False), (16, 64, False, True, False),
+                (128, 128, True, False, False), (64, 64, True, False, False),
+                (128, 128, True, False, True), (64, 64, True, False, True),
+                (64, 16, True, True, True), (64, 64, True, True, True)):
             c = dict(BLOCK_K=32, BLOCK_I=BI, BLOCK_J=BJ, COLSUM=colsum, PAIR=pair,
-                     _shown=f"{BI}x{BJ}{' pair' if pair else ''}{' colsum' if colsum else ''}",
+                     REDUCE=reduce, SCALE_PTR=reduce, SCALED=0b1111111 if reduce else 0,
+                     EBLOCK=_triton_common.REDUCE_BLOCK,
+                     _shown=(f"{BI}x{BJ}{' pair' if pair else ''}{' colsum' if colsum else ''}"
+                             f"{' sums' if reduce else ''}"),
                      _shape=dict(D=768, h=BI))
             yield ("atb (dW)", BJ, xdt, wdt, "_atb_kernel",
                    dict(A=xs, B=ws, C_PART="fp32", S_PART="fp32", A2=xs, B2=ws,
-                        C2_PART="fp32", S2_PART="fp32"), (), c,
+                        C2_PART="fp32", S2_PART="fp32", O=ws, O2=ws, OS=ws, OS2=ws, CNT="i32",
+                        E0="fp32", EO0=ws, E1="fp32", EO1=ws, E2="fp32", EO2=ws,
+                        scale_ptr="fp32"), ("scale",), c,
                    8 if BI * BJ >= 128 * 128 else 4)             # as atb_plan
         # the one reduction of an op's partial buffers (float32 in, the weights' dtype out)
         c = dict(SCALE_PTR=True, SCALED=0b10101, BLOCK=_triton_common.REDUCE_BLOCK,

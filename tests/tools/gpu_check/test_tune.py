@@ -115,7 +115,7 @@ def test_wrong_variant_is_reported_and_not_timed(dry):
     md = check_report.render(dict(dry=True, budget=280, seconds=1.0, started="now"), [stage])
     assert "## Launch-plan variants (tune)" in md
     assert "| y-recomputed | KEEP_Y_MIN_DIM 0 -> 49: y recomputed (shipped: y kept for backward) " \
-           "| 6 |  |" in md
+           "| 5 |  |" in md
     assert f"**WRONG** {row['message']}" in md
 
 
