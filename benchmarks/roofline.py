@@ -348,13 +348,10 @@ def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
 
 def _text_fused_costs(plan, M, D, Hd, e, w) -> list[Cost]:
     """The text backward up to ``FUSED_DW_MAX_H``: the row kernel (``du``), the dx kernel
-    that sums the parameter gradients (``dx``), the one reduction. L2->SM counts every
-    program's loads and stores of its tiles."""
+    that sums the parameter gradients (``dx``, the last program of each D chunk summing
+    its slots). L2->SM counts every program's loads and stores of its tiles."""
     out = []
     for st in plan:
-        if st.step == "reduce":
-            out.append(_reduce_cost(st, w))
-            continue
         m, c = st.meta, Cost(st.kernel, st.grid)
         BH = m["BLOCK_H"]
         if st.step == "du":       # u, then two sweeps over D (y each; dy and da in the second)
@@ -373,8 +370,10 @@ def _text_fused_costs(plan, M, D, Hd, e, w) -> list[Cost]:
             Mp, Dp = blocks * BT, n_d * BD
             # x, g read, dx written; a, du read; mean, rstd, c1, c2 read; both weights;
             # the float32 slots of dW_u, dW_d, dw, db written once per row program
+            # (and read back by each chunk's last program, which writes the four gradients)
             slots = n_s * (2 * D * Hd + 2 * D) * 4
-            c.hbm = 3 * M * D * e + 2 * M * Hd * w + 16 * M + 2 * Hd * D * w + slots
+            sums = slots + (2 * D * Hd + 2 * D) * w
+            c.hbm = 3 * M * D * e + 2 * M * Hd * w + 16 * M + 2 * Hd * D * w + slots + sums
             c.flops = 4 * 2 * Mp * Dp * BH                 # y, du W_d, dy^T a, du^T x
             # per block: the x, g, dx tiles, a and du (every D chunk re-reads them), the row
             # values; per program: its slot, and its W_u and W_d tiles, loaded once (per
@@ -382,7 +381,8 @@ def _text_fused_costs(plan, M, D, Hd, e, w) -> list[Cost]:
             tiles = 2 * BH * BD * w
             c.l2 = (blocks * n_d * (3 * BT * BD * e + 2 * BT * BH * w + 16 * BT
                                     + (tiles if w == 4 else 0))
-                    + n_s * n_d * ((0 if w == 4 else tiles) + (2 * BD * BH + 2 * BD) * 4))
+                    + n_s * n_d * ((0 if w == 4 else tiles) + (2 * BD * BH + 2 * BD) * 4)
+                    + sums)
         out.append(c)
     return out
 

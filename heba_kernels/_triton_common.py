@@ -41,7 +41,7 @@ from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
            "device_guard", "atb_plan", "atb_partials", "atb_pair_plan", "atb_pair_partials",
            "Partial", "reduce_partials", "reduce_plan", "plan_device", "Sum", "atb_pair_sums",
-           "atb_pair_sum_plan", "MAX_EXTRAS"]
+           "atb_pair_sum_plan", "MAX_EXTRAS", "tile_counters"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -534,18 +534,19 @@ def atb_pair_sums(a, b, a2, b2, op_dtype, sums, extras=(), scale: Scale = ONE, c
             scaled |= int(sm.scaled) << k
         for k, p in enumerate(extras):
             scaled |= int(p.scaled) << (4 + k)
-    counters = _tile_counters(dev, 2 * step.grid[0] * step.grid[1])
+    counters = tile_counters(dev, 2 * step.grid[0] * step.grid[1])
     _launch_atb(step.grid, step.meta, a3, b3, a23, b23, c_part, s_part, c2_part, s2_part,
                 colsum, outs, counters, list(zip(extras, ex_outs)), scale, scaled)
     return outs + ex_outs
 
 
-# Arrival counters of atb_pair_sums' output tiles, per (device, stream): launches in one
-# stream run one after another, and each leaves its counters at zero for the next.
+# Arrival counters of the launches that sum their own partial slots (atb_pair_sums' output
+# tiles, the text backward's D chunks), per (device, stream): launches in one stream run
+# one after another, and each leaves its counters at zero for the next.
 _COUNTERS: dict = {}
 
 
-def _tile_counters(device, n: int) -> torch.Tensor:
+def tile_counters(device, n: int) -> torch.Tensor:
     """``n`` int32 counters at zero for one launch on ``device``'s current stream. Kept
     and reused (no memset per launch), except inside a CUDA graph capture: a buffer zeroed
     there is zero only when the graph replays, so a capture gets its own, zeroed in it."""
@@ -574,9 +575,9 @@ def atb_plan(M, I, J, op_dtype, sms, gpu):
     BLOCK_K = 32
     BLOCK_I, BLOCK_J = _atb_tiles(I, J, sms)
     tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
-    # Enough token chunks to fill the GPU about four times over; in the interpreter
-    # two chunks, so the tests exercise the partial-sum path.
-    target = 4 * sms if gpu else 2
+    # Enough token chunks to fill the GPU about four times over; in the interpreter two
+    # per output tile, so the tests exercise the partial slots and their sums.
+    target = 4 * sms if gpu else 2 * tiles
     splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(M, BLOCK_K)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(M, rows_per_split)

@@ -35,7 +35,7 @@ Backward up to ``FUSED_DW_MAX_H`` = 128 bottleneck columns (``h`` padded to a
 power of two: ViT-B/16's attention-position text adapters, width 512, h = 128; the
 MLP-position ones, h = 512 at ViT-B/16 and 768 at ViT-L/14, and ViT-L/14's
 attention-position ones, h = 192, take the split-K path below, which the model
-prefers there), three launches:
+prefers there), two launches:
 
 * ``_heba_text_bwd_kernel_du``, one program per ``BLOCK_M`` tokens: recomputes
   ``u`` and ``a``; sweeps ``D`` once for the LayerNorm backward's two row constants
@@ -47,9 +47,9 @@ prefers there), three launches:
   block it recomputes ``y = x + a W_u^T`` for its columns (K = h), ``yhat`` and
   ``dy = rstd (dyhat - c2 - yhat c1)``, writes ``dx = g + scale (dy + du W_d)``, and
   adds the block's ``dy^T a``, ``du^T x``, ``g yhat`` and ``g`` to float32 registers:
-  its shares of ``dW_u``, ``dW_d``, ``dw`` and ``db``, written once to its slot.
-* one :func:`~heba_kernels._triton_common.reduce_partials` launch over the ``S``
-  slots of the four partial buffers.
+  its shares of ``dW_u``, ``dW_d``, ``dw`` and ``db``, written once to its slot. The
+  last of a column chunk's ``S`` programs to finish sums the chunk's slots of the four
+  buffers into the gradients.
 
 Wider bottlenecks (the two ``[BLOCK_D, h]`` float32 accumulators would not fit in
 registers), two launches: ``_heba_text_bwd_kernel_dx`` (one program per
@@ -62,9 +62,9 @@ gradients, reductions over all tokens done in one launch by
 in separate slots, each output tile's last chunk to finish summing the tile's slots),
 which also sums the row kernel's ``dw``/``db`` partials.
 
-Either way the partial buffers are summed in ONE launch, in float32, in a fixed
-order, straight into the parameters' dtype, times ``s_p``. No atomic adds of values
-anywhere (the split-K launch counts arrivals per tile, not sums):
+Either way the partial buffers are summed by the launch that writes them, in float32,
+in a fixed order, straight into the parameters' dtype, times ``s_p``. No atomic adds of
+values anywhere (an arrival counter per output tile or column chunk, not sums):
 **the backward is deterministic** (bitwise identical run to run on the same
 device). Rounding points: ``a`` and ``du`` are rounded to the operand dtype;
 ``dy`` is rounded to it as an operand of ``da`` and ``dW_u``; in ``dx`` the split-K
@@ -107,9 +107,9 @@ import triton
 import triton.language as tl
 
 from heba_kernels._triton_common import (Partial, Sum, _gelu, _gelu_grad, _mma, _op_cast,
-                                         _scalar, atb_pair_sum_plan, atb_pair_sums,
-                                         check_dtypes, device_guard, launch_flags, op_code,
-                                         plan_device, reduce_partials, reduce_plan)
+                                         _scalar, _sum_slots, atb_pair_sum_plan,
+                                         atb_pair_sums, check_dtypes, device_guard,
+                                         launch_flags, op_code, plan_device, tile_counters)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_text", "heba_text_fwd", "heba_text_bwd", "text_plan"]
@@ -497,8 +497,13 @@ def _text_w_tiles(WU, WD, cols, offs_h, w_mask, D, H, OP: tl.constexpr, UPCAST: 
 @triton.jit
 def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN,  # as above
                                 DX, DWU_PART, DWD_PART, DNW_PART, DNB_PART,  # [S, D, H],
-                                M, D, H, stride_xm, stride_gm, stride_dxm,   # [S, H, D],
-                                scale, scale_ptr, SCALE_PTR: tl.constexpr,   # [S, D], [S, D]
+                                #                                  [S, H, D], [S, D], [S, D]
+                                D_UP, D_DOWN, D_NW, D_NB, CNT,   # [D, H], [H, D], [D], [D];
+                                #                                  int32 [n_d], zero
+                                M, D, H, stride_xm, stride_gm, stride_dxm,
+                                scale, scale_ptr, pscale, pscale_ptr,
+                                SCALE_PTR: tl.constexpr, PSCALE_PTR: tl.constexpr,
+                                PSCALED: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_H: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
                                 IEEE: tl.constexpr):
@@ -507,7 +512,10 @@ def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN, 
     and the row constants (``y = x + a @ W_u^T``, K = h), ``dx = g + scale * (dy + du @ W_d)``
     written, and the program's shares ``dW_u[j, :] += dy^T a``, ``dW_d[:, j] += du^T x``,
     ``dw[j] += sum g * yhat``, ``db[j] += sum g`` summed in float32 registers, written
-    once to slot ``s``: no ``dy`` round trip through memory, no split-K launches."""
+    once to slot ``s``: no ``dy`` round trip through memory, no split-K launches. The
+    last of column ``j``'s ``S`` programs to arrive (counted in ``CNT[j]``, left at zero)
+    sums the column's slots in order into the four gradients, times ``pscale`` if
+    ``PSCALED``: no reduction launch either."""
     pid = tl.program_id(0)
     n_s = tl.num_programs(0)
     scale = _scalar(scale, scale_ptr, SCALE_PTR)
@@ -557,6 +565,18 @@ def _heba_text_bwd_kernel_dx_dw(X, G, WD, WU, NW, MEAN, RSTD, CST, A_IN, DU_IN, 
     tl.store(DWD_PART + slot * H * D + offs_h[:, None] * D + cols[None, :], acc_d, mask=w_mask)
     tl.store(DNW_PART + slot * D + cols, dnw, mask=c_ok)
     tl.store(DNB_PART + slot * D + cols, dnb, mask=c_ok)
+    # The column's arrival (every thread's stores first; see _triton_common._atb_tile).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(CNT + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+    if arrived == n_s - 1:
+        pscale = _scalar(pscale, pscale_ptr, PSCALE_PTR)
+        _sum_slots(DWU_PART, D_UP, cols[:, None] * H + offs_h[None, :],
+                   c_ok[:, None] & h_ok[None, :], n_s, D * H, pscale, PSCALED)
+        _sum_slots(DWD_PART, D_DOWN, offs_h[:, None] * D + cols[None, :], w_mask, n_s, H * D,
+                   pscale, PSCALED)
+        _sum_slots(DNW_PART, D_NW, cols, c_ok, n_s, D, pscale, PSCALED)
+        _sum_slots(DNB_PART, D_NB, cols, c_ok, n_s, D, pscale, PSCALED)
+        tl.atomic_xchg(CNT + tl.program_id(1), 0, sem="relaxed", scope="gpu")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -653,7 +673,7 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
     """The launches of the forward (``backward`` False) or of the backward for ``M`` tokens
     of width ``D``, bottleneck ``H``. Backward up to ``FUSED_DW_MAX_H``: the row kernel
     (``du``), the dx kernel that also sums the parameter gradients (``dx``, ``S x n_d``
-    programs), the one reduction of their partial slots. Wider: the row kernel (``dx``),
+    programs, the last of each chunk's ``S`` summing their slots). Wider: the row kernel (``dx``),
     then both weight-gradient reductions and the sums of every partial buffer in one launch
     (:func:`~heba_kernels._triton_common.atb_pair_sums`)."""
     BLOCK_M, BLOCK_N, BLOCK_H, num_warps = _config(H, op_dtype, backward=backward)
@@ -671,8 +691,7 @@ def text_plan(M, D, H, op_dtype, sms, gpu, backward):
         n_s = max(1, min(triton.cdiv(M, BT), sms // n_d if gpu else 2))
         return [Launch("du", "_heba_text_bwd_kernel_du", grid, meta),
                 Launch("dx", "_heba_text_bwd_kernel_dx_dw", (n_s, n_d),
-                       dict(BLOCK_M=BT, BLOCK_D=BD, BLOCK_H=BH, num_warps=warps)),
-                reduce_plan([(n_s, D * H), (n_s, H * D), (n_s, D), (n_s, D)])]
+                       dict(BLOCK_M=BT, BLOCK_D=BD, BLOCK_H=BH, num_warps=warps))]
     row = Launch("dx", "_heba_text_bwd_kernel_dx", grid,
                  dict(meta, WIDE=BLOCK_H > WIDE_H, BLOCK_HC=_WIDE_BLOCK_HC))
     # both weight gradients, summed with the LayerNorm's partials: one split-K launch
@@ -740,33 +759,34 @@ def heba_text_bwd(g, x, down_weight, up_weight, norm_weight, mean, rstd, scale,
         down = new_buffer((n_s, H, D), torch.float32, dev)
         dnw_part = new_buffer((n_s, D), torch.float32, dev)
         dnb_part = new_buffer((n_s, D), torch.float32, dev)
+        d_up = new_buffer((D, H), up_weight.dtype, dev)
+        d_down = new_buffer((H, D), down_weight.dtype, dev)
+        dnw = new_buffer((D,), norm_weight.dtype, dev)
+        dnb = new_buffer((D,), norm_weight.dtype, dev)
+        ps_v, ps_p, ps_from_ptr = p_scale.kernel_args(mean)
         launch(_heba_text_bwd_kernel_dx_dw, step.grid,
             x2, g2, down_weight, up_weight, norm_weight, mean, rstd, cst, a_buf, du_buf,
-            dx2, up, down, dnw_part, dnb_part, M, D, H, x2.stride(0), g2.stride(0),
-            dx2.stride(0), scale_v, scale_p, SCALE_PTR=scale_from_ptr, **step.meta, **flags)
-    else:
-        row = plan["dx"]
-        dy = new_buffer((M, D), x.dtype, dev)              # dL/dy      [M, D]
-        dnw_part = new_buffer((row.grid[0], D), torch.float32, dev)
-        dnb_part = new_buffer((row.grid[0], D), torch.float32, dev)
-        wide = row.meta["WIDE"]
-        u_buf = new_buffer((M, H), torch.float32, dev) if wide else dnw_part   # u, wide only
-        launch(_heba_text_bwd_kernel_dx, row.grid,
-            x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
-            dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
-            M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
-            SCALE_PTR=scale_from_ptr, **row.meta, **flags)
-        # dWu = dy^T a [D, H] and dWd = du^T x [H, D], summed with dw and db: one launch
-        d_up, d_down, dnw, dnb = atb_pair_sums(
-            dy, a_buf, x2, du_buf, op_dtype,
-            [Sum((D, H), up_weight.dtype, True), Sum((H, D), down_weight.dtype, True)],
-            [Partial(dnw_part, (D,), norm_weight.dtype, True),
-             Partial(dnb_part, (D,), norm_weight.dtype, True)], p_scale)
+            dx2, up, down, dnw_part, dnb_part, d_up, d_down, dnw, dnb,
+            tile_counters(dev, step.grid[1]), M, D, H, x2.stride(0), g2.stride(0),
+            dx2.stride(0), scale_v, scale_p, ps_v, ps_p, SCALE_PTR=scale_from_ptr,
+            PSCALE_PTR=ps_from_ptr, PSCALED=not p_scale.is_one(), **step.meta, **flags)
         return dx, d_down, d_up, dnw, dnb
-    d_up, d_down, dnw, dnb = reduce_partials(      # one launch for all four
-        [Partial(up, (D, H), up_weight.dtype, True),
-         Partial(down, (H, D), down_weight.dtype, True),
-         Partial(dnw_part, (D,), norm_weight.dtype, True),
+    row = plan["dx"]
+    dy = new_buffer((M, D), x.dtype, dev)              # dL/dy      [M, D]
+    dnw_part = new_buffer((row.grid[0], D), torch.float32, dev)
+    dnb_part = new_buffer((row.grid[0], D), torch.float32, dev)
+    wide = row.meta["WIDE"]
+    u_buf = new_buffer((M, H), torch.float32, dev) if wide else dnw_part   # u, wide only
+    launch(_heba_text_bwd_kernel_dx, row.grid,
+        x2, g2, down_weight, up_weight, norm_weight, mean, rstd,
+        dx2, dy, a_buf, du_buf, u_buf, dnw_part, dnb_part,
+        M, D, H, x2.stride(0), g2.stride(0), dx2.stride(0), scale_v, scale_p,
+        SCALE_PTR=scale_from_ptr, **row.meta, **flags)
+    # dWu = dy^T a [D, H] and dWd = du^T x [H, D], summed with dw and db: one launch
+    d_up, d_down, dnw, dnb = atb_pair_sums(
+        dy, a_buf, x2, du_buf, op_dtype,
+        [Sum((D, H), up_weight.dtype, True), Sum((H, D), down_weight.dtype, True)],
+        [Partial(dnw_part, (D,), norm_weight.dtype, True),
          Partial(dnb_part, (D,), norm_weight.dtype, True)], p_scale)
     return dx, d_down, d_up, dnw, dnb
 

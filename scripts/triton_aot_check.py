@@ -61,13 +61,15 @@ def _cases():
                            (), c, nw)
                     BT, BD, BH, nw = heba_text._dx_dw_config(H, wdt, gpu=True)
                     c = dict(BLOCK_M=BT, BLOCK_D=BD, BLOCK_H=BH, SCALE_PTR=False,
+                             PSCALE_PTR=True, PSCALED=True,
                              _shown=f"{BT}x{BD}x{BH}", _shape=dict(D=4 * H, h=H))
                     ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
                                 CST="fp32", A_IN=ws, DU_IN=ws, DX=xs, DWU_PART="fp32",
-                                DWD_PART="fp32", DNW_PART="fp32", DNB_PART="fp32",
-                                scale_ptr="fp32")
+                                DWD_PART="fp32", DNW_PART="fp32", DNB_PART="fp32", D_UP=ws,
+                                D_DOWN=ws, D_NW=ws, D_NB=ws, CNT="i32", scale_ptr="fp32",
+                                pscale_ptr="fp32")
                     yield ("heba_text bwd dx_dw", H, xdt, wdt, "_heba_text_bwd_kernel_dx_dw",
-                           ptrs, ("scale",), c, nw)
+                           ptrs, ("scale", "pscale"), c, nw)
                 elif bwd:
                     ptrs = dict(X=xs, G=xs, WD=ws, WU=ws, NW=ws, MEAN="fp32", RSTD="fp32",
                                 DX=xs, DY=xs, A_OUT=ws, DU_OUT=ws, DNW_PART="fp32",

@@ -240,7 +240,7 @@ def test_wide_hidden_backward_kernel(monkeypatch, dtype):
 
 # ----------------------------------------------------------------------------- the backward by h
 
-FUSED = ["_heba_text_bwd_kernel_du", "_heba_text_bwd_kernel_dx_dw", "_reduce_partials_kernel"]
+FUSED = ["_heba_text_bwd_kernel_du", "_heba_text_bwd_kernel_dx_dw"]   # dx sums its slots
 SPLIT_K = ["_heba_text_bwd_kernel_dx", "_atb_kernel"]   # dW pair, every sum in it
 
 
@@ -311,7 +311,8 @@ def test_fused_dw_threshold(h, dtype):
 def test_plan_picks_fused_dw_up_to_threshold(gpu):
     """text_plan (what the launchers launch and the roofline models): the fused backward
     for every h up to FUSED_DW_MAX_H (ViT-B/16 text h = 128), split-K above (ViT-L/14
-    h = 192); the fused dx kernel's programs: one wave on 132 SMs, its slots reduced."""
+    h = 192); the fused dx kernel's programs: one wave on 132 SMs, the last of each D
+    chunk's summing its slots (no reduction launch after it)."""
     from heba_kernels.heba_text import FUSED_DW_MAX_H, text_plan
     sms = 132 if gpu else 1
     for D, h in [(40, 1), (40, 10), (512, 128), (768, 192), (1024, 255), (64, 256),
@@ -324,7 +325,7 @@ def test_plan_picks_fused_dw_up_to_threshold(gpu):
             n_s, n_d = plan[1].grid
             assert n_d * plan[1].meta["BLOCK_D"] >= D > (n_d - 1) * plan[1].meta["BLOCK_D"]
             assert plan[1].meta["BLOCK_H"] >= h and (n_s * n_d <= sms or n_s == 1 or not gpu)
-            assert plan[2].work == ((n_s, D * h), (n_s, h * D), (n_s, D), (n_s, D))
+            assert len(plan) == 2
 
 
 # ----------------------------------------------------------------------------- GPU
