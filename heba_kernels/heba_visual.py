@@ -251,6 +251,12 @@ ALTERNATE_SWEEPS = True
 # 57 us; one launch 183 MB, 52.0 GFLOP, 53 us (the halo's extra down GEMM, 30 rows per
 # 64-row block, is cheap where the adapter is memory-bound). MLP position (D3072 h768,
 # matmul-bound): two launches 474 GFLOP, 479 us; one 533 GFLOP, 539 us: kept separate.
+# With the L2's bandwidth a ceiling too (the model's third, a lead until a GPU measures it)
+# the two launches model faster at every width and batch: attention position, forward +
+# backward, 387 against 404 us at B256 and 30.9 against 34.4 at batch 16 (D1024: 632 / 660,
+# 45.8 / 51.8). At batch 16 that gain is about what a launch itself costs, which the floor
+# does not price, so the threshold stays until the ``tune`` stage (``down-separate``) times
+# both ways.
 FUSE_DOWN_BELOW_DIM = 2048
 
 

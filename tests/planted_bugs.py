@@ -647,17 +647,25 @@ KERNELS = [
         (f"{T_TVIS}::test_values_and_grads",),
         "the sums of an op's other partial buffers (dWm, the LayerNorm's) skip their last "
         "slot"),
+    Bug("txt-dxdw-counter-left-behind", "kernels", TXT,
+        "        tl.atomic_xchg(CNT + tl.program_id(1), 0, sem=\"relaxed\", scope=\"gpu\")\n",
+        "",
+        (f"{T_TTXT}::test_fused_dw_backward",),
+        "the text backward's arrival counters are not reset: the next launch on the stream "
+        "never sees a chunk's last arrival and sums nothing"),
+    Bug("txt-dxdw-down-grad-unscaled", "kernels", TXT,
+        "        _sum_slots(DWD_PART, D_DOWN, offs_h[:, None] * D + cols[None, :], w_mask, n_s, H * D,\n"
+        "                   pscale, PSCALED)",
+        "        _sum_slots(DWD_PART, D_DOWN, offs_h[:, None] * D + cols[None, :], w_mask, n_s, H * D,\n"
+        "                   pscale, False)",
+        (f"{T_TTXT}::test_plain_gradients",),
+        "the text adapter's down.weight gradient not multiplied by the parameter-gradient "
+        "scale (rescale_param_grad=False)"),
     Bug("atb-sums-last-slot-dropped", "kernels", COMMON,
         "    for _ in range(0, n_slots):",
         "    for _ in range(0, n_slots - 1):",
         (f"{T_TLR}::test_matches_reference",),
         "each weight-gradient tile's sum skips the last token chunk"),
-    Bug("atb-sums-first-arrival-sums", "kernels", COMMON,
-        "        if arrived == n_splits - 1:\n",
-        "        if arrived == 0:\n",
-        ("tests/heba_kernels/test_triton_common.py::test_atb_pair_sums",),
-        "the first split to finish sums a weight-gradient tile, before the others have "
-        "written their slots"),
     Bug("atb-sums-counter-left-behind", "kernels", COMMON,
         "            tl.atomic_xchg(CNT + tile, 0, sem=\"relaxed\", scope=\"gpu\")   # ready for reuse\n",
         "",
