@@ -232,10 +232,16 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
             c.hbm = (2 * tok + hid + 2 * B * P * D * e + D * h * w + 8 * T + keep * tok
                      + st.grid[0] * (rows * h * w + ysc * BT * D * e)
                      + m["FUSE_DOWN"] * h * D * w)
-            c.flops = 2 * Tp * Dp * hp + 2 * 9 * Tp * hp
-            c.l2 = blocks * (zsweep + 3 * BT * Dp * e + (stencil_rows(BT, W) + BT) * hp * w)
+            # PARTS: each part of a block computes s again (its stencil), writes its
+            # statistics and the last part reads them all back
+            parts = m.get("PARTS", 1)
+            c.flops = 2 * Tp * Dp * hp + parts * 2 * 9 * Tp * hp
+            c.l2 = blocks * (zsweep + 3 * BT * Dp * e
+                             + parts * (stencil_rows(BT, W) + BT) * hp * w
+                             + (parts > 1) * 2 * parts * BT * 8)
+            c.hbm += (parts > 1) * 2 * parts * T * 8
             # sweep 2 (reversed) re-reads the block's x and y after sweep 1 touched both
-            res = min(st.grid[0], gpu.sms)            # programs resident at once
+            res = _cdiv(min(st.grid[0], gpu.sms), parts)    # blocks resident at once
             c.hbm += resweep_misses(T * D * 2 * e, res * BT * D * 2 * e, gpu.l2, m["ALTERNATE"])
             if m["FUSE_DOWN"]:        # the down GEMM over the block and its halo
                 ext = rows - BT

@@ -123,7 +123,7 @@ import triton.language as tl
 from heba_kernels._triton_common import (Partial, Sum, _gelu, _gelu_grad, _mma, _op_cast,
                                          _scalar, atb_pair_sum_plan, atb_pair_sums,
                                          check_dtypes, device_guard, op_code, plan_device,
-                                         reduce_partials, reduce_plan)
+                                         reduce_partials, reduce_plan, tile_counters)
 from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer
 
 __all__ = ["heba_visual", "heba_visual_fwd", "heba_visual_bwd", "visual_fwd_plan",
@@ -221,6 +221,20 @@ DWM_ROWS = 64
 # (sm_90, bf16, 8 warps, Triton 3.8): down 187, dv 240, no spill (float32 weights spill
 # 940 / 728 B at 256). The ``tune`` stage's ``tiles-128`` variant times 128.
 WIDE_TILE_COLS = 256
+
+# At most this many parts of D per row block in the forward kernel (``fwd_parts``): a batch
+# of fewer row blocks than SMs (the published batch 16: 49 blocks of 64 rows on 132 SMs)
+# splits each block's up-projection across programs, each streaming its share of ``Wu``
+# (which every program otherwise streams whole, per block, at one SM's L2 bandwidth), and
+# the block's last part normalises it. Modelled (benchmarks/roofline.py, bf16, 14x14, H200)
+# at the MLP position (D3072 h768), the forward kernel: batch 8 70.2 -> 23.7 us (4 parts),
+# batch 16 70.2 -> 44.2 (2 parts; 3, in two rounds on 132 SMs, 45.3), forward + backward
+# 220 -> 194; from 67 blocks up (batch 22) one part, as the model prefers (batch 32: 2
+# parts 88.3 against 86.0: the second round costs what the split gains). Where u is
+# recomputed by the forward (below FUSE_DOWN_BELOW_DIM: the attention position) one part:
+# each part would redo the down projection. Registers (scripts/triton_aot_check.py, sm_90,
+# bf16, 8 warps, D3072, 2 parts): 212 with Triton 3.8, 249 with 3.6, no spill.
+FWD_MAX_PARTS = 4
 
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
@@ -490,24 +504,30 @@ def _down_halo(x_ptr, wd_ptr, u_ptr, uh_ptr, r0, stride_xb, stride_xn, T, HW, W,
 
 @triton.jit
 def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_rows,
-                r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
-                D, h, P, scale, eps,
-                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                ALTERNATE: tl.constexpr):
+                st_ptr, cnt_ptr, blk, part, r, r_mask, b, p, loc, stride_xb, stride_xn,
+                stride_ob, stride_on, D, h, P, scale, eps,
+                PARTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr,
+                IEEE: tl.constexpr, ALTERNATE: tl.constexpr):
     """The block's up-projection, residual, LayerNorm and output, ``s`` at rows ``loc`` of
     the program's scratch: statistics, then ``out`` (and the prefix tokens of every image
     that starts in the block copied through). Sweep 1 stores ``y`` at the row pointers
     ``y_rows`` (the kept ``[B * HW, D]`` buffer, or the program's scratch) and sweep 2 reads
-    it back: the up-projection is computed once."""
+    it back: the up-projection is computed once. With ``PARTS`` > 1 this program's sweep 1
+    covers part ``part`` of the block's D chunks and leaves its statistics in ``st_ptr``
+    (``[T, PARTS, 2]``); the last of the block's parts to arrive (``cnt_ptr[blk]``) merges
+    them in part order and runs sweep 2 over all of D."""
     x_rows = x_ptr + b * stride_xb + (P + p) * stride_xn                           # [BT]
     o_rows = out_ptr + b * stride_ob + (P + p) * stride_on
+    n_d = tl.cdiv(D, BLOCK_D)
+    per = tl.cdiv(n_d, PARTS)                     # D chunks per part (the last may have fewer)
 
     # Sweep 1: LayerNorm statistics of y = t + z, merged chunk by chunk (Chan/Welford),
     # so y never has to be held in registers for the whole row.
     mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    lo = part * per * BLOCK_D
+    for d0 in range(lo, tl.minimum(lo + per * BLOCK_D, D), BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         mask = r_mask[:, None] & d_mask[None, :]
@@ -517,44 +537,72 @@ def _fwd_sweeps(x_ptr, s_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_pt
         y = t + z                                                                  # [BT, BD]
         tl.store(y_rows[:, None] + d[None, :], y.to(y_rows.dtype.element_ty), mask=mask)
         n_b = tl.sum(d_mask.to(tl.float32), axis=0)
-        n_a = d0 * 1.0
+        n_a = (d0 - lo) * 1.0
         c_mean = tl.sum(y, axis=1) / n_b
         dev = tl.where(d_mask[None, :], y - c_mean[:, None], 0.0)
         c_m2 = tl.sum(dev * dev, axis=1)
         delta = c_mean - mean
         mean = mean + delta * (n_b / (n_a + n_b))
         m2 = m2 + c_m2 + delta * delta * (n_a * n_b / (n_a + n_b))
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
-    tl.store(mean_ptr + r, mean, mask=r_mask)
-    tl.store(rstd_ptr + r, rstd, mask=r_mask)
+    arrived = PARTS - 1                  # one part: this program normalises its block
+    if PARTS > 1:
+        st_rows = st_ptr + (r * PARTS + part) * 2
+        tl.store(st_rows, mean, mask=r_mask)
+        tl.store(st_rows + 1, m2, mask=r_mask)
+        # Every thread's y and statistics stored before the one arrival (see
+        # _triton_common._atb_tile); the last part's acquire makes the others' visible.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel", scope="gpu")
+        if arrived == PARTS - 1:
+            mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            m2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+            for q in range(0, PARTS):                 # Chan's merge, in part order
+                n_a = tl.minimum(q * per * BLOCK_D, D) * 1.0
+                n_b = tl.minimum((q + 1) * per * BLOCK_D, D) * 1.0 - n_a
+                q_rows = st_ptr + (r * PARTS + q) * 2
+                q_mean = tl.load(q_rows, mask=r_mask, other=0.0, cache_modifier=".cg")
+                q_m2 = tl.load(q_rows + 1, mask=r_mask, other=0.0, cache_modifier=".cg")
+                if n_b > 0:
+                    delta = q_mean - mean
+                    mean = mean + delta * (n_b / (n_a + n_b))
+                    m2 = m2 + q_m2 + delta * delta * (n_a * n_b / (n_a + n_b))
+            tl.atomic_xchg(cnt_ptr + blk, 0, sem="relaxed", scope="gpu")   # for reuse
+    if arrived == PARTS - 1:
+        rstd = 1.0 / tl.sqrt(m2 / D + eps)
+        tl.store(mean_ptr + r, mean, mask=r_mask)
+        tl.store(rstd_ptr + r, rstd, mask=r_mask)
 
-    tl.debug_barrier()                   # y rows written by other threads, read back below
+        tl.debug_barrier()               # y rows written by other threads, read back below
 
-    # Sweep 2: y read back, out written; with ALTERNATE D chunks in reverse, the newest in
-    # L2 first.
-    first = r_mask & (p == 0)
-    n_d = tl.cdiv(D, BLOCK_D)
-    for i in range(0, n_d):
-        d = _chunk(i, n_d, ALTERNATE * 1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = d < D
-        mask = r_mask[:, None] & d_mask[None, :]
-        t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-        gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        a = (y - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        tl.store(o_rows[:, None] + d[None, :], (t + scale * a).to(out_ptr.dtype.element_ty),
-                 mask=mask)
-        _copy_prefix(x_ptr, out_ptr, b, first, d, d_mask, stride_xb, stride_xn, stride_ob,
-                     stride_on, P)
+        # Sweep 2: y read back, out written; with ALTERNATE D chunks in reverse, the newest
+        # in L2 first.
+        first = r_mask & (p == 0)
+        for i in range(0, n_d):
+            d = _chunk(i, n_d, ALTERNATE * 1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_mask = d < D
+            mask = r_mask[:, None] & d_mask[None, :]
+            t = tl.load(x_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            if PARTS > 1:                # other programs' y: read past L1
+                y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+            else:
+                y = tl.load(y_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            gamma = tl.load(nw_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+            beta = tl.load(nb_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+            a = (y - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            tl.store(o_rows[:, None] + d[None, :],
+                     (t + scale * a).to(out_ptr.dtype.element_ty), mask=mask)
+            _copy_prefix(x_ptr, out_ptr, b, first, d, d_mask, stride_xb, stride_xn, stride_ob,
+                         stride_on, P)
 
 
 @triton.jit
 def _heba_visual_fwd_kernel(
     x_ptr, wd_ptr, u_ptr, wm_ptr, scr_ptr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr,
-    y_ptr, stride_xb, stride_xn, stride_ob, stride_on,    # u [B * HW, h]; y: see below
+    y_ptr, st_ptr, cnt_ptr,                               # PARTS: [T, PARTS, 2], [blocks]
+    stride_xb, stride_xn, stride_ob, stride_on,           # u [B * HW, h]; y: see below
     H, W, T, HW, D, h, P, n_e, scale, scale_ptr, eps,     # scratch [S, BLOCK_T + n_e * BLOCK_E, h]
-    SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr, FUSE_DOWN: tl.constexpr,
+    SCALE_PTR: tl.constexpr, KEEP_Y: tl.constexpr, FUSE_DOWN: tl.constexpr, PARTS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     OP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, ALTERNATE: tl.constexpr,
 ):
@@ -564,15 +612,21 @@ def _heba_visual_fwd_kernel(
     into the program's scratch, then :func:`_fwd_sweeps`. The scratch is reused block after
     block, so ``s`` and the halo stay on chip (L2) instead of a ``[B * HW, h]`` round trip.
     ``y`` (sweep 2 reads it back instead of recomputing the up-projection): with ``KEEP_Y``
-    the kept ``[B * HW, D]`` buffer, else the programs' ``[S, BLOCK_T, D]`` scratch."""
+    the kept ``[B * HW, D]`` buffer, else the programs' ``[S, BLOCK_T, D]`` scratch.
+    With ``PARTS`` > 1 (``y`` kept, ``u`` from the down launch) the work items are
+    ``(block, part)``: each computes ``s`` of the block and ``y`` of its part of D (its
+    share of ``Wu``), and the block's last part to finish normalises the whole block, so a
+    batch of fewer blocks than SMs still gives every SM a share of the up-projection."""
     pid = tl.program_id(0)
     n_s = tl.num_programs(0)
     scale = _scalar(scale, scale_ptr, SCALE_PTR)
     s_scr = scr_ptr + pid.to(tl.int64) * (BLOCK_T + n_e * BLOCK_E) * h
     loc = tl.arange(0, BLOCK_T).to(tl.int64)
     y_scr = y_ptr + (pid.to(tl.int64) * BLOCK_T + loc) * D                        # [BT]
-    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) - pid, n_s)):
-        blk = pid + i * n_s
+    for i in range(0, tl.cdiv(tl.cdiv(T, BLOCK_T) * PARTS - pid, n_s)):
+        item = pid + i * n_s
+        blk = item // PARTS
+        part = item % PARTS
         r, r_mask, b, p = _rows(blk, T, HW, BLOCK_T)
         if FUSE_DOWN:
             r0 = blk.to(tl.int64) * BLOCK_T
@@ -586,8 +640,9 @@ def _heba_visual_fwd_kernel(
                                 s_scr, loc, BLOCK_T, BLOCK_H, False)
         y_rows = y_ptr + r * D if KEEP_Y else y_scr
         _fwd_sweeps(x_ptr, s_scr, wu_ptr, nw_ptr, nb_ptr, out_ptr, mean_ptr, rstd_ptr, y_rows,
-                    r, r_mask, b, p, loc, stride_xb, stride_xn, stride_ob, stride_on,
-                    D, h, P, scale, eps, BLOCK_T, BLOCK_H, BLOCK_D, OP, UPCAST, IEEE, ALTERNATE)
+                    st_ptr, cnt_ptr, blk, part, r, r_mask, b, p, loc, stride_xb, stride_xn,
+                    stride_ob, stride_on, D, h, P, scale, eps, PARTS, BLOCK_T, BLOCK_H,
+                    BLOCK_D, OP, UPCAST, IEEE, ALTERNATE)
         tl.debug_barrier()               # the next block overwrites the scratch
 
 
@@ -1094,15 +1149,29 @@ def halo_chunks(W: int, meta: dict) -> int:
     return triton.cdiv(meta["BLOCK_T"] + 2 * W + 2, meta["BLOCK_E"])
 
 
+def fwd_parts(n_blocks: int, n_chunks: int, sms: int, gpu: bool, fused_down: bool,
+              keep_y: bool) -> int:
+    """Parts of D the forward kernel splits each row block's up-projection into: as many
+    as ``n_blocks`` blocks' parts fit on the SMs in one wave (at most ``FWD_MAX_PARTS``,
+    none empty), where ``y`` is kept and ``u`` comes from the down launch (a part would
+    otherwise redo the down projection of the block and its halo); else 1. Two SMs' worth
+    in the interpreter, so the tests run the parts and their merge."""
+    if fused_down or not keep_y:
+        return 1
+    parts = max(1, min(FWD_MAX_PARTS, (sms if gpu else 2) // n_blocks, n_chunks))
+    return triton.cdiv(n_chunks, triton.cdiv(n_chunks, parts))      # no empty part
+
+
 def visual_fwd_plan(B, H, W, D, h, weight_dtype, sms, gpu):
     """The forward's launches for ``B`` images of an ``H x W`` grid, width ``D``, bottleneck ``h``."""
     T = B * H * W
     cfg = _config(T, D, h, weight_dtype, sms, gpu)
     n_t, fuse = triton.cdiv(T, cfg["BLOCK_T"]), D < FUSE_DOWN_BELOW_DIM
     fcfg = _fwd_config(cfg, D, gpu)
-    fwd = Launch("fwd", "_heba_visual_fwd_kernel",
-                 (_programs(triton.cdiv(T, fcfg["BLOCK_T"]), sms, gpu),),
-                 dict(fcfg, KEEP_Y=D >= KEEP_Y_MIN_DIM, FUSE_DOWN=fuse,
+    n_fb, keep = triton.cdiv(T, fcfg["BLOCK_T"]), D >= KEEP_Y_MIN_DIM
+    parts = fwd_parts(n_fb, triton.cdiv(D, fcfg["BLOCK_D"]), sms, gpu, fuse, keep)
+    fwd = Launch("fwd", "_heba_visual_fwd_kernel", (_programs(n_fb * parts, sms, gpu),),
+                 dict(fcfg, KEEP_Y=keep, FUSE_DOWN=fuse, PARTS=parts,
                       BLOCK_E=min(32, fcfg["BLOCK_T"]), ALTERNATE=ALTERNATE_SWEEPS))
     if fuse:
         return [fwd]
@@ -1210,10 +1279,16 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
                          op, dev)
     # y for the forward's second sweep: the kept buffer, or one block's per program
     y_buf = y if y.numel() else new_buffer((fwd.grid[0], fwd.meta["BLOCK_T"], D), x.dtype, dev)
+    # the parts' statistics and the blocks' arrival counters, where D is split in parts
+    parts = fwd.meta["PARTS"]
+    stats = new_buffer((B * HW, parts, 2) if parts > 1 else (0,), torch.float32, dev)
+    counters = tile_counters(dev, triton.cdiv(B * HW, fwd.meta["BLOCK_T"])) if parts > 1 \
+        else stats
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     launch(_heba_visual_fwd_kernel, fwd.grid, x, wd, u, wm, scratch, wu, nw, nb, out, mean,
-           rstd, y_buf, sxb, sxn, sob, son, H, W, B * HW, HW, D, h, P, n_e,
-           scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr, **_kw(fwd))
+           rstd, y_buf, stats if parts > 1 else mean, counters, sxb, sxn, sob, son, H, W,
+           B * HW, HW, D, h, P, n_e, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr,
+           **_kw(fwd))
     return out, u, mean, rstd, y
 
 

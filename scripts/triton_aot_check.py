@@ -190,7 +190,7 @@ def _visual_cases():
     (D=768) and ViT-L/14 (D=1024) attention and MLP widths (4 * D), 14x14 grids, batch 32
     and 256 (the row block grows with the batch), on 132 SMs."""
     f32 = {"mean_ptr", "rstd_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
-           "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr"}
+           "dwu_part_ptr", "dwd_part_ptr", "scale_ptr", "gs_ptr", "xs_ptr", "st_ptr"}
     tok = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
     kernels = ["_heba_visual_fwd_kernel_down", "_heba_visual_fwd_kernel",
                "_heba_visual_bwd_kernel_dy", "_heba_visual_bwd_kernel_dv",
@@ -218,11 +218,14 @@ def _visual_cases():
                     consts["GS_PTR"] = False
                 if kern.endswith("_dx"):
                     consts["XS_PTR"] = False
-                ptrs = {n: ("fp32" if n in f32 else TY[xdt] if n in tok else TY[wdt])
+                ptrs = {n: ("fp32" if n in f32 else "i32" if n == "cnt_ptr" else
+                            TY[xdt] if n in tok else TY[wdt])
                         for n in getattr(heba_visual, kern).arg_names if n.endswith("_ptr")}
                 consts["_shown"] = (f"T{cfg['BLOCK_T']}xH{consts['BLOCK_H']}"
                                     f"xD{cfg['BLOCK_D']}"
-                                    + (f"xHV{cfg['BLOCK_HV']}" if "BLOCK_HV" in cfg else ""))
+                                    + (f"xHV{cfg['BLOCK_HV']}" if "BLOCK_HV" in cfg else "")
+                                    + (f" {cfg['PARTS']} parts" if cfg.get("PARTS", 1) > 1
+                                       else ""))
                 consts["_shape"] = dict(D=D, h=h, HW=196)
                 yield (f"visual {kern[13:]}", D, xdt, wdt, kern, ptrs,
                        ("scale", "eps", "gs", "xs"), consts, warps)

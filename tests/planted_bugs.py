@@ -647,6 +647,30 @@ KERNELS = [
         (f"{T_TVIS}::test_values_and_grads",),
         "the sums of an op's other partial buffers (dWm, the LayerNorm's) skip their last "
         "slot"),
+    Bug("vis-fwd-parts-stats-one-slot", "kernels", VIS,
+        "        st_rows = st_ptr + (r * PARTS + part) * 2\n",
+        "        st_rows = st_ptr + (r * PARTS) * 2\n",
+        (f"{T_TVIS}::test_forward_in_parts",),
+        "every part of a row block leaves its LayerNorm statistics in the first part's slot: "
+        "the block's last part merges one part's statistics and stale memory"),
+    Bug("vis-fwd-parts-sweep-from-zero", "kernels", VIS,
+        "    lo = part * per * BLOCK_D\n",
+        "    lo = 0 * part * per * BLOCK_D\n",
+        (f"{T_TVIS}::test_forward_in_parts",),
+        "every part of a row block sweeps D from its first chunk: the last parts' columns of "
+        "y never computed"),
+    Bug("vis-fwd-parts-merge-weights-swapped", "kernels", VIS,
+        "                    mean = mean + delta * (n_b / (n_a + n_b))\n",
+        "                    mean = mean + delta * (n_a / (n_a + n_b))\n",
+        (f"{T_TVIS}::test_forward_in_parts",),
+        "the merge of the parts' means weighs each part by the others' width: wrong "
+        "LayerNorm statistics wherever the parts are uneven"),
+    Bug("vis-fwd-parts-counter-left-behind", "kernels", VIS,
+        "            tl.atomic_xchg(cnt_ptr + blk, 0, sem=\"relaxed\", scope=\"gpu\")   # for reuse\n",
+        "",
+        (f"{T_TVIS}::test_forward_in_parts",),
+        "the forward's arrival counters are not reset: the next forward on the stream never "
+        "sees a block's last part and normalises nothing"),
     Bug("txt-dxdw-counter-left-behind", "kernels", TXT,
         "        tl.atomic_xchg(CNT + tl.program_id(1), 0, sem=\"relaxed\", scope=\"gpu\")\n",
         "",

@@ -269,7 +269,7 @@ import heba_kernels.heba_visual as hv
 import heba_kernels._triton_common as tc
 
 F32_BUFFERS = {"mean_ptr", "rstd_ptr", "dnw_part_ptr", "dnb_part_ptr", "dwm_part_ptr",
-               "dwu_part_ptr", "dwd_part_ptr"}
+               "dwu_part_ptr", "dwd_part_ptr", "st_ptr"}
 TOKEN_BUFFERS = {"x_ptr", "out_ptr", "g_ptr", "dx_ptr", "dy_ptr", "y_ptr"}
 x_ty, w_ty = sys.argv[1], sys.argv[2]
 op = (2, False) if w_ty == "*bf16" else (0, True)
@@ -277,8 +277,10 @@ blocks = dict(BLOCK_T=32, BLOCK_H=64, BLOCK_D=64, OP=op[0], UPCAST=False, IEEE=o
 jobs = [(hv._heba_visual_fwd_kernel_down, blocks, ())]
 jobs += [(hv._heba_visual_bwd_kernel_dx, dict(blocks, DW=False, BLOCK_HP=16), ()),
          (hv._heba_visual_bwd_kernel_dx, dict(blocks, DW=True, BLOCK_HP=256, BLOCK_D=32), ())]
-jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep, FUSE_DOWN=fuse, BLOCK_E=32), ())
-         for keep, fuse in ((False, True), (False, False), (True, False))]
+jobs += [(hv._heba_visual_fwd_kernel, dict(blocks, KEEP_Y=keep, FUSE_DOWN=fuse, BLOCK_E=32,
+                                           PARTS=parts), ())
+         for keep, fuse, parts in ((False, True, 1), (False, False, 1), (True, False, 1),
+                                   (True, False, 3))]
 jobs += [(hv._heba_visual_bwd_kernel_dy, dict(blocks, BLOCK_HV=32, KEEP_Y=keep, DW=dw, DV=True),
           ())
          for keep, dw in ((False, False), (True, False), (False, True))]
@@ -299,6 +301,8 @@ for fn, consts, f32_extra in jobs:
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
+        elif name == "cnt_ptr":
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = ("*fp32" if name in F32_BUFFERS or name in f32_extra
                          else x_ty if name in TOKEN_BUFFERS else w_ty)
@@ -322,6 +326,29 @@ src = ASTSource(tc._reduce_partials_kernel, sig,
                 constexprs=dict(SCALE_PTR=True, SCALED=0b10101, BLOCK=1024))
 assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm.get("cubin")
 print("compiled _reduce_partials_kernel")
+# The weight gradients' split-K launch with its sums (arrival counters, the other partial
+# buffers' programs), as the visual backward takes it at the attention position.
+meta = hv.visual_bwd_plan(256, 14, 14, 768, 192, torch.bfloat16, 132, True, False)
+meta = {st.step: st for st in meta}["dw"].meta
+consts = {k: v for k, v in meta.items() if k.isupper() and k not in ("ROWS_PER_SPLIT", "SPLITS")}
+consts.update(COLSUM=False, SCALE_PTR=True, SCALED=0b1110011, OP=op[0], IEEE=op[1])
+sig = {}
+for n in tc._atb_kernel.arg_names:
+    if n in consts:
+        sig[n] = "constexpr"
+    elif n in ("A", "A2"):
+        sig[n] = x_ty
+    elif n in ("B", "B2", "O", "O2", "OS", "OS2", "EO0", "EO1", "EO2"):
+        sig[n] = w_ty
+    elif n == "CNT":
+        sig[n] = "*i32"
+    elif n in ("C_PART", "S_PART", "C2_PART", "S2_PART", "E0", "E1", "E2", "scale_ptr"):
+        sig[n] = "*fp32"
+    else:
+        sig[n] = "fp32" if n == "scale" else "i32"
+src = ASTSource(tc._atb_kernel, sig, constexprs=consts)
+assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm.get("cubin")
+print("compiled _atb_kernel")
 """
 
 
@@ -341,7 +368,7 @@ def test_kernels_compile_for_sm90(x_ty, w_ty):
     assert res.returncode == 0, f"compilation failed:\n{res.stdout}\n{res.stderr[-4000:]}"
     if res.stdout.startswith("SKIP:"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 17, res.stdout
+    assert res.stdout.count("compiled") == 19, res.stdout
 
 
 def _grads(a, x, scale=0.6):
@@ -513,6 +540,47 @@ def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw, dv):
     check_against_reference("heba_visual", "triton", x,
                             visual_params(D, device=DEVICE, seed=D), scale=0.7,
                             num_prefix_tokens=1, grid=(H, W))
+
+
+@pytest.mark.parametrize("D,B,H,W,P,dtype,batch_first,gpu_parts", [
+    (272, 1, 3, 3, 1, torch.float32, True, 0), (272, 1, 3, 3, 2, torch.bfloat16, False, 0),
+    (512, 1, 6, 6, 1, torch.float32, True, 4), (640, 1, 6, 6, 0, torch.float32, False, 3)],
+    ids=["2-parts-fp32", "2-parts-bf16-seqfirst", "gpu-4-parts", "gpu-3-parts-uneven"])
+def test_forward_in_parts(monkeypatch, D, B, H, W, P, dtype, batch_first, gpu_parts):
+    """A batch of fewer row blocks than SMs: the forward kernel splits each block's
+    up-projection into parts of D (the last part of a block merges their statistics in
+    order and normalises the block). The interpreter's own plan (2 parts of a 3-chunk D:
+    2 chunks and 1) and a GPU's plan on 4 SMs (4 parts; 5 chunks in 3 parts of 2, 2, 1),
+    against the reference, every output and gradient; twice, so the arrival counters are
+    seen reset."""
+    monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 0)
+    if gpu_parts:
+        gpu_plans_in_interpreter(monkeypatch, sms=4)
+    sms, gpu = (4, True) if gpu_parts else (1, False)
+    fwd = {st.step: st for st in _hv.visual_fwd_plan(B, H, W, D, D // 4, dtype, sms, gpu)}["fwd"]
+    assert fwd.meta["PARTS"] == (gpu_parts or 2) and fwd.grid[0] == fwd.meta["PARTS"]
+    params = visual_params(D, device=DEVICE, dtype=dtype, seed=D)
+    for seed in (D, D + 1):
+        x = _x(B, H, W, D, P, dtype, batch_first, seed=seed)
+        check_against_reference("heba_visual", "triton", x, params, scale=0.7,
+                                num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
+
+
+def test_forward_parts_rule():
+    """One part wherever the blocks fill the GPU, the down projection is fused or y is not
+    kept; else as many parts as fit on the SMs in one wave, at most FWD_MAX_PARTS, none
+    empty (the published batch 16 at the MLP position: 49 blocks of 64 rows on 132 SMs, 2
+    parts of 12 chunks)."""
+    assert _hv.fwd_parts(49, 24, 132, True, False, True) == 2
+    assert _hv.fwd_parts(98, 24, 132, True, False, True) == 1
+    assert _hv.fwd_parts(392, 24, 132, True, False, True) == 1
+    assert _hv.fwd_parts(49, 24, 132, True, True, True) == 1
+    assert _hv.fwd_parts(49, 24, 132, True, False, False) == 1
+    assert _hv.fwd_parts(1, 24, 132, True, False, True) == _hv.FWD_MAX_PARTS
+    assert _hv.fwd_parts(1, 5, 132, True, False, True) == 3                # 2 + 2 + 1
+    plan = {st.step: st for st in _hv.visual_fwd_plan(16, 14, 14, 3072, 768, torch.bfloat16,
+                                                       132, True)}
+    assert plan["fwd"].meta["PARTS"] == 2 and plan["fwd"].grid == (98,)
 
 
 def _saved_bytes_without_y(a, x, hv, monkeypatch, keep):
