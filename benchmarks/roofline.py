@@ -187,7 +187,8 @@ def visual_costs(case: Case, e: int, w: int, gpu: GPU, backward: bool) -> list[C
         plan = visual_fwd_plan(B, H, W, D, h, wdt, gpu.sms, True)
     out = []
     for st in plan:
-        if st.step in ("dw", "reduce"):   # dWu = dy^T s and dWd^T = t^T du, the one sum
+        if st.step in ("dw", "reduce"):   # dWu = dy^T s and dWd^T = t^T du (and the sums);
+            #                               the one reduction (DW_IN_DX)
             out.append(_atb_cost(st, T, D, h, e, w) if st.step == "dw" else _reduce_cost(st, w))
             continue
         m = st.meta
@@ -331,7 +332,7 @@ def _reduce_cost(st, w) -> Cost:
 
 def _rows_costs(plan, M, D, Hd, e, w, sweeps, gemms) -> list[Cost]:
     """Token-wise ops: row kernel (``sweeps`` token tensors read/written, ``gemms`` GEMM
-    passes of M x D x hidden), the atb pair (both weights' split-K partials), the one sum."""
+    passes of M x D x hidden), the atb pair (both weights' split-K partials and every sum)."""
     out = []
     for st in plan:
         m = st.meta

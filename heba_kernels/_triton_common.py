@@ -1,21 +1,24 @@
 """Pieces shared by the Triton kernels of :mod:`heba_kernels.heba_visual`,
 :mod:`heba_kernels.heba_text` and :mod:`heba_kernels.low_rank`: exact GELU and
 its derivative, the operand cast and matmul helpers, the weight-gradient
-reduction ``C = s * A^T B`` over all tokens and the one launch that sums an op's partial buffers.
+reduction ``C = s * A^T B`` over all tokens, summed in the launch that computes it.
 
 Weight gradients of a token-wise adapter are reductions over every token,
 ``dW[i, j] = sum_m A[m, i] * B[m, j]`` with ``m`` in the millions and
 ``i, j`` small. :func:`atb_partials` splits the token axis into ``S`` chunks; program
 ``(i, j, s)`` writes its float32 partial ``[BLOCK_I, BLOCK_J]`` tile of chunk
-``s`` to its own slot of a ``[S, I, J]`` buffer (no atomics). An adapter's two weight
+``s`` to its own slot of a ``[S, I, J]`` buffer (no atomic adds). An adapter's two weight
 gradients ``[I, J]`` and ``[J, I]`` are one launch of two such products
-(:func:`atb_pair_partials`, the second stored transposed). An op's backward
-then sums ALL its float32 partial buffers (weight gradients, LayerNorm and bias
-gradients) in one launch of ``_reduce_partials_kernel`` (:func:`reduce_partials`),
-slot by slot in a fixed order, in float32, each written straight in its
-parameter's dtype and multiplied by the op's scale where the gradient rule says
-so: no separate ``torch.sum``, cast or multiplication launches. Both steps have
-a fixed order, so the result is bitwise deterministic run to run.
+(:func:`atb_pair_partials`, the second stored transposed). :func:`atb_pair_sums`, the
+form the ops launch, also sums them: each program counts its tile's arrival in an int32
+counter (:func:`tile_counters`), and the tile's last split to arrive reads every slot
+back in slot order and writes the sum in the parameter's dtype (multiplied by the op's
+scale where the gradient rule says so), resetting the counter for the next launch; more
+programs of the same launch sum the op's other float32 partial buffers (LayerNorm, dWm),
+written by its earlier launches. :func:`reduce_partials` is the same sum as a launch of
+its own, for partial buffers no split-K launch follows. Every sum has a fixed order,
+whoever arrives last, so the result is bitwise deterministic run to run: no ``torch.sum``,
+cast or multiplication launches, and no reduction launch after the split-K one.
 
 Operand dtypes: the kernels round every matmul operand to the weights' dtype
 (``OP``: 0 float32, 1 float16, 2 bfloat16) and accumulate in float32. Triton's
