@@ -46,9 +46,9 @@ consecutive program ids on a 1-D grid, so CUDA dispatches them together and the 
 rows come from HBM once (the switches ``ALTERNATE_SWEEPS`` and ``CHUNKS_FASTEST``: the
 model prices both ways of each, the GPU check's ``tune`` stage times both). The kernels:
 
-* ``_heba_visual_fwd_kernel_down`` (from ``FUSE_DOWN_BELOW_DIM`` up, where the
-  adapter is matmul-bound): ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in the
-  weights' dtype (kept for backward).
+* ``_heba_visual_fwd_kernel_down`` (from ``FUSE_DOWN_BELOW_DIM`` up: every width as
+  shipped): ``u = t Wd^T`` into a ``[B * HW, h]`` buffer in the weights' dtype (kept for
+  backward).
 * ``_heba_visual_fwd_kernel``: ``S`` persistent programs, each looping over blocks
   with one scratch of its own. Per block: below ``FUSE_DOWN_BELOW_DIM``, ``u`` of the
   block and of its stencil's halo (``W + 1`` rows each side) into the scratch (the
@@ -76,7 +76,7 @@ model prices both ways of each, the GPU check's ``tune`` stage times both). The 
   from ``u``, ``x``, ``g`` and two row constants, and its programs sum dWu and dWd
   themselves (no split-K launch); then ONE launch of
   :func:`~heba_kernels._triton_common.reduce_partials` sums all five partial buffers
-  into the parameters' dtypes. Forward 1 launch (2 from ``FUSE_DOWN_BELOW_DIM``),
+  into the parameters' dtypes. Forward 2 launches (1 below ``FUSE_DOWN_BELOW_DIM``),
   backward 4 (5 from ``DV_GEMM_MIN_DIM``, 4 with ``DW_IN_DX``; one more when ``u`` is
   recomputed).
 
@@ -260,18 +260,19 @@ ALTERNATE_SWEEPS = True
 
 # Below this width the forward is one launch: each block computes ``u`` of its rows and of
 # its stencil's halo (W + 1 rows on each side) itself, instead of a down launch writing ``u``
-# for the forward kernel to read back. Modelled (benchmarks/roofline.py, bf16, B256 14x14,
-# forward, H200): attention position (D768 h192) two launches 275 MB, 44.6 GFLOP, floor
-# 57 us; one launch 183 MB, 52.0 GFLOP, 53 us (the halo's extra down GEMM, 30 rows per
-# 64-row block, is cheap where the adapter is memory-bound). MLP position (D3072 h768,
-# matmul-bound): two launches 474 GFLOP, 479 us; one 533 GFLOP, 539 us: kept separate.
-# With the L2's bandwidth a ceiling too (the model's third, a lead until a GPU measures it)
-# the two launches model faster at every width and batch: attention position, forward +
-# backward, 387 against 404 us at B256 and 30.9 against 34.4 at batch 16 (D1024: 632 / 660,
-# 45.8 / 51.8). At batch 16 that gain is about what a launch itself costs, which the floor
-# does not price, so the threshold stays until the ``tune`` stage (``down-separate``) times
-# both ways.
-FUSE_DOWN_BELOW_DIM = 2048
+# for the forward kernel to read back. The model used to prefer that below D2048 (HBM and
+# FLOPs alone: attention position, B256, forward 53 against 57 us). With the L2's bandwidth
+# a ceiling too (a lead until a GPU measures it) and the forward split into parts of D
+# where the blocks are fewer than the SMs (``FWD_MAX_PARTS``: a part of a fused forward
+# would redo the down projection and its halo, so the fused forward runs whole blocks),
+# two launches model faster at every width and batch. Modelled (benchmarks/roofline.py,
+# bf16, 14x14, H200, forward + backward), attention position (D768 h192): B256 387 against
+# 404 us, batch 16 28.4 against 34.4 (the forward kernel 4.6 against 13.5: 98 programs in
+# 2 parts against 49), batch 8 19.8 against 29.0; D1024 batch 16 41.9 against 51.8; D384
+# batch 16 13.0 against 15.4. So: never fused (one launch more per adapter, 6 at the
+# attention position). The fused path stays for the ``tune`` stage (``down-fused``) and
+# its tests.
+FUSE_DOWN_BELOW_DIM = 0
 
 
 # --------------------------------------------------------------------------- kernels

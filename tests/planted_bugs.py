@@ -647,6 +647,12 @@ KERNELS = [
         (f"{T_TVIS}::test_values_and_grads",),
         "the sums of an op's other partial buffers (dWm, the LayerNorm's) skip their last "
         "slot"),
+    Bug("vis-fused-down-halo-short", "kernels", VIS,
+        "    lo = r0 - W - 1\n",
+        "    lo = r0 - W\n",
+        (f"{T_TVIS}::test_down_projection_fused",),
+        "the one-launch forward computes its stencil's halo one row short: the patches at a "
+        "block's top-left read a neighbour's u from the wrong row"),
     Bug("vis-fwd-parts-stats-one-slot", "kernels", VIS,
         "        st_rows = st_ptr + (r * PARTS + part) * 2\n",
         "        st_rows = st_ptr + (r * PARTS) * 2\n",

@@ -74,6 +74,22 @@ def test_values_and_grads(monkeypatch, B, H, W, D, P, dtype, batch_first, scale,
                             num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
 
 
+@pytest.mark.parametrize("B,H,W,D,P,dtype,batch_first,scale",
+                         [CASES[0], CASES[2], CASES[4], CASES[6], CASES[9]])
+def test_down_projection_fused(monkeypatch, B, H, W, D, P, dtype, batch_first, scale):
+    """The one-launch forward (below ``FUSE_DOWN_BELOW_DIM``; shipped at no width, the
+    ``tune`` stage's ``down-fused``): each block computes ``u`` of its rows and of its
+    stencil's halo itself (blocks straddling images, 1 x W and H x 1 grids, prefixes)."""
+    monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 10 ** 9)
+    plan = _hv.visual_fwd_plan(B, H, W, D, D // 4, dtype, 1, False)
+    assert [st.step for st in plan] == ["fwd"] and plan[0].meta["FUSE_DOWN"]
+    assert plan[0].meta["PARTS"] == 1                  # a part would redo the halo
+    x = _x(B, H, W, D, P, dtype, batch_first, seed=D + B)
+    params = visual_params(D, device=DEVICE, dtype=dtype, seed=H * 10 + W)
+    check_against_reference("heba_visual", "triton", x, params, scale=scale,
+                            num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
+
+
 def test_square_grid_inferred():
     x = _x(2, 4, 4, 32, 1, torch.float32, True)
     check_against_reference("heba_visual", "triton", x, visual_params(32, device=DEVICE),
@@ -533,7 +549,9 @@ def test_gpu_plan_in_the_interpreter(monkeypatch, D, B, H, W, dw, dv):
     else:
         assert plan["dy"].meta["DV"] and plan["dy"].meta["BLOCK_HV"] == 128 and "dv" not in plan
     if D >= _hv.FUSE_DOWN_BELOW_DIM:
-        assert plan["down"].grid[0] == triton.cdiv(T, plan["down"].meta["BLOCK_T"]) * 4
+        down = plan["down"].meta
+        assert plan["down"].grid[0] == triton.cdiv(T, down["BLOCK_T"]) * triton.cdiv(
+            h, down["BLOCK_H"])
     else:
         assert plan["dx"].meta["DW"] == dw and plan["fwd"].meta["FUSE_DOWN"]
     x = _x(B, H, W, D, 1, torch.float32, True, seed=D)

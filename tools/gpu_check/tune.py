@@ -83,9 +83,11 @@ CASES = ("visual-attn-d768", "visual-mlp-d3072")      # of benchmarks.cases
 SIZES = ("clip", "tiny")
 BLOCK_CAPS = (32, 64, 128)
 # The dry run's widths and thresholds: the attention-like case (D48, h12) sits below every
-# width switch and the MLP-like one (D80, h20, h padded to 32) above, as D768 and D3072 do.
+# width switch and the MLP-like one (D80, h20, h padded to 32) above, as D768 and D3072 do
+# (the switches that hold at every width, y kept and the down projection a launch of its
+# own, at both).
 TINY = (("visual-attn-tiny-d48", 48), ("visual-mlp-tiny-d80", 80))
-TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=64, BIG_BLOCK_MIN_DIM=64,
+TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=0, BIG_BLOCK_MIN_DIM=64,
                      DV_GEMM_MIN_DIM=64, FUSED_DW_MAX_H=16)
 # Every attribute a variant or the dry run may set: all are checked restored after each run.
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",

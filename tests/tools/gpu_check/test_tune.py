@@ -33,18 +33,20 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 # The variants the tiny run makes: the attention-like case sits below every width switch,
 # the MLP-like one above, so each switch is flipped both ways across the two.
 EXPECTED = {
-    "visual-attn-tiny-d48": ["shipped", "y-recomputed", "down-separate", "dw-in-dx", "dv-gemm",
+    "visual-attn-tiny-d48": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-gemm",
                              "u-recomputed", "rows-fastest", "sweeps-one-way",
-                             "dy-forward-blocks", "block-rows-32",
+                             "dy-forward-blocks", "fwd-cols-256", "block-rows-32",
                              "block-rows-64", "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                             "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
                             "fwd-rows-128", "fwd-cols-256", "tiles-128", "block-rows-32",
                             "block-rows-64", "block-rows-128"],
 }
-# (tiles-128 and fwd-cols-256: the tiny widths, 20 and 80 columns, fit one chunk either way)
+# (tiles-128 and fwd-cols-256: the tiny widths, 20, 48 and 80 columns, fit one chunk either
+# way)
 SAME = {("visual-attn-tiny-d48", "block-rows-64"), ("visual-mlp-tiny-d80", "block-rows-128"),
-        ("visual-mlp-tiny-d80", "tiles-128"), ("visual-mlp-tiny-d80", "fwd-cols-256")}
+        ("visual-mlp-tiny-d80", "tiles-128"), ("visual-mlp-tiny-d80", "fwd-cols-256"),
+        ("visual-attn-tiny-d48", "fwd-cols-256")}
 INJECTED = ("visual-attn-tiny-d48", "y-recomputed")   # the first variant after the shipped plan
 
 
@@ -115,7 +117,7 @@ def test_wrong_variant_is_reported_and_not_timed(dry):
     md = check_report.render(dict(dry=True, budget=280, seconds=1.0, started="now"), [stage])
     assert "## Launch-plan variants (tune)" in md
     assert "| y-recomputed | KEEP_Y_MIN_DIM 0 -> 49: y recomputed (shipped: y kept for backward) " \
-           "| 5 |  |" in md
+           "| 6 |  |" in md
     assert f"**WRONG** {row['message']}" in md
 
 
@@ -127,7 +129,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (27): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
+    assert "Not run (28): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -166,8 +168,9 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 
 @pytest.mark.parametrize("case,flipped,same", [
-    ("visual-attn-d768", ["y-recomputed", "down-separate", "dw-in-dx", "dv-gemm", "u-recomputed",
-                          "rows-fastest", "sweeps-one-way", "dy-forward-blocks"],
+    ("visual-attn-d768", ["y-recomputed", "down-fused", "dw-in-dx", "dv-gemm", "u-recomputed",
+                          "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
+                          "fwd-cols-256"],
      "block-rows-64"),
     ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                           "u-recomputed",
