@@ -584,6 +584,33 @@ def test_forward_in_parts(monkeypatch, D, B, H, W, P, dtype, batch_first, gpu_pa
                                 num_prefix_tokens=P, grid=(H, W), batch_first=batch_first)
 
 
+@pytest.mark.parametrize("B,H,W,D", [
+    pytest.param(1, 3, 3, 272, id="2-parts"),
+    pytest.param(16, 14, 14, 768, id="B16-D768", marks=[requires_gpu, pytest.mark.gpu]),
+    pytest.param(8, 14, 14, 3072, id="B8-D3072", marks=[requires_gpu, pytest.mark.gpu])])
+def test_run_to_run_bitwise(monkeypatch, B, H, W, D):
+    """The launches that sum other programs' partial results (the forward's parts, the
+    split-K weight gradients with every sum) count arrivals and sum in a fixed order,
+    whoever arrives last: forward + backward give bitwise the same output and gradients
+    run after run (ten runs on a GPU, where the programs arrive in any order, at the
+    published batch's block counts; two in the interpreter), and the first matches the
+    reference."""
+    monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 0)
+    x = _x(B, H, W, D, 1, torch.bfloat16, True, seed=D)
+    params = visual_params(D, device=DEVICE, dtype=torch.bfloat16, seed=B)
+
+    def run(xx, **pp):
+        return ops.heba_visual(xx, **pp, scale=0.3, grid=(H, W), backend="triton")
+
+    out1, g, grads1 = forward_backward(run, x, params)
+    for _ in range(9 if x.is_cuda else 1):
+        out2, _, grads2 = forward_backward(run, x, params, grad_out=g)
+        assert torch.equal(out1, out2), "the output differs between two identical runs"
+        for k in grads1:
+            assert torch.equal(grads1[k], grads2[k]), f"grad {k} differs between two runs"
+    check_against_reference("heba_visual", "triton", x, params, scale=0.3, grid=(H, W))
+
+
 def test_forward_parts_rule():
     """One part wherever the blocks fill the GPU, the down projection is fused or y is not
     kept; else as many parts as fit on the SMs in one wave, at most FWD_MAX_PARTS, none

@@ -123,7 +123,9 @@ def test_non_contiguous_row_stride():
 
 
 def test_gradients_deterministic():
-    """No atomics: two backward passes give bitwise identical gradients."""
+    """No atomic adds of values (the launches that sum partial slots count arrivals and sum
+    in slot order, whoever arrives last): backward passes give bitwise identical gradients,
+    two in the interpreter, ten on a GPU, where the programs arrive in any order."""
     x = tokens(2, 77, 72, device=DEVICE, dtype=torch.bfloat16)
     p = low_rank_params(72, 16, device=DEVICE, dtype=torch.bfloat16)
 
@@ -131,9 +133,10 @@ def test_gradients_deterministic():
         return ops.low_rank(xx, **pp, alpha=0.7, backend="triton")
 
     _, _, g1 = forward_backward(run, x, p)
-    _, _, g2 = forward_backward(run, x, p)
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), f"grad {k} differs between two identical runs"
+    for _ in range(9 if x.is_cuda else 1):
+        _, _, g2 = forward_backward(run, x, p)
+        for k in g1:
+            assert torch.equal(g1[k], g2[k]), f"grad {k} differs between two identical runs"
 
 
 def _compiled_vs_reference(backend_kw, device, dim=40, rank=4, shape=(2, 9),
