@@ -588,14 +588,13 @@ def test_forward_in_parts(monkeypatch, D, B, H, W, P, dtype, batch_first, gpu_pa
     pytest.param(1, 3, 3, 272, id="2-parts"),
     pytest.param(16, 14, 14, 768, id="B16-D768", marks=[requires_gpu, pytest.mark.gpu]),
     pytest.param(8, 14, 14, 3072, id="B8-D3072", marks=[requires_gpu, pytest.mark.gpu])])
-def test_run_to_run_bitwise(monkeypatch, B, H, W, D):
+def test_run_to_run_bitwise(B, H, W, D):
     """The launches that sum other programs' partial results (the forward's parts, the
     split-K weight gradients with every sum) count arrivals and sum in a fixed order,
     whoever arrives last: forward + backward give bitwise the same output and gradients
     run after run (ten runs on a GPU, where the programs arrive in any order, at the
     published batch's block counts; two in the interpreter), and the first matches the
     reference."""
-    monkeypatch.setattr(_hv, "FUSE_DOWN_BELOW_DIM", 0)
     x = _x(B, H, W, D, 1, torch.bfloat16, True, seed=D)
     params = visual_params(D, device=DEVICE, dtype=torch.bfloat16, seed=B)
 
