@@ -6,7 +6,9 @@ heba_kernels/heba_visual.py picks its launch plan from a few module-level choice
 each decided so far by the roofline model (benchmarks/roofline.py) alone. This tool
 measures them: for the two visual cases of :mod:`benchmarks.cases` (ViT-B/16 at
 the attention position ``[256, 197, 768]`` and the MLP position ``[256, 197, 3072]``,
-bf16, forward + backward) it runs the shipped plan and one variant per choice
+bf16, forward + backward), then the same two at the published recipe's batch 16
+(``-b16``: fewer row blocks than SMs, where the plans differ), it runs the shipped plan
+and one variant per choice
 flipped to its alternative at that width, by setting the module attribute for the
 variant's run and restoring it afterwards:
 
@@ -34,6 +36,9 @@ variant's run and restoring it afterwards:
   (the forward kernel's 128-column chunks of D, or 256);
 * ``tiles-128`` (from ``BIG_BLOCK_MIN_DIM`` up): ``WIDE_TILE_COLS`` (the down and dv
   launches' tiles 256 bottleneck columns wide with 16-bit operands, or 128);
+* ``fwd-one-part`` (where ``y`` is kept and the down projection is a launch of its own):
+  ``FWD_MAX_PARTS`` (a batch of fewer row blocks than SMs runs the forward kernel in parts
+  of D, or whole blocks; the same plan wherever the blocks fill the GPU);
 * ``block-rows-32`` / ``-64`` / ``-128``: ``_block_t`` with that many rows per program
   (shipped: 128 from ``BIG_BLOCK_MIN_DIM``, 64 below). A variant whose plan
   is the shipped one is listed as such and not run again.
@@ -80,6 +85,7 @@ import time
 from dataclasses import dataclass, field
 
 CASES = ("visual-attn-d768", "visual-mlp-d3072")      # of benchmarks.cases
+SMALL_BATCH = 16         # the published recipe's: the cases again at it (``-b16``)
 SIZES = ("clip", "tiny")
 BLOCK_CAPS = (32, 64, 128)
 # The dry run's widths and thresholds: the attention-like case (D48, h12) sits below every
@@ -93,6 +99,7 @@ TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=0, BIG_BLOCK_MIN_DIM=
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
            "DV_GEMM_MIN_DIM", "WIDE_TILE_COLS", "BIG_BLOCK_MIN_DIM",
            "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "FWD_COLS",
+           "FWD_MAX_PARTS",
            "CHUNKS_FASTEST",
            "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
@@ -181,6 +188,10 @@ def variants(case) -> list:
                            "down and dv launches' tiles 128 bottleneck columns wide (shipped: "
                            f"{hv.WIDE_TILE_COLS} with 16-bit operands)",
                            {"WIDE_TILE_COLS": 128}))
+    if D >= hv.KEEP_Y_MIN_DIM and D >= hv.FUSE_DOWN_BELOW_DIM and hv.FWD_MAX_PARTS > 1:
+        out.append(Variant("fwd-one-part", f"FWD_MAX_PARTS {hv.FWD_MAX_PARTS} -> 1: the "
+                           "forward kernel on whole row blocks (shipped: parts of D where "
+                           "the blocks are fewer than the SMs)", {"FWD_MAX_PARTS": 1}))
     shipped_cap = 128 if D >= hv.BIG_BLOCK_MIN_DIM else 64
     for cap in BLOCK_CAPS:
         out.append(Variant(f"block-rows-{cap}", f"_block_t capped at {cap} rows per program "
@@ -249,7 +260,9 @@ def _changed(before: dict) -> list:
 
 
 def cases(size: str) -> list:
-    """The visual cases of benchmarks/cases.py (``clip``), or the dry run's tiny two."""
+    """The visual cases of benchmarks/cases.py and the same at ``SMALL_BATCH`` (``clip``),
+    or the dry run's tiny two."""
+    import dataclasses
     from benchmarks.cases import CASES as BENCH, Case
     if size == "tiny":
         return [Case(name, "heba_visual", 4, 1 + 4 * 5, D, grid=(4, 5)) for name, D in TINY]
@@ -258,7 +271,9 @@ def cases(size: str) -> list:
     if missing:
         raise ValueError(f"benchmarks/cases.py has no visual case {', '.join(missing)} "
                          f"(renamed? update CASES in tools/gpu_check/tune.py)")
-    return [found[n] for n in CASES]
+    big = [found[n] for n in CASES]
+    return big + [dataclasses.replace(c, name=f"{c.name}-b{SMALL_BATCH}", batch=SMALL_BATCH)
+                  for c in big]
 
 
 def plan(case, sms: int, gpu: bool) -> list:

@@ -35,18 +35,19 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 EXPECTED = {
     "visual-attn-tiny-d48": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-gemm",
                              "u-recomputed", "rows-fastest", "sweeps-one-way",
-                             "dy-forward-blocks", "fwd-cols-256", "block-rows-32",
-                             "block-rows-64", "block-rows-128"],
+                             "dy-forward-blocks", "fwd-cols-256", "fwd-one-part",
+                             "block-rows-32", "block-rows-64", "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                             "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
-                            "fwd-rows-128", "fwd-cols-256", "tiles-128", "block-rows-32",
-                            "block-rows-64", "block-rows-128"],
+                            "fwd-rows-128", "fwd-cols-256", "tiles-128", "fwd-one-part",
+                            "block-rows-32", "block-rows-64", "block-rows-128"],
 }
 # (tiles-128 and fwd-cols-256: the tiny widths, 20, 48 and 80 columns, fit one chunk either
 # way)
 SAME = {("visual-attn-tiny-d48", "block-rows-64"), ("visual-mlp-tiny-d80", "block-rows-128"),
         ("visual-mlp-tiny-d80", "tiles-128"), ("visual-mlp-tiny-d80", "fwd-cols-256"),
-        ("visual-attn-tiny-d48", "fwd-cols-256")}
+        ("visual-attn-tiny-d48", "fwd-cols-256"), ("visual-attn-tiny-d48", "fwd-one-part"),
+        ("visual-mlp-tiny-d80", "fwd-one-part")}   # (the tiny blocks: one part either way)
 INJECTED = ("visual-attn-tiny-d48", "y-recomputed")   # the first variant after the shipped plan
 
 
@@ -129,7 +130,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (28): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
+    assert "Not run (30): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -167,24 +168,31 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
                                             "tune.json"]
 
 
-@pytest.mark.parametrize("case,flipped,same", [
-    ("visual-attn-d768", ["y-recomputed", "down-fused", "dw-in-dx", "dv-gemm", "u-recomputed",
-                          "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
-                          "fwd-cols-256"],
-     "block-rows-64"),
-    ("visual-mlp-d3072", ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
-                          "u-recomputed",
-                          "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
-                          "fwd-rows-128", "fwd-cols-256", "tiles-128"],
-     "block-rows-128")], ids=["visual-attn-d768", "visual-mlp-d3072"])
-def test_clip_variants_flip_the_plan_a_gpu_runs(case, flipped, same):
-    """At the benchmark shapes on a 132-SM GPU (plans and model only, no launch): every
-    variant but the one with the shipped cap changes the plan, and the model prices each."""
+ATTN = ["y-recomputed", "down-fused", "dw-in-dx", "dv-gemm", "u-recomputed", "rows-fastest",
+        "sweeps-one-way", "dy-forward-blocks", "fwd-cols-256", "fwd-one-part"]
+MLP = ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy", "u-recomputed", "rows-fastest",
+       "sweeps-one-way", "dy-forward-blocks", "fwd-rows-128", "fwd-cols-256", "tiles-128",
+       "fwd-one-part"]
+
+
+@pytest.mark.parametrize("case,shape,variants,same", [
+    ("visual-attn-d768", (256, 197, 768), ATTN, ("fwd-one-part", "block-rows-64")),
+    ("visual-mlp-d3072", (256, 197, 3072), MLP, ("fwd-one-part", "block-rows-128")),
+    # the published batch: the forward in parts of D (49 blocks on 132 SMs); the wide
+    # tiles already off there
+    ("visual-attn-d768-b16", (16, 197, 768), ATTN, ("block-rows-64",)),
+    ("visual-mlp-d3072-b16", (16, 197, 3072), MLP, ("tiles-128", "block-rows-128"))],
+    ids=["visual-attn-d768", "visual-mlp-d3072", "visual-attn-d768-b16",
+         "visual-mlp-d3072-b16"])
+def test_clip_variants_flip_the_plan_a_gpu_runs(case, shape, variants, same):
+    """At the benchmark shapes and the published batch on a 132-SM GPU (plans and model
+    only, no launch): every variant changes the plan but those listed the same (the shipped
+    cap; at B256 the forward's parts, one anyway), and the model prices each."""
     (c,) = [x for x in tune.cases("clip") if x.name == case]
-    assert c.shape() in ((256, 197, 768), (256, 197, 3072))
+    assert c.shape() == shape
     before = _attributes()
     vs = tune.variants(c)
-    assert [v.name for v in vs] == ["shipped", *flipped, "block-rows-32", "block-rows-64",
+    assert [v.name for v in vs] == ["shipped", *variants, "block-rows-32", "block-rows-64",
                                     "block-rows-128"]
     gpu = roofline.GPUS["H200"]
     shipped_plan, floors = tune.plan(c, gpu.sms, True), {}
@@ -193,10 +201,10 @@ def test_clip_variants_flip_the_plan_a_gpu_runs(case, flipped, same):
             steps = tune.plan(c, gpu.sms, True)
             floors[v.name], why = tune.modelled_us(c, gpu)
         assert floors[v.name] and not why, (v.name, why)
-        assert (steps == shipped_plan) == (v.name in ("shipped", same)), v.name
+        assert (steps == shipped_plan) == (v.name in ("shipped", *same)), v.name
     assert all(_attributes()[k] is before[k] for k in before)
     assert floors["shipped"] == pytest.approx(roofline.modelled_floor_ms(
-        case, "fwdbwd", "bf16", gpu) * 1e3)
+        case, "fwdbwd", "bf16", gpu, cases=[c]) * 1e3)
 
 
 def test_patches_are_restored_when_a_variant_raises():
