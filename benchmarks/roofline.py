@@ -1,5 +1,7 @@
 """``python -m benchmarks.roofline``: a modelled roofline of every op, backend and shape.
 
+    python -m benchmarks.roofline [--gpus H100,H200] [--batch 16] [--launches]
+
 Everything here is **modelled**, not measured: it runs on a CPU. For every case of
 :mod:`benchmarks.cases` it lists, per kernel launch of the Triton backend, the HBM bytes,
 the L2-to-SM bytes and the FLOPs issued, taking the launches (kernel, grid, block sizes)
@@ -62,6 +64,7 @@ measured time beside that floor, as "% of modelled floor", so each GPU run check
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -675,15 +678,48 @@ def _cuda_line(r, gpus) -> str:
             f"({r['cuda_flops'] / r['ideal_flops']:.2f}x) | {r['cuda_l2'] / 1e9:.1f} | {floors} |")
 
 
+def launch_table(cases, gpu: GPU, e: int = 2, w: int = 2) -> str:
+    """Per case, every Triton launch of the forward and the backward on ``gpu``: its grid,
+    programs and waves (programs per SM, at one resident program per SM: a launch of 1.1
+    waves runs a second, mostly empty round, which the floor does not price), HBM and
+    L2->SM bytes, FLOPs, the floor and the ceiling that sets it."""
+    out = [f"Per launch, modelled on the {gpu.name} ({gpu.sms} SMs), bf16:"]
+    for case in cases:
+        out += ["", f"{case.name} {list(case.shape())}:", "",
+                "| pass | kernel | grid | programs | waves | HBM MB | L2->SM MB | GFLOP | "
+                "floor µs | bound |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for backward in (False, True):
+            for c in triton_costs(case, e, w, gpu, backward):
+                n = c.programs()
+                out.append(f"| {'bwd' if backward else 'fwd'} | {c.kernel} | {c.grid} | {n} | "
+                           f"{n / gpu.sms:.2f} | {c.hbm / 1e6:.1f} | {c.l2 / 1e6:.1f} | "
+                           f"{c.flops / 1e9:.2f} | {c.floor_s(gpu) * 1e6:.1f} | "
+                           f"{c.bound(gpu)} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", default="H100,H200", help="comma-separated names of GPUS")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="run every case at this batch instead of its own (16: the published "
+                         "recipe's)")
+    ap.add_argument("--launches", action="store_true",
+                    help="also list every launch of each case on the last of --gpus")
     args = ap.parse_args(argv)
     gpus = tuple(g for g in args.gpus.split(",") if g)
     for g in gpus:
         if g not in GPUS:
             ap.error(f"--gpus: unknown GPU {g!r}; expected some of {', '.join(GPUS)}")
-    print(markdown(rows(gpus=gpus), gpus))
+    if not gpus:
+        ap.error("--gpus: expected at least one GPU name")
+    if args.batch < 0:
+        ap.error(f"--batch: expected a positive batch (or 0 for each case's own), got "
+                 f"{args.batch}")
+    cases = [dataclasses.replace(c, batch=args.batch) if args.batch else c for c in CASES]
+    print(markdown(rows(cases, gpus=gpus), gpus))
+    if args.launches:
+        print("\n" + launch_table(cases, GPUS[gpus[-1]]))
     return 0
 
 

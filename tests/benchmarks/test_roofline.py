@@ -3,6 +3,7 @@ forward + backward in the interpreter sees exactly the modelled launches."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -81,6 +82,32 @@ def test_unknown_gpu_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         roofline.main(["--gpus", "A1"])
     assert info.value.code == 2 and "unknown GPU 'A1'" in capsys.readouterr().err
+
+
+def test_launch_table_at_the_published_batch(capsys):
+    """``--batch 16 --launches``: the cases at the published recipe's batch, then every
+    launch of each with its grid, programs, waves on the GPU's SMs, bytes, FLOPs and floor,
+    launch by launch the costs the table sums."""
+    assert roofline.main(["--gpus", "H200", "--batch", "16", "--launches"]) == 0
+    out = capsys.readouterr().out
+    assert "Per launch, modelled on the H200 SXM (132 SMs)" in out
+    gpu = roofline.GPUS["H200"]
+    for case in roofline.CASES:
+        c16 = dataclasses.replace(case, batch=16)
+        assert f"{case.name} {list(c16.shape())}:" in out
+        for backward in (False, True):
+            for c in roofline.triton_costs(c16, 2, 2, gpu, backward):
+                n = c.programs()
+                assert (f"| {'bwd' if backward else 'fwd'} | {c.kernel} | {c.grid} | {n} | "
+                        f"{n / gpu.sms:.2f} | {c.hbm / 1e6:.1f} |") in out
+    assert f"| {roofline.CASES[0].name} | triton |" in out
+
+
+def test_bad_batch_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        roofline.main(["--batch", "-3"])
+    assert info.value.code == 2 and "--batch: expected a positive batch" in \
+        capsys.readouterr().err
 
 
 class _Ops(TorchDispatchMode):
