@@ -44,7 +44,7 @@ from heba_kernels.runtime import ONE, Launch, Scale, launch, new_buffer, triton_
 __all__ = ["OP_CODES", "op_code", "launch_flags", "num_sms", "atb", "check_dtypes",
            "device_guard", "atb_plan", "atb_partials", "atb_pair_plan", "atb_pair_partials",
            "Partial", "reduce_partials", "reduce_plan", "plan_device", "Sum", "atb_pair_sums",
-           "atb_pair_sum_plan", "MAX_EXTRAS", "tile_counters"]
+           "atb_pair_sum_plan", "MAX_EXTRAS", "tile_counters", "ATB_PROGRAMS_PER_SM"]
 
 # float64 (accepted by all three ops, as by the reference) computes as float32: operands
 # rounded to float32, float32 accumulation (docs/semantics.md section 3), results back in float64.
@@ -355,6 +355,11 @@ class Partial(NamedTuple):
 
 MAX_PARTIALS = 5        # buffers one _reduce_partials_kernel launch takes
 MAX_EXTRAS = 3          # other partial buffers one atb_pair_sums launch sums
+# Programs per SM the split-K launches aim for (token splits = this x SMs / output tiles):
+# more splits balance the SMs' work, fewer write and sum fewer float32 slots. Modelled
+# (benchmarks/roofline.py, which has no wave quantization and so prefers fewer splits at
+# every size) not decided yet: the GPU check's ``tune`` stage times 1 (``splits-per-sm-1``).
+ATB_PROGRAMS_PER_SM = 4
 REDUCE_BLOCK = 1024     # outputs per program of the reduction
 
 
@@ -498,7 +503,8 @@ class Sum(NamedTuple):
     scaled: bool = False
 
 
-def atb_pair_sums(a, b, a2, b2, op_dtype, sums, extras=(), scale: Scale = ONE, colsum=False):
+def atb_pair_sums(a, b, a2, b2, op_dtype, sums, extras=(), scale: Scale = ONE, colsum=False,
+                  per_sm=ATB_PROGRAMS_PER_SM):
     """``a^T @ b`` ``[I, J]`` and ``b2^T @ a2`` ``[J, I]`` (with ``colsum`` also ``a.sum(0)``
     ``[I]`` and ``b2.sum(0)`` ``[J]``) summed over the rows, and an op's other partial
     buffers ``extras`` (:class:`Partial`, at most ``MAX_EXTRAS``, written by earlier launches)
@@ -508,7 +514,8 @@ def atb_pair_sums(a, b, a2, b2, op_dtype, sums, extras=(), scale: Scale = ONE, c
     sums the tile's float32 slots in order (bitwise the sum :func:`reduce_partials` makes of
     the same slots), and programs of their own sum the extras. ``sums``: a :class:`Sum` per
     output (two, or four with ``colsum``), written in its dtype and shape, multiplied by
-    ``scale`` where it says so. Returns the outputs of ``sums``, then of ``extras``.
+    ``scale`` where it says so; ``per_sm``: the plan's programs per SM
+    (:func:`atb_plan`). Returns the outputs of ``sums``, then of ``extras``.
     """
     a3, b3, a23, b23 = _pair_rows("atb_pair_sums", a, b, a2, b2)
     Bt, R, I = a3.shape
@@ -523,7 +530,8 @@ def atb_pair_sums(a, b, a2, b2, op_dtype, sums, extras=(), scale: Scale = ONE, c
         outs = [torch.zeros(sm.shape, dtype=sm.dtype, device=dev) for sm in sums]
         return outs + (reduce_partials(list(extras), scale) if extras else [])
     step = atb_pair_sum_plan(M, I, J, op_dtype, *plan_device(dev),
-                             extras=[(p.part.shape[0], math.prod(p.shape)) for p in extras])
+                             extras=[(p.part.shape[0], math.prod(p.shape)) for p in extras],
+                             per_sm=per_sm)
     splits = step.meta["SPLITS"]
     c_part = new_buffer((splits, I, J), torch.float32, dev)
     c2_part = new_buffer((splits, J, I), torch.float32, dev)
@@ -573,14 +581,15 @@ def plan_device(device) -> tuple[int, bool]:
     return (num_sms(device) if gpu else 1), gpu
 
 
-def atb_plan(M, I, J, op_dtype, sms, gpu):
-    """``(grid, meta)`` of :func:`atb`'s launch for ``a [M, I]``, ``b [M, J]``."""
+def atb_plan(M, I, J, op_dtype, sms, gpu, per_sm=ATB_PROGRAMS_PER_SM):
+    """``(grid, meta)`` of :func:`atb`'s launch for ``a [M, I]``, ``b [M, J]``: enough token
+    splits for about ``per_sm`` programs per SM."""
     BLOCK_K = 32
     BLOCK_I, BLOCK_J = _atb_tiles(I, J, sms)
     tiles = triton.cdiv(I, BLOCK_I) * triton.cdiv(J, BLOCK_J)
-    # Enough token chunks to fill the GPU about four times over; in the interpreter two
-    # per output tile, so the tests exercise the partial slots and their sums.
-    target = 4 * sms if gpu else 2 * tiles
+    # Enough token chunks to fill the GPU per_sm times over; in the interpreter two per
+    # output tile, so the tests exercise the partial slots and their sums.
+    target = per_sm * sms if gpu else 2 * tiles
     splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(M, BLOCK_K)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(M, rows_per_split)
@@ -594,19 +603,20 @@ def atb_plan(M, I, J, op_dtype, sms, gpu):
                       num_warps=8 if BLOCK_I * BLOCK_J >= 128 * 128 else 4)
 
 
-def atb_pair_plan(M, I, J, op_dtype, sms, gpu):
+def atb_pair_plan(M, I, J, op_dtype, sms, gpu, per_sm=ATB_PROGRAMS_PER_SM):
     """``(grid, meta)`` of :func:`atb_pair_partials`' launch: :func:`atb_plan`'s tiles and
     splits for one product, the grid's third axis doubled (the pair's second product)."""
-    (gi, gj, splits), meta = atb_plan(M, I, J, op_dtype, sms, gpu)
+    (gi, gj, splits), meta = atb_plan(M, I, J, op_dtype, sms, gpu, per_sm)
     return (gi, gj, 2 * splits), dict(meta, PAIR=True)
 
 
-def atb_pair_sum_plan(M, I, J, op_dtype, sms, gpu, extras=()) -> Launch:
+def atb_pair_sum_plan(M, I, J, op_dtype, sms, gpu, extras=(),
+                      per_sm=ATB_PROGRAMS_PER_SM) -> Launch:
     """The ``"dw"`` launch of :func:`atb_pair_sums`: :func:`atb_pair_plan`'s tiles and splits,
     ``REDUCE``, and beyond the splits enough of the grid's third axis for the ``extras``'
     blocks of ``REDUCE_BLOCK`` outputs (``(slots, outputs)`` each, kept as the launch's
     ``work``)."""
-    (gi, gj, z), meta = atb_pair_plan(M, I, J, op_dtype, sms, gpu)
+    (gi, gj, z), meta = atb_pair_plan(M, I, J, op_dtype, sms, gpu, per_sm)
     blocks = sum(triton.cdiv(n, REDUCE_BLOCK) for _, n in extras)
     return Launch("dw", "_atb_kernel", (gi, gj, z + triton.cdiv(blocks, gi * gj)),
                   dict(meta, REDUCE=True), tuple(extras))

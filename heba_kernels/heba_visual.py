@@ -236,6 +236,14 @@ WIDE_TILE_COLS = 256
 # bf16, 8 warps, D3072, 2 parts): 212 with Triton 3.8, 249 with 3.6, no spill.
 FWD_MAX_PARTS = 4
 
+# Programs per SM of the weight gradients' split-K launch (``_triton_common.atb_plan``'s
+# ``per_sm``: token splits = this x SMs / output tiles). At batch 16 its float32 slots
+# outweigh its operands (attention position: 33 MB written and summed against 14 MB read;
+# the model, which has no wave quantization, prefers 1 at every size: MLP position 54 ->
+# 49 us at batch 16); kept at the shipped 4 until the ``tune`` stage (``splits-per-sm-1``)
+# times it.
+ATB_PROGRAMS_PER_SM = 4
+
 # Rows per program up to 128 from this width (up to 64 below it): see ``_block_t``.
 BIG_BLOCK_MIN_DIM = 2048
 
@@ -1215,7 +1223,8 @@ def visual_bwd_plan(B, H, W, D, h, weight_dtype, sms, gpu, recompute_u):
     # dy, (dv,) du, then dWu and dWd (one split-K launch that also sums them, dWm and the
     # LayerNorm's partials), dx
     dw = atb_pair_sum_plan(T, D, h, weight_dtype, sms, gpu,
-                           extras=[(dwm_slots, h * 9), (slots, D), (slots, D)])
+                           extras=[(dwm_slots, h * 9), (slots, D), (slots, D)],
+                           per_sm=ATB_PROGRAMS_PER_SM)
     return plan + [dw, Launch("dx", "_heba_visual_bwd_kernel_dx", (n_t * n_d,), dx)]
 
 
@@ -1372,7 +1381,7 @@ def heba_visual_bwd(grad_out, x, u, mean, rstd, y, down_weight, mid_weight, up_w
         d_up, d_down, d_mid, d_nw, d_nb = atb_pair_sums(
             _grid_tokens(dx, P, batch_first), s, _grid_tokens(x, P, batch_first), du, op,
             [Sum(up_weight.shape, up_weight.dtype), Sum(down_weight.shape, down_weight.dtype)],
-            [dwm, *norm])
+            [dwm, *norm], per_sm=ATB_PROGRAMS_PER_SM)
     # Last: turns dy (still read by the kernels above, unless DW) into dx, in place.
     xs_v, xs_p, xs_from_ptr = xs.kernel_args(mean)
     scr = new_buffer((plan["dx"].grid[0], plan["dx"].meta["BLOCK_T"],

@@ -36,6 +36,8 @@ variant's run and restoring it afterwards:
   (the forward kernel's 128-column chunks of D, or 256);
 * ``tiles-128`` (from ``BIG_BLOCK_MIN_DIM`` up): ``WIDE_TILE_COLS`` (the down and dv
   launches' tiles 256 bottleneck columns wide with 16-bit operands, or 128);
+* ``splits-per-sm-1``: ``ATB_PROGRAMS_PER_SM`` (the weight gradients' split-K launch
+  aiming at 4 programs per SM, or 1: fewer float32 slots to write and sum);
 * ``fwd-one-part`` (where ``y`` is kept and the down projection is a launch of its own):
   ``FWD_MAX_PARTS`` (a batch of fewer row blocks than SMs runs the forward kernel in parts
   of D, or whole blocks; the same plan wherever the blocks fill the GPU);
@@ -99,7 +101,7 @@ TINY_SWITCHES = dict(KEEP_Y_MIN_DIM=0, FUSE_DOWN_BELOW_DIM=0, BIG_BLOCK_MIN_DIM=
 WATCHED = ("KEEP_Y_MIN_DIM", "FUSE_DOWN_BELOW_DIM", "DW_IN_DX", "FUSED_DW_MAX_H",
            "DV_GEMM_MIN_DIM", "WIDE_TILE_COLS", "BIG_BLOCK_MIN_DIM",
            "SAVE_U_MIN_DIM", "RESWEEP_ROWS", "RESWEEP_HV", "KEPT_Y_ROWS", "FWD_COLS",
-           "FWD_MAX_PARTS",
+           "FWD_MAX_PARTS", "ATB_PROGRAMS_PER_SM",
            "CHUNKS_FASTEST",
            "ALTERNATE_SWEEPS", "_block_t", "_config")
 INJECT_FACTOR = 1.05
@@ -192,6 +194,11 @@ def variants(case) -> list:
         out.append(Variant("fwd-one-part", f"FWD_MAX_PARTS {hv.FWD_MAX_PARTS} -> 1: the "
                            "forward kernel on whole row blocks (shipped: parts of D where "
                            "the blocks are fewer than the SMs)", {"FWD_MAX_PARTS": 1}))
+    if hv.ATB_PROGRAMS_PER_SM != 1:
+        out.append(Variant("splits-per-sm-1", f"ATB_PROGRAMS_PER_SM {hv.ATB_PROGRAMS_PER_SM} "
+                           "-> 1: the weight gradients' split-K launch with fewer token splits "
+                           "(fewer float32 slots written and summed, fewer programs per SM)",
+                           {"ATB_PROGRAMS_PER_SM": 1}))
     shipped_cap = 128 if D >= hv.BIG_BLOCK_MIN_DIM else 64
     for cap in BLOCK_CAPS:
         out.append(Variant(f"block-rows-{cap}", f"_block_t capped at {cap} rows per program "

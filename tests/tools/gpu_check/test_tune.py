@@ -36,18 +36,22 @@ EXPECTED = {
     "visual-attn-tiny-d48": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-gemm",
                              "u-recomputed", "rows-fastest", "sweeps-one-way",
                              "dy-forward-blocks", "fwd-cols-256", "fwd-one-part",
-                             "block-rows-32", "block-rows-64", "block-rows-128"],
+                             "splits-per-sm-1", "block-rows-32", "block-rows-64",
+                             "block-rows-128"],
     "visual-mlp-tiny-d80": ["shipped", "y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy",
                             "u-recomputed", "rows-fastest", "sweeps-one-way", "dy-forward-blocks",
                             "fwd-rows-128", "fwd-cols-256", "tiles-128", "fwd-one-part",
-                            "block-rows-32", "block-rows-64", "block-rows-128"],
+                            "splits-per-sm-1", "block-rows-32", "block-rows-64",
+                            "block-rows-128"],
 }
 # (tiles-128 and fwd-cols-256: the tiny widths, 20, 48 and 80 columns, fit one chunk either
 # way)
 SAME = {("visual-attn-tiny-d48", "block-rows-64"), ("visual-mlp-tiny-d80", "block-rows-128"),
         ("visual-mlp-tiny-d80", "tiles-128"), ("visual-mlp-tiny-d80", "fwd-cols-256"),
         ("visual-attn-tiny-d48", "fwd-cols-256"), ("visual-attn-tiny-d48", "fwd-one-part"),
-        ("visual-mlp-tiny-d80", "fwd-one-part")}   # (the tiny blocks: one part either way)
+        ("visual-mlp-tiny-d80", "fwd-one-part"),   # (the tiny blocks: one part either way;
+        ("visual-attn-tiny-d48", "splits-per-sm-1"),  # the interpreter's plans: two splits
+        ("visual-mlp-tiny-d80", "splits-per-sm-1")}   # per tile either way)
 INJECTED = ("visual-attn-tiny-d48", "y-recomputed")   # the first variant after the shipped plan
 
 
@@ -130,7 +134,7 @@ def test_no_time_left_reports_every_variant_not_run():
     assert {r["status"] for r in data["rows"]} == {"not run"}
     assert {r["message"] for r in data["rows"]} == {"the time budget ran out before it started"}
     md = tune.markdown(data)
-    assert "Not run (30): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
+    assert "Not run (32): visual-attn-tiny-d48 shipped, visual-attn-tiny-d48 y-recomputed," in md
     assert "Fastest for visual-mlp-tiny-d80: none timed." in md
 
 
@@ -169,10 +173,10 @@ def test_stage_is_opt_in_and_reports_a_cut(tmp_path):
 
 
 ATTN = ["y-recomputed", "down-fused", "dw-in-dx", "dv-gemm", "u-recomputed", "rows-fastest",
-        "sweeps-one-way", "dy-forward-blocks", "fwd-cols-256", "fwd-one-part"]
+        "sweeps-one-way", "dy-forward-blocks", "fwd-cols-256", "fwd-one-part", "splits-per-sm-1"]
 MLP = ["y-recomputed", "down-fused", "dw-in-dx", "dv-in-dy", "u-recomputed", "rows-fastest",
        "sweeps-one-way", "dy-forward-blocks", "fwd-rows-128", "fwd-cols-256", "tiles-128",
-       "fwd-one-part"]
+       "fwd-one-part", "splits-per-sm-1"]
 
 
 @pytest.mark.parametrize("case,shape,variants,same", [
