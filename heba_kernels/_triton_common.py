@@ -107,21 +107,6 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 # ----------------------------------------------------------------------------- partial sums
 
 @triton.jit
-def _reduce_one(P, O, S, N, pid, scale, SCALED: tl.constexpr, BLOCK: tl.constexpr):
-    """``O[n] = (scale *) sum_s P[s, n]`` for one block of ``n``, ``s`` in order, float32."""
-    offs = pid * BLOCK + tl.arange(0, BLOCK)                          # [BLOCK]
-    ok = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = P + offs                      # stepped by N per slot: 64-bit pointer arithmetic
-    for _ in range(0, S):
-        acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += N
-    if SCALED:
-        acc = acc * scale
-    tl.store(O + offs, acc.to(O.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _sum_slots(P, O, offs, mask, n_slots, slot, scale, SCALED: tl.constexpr):
     """``O[offs] = (scale *) sum_s P[s, offs]``, ``s`` in order, float32: the partial slots
     of one output tile, read past L1 (``.cg``: written by other programs of the launch)."""
@@ -133,6 +118,14 @@ def _sum_slots(P, O, offs, mask, n_slots, slot, scale, SCALED: tl.constexpr):
     if SCALED:
         acc = acc * scale
     tl.store(O + offs, acc.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_one(P, O, S, N, pid, scale, SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """``O[n] = (scale *) sum_s P[s, n]`` for block ``pid`` of ``BLOCK`` outputs of a
+    ``[S, N]`` buffer, ``s`` in order, float32."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)                          # [BLOCK]
+    _sum_slots(P, O, offs, offs < N, S, N, scale, SCALED)
 
 
 # ----------------------------------------------------------------------------- A^T B kernel

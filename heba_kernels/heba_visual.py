@@ -1291,12 +1291,13 @@ def heba_visual_fwd(x, down_weight, mid_weight, up_weight, norm_weight, norm_bia
     y_buf = y if y.numel() else new_buffer((fwd.grid[0], fwd.meta["BLOCK_T"], D), x.dtype, dev)
     # the parts' statistics and the blocks' arrival counters, where D is split in parts
     parts = fwd.meta["PARTS"]
-    stats = new_buffer((B * HW, parts, 2) if parts > 1 else (0,), torch.float32, dev)
-    counters = tile_counters(dev, triton.cdiv(B * HW, fwd.meta["BLOCK_T"])) if parts > 1 \
-        else stats
+    stats = counters = mean                                  # one part: never read
+    if parts > 1:
+        stats = new_buffer((B * HW, parts, 2), torch.float32, dev)
+        counters = tile_counters(dev, triton.cdiv(B * HW, fwd.meta["BLOCK_T"]))
     scale_v, scale_p, scale_from_ptr = scale.kernel_args(mean)
     launch(_heba_visual_fwd_kernel, fwd.grid, x, wd, u, wm, scratch, wu, nw, nb, out, mean,
-           rstd, y_buf, stats if parts > 1 else mean, counters, sxb, sxn, sob, son, H, W,
+           rstd, y_buf, stats, counters, sxb, sxn, sob, son, H, W,
            B * HW, HW, D, h, P, n_e, scale_v, scale_p, float(eps), SCALE_PTR=scale_from_ptr,
            **_kw(fwd))
     return out, u, mean, rstd, y

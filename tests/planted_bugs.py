@@ -642,8 +642,8 @@ KERNELS = [
         (f"{T_TLR}::test_alpha",),
         "up.weight / up.bias gradients not multiplied by alpha"),
     Bug("reduce-last-slot-dropped", "kernels", COMMON,
-        "    for _ in range(0, S):",
-        "    for _ in range(0, S - 1):",
+        "    _sum_slots(P, O, offs, offs < N, S, N, scale, SCALED)",
+        "    _sum_slots(P, O, offs, offs < N, S - 1, N, scale, SCALED)",
         (f"{T_TVIS}::test_values_and_grads",),
         "the sums of an op's other partial buffers (dWm, the LayerNorm's) skip their last "
         "slot"),
