@@ -122,7 +122,8 @@ def capture_calls(model, run) -> list:
 
 
 def call_launches(call, backend: str) -> dict:
-    """The counts of one captured adapter call alone (forward + backward) on ``backend``."""
+    """The counts of one captured adapter call alone (forward + backward) on ``backend``, after
+    a first uncounted call (whatever a first call builds once is not the step's)."""
     mod, x, scale, autocast = call
     saved, mod.backend = mod.backend, backend
     try:
@@ -133,13 +134,14 @@ def call_launches(call, backend: str) -> dict:
                     else contextlib.nullcontext():
                 return mod(x, scale=scale)
         grad = torch.randn_like(fwd())
-        for p in mod.parameters():
-            p.grad = None
 
         def one():
+            for t in (x, *mod.parameters()):
+                t.grad = None
             y = fwd()
             y.backward(grad)
-        out = count_launches(one)
+        one()                       # lazily built state (the kernels' cached counters), as
+        out = count_launches(one)   # the step is counted after a first step
         for p in mod.parameters():
             p.grad = None
         return out

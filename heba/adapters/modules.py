@@ -80,10 +80,12 @@ class AdaptedOutput(Wrapper):
     def forward(self, *args, **kwargs):
         y = self.orig(*args, **kwargs)
         if isinstance(y, tuple):
-            return (self._adapt(y[0]),) + tuple(y[1:])
-        return self._adapt(y)
+            return (self.adapt(y[0]),) + tuple(y[1:])
+        return self.adapt(y)
 
-    def _adapt(self, y):
+    def adapt(self, y):
+        """The adapter (with its scale from the policy) on ``y``, an output of ``orig``
+        computed elsewhere (a fused kernel that ran ``orig`` with its neighbours)."""
         if isinstance(self.adapter, HeBAAdapter):
             return self.adapter(y, scale=self._policy.scale(self.training, *self.site,
                                                             device=y.device))

@@ -14,14 +14,15 @@ from torch import nn
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
 from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention, LeanLayerNorm,
-                              LeanQuickGELU, LeanResidualBlock, LeanTimmBlock,
+                              LeanQuickGELU, LeanResidualBlock, LeanTimmBlock, LeanTransformer,
                               checkpoint_frozen_blocks,
                               find_max_batch, policy_graphs_reason, prepare_frozen,
                               route_frozen_activations, route_frozen_attention,
                               route_frozen_blocks, route_frozen_norms,
                               uncheckpoint_frozen_blocks, unroute_frozen_activations,
+                              route_frozen_transformers,
                               unroute_frozen_attention, unroute_frozen_blocks,
-                              unroute_frozen_norms)
+                              unroute_frozen_norms, unroute_frozen_transformers)
 from heba.train.prompts import PromptBank
 from heba.train.step import AdapterStep, masked_cross_entropy
 from heba.train import context as T
@@ -643,6 +644,113 @@ def test_prepare_frozen_fuses_every_blocks_residual_norm():
     for a, b in zip(g_a, g_b):
         assert rel_err(a, b) < 1e-4
     assert not any(isinstance(b, LeanResidualBlock) for b in model.modules())
+
+
+def _towers_run(model, imgs, toks, autocast):
+    """Both towers' features and the adapters' gradients of one forward + backward (and its
+    launches)."""
+    from benchmarks.launch_count import count_launches
+    out = {}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            img, txt = model.encode_image(imgs), model.encode_text(toks)
+        (img.float().square().sum() + txt.float().square().sum()).backward()
+        out["img"], out["txt"] = img.detach(), txt.detach()
+        out["grads"] = adapter_grads(model)
+    return out, count_launches(run)
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layers", [2, 3])
+def test_lean_transformer_fuses_the_sums_between_blocks(layers, dtype):
+    """prepare_frozen runs each tower's stack as LeanTransformer: a block's MLP sum and the
+    next block's ln_1 (wrapped by its attention adapter) in one fused launch each way. Both
+    towers' features and every adapter gradient as with the stacks unrouted (bf16 within its
+    roundings), 2 launches fewer per pair of neighbouring blocks, the same state dict;
+    unrouted, open_clip's class again."""
+    model = tiny_clip(seed=4, layers=layers).train()
+    attach_heba(model, policy=ScalePolicy(slow_fast_ratio=1.0, seed=3))
+    randomize_adapters(model, seed=6)
+    prepare_frozen(model, dtype)
+    stacks = [m for m in model.modules() if isinstance(m, LeanTransformer)]
+    assert len(stacks) == 2 and all(type(m).__name__.startswith("LeanTransformer[") for m in stacks)
+    keys = list(model.state_dict())
+    imgs, toks = images(2, seed=1), texts((5, 9, 3), seed=2)
+    fused, n_fused = _towers_run(model, imgs, toks, dtype == torch.bfloat16)
+    assert unroute_frozen_transformers(model) == 2
+    assert not any(isinstance(m, LeanTransformer) for m in model.modules())
+    assert type(model.transformer).__name__ == "Transformer" and list(model.state_dict()) == keys
+    eager, n_eager = _towers_run(model, imgs, toks, dtype == torch.bfloat16)
+    assert n_eager["launches"] - n_fused["launches"] == 2 * 2 * (layers - 1), \
+        (n_eager["by_op"], n_fused["by_op"])
+    assert n_fused["by_op"]["triton:_add_layer_norm_fwd_kernel"] == 2 * (2 * layers - 1)
+    tol = 1e-5 if dtype == torch.float32 else 4 * NORM_TOL[torch.bfloat16]
+    for name in ("img", "txt"):
+        assert rel_err(fused[name], eager[name]) < tol, (name, rel_err(fused[name], eager[name]))
+    assert fused["grads"].keys() == eager["grads"].keys() and len(fused["grads"]) > 0
+    for name, g in eager["grads"].items():
+        assert rel_err(fused["grads"][name], g) < 10 * tol, (name, rel_err(fused["grads"][name], g))
+
+
+def _stack(layers=3, seed=0, mask=False):
+    """A frozen open_clip Transformer of routed blocks (random LayerNorms, layer scale), its
+    input and causal mask."""
+    import open_clip
+    torch.manual_seed(seed)
+    tr = open_clip.transformer.Transformer(48, layers, 2, ls_init_value=0.5)
+    with torch.no_grad():
+        for m in tr.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_()
+                m.bias.normal_()
+    tr.requires_grad_(False)
+    route_frozen_norms(tr)
+    route_frozen_attention(tr)
+    route_frozen_blocks(tr)
+    x = torch.randn(3, 9, 48, generator=torch.Generator().manual_seed(seed + 1)) * 2
+    return tr, x, (torch.full((9, 9), float("-inf")).triu(1) if mask else None)
+
+
+def _stack_run(tr, x, mask):
+    xx = x.clone().requires_grad_(True)
+    y = tr(xx, attn_mask=mask)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))
+    return y.detach(), xx.grad
+
+
+@requires_triton_cpu
+@pytest.mark.parametrize("case", ["image", "text-mask", "hooked-middle", "plain-middle",
+                                  "checkpointing", "sequence-first"])
+def test_lean_transformer_blocks_that_do_not_split(case):
+    """Output and input gradient of a routed stack as its own forward's, whether every block
+    splits or one in the middle runs as itself on the summed stream (a forward hook on it, or
+    not a routed block), and the stack's own forward (bit for bit) with gradient
+    checkpointing or a sequence-first layout. A hook on a block still runs, once per call."""
+    import copy
+    tr, x, mask = _stack(seed=2, mask=case == "text-mask")
+    ref = copy.deepcopy(tr)
+    assert route_frozen_transformers(nn.Sequential(tr)) == 1 and isinstance(tr, LeanTransformer)
+    calls = []
+    if case == "hooked-middle":
+        tr.resblocks[1].register_forward_hook(lambda *a: calls.append(1))
+    elif case == "plain-middle":
+        assert unroute_frozen_blocks(nn.Sequential(tr.resblocks[1])) == 1
+    elif case == "checkpointing":
+        tr.grad_checkpointing = ref.grad_checkpointing = True
+    elif case == "sequence-first":
+        tr.batch_first = ref.batch_first = False
+        x = x.transpose(0, 1).contiguous()
+    got, want = _stack_run(tr, x, mask), _stack_run(ref, x, mask)
+    if case in ("checkpointing", "sequence-first"):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        return
+    assert calls == ([1] if case == "hooked-middle" else [])
+    for name, a, b in zip(("y", "dx"), got, want):
+        assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 
 
 def _timm_block(dim=48, heads=2, seed=0, init_values=None):
