@@ -30,7 +30,7 @@ What makes a plain adapter step slow, and what this module does about it:
   launch each way where Triton runs (2 launches fewer per block per step), and
   :class:`LeanTransformer` does the same for a block's MLP output and the next block's
   ``ln_1`` (2 fewer per pair of neighbouring blocks). timm's ViT
-  blocks (AdapterTune's backbone) likewise, with their plain LayerNorms run in the
+  blocks (AdapterTune's backbone, or HeBA's on timm) likewise, with their plain LayerNorms run in the
   stream's dtype instead of through CUDA autocast's float32 casts
   (:class:`LeanTimmBlock`, 10 launches fewer per block on a GPU).
 * **Launch overhead.** :class:`GraphedStep` captures forward and backward of a
@@ -520,7 +520,7 @@ _TIMM_NORMS = {("timm.layers.norm", "LayerNorm"), ("torch.nn.modules.normalizati
 
 
 class LeanTimmBlock(_RoutedBlock):
-    """timm's ViT ``Block`` (AdapterTune's backbone) with its LayerNorms in the residual
+    """timm's ViT ``Block`` (AdapterTune's backbone, or HeBA's on timm) with its LayerNorms in the residual
     stream's dtype and its attention's residual sum fused with ``norm2``, wherever heba's
     Triton backend runs on ``x``'s device; the same math as the block's own forward::
 
@@ -534,16 +534,24 @@ class LeanTimmBlock(_RoutedBlock):
     the attention's first Linear receives is the same: it rounds the float32 output to bf16
     either way) and ``norm2`` runs inside :mod:`heba_kernels.add_layer_norm` with the sum
     before it: 10 launches fewer per block per step on a GPU (2 on a CPU, whose autocast does
-    not cast ``layer_norm``). Falls back to the block's own forward with an attention mask,
-    trainable norms, mixed dtypes or where Triton does not run."""
+    not cast ``layer_norm``). An adapter wrapped around ``norm1`` (HeBA's attention
+    position) runs on that norm's output, here in the stream's dtype (the block's own
+    forward hands it float32 under CUDA autocast; the attention's Linear then receives the
+    same values up to one more bf16 rounding of the adapter's output). Falls back to the
+    block's own forward with an attention mask, trainable norms, mixed dtypes or where
+    Triton does not run."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False):
-        n1, n2 = self.norm1, self.norm2
+        n1, n2, wrapper = self.norm1, self.norm2, None
+        if isinstance(n1, AdaptedOutput):             # HeBA's attention adapter around norm1
+            n1, wrapper = n1.orig, n1
         if (attn_mask is None and not is_causal and _fusable_norm(n1, x, _TIMM_NORMS)
                 and _fusable_norm(n2, x, _TIMM_NORMS)):
             with torch.autocast(x.device.type, enabled=False):
                 h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+            if wrapper is not None:
+                h = wrapper.adapt(h)
             a = self.drop_path1(self.ls1(self.attn(h)))
             s, h = _add_norm(x, a, n2)
             return s + self.drop_path2(self.ls2(self.mlp(h)))

@@ -825,29 +825,48 @@ def test_lean_timm_block_drops_the_norms_casts_under_cuda_autocast():
 
 
 @requires_triton_cpu
-def test_prepare_frozen_routes_timm_blocks_with_adaptertune():
-    """An AdapterTune timm ViT: prepare_frozen routes every block (wrapped by the adapters'
-    wiring); the logits and the adapters' gradients as with the blocks unrouted."""
+@requires_triton_cpu
+@pytest.mark.parametrize("method", ["adaptertune", "heba"])
+def test_prepare_frozen_routes_timm_blocks_with_adapters(method):
+    """A timm ViT with AdapterTune (adapters after the blocks) or HeBA (adapters around
+    norm1 and mlp.fc1): prepare_frozen routes every block, each fuses its attention's
+    residual sum with norm2 (one launch each way; with HeBA, the attention adapter runs on
+    norm1's output as before), and the logits and every gradient are as with the blocks
+    unrouted."""
     timm = pytest.importorskip("timm")
-    from heba.timm import attach_adaptertune
+    from benchmarks.launch_count import count_launches
+    from heba import timm as heba_timm
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
                               patch_size=8, depth=2, embed_dim=48, num_heads=2, num_classes=5)
-    attach_adaptertune(model, rank=4)
+    if method == "heba":
+        heba_timm.attach_heba(model, policy=ScalePolicy(slow_fast_ratio=1.0, seed=3))
+    else:
+        heba_timm.attach_adaptertune(model, rank=4)
     randomize_adapters(model, seed=2)
     prepare_frozen(model, torch.float32)
     assert sum(isinstance(b, LeanTimmBlock) for b in model.modules()) == 2
     imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     runs = []
     for routed in (True, False):
-        model.zero_grad(set_to_none=True)
-        out = model(imgs)
-        out.square().sum().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        runs.append((out.detach(), grads))
+        out = {}
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            y = model(imgs)
+            y.square().sum().backward()
+            out["y"] = y.detach()
+            out["grads"] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        count = count_launches(run)
+        runs.append((out["y"], out["grads"], count["by_op"]))
         if routed:
             assert unroute_frozen_blocks(model) == 2
-    (out_a, g_a), (out_b, g_b) = runs
+    (out_a, g_a, ops_a), (out_b, g_b, ops_b) = runs
+    assert ops_a["triton:_add_layer_norm_fwd_kernel"] == 2, ops_a
+    # AdapterTune: nothing before the first block's adapter trains, so that block has no
+    # backward at all
+    assert ops_a["triton:_add_layer_norm_bwd_kernel"] == (2 if method == "heba" else 1), ops_a
+    assert ops_b["triton:_add_layer_norm_fwd_kernel"] == 0, ops_b
     assert rel_err(out_a, out_b) < 1e-5 and len(g_a) == len(g_b) > 0
     for a, b in zip(g_a, g_b):
         assert rel_err(a, b) < 1e-4
