@@ -29,9 +29,9 @@ What makes a plain adapter step slow, and what this module does about it:
   residual stream and ``ln_2`` reads the sum: :class:`LeanResidualBlock` does both in one
   launch each way where Triton runs (2 launches fewer per block per step), and
   :class:`LeanTransformer` does the same for a block's MLP output and the next block's
-  ``ln_1`` (2 fewer per pair of neighbouring blocks). timm's ViT
-  blocks (AdapterTune's backbone, or HeBA's on timm) likewise, with their plain LayerNorms run in the
-  stream's dtype instead of through CUDA autocast's float32 casts
+  ``ln_1`` (2 fewer per pair of neighbouring blocks). timm's ViT blocks (AdapterTune's
+  backbone, or HeBA's on timm) likewise, with their plain LayerNorms run in the stream's
+  dtype instead of through CUDA autocast's float32 casts
   (:class:`LeanTimmBlock`, 10 launches fewer per block on a GPU).
 * **Launch overhead.** :class:`GraphedStep` captures forward and backward of a
   step with static shapes (:class:`heba.train.step.AdapterStep`: static
@@ -520,9 +520,10 @@ _TIMM_NORMS = {("timm.layers.norm", "LayerNorm"), ("torch.nn.modules.normalizati
 
 
 class LeanTimmBlock(_RoutedBlock):
-    """timm's ViT ``Block`` (AdapterTune's backbone, or HeBA's on timm) with its LayerNorms in the residual
-    stream's dtype and its attention's residual sum fused with ``norm2``, wherever heba's
-    Triton backend runs on ``x``'s device; the same math as the block's own forward::
+    """timm's ViT ``Block`` (AdapterTune's backbone, or HeBA's on timm) with its LayerNorms in
+    the residual stream's dtype and its attention's residual sum fused with ``norm2``,
+    wherever heba's Triton backend runs on ``x``'s device; the same math as the block's own
+    forward::
 
         s = x + drop_path1(ls1(attn(norm1(x))))
         out = s + drop_path2(ls2(mlp(norm2(s))))
