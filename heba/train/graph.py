@@ -32,7 +32,8 @@ What makes a plain adapter step slow, and what this module does about it:
   ``ln_1`` (2 fewer per pair of neighbouring blocks). timm's ViT blocks (AdapterTune's
   backbone, or HeBA's on timm) likewise, with their plain LayerNorms run in the stream's
   dtype instead of through CUDA autocast's float32 casts
-  (:class:`LeanTimmBlock`, 10 launches fewer per block on a GPU).
+  (:class:`LeanTimmBlock`, 10 launches fewer per block on a GPU; :class:`LeanTimmStack`
+  between blocks).
 * **Launch overhead.** :class:`GraphedStep` captures forward and backward of a
   step with static shapes (:class:`heba.train.step.AdapterStep`: static
   candidate slots, one text length) once per input shape as a CUDA graph and
@@ -71,7 +72,7 @@ __all__ = ["prepare_frozen", "LeanAttention", "route_frozen_attention",
            "unroute_frozen_attention", "LeanLayerNorm", "route_frozen_norms",
            "unroute_frozen_norms", "LeanQuickGELU", "route_frozen_activations",
            "unroute_frozen_activations", "LeanResidualBlock", "LeanTimmBlock",
-           "route_frozen_blocks", "unroute_frozen_blocks", "LeanTransformer",
+           "route_frozen_blocks", "unroute_frozen_blocks", "LeanTransformer", "LeanTimmStack",
            "route_frozen_transformers", "unroute_frozen_transformers", "GraphedStep",
            "policy_graphs_reason", "graphs_reason",
            "CheckpointedBlock", "checkpoint_frozen_blocks", "uncheckpoint_frozen_blocks",
@@ -93,8 +94,9 @@ def prepare_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
     (:func:`route_frozen_attention`), the frozen open_clip LayerNorms without casts
     (:func:`route_frozen_norms`), its QuickGELU fused (:func:`route_frozen_activations`)
     and each block's attention residual fused with its next LayerNorm, in open_clip's and
-    timm's ViT blocks (:func:`route_frozen_blocks`), and each open_clip block's MLP residual
-    with the next block's ``ln_1`` (:func:`route_frozen_transformers`).
+    timm's ViT blocks (:func:`route_frozen_blocks`), and each block's MLP residual with the
+    next block's first LayerNorm, in open_clip's and timm's ViT stacks
+    (:func:`route_frozen_transformers`).
 
     Not undone by ``remove_adapters``; cast back with ``model.float()``,
     :func:`unroute_frozen_attention`, :func:`unroute_frozen_norms`,
@@ -468,16 +470,24 @@ class LeanTransformer(_RoutedBlock):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):
         if self.grad_checkpointing or not getattr(self, "batch_first", False):
             return super().forward(x, attn_mask=attn_mask)
-        pending = None
-        for block in self.resblocks:
-            if isinstance(block, LeanResidualBlock) and not _hooked(block) \
-                    and block.splits(x):
-                x, pending = block.split_forward(x, pending, attn_mask)
-                continue
-            if pending is not None:
-                x, pending = x + pending, None
-            x = block(x, attn_mask=attn_mask)
-        return x if pending is None else x + pending
+        return _chained(self.resblocks, x, LeanResidualBlock,
+                        lambda b, x, p: b.split_forward(x, p, attn_mask),
+                        lambda b, x: b(x, attn_mask=attn_mask))
+
+
+def _chained(blocks, x: torch.Tensor, lean: type, split: Callable, call: Callable):
+    """Run ``blocks`` on ``x``, each block of class ``lean`` without hooks that
+    :meth:`splits` ``x`` by ``split(block, x, pending) -> (s, m)`` (the stream coming in as
+    ``x + pending``), any other by ``call(block, x)`` on the summed stream."""
+    pending = None
+    for block in blocks:
+        if isinstance(block, lean) and not _hooked(block) and block.splits(x):
+            x, pending = split(block, x, pending)
+            continue
+        if pending is not None:
+            x, pending = x + pending, None
+        x = call(block, x)
+    return x if pending is None else x + pending
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -486,18 +496,23 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def route_frozen_transformers(model: nn.Module) -> int:
-    """Run every open_clip ``Transformer`` of ``model`` as :class:`LeanTransformer` (its
-    blocks fuse across their boundaries where they are :class:`LeanResidualBlock`, see
-    :func:`route_frozen_blocks`). Returns how many; :func:`unroute_frozen_transformers`
-    undoes it."""
-    return _route(model, LeanTransformer, lambda m: (
+    """Run every open_clip ``Transformer`` of ``model`` as :class:`LeanTransformer` and every
+    timm ``VisionTransformer``'s ``blocks`` as :class:`LeanTimmStack` (their blocks fuse
+    across their boundaries where they are routed, see :func:`route_frozen_blocks`).
+    Returns how many; :func:`unroute_frozen_transformers` undoes it."""
+    n = _route(model, LeanTransformer, lambda m: (
         (type(m).__module__, type(m).__name__) == ("open_clip.transformer", "Transformer")
         and all(hasattr(m, k) for k in ("resblocks", "grad_checkpointing"))))
+    stacks = {id(m.blocks) for m in model.modules()
+              if (type(m).__module__, type(m).__name__)
+              == ("timm.models.vision_transformer", "VisionTransformer")
+              and type(getattr(m, "blocks", None)) is nn.Sequential}
+    return n + _route(model, LeanTimmStack, lambda m: id(m) in stacks)
 
 
 def unroute_frozen_transformers(model: nn.Module) -> int:
     """Undo :func:`route_frozen_transformers`; returns how many went back."""
-    return _unroute(model, LeanTransformer)
+    return _unroute(model, LeanTransformer) + _unroute(model, LeanTimmStack)
 
 
 def _fusable_norm(ln: nn.Module, x: torch.Tensor, classes=None) -> bool:
@@ -544,21 +559,51 @@ class LeanTimmBlock(_RoutedBlock):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False):
-        n1, n2, wrapper = self.norm1, self.norm2, None
-        if isinstance(n1, AdaptedOutput):             # HeBA's attention adapter around norm1
-            n1, wrapper = n1.orig, n1
-        if (attn_mask is None and not is_causal and _fusable_norm(n1, x, _TIMM_NORMS)
-                and _fusable_norm(n2, x, _TIMM_NORMS)):
-            with torch.autocast(x.device.type, enabled=False):
-                h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
-            if wrapper is not None:
-                h = wrapper.adapt(h)
-            a = self.drop_path1(self.ls1(self.attn(h)))
-            s, h = _add_norm(x, a, n2)
-            return s + self.drop_path2(self.ls2(self.mlp(h)))
+        if attn_mask is None and not is_causal and self.splits(x):
+            s, m = self.split_forward(x, None)
+            return s + m
         if attn_mask is None and not is_causal:
             return super().forward(x)           # the forward of any timm release
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _norms(self):
+        """``(norm1's LayerNorm, the adapter wrapped around it or None, norm2)``."""
+        if isinstance(self.norm1, AdaptedOutput):     # HeBA's attention adapter around norm1
+            return self.norm1.orig, self.norm1, self.norm2
+        return self.norm1, None, self.norm2
+
+    def splits(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`split_forward` runs on ``x`` (no mask; else the block's own forward)."""
+        n1, _, n2 = self._norms()
+        return _fusable_norm(n1, x, _TIMM_NORMS) and _fusable_norm(n2, x, _TIMM_NORMS)
+
+    def split_forward(self, x: torch.Tensor, pending: Optional[torch.Tensor]):
+        """``(s, m)``, the block's output ``s + m`` in two terms, the stream ``x + pending``
+        coming in likewise, summed inside the fused ``norm1`` (:class:`LeanTimmStack`; as
+        :meth:`LeanResidualBlock.split_forward`)."""
+        n1, wrapper, n2 = self._norms()
+        if pending is None:
+            with torch.autocast(x.device.type, enabled=False):
+                h = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        else:
+            x, h = _add_norm(x, pending, n1)
+        if wrapper is not None:
+            h = wrapper.adapt(h)
+        a = self.drop_path1(self.ls1(self.attn(h)))
+        s, h = _add_norm(x, a, n2)
+        return s, self.drop_path2(self.ls2(self.mlp(h)))
+
+
+class LeanTimmStack(_RoutedBlock):
+    """A timm ``VisionTransformer``'s ``blocks`` (an ``nn.Sequential``) with each
+    :class:`LeanTimmBlock`'s MLP residual sum fused with the next block's ``norm1``, as
+    :class:`LeanTransformer` does for open_clip's stacks (the same rules for blocks that do
+    not split: AdapterTune's adapters after the blocks make every block one). timm runs its
+    blocks one by one itself with a mask or gradient checkpointing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _chained(self, x, LeanTimmBlock, lambda b, x, p: b.split_forward(x, p),
+                        lambda b, x: b(x))
 
 
 def route_frozen_blocks(model: nn.Module) -> int:

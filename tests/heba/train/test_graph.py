@@ -14,7 +14,8 @@ from torch import nn
 from heba.clip import attach_adaptertune, attach_heba
 from heba.clip.wiring import ScalePolicy, remove_adapters
 from heba.train.graph import (CheckpointedBlock, GraphedStep, LeanAttention, LeanLayerNorm,
-                              LeanQuickGELU, LeanResidualBlock, LeanTimmBlock, LeanTransformer,
+                              LeanQuickGELU, LeanResidualBlock, LeanTimmBlock, LeanTimmStack,
+                              LeanTransformer,
                               checkpoint_frozen_blocks,
                               find_max_batch, policy_graphs_reason, prepare_frozen,
                               route_frozen_activations, route_frozen_attention,
@@ -831,21 +832,23 @@ def test_prepare_frozen_routes_timm_blocks_with_adapters(method):
     """A timm ViT with AdapterTune (adapters after the blocks) or HeBA (adapters around
     norm1 and mlp.fc1): prepare_frozen routes every block, each fuses its attention's
     residual sum with norm2 (one launch each way; with HeBA, the attention adapter runs on
-    norm1's output as before), and the logits and every gradient are as with the blocks
-    unrouted."""
+    norm1's output as before) and, with HeBA, the stack fuses each block's MLP sum with the
+    next block's norm1 (AdapterTune's adapters sit between the blocks: nothing to fuse), and
+    the logits and every gradient are as with blocks and stack unrouted."""
     timm = pytest.importorskip("timm")
     from benchmarks.launch_count import count_launches
     from heba import timm as heba_timm
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, depth=2, embed_dim=48, num_heads=2, num_classes=5)
+                              patch_size=8, depth=3, embed_dim=48, num_heads=2, num_classes=5)
     if method == "heba":
         heba_timm.attach_heba(model, policy=ScalePolicy(slow_fast_ratio=1.0, seed=3))
     else:
         heba_timm.attach_adaptertune(model, rank=4)
     randomize_adapters(model, seed=2)
     prepare_frozen(model, torch.float32)
-    assert sum(isinstance(b, LeanTimmBlock) for b in model.modules()) == 2
+    assert sum(isinstance(b, LeanTimmBlock) for b in model.modules()) == 3
+    assert isinstance(model.blocks, LeanTimmStack)
     imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     runs = []
     for routed in (True, False):
@@ -860,12 +863,15 @@ def test_prepare_frozen_routes_timm_blocks_with_adapters(method):
         count = count_launches(run)
         runs.append((out["y"], out["grads"], count["by_op"]))
         if routed:
-            assert unroute_frozen_blocks(model) == 2
+            assert unroute_frozen_blocks(model) == 3
+            assert unroute_frozen_transformers(model) == 1
+            assert type(model.blocks) is nn.Sequential
     (out_a, g_a, ops_a), (out_b, g_b, ops_b) = runs
-    assert ops_a["triton:_add_layer_norm_fwd_kernel"] == 2, ops_a
-    # AdapterTune: nothing before the first block's adapter trains, so that block has no
-    # backward at all
-    assert ops_a["triton:_add_layer_norm_bwd_kernel"] == (2 if method == "heba" else 1), ops_a
+    # HeBA: 3 norm2 sums and 2 block boundaries, each way; AdapterTune: the 3 norm2 sums, and
+    # nothing before the first block's adapter trains, so that block has no backward at all
+    fused = (5, 5) if method == "heba" else (3, 2)
+    assert (ops_a["triton:_add_layer_norm_fwd_kernel"],
+            ops_a["triton:_add_layer_norm_bwd_kernel"]) == fused, ops_a
     assert ops_b["triton:_add_layer_norm_fwd_kernel"] == 0, ops_b
     assert rel_err(out_a, out_b) < 1e-5 and len(g_a) == len(g_b) > 0
     for a, b in zip(g_a, g_b):
