@@ -490,9 +490,15 @@ def _chained(blocks, x: torch.Tensor, lean: type, split: Callable, call: Callabl
     return x if pending is None else x + pending
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _hooked(m: nn.Module) -> bool:
-    """``m`` has forward hooks of its own (which a call of its methods would not run)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """``m`` has hooks, its own or every module's (``nn.modules.module``'s global ones), that
+    only a call of ``m`` runs, not a call of its methods."""
+    from torch.nn.modules import module as torch_module
+    return any(getattr(m, k, None) or getattr(torch_module, "_global" + k, None)
+               for k in _HOOK_DICTS)
 
 
 def route_frozen_transformers(model: nn.Module) -> int:

@@ -723,20 +723,27 @@ def _stack_run(tr, x, mask):
 
 
 @requires_triton_cpu
-@pytest.mark.parametrize("case", ["image", "text-mask", "hooked-middle", "plain-middle",
-                                  "checkpointing", "sequence-first"])
+@pytest.mark.parametrize("case", ["image", "text-mask", "hooked-middle", "backward-hooked-middle",
+                                  "global-hook", "plain-middle", "checkpointing",
+                                  "sequence-first"])
 def test_lean_transformer_blocks_that_do_not_split(case):
     """Output and input gradient of a routed stack as its own forward's, whether every block
-    splits or one in the middle runs as itself on the summed stream (a forward hook on it, or
-    not a routed block), and the stack's own forward (bit for bit) with gradient
-    checkpointing or a sequence-first layout. A hook on a block still runs, once per call."""
+    splits or one in the middle runs as itself on the summed stream (a forward or backward
+    hook on it, or not a routed block), or every block does (a global module hook), and the
+    stack's own forward (bit for bit) with gradient checkpointing or a sequence-first
+    layout. A hook on a block still runs, once per call, and a global one once per block."""
     import copy
     tr, x, mask = _stack(seed=2, mask=case == "text-mask")
     ref = copy.deepcopy(tr)
     assert route_frozen_transformers(nn.Sequential(tr)) == 1 and isinstance(tr, LeanTransformer)
-    calls = []
+    calls, handle = [], None
     if case == "hooked-middle":
         tr.resblocks[1].register_forward_hook(lambda *a: calls.append(1))
+    elif case == "backward-hooked-middle":
+        tr.resblocks[1].register_full_backward_hook(lambda *a: calls.append(1))
+    elif case == "global-hook":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, *a: calls.append(1) if m in set(tr.resblocks) else None)
     elif case == "plain-middle":
         assert unroute_frozen_blocks(nn.Sequential(tr.resblocks[1])) == 1
     elif case == "checkpointing":
@@ -744,12 +751,18 @@ def test_lean_transformer_blocks_that_do_not_split(case):
     elif case == "sequence-first":
         tr.batch_first = ref.batch_first = False
         x = x.transpose(0, 1).contiguous()
-    got, want = _stack_run(tr, x, mask), _stack_run(ref, x, mask)
+    try:
+        got = _stack_run(tr, x, mask)
+    finally:
+        if handle is not None:
+            handle.remove()
+    want = _stack_run(ref, x, mask)
     if case in ("checkpointing", "sequence-first"):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         return
-    assert calls == ([1] if case == "hooked-middle" else [])
+    assert calls == {"hooked-middle": [1], "backward-hooked-middle": [1],
+                     "global-hook": [1, 1, 1]}.get(case, [])
     for name, a, b in zip(("y", "dx"), got, want):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 
