@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import Counter
 
 import torch
 
@@ -167,14 +168,20 @@ def published_step(widths: str = "vit-b16", fused: str = "triton", measure_fused
                    ) -> dict:
     """The counts of module docstring: ``step_reference``, ``adapter_calls``,
     ``reference_per_call`` / ``fused_per_call`` (lists; ``per_call="roofline"``: the fused
-    ones from the roofline model instead of counted), ``roofline_per_call``, ``fused_step``
+    ones from the roofline model instead of counted), ``roofline_per_call``, ``backbone`` and
+    ``backbone_by_op`` (the step less its adapter calls, by ATen op or Triton kernel),
+    ``fused_step``
     (built from them) and, with ``measure_fused``, ``fused_step_measured`` (the whole step
     on ``fused``)."""
     model, _, run = build(widths, "reference", batch, classes)
     run()                                           # lazily built state (optimizer, caches)
     calls = capture_calls(model, run)
     step_ref = count_launches(run)
-    ref = [call_launches(c, "reference")["launches"] for c in calls]
+    ref_counts = [call_launches(c, "reference") for c in calls]
+    ref = [c["launches"] for c in ref_counts]
+    by_op = Counter(step_ref["by_op"])
+    for c in ref_counts:
+        by_op.subtract(c["by_op"])
     roof = [roofline_launches(c) for c in calls]
     fus = roof if per_call == "roofline" else [call_launches(c, fused)["launches"]
                                                for c in calls]
@@ -183,6 +190,7 @@ def published_step(widths: str = "vit-b16", fused: str = "triton", measure_fused
                step_reference_dispatches=step_ref["dispatches"], adapter_calls=len(calls),
                reference_per_call=ref, fused_per_call=fus,
                backbone=step_ref["launches"] - sum(ref),
+               backbone_by_op={k: v for k, v in by_op.most_common() if v},
                fused_step=step_ref["launches"] - sum(ref) + sum(fus))
     if measure_fused:
         for m in adapters(model):
@@ -200,6 +208,8 @@ def main(argv=None):
                     help="the fused adapter calls counted in Triton's interpreter (minutes at "
                          "ViT-B/16 widths) or taken from the roofline model, which the tests "
                          "tie to the counted ones (default: roofline)")
+    ap.add_argument("--by-op", action="store_true",
+                    help="also list the frozen backbone's launches by ATen op / Triton kernel")
     args = ap.parse_args(argv)
     r = published_step(args.widths, args.backend, per_call=args.per_call)
     n = r["adapter_calls"]
@@ -211,6 +221,9 @@ def main(argv=None):
           f"({sum(r['fused_per_call']) / n:.1f} per "
           f"adapter; reference {sum(r['reference_per_call']) / n:.1f})\n  {args.backend} "
           f"step: {r['fused_step']} launches")
+    if args.by_op:
+        print("  frozen backbone, step and optimizer by op: " + ", ".join(
+            f"{k} {v}" for k, v in r["backbone_by_op"].items()))
     return r
 
 

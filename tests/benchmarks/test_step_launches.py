@@ -36,6 +36,12 @@ def test_fused_step_is_backbone_plus_adapter_calls(capsys):
     assert r["fused_per_call"] == r["roofline_per_call"], r
     assert all(n > 0 for n in r["fused_per_call"] + r["reference_per_call"]), r
     assert 0 < r["backbone"] < r["step_reference"], r
+    by_op = r["backbone_by_op"]
+    assert sum(by_op.values()) == r["backbone"] and min(by_op.values()) > 0, by_op
+    # per tower: each of 2 blocks' attention sum + ln_2, and the one block boundary's MLP
+    # sum + ln_1, fused (forward and backward)
+    assert by_op["triton:_add_layer_norm_fwd_kernel"] == 6, by_op
+    assert by_op["triton:_add_layer_norm_bwd_kernel"] == 6, by_op
 
 
 def test_counts_do_not_depend_on_batch_when_every_class_is_a_candidate():
