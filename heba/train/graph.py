@@ -437,14 +437,18 @@ class LeanResidualBlock(_RoutedBlock):
         can run there."""
         if pending is None:
             return x, self.ln_1(x)
-        ln, wrapper = self.ln_1, None
-        if isinstance(ln, AdaptedOutput):
-            ln, wrapper = ln.orig, ln
+        ln, wrapper = _unwrapped(self.ln_1)
         if not _fusable_norm(ln, x):
             x = x + pending
             return x, self.ln_1(x)
         x, h = _add_norm(x, pending, ln)
         return x, (h if wrapper is None else wrapper.adapt(h))
+
+
+def _unwrapped(norm: nn.Module):
+    """``(the norm, None)``, or ``(its original, the wrapper)`` for an adapter wrapped around
+    it (HeBA's attention position: :class:`heba.adapters.AdaptedOutput`)."""
+    return (norm.orig, norm) if isinstance(norm, AdaptedOutput) else (norm, None)
 
 
 class LeanTransformer(_RoutedBlock):
@@ -574,9 +578,7 @@ class LeanTimmBlock(_RoutedBlock):
 
     def _norms(self):
         """``(norm1's LayerNorm, the adapter wrapped around it or None, norm2)``."""
-        if isinstance(self.norm1, AdaptedOutput):     # HeBA's attention adapter around norm1
-            return self.norm1.orig, self.norm1, self.norm2
-        return self.norm1, None, self.norm2
+        return (*_unwrapped(self.norm1), self.norm2)
 
     def splits(self, x: torch.Tensor) -> bool:
         """Whether :meth:`split_forward` runs on ``x`` (no mask; else the block's own forward)."""
