@@ -170,8 +170,7 @@ def published_step(widths: str = "vit-b16", fused: str = "triton", measure_fused
     ``reference_per_call`` / ``fused_per_call`` (lists; ``per_call="roofline"``: the fused
     ones from the roofline model instead of counted), ``roofline_per_call``, ``backbone`` and
     ``backbone_by_op`` (the step less its adapter calls, by ATen op or Triton kernel),
-    ``fused_step``
-    (built from them) and, with ``measure_fused``, ``fused_step_measured`` (the whole step
+    ``fused_step`` (built from them) and, with ``measure_fused``, ``fused_step_measured`` (the whole step
     on ``fused``)."""
     model, _, run = build(widths, "reference", batch, classes)
     run()                                           # lazily built state (optimizer, caches)

@@ -62,6 +62,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from heba.adapters import AdaptedOutput, Wrapper, get_adapters
@@ -500,7 +501,6 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def _hooked(m: nn.Module) -> bool:
     """``m`` has hooks, its own or every module's (``nn.modules.module``'s global ones), that
     only a call of ``m`` runs, not a call of its methods."""
-    from torch.nn.modules import module as torch_module
     return any(getattr(m, k, None) or getattr(torch_module, "_global" + k, None)
                for k in _HOOK_DICTS)
 
